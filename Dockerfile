@@ -1,0 +1,34 @@
+# deebert inference server. CPU by default:
+#   docker build -t deebert .
+# CUDA: docker build --build-arg BASE_IMAGE=nvidia/cuda:12.4.1-runtime-ubuntu22.04 --build-arg TORCH_SPEC="torch" -t deebert:cuda .
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
+
+ARG TORCH_SPEC="torch==2.13.0"
+ARG TORCH_INDEX=""
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1 DEEBERT_CHECKPOINT=/app/weights/sst2-minilm-l6
+
+# CUDA base images come without Python; python:3.11-slim already has it.
+RUN if ! command -v python3 >/dev/null; then \
+      apt-get update && apt-get install -y --no-install-recommends python3 python3-pip python-is-python3 curl \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
+
+WORKDIR /app
+# torch first, so the project's loose `torch>=` requirement is already met (CPU build unless told otherwise).
+RUN python3 -m pip install ${TORCH_INDEX:+--index-url ${TORCH_INDEX}} "${TORCH_SPEC}"
+COPY pyproject.toml README.md ./
+COPY deebert ./deebert
+COPY model ./model
+COPY server ./server
+COPY loadtest ./loadtest
+RUN python3 -m pip install .
+COPY weights ./weights
+
+RUN useradd --system --uid 10001 --home /app deebert && chown -R deebert /app
+USER deebert
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+  CMD python3 -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=2).status == 200 else 1)"
+CMD ["deebert", "serve", "--host", "0.0.0.0"]

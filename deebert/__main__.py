@@ -1,0 +1,5 @@
+import sys
+
+from deebert.cli import main
+
+sys.exit(main())

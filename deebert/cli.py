@@ -1,0 +1,205 @@
+"""The `deebert` command: train, calibrate, evaluate, serve, loadtest, bench.
+
+This module only parses arguments and hands over to `model/`, `server/` and `loadtest/`; it holds no logic
+of its own, so each package stays usable on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_CHECKPOINT = "weights/sst2-minilm-l6"
+
+
+def _csv_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _float_list(value: str) -> list[float]:
+    try:
+        return [float(item) for item in _csv_list(value)]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from err
+
+
+def _add_train(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from model.train import TrainSettings
+
+    defaults = TrainSettings(base="", train_file="", output="")
+    p = subparsers.add_parser(
+        "train", help="two-stage DeeBERT fine-tuning", description="Two-stage DeeBERT fine-tuning."
+    )
+    p.add_argument("--base", required=True, help="plain BERT/RoBERTa checkpoint directory (or hub id)")
+    p.add_argument("--train", dest="train_file", required=True, help="training data (TSV/CSV/JSONL)")
+    p.add_argument("--dev", dest="dev_file", help="dev data: per-layer accuracy after each stage")
+    p.add_argument("--output", required=True, help="checkpoint directory to write")
+    p.add_argument("--label-names", type=_csv_list, help="names for integer labels 0..k-1, comma-separated")
+    p.add_argument("--text-columns", type=_csv_list, help="text column(s), e.g. sentence1,sentence2")
+    p.add_argument("--pooling", choices=["first", "mean"], default=defaults.pooling, help="off-ramp pooling")
+    p.add_argument("--off-ramp-dropout", type=float, default=defaults.off_ramp_dropout)
+    p.add_argument("--max-length", type=int, default=defaults.max_length)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--epochs", dest="stage1_epochs", type=int, default=defaults.stage1_epochs, help="stage-1 epochs")
+    p.add_argument("--lr", dest="stage1_lr", type=float, default=defaults.stage1_lr, help="stage-1 learning rate")
+    p.add_argument("--stage2-epochs", type=int, default=defaults.stage2_epochs)
+    p.add_argument("--stage2-lr", type=float, default=defaults.stage2_lr)
+    p.add_argument("--stage2-batch-size", type=int, default=defaults.stage2_batch_size)
+    p.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio)
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=defaults.precision, help="stage-1 autocast")
+    p.add_argument("--save-dtype", choices=["float16", "float32"], default=defaults.save_dtype)
+    p.add_argument("--max-train-samples", type=int, help="train on a random subset of this size")
+    p.add_argument("--name", help="model name (default: the output folder's name)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _add_evaluate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("evaluate", help="per-layer accuracy, threshold sweep, timing and figures")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    p.add_argument("--data", required=True, help="labelled data (TSV/CSV/JSONL)")
+    p.add_argument("--output", default="runs/evaluate", help="folder for report.json, sweep.csv and figures")
+    p.add_argument("--thresholds", type=_float_list, help="comma-separated thresholds (default: a grid)")
+    p.add_argument("--timing-samples", type=int, default=1000, help="samples timed at batch 1 (0: no timing)")
+    p.add_argument("--max-samples", type=int, help="evaluate only the first N samples")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _add_calibrate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("calibrate", help="choose preset thresholds on a dev set and store them")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    p.add_argument("--data", required=True, help="labelled dev data")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from model.train import TrainSettings, train
+
+    names = {f.name for f in fields(TrainSettings)}
+    settings = TrainSettings(**{k: v for k, v in vars(args).items() if k in names})
+    log = train(settings)
+    print(
+        json.dumps(
+            {
+                "output": settings.output,
+                "dev_per_layer_accuracy": log.dev_per_layer_accuracy,
+                "stage1_seconds": log.stage1["seconds"],
+                "total_seconds": log.total_seconds,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _load(checkpoint: str):  # type: ignore[no-untyped-def]
+    from model.checkpoint import load_model
+    from model.tokenization import load_tokenizer
+
+    model = load_model(checkpoint)
+    return model, load_tokenizer(checkpoint)
+
+
+def _labelled(args: argparse.Namespace, model, tokenizer):  # type: ignore[no-untyped-def]
+    from model.data import DataError, read_dataset
+    from model.tokenization import tokenize
+
+    data = read_dataset(args.data, label_names=model.config.labels)
+    if getattr(args, "max_samples", None):
+        data = data.subset(range(min(args.max_samples, len(data))))
+    if data.labels is None:
+        raise DataError(f"{args.data} has no labels")
+    if model.config.is_pair_task != (data.text_pairs is not None):
+        kind = "sentence pairs" if model.config.is_pair_task else "single sentences"
+        raise DataError(f"{args.data}: the model classifies {kind}; the file's text columns are {data.text_columns}")
+    return data, tokenize(tokenizer, data.texts, data.text_pairs, model.config.max_length)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.evaluate import evaluate, format_table, write_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = _load(args.checkpoint)
+    data, encoded = _labelled(args, model, tokenizer)
+    report = evaluate(
+        model, encoded, data.labels, tokenizer.pad_token_id, args.thresholds, args.timing_samples, args.progress
+    )
+    report["checkpoint"] = str(args.checkpoint)
+    report["data"] = str(args.data)
+    write_report(report, Path(args.output))
+    print(format_table(report))
+    print(f"wrote {args.output}/report.json, sweep.csv and figures")
+    return 0
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from model.calibrate import calibrate
+    from model.checkpoint import resolve_directory
+    from model.evaluate import all_layer_outputs
+
+    model, tokenizer = _load(args.checkpoint)
+    data, encoded = _labelled(args, model, tokenizer)
+    probabilities, entropies = all_layer_outputs(model, encoded, tokenizer.pad_token_id, progress=args.progress)
+    presets = calibrate(probabilities, entropies, data.labels)
+    directory = resolve_directory(args.checkpoint)
+    model.config.with_presets(presets).save(directory)
+    for preset in presets:
+        print(
+            f"{preset.name:<9} threshold {preset.threshold:.6f}  dev accuracy {100 * (preset.accuracy or 0):.2f}%  "
+            f"expected saving {100 * (preset.expected_saving or 0):.1f}%"
+        )
+    print(f"stored {len(presets)} presets in {directory}/config.json")
+    return 0
+
+
+def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from server.serve import add_arguments
+
+    p = subparsers.add_parser("serve", help="serve a checkpoint over HTTP (default: the shipped SST-2 model)")
+    add_arguments(p)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from server.serve import run_from_args
+
+    return run_from_args(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deebert", description="DeeBERT early-exit text classification.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_train(subparsers)
+    _add_calibrate(subparsers)
+    _add_evaluate(subparsers)
+    _add_serve(subparsers)
+    return parser
+
+
+RUNNERS = {"train": _run_train, "evaluate": _run_evaluate, "calibrate": _run_calibrate, "serve": _run_serve}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from model.checkpoint import CheckpointError
+    from model.config import ConfigError
+    from model.data import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return RUNNERS[args.command](args)
+    except (CheckpointError, ConfigError, DataError) as err:
+        print(f"deebert {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

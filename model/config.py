@@ -1,0 +1,171 @@
+"""DeeBertConfig: the backbone's transformers config plus off-ramp settings and calibrated presets."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from transformers import AutoConfig, PretrainedConfig
+
+Pooling = Literal["first", "mean"]
+POOLINGS: tuple[str, ...] = ("first", "mean")
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("bert", "roberta")
+CONFIG_FORMAT = "deebert"
+
+
+class ConfigError(ValueError):
+    """A checkpoint's config is missing, unreadable or inconsistent."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named entropy threshold with the dev numbers it was calibrated on."""
+
+    name: str
+    threshold: float
+    accuracy: float | None = None
+    expected_saving: float | None = None
+    max_accuracy_drop: float | None = None
+
+
+@dataclass
+class DeeBertConfig:
+    """Everything needed to rebuild a DeeBERT model: backbone config, labels, off-ramps, presets."""
+
+    backbone: dict[str, Any]
+    labels: list[str] = field(default_factory=lambda: ["0", "1"])
+    pooling: Pooling = "first"
+    off_ramp_dropout: float = 0.1
+    max_length: int = 128
+    text_columns: list[str] = field(default_factory=lambda: ["sentence"])
+    name: str = "deebert"
+    base_model: str | None = None
+    presets: list[Preset] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if len(self.labels) < 2:
+            raise ConfigError(f"need at least two labels, got {self.labels!r}")
+        if len(set(self.labels)) != len(self.labels):
+            raise ConfigError(f"labels must be unique, got {self.labels!r}")
+        model_type = self.backbone.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(f"backbone model_type must be one of {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
+        self.presets = [p if isinstance(p, Preset) else Preset(**p) for p in self.presets]
+        for preset in self.presets:
+            if not (preset.threshold >= 0 and math.isfinite(preset.threshold)):
+                raise ConfigError(f"preset {preset.name!r} has an invalid threshold {preset.threshold!r}")
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.backbone["num_hidden_layers"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.backbone["hidden_size"])
+
+    @property
+    def is_pair_task(self) -> bool:
+        return len(self.text_columns) == 2
+
+    def backbone_config(self) -> PretrainedConfig:
+        """The transformers config of the encoder, with sdpa attention (a mask we can rebuild per layer)."""
+        values = dict(self.backbone)
+        model_type = values.pop("model_type")
+        config = AutoConfig.for_model(model_type, **values)
+        config._attn_implementation = "sdpa"
+        return config
+
+    def preset(self, name: str) -> Preset:
+        """The preset called `name`; KeyError naming the known ones otherwise."""
+        for preset in self.presets:
+            if preset.name == name:
+                return preset
+        known = ", ".join(p.name for p in self.presets) or "none"
+        raise KeyError(f"unknown preset {name!r} (known: {known})")
+
+    def with_presets(self, presets: list[Preset]) -> DeeBertConfig:
+        """A copy whose presets are replaced by `presets`."""
+        data = self.to_dict()
+        data["presets"] = [asdict(p) for p in presets]
+        data.pop("format", None)
+        return DeeBertConfig(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["format"] = CONFIG_FORMAT
+        return data
+
+    def save(self, directory: Path) -> None:
+        (directory / "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_backbone(cls, backbone: PretrainedConfig, **settings: Any) -> DeeBertConfig:
+        """A config for fresh off-ramps on top of a plain transformers backbone config."""
+        values = backbone.to_dict()
+        keep = {k: v for k, v in values.items() if not k.startswith("_") and k not in DROPPED_BACKBONE_KEYS}
+        keep["model_type"] = backbone.model_type
+        return cls(backbone=keep, **settings)
+
+    @classmethod
+    def load(cls, directory: Path) -> DeeBertConfig:
+        """Read `directory/config.json` written by `save`."""
+        path = directory / "config.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as err:
+            raise ConfigError(f"{directory} has no config.json") from err
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON: {err}") from err
+        if not is_deebert_config(data):
+            raise ConfigError(f'{path} is not a DeeBERT config (no "format": "{CONFIG_FORMAT}")')
+        data.pop("format")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{path} has unknown fields: {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise ConfigError(f"{path}: {err}") from err
+
+
+# Keys of a transformers config that describe a task head or tooling, not the encoder.
+DROPPED_BACKBONE_KEYS = frozenset(
+    {
+        "architectures",
+        "id2label",
+        "label2id",
+        "num_labels",
+        "problem_type",
+        "finetuning_task",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "name_or_path",
+        "gradient_checkpointing",
+        "output_hidden_states",
+        "output_attentions",
+        "return_dict",
+        "use_cache",
+        "tie_word_embeddings",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+        "add_cross_attention",
+        "tokenizer_class",
+        "prefix",
+        "task_specific_params",
+    }
+)
+
+
+def is_deebert_config(data: dict[str, Any]) -> bool:
+    return data.get("format") == CONFIG_FORMAT

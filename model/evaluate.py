@@ -1,0 +1,287 @@
+"""Evaluation: per-layer accuracy, threshold sweep, oracle, batch-1 timing, and the paper's figures.
+
+Accuracy and expected saving come from every off-ramp's output computed once per sample and the shared
+exit rule (`model.exit_rule`); measured saving comes from timing the real exit loop at batch 1 against a
+plain full forward, interleaved sample by sample so machine noise hits both alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from model import exit_rule
+from model.modeling import DeeBert
+from model.tokenization import Encoded, pad_batch
+
+SWEEP_FRACTIONS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
+
+
+def default_thresholds(num_labels: int) -> list[float]:
+    """The sweep grid: the paper's range for two classes (0 … 0.7 nats), scaled by ln(C)/ln(2)."""
+    scale = math.log(num_labels) / math.log(2)
+    return [round(f * scale, 4) for f in SWEEP_FRACTIONS]
+
+
+@torch.inference_mode()
+def all_layer_outputs(
+    model: DeeBert, encoded: Sequence[Encoded], pad_id: int, batch_size: int = 64, progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every off-ramp's probabilities [layers, samples, labels] and entropies [layers, samples]."""
+    model.eval()
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    num_layers, num_labels = model.num_layers, model.config.num_labels
+    probabilities = torch.empty(num_layers, len(encoded), num_labels)
+    entropies = torch.empty(num_layers, len(encoded))
+    for start in tqdm(range(0, len(order), batch_size), desc="all off-ramps", disable=not progress):
+        rows = order[start : start + batch_size]
+        batch = pad_batch([encoded[i] for i in rows], pad_id)
+        logits = model(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        layer_probabilities, layer_entropy = exit_rule.entropy_from_logits(logits)
+        probabilities[:, rows] = layer_probabilities
+        entropies[:, rows] = layer_entropy
+    return probabilities, entropies
+
+
+def per_layer_accuracy(probabilities: torch.Tensor, labels: Sequence[int]) -> list[float]:
+    """Accuracy when every sample is forced to leave at layer i (paper Fig. 4)."""
+    target = torch.tensor(labels)
+    return [float((probabilities[i].argmax(-1) == target).float().mean()) for i in range(probabilities.shape[0])]
+
+
+def exit_counts(exit_layers: torch.Tensor, num_layers: int) -> list[int]:
+    """N_i: samples that left at layer i, for i = 1..n (input: 0-based layers)."""
+    return torch.bincount(exit_layers.reshape(-1), minlength=num_layers).tolist()  # type: ignore[no-any-return]
+
+
+@dataclass
+class SweepPoint:
+    threshold: float
+    accuracy: float
+    expected_saving: float
+    exit_counts: list[int]
+    measured_saving: float | None = None
+
+
+def simulate(
+    probabilities: torch.Tensor, entropies: torch.Tensor, labels: Sequence[int], thresholds: Sequence[float]
+) -> list[SweepPoint]:
+    """Accuracy, expected saving and exit counts for each threshold, via the shared exit rule."""
+    num_layers = entropies.shape[0]
+    target = torch.tensor(labels)
+    predictions = probabilities.argmax(-1)  # [layers, samples]
+    layers = exit_rule.first_exit_layers(entropies, torch.tensor(thresholds, dtype=torch.float32).unsqueeze(-1))
+    points = []
+    for row, threshold in enumerate(thresholds):
+        exit_layer = layers[row]
+        predicted = predictions.gather(0, exit_layer.unsqueeze(0)).squeeze(0)
+        counts = exit_counts(exit_layer, num_layers)
+        points.append(
+            SweepPoint(
+                threshold=float(threshold),
+                accuracy=float((predicted == target).float().mean()),
+                expected_saving=exit_rule.expected_saving(counts),
+                exit_counts=counts,
+            )
+        )
+    return points
+
+
+def oracle(probabilities: torch.Tensor, labels: Sequence[int]) -> dict[str, float]:
+    """Exit at the first layer whose off-ramp is right (the last when none is): the limit of any exit rule."""
+    num_layers = probabilities.shape[0]
+    correct = probabilities.argmax(-1) == torch.tensor(labels).unsqueeze(0)
+    any_correct = correct.any(dim=0)
+    first_correct = correct.to(torch.int8).argmax(dim=0)
+    exit_layer = torch.where(any_correct, first_correct, torch.full_like(first_correct, num_layers - 1))
+    counts = exit_counts(exit_layer, num_layers)
+    return {"accuracy": float(any_correct.float().mean()), "expected_saving": exit_rule.expected_saving(counts)}
+
+
+@torch.inference_mode()
+def time_batch1(
+    model: DeeBert,
+    encoded: Sequence[Encoded],
+    pad_id: int,
+    thresholds: Sequence[float],
+    max_samples: int,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Mean batch-1 latency of the plain full forward and of the exit loop at each threshold.
+
+    Sample by sample, in random order, every variant runs once on the same input, so slow spells of the
+    machine cost every variant alike and the ratios stay meaningful.
+    """
+    model.eval()
+    indices = list(range(len(encoded)))
+    random.Random(seed).shuffle(indices)
+    indices = indices[:max_samples]
+    batches = [pad_batch([encoded[i]], pad_id) for i in indices]
+    for batch in batches[:10]:  # warm-up: allocator, kernels, lazy init
+        model.plain_forward(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        model.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, [max(thresholds)])
+    plain_ns = 0
+    exit_ns = [0] * len(thresholds)
+    layers_run = [0] * len(thresholds)
+    for batch in tqdm(batches, desc="batch-1 timing", disable=not progress):
+        started = time.perf_counter_ns()
+        model.plain_forward(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        plain_ns += time.perf_counter_ns() - started
+        for k, threshold in enumerate(thresholds):
+            started = time.perf_counter_ns()
+            result = model.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, [threshold])
+            exit_ns[k] += time.perf_counter_ns() - started
+            layers_run[k] += result.exit_layer[0]
+    count = max(1, len(batches))
+    n = model.num_layers
+    return {
+        "samples": len(batches),
+        "plain_ms": plain_ns / count / 1e6,
+        "exit_ms": [t / count / 1e6 for t in exit_ns],
+        "measured_saving": [1.0 - t / plain_ns for t in exit_ns] if plain_ns else [0.0] * len(thresholds),
+        "expected_saving_on_timed": [1.0 - r / (n * count) for r in layers_run],
+    }
+
+
+def evaluate(
+    model: DeeBert,
+    encoded: Sequence[Encoded],
+    labels: Sequence[int],
+    pad_id: int,
+    thresholds: Sequence[float] | None = None,
+    timing_samples: int = 1000,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The evaluation report (see `write_report` for the files)."""
+    config = model.config
+    grid = list(thresholds) if thresholds is not None else default_thresholds(config.num_labels)
+    if 0.0 not in grid:
+        grid = [0.0, *grid]
+    probabilities, entropies = all_layer_outputs(model, encoded, pad_id, progress=progress)
+    points = simulate(probabilities, entropies, labels, grid)
+    timing = time_batch1(model, encoded, pad_id, grid, timing_samples, progress=progress) if timing_samples else None
+    if timing is not None:
+        for point, measured in zip(points, timing["measured_saving"], strict=True):
+            point.measured_saving = measured
+    preset_points = simulate(probabilities, entropies, labels, [p.threshold for p in config.presets])
+    per_layer = per_layer_accuracy(probabilities, labels)
+    report: dict[str, Any] = {
+        "model": config.name,
+        "num_layers": model.num_layers,
+        "num_samples": len(encoded),
+        "labels": config.labels,
+        "full_accuracy": per_layer[-1],
+        "per_layer_accuracy": per_layer,
+        "sweep": [
+            {
+                "threshold": p.threshold,
+                "accuracy": p.accuracy,
+                "expected_saving": p.expected_saving,
+                "measured_saving": p.measured_saving,
+                "exit_counts": p.exit_counts,
+            }
+            for p in points
+        ],
+        "oracle": oracle(probabilities, labels),
+        "presets": [
+            {
+                "name": preset.name,
+                "threshold": preset.threshold,
+                "accuracy": p.accuracy,
+                "expected_saving": p.expected_saving,
+            }
+            for preset, p in zip(config.presets, preset_points, strict=True)
+        ],
+    }
+    if timing is not None:
+        zero = grid.index(0.0)
+        report["latency_ms"] = {
+            "plain_full_forward": timing["plain_ms"],
+            "exit_loop_threshold_0": timing["exit_ms"][zero],
+            "exit_loop_overhead_at_threshold_0": timing["exit_ms"][zero] / timing["plain_ms"] - 1.0,
+            "per_threshold": dict(zip([str(t) for t in grid], timing["exit_ms"], strict=True)),
+        }
+        report["timing"] = {
+            "batch_size": 1,
+            "samples": timing["samples"],
+            "threads": torch.get_num_threads(),
+            "expected_saving_on_timed_samples": timing["expected_saving_on_timed"],
+            "measured_over_expected": [
+                (m / e if e > 0 else None)
+                for m, e in zip(timing["measured_saving"], timing["expected_saving_on_timed"], strict=True)
+            ],
+        }
+    return report
+
+
+def write_report(report: dict[str, Any], output: Path) -> None:
+    """report.json, sweep.csv and the figures (paper Figs. 2, 3, 4, 6) into `output`."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    n = report["num_layers"]
+    with (output / "sweep.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            [
+                "threshold",
+                "accuracy",
+                "expected_saving",
+                "measured_saving",
+                *[f"exits_layer_{i}" for i in range(1, n + 1)],
+            ]
+        )
+        for point in report["sweep"]:
+            writer.writerow(
+                [
+                    point["threshold"],
+                    point["accuracy"],
+                    point["expected_saving"],
+                    point["measured_saving"],
+                    *point["exit_counts"],
+                ]
+            )
+    from model.figures import plot_report
+
+    plot_report(report, output)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A short terminal table of the sweep and presets."""
+    lines = [
+        f"{report['model']}: {report['num_samples']} samples, {report['num_layers']} layers, "
+        f"full-depth accuracy {100 * report['full_accuracy']:.2f}%",
+        "per-layer accuracy: " + " ".join(f"L{i}={100 * a:.1f}" for i, a in enumerate(report["per_layer_accuracy"], 1)),
+        f"{'threshold':>9} {'accuracy':>8} {'expected':>8} {'measured':>8}  exits per layer",
+    ]
+    for p in report["sweep"]:
+        measured = "" if p["measured_saving"] is None else f"{100 * p['measured_saving']:.1f}%"
+        lines.append(
+            f"{p['threshold']:>9.3f} {100 * p['accuracy']:>7.2f}% {100 * p['expected_saving']:>7.1f}% {measured:>8}  "
+            + " ".join(str(c) for c in p["exit_counts"])
+        )
+    best = report["oracle"]
+    lines.append(f"oracle: accuracy {100 * best['accuracy']:.2f}%, saving {100 * best['expected_saving']:.1f}%")
+    for preset in report["presets"]:
+        lines.append(
+            f"preset {preset['name']:<9} threshold {preset['threshold']:.4f}: "
+            f"accuracy {100 * preset['accuracy']:.2f}%, expected saving {100 * preset['expected_saving']:.1f}%"
+        )
+    if "latency_ms" in report:
+        latency = report["latency_ms"]
+        lines.append(
+            f"batch-1 latency: plain full forward {latency['plain_full_forward']:.2f} ms, "
+            f"exit loop at threshold 0 {latency['exit_loop_threshold_0']:.2f} ms "
+            f"({100 * latency['exit_loop_overhead_at_threshold_0']:+.1f}%)"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,314 @@
+"""DeeBERT: a BERT/RoBERTa encoder with an off-ramp after every layer, and early-exit inference.
+
+Reads top to bottom like the paper: embeddings → layer i → off-ramp i → exit? The last off-ramp is the
+final classifier. Layers are numbered 1..n in everything this module returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from transformers import BertModel, PreTrainedModel, RobertaModel
+from transformers.masking_utils import create_bidirectional_mask
+
+from model import exit_rule
+from model.config import DeeBertConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+BACKBONES: dict[str, type[PreTrainedModel]] = {"bert": BertModel, "roberta": RobertaModel}
+
+
+class OffRamp(nn.Module):
+    """Pooling of a layer's output, then dense + tanh, dropout, linear (the paper's off-ramp)."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float, pooling: str) -> None:
+        super().__init__()
+        self.pooling = pooling
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, num_labels)
+
+    def pool(self, hidden: torch.Tensor, pool_weights: torch.Tensor) -> torch.Tensor:
+        """[batch, tokens, hidden] → [batch, hidden]: the first token, or the mean over real tokens.
+
+        `pool_weights` ([batch, 1, tokens], see `DeeBert.pool_weights`) makes the masked mean one bmm.
+        """
+        if self.pooling == "first":
+            return hidden[:, 0]
+        return torch.bmm(pool_weights, hidden).squeeze(1)
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Logits from pooled features (stage 2 trains this on cached features)."""
+        return self.classifier(self.dropout(torch.tanh(self.dense(pooled))))
+
+    def forward(self, hidden: torch.Tensor, pool_weights: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.pool(hidden, pool_weights))
+
+
+@dataclass
+class LayerExits:
+    """The rows that left the batch at one layer (1-based), with their answers."""
+
+    layer: int
+    rows: list[int]
+    labels: list[int]
+    entropies: list[float]
+    probabilities: torch.Tensor
+    rows_run: int
+
+
+@dataclass
+class ExitResult:
+    """Per-row early-exit answers for a whole batch, in input order."""
+
+    exit_layer: list[int]
+    entropy: list[float]
+    label: list[int]
+    probabilities: torch.Tensor
+    rows_per_layer: list[int] = field(default_factory=list)
+
+    @property
+    def layers_executed(self) -> int:
+        """Row-layers actually computed (what compaction saves)."""
+        return sum(self.rows_per_layer)
+
+
+@dataclass
+class _Running:
+    """State of the rows still going through the encoder (compacted as rows leave)."""
+
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor
+    mask: torch.Tensor | None
+    pool_weights: torch.Tensor
+    rows: torch.Tensor
+    thresholds: torch.Tensor
+    done: torch.Tensor
+
+
+class DeeBert(nn.Module):
+    """Encoder + one off-ramp per layer; `forward` trains, `iter_exits`/`infer` serve."""
+
+    def __init__(self, config: DeeBertConfig) -> None:
+        super().__init__()
+        self.config = config
+        backbone_class = BACKBONES[config.backbone["model_type"]]
+        self.backbone = backbone_class(config.backbone_config(), add_pooling_layer=False)
+        self.off_ramps = nn.ModuleList(
+            OffRamp(config.hidden_size, config.num_labels, config.off_ramp_dropout, config.pooling)
+            for _ in range(config.num_layers)
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.backbone.encoder.layer  # type: ignore[no-any-return]
+
+    @property
+    def final_classifier(self) -> OffRamp:
+        return self.off_ramps[-1]  # type: ignore[no-any-return]
+
+    # --- building blocks -------------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        return self.backbone.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)  # type: ignore[no-any-return]
+
+    def attention_bias(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """The mask the backbone itself builds (sdpa: bool, or None when nothing is padded)."""
+        return create_bidirectional_mask(  # type: ignore[return-value]
+            config=self.backbone.config, inputs_embeds=hidden, attention_mask=attention_mask
+        )
+
+    @staticmethod
+    def pool_weights(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[batch, 1, tokens]: 1/count on real tokens, 0 on padding (mean pooling as one bmm)."""
+        weights = attention_mask.unsqueeze(1).to(dtype)
+        return weights / weights.sum(dim=-1, keepdim=True).clamp(min=1.0)
+
+    # --- training --------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        only_final: bool = False,
+    ) -> torch.Tensor:
+        """Logits of every off-ramp, [layers, batch, labels] (or [1, batch, labels] with `only_final`)."""
+        hidden = self.embed(input_ids, token_type_ids)
+        mask = self.attention_bias(hidden, attention_mask)
+        pool_weights = self.pool_weights(attention_mask, hidden.dtype)
+        logits = []
+        for index, layer in enumerate(self.layers):
+            hidden = layer(hidden, mask)
+            if not only_final or index == self.num_layers - 1:
+                logits.append(self.off_ramps[index](hidden, pool_weights))
+        return torch.stack(logits)
+
+    def pooled_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Each layer's pooled output, [layers, batch, hidden]: the off-ramps' inputs (stage-2 cache)."""
+        hidden = self.embed(input_ids, token_type_ids)
+        mask = self.attention_bias(hidden, attention_mask)
+        pool_weights = self.pool_weights(attention_mask, hidden.dtype)
+        pooled = []
+        for index, layer in enumerate(self.layers):
+            hidden = layer(hidden, mask)
+            pooled.append(self.off_ramps[index].pool(hidden, pool_weights))
+        return torch.stack(pooled)
+
+    def plain_forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """A plain transformers full forward plus the final classifier: the baseline that exits cost against."""
+        output = self.backbone(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        pool_weights = self.pool_weights(attention_mask, output.last_hidden_state.dtype)
+        return self.final_classifier(output.last_hidden_state, pool_weights)  # type: ignore[no-any-return]
+
+    # --- early-exit inference --------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def iter_exits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        thresholds: Sequence[float] | torch.Tensor,
+        compact: bool = True,
+    ) -> Iterator[LayerExits]:
+        """Run layer by layer and yield the rows that leave at each layer, as soon as they leave.
+
+        Each row has its own entropy threshold. With `compact`, rows that left are removed from the batch,
+        so later layers run only on the rows still going; without it they stay in the batch (masked) until
+        every row has left, which is what a batch costs without compaction. Inputs must be right-padded,
+        as `model.tokenization` pads them. Yields only layers where rows leave.
+        """
+        batch_size = input_ids.shape[0]
+        device = input_ids.device
+        thresholds_t = torch.as_tensor(thresholds, dtype=torch.float32, device=device).reshape(batch_size)
+        # One host sync up front decides whether any row can leave early at all: with every threshold 0
+        # the intermediate off-ramps cannot change an answer and are skipped (full depth at plain cost).
+        may_exit_early = exit_rule.can_exit_early(float(thresholds_t.max())) if batch_size else False
+        hidden = self.embed(input_ids, token_type_ids)
+        state = _Running(
+            hidden=hidden,
+            attention_mask=attention_mask,
+            mask=self.attention_bias(hidden, attention_mask),
+            pool_weights=self.pool_weights(attention_mask, hidden.dtype),
+            rows=torch.arange(batch_size, device=device),
+            thresholds=thresholds_t,
+            done=torch.zeros(batch_size, dtype=torch.bool, device=device),
+        )
+        last = self.num_layers
+        for layer_number, layer in enumerate(self.layers, start=1):
+            rows_run = state.hidden.shape[0]
+            state.hidden = layer(state.hidden, state.mask)
+            if layer_number < last and not may_exit_early:
+                continue
+            logits = self.off_ramps[layer_number - 1](state.hidden, state.pool_weights)
+            probabilities, entropy = exit_rule.entropy_from_logits(logits)
+            if layer_number == last:
+                leaving = ~state.done
+            else:
+                leaving = exit_rule.exits(entropy, state.thresholds)
+                if not compact:
+                    leaving &= ~state.done
+            # The one host sync per layer: which rows leave decides what runs next.
+            leaving_index = leaving.nonzero().squeeze(1)
+            num_leaving = leaving_index.numel()
+            if num_leaving == 0:
+                continue
+            yield LayerExits(
+                layer=layer_number,
+                rows=state.rows[leaving_index].tolist(),
+                labels=probabilities[leaving_index].argmax(dim=-1).tolist(),
+                entropies=entropy[leaving_index].tolist(),
+                probabilities=probabilities[leaving_index],
+                rows_run=rows_run,
+            )
+            if compact:
+                if num_leaving == rows_run:
+                    return
+                state = self._compact(state, ~leaving)
+            else:
+                state.done |= leaving
+                if bool(state.done.all()):
+                    return
+
+    def _compact(self, state: _Running, keep: torch.Tensor) -> _Running:
+        """Drop the rows that left, and trailing padding no remaining row needs."""
+        keep_index = keep.nonzero().squeeze(1)
+        attention_mask = state.attention_mask[keep_index]
+        longest = int(attention_mask.sum(dim=1).max())
+        attention_mask = attention_mask[:, :longest]
+        hidden = state.hidden[keep_index, :longest]
+        return _Running(
+            hidden=hidden,
+            attention_mask=attention_mask,
+            mask=self.attention_bias(hidden, attention_mask),
+            pool_weights=self.pool_weights(attention_mask, hidden.dtype),
+            rows=state.rows[keep_index],
+            thresholds=state.thresholds[keep_index],
+            done=state.done[keep_index],
+        )
+
+    def infer(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        thresholds: Sequence[float] | torch.Tensor,
+        compact: bool = True,
+    ) -> ExitResult:
+        """Early-exit answers for the whole batch (collects `iter_exits`)."""
+        batch_size = input_ids.shape[0]
+        exit_layer = [0] * batch_size
+        entropy = [0.0] * batch_size
+        label = [0] * batch_size
+        probabilities = torch.zeros(batch_size, self.config.num_labels)
+        rows_per_layer: list[int] = []
+        for exits in self.iter_exits(input_ids, attention_mask, token_type_ids, thresholds, compact):
+            rows_per_layer.extend([exits.rows_run] * (exits.layer - len(rows_per_layer)))
+            for position, row in enumerate(exits.rows):
+                exit_layer[row] = exits.layer
+                entropy[row] = exits.entropies[position]
+                label[row] = exits.labels[position]
+            probabilities[exits.rows] = exits.probabilities.float().cpu()
+        return ExitResult(exit_layer, entropy, label, probabilities, rows_per_layer)
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, **fresh_settings: object) -> DeeBert:
+        """Load a DeeBERT checkpoint directory, or start fresh off-ramps on a plain BERT/RoBERTa one."""
+        from model.checkpoint import load_model
+
+        return load_model(source, **fresh_settings)
+
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Write config.json, model.safetensors (optionally cast, e.g. fp16) and the tokenizer files."""
+        from model.checkpoint import save_model
+
+        save_model(self, Path(directory), tokenizer=tokenizer, dtype=dtype)

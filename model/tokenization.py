@@ -1,0 +1,96 @@
+"""The one tokenizer path: text (or text pairs) → token ids → right-padded batch tensors.
+
+Training, evaluation and the server all tokenize through `tokenize` and pad through `pad_batch`, so a
+text is encoded the same way everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenized input (a text or a text pair), unpadded."""
+
+    input_ids: list[int]
+    token_type_ids: list[int]
+    num_tokens_before_truncation: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def truncated(self) -> bool:
+        return self.num_tokens_before_truncation > len(self.input_ids)
+
+
+@dataclass
+class Batch:
+    """Right-padded tensors for a group of encoded inputs."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.token_type_ids.to(device))
+
+
+def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
+    """The checkpoint's own (fast) tokenizer, padding on the right as the exit loop requires."""
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), use_fast=True)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    text_pairs: Sequence[str] | None,
+    max_length: int,
+) -> list[Encoded]:
+    """Encode texts (and pairs), truncating to `max_length` tokens; keeps each untruncated length."""
+    if text_pairs is not None and len(text_pairs) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(text_pairs)} text pairs")
+    pairs = list(text_pairs) if text_pairs is not None else None
+    full = tokenizer(list(texts), pairs, add_special_tokens=True, truncation=False, return_token_type_ids=True)
+    lengths = [len(ids) for ids in full["input_ids"]]
+    if max(lengths, default=0) <= max_length:
+        return [
+            Encoded(ids, types, length)
+            for ids, types, length in zip(full["input_ids"], full["token_type_ids"], lengths, strict=True)
+        ]
+    cut = tokenizer(
+        list(texts),
+        pairs,
+        add_special_tokens=True,
+        truncation=True,
+        max_length=max_length,
+        return_token_type_ids=True,
+    )
+    return [
+        Encoded(ids, types, length)
+        for ids, types, length in zip(cut["input_ids"], cut["token_type_ids"], lengths, strict=True)
+    ]
+
+
+def pad_batch(items: Sequence[Encoded], pad_token_id: int) -> Batch:
+    """Right-pad a group of encoded inputs to its longest member (dynamic padding)."""
+    if not items:
+        raise ValueError("cannot pad an empty batch")
+    longest = max(len(item) for item in items)
+    input_ids = torch.full((len(items), longest), pad_token_id, dtype=torch.long)
+    token_type_ids = torch.zeros((len(items), longest), dtype=torch.long)
+    attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
+    for row, item in enumerate(items):
+        length = len(item)
+        input_ids[row, :length] = torch.tensor(item.input_ids, dtype=torch.long)
+        token_type_ids[row, :length] = torch.tensor(item.token_type_ids, dtype=torch.long)
+        attention_mask[row, :length] = 1
+    return Batch(input_ids, attention_mask, token_type_ids)

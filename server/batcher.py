@@ -1,0 +1,248 @@
+"""Dynamic batching: one task owns a bounded queue of tokenized texts and feeds batches to a runner.
+
+No web framework and no model here: the runner is any function that takes the batch's items and
+thresholds and reports each row as it finishes (`on_exit`), from a worker thread. Rows are answered
+the moment the runner reports them, not when their batch ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from server.errors import DeeBertError, ErrorType
+
+
+class Sized(Protocol):
+    def __len__(self) -> int: ...
+
+
+# runner(items, thresholds, on_exit): runs one batch; calls on_exit(row_index, value) as rows finish.
+Runner = Callable[[list[Any], list[float], Callable[[int, Any], None]], None]
+
+
+@dataclass
+class RowAnswer:
+    """What a row's future resolves to: the runner's value and where the time went."""
+
+    value: Any
+    queue_s: float
+    compute_s: float
+    batch_size: int
+
+
+@dataclass(eq=False)
+class Row:
+    item: Sized
+    threshold: float
+    future: asyncio.Future[RowAnswer]
+    enqueued_at: float
+    started_at: float = 0.0
+    length: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.length = len(self.item)
+
+
+class Batcher:
+    """A bounded queue plus the one loop that turns it into batches."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue_size: int,
+        on_depth: Callable[[int], None] | None = None,
+        on_batch: Callable[[int], None] | None = None,
+        on_answer: Callable[[Row, RowAnswer], None] | None = None,
+    ) -> None:
+        self._runner = runner
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue_size = max_queue_size
+        self._on_depth = on_depth or (lambda depth: None)
+        self._on_batch = on_batch or (lambda size: None)
+        self._on_answer = on_answer or (lambda row, answer: None)
+        self._queue: list[Row] = []
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deebert-batch")
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._running_rows = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._rows_per_s = 0.0
+
+    # --- producer side ---------------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        """Texts waiting for a batch."""
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._queue) or self._running_rows > 0
+
+    def submit(self, items: Sequence[Sized], thresholds: Sequence[float]) -> list[asyncio.Future[RowAnswer]]:
+        """Queue a request's texts (all or none); 429 when the queue cannot take them all."""
+        if self._closed:
+            raise DeeBertError(ErrorType.SHUTTING_DOWN, "the server is shutting down; retry on another replica")
+        if len(self._queue) + len(items) > self.max_queue_size:
+            raise DeeBertError(
+                ErrorType.OVERLOADED,
+                f"queue full ({len(self._queue)} of {self.max_queue_size} texts waiting); retry later",
+                headers={"Retry-After": str(self.retry_after_s(len(items)))},
+            )
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        rows = [
+            Row(item, threshold, loop.create_future(), now) for item, threshold in zip(items, thresholds, strict=True)
+        ]
+        for row in rows:
+            row.future.add_done_callback(lambda future, row=row: self._forget_if_cancelled(row))
+        self._queue.extend(rows)
+        self._idle.clear()
+        self._on_depth(len(self._queue))
+        self._wakeup.set()
+        return [row.future for row in rows]
+
+    def retry_after_s(self, extra: int = 0) -> int:
+        """Seconds until the queue has likely drained, from the recent throughput (1..60)."""
+        if self._rows_per_s <= 0:
+            return 1
+        return max(1, min(60, math.ceil((len(self._queue) + extra) / self._rows_per_s)))
+
+    def _forget_if_cancelled(self, row: Row) -> None:
+        # A client that went away: drop its queued rows so nobody computes them.
+        if row.future.cancelled() and row in self._queue:
+            self._queue.remove(row)
+            self._on_depth(len(self._queue))
+            self._update_idle()
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="deebert-batcher")
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._wait_to_fill()
+            batch = self._take_batch()
+            if not batch:
+                continue
+            self._running_rows = len(batch)
+            self._on_batch(len(batch))
+            started = time.perf_counter()
+            try:
+                await loop.run_in_executor(self._executor, self._run, batch, loop)
+            finally:
+                self._running_rows = 0
+                elapsed = time.perf_counter() - started
+                if elapsed > 0:
+                    rate = len(batch) / elapsed
+                    self._rows_per_s = rate if self._rows_per_s == 0 else 0.8 * self._rows_per_s + 0.2 * rate
+                self._update_idle()
+
+    async def _wait_to_fill(self) -> None:
+        """Wait until the batch is full or the oldest text has waited `max_wait_s`."""
+        deadline = self._queue[0].enqueued_at + self.max_wait_s
+        while len(self._queue) < self.max_batch_size:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            if not self._queue:
+                return
+
+    def _take_batch(self) -> list[Row]:
+        """The oldest text plus the queued texts closest to it in length (least padding)."""
+        queue = [row for row in self._queue if not row.future.done()]
+        if len(queue) <= self.max_batch_size:
+            batch = queue
+        else:
+            oldest = queue[0]
+            by_length = sorted(queue, key=lambda row: row.length)
+            position = by_length.index(oldest)
+            size = self.max_batch_size
+            best_start, best_cost = 0, math.inf
+            for start in range(max(0, position - size + 1), min(position, len(by_length) - size) + 1):
+                window = by_length[start : start + size]
+                cost = window[-1].length * size - sum(row.length for row in window)
+                if cost < best_cost:
+                    best_start, best_cost = start, cost
+            batch = by_length[best_start : best_start + size]
+        taken = set(map(id, batch))
+        self._queue = [row for row in self._queue if id(row) not in taken and not row.future.done()]
+        self._on_depth(len(self._queue))
+        return batch
+
+    def _run(self, batch: list[Row], loop: asyncio.AbstractEventLoop) -> None:
+        """Worker thread: run the batch, answering each row through the event loop as it exits."""
+        started = time.perf_counter()
+        for row in batch:
+            row.started_at = started
+
+        def on_exit(index: int, value: Any) -> None:
+            loop.call_soon_threadsafe(self._resolve, batch[index], value, time.perf_counter(), len(batch))
+
+        try:
+            self._runner([row.item for row in batch], [row.threshold for row in batch], on_exit)
+        except Exception as err:  # the model failed: fail this batch's rows, keep serving
+            loop.call_soon_threadsafe(self._fail, batch, err)
+
+    def _resolve(self, row: Row, value: Any, finished: float, batch_size: int) -> None:
+        answer = RowAnswer(value, row.started_at - row.enqueued_at, finished - row.started_at, batch_size)
+        self._on_answer(row, answer)
+        if not row.future.done():
+            row.future.set_result(answer)
+
+    @staticmethod
+    def _fail(batch: list[Row], err: Exception) -> None:
+        for row in batch:
+            if not row.future.done():
+                row.future.set_exception(DeeBertError(ErrorType.INTERNAL, f"inference failed: {type(err).__name__}"))
+
+    def _update_idle(self) -> None:
+        if not self.busy:
+            self._idle.set()
+
+    # --- shutdown --------------------------------------------------------------------------------
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new texts, finish the queued and running ones; True when all finished in time."""
+        self._closed = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            return False
+
+    async def stop(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for row in self._queue:
+            if not row.future.done():
+                row.future.set_exception(
+                    DeeBertError(ErrorType.SHUTTING_DOWN, "the server stopped before this text ran")
+                )
+        self._queue.clear()
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,212 @@
+"""The engine: the one server module that imports `model/`.
+
+It loads the checkpoint onto the chosen device, tokenizes (before the queue), resolves thresholds
+(numbers or preset names), and runs batches layer by layer, reporting each row the moment it exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from model import exit_rule
+from model.checkpoint import CheckpointError, load_model, resolve_directory
+from model.config import ConfigError
+from model.modeling import DeeBert
+from model.tokenization import Encoded, load_tokenizer, pad_batch, tokenize
+from server.errors import DeeBertError, ErrorType
+from server.settings import ServerSettings
+
+logger = logging.getLogger("deebert.engine")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FALLBACK_DEFAULT_PRESET = "balanced"
+
+
+@dataclass(frozen=True)
+class RowOutcome:
+    """One text's answer from the model."""
+
+    label_id: int
+    exit_layer: int
+    entropy: float
+    probabilities: list[float]
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A resolved entropy threshold, with the preset name it came from (if any)."""
+
+    value: float
+    preset: str | None = None
+
+
+class EngineLoadError(RuntimeError):
+    """The checkpoint could not be loaded for serving."""
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineLoadError(f"device {requested!r} requested but CUDA is not available")
+    return device
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[requested]
+
+
+class Engine:
+    """A loaded model ready to classify batches of tokenized texts."""
+
+    def __init__(
+        self,
+        model: DeeBert,
+        tokenizer: object,
+        device: torch.device,
+        max_length: int | None = None,
+        default_threshold: str | None = None,
+    ) -> None:
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        self.config = model.config
+        self.max_length = min(max_length or self.config.max_length, self.model_max_positions)
+        self.pad_token_id = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
+        self.default_threshold = self._default_threshold(default_threshold)
+
+    @classmethod
+    def load(cls, settings: ServerSettings) -> Engine:
+        """Load the checkpoint named by the settings onto their device and dtype."""
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        device = pick_device(settings.device)
+        dtype = pick_dtype(settings.dtype, device)
+        try:
+            directory = resolve_directory(settings.checkpoint)
+            model = load_model(directory, dtype=dtype)
+            tokenizer = load_tokenizer(directory)
+        except (CheckpointError, ConfigError, OSError) as err:
+            raise EngineLoadError(f"cannot serve {settings.checkpoint}: {err}") from err
+        engine = cls(model, tokenizer, device, settings.max_length, settings.default_threshold)
+        logger.info(
+            "loaded %s (%d layers, labels %s) on %s as %s; default threshold %s",
+            engine.name,
+            engine.num_layers,
+            engine.labels,
+            device,
+            dtype,
+            engine.default_threshold,
+        )
+        return engine
+
+    # --- facts about the model -------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def labels(self) -> list[str]:
+        return self.config.labels
+
+    @property
+    def is_pair_task(self) -> bool:
+        return self.config.is_pair_task
+
+    @property
+    def model_max_positions(self) -> int:
+        positions = int(self.config.backbone.get("max_position_embeddings", 512))
+        # RoBERTa reserves padding_idx + 1 positions.
+        return positions - 2 if self.config.backbone["model_type"] == "roberta" else positions
+
+    @property
+    def presets(self) -> list[dict[str, object]]:
+        return [
+            {"name": p.name, "threshold": p.threshold, "accuracy": p.accuracy, "expected_saving": p.expected_saving}
+            for p in self.config.presets
+        ]
+
+    # --- request-side work (event loop thread) ---------------------------------------------------
+
+    def _default_threshold(self, configured: str | None) -> Threshold:
+        if configured is not None:
+            try:
+                return self.resolve_threshold(configured)
+            except DeeBertError as err:
+                raise EngineLoadError(f"DEEBERT_DEFAULT_THRESHOLD: {err.message}") from err
+        if any(p.name == FALLBACK_DEFAULT_PRESET for p in self.config.presets):
+            return self.resolve_threshold(FALLBACK_DEFAULT_PRESET)
+        return Threshold(0.0)
+
+    def resolve_threshold(self, value: float | int | str | None, source: str = "threshold") -> Threshold:
+        """A number >= 0 or a preset name → the entropy threshold; 422 naming what to fix otherwise."""
+        if value is None:
+            return self.default_threshold
+        if isinstance(value, str):
+            text = value.strip()
+            if any(p.name == text for p in self.config.presets):
+                return Threshold(self.config.preset(text).threshold, text)
+            try:
+                number = float(text)
+            except ValueError:
+                known = ", ".join(p.name for p in self.config.presets) or "none"
+                raise DeeBertError(
+                    ErrorType.UNKNOWN_PRESET,
+                    f"{source} {value[:64]!r} is neither a number nor a preset (presets: {known})",
+                ) from None
+            value = number
+        try:
+            return Threshold(exit_rule.validate_threshold(value))
+        except ValueError as err:
+            raise DeeBertError(ErrorType.INVALID_THRESHOLD, f"{source}: {err}") from None
+
+    def encode(self, texts: Sequence[str], text_pairs: Sequence[str] | None, truncate: bool) -> list[Encoded]:
+        """Tokenize a request's texts; with `truncate=False` a text over the max length is a 422."""
+        encoded = tokenize(self.tokenizer, texts, text_pairs, self.max_length)  # type: ignore[arg-type]
+        if not truncate:
+            for index, item in enumerate(encoded):
+                if item.truncated:
+                    raise DeeBertError(
+                        ErrorType.INPUT_TOO_LONG,
+                        f"text {index} has {item.num_tokens_before_truncation} tokens; the maximum is "
+                        f'{self.max_length}. Shorten it or send "truncate": true',
+                    )
+        return encoded
+
+    # --- batch-side work (worker thread) ---------------------------------------------------------
+
+    def run_batch(
+        self, items: list[Encoded], thresholds: list[float], on_exit: Callable[[int, RowOutcome], None]
+    ) -> None:
+        """Run one batch layer by layer; call `on_exit(row, outcome)` for each row as it leaves."""
+        batch = pad_batch(items, self.pad_token_id).to(self.device)
+        for exits in self.model.iter_exits(batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds):
+            probabilities = exits.probabilities.float().cpu().tolist()
+            for position, row in enumerate(exits.rows):
+                on_exit(
+                    row,
+                    RowOutcome(exits.labels[position], exits.layer, exits.entropies[position], probabilities[position]),
+                )
+
+    def warmup(self) -> None:
+        """Run the code paths a request takes (batch 1 and full batches, exits early and late)."""
+        texts = ["warm up", "a longer warm-up text " * 8]
+        pairs = ["warm up"] * len(texts) if self.is_pair_task else None
+        encoded = self.encode(texts, pairs, truncate=True)
+        for thresholds in ([0.0, 0.0], [math.log(len(self.labels)) + 1, 0.0], [0.1, 0.3]):
+            self.run_batch(encoded, thresholds, lambda row, outcome: None)
+            self.run_batch(encoded[:1], thresholds[:1], lambda row, outcome: None)

@@ -1,0 +1,130 @@
+"""Every Prometheus metric of the server, in one registry per app instance.
+
+`deebert_layers_executed_total` counts Σ exit layer over samples and `deebert_layers_possible_total`
+counts n per sample, so over any window `1 - rate(executed) / rate(possible)` is exactly the paper's
+expected saving 1 - Σ i·N_i / (n·Σ N_i).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
+
+# The *_created series double every counter on the page and no query here needs them.
+disable_created_metrics()
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+ENTROPY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 1.0, 1.5, 2.0)
+THRESHOLD_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 1.0, 2.0)
+
+
+class Metrics:
+    """The server's metrics; `record_*` methods are the only writers."""
+
+    def __init__(self, num_layers: int, model_name: str, labels: list[str]) -> None:
+        self.registry = CollectorRegistry()
+        self.num_layers = num_layers
+        r = self.registry
+        self.requests = Counter(
+            "deebert_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            "deebert_request_duration_seconds",
+            "Time from request start to response",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            "deebert_queue_duration_seconds",
+            "Time a text waited before its batch started",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_duration = Histogram(
+            "deebert_inference_duration_seconds",
+            "Time from batch start to a text's exit",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram("deebert_batch_size", "Texts per forward batch", buckets=BATCH_BUCKETS, registry=r)
+        self.exit_layer = Histogram(
+            "deebert_exit_layer",
+            "Layer (1..n) at which each text exited",
+            buckets=tuple(range(1, num_layers + 1)),
+            registry=r,
+        )
+        self.exit_entropy = Histogram(
+            "deebert_exit_entropy", "Off-ramp entropy (nats) at exit", buckets=ENTROPY_BUCKETS, registry=r
+        )
+        self.request_threshold = Histogram(
+            "deebert_request_threshold", "Entropy threshold applied per text", buckets=THRESHOLD_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("deebert_queue_depth", "Texts waiting for a batch", registry=r)
+        self.inflight = Gauge("deebert_inflight_requests", "Requests being handled", registry=r)
+        self.saving_ratio = Gauge(
+            "deebert_expected_saving_ratio",
+            "Expected saving since start: 1 - layers executed / layers possible",
+            registry=r,
+        )
+        self.samples = Counter("deebert_samples", "Texts classified", registry=r)
+        self.layers_executed = Counter("deebert_layers_executed", "Sum of exit layers over texts (Σ i·N_i)", registry=r)
+        self.layers_possible = Counter(
+            "deebert_layers_possible", "Layers a full-depth pass would run (n per text)", registry=r
+        )
+        self.info = Info("deebert_model", "The served model", registry=r)
+        self.info.info({"model": model_name, "num_layers": str(num_layers), "labels": ",".join(labels)})
+        self._executed = 0
+        self._possible = 0
+
+    def record_request(self, route: str, status: int, seconds: float | None) -> None:
+        self.requests.labels(route=route, status=str(status)).inc()
+        if seconds is not None:
+            self.request_duration.labels(route=route).observe(seconds)
+
+    def record_batch(self, size: int) -> None:
+        self.batch_size.observe(size)
+
+    def record_exit(self, exit_layer: int, entropy: float, threshold: float, queue_s: float, compute_s: float) -> None:
+        """One text answered: its exit layer, entropy, threshold and timings."""
+        self.exit_layer.observe(exit_layer)
+        self.exit_entropy.observe(entropy)
+        self.request_threshold.observe(threshold)
+        self.queue_duration.observe(queue_s)
+        self.inference_duration.observe(compute_s)
+        self.samples.inc()
+        self.layers_executed.inc(exit_layer)
+        self.layers_possible.inc(self.num_layers)
+        self._executed += exit_layer
+        self._possible += self.num_layers
+        self.saving_ratio.set(1.0 - self._executed / self._possible)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)  # type: ignore[no-any-return]

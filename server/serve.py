@@ -1,0 +1,89 @@
+"""`deebert serve`: settings from flags and `DEEBERT_*`, fail-fast model load, uvicorn with a graceful drain."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import uvicorn
+
+from server.app import create_app
+from server.engine import Engine, EngineLoadError
+from server.settings import ServerSettings
+
+logger = logging.getLogger("deebert.serve")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting (`--max-batch-size` for DEEBERT_MAX_BATCH_SIZE); flags win over the environment."""
+    for name, field in ServerSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description or name} [env DEEBERT_{name.upper()}]"
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, help=help_text)
+
+
+def settings_from(args: argparse.Namespace) -> ServerSettings:
+    given = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields and v is not None}
+    return ServerSettings(**given)
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: readiness turns 503 at once, then uvicorn's graceful shutdown lets accepted work finish."""
+
+    def __init__(self, config: uvicorn.Config, on_signal: Any) -> None:
+        super().__init__(config)
+        self._on_signal = on_signal
+
+    def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
+        self._on_signal()
+        super().handle_exit(sig, frame)
+
+
+def serve(settings: ServerSettings) -> int:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engine = Engine.load(settings)
+    except EngineLoadError as err:
+        logger.error("%s", err)
+        return 2
+    app = create_app(settings, engine)
+    state = app.state.deebert
+
+    def start_draining() -> None:
+        state.draining = True
+        logger.info("signal received: draining (readiness now 503)")
+
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        access_log=settings.log_level == "debug",
+    )
+    server = DrainingServer(config, start_draining)
+    server.run()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deebert serve", description="Serve a DeeBERT checkpoint over HTTP.")
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Build the settings from parsed flags (exit 2 naming a bad one) and serve."""
+    try:
+        settings = settings_from(args)
+    except Exception as err:  # pydantic ValidationError: say which setting is wrong
+        print(f"deebert serve: invalid settings: {err}", file=sys.stderr)
+        return 2
+    return serve(settings)

@@ -1,0 +1,45 @@
+"""Server settings: one object, from CLI flags and `DEEBERT_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_checkpoint() -> str:
+    """The shipped SST-2 checkpoint: ./weights/... when run from a checkout, else beside the installed code."""
+    relative = Path("weights/sst2-minilm-l6")
+    if relative.is_dir():
+        return str(relative)
+    return str(Path(__file__).resolve().parents[1] / relative)
+
+
+class ServerSettings(BaseSettings):
+    """Every knob of `deebert serve`; each is also `DEEBERT_<NAME>` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="DEEBERT_", extra="ignore")
+
+    checkpoint: str = Field(default_factory=default_checkpoint, description="DeeBERT checkpoint directory (or hub id)")
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 exposes the server to the network")
+    port: int = Field(8000, ge=0, le=65535)
+    device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype; auto = float16 on CUDA, float32 on CPU"
+    )
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    max_batch_size: int = Field(32, ge=1, description="most texts in one forward pass")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long the batcher waits to fill a batch")
+    max_queue_size: int = Field(1024, ge=1, description="most texts waiting; beyond it requests get 429")
+    max_texts_per_request: int = Field(64, ge=1, description="more texts in one request get 413")
+    max_length: int | None = Field(None, ge=2, description="max tokens per text (default: the checkpoint's)")
+    default_threshold: str | None = Field(
+        None, description="threshold when a request sets none: a number or preset name (default: balanced)"
+    )
+    api_key: SecretStr | None = Field(None, description="if set, inference routes require 'Authorization: Bearer'")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="larger request bodies get 413 before parsing")
+    warmup: bool = Field(True, description="run warm-up batches before reporting ready")
+    drain_timeout_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for accepted work")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import BertTokenizerFast
+
+from model.modeling import DeeBert
+from tests.helpers import tiny_model, write_vocab
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tokenizer")
+    write_vocab(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir: Path) -> BertTokenizerFast:
+    from model.tokenization import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)  # type: ignore[return-value]
+
+
+@pytest.fixture(params=["bert", "roberta"])
+def any_model(request: pytest.FixtureRequest) -> DeeBert:
+    return tiny_model(request.param)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path, tokenizer: BertTokenizerFast) -> Path:
+    """A saved tiny DeeBERT checkpoint directory with presets."""
+    from model.config import Preset
+
+    model = tiny_model("bert")
+    model.config = model.config.with_presets(
+        [Preset("lossless", 0.05, 1.0, 0.1), Preset("balanced", 0.2, 0.9, 0.3), Preset("fast", 0.5, 0.8, 0.6)]
+    )
+    directory = tmp_path / "tiny-checkpoint"
+    model.save_pretrained(directory, tokenizer=tokenizer)
+    return directory

@@ -1,0 +1,138 @@
+"""Tiny random-weight BERT/RoBERTa DeeBERT models and data files for fast tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertModel, BertTokenizerFast, RobertaConfig, RobertaModel
+
+from model.config import DeeBertConfig
+from model.modeling import DeeBert
+
+WORDS = [
+    "the",
+    "a",
+    "movie",
+    "film",
+    "was",
+    "is",
+    "good",
+    "great",
+    "bad",
+    "awful",
+    "fine",
+    "boring",
+    "fun",
+    "plot",
+    "acting",
+    "it",
+    "not",
+    "very",
+    "really",
+    "and",
+    "but",
+    "story",
+    "cast",
+    "dull",
+    "brilliant",
+    "terrible",
+    "love",
+    "hate",
+    "i",
+    "this",
+    "that",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "a",
+    "man",
+    "woman",
+    "said",
+]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+HIDDEN = 32
+LAYERS = 4
+
+
+def write_vocab(directory: Path) -> BertTokenizerFast:
+    """A WordPiece tokenizer over a few dozen words, saved into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(SPECIAL + sorted(set(WORDS))) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    tokenizer.save_pretrained(str(directory))
+    return tokenizer
+
+
+def backbone_values(model_type: str, vocab_size: int = 64) -> dict[str, object]:
+    return {
+        "model_type": model_type,
+        "vocab_size": vocab_size,
+        "hidden_size": HIDDEN,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 80,
+        "type_vocab_size": 2,
+        "pad_token_id": 0,
+        "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1,
+    }
+
+
+def tiny_model(
+    model_type: str = "bert",
+    labels: tuple[str, ...] = ("negative", "positive"),
+    pooling: str = "first",
+    seed: int = 0,
+    sharpen: float = 40.0,
+    text_columns: tuple[str, ...] = ("sentence",),
+) -> DeeBert:
+    """A random DeeBERT whose off-ramps are sharpened so entropies spread over (0, ln C)."""
+    torch.manual_seed(seed)
+    config = DeeBertConfig(
+        backbone=backbone_values(model_type),
+        labels=list(labels),
+        pooling=pooling,  # type: ignore[arg-type]
+        max_length=48,
+        text_columns=list(text_columns),
+        name=f"tiny-{model_type}",
+    )
+    model = DeeBert(config)
+    with torch.no_grad():
+        for ramp in model.off_ramps:
+            ramp.classifier.weight.normal_(0, sharpen / HIDDEN**0.5)
+    return model.eval()
+
+
+def save_plain_backbone(directory: Path, model_type: str = "bert") -> Path:
+    """A plain (non-DeeBERT) BERT/RoBERTa checkpoint directory with a tokenizer."""
+    tokenizer = write_vocab(directory)
+    values = backbone_values(model_type, vocab_size=len(tokenizer))
+    values.pop("model_type")
+    config = (BertConfig if model_type == "bert" else RobertaConfig)(**values)
+    torch.manual_seed(1)
+    (BertModel if model_type == "bert" else RobertaModel)(config).save_pretrained(str(directory))
+    return directory
+
+
+def write_tsv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    path.write_text("\t".join(header) + "\n" + "".join("\t".join(r) + "\n" for r in rows))
+    return path
+
+
+def sentiment_rows(count: int, seed: int = 0) -> list[list[str]]:
+    """Learnable synthetic sentiment: 'good' words → 1, 'bad' words → 0."""
+    generator = torch.Generator().manual_seed(seed)
+    good, bad = ["good", "great", "fun", "brilliant", "love"], ["bad", "awful", "boring", "dull", "terrible"]
+    rows = []
+    for i in range(count):
+        label = i % 2
+        pool = good if label else bad
+        word = pool[int(torch.randint(len(pool), (1,), generator=generator))]
+        filler = ["the movie was", "this film is", "i think the plot was really", "the acting"][i % 4]
+        rows.append([f"{filler} {word}", str(label)])
+    return rows

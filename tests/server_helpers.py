@@ -1,0 +1,48 @@
+"""Running the app in-process (httpx ASGITransport + the real lifespan) on a tiny model."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+
+from model.config import Preset
+from model.tokenization import load_tokenizer
+from server.app import create_app
+from server.engine import Engine
+from server.settings import ServerSettings
+from tests.helpers import tiny_model
+
+PRESETS = [Preset("lossless", 0.05, 1.0, 0.1), Preset("balanced", 0.2, 0.9, 0.3), Preset("fast", 0.5, 0.8, 0.6)]
+
+
+def tiny_engine(tokenizer_dir: Any, pair: bool = False, **model_options: Any) -> Engine:
+    columns = ("sentence1", "sentence2") if pair else ("sentence",)
+    model = tiny_model("bert", text_columns=columns, **model_options)
+    model.config = model.config.with_presets(PRESETS)
+    return Engine(model, load_tokenizer(tokenizer_dir), device=__import__("torch").device("cpu"))
+
+
+def settings(**overrides: Any) -> ServerSettings:
+    values: dict[str, Any] = {"checkpoint": "unused", "warmup": False, "max_wait_ms": 0.0}
+    values.update(overrides)
+    return ServerSettings(**values)
+
+
+@asynccontextmanager
+async def serving(app: FastAPI, wait_ready: bool = True) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan running, and a client talking to it in-process."""
+    async with app.router.lifespan_context(app):
+        if wait_ready:
+            await app.state.deebert.preparing
+            assert app.state.deebert.ready, app.state.deebert.load_error
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://deebert.test") as client:
+            yield client
+
+
+def make_app(engine: Engine, **overrides: Any) -> FastAPI:
+    return create_app(settings(**overrides), engine)

@@ -1,0 +1,141 @@
+"""The batcher alone, with a plain fake runner: batching, grouping, backpressure, cancellation, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from server.batcher import Batcher
+from server.errors import DeeBertError, ErrorType
+
+pytestmark = pytest.mark.anyio
+
+
+class Text(str):
+    """A fake tokenized text: its length is what the batcher groups by."""
+
+
+class FakeRunner:
+    """Answers each row with (item, threshold); can block until released."""
+
+    def __init__(self, blocked: bool = False, fail_on: str | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.release = threading.Event()
+        self.started = threading.Event()
+        if not blocked:
+            self.release.set()
+        self.fail_on = fail_on
+
+    def __call__(self, items: list[Any], thresholds: list[float], on_exit: Callable[[int, Any], None]) -> None:
+        self.batches.append(list(items))
+        self.started.set()
+        assert self.release.wait(10), "test runner was never released"
+        if self.fail_on is not None and self.fail_on in items:
+            raise RuntimeError("model exploded")
+        for index, (item, threshold) in enumerate(zip(items, thresholds, strict=True)):
+            on_exit(index, (item, threshold))
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def test_rows_are_answered_with_their_own_threshold() -> None:
+    runner = FakeRunner()
+    batcher = Batcher(runner, max_batch_size=8, max_wait_s=0.05, max_queue_size=100)
+    batcher.start()
+    futures = batcher.submit([Text("a"), Text("bb")], [0.1, 0.2]) + batcher.submit([Text("ccc")], [0.3])
+    answers = await asyncio.gather(*futures)
+    assert [a.value for a in answers] == [("a", 0.1), ("bb", 0.2), ("ccc", 0.3)]
+    assert runner.batches == [["a", "bb", "ccc"]], "rows submitted within max_wait share one batch"
+    assert all(a.batch_size == 3 and a.queue_s >= 0 and a.compute_s >= 0 for a in answers)
+    await batcher.stop()
+
+
+async def test_batches_respect_the_max_size_and_group_similar_lengths() -> None:
+    runner = FakeRunner(blocked=True)
+    batcher = Batcher(runner, max_batch_size=3, max_wait_s=0.0, max_queue_size=100)
+    batcher.start()
+    first = batcher.submit([Text("x")], [0.0])
+    await asyncio.to_thread(runner.started.wait, 5)  # the runner holds the first batch
+    lengths = [1, 9, 2, 8, 1, 9]
+    futures = batcher.submit([Text("y" * n) for n in lengths], [0.0] * len(lengths))
+    runner.release.set()
+    await asyncio.gather(*first, *futures)
+    later = [sorted(len(t) for t in batch) for batch in runner.batches[1:]]
+    assert all(len(batch) <= 3 for batch in runner.batches)
+    # The oldest (length 1) goes first with its nearest lengths; the long texts go together.
+    assert later == [[1, 1, 2], [8, 9, 9]]
+    await batcher.stop()
+
+
+async def test_a_full_queue_refuses_with_429_and_retry_after() -> None:
+    runner = FakeRunner(blocked=True)
+    batcher = Batcher(runner, max_batch_size=1, max_wait_s=0.0, max_queue_size=2)
+    batcher.start()
+    running = batcher.submit([Text("a")], [0.0])
+    await asyncio.to_thread(runner.started.wait, 5)
+    queued = batcher.submit([Text("b"), Text("c")], [0.0, 0.0])
+    assert batcher.depth == 2
+    with pytest.raises(DeeBertError) as err:
+        batcher.submit([Text("d")], [0.0])
+    assert err.value.error_type is ErrorType.OVERLOADED and err.value.status == 429
+    assert int(err.value.headers["Retry-After"]) >= 1
+    runner.release.set()
+    assert len(await asyncio.gather(*running, *queued)) == 3
+    await batcher.stop()
+
+
+async def test_a_cancelled_queued_row_is_dropped_and_batch_mates_are_answered() -> None:
+    runner = FakeRunner(blocked=True)
+    depths: list[int] = []
+    batcher = Batcher(runner, max_batch_size=4, max_wait_s=0.0, max_queue_size=10, on_depth=depths.append)
+    batcher.start()
+    running = batcher.submit([Text("a")], [0.0])
+    await asyncio.to_thread(runner.started.wait, 5)
+    gone = batcher.submit([Text("gone")], [0.0])
+    staying = batcher.submit([Text("stay")], [0.0])
+    gone[0].cancel()
+    await asyncio.sleep(0)
+    assert batcher.depth == 1
+    runner.release.set()
+    answers = await asyncio.gather(*running, *staying)
+    assert [a.value[0] for a in answers] == ["a", "stay"]
+    assert all("gone" not in batch for batch in runner.batches)
+    assert depths[-1] == 0
+    await batcher.stop()
+
+
+async def test_a_failing_batch_fails_only_its_rows() -> None:
+    runner = FakeRunner(fail_on="boom")
+    batcher = Batcher(runner, max_batch_size=1, max_wait_s=0.0, max_queue_size=10)
+    batcher.start()
+    bad = batcher.submit([Text("boom")], [0.0])
+    good = batcher.submit([Text("fine")], [0.0])
+    with pytest.raises(DeeBertError) as err:
+        await bad[0]
+    assert err.value.error_type is ErrorType.INTERNAL and "boom" not in err.value.message
+    assert (await good[0]).value == ("fine", 0.0)
+    await batcher.stop()
+
+
+async def test_drain_finishes_accepted_work_and_refuses_new() -> None:
+    runner = FakeRunner(blocked=True)
+    batcher = Batcher(runner, max_batch_size=1, max_wait_s=0.0, max_queue_size=10)
+    batcher.start()
+    accepted = batcher.submit([Text("a"), Text("b"), Text("c")], [0.0] * 3)
+    await asyncio.to_thread(runner.started.wait, 5)
+    drain = asyncio.create_task(batcher.drain(timeout_s=10))
+    await asyncio.sleep(0.01)
+    with pytest.raises(DeeBertError) as err:
+        batcher.submit([Text("late")], [0.0])
+    assert err.value.error_type is ErrorType.SHUTTING_DOWN
+    runner.release.set()
+    assert await drain is True
+    assert [f.result().value[0] for f in accepted] == ["a", "b", "c"]
+    await batcher.stop()

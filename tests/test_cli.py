@@ -1,0 +1,56 @@
+"""`deebert calibrate` and `deebert evaluate` on a tiny checkpoint: files, fields, and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from deebert.cli import main
+from model.checkpoint import load_model
+from tests.helpers import sentiment_rows, write_tsv
+
+
+def test_calibrate_then_evaluate_writes_the_report(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    dev = write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], sentiment_rows(40))
+    assert main(["calibrate", "--checkpoint", str(tiny_checkpoint), "--data", str(dev), "--no-progress"]) == 0
+    presets = {p.name: p for p in load_model(tiny_checkpoint).config.presets}
+    assert set(presets) == {"lossless", "balanced", "fast"}
+    assert presets["lossless"].threshold <= presets["balanced"].threshold <= presets["fast"].threshold
+    out = tmp_path / "eval"
+    code = main(
+        ["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(dev), "--output", str(out),
+         "--thresholds", "0,0.1,0.3,10", "--timing-samples", "5", "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_layers"] == 4 and report["num_samples"] == 40
+    assert len(report["per_layer_accuracy"]) == 4
+    assert report["full_accuracy"] == report["per_layer_accuracy"][-1]
+    assert [p["threshold"] for p in report["sweep"]] == [0.0, 0.1, 0.3, 10.0]
+    for point in report["sweep"]:
+        assert set(point) == {"threshold", "accuracy", "expected_saving", "measured_saving", "exit_counts"}
+        assert sum(point["exit_counts"]) == 40
+    assert report["sweep"][0]["exit_counts"] == [0, 0, 0, 40] and report["sweep"][0]["expected_saving"] == 0.0
+    assert report["sweep"][-1]["exit_counts"] == [40, 0, 0, 0] and report["sweep"][-1]["expected_saving"] == 0.75
+    assert set(report["latency_ms"]) >= {"plain_full_forward", "exit_loop_threshold_0"}
+    assert set(report["oracle"]) == {"accuracy", "expected_saving"}
+    assert [p["name"] for p in report["presets"]] == ["lossless", "balanced", "fast"]
+    assert report["presets"][0]["accuracy"] == pytest.approx(presets["lossless"].accuracy)
+    for name in ("sweep.csv", "fig2_accuracy_vs_saving.png", "fig3_expected_vs_measured_saving.png",
+                 "fig4_per_layer_accuracy.png", "fig6_exit_distribution.png"):  # fmt: skip
+        assert (out / name).stat().st_size > 0
+    assert (out / "sweep.csv").read_text().splitlines()[0].startswith("threshold,accuracy,expected_saving")
+
+
+def test_cli_errors_are_clear_and_exit_2(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "missing"
+    assert main(["evaluate", "--checkpoint", str(missing), "--data", "x.tsv", "--no-progress"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad_column = write_tsv(tmp_path / "bad.tsv", ["review", "label"], [["good", "1"]])
+    assert main(["calibrate", "--checkpoint", str(tiny_checkpoint), "--data", str(bad_column), "--no-progress"]) == 2
+    assert "no text column" in capsys.readouterr().err
+    pairs = write_tsv(tmp_path / "pairs.tsv", ["sentence1", "sentence2", "label"], [["a", "b", "1"]])
+    assert main(["calibrate", "--checkpoint", str(tiny_checkpoint), "--data", str(pairs), "--no-progress"]) == 2
+    assert "single sentences" in capsys.readouterr().err

@@ -1,0 +1,93 @@
+"""Expected saving, oracle, sweep and calibration on hand-made cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from model import exit_rule
+from model.calibrate import calibrate, candidate_thresholds
+from model.evaluate import oracle, per_layer_accuracy, simulate
+
+
+def test_expected_saving_matches_the_paper_formula() -> None:
+    # 3 layers: 2 samples leave at 1, 1 at 2, 1 at 3 → 1 - (1·2 + 2·1 + 3·1) / (3·4) = 1 - 7/12
+    assert exit_rule.expected_saving([2, 1, 1]) == pytest.approx(5 / 12)
+    assert exit_rule.expected_saving([0, 0, 5]) == 0.0
+    assert exit_rule.expected_saving([4, 0, 0]) == pytest.approx(2 / 3)
+    assert exit_rule.expected_saving([0, 0, 0]) == 0.0
+
+
+def test_entropy_is_stable_and_in_nats() -> None:
+    probabilities, entropy = exit_rule.entropy_from_logits(torch.tensor([[0.0, 0.0], [1000.0, -1000.0], [0.0, 0.0]]))
+    assert entropy[0] == pytest.approx(math.log(2))
+    assert entropy[1] == pytest.approx(0.0, abs=1e-12)
+    assert not torch.isnan(entropy).any()
+    torch.testing.assert_close(probabilities[0], torch.tensor([0.5, 0.5]))
+
+
+def test_exit_rule_is_strictly_below_the_threshold() -> None:
+    entropy = torch.tensor([0.1, 0.2, 0.0])
+    assert exit_rule.exits(entropy, torch.tensor([0.2, 0.2, 0.0])).tolist() == [True, False, False]
+
+
+def test_first_exit_layers_for_rows_and_sweeps() -> None:
+    entropies = torch.tensor([[0.5, 0.1], [0.2, 0.6], [0.4, 0.4]])  # [layers=3, samples=2]
+    assert exit_rule.first_exit_layers(entropies, torch.tensor([0.3, 0.3])).tolist() == [1, 0]
+    assert exit_rule.first_exit_layers(entropies, torch.tensor([0.0, 0.0])).tolist() == [2, 2]
+    sweep = exit_rule.first_exit_layers(entropies, torch.tensor([[0.0], [0.3], [1.0]]))
+    assert sweep.tolist() == [[2, 2], [1, 0], [0, 0]]
+
+
+@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf"), "0.3", True])
+def test_invalid_thresholds_are_refused(value: object) -> None:
+    with pytest.raises(ValueError):
+        exit_rule.validate_threshold(value)  # type: ignore[arg-type]
+
+
+def _hand_made() -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    # 3 layers, 4 samples, 2 labels. Predictions per layer and confidence are chosen by hand.
+    probs = torch.tensor(
+        [
+            [[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.55, 0.45]],  # layer 1: right, wrong, right, wrong
+            [[0.8, 0.2], [0.2, 0.8], [0.4, 0.6], [0.6, 0.4]],  # layer 2: right, right, right, wrong
+            [[0.95, 0.05], [0.1, 0.9], [0.2, 0.8], [0.7, 0.3]],  # layer 3: right, right, right, wrong
+        ]
+    )
+    entropies = -(probs * probs.log()).sum(-1)
+    return probs, entropies, [0, 1, 1, 1]
+
+
+def test_oracle_on_a_hand_made_case() -> None:
+    probs, _, labels = _hand_made()
+    result = oracle(probs, labels)
+    # exits: sample 0 at 1, sample 1 at 2, sample 2 at 1, sample 3 never right → 3
+    assert result["accuracy"] == pytest.approx(0.75)
+    assert result["expected_saving"] == pytest.approx(1 - (1 + 2 + 1 + 3) / 12)
+
+
+def test_sweep_and_per_layer_accuracy_on_a_hand_made_case() -> None:
+    probs, entropies, labels = _hand_made()
+    assert per_layer_accuracy(probs, labels) == pytest.approx([0.5, 0.75, 0.75])
+    zero, huge = simulate(probs, entropies, labels, [0.0, 10.0])
+    assert zero.exit_counts == [0, 0, 4] and zero.expected_saving == 0.0 and zero.accuracy == pytest.approx(0.75)
+    assert huge.exit_counts == [4, 0, 0] and huge.expected_saving == pytest.approx(2 / 3)
+    assert huge.accuracy == pytest.approx(0.5)
+
+
+def test_calibration_picks_the_largest_threshold_within_each_tolerance() -> None:
+    probs, entropies, labels = _hand_made()
+    presets = {p.name: p for p in calibrate(probs, entropies, labels, {"lossless": 0.0, "fast": 0.3})}
+    full = simulate(probs, entropies, labels, [0.0])[0].accuracy
+    for preset in presets.values():
+        point = simulate(probs, entropies, labels, [preset.threshold])[0]
+        assert point.accuracy >= full - preset.max_accuracy_drop - 1e-12  # type: ignore[operator]
+        assert preset.accuracy == pytest.approx(point.accuracy)
+        # Every larger threshold that changes an exit breaks the tolerance.
+        larger = [t for t in candidate_thresholds(entropies) if t > preset.threshold]
+        for point in simulate(probs, entropies, labels, larger):
+            assert point.accuracy < full - preset.max_accuracy_drop  # type: ignore[operator]
+    assert presets["fast"].threshold >= presets["lossless"].threshold
+    assert presets["fast"].expected_saving > 0

@@ -1,0 +1,393 @@
+"""The HTTP API in-process (httpx ASGITransport + the real lifespan) on a tiny random model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.engine import Engine
+from tests.server_helpers import make_app, serving, tiny_engine
+
+pytestmark = pytest.mark.anyio
+HUGE = "1000"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def engine(tokenizer_dir: Path) -> Engine:
+    return tiny_engine(tokenizer_dir)
+
+
+async def test_header_threshold_zero_runs_full_depth_and_huge_exits_at_layer_one(engine: Engine) -> None:
+    async with serving(make_app(engine)) as client:
+        full = await client.post(
+            "/v1/classify", json={"texts": ["the movie was good", "bad"]}, headers={"X-Exit-Threshold": "0"}
+        )
+        early = await client.post(
+            "/v1/classify", json={"texts": ["the movie was good", "bad"]}, headers={"X-Exit-Threshold": HUGE}
+        )
+    assert full.status_code == 200 and early.status_code == 200
+    assert [r["exit_layer"] for r in full.json()["results"]] == [4, 4]
+    assert full.headers["X-Exit-Layer"] == "4" and full.headers["X-Layers-Executed"] == "8"
+    assert [r["exit_layer"] for r in early.json()["results"]] == [1, 1]
+    assert early.headers["X-Exit-Layer"] == "1" and early.headers["X-Layers-Executed"] == "2"
+    assert full.json()["threshold"] == 0.0 and early.json()["threshold"] == 1000.0
+    for name in ("X-Queue-Time", "X-Compute-Time", "X-Total-Time"):
+        assert float(full.headers[name]) >= 0
+    assert float(full.headers["X-Total-Time"]) >= float(full.headers["X-Compute-Time"])
+
+
+async def test_preset_names_default_and_body_over_header(engine: Engine) -> None:
+    async with serving(make_app(engine)) as client:
+        preset = await client.post("/v1/classify", json={"text": "good"}, headers={"X-Exit-Threshold": "fast"})
+        default = await client.post("/v1/classify", json={"text": "good"})
+        body_wins = await client.post(
+            "/v1/classify", json={"text": "good", "threshold": 0}, headers={"X-Exit-Threshold": HUGE}
+        )
+        body_preset = await client.post("/v1/classify", json={"text": "good", "threshold": "lossless"})
+    assert preset.json()["threshold"] == 0.5
+    assert default.json()["threshold"] == 0.2, "the checkpoint's balanced preset is the default"
+    assert body_wins.json()["threshold"] == 0.0 and body_wins.json()["results"][0]["exit_layer"] == 4
+    assert body_preset.json()["threshold"] == 0.05
+
+
+async def test_results_match_the_model_and_keep_input_order(engine: Engine) -> None:
+    texts = ["the movie was good", "awful and boring", "i love this cat", "the plot was dull but the cast was great"]
+    async with serving(make_app(engine)) as client:
+        response = await client.post(
+            "/v1/classify", json={"texts": texts, "return_probabilities": True, "threshold": 0.3}
+        )
+    results = response.json()["results"]
+    encoded = engine.encode(texts, None, truncate=True)
+    outcomes: dict[int, Any] = {}
+    engine.run_batch(encoded, [0.3] * len(texts), lambda row, outcome: outcomes.__setitem__(row, outcome))
+    for row, result in enumerate(results):
+        assert result["exit_layer"] == outcomes[row].exit_layer
+        assert result["label"] == engine.labels[outcomes[row].label_id]
+        assert result["probabilities"]["positive"] == pytest.approx(outcomes[row].probabilities[1], abs=1e-6)
+        assert result["score"] == pytest.approx(max(outcomes[row].probabilities), abs=1e-6)
+        assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+async def test_concurrent_requests_with_different_thresholds_share_a_batch_and_answer_as_alone(engine: Engine) -> None:
+    texts = ["the movie was good", "awful and boring", "i love this cat", "dull", "a man said the dog sat", "great fun"]
+    thresholds = ["0", HUGE, "0.0001", "balanced", "fast", "0.3"]
+    app = make_app(engine, max_wait_ms=300.0, max_batch_size=len(texts))
+    async with serving(app) as client:
+        together = await asyncio.gather(
+            *(
+                client.post("/v1/classify", json={"text": t}, headers={"X-Exit-Threshold": h})
+                for t, h in zip(texts, thresholds, strict=True)
+            )
+        )
+        batches = app.state.deebert.metrics.batch_size.collect()[0].samples
+        count = next(s.value for s in batches if s.name.endswith("_count"))
+        total = next(s.value for s in batches if s.name.endswith("_sum"))
+        assert (count, total) == (1, len(texts)), "all six requests should have run as one batch"
+        alone = [
+            await client.post("/v1/classify", json={"text": t}, headers={"X-Exit-Threshold": h})
+            for t, h in zip(texts, thresholds, strict=True)
+        ]
+    assert len({r.json()["results"][0]["exit_layer"] for r in together}) > 1
+    for shared, single in zip(together, alone, strict=True):
+        a, b = shared.json()["results"][0], single.json()["results"][0]
+        assert (a["exit_layer"], a["label"]) == (b["exit_layer"], b["label"])
+        assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+
+
+async def test_an_exiting_row_is_answered_before_its_batch_finishes(tokenizer_dir: Path) -> None:
+    engine = tiny_engine(tokenizer_dir)
+    gate = threading.Event()
+    reached_layer_2 = threading.Event()
+
+    def hold_layer_2(_module: Any, _args: Any) -> None:
+        reached_layer_2.set()
+        assert gate.wait(10), "layer 2 was never released"
+
+    engine.model.layers[1].register_forward_pre_hook(hold_layer_2)
+    app = make_app(engine, max_wait_ms=500.0, max_batch_size=2)
+    async with serving(app) as client:
+        early = asyncio.create_task(
+            client.post("/v1/classify", json={"text": "good"}, headers={"X-Exit-Threshold": HUGE})
+        )
+        late = asyncio.create_task(client.post("/v1/classify", json={"text": "bad"}, headers={"X-Exit-Threshold": "0"}))
+        done, _ = await asyncio.wait({early, late}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        # The batch is stuck in layer 2 (the late row is still in it), yet the early row has its answer.
+        assert early in done and late not in done
+        assert reached_layer_2.is_set()
+        assert early.result().json()["results"][0]["exit_layer"] == 1
+        gate.set()
+        assert (await late).json()["results"][0]["exit_layer"] == 4
+
+
+async def test_a_full_queue_answers_429_with_retry_after(tokenizer_dir: Path) -> None:
+    engine = tiny_engine(tokenizer_dir)
+    gate = threading.Event()
+    engine.model.layers[0].register_forward_pre_hook(lambda _m, _a: gate.wait(10) and None)
+    app = make_app(engine, max_batch_size=1, max_queue_size=2)
+    async with serving(app) as client:
+        first = asyncio.create_task(client.post("/v1/classify", json={"text": "good"}))
+        while app.state.deebert.batcher._running_rows == 0:
+            await asyncio.sleep(0.005)
+        queued = asyncio.create_task(client.post("/v1/classify", json={"texts": ["a", "b"]}))
+        while app.state.deebert.batcher.depth < 2:
+            await asyncio.sleep(0.005)
+        refused = await client.post("/v1/classify", json={"text": "one too many"})
+        gate.set()
+        accepted = [await first, await queued]
+    assert refused.status_code == 429 and refused.json()["error_type"] == "overloaded"
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert [r.status_code for r in accepted] == [200, 200]
+
+
+BAD_REQUESTS: list[tuple[str, dict[str, Any], int, str]] = [
+    (
+        "malformed json",
+        {"content": b'{"text": "x"', "headers": {"content-type": "application/json"}},
+        400,
+        "malformed_json",
+    ),
+    ("not json", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
+    ("empty body", {"content": b"", "headers": {"content-type": "application/json"}}, 422, "empty_input"),
+    ("no text", {"json": {}}, 422, "empty_input"),
+    ("empty text", {"json": {"text": ""}}, 422, "empty_input"),
+    ("blank text", {"json": {"text": "   "}}, 422, "empty_input"),
+    ("empty list", {"json": {"texts": []}}, 422, "empty_input"),
+    ("number as text", {"json": {"text": 5}}, 422, "validation"),
+    ("list of numbers", {"json": {"texts": [1, 2]}}, 422, "validation"),
+    ("text and texts", {"json": {"text": "a", "texts": ["b"]}}, 422, "validation"),
+    ("unknown field", {"json": {"text": "a", "colour": "red"}}, 422, "validation"),
+    ("pair on single model", {"json": {"text": "a", "text_pair": "b"}}, 422, "validation"),
+    ("truncate not bool", {"json": {"text": "a", "truncate": "yes"}}, 422, "validation"),
+    ("too many texts", {"json": {"texts": ["good"] * 9}}, 413, "too_many_texts"),
+    ("too long, no truncate", {"json": {"text": "good " * 60, "truncate": False}}, 422, "input_too_long"),
+    ("negative body threshold", {"json": {"text": "a", "threshold": -0.1}}, 422, "invalid_threshold"),
+    (
+        "nan body threshold",
+        {"content": b'{"text": "a", "threshold": NaN}', "headers": {"content-type": "application/json"}},
+        422,
+        "invalid_threshold",
+    ),
+    (
+        "infinite body threshold",
+        {"content": b'{"text": "a", "threshold": Infinity}', "headers": {"content-type": "application/json"}},
+        422,
+        "invalid_threshold",
+    ),
+    ("bool body threshold", {"json": {"text": "a", "threshold": True}}, 422, "invalid_threshold"),
+    ("unknown body preset", {"json": {"text": "a", "threshold": "turbo"}}, 422, "unknown_preset"),
+    ("negative header", {"json": {"text": "a"}, "headers": {"X-Exit-Threshold": "-1"}}, 422, "invalid_threshold"),
+    ("nan header", {"json": {"text": "a"}, "headers": {"X-Exit-Threshold": "nan"}}, 422, "invalid_threshold"),
+    ("inf header", {"json": {"text": "a"}, "headers": {"X-Exit-Threshold": "inf"}}, 422, "invalid_threshold"),
+    ("unknown header preset", {"json": {"text": "a"}, "headers": {"X-Exit-Threshold": "warp"}}, 422, "unknown_preset"),
+    (
+        "body too large",
+        {"content": b'{"text": "' + b"a" * 5000 + b'"}', "headers": {"content-type": "application/json"}},
+        413,
+        "payload_too_large",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+async def test_bad_input_gets_a_clear_4xx(engine: Engine, case: tuple[str, dict[str, Any], int, str]) -> None:
+    _, request, status, error_type = case
+    app = make_app(engine, max_texts_per_request=8, max_body_bytes=4096)
+    async with serving(app) as client:
+        response = await client.post("/v1/classify", **request)
+        after = await client.post("/v1/classify", json={"text": "still serving"})
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error_type"] == error_type and isinstance(body["error"], str) and body["error"]
+    assert "Traceback" not in response.text and "/work/" not in response.text
+    assert after.status_code == 200
+
+
+async def test_input_too_long_names_its_token_count(engine: Engine) -> None:
+    async with serving(make_app(engine)) as client:
+        response = await client.post("/v1/classify", json={"text": "good " * 60, "truncate": False})
+        truncated = await client.post("/v1/classify", json={"text": "good " * 60})
+    assert "62 tokens" in response.json()["error"] and "48" in response.json()["error"]
+    assert truncated.status_code == 200
+
+
+async def test_metrics_after_a_known_set_of_requests(engine: Engine) -> None:
+    app = make_app(engine)
+    async with serving(app) as client:
+        await client.post("/v1/classify", json={"texts": ["good", "bad", "fun"]}, headers={"X-Exit-Threshold": "0"})
+        await client.post("/v1/classify", json={"texts": ["dull", "great"]}, headers={"X-Exit-Threshold": HUGE})
+        await client.post("/v1/classify", json={"text": ""})
+        page = (await client.get("/metrics")).text
+    values = _parse_metrics(page)
+    n = 4
+    assert values["deebert_samples_total"] == 5
+    assert values["deebert_layers_executed_total"] == 3 * n + 2 * 1
+    assert values["deebert_layers_possible_total"] == 5 * n
+    assert values["deebert_expected_saving_ratio"] == pytest.approx(1 - (3 * n + 2) / (5 * n))
+    assert values['deebert_exit_layer_bucket{le="1.0"}'] == 2
+    assert values['deebert_exit_layer_bucket{le="3.0"}'] == 2
+    assert values['deebert_exit_layer_bucket{le="4.0"}'] == 5
+    assert values['deebert_requests_total{route="/v1/classify",status="200"}'] == 2
+    assert values['deebert_requests_total{route="/v1/classify",status="422"}'] == 1
+    assert values["deebert_queue_depth"] == 0 and values["deebert_inflight_requests"] == 0
+    assert values['deebert_request_threshold_bucket{le="0.0"}'] == 3
+    assert 'deebert_model_info{labels="negative,positive",model="tiny-bert",num_layers="4"} 1.0' in page
+    for name in (
+        "deebert_request_duration_seconds",
+        "deebert_queue_duration_seconds",
+        "deebert_inference_duration_seconds",
+        "deebert_batch_size",
+        "deebert_exit_entropy",
+    ):
+        assert f"{name}_count" in page
+
+
+def _parse_metrics(page: str) -> dict[str, float]:
+    values = {}
+    for line in page.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+async def test_readiness_is_503_until_warm_up_ends_and_during_drain(tokenizer_dir: Path) -> None:
+    engine = tiny_engine(tokenizer_dir)
+    warmed = threading.Event()
+    real_warmup = engine.warmup
+
+    def slow_warmup() -> None:
+        assert warmed.wait(10)
+        real_warmup()
+
+    engine.warmup = slow_warmup  # type: ignore[method-assign]
+    app = make_app(engine, warmup=True)
+    async with serving(app, wait_ready=False) as client:
+        before = await client.get("/health/ready")
+        refused = await client.post("/v1/classify", json={"text": "good"})
+        live = await client.get("/health/live")
+        warmed.set()
+        await app.state.deebert.preparing
+        after = await client.get("/health/ready")
+        app.state.deebert.draining = True  # what SIGTERM does first
+        draining = await client.get("/health/ready")
+        app.state.deebert.draining = False
+    assert before.status_code == 503 and before.json()["error_type"] == "not_ready"
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert live.status_code == 200
+    assert after.status_code == 200 and after.json() == {"status": "ready"}
+    assert draining.status_code == 503 and draining.json()["error_type"] == "shutting_down"
+
+
+async def test_tei_predict_shape(tokenizer_dir: Path) -> None:
+    single_model = tiny_engine(tokenizer_dir)
+    async with serving(make_app(single_model)) as client:
+        one = await client.post("/predict", json={"inputs": "the movie was good"})
+        many = await client.post(
+            "/predict", json={"inputs": ["good", "bad", "fun"]}, headers={"X-Exit-Threshold": HUGE}
+        )
+        wrong = await client.post("/predict", json={"inputs": 3})
+    assert one.status_code == 200 and isinstance(one.json(), list)
+    assert {s["label"] for s in one.json()} == {"negative", "positive"}
+    assert one.json()[0]["score"] >= one.json()[1]["score"]
+    assert len(many.json()) == 3 and all(isinstance(entry, list) and len(entry) == 2 for entry in many.json())
+    assert many.headers["X-Exit-Layer"] == "1"
+    assert wrong.status_code == 422 and wrong.json()["error_type"] == "validation"
+    pair_model = tiny_engine(tokenizer_dir, pair=True)
+    async with serving(make_app(pair_model)) as client:
+        pairs = await client.post("/predict", json={"inputs": [["a cat sat", "a cat"], ["a dog", "the mat"]]})
+        one_pair = await client.post("/predict", json={"inputs": ["a cat sat", "a cat"]})
+        classify = await client.post("/v1/classify", json={"text": "a cat sat", "text_pair": "a cat"})
+        missing_pair = await client.post("/v1/classify", json={"text": "a cat sat"})
+    assert len(pairs.json()) == 2 and isinstance(pairs.json()[0], list)
+    assert isinstance(one_pair.json()[0], dict)
+    assert one_pair.json()[0]["score"] == pytest.approx(pairs.json()[0][0]["score"], abs=1e-4)
+    assert classify.status_code == 200
+    assert missing_pair.status_code == 422 and "pairs" in missing_pair.json()["error"]
+
+
+async def test_model_info_lists_presets_and_layers(engine: Engine) -> None:
+    async with serving(make_app(engine)) as client:
+        info = (await client.get("/v1/model")).json()
+    assert info["num_layers"] == 4 and info["labels"] == ["negative", "positive"]
+    assert info["default_threshold"] == 0.2 and info["default_threshold_name"] == "balanced"
+    assert [p["name"] for p in info["presets"]] == ["lossless", "balanced", "fast"]
+    assert info["max_length"] == 48
+
+
+async def test_api_key_guards_inference_but_not_health(engine: Engine) -> None:
+    async with serving(make_app(engine, api_key="s3cret")) as client:
+        missing = await client.post("/v1/classify", json={"text": "good"})
+        wrong = await client.post("/v1/classify", json={"text": "good"}, headers={"Authorization": "Bearer nope"})
+        right = await client.post("/v1/classify", json={"text": "good"}, headers={"Authorization": "Bearer s3cret"})
+        health = await client.get("/health/ready")
+        metrics = await client.get("/metrics")
+    assert missing.status_code == 401 and missing.json()["error_type"] == "unauthorized"
+    assert missing.headers["WWW-Authenticate"] == "Bearer"
+    assert wrong.status_code == 401 and right.status_code == 200
+    assert health.status_code == 200 and metrics.status_code == 200
+
+
+async def test_not_found_and_method_not_allowed_are_json(engine: Engine) -> None:
+    async with serving(make_app(engine)) as client:
+        missing = await client.get("/v2/nothing")
+        wrong_method = await client.get("/v1/classify")
+    assert missing.status_code == 404 and missing.json()["error_type"] == "not_found"
+    assert wrong_method.status_code == 405 and wrong_method.json()["error_type"] == "method_not_allowed"
+
+
+async def test_openapi_documents_every_route_and_error(engine: Engine) -> None:
+    async with serving(make_app(engine)) as client:
+        schema = (await client.get("/openapi.json")).json()
+    paths = schema["paths"]
+    for path in ("/v1/classify", "/predict", "/v1/model", "/health/live", "/health/ready", "/metrics"):
+        assert path in paths
+    classify = paths["/v1/classify"]["post"]
+    assert {"400", "401", "413", "415", "422", "429", "503"} <= set(classify["responses"])
+    assert any(p["name"] == "X-Exit-Threshold" for p in classify["parameters"])
+    assert "ErrorResponse" in json.dumps(classify["responses"]["429"])
+
+
+def test_threshold_resolution_rules(engine: Engine) -> None:
+    assert engine.resolve_threshold("balanced").value == 0.2
+    assert engine.resolve_threshold(" 0.25 ").value == 0.25
+    assert engine.resolve_threshold(3).value == 3.0
+    assert engine.resolve_threshold(None).preset == "balanced"
+    assert math.isclose(engine.resolve_threshold("1e-3").value, 0.001)
+
+
+async def test_a_vanished_client_does_not_disturb_its_batch_mates(tokenizer_dir: Path) -> None:
+    engine = tiny_engine(tokenizer_dir)
+    gate = threading.Event()
+    engine.model.layers[0].register_forward_pre_hook(lambda _m, _a: gate.wait(10) and None)
+    app = make_app(engine, max_batch_size=1)
+    async with serving(app) as client:
+        holder = asyncio.create_task(client.post("/v1/classify", json={"text": "first"}))
+        while app.state.deebert.batcher._running_rows == 0:
+            await asyncio.sleep(0.005)
+        vanishing = asyncio.create_task(client.post("/v1/classify", json={"text": "gone"}))
+        staying = asyncio.create_task(client.post("/v1/classify", json={"text": "stay"}))
+        while app.state.deebert.batcher.depth < 2:
+            await asyncio.sleep(0.005)
+        vanishing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await vanishing
+        await asyncio.sleep(0.05)
+        assert app.state.deebert.batcher.depth == 1
+        gate.set()
+        results = [await holder, await staying]
+        page = (await client.get("/metrics")).text
+    assert [r.status_code for r in results] == [200, 200]
+    values = _parse_metrics(page)
+    assert values["deebert_samples_total"] == 2, "the vanished client's text never ran"
+    assert values["deebert_queue_depth"] == 0 and values["deebert_inflight_requests"] == 0

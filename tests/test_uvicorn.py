@@ -1,0 +1,80 @@
+"""A real `deebert serve` process on loopback: HTTP semantics, and SIGTERM draining accepted work."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def server(tiny_checkpoint: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    port = _free_port()
+    env = {**os.environ, "DEEBERT_MAX_WAIT_MS": "400", "DEEBERT_LOG_LEVEL": "warning"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "deebert", "serve", "--checkpoint", str(tiny_checkpoint), "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
+        time.sleep(0.1)
+    else:
+        process.kill()
+        pytest.fail("server did not become ready in 60 s")
+    yield process, url
+    if process.poll() is None:
+        process.kill()
+        process.wait(10)
+
+
+def test_real_server_answers_with_exit_layers_and_metrics(server: tuple[subprocess.Popen[bytes], str]) -> None:
+    _, url = server
+    full = httpx.post(f"{url}/v1/classify", json={"text": "good"}, headers={"X-Exit-Threshold": "0"}, timeout=10)
+    early = httpx.post(f"{url}/v1/classify", json={"text": "good"}, headers={"X-Exit-Threshold": "1000"}, timeout=10)
+    bad = httpx.post(f"{url}/v1/classify", content=b"{oops", headers={"content-type": "application/json"}, timeout=10)
+    assert full.headers["X-Exit-Layer"] == "4" and early.headers["X-Exit-Layer"] == "1"
+    assert bad.status_code == 400 and bad.json()["error_type"] == "malformed_json"
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert "deebert_layers_executed_total 5.0" in metrics and "deebert_layers_possible_total 8.0" in metrics
+
+
+def test_sigterm_drains_accepted_requests_and_exits_zero(server: tuple[subprocess.Popen[bytes], str]) -> None:
+    process, url = server
+    with httpx.Client(timeout=20) as client, ThreadPoolExecutor(max_workers=6) as pool:
+        futures = [pool.submit(client.post, f"{url}/v1/classify", json={"text": f"the movie {i}"}) for i in range(6)]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # wait until all six sit in the batcher's queue (400 ms window)
+            page = httpx.get(f"{url}/metrics", timeout=5).text
+            if "deebert_inflight_requests 6.0" in page:
+                break
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        responses = [f.result() for f in futures]
+    assert [r.status_code for r in responses] == [200] * 6
+    assert process.wait(30) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.post(f"{url}/v1/classify", json={"text": "too late"}, timeout=5)
