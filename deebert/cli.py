@@ -175,6 +175,32 @@ def _run_serve(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _add_loadtest(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from loadtest.generator import add_arguments
+
+    p = subparsers.add_parser("loadtest", help="open- or closed-loop load against a running server, with a report")
+    add_arguments(p)
+
+
+def _run_loadtest(args: argparse.Namespace) -> int:
+    from loadtest.generator import run_from_args
+
+    return run_from_args(args)
+
+
+def _add_bench(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from loadtest.bench import add_arguments
+
+    p = subparsers.add_parser("bench", help="start servers, measure them, and regenerate BENCHMARKS.md")
+    add_arguments(p)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from loadtest.bench import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deebert", description="DeeBERT early-exit text classification.")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -182,10 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibrate(subparsers)
     _add_evaluate(subparsers)
     _add_serve(subparsers)
+    _add_loadtest(subparsers)
+    _add_bench(subparsers)
     return parser
 
 
-RUNNERS = {"train": _run_train, "evaluate": _run_evaluate, "calibrate": _run_calibrate, "serve": _run_serve}
+RUNNERS = {
+    "train": _run_train,
+    "evaluate": _run_evaluate,
+    "calibrate": _run_calibrate,
+    "serve": _run_serve,
+    "loadtest": _run_loadtest,
+    "bench": _run_bench,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -66,9 +66,12 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
                         raise DataError(f"{path}:{number}: each line must be a JSON object")
                     rows.append(row)
                 return rows
-            delimiter = "\t" if kind == "tsv" else ","
-            quoting = csv.QUOTE_NONE if kind == "tsv" else csv.QUOTE_MINIMAL
-            reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
+            # GLUE's TSV files contain bare quote characters: read them literally.
+            reader = (
+                csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+                if kind == "tsv"
+                else csv.DictReader(handle)
+            )
             rows = []
             for number, row in enumerate(reader, start=2):
                 if None in row or any(value is None for value in row.values()):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -96,6 +96,9 @@ class _Running:
 class DeeBert(nn.Module):
     """Encoder + one off-ramp per layer; `forward` trains, `iter_exits`/`infer` serve."""
 
+    backbone: Any  # a transformers BertModel / RobertaModel (their submodules are untyped)
+    off_ramps: nn.ModuleList
+
     def __init__(self, config: DeeBertConfig) -> None:
         super().__init__()
         self.config = config
@@ -112,16 +115,16 @@ class DeeBert(nn.Module):
 
     @property
     def layers(self) -> nn.ModuleList:
-        return self.backbone.encoder.layer  # type: ignore[no-any-return]
+        return cast(nn.ModuleList, self.backbone.encoder.layer)
 
     @property
     def final_classifier(self) -> OffRamp:
-        return self.off_ramps[-1]  # type: ignore[no-any-return]
+        return cast(OffRamp, self.off_ramps[-1])
 
     # --- building blocks -------------------------------------------------------------------------
 
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
-        return self.backbone.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)  # type: ignore[no-any-return]
+        return cast(torch.Tensor, self.backbone.embeddings(input_ids=input_ids, token_type_ids=token_type_ids))
 
     def attention_bias(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """The mask the backbone itself builds (sdpa: bool, or None when nothing is padded)."""
@@ -168,7 +171,7 @@ class DeeBert(nn.Module):
         pooled = []
         for index, layer in enumerate(self.layers):
             hidden = layer(hidden, mask)
-            pooled.append(self.off_ramps[index].pool(hidden, pool_weights))
+            pooled.append(cast(OffRamp, self.off_ramps[index]).pool(hidden, pool_weights))
         return torch.stack(pooled)
 
     def plain_forward(
@@ -180,7 +183,7 @@ class DeeBert(nn.Module):
         """A plain transformers full forward plus the final classifier: the baseline that exits cost against."""
         output = self.backbone(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         pool_weights = self.pool_weights(attention_mask, output.last_hidden_state.dtype)
-        return self.final_classifier(output.last_hidden_state, pool_weights)  # type: ignore[no-any-return]
+        return cast(torch.Tensor, self.final_classifier(output.last_hidden_state, pool_weights))
 
     # --- early-exit inference --------------------------------------------------------------------
 
@@ -296,11 +299,11 @@ class DeeBert(nn.Module):
     # --- checkpoints -----------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, source: str | Path, **fresh_settings: object) -> DeeBert:
+    def from_pretrained(cls, source: str | Path, dtype: torch.dtype = torch.float32, **fresh_settings: Any) -> DeeBert:
         """Load a DeeBERT checkpoint directory, or start fresh off-ramps on a plain BERT/RoBERTa one."""
         from model.checkpoint import load_model
 
-        return load_model(source, **fresh_settings)
+        return load_model(source, dtype, **fresh_settings)
 
     def save_pretrained(
         self,

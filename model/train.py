@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from tqdm import tqdm
 from model.checkpoint import load_model
 from model.data import Dataset, read_dataset
 from model.evaluate import all_layer_outputs, per_layer_accuracy
-from model.modeling import DeeBert
+from model.modeling import DeeBert, OffRamp
 from model.tokenization import Encoded, load_tokenizer, pad_batch, tokenize
 
 Precision = Literal["fp32", "bf16"]
@@ -229,7 +229,7 @@ def train_stage2(
     params = list(stage2_parameters(model))
     for p in params:
         p.requires_grad_(True)
-    ramps = list(model.off_ramps)[:-1]
+    ramps = cast(list[OffRamp], list(model.off_ramps)[:-1])
     optimizer = _adamw(params, settings.stage2_lr, settings.weight_decay)
     generator = torch.Generator().manual_seed(settings.seed + 1)
     num_samples = features.shape[1]
@@ -305,6 +305,8 @@ def train(settings: TrainSettings) -> TrainingLog:
     seed_everything(settings.seed)
     model.off_ramps.apply(_init_off_ramp)
     encoded = tokenize(tokenizer, data.texts, data.text_pairs, settings.max_length)
+    labels = data.labels
+    assert labels is not None
     log.num_train_samples = len(encoded)
     pad_id = int(tokenizer.pad_token_id)
 
@@ -312,9 +314,7 @@ def train(settings: TrainSettings) -> TrainingLog:
         assert dev is not None
         return _dev_accuracy(model, dev, tokenizer, settings)[-1]
 
-    log.stage1 = train_stage1(
-        model, encoded, data.labels, settings, pad_id, final_dev_accuracy if dev is not None else None
-    )
+    log.stage1 = train_stage1(model, encoded, labels, settings, pad_id, final_dev_accuracy if dev is not None else None)
     if dev is not None:
         log.dev_per_layer_accuracy["after_stage1"] = _dev_accuracy(model, dev, tokenizer, settings)
 
@@ -322,7 +322,7 @@ def train(settings: TrainSettings) -> TrainingLog:
     feature_started = time.perf_counter()
     features = extract_features(model, encoded, pad_id, batch_size=128, progress=settings.progress)
     feature_seconds = time.perf_counter() - feature_started
-    log.stage2 = train_stage2(model, features, data.labels, settings)
+    log.stage2 = train_stage2(model, features, labels, settings)
     log.stage2["feature_seconds"] = feature_seconds
     after = frozen_fingerprint(model)
     if before != after:

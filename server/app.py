@@ -98,7 +98,7 @@ def _validation_error(request: Request, exc: RequestValidationError) -> DeeBertE
     errors = exc.errors()
     content_type = request.headers.get("content-type", "")
     if any(e.get("type") == "json_invalid" for e in errors):
-        ctx = next((e.get("ctx", {}) for e in errors if e.get("type") == "json_invalid"), {})
+        ctx: dict[str, Any] = next((e.get("ctx", {}) for e in errors if e.get("type") == "json_invalid"), {})
         return DeeBertError(
             ErrorType.MALFORMED_JSON, f"request body is not valid JSON ({ctx.get('error', 'parse error')})"
         )
@@ -237,7 +237,7 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 async def prepare(state: ServerState) -> None:
     """Load (if needed) and warm up the engine off the event loop, then start batching and report ready."""
     try:
-        engine = state.engine or await asyncio.to_thread(Engine.load, state.settings)
+        engine = state.engine if state.engine is not None else await asyncio.to_thread(Engine.load, state.settings)
         if state.settings.warmup:
             await asyncio.to_thread(engine.warmup)
         state.attach(engine)
@@ -412,7 +412,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         outcomes, headers = await answer(request, texts, pairs, threshold, body.truncate)
         labels = engine.labels
         scored = [
-            sorted(({"label": labels[i], "score": p} for i, p in enumerate(o.probabilities)), key=lambda s: -s["score"])
+            [{"label": labels[i], "score": p} for i, p in sorted(enumerate(o.probabilities), key=lambda ip: -ip[1])]
             for o in outcomes
         ]
         return JSONResponse(scored if batched else scored[0], headers=headers)
@@ -458,10 +458,11 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
 
 async def _wait_or_disconnect(request: Request, futures: list[asyncio.Future[RowAnswer]]) -> list[RowAnswer]:
     """Wait for every row's answer; if the client disconnects first, cancel its rows (batch-mates go on)."""
-    gathered = asyncio.gather(*futures)
-    disconnect = asyncio.ensure_future(_disconnected(request))
+    gathered: asyncio.Future[list[RowAnswer]] = asyncio.gather(*futures)
+    disconnect: asyncio.Future[None] = asyncio.ensure_future(_disconnected(request))
+    waiting: set[asyncio.Future[Any]] = {gathered, disconnect}
     try:
-        done, _ = await asyncio.wait({gathered, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         for future in futures:
             future.cancel()

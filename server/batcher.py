@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -107,7 +108,7 @@ class Batcher:
             Row(item, threshold, loop.create_future(), now) for item, threshold in zip(items, thresholds, strict=True)
         ]
         for row in rows:
-            row.future.add_done_callback(lambda future, row=row: self._forget_if_cancelled(row))
+            row.future.add_done_callback(functools.partial(self._forget_if_cancelled, row))
         self._queue.extend(rows)
         self._idle.clear()
         self._on_depth(len(self._queue))
@@ -120,7 +121,7 @@ class Batcher:
             return 1
         return max(1, min(60, math.ceil((len(self._queue) + extra) / self._rows_per_s)))
 
-    def _forget_if_cancelled(self, row: Row) -> None:
+    def _forget_if_cancelled(self, row: Row, _future: asyncio.Future[RowAnswer] | None = None) -> None:
         # A client that went away: drop its queued rows so nobody computes them.
         if row.future.cancelled() and row in self._queue:
             self._queue.remove(row)

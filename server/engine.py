@@ -74,6 +74,7 @@ class Engine:
         device: torch.device,
         max_length: int | None = None,
         default_threshold: str | None = None,
+        compaction: bool = True,
     ) -> None:
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
@@ -83,6 +84,7 @@ class Engine:
         self.max_length = min(max_length or self.config.max_length, self.model_max_positions)
         self.pad_token_id = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
         self.default_threshold = self._default_threshold(default_threshold)
+        self.compaction = compaction
 
     @classmethod
     def load(cls, settings: ServerSettings) -> Engine:
@@ -97,7 +99,7 @@ class Engine:
             tokenizer = load_tokenizer(directory)
         except (CheckpointError, ConfigError, OSError) as err:
             raise EngineLoadError(f"cannot serve {settings.checkpoint}: {err}") from err
-        engine = cls(model, tokenizer, device, settings.max_length, settings.default_threshold)
+        engine = cls(model, tokenizer, device, settings.max_length, settings.default_threshold, settings.compaction)
         logger.info(
             "loaded %s (%d layers, labels %s) on %s as %s; default threshold %s",
             engine.name,
@@ -194,7 +196,10 @@ class Engine:
     ) -> None:
         """Run one batch layer by layer; call `on_exit(row, outcome)` for each row as it leaves."""
         batch = pad_batch(items, self.pad_token_id).to(self.device)
-        for exits in self.model.iter_exits(batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds):
+        exits_by_layer = self.model.iter_exits(
+            batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds, compact=self.compaction
+        )
+        for exits in exits_by_layer:
             probabilities = exits.probabilities.float().cpu().tolist()
             for position, row in enumerate(exits.rows):
                 on_exit(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, cast
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
@@ -84,18 +84,24 @@ class PredictRequest(BaseModel):
     def normalized(self, pair_model: bool) -> tuple[list[str], list[str] | None, bool]:
         """(texts, pairs, batched). A two-string list is one pair on a pair model, as TEI reads it."""
         value = self.inputs
+        texts: list[str]
+        pairs: list[str] | None = None
+        batched = True
         if isinstance(value, str):
-            texts, pairs, batched = [value], None, False
-        elif pair_model and len(value) == 2 and all(isinstance(v, str) for v in value):
-            texts, pairs, batched = [value[0]], [value[1]], False  # type: ignore[list-item]
+            texts, batched = [value], False
         elif all(isinstance(v, str) for v in value):
-            texts, pairs, batched = list(value), None, True  # type: ignore[arg-type]
+            flat = cast(list[str], value)
+            if pair_model and len(flat) == 2:
+                texts, pairs, batched = [flat[0]], [flat[1]], False
+            else:
+                texts = list(flat)
         else:
-            if any(len(v) != 2 for v in value):
+            entries = cast(list[list[str]], value)
+            if any(isinstance(v, str) or len(v) != 2 for v in entries):
                 raise DeeBertError(
                     ErrorType.VALIDATION, "each entry of 'inputs' must be a text or a [text, text_pair] list"
                 )
-            texts, pairs, batched = [v[0] for v in value], [v[1] for v in value], True  # type: ignore[index]
+            texts, pairs = [v[0] for v in entries], [v[1] for v in entries]
         checked_texts, checked_pairs = check_texts(texts, pairs)
         return checked_texts, checked_pairs, batched
 

@@ -44,6 +44,9 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
         self._on_signal()
         super().handle_exit(sig, frame)
+        # uvicorn re-raises a captured signal after shutdown (exit status -15); a completed drain is a
+        # clean exit, so orchestrators see 0.
+        self._captured_signals.clear()
 
 
 def serve(settings: ServerSettings) -> int:

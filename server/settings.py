@@ -31,7 +31,9 @@ class ServerSettings(BaseSettings):
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     max_batch_size: int = Field(32, ge=1, description="most texts in one forward pass")
-    max_wait_ms: float = Field(2.0, ge=0, description="how long the batcher waits to fill a batch")
+    max_wait_ms: float = Field(
+        0.0, ge=0, description="how long the batcher waits to fill a batch; 0 = batch what queued while busy"
+    )
     max_queue_size: int = Field(1024, ge=1, description="most texts waiting; beyond it requests get 429")
     max_texts_per_request: int = Field(64, ge=1, description="more texts in one request get 413")
     max_length: int | None = Field(None, ge=2, description="max tokens per text (default: the checkpoint's)")
@@ -40,6 +42,9 @@ class ServerSettings(BaseSettings):
     )
     api_key: SecretStr | None = Field(None, description="if set, inference routes require 'Authorization: Bearer'")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="larger request bodies get 413 before parsing")
+    compaction: bool = Field(
+        True, description="remove exited rows from the batch; false keeps them in (masked), for benchmarks only"
+    )
     warmup: bool = Field(True, description="run warm-up batches before reporting ready")
     drain_timeout_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for accepted work")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"

@@ -1,0 +1,217 @@
+"""The load generator's report: numbers from the raw records (a dict, JSON-ready) and a terminal table."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from loadtest.generator import (
+    DROPPED,
+    EXECUTED_COUNTER,
+    POSSIBLE_COUNTER,
+    RequestRecord,
+    RunResult,
+    Sample,
+    expected_saving_from_counts,
+    metric_total,
+    percentile,
+)
+
+
+def latency_summary(seconds: Sequence[float]) -> dict[str, float | None]:
+    """p50/p90/p99/max/mean in milliseconds (None for no values)."""
+    if not seconds:
+        return {"p50": None, "p90": None, "p99": None, "max": None, "mean": None}
+    ms = [1000 * s for s in seconds]
+    return {
+        "p50": percentile(ms, 50),
+        "p90": percentile(ms, 90),
+        "p99": percentile(ms, 99),
+        "max": max(ms),
+        "mean": sum(ms) / len(ms),
+    }
+
+
+def _mean_p50(values: Sequence[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "p50": None}
+    return {"mean": sum(values) / len(values), "p50": percentile(values, 50)}
+
+
+def server_timing(records: Sequence[RequestRecord]) -> dict[str, dict[str, float | None]]:
+    """Mean and p50 of the server's X-Total-Time, X-Compute-Time, X-Queue-Time and total minus compute (ms)."""
+    total = [r.total_ms for r in records if r.total_ms is not None]
+    compute = [r.compute_ms for r in records if r.compute_ms is not None]
+    queue = [r.queue_ms for r in records if r.queue_ms is not None]
+    # Overhead per request, not difference of means: a p50 of differences is what "overhead at p50" means.
+    overhead = [r.total_ms - r.compute_ms for r in records if r.total_ms is not None and r.compute_ms is not None]
+    return {
+        "total_ms": _mean_p50(total),
+        "compute_ms": _mean_p50(compute),
+        "queue_ms": _mean_p50(queue),
+        "overhead_ms": _mean_p50(overhead),
+    }
+
+
+def metrics_saving(before: list[Sample] | None, after: list[Sample] | None) -> dict[str, float | None]:
+    """1 - Δexecuted/Δpossible from two /metrics scrapes; None where the server has no such counters."""
+    result: dict[str, float | None] = {"layers_executed": None, "layers_possible": None, "expected_saving": None}
+    if before is None or after is None:
+        return result
+    values = [metric_total(page, name) for page in (before, after) for name in (EXECUTED_COUNTER, POSSIBLE_COUNTER)]
+    executed_before, possible_before, executed_after, possible_after = values
+    if None in values:
+        return result
+    assert executed_before is not None and possible_before is not None
+    assert executed_after is not None and possible_after is not None
+    executed, possible = executed_after - executed_before, possible_after - possible_before
+    result["layers_executed"], result["layers_possible"] = executed, possible
+    if possible > 0:
+        result["expected_saving"] = 1.0 - executed / possible
+    return result
+
+
+def _counts(records: Sequence[RequestRecord], num_layers: int) -> list[int]:
+    counts = [0] * num_layers
+    for record in records:
+        for layer in record.exit_layers:
+            counts[layer - 1] += 1
+    return counts
+
+
+def _arrival_rate(result: RunResult) -> float | None:
+    """Open loop: the rate the seeded schedule actually offered (a short Poisson run strays from --rate)."""
+    config = result.config
+    if config.mode != "open":
+        return None
+    arrivals = len(result.records) + result.dropped
+    # Count-bounded runs end at their last arrival; the others at the end of the window.
+    if config.requests is not None and arrivals >= config.requests:
+        window = result.schedule_span_s
+    else:
+        window = config.duration or result.schedule_span_s
+    return arrivals / window if window > 0 else None
+
+
+def build_report(result: RunResult) -> dict[str, Any]:
+    """Every number of a run, JSON-ready: throughput, latency, errors, exit layers, savings, server timing."""
+    config, records = result.config, result.records
+    ok = [r for r in records if r.ok]
+    errors: Counter[str] = Counter(r.status for r in records if not r.ok)
+    if result.dropped:
+        errors[DROPPED] += result.dropped
+    error_examples = {}
+    for record in records:
+        if not record.ok and record.status not in error_examples:
+            error_examples[record.status] = record.error_detail
+    layers = [r.num_layers for r in ok if r.num_layers is not None]
+    num_layers = max([*layers, *(max(r.exit_layers, default=0) for r in ok)], default=0)
+    counts = _counts(ok, num_layers) if num_layers else []
+    from_metrics = metrics_saving(result.metrics_before, result.metrics_after)
+    duration = result.duration_s
+    texts_ok = sum(r.texts for r in ok)
+    thresholds = sorted({r.threshold for r in records}, key=lambda t: (t is None, str(t)))
+    per_threshold = {}
+    for threshold in thresholds:
+        chosen = [r for r in ok if r.threshold == threshold]
+        group_counts = _counts(chosen, num_layers) if num_layers else []
+        per_threshold[str(threshold) if threshold is not None else "server default"] = {
+            "requests_ok": len(chosen),
+            "latency_ms": latency_summary([r.latency_s for r in chosen]),
+            "expected_saving": expected_saving_from_counts(group_counts),
+        }
+    model = result.model_info or {}
+    return {
+        "url": config.url,
+        "label": config.label,
+        "mode": config.mode,
+        "rate": config.rate,
+        "concurrency": config.concurrency if config.mode == "closed" else None,
+        "threshold": config.threshold if config.threshold is not None else "server default",
+        "texts_per_request": config.texts_per_request,
+        "seed": config.seed,
+        "requests_limit": config.requests,
+        "duration_limit_s": config.duration,
+        "model": model.get("model"),
+        "requests_sent": len(records),
+        "requests_ok": len(ok),
+        "dropped_by_client": result.dropped,
+        "texts_sent": sum(r.texts for r in records),
+        "texts_ok": texts_ok,
+        "duration_s": duration,
+        "offered_rps": config.rate,
+        "arrival_rps": _arrival_rate(result),
+        "throughput_rps": len(ok) / duration if duration > 0 else 0.0,
+        "texts_per_s": texts_ok / duration if duration > 0 else 0.0,
+        "error_rate": (len(records) - len(ok) + result.dropped) / max(1, len(records) + result.dropped),
+        "latency_ms": latency_summary([r.latency_s for r in ok]),
+        "errors": dict(sorted(errors.items())),
+        "error_examples": error_examples,
+        "num_layers": num_layers or None,
+        "exit_counts": counts,
+        "expected_saving": expected_saving_from_counts(counts),
+        "metrics_expected_saving": from_metrics["expected_saving"],
+        "metrics_layers_executed": from_metrics["layers_executed"],
+        "metrics_layers_possible": from_metrics["layers_possible"],
+        "server_timing": server_timing(ok),
+        "per_threshold": per_threshold,
+        "max_schedule_lag_ms": 1000 * result.max_schedule_lag_s if config.mode == "open" else None,
+    }
+
+
+def _fmt(value: Any, digits: int = 2, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}{suffix}"
+    return f"{value}{suffix}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A terminal table of the report's main numbers."""
+    latency = report["latency_ms"]
+    timing = report["server_timing"]
+    load = (
+        f"open loop, {report['rate']:g} req/s"
+        if report["mode"] == "open"
+        else f"closed loop, {report['concurrency']} clients"
+    )
+    rows = [
+        ("load", load),
+        ("threshold", str(report["threshold"])),
+        ("requests ok / sent", f"{report['requests_ok']} / {report['requests_sent']}"),
+        ("duration", _fmt(report["duration_s"], 2, " s")),
+        ("throughput", f"{_fmt(report['throughput_rps'], 1)} req/s, {_fmt(report['texts_per_s'], 1)} texts/s"),
+        (
+            "latency p50/p90/p99/max",
+            " / ".join(_fmt(latency[k], 2) for k in ("p50", "p90", "p99", "max")) + " ms",
+        ),
+        (
+            "server total / compute / overhead (p50)",
+            " / ".join(_fmt(timing[k]["p50"], 3) for k in ("total_ms", "compute_ms", "overhead_ms")) + " ms",
+        ),
+        ("errors", ", ".join(f"{k}: {v}" for k, v in report["errors"].items()) or "none"),
+        ("exit layers (1..n)", " ".join(str(c) for c in report["exit_counts"]) or "-"),
+        ("expected saving (responses)", _pct(report["expected_saving"])),
+        (
+            "expected saving (/metrics)",
+            _pct(report["metrics_expected_saving"]) if report["metrics_expected_saving"] is not None else "no /metrics",
+        ),
+    ]
+    if report["mode"] == "open":
+        rows.append(("max schedule lag", _fmt(report["max_schedule_lag_ms"], 2, " ms")))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    """Write the report as indented JSON, creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")

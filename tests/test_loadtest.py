@@ -1,0 +1,292 @@
+"""`deebert loadtest` and `deebert bench`: the pure pieces, then real servers on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from deebert.cli import main
+from loadtest.bench import (
+    deebert_server_command,
+    free_port,
+    is_saturated,
+    parse_wrk,
+    plain_server_command,
+    running_server,
+    saturated_throughput,
+)
+from loadtest.generator import (
+    DROPPED,
+    LoadConfig,
+    RequestRecord,
+    RunResult,
+    Workload,
+    exit_counts,
+    expected_saving,
+    metric_total,
+    parse_metrics,
+    parse_threshold_mix,
+    percentile,
+    poisson_schedule,
+    run,
+)
+from loadtest.report import build_report, format_report, metrics_saving
+from tests.helpers import sentiment_rows, tiny_model, write_tsv
+
+# --- pure pieces ---------------------------------------------------------------------------------------
+
+
+def test_percentile_matches_numpy_and_rejects_nonsense() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([7.0], 99) == 7.0
+    values = [random.Random(i).expovariate(1.0) for i in range(257)]
+    for q in (0, 1, 50, 90, 99, 99.9, 100):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    with pytest.raises(ValueError, match="no values"):
+        percentile([], 50)
+    with pytest.raises(ValueError, match=r"0\.\.100"):
+        percentile([1.0], 101)
+
+
+def test_threshold_mix_parses_numbers_presets_and_weights() -> None:
+    assert parse_threshold_mix("0").values == ("0",)
+    assert parse_threshold_mix(" balanced ").values == ("balanced",)
+    mix = parse_threshold_mix("0:0.5,balanced:0.3,fast:0.2")
+    assert mix.values == ("0", "balanced", "fast")
+    assert mix.weights == pytest.approx((0.5, 0.3, 0.2))
+    assert parse_threshold_mix("0.25:2,fast:6").weights == pytest.approx((0.25, 0.75))
+    assert parse_threshold_mix("0,fast").weights == pytest.approx((0.5, 0.5))
+    rng = random.Random(0)
+    picks = [mix.pick(rng) for _ in range(20_000)]
+    assert picks.count("0") / len(picks) == pytest.approx(0.5, abs=0.02)
+    assert picks.count("fast") / len(picks) == pytest.approx(0.2, abs=0.02)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("", "empty threshold spec"),
+        ("0,,fast", "empty part"),
+        ("0:abc", "'abc' is not a number"),
+        ("0:", "is not a number"),
+        ("0:-1", "weight must be a number > 0"),
+        ("fast:0", "weight must be a number > 0"),
+        ("-0.5", "finite number >= 0"),
+        ("inf", "finite number >= 0"),
+        ("bal anced", "neither a number >= 0 nor a preset name"),
+        ("0:0.5,fast:0.2,0:0.3", r"names \['0'\] more than once"),
+    ],
+)
+def test_bad_threshold_specs_say_what_is_wrong(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_threshold_mix(spec)
+
+
+def test_cli_rejects_a_bad_threshold_spec_with_its_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["loadtest", "--data", "x.tsv", "--threshold", "0:-1"])
+    assert exit_info.value.code == 2
+    assert "weight must be a number > 0" in capsys.readouterr().err
+
+
+def test_expected_saving_is_the_papers_formula() -> None:
+    assert exit_counts([1, 4, 4, 2], 4) == [1, 1, 0, 2]
+    assert expected_saving([1, 4, 4, 2], 4) == pytest.approx(1 - 11 / 16)
+    assert expected_saving([4, 4], 4) == 0.0
+    assert expected_saving([1] * 5, 4) == 0.75
+    assert expected_saving([], 4) is None
+    with pytest.raises(ValueError, match=r"outside 1\.\.4"):
+        expected_saving([5], 4)
+
+
+def test_poisson_schedule_is_seeded_and_has_the_right_mean() -> None:
+    rate = 50.0
+    schedule = poisson_schedule(rate, random.Random(7), count=20_000)
+    assert schedule == poisson_schedule(rate, random.Random(7), count=20_000)
+    assert len(schedule) == 20_000 and schedule == sorted(schedule)
+    gaps = np.diff([0.0, *schedule])
+    assert gaps.mean() == pytest.approx(1 / rate, rel=0.03)
+    assert gaps.std() == pytest.approx(1 / rate, rel=0.05)  # exponential: std equals mean
+    timed = poisson_schedule(rate, random.Random(1), duration=2.0)
+    assert all(t < 2.0 for t in timed) and 60 < len(timed) < 140
+    assert len(poisson_schedule(rate, random.Random(1), count=5, duration=100.0)) == 5
+    with pytest.raises(ValueError, match="rate"):
+        poisson_schedule(0.0, random.Random(0), count=3)
+    with pytest.raises(ValueError, match="count, a duration"):
+        poisson_schedule(1.0, random.Random(0))
+
+
+METRICS_PAGE = """\
+# HELP deebert_layers_executed_total Sum of exit layers over texts
+# TYPE deebert_layers_executed_total counter
+deebert_layers_executed_total 5.0
+deebert_layers_possible_total 8.0
+deebert_requests_total{route="/v1/classify",status="200"} 2.0
+deebert_requests_total{route="/v1/classify",status="429"} 1.0
+deebert_exit_layer_bucket{le="+Inf"} 2.0
+deebert_model_info{labels="a,b c",model="x{y}"} 1.0
+not a sample line
+"""
+
+
+def test_metrics_page_parsing() -> None:
+    samples = parse_metrics(METRICS_PAGE)
+    assert metric_total(samples, "deebert_layers_executed_total") == 5.0
+    assert metric_total(samples, "deebert_requests_total") == 3.0
+    assert metric_total(samples, "deebert_missing") is None
+    info = next(s for s in samples if s.name == "deebert_model_info")
+    assert info.labels == {"labels": "a,b c", "model": "x{y}"}
+    later = parse_metrics(METRICS_PAGE.replace("5.0", "9.0").replace("8.0", "16.0"))
+    assert metrics_saving(samples, later)["expected_saving"] == pytest.approx(1 - 4 / 8)
+    assert metrics_saving(samples, None)["expected_saving"] is None
+    assert metrics_saving(parse_metrics("up 1\n"), parse_metrics("up 1\n"))["expected_saving"] is None
+
+
+def test_report_counts_errors_exits_and_server_overhead() -> None:
+    records = [
+        RequestRecord("200", 0.010, 2, "0", [4, 4], 4, total_ms=5.0, compute_ms=4.5),
+        RequestRecord("200", 0.020, 2, "fast", [1, 2], 4, total_ms=3.0, compute_ms=2.0),
+        RequestRecord("429", 0.001, 2, "fast"),
+        RequestRecord("connect_error", 0.001, 2, "0"),
+    ]
+    config = LoadConfig(rate=10.0, duration=1.0, threshold="0,fast", progress=False)
+    report = build_report(RunResult(config, records, 2.0, 1, 0.003, 0.9, None, None, None))
+    assert report["requests_sent"] == 4 and report["requests_ok"] == 2
+    assert report["errors"] == {"429": 1, "connect_error": 1, DROPPED: 1}
+    assert report["exit_counts"] == [1, 1, 0, 2] and report["expected_saving"] == pytest.approx(1 - 11 / 16)
+    assert report["metrics_expected_saving"] is None
+    assert report["throughput_rps"] == 1.0 and report["texts_per_s"] == 2.0 and report["arrival_rps"] == 5.0
+    assert report["server_timing"]["overhead_ms"] == {"mean": 0.75, "p50": 0.75}
+    assert report["per_threshold"]["fast"]["expected_saving"] == pytest.approx(1 - 3 / 8)
+    assert "connect_error: 1" in format_report(report)
+
+
+def test_saturation_rules_and_wrk_parsing() -> None:
+    def point(offered: float, achieved: float, p99: float, errors: float = 0.0) -> dict[str, object]:
+        return {"arrival_rps": offered, "throughput_rps": achieved, "error_rate": errors, "requests_ok": 10,
+                "latency_ms": {"p99": p99}}  # fmt: skip
+
+    first = point(10, 10, 5)
+    assert not is_saturated(point(20, 19, 20), first)
+    assert is_saturated(point(40, 30, 20), first)  # achieved < 90% of offered
+    assert is_saturated(point(40, 39, 51), first)  # p99 blew up
+    assert is_saturated(point(40, 39, 5, errors=0.05), first)
+    assert saturated_throughput([first, point(20, 19, 20), point(40, 35, 9, errors=0.2)]) == 19
+    wrk = parse_wrk(
+        "  Latency Distribution\n     50%  812.00us\n     99%   10.94ms\n"
+        "  Non-2xx or 3xx responses: 3\nRequests/sec:    977.80\n"
+    )
+    assert wrk["throughput_rps"] == 977.8 and wrk["non_2xx"] == 3
+    assert wrk["latency_ms"] == pytest.approx({"p50": 0.812, "p99": 10.94})
+
+
+# --- real servers on a tiny checkpoint -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path:
+    """A tiny checkpoint with presets, shared by this module's servers (each start costs seconds)."""
+    from model.config import Preset
+
+    model = tiny_model("bert")
+    model.config = model.config.with_presets(
+        [Preset("lossless", 0.05, 1.0, 0.1), Preset("balanced", 0.2, 0.9, 0.3), Preset("fast", 0.5, 0.8, 0.6)]
+    )
+    directory = tmp_path_factory.mktemp("loadtest") / "tiny-checkpoint"
+    model.save_pretrained(directory, tokenizer=tokenizer)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tsv(tmp_path_factory.mktemp("data") / "dev.tsv", ["sentence", "label"], sentiment_rows(40))
+
+
+@pytest.fixture(scope="module")
+def deebert_url(checkpoint: Path) -> Iterator[str]:
+    port = free_port()
+    env = {"DEEBERT_MAX_WAIT_MS": "1"}
+    with running_server(deebert_server_command(str(checkpoint), port), env, port, startup_timeout=60) as url:
+        yield url
+
+
+def _check_consistent(report: dict[str, Any], texts_per_request: int) -> None:
+    assert report["requests_sent"] == report["requests_ok"] and report["errors"] == {}
+    assert sum(report["exit_counts"]) == report["texts_sent"] == texts_per_request * report["requests_sent"]
+    assert report["metrics_expected_saving"] is not None
+    assert report["expected_saving"] == pytest.approx(report["metrics_expected_saving"], abs=1e-9)
+    latency = report["latency_ms"]
+    assert latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+
+
+def test_generator_against_a_real_server(deebert_url: str, data_file: Path, tmp_path: Path) -> None:
+    workload = Workload.from_file(data_file)
+    closed = run(
+        LoadConfig(url=deebert_url, concurrency=3, requests=30, duration=30, threshold="0:0.5,balanced:0.3,fast:0.2",
+                   texts_per_request=2, progress=False, warmup=2),
+        workload,
+    )  # fmt: skip
+    assert closed["mode"] == "closed" and closed["requests_sent"] == 30
+    _check_consistent(closed, 2)
+    assert set(closed["per_threshold"]) == {"0", "balanced", "fast"}
+    assert closed["per_threshold"]["0"]["expected_saving"] == 0.0
+    assert closed["server_timing"]["total_ms"]["p50"] >= closed["server_timing"]["compute_ms"]["p50"] > 0
+
+    opened = run(LoadConfig(url=deebert_url, rate=30, duration=1.5, threshold="fast", progress=False), workload)
+    assert opened["mode"] == "open" and 20 <= opened["requests_sent"] <= 80
+    _check_consistent(opened, 1)
+    assert opened["dropped_by_client"] == 0 and opened["max_schedule_lag_ms"] is not None
+
+    out = tmp_path / "report.json"
+    argv = ["loadtest", "--url", deebert_url, "--data", str(data_file), "--requests", "5", "--threshold", "0",
+            "--no-progress", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    written = json.loads(out.read_text())
+    assert written["requests_ok"] == 5 and written["expected_saving"] == 0.0 and written["threshold"] == "0"
+
+
+def test_plain_baseline_answers_like_full_depth(deebert_url: str, checkpoint: Path, data_file: Path) -> None:
+    texts = ["the movie was great", "this film is awful", "i think the plot was really dull", "fun"]
+    ours = httpx.post(f"{deebert_url}/v1/classify", json={"texts": texts}, headers={"X-Exit-Threshold": "0"}).json()
+    port = free_port()
+    with running_server(plain_server_command(str(checkpoint), port, None), {}, port, startup_timeout=60) as url:
+        plain = httpx.post(f"{url}/v1/classify", json={"texts": texts}, headers={"X-Exit-Threshold": "fast"}).json()
+        report = run(LoadConfig(url=url, requests=5, duration=10, progress=False), Workload.from_file(data_file))
+    assert [r["label"] for r in plain["results"]] == [r["label"] for r in ours["results"]]
+    for a, b in zip(plain["results"], ours["results"], strict=True):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+        assert a["exit_layer"] == b["exit_layer"] == 4
+    # The baseline has no /metrics: the generator goes on without the server-side check.
+    assert report["requests_ok"] == 5 and report["metrics_expected_saving"] is None
+    assert report["expected_saving"] == 0.0
+
+
+def test_bench_quick_writes_markdown_json_and_plots(checkpoint: Path, data_file: Path, tmp_path: Path) -> None:
+    md, results = tmp_path / "BENCH.md", tmp_path / "results"
+    argv = ["bench", "--checkpoint", str(checkpoint), "--data", str(data_file), "--output-md", str(md),
+            "--results-dir", str(results), "--quick", "--duration-per-point", "0.5", "--batch1-duration", "0.5",
+            "--saturation-concurrency", "4", "--warmup", "2", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    raw = json.loads((results / "bench.json").read_text())
+    assert [r["threshold"] for r in raw["batch1"]["rows"]] == ["0", "lossless", "balanced", "fast"]
+    assert set(raw["curves"]) == {"full", "balanced"} and raw["plain"] and raw["no_compaction"]
+    assert raw["plain"]["closed_loop"]["metrics_expected_saving"] is None
+    for curve in (*raw["curves"].values(), raw["plain"], raw["no_compaction"]):
+        assert curve["points"] and curve["closed_loop"]["requests_ok"] > 0
+    assert [t["status"] in {"PASS", "MISS"} for t in raw["targets"]] == [True] * 4
+    assert raw["wrk"]["tool"] in {"wrk", "hey", None}
+    text = md.read_text()
+    headings = ["## Machine", "## Targets", "## 1. Batch-1 latency", "## 2. Latency vs throughput", "## 3. Baseline",
+                "## 4. Compaction vs none", "## 5. Cross-check", "deebert bench --checkpoint"]  # fmt: skip
+    for heading in headings:
+        assert heading in text
+    for name in ("latency_throughput.png", "batch1_saving.png"):
+        assert (results / name).stat().st_size > 1000
+        assert f"results/{name}" in text
