@@ -295,11 +295,16 @@ def measure_curve(
 
 
 def sustained(curve: dict[str, Any] | None) -> float | None:
-    """A curve's saturated throughput: the open-loop figure, else the closed-loop one."""
+    """A curve's saturated throughput: the most requests/s any of its points sustained with few errors.
+
+    On a small machine the in-process client competes with the server, and open-loop arrivals past the
+    knee cost the client more than closed-loop clients do, so the closed-loop point often sustains more;
+    both figures are printed beside it.
+    """
     if curve is None:
         return None
-    value = curve["saturated_rps_open"]
-    return value if value is not None else curve["saturated_rps_closed"]
+    values = [v for v in (curve["saturated_rps_open"], curve["saturated_rps_closed"]) if v is not None]
+    return max(values) if values else None
 
 
 def measure_batch1(url: str, workload: Workload, settings: BenchSettings, presets: list[str]) -> dict[str, Any]:
@@ -413,7 +418,8 @@ def external_crosscheck(
         ratio = ours["throughput_rps"] / parsed["throughput_rps"]
     return {
         "tool": tool,
-        "command": shlex.join(argv),
+        # The script's path relative to the checkout, so the report reads the same on any machine.
+        "command": shlex.join(argv).replace(str(WRK_SCRIPT), "loadtest/wrk_post.lua"),
         "returncode": done.returncode,
         "concurrency": concurrency,
         "threshold": threshold,
@@ -717,8 +723,9 @@ def _curve_section(curve: dict[str, Any]) -> str:
         )
     header = ["load", "req/s", "texts/s", "p50 ms", "p90 ms", "p99 ms", "errors", "expected saving"]
     sat = (
-        f"Saturated throughput: **{_num(curve['saturated_rps_open'], 1)} req/s** open loop, "
-        f"{_num(curve['saturated_rps_closed'], 1)} req/s closed loop."
+        f"Saturated throughput: **{_num(sustained(curve), 1)} req/s** (best of: "
+        f"{_num(curve['saturated_rps_open'], 1)} req/s open loop, "
+        f"{_num(curve['saturated_rps_closed'], 1)} req/s closed loop)."
     )
     return f"#### {curve['label']}\n\n{_table(header, rows)}\n\n{sat}\n"
 
