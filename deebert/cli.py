@@ -19,13 +19,6 @@ def _csv_list(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def _float_list(value: str) -> list[float]:
-    try:
-        return [float(item) for item in _csv_list(value)]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from err
-
-
 def _add_train(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from model.train import TrainSettings
 
@@ -63,7 +56,7 @@ def _add_evaluate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--data", required=True, help="labelled data (TSV/CSV/JSONL)")
     p.add_argument("--output", default="runs/evaluate", help="folder for report.json, sweep.csv and figures")
-    p.add_argument("--thresholds", type=_float_list, help="comma-separated thresholds (default: a grid)")
+    p.add_argument("--thresholds", type=_csv_list, help="comma-separated thresholds or preset names (default: a grid)")
     p.add_argument("--timing-samples", type=int, default=1000, help="samples timed at batch 1 (0: no timing)")
     p.add_argument("--max-samples", type=int, help="evaluate only the first N samples")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -125,14 +118,21 @@ def _labelled(args: argparse.Namespace, model, tokenizer):  # type: ignore[no-un
 def _run_evaluate(args: argparse.Namespace) -> int:
     import torch
 
+    from model.config import ConfigError
     from model.evaluate import evaluate, format_table, write_report
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = _load(args.checkpoint)
+    thresholds = None
+    if args.thresholds:
+        try:
+            thresholds = [model.config.resolve_threshold(value)[0] for value in args.thresholds]
+        except (KeyError, ValueError) as err:
+            raise ConfigError(f"--thresholds: {err}") from None
     data, encoded = _labelled(args, model, tokenizer)
     report = evaluate(
-        model, encoded, data.labels, tokenizer.pad_token_id, args.thresholds, args.timing_samples, args.progress
+        model, encoded, data.labels, tokenizer.pad_token_id, thresholds, args.timing_samples, args.progress
     )
     report["checkpoint"] = str(args.checkpoint)
     report["data"] = str(args.data)

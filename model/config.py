@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from transformers import AutoConfig, PretrainedConfig
 
+from model.exit_rule import validate_threshold
+
 Pooling = Literal["first", "mean"]
 POOLINGS: tuple[str, ...] = ("first", "mean")
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("bert", "roberta")
@@ -18,6 +20,13 @@ CONFIG_FORMAT = "deebert"
 
 class ConfigError(ValueError):
     """A checkpoint's config is missing, unreadable or inconsistent."""
+
+
+class UnknownPresetError(KeyError):
+    """A threshold string that is neither a number nor one of the checkpoint's presets."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,25 @@ class DeeBertConfig:
                 return preset
         known = ", ".join(p.name for p in self.presets) or "none"
         raise KeyError(f"unknown preset {name!r} (known: {known})")
+
+    def resolve_threshold(self, value: float | int | str) -> tuple[float, str | None]:
+        """A number >= 0 or a preset name → (entropy threshold, preset name or None).
+
+        UnknownPresetError for a string that is neither; ValueError for a negative, NaN or infinite number.
+        The CLI and the server both resolve thresholds here.
+        """
+        if isinstance(value, str):
+            text = value.strip()
+            if any(p.name == text for p in self.presets):
+                return self.preset(text).threshold, text
+            try:
+                value = float(text)
+            except ValueError:
+                known = ", ".join(p.name for p in self.presets) or "none"
+                raise UnknownPresetError(
+                    f"{value[:64]!r} is neither a number nor a preset (presets: {known})"
+                ) from None
+        return validate_threshold(value), None
 
     def with_presets(self, presets: list[Preset]) -> DeeBertConfig:
         """A copy whose presets are replaced by `presets`."""

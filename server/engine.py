@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model import exit_rule
 from model.checkpoint import CheckpointError, load_model, resolve_directory
-from model.config import ConfigError
+from model.config import ConfigError, UnknownPresetError
 from model.modeling import DeeBert
 from model.tokenization import Encoded, load_tokenizer, pad_batch, tokenize
 from server.errors import DeeBertError, ErrorType
@@ -158,23 +157,13 @@ class Engine:
         """A number >= 0 or a preset name → the entropy threshold; 422 naming what to fix otherwise."""
         if value is None:
             return self.default_threshold
-        if isinstance(value, str):
-            text = value.strip()
-            if any(p.name == text for p in self.config.presets):
-                return Threshold(self.config.preset(text).threshold, text)
-            try:
-                number = float(text)
-            except ValueError:
-                known = ", ".join(p.name for p in self.config.presets) or "none"
-                raise DeeBertError(
-                    ErrorType.UNKNOWN_PRESET,
-                    f"{source} {value[:64]!r} is neither a number nor a preset (presets: {known})",
-                ) from None
-            value = number
         try:
-            return Threshold(exit_rule.validate_threshold(value))
+            number, preset = self.config.resolve_threshold(value)
+        except UnknownPresetError as err:
+            raise DeeBertError(ErrorType.UNKNOWN_PRESET, f"{source} {err}") from None
         except ValueError as err:
             raise DeeBertError(ErrorType.INVALID_THRESHOLD, f"{source}: {err}") from None
+        return Threshold(number, preset)
 
     def encode(self, texts: Sequence[str], text_pairs: Sequence[str] | None, truncate: bool) -> list[Encoded]:
         """Tokenize a request's texts; with `truncate=False` a text over the max length is a 422."""

@@ -21,7 +21,7 @@ def test_calibrate_then_evaluate_writes_the_report(tiny_checkpoint: Path, tmp_pa
     out = tmp_path / "eval"
     code = main(
         ["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", str(dev), "--output", str(out),
-         "--thresholds", "0,0.1,0.3,10", "--timing-samples", "5", "--no-progress"]
+         "--thresholds", "0,0.1,fast,10", "--timing-samples", "5", "--no-progress"]
     )  # fmt: skip
     assert code == 0
     report = json.loads((out / "report.json").read_text())
@@ -29,7 +29,7 @@ def test_calibrate_then_evaluate_writes_the_report(tiny_checkpoint: Path, tmp_pa
     assert len(report["per_layer_accuracy"]) == 4
     assert report["full_accuracy"] == report["per_layer_accuracy"][-1]
     thresholds = [p["threshold"] for p in report["sweep"]]
-    assert {0.0, 0.1, 0.3, 10.0} <= set(thresholds) and thresholds == sorted(thresholds)
+    assert {0.0, 0.1, presets["fast"].threshold, 10.0} <= set(thresholds) and thresholds == sorted(thresholds)
     assert all(p["threshold"] in thresholds and p["measured_saving"] is not None for p in report["presets"])
     for point in report["sweep"]:
         assert set(point) == {"threshold", "accuracy", "expected_saving", "measured_saving", "exit_counts"}
@@ -55,6 +55,8 @@ def test_cli_errors_are_clear_and_exit_2(
     bad_column = write_tsv(tmp_path / "bad.tsv", ["review", "label"], [["good", "1"]])
     assert main(["calibrate", "--checkpoint", str(tiny_checkpoint), "--data", str(bad_column), "--no-progress"]) == 2
     assert "no text column" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--data", "x.tsv", "--thresholds", "0,warp"]) == 2
+    assert "neither a number nor a preset" in capsys.readouterr().err
     pairs = write_tsv(tmp_path / "pairs.tsv", ["sentence1", "sentence2", "label"], [["a", "b", "1"]])
     assert main(["calibrate", "--checkpoint", str(tiny_checkpoint), "--data", str(pairs), "--no-progress"]) == 2
     assert "single sentences" in capsys.readouterr().err
