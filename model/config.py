@@ -107,18 +107,17 @@ class DeeBertConfig:
         UnknownPresetError for a string that is neither; ValueError for a negative, NaN or infinite number.
         The CLI and the server both resolve thresholds here.
         """
-        if isinstance(value, str):
-            text = value.strip()
-            if any(p.name == text for p in self.presets):
-                return self.preset(text).threshold, text
-            try:
-                value = float(text)
-            except ValueError:
-                known = ", ".join(p.name for p in self.presets) or "none"
-                raise UnknownPresetError(
-                    f"{value[:64]!r} is neither a number nor a preset (presets: {known})"
-                ) from None
-        return validate_threshold(value), None
+        if not isinstance(value, str):
+            return validate_threshold(value), None
+        text = value.strip()
+        if any(p.name == text for p in self.presets):
+            return self.preset(text).threshold, text
+        try:
+            number = float(text)
+        except ValueError:
+            known = ", ".join(p.name for p in self.presets) or "none"
+            raise UnknownPresetError(f"{text[:64]!r} is neither a number nor a preset (presets: {known})") from None
+        return validate_threshold(number), None
 
     def with_presets(self, presets: list[Preset]) -> DeeBertConfig:
         """A copy whose presets are replaced by `presets`."""
