@@ -393,3 +393,25 @@ async def test_a_vanished_client_does_not_disturb_its_batch_mates(tokenizer_dir:
     values = _parse_metrics(page)
     assert values["deebert_samples_total"] == 2, "the vanished client's text never ran"
     assert values["deebert_queue_depth"] == 0 and values["deebert_inflight_requests"] == 0
+
+
+async def test_warm_up_runs_on_the_batch_thread_and_long_lived_objects_are_frozen(tokenizer_dir: Path) -> None:
+    import gc
+
+    engine = tiny_engine(tokenizer_dir)
+    threads: list[str] = []
+    real_warmup = engine.warmup
+
+    def recording_warmup() -> None:
+        threads.append(threading.current_thread().name)
+        real_warmup()
+
+    engine.warmup = recording_warmup  # type: ignore[method-assign]
+    async with serving(make_app(engine, warmup=True)) as client:
+        response = await client.post("/v1/classify", json={"text": "good"})
+    # Requests run on the batch thread; warming any other thread leaves the first requests cold (~200 ms).
+    assert len(threads) == 1 and threads[0].startswith("deebert-batch")
+    # The model and everything loaded with it sit outside the garbage collector's generations, so no
+    # request pays for a full collection over them.
+    assert gc.get_freeze_count() > 0
+    assert response.status_code == 200
