@@ -60,6 +60,9 @@ def _add_evaluate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
     p.add_argument("--timing-samples", type=int, default=1000, help="samples timed at batch 1 (0: no timing)")
     p.add_argument("--max-samples", type=int, help="evaluate only the first N samples")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype (the server's DEEBERT_DTYPE)"
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -92,11 +95,13 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(checkpoint: str):  # type: ignore[no-untyped-def]
+def _load(checkpoint: str, dtype: str = "float32"):  # type: ignore[no-untyped-def]
+    import torch
+
     from model.checkpoint import load_model
     from model.tokenization import load_tokenizer
 
-    model = load_model(checkpoint)
+    model = load_model(checkpoint, dtype=getattr(torch, dtype))
     return model, load_tokenizer(checkpoint)
 
 
@@ -123,7 +128,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = _load(args.checkpoint)
+    model, tokenizer = _load(args.checkpoint, args.dtype)
     thresholds = None
     if args.thresholds:
         try:

@@ -294,7 +294,8 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
 def add_routes(app: FastAPI, state: ServerState) -> None:
     settings = state.settings
 
-    def require_api_key(authorization: str | None = Header(None, include_in_schema=False)) -> None:
+    # async on purpose: FastAPI runs a plain `def` dependency in a worker thread, one hop per request.
+    async def require_api_key(authorization: str | None = Header(None, include_in_schema=False)) -> None:
         expected = settings.api_key
         if expected is None:
             return
