@@ -499,6 +499,32 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def _analysis(results: dict[str, Any]) -> list[str]:
+    """Where the time goes, from this run's own numbers: what a missed target is made of."""
+    lines: list[str] = []
+    batch1 = results.get("batch1")
+    rows = {r["threshold"]: r for r in batch1["rows"]} if batch1 else {}
+    preset = results.get("balanced_name")
+    if "0" in rows and preset in rows:
+        full, fast = rows["0"], rows[preset]
+        outside = full["mean_latency_ms"] - full["mean_compute_ms"]
+        lines.append(
+            f"Batch 1: at full depth a request takes {full['mean_latency_ms']:.2f} ms at the client, of which "
+            f"{full['mean_compute_ms']:.2f} ms is the model (X-Compute-Time); the other {outside:.2f} ms (HTTP on "
+            "loopback, the Python client, tokenizing, queueing) is paid whatever the exit layer, so the latency "
+            f"saving at {preset} ({_pct(fast['measured_latency_saving'])}) trails the model-time saving "
+            f"({_pct(fast['measured_compute_saving'])}) and the expected saving ({_pct(fast['expected_saving'])})."
+        )
+    cross = results.get("wrk") or results.get("external")
+    if isinstance(cross, dict) and cross.get("ours_over_external"):
+        lines.append(
+            f"Throughput: the load generator runs on the same two cores as the server; on the same server wrk "
+            f"(a C client) sustained {1 / cross['ours_over_external']:.2f}x what the Python generator did, so "
+            "every saturated figure here is partly the client's limit, the plain endpoint's included."
+        )
+    return [*(f"{line}\n" for line in lines)]
+
+
 # --- machine -------------------------------------------------------------------------------------------
 
 
@@ -767,6 +793,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         "",
         _table(["target", "result", "numbers"], [[t["name"], t["status"], t["detail"]] for t in results["targets"]]),
         "",
+        *_analysis(results),
     ]
     batch1 = results.get("batch1")
     if batch1:
