@@ -39,6 +39,9 @@ logger = logging.getLogger("deebert.server")
 
 INFERENCE_ROUTES = ("/v1/classify", "/predict")
 THRESHOLD_HEADER = "X-Exit-Threshold"
+# Requests with more text than this are tokenized in a worker thread; short ones inline (a thread hop
+# costs more than tokenizing them).
+OFF_LOOP_TOKENIZE_CHARS = 20_000
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -350,7 +353,12 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             raise DeeBertError(
                 ErrorType.VALIDATION, "this model classifies single texts: leave out text_pair / text_pairs"
             )
-        encoded = engine.encode(texts, pairs, truncate)
+        characters = sum(map(len, texts)) + (sum(map(len, pairs)) if pairs else 0)
+        if characters > OFF_LOOP_TOKENIZE_CHARS:
+            # Long inputs take the tokenizer (which releases the GIL) hundreds of ms: not on the event loop.
+            encoded = await asyncio.to_thread(engine.encode, texts, pairs, truncate)
+        else:
+            encoded = engine.encode(texts, pairs, truncate)
         futures = batcher.submit(encoded, [threshold.value] * len(encoded))
         answers = await _wait_or_disconnect(request, futures)
         outcomes = [a.value for a in answers]

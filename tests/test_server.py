@@ -415,3 +415,15 @@ async def test_warm_up_runs_on_the_batch_thread_and_long_lived_objects_are_froze
     # request pays for a full collection over them.
     assert gc.get_freeze_count() > 0
     assert response.status_code == 200
+
+
+async def test_long_texts_are_tokenized_off_the_loop_and_still_answered(engine: Engine) -> None:
+    long_text = "the movie was good and the cast was great " * 600  # ~25k characters, over the inline limit
+    async with serving(make_app(engine, max_body_bytes=1_048_576)) as client:
+        truncated = await client.post("/v1/classify", json={"text": long_text})
+        refused = await client.post("/v1/classify", json={"text": long_text, "truncate": False})
+        small = await client.post("/v1/classify", json={"text": "good"})
+    assert truncated.status_code == 200 and truncated.json()["results"][0]["exit_layer"] >= 1
+    assert refused.status_code == 422 and refused.json()["error_type"] == "input_too_long"
+    assert "5402 tokens" in refused.json()["error"]
+    assert small.status_code == 200
