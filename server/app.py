@@ -106,10 +106,10 @@ def _validation_error(request: Request, exc: RequestValidationError) -> DeeBertE
         return DeeBertError(
             ErrorType.MALFORMED_JSON, f"request body is not valid JSON ({ctx.get('error', 'parse error')})"
         )
-    if request.method == "POST" and not _is_json(content_type) and content_type:
+    if request.method == "POST" and not _is_json(content_type):
+        sent = f"not {content_type[:80]!r}" if content_type else "none was sent"
         return DeeBertError(
-            ErrorType.UNSUPPORTED_MEDIA_TYPE,
-            f"send the body as JSON with Content-Type: application/json, not {content_type[:80]!r}",
+            ErrorType.UNSUPPORTED_MEDIA_TYPE, f"send the body as JSON with Content-Type: application/json ({sent})"
         )
     if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") == "missing" for e in errors):
         return DeeBertError(ErrorType.EMPTY_INPUT, 'request body is empty; send a JSON object such as {"text": "..."}')
@@ -144,7 +144,13 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:
             error = DeeBertError(ErrorType.METHOD_NOT_ALLOWED, f"{request.method} is not allowed on {request.url.path}")
             return JSONResponse(error.body(), status_code=405, headers=dict(exc.headers or {}))
-        return JSONResponse({"error": str(exc.detail), "error_type": "http"}, status_code=exc.status_code)
+        if exc.status_code == 400:
+            # FastAPI's own 400: a body that is not UTF-8, or JSON nested too deeply to parse.
+            return error_response(
+                DeeBertError(ErrorType.MALFORMED_JSON, "request body could not be parsed: send UTF-8 JSON")
+            )
+        kind = ErrorType.INTERNAL if exc.status_code >= 500 else ErrorType.VALIDATION
+        return JSONResponse(DeeBertError(kind, str(exc.detail)).body(), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -152,6 +152,7 @@ async def test_a_full_queue_answers_429_with_retry_after(tokenizer_dir: Path) ->
     assert [r.status_code for r in accepted] == [200, 200]
 
 
+JSON = {"content-type": "application/json"}
 BAD_REQUESTS: list[tuple[str, dict[str, Any], int, str]] = [
     (
         "malformed json",
@@ -192,9 +193,29 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], int, str]] = [
     ("nan header", {"json": {"text": "a"}, "headers": {"X-Exit-Threshold": "nan"}}, 422, "invalid_threshold"),
     ("inf header", {"json": {"text": "a"}, "headers": {"X-Exit-Threshold": "inf"}}, 422, "invalid_threshold"),
     ("unknown header preset", {"json": {"text": "a"}, "headers": {"X-Exit-Threshold": "warp"}}, 422, "unknown_preset"),
+    ("invalid utf-8", {"content": b'{"text": "\xff\xfe"}', "headers": JSON}, 400, "malformed_json"),
+    (
+        "deeply nested json",
+        {"content": b'{"text": ' + b"[" * 1500 + b"]" * 1500 + b"}", "headers": JSON},
+        400,
+        "malformed_json",
+    ),
+    ("array body", {"json": ["good"]}, 422, "validation"),
+    ("null text", {"json": {"text": None}}, 422, "empty_input"),
+    ("null inside texts", {"json": {"texts": ["good", None]}}, 422, "validation"),
+    ("10k texts", {"json": {"texts": ["good"] * 10_000}}, 413, "too_many_texts"),
+    (
+        "xml content type",
+        {"content": b"<text>good</text>", "headers": {"content-type": "application/xml"}},
+        415,
+        "unsupported_media_type",
+    ),
+    ("list threshold", {"json": {"text": "a", "threshold": [1]}}, 422, "invalid_threshold"),
+    ("1e400 threshold", {"content": b'{"text": "a", "threshold": 1e400}', "headers": JSON}, 422, "invalid_threshold"),
+    ("non-ascii header", {"json": {"text": "a"}, "headers": {"X-Exit-Threshold": b"\xc3\xa9"}}, 422, "unknown_preset"),
     (
         "body too large",
-        {"content": b'{"text": "' + b"a" * 5000 + b'"}', "headers": {"content-type": "application/json"}},
+        {"content": b'{"text": "' + b"a" * 300_000 + b'"}', "headers": {"content-type": "application/json"}},
         413,
         "payload_too_large",
     ),
@@ -204,7 +225,7 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], int, str]] = [
 @pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
 async def test_bad_input_gets_a_clear_4xx(engine: Engine, case: tuple[str, dict[str, Any], int, str]) -> None:
     _, request, status, error_type = case
-    app = make_app(engine, max_texts_per_request=8, max_body_bytes=4096)
+    app = make_app(engine, max_texts_per_request=8, max_body_bytes=200_000)
     async with serving(app) as client:
         response = await client.post("/v1/classify", **request)
         after = await client.post("/v1/classify", json={"text": "still serving"})
