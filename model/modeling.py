@@ -250,6 +250,8 @@ class DeeBert(nn.Module):
                 if num_leaving == rows_run:
                     return
                 state = self._compact(state, ~leaving)
+                # The rows left may all be full-depth ones: then their off-ramps cannot change an answer.
+                may_exit_early = exit_rule.can_exit_early(float(state.thresholds.max()))
             else:
                 state.done |= leaving
                 if bool(state.done.all()):

@@ -170,3 +170,19 @@ def test_mean_pooling_ignores_padding() -> None:
     pooled = model.off_ramps[0].pool(hidden, model.pool_weights(mask, hidden.dtype))
     torch.testing.assert_close(pooled[0], hidden[0, :3].mean(0))
     torch.testing.assert_close(pooled[1], hidden[1].mean(0))
+
+
+def test_off_ramps_are_skipped_once_only_full_depth_rows_remain(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model("bert")
+    batch = encode(tokenizer, SENTENCES[:3])
+    calls = [0] * model.num_layers
+    for index, ramp in enumerate(model.off_ramps):
+        ramp.register_forward_pre_hook(lambda _m, _a, index=index: calls.__setitem__(index, calls[index] + 1))
+    result = model.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, [1e9, 0.0, 0.0])
+    assert result.exit_layer == [1, model.num_layers, model.num_layers]
+    # Layer 1's off-ramp decides row 0; after it leaves only threshold-0 rows remain, which no
+    # intermediate off-ramp can release, so only the final classifier runs again.
+    assert calls == [1, 0, 0, 1]
+    plain = model.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, [0.0, 0.0, 0.0])
+    assert plain.label[1:] == result.label[1:]
+    torch.testing.assert_close(plain.probabilities[1:], result.probabilities[1:], atol=1e-5, rtol=1e-4)
