@@ -152,14 +152,16 @@ def plain_server_command(checkpoint: str, port: int, threads: int | None) -> lis
 
 
 @contextlib.contextmanager
-def running_server(argv: list[str], env: dict[str, str], port: int, startup_timeout: float) -> Iterator[str]:
-    """Start a server subprocess, wait for /health/ready, yield its URL, and stop it with SIGTERM."""
+def server_process(
+    argv: list[str], env: dict[str, str], port: int, startup_timeout: float
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Start a server subprocess, wait for /health/ready, yield it and its URL; SIGTERM it afterwards."""
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(argv, env=_server_env(env), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
             _wait_ready(process, url, startup_timeout, log)
-            yield url
+            yield process, url
         finally:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -168,6 +170,13 @@ def running_server(argv: list[str], env: dict[str, str], port: int, startup_time
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait(10)
+
+
+@contextlib.contextmanager
+def running_server(argv: list[str], env: dict[str, str], port: int, startup_timeout: float) -> Iterator[str]:
+    """`server_process` when only the URL is needed."""
+    with server_process(argv, env, port, startup_timeout) as (_, url):
+        yield url
 
 
 def _log_tail(log: Any, limit: int = 3000) -> str:

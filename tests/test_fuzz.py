@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -20,6 +14,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from loadtest.bench import deebert_server_command, free_port, running_server
 from model.config import Preset
 from tests.helpers import tiny_model, write_vocab
 
@@ -31,27 +26,10 @@ def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     model = tiny_model("bert")
     model.config = model.config.with_presets([Preset("balanced", 0.2, 0.9, 0.3)])
     model.save_pretrained(directory, tokenizer=tokenizer)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "DEEBERT_LOG_LEVEL": "warning", "DEEBERT_MAX_TEXTS_PER_REQUEST": "16"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "deebert", "serve", "--checkpoint", str(directory), "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield url
-    process.terminate()
-    process.wait(20)
+    port = free_port()
+    env = {"DEEBERT_LOG_LEVEL": "warning", "DEEBERT_MAX_TEXTS_PER_REQUEST": "16"}
+    with running_server(deebert_server_command(str(directory), port), env, port, startup_timeout=60) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

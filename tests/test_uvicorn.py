@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,40 +12,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from loadtest.bench import deebert_server_command, free_port, server_process
 
 
 @pytest.fixture
 def server(tiny_checkpoint: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    port = _free_port()
-    env = {**os.environ, "DEEBERT_MAX_WAIT_MS": "400", "DEEBERT_LOG_LEVEL": "warning"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "deebert", "serve", "--checkpoint", str(tiny_checkpoint), "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
-        time.sleep(0.1)
-    else:
-        process.kill()
-        pytest.fail("server did not become ready in 60 s")
-    yield process, url
-    if process.poll() is None:
-        process.kill()
-        process.wait(10)
+    port = free_port()
+    env = {"DEEBERT_MAX_WAIT_MS": "400", "DEEBERT_LOG_LEVEL": "warning"}
+    with server_process(deebert_server_command(str(tiny_checkpoint), port), env, port, startup_timeout=60) as started:
+        yield started
 
 
 def test_real_server_answers_with_exit_layers_and_metrics(server: tuple[subprocess.Popen[bytes], str]) -> None:
