@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from model.checkpoint import load_model
+from model.checkpoint import load_model, resolve_directory
 from model.data import Dataset, read_dataset
 from model.evaluate import all_layer_outputs, per_layer_accuracy
 from model.modeling import DeeBert, OffRamp
@@ -292,9 +292,11 @@ def train(settings: TrainSettings) -> TrainingLog:
     dev = None
     if settings.dev_file:
         dev = read_dataset(settings.dev_file, label_names=label_names, text_columns=data.text_columns)
-    tokenizer = load_tokenizer(_tokenizer_source(settings.base))
+    base = resolve_directory(settings.base)  # once: a hub id would otherwise be resolved twice
+    tokenizer = load_tokenizer(base)
     model = load_model(
-        settings.base,
+        base,
+        base_model=settings.base,
         labels=label_names,
         pooling=settings.pooling,
         off_ramp_dropout=settings.off_ramp_dropout,
@@ -344,9 +346,3 @@ def _init_off_ramp(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         nn.init.normal_(module.weight, std=0.02)
         nn.init.zeros_(module.bias)
-
-
-def _tokenizer_source(base: str) -> str:
-    from model.checkpoint import resolve_directory
-
-    return str(resolve_directory(base))
