@@ -1,4 +1,4 @@
-"""The `deebert` command: train, calibrate, evaluate, serve, loadtest, bench.
+"""The `deebert` command: train, calibrate, evaluate, results, serve, loadtest, bench, reliability.
 
 This module only parses arguments and hands over to `model/`, `server/` and `loadtest/`; it holds no logic
 of its own, so each package stays usable on its own.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,16 +21,24 @@ def _csv_list(value: str) -> list[str]:
 
 
 def _add_train(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from model.train import TrainSettings
+    from model.train import SCHEMES, TrainSettings
 
     defaults = TrainSettings(base="", train_file="", output="")
     p = subparsers.add_parser(
-        "train", help="two-stage DeeBERT fine-tuning", description="Two-stage DeeBERT fine-tuning."
+        "train",
+        help="DeeBERT fine-tuning (two-stage by default)",
+        description="DeeBERT fine-tuning: the paper's two stages by default, or a later scheme (--scheme).",
     )
     p.add_argument("--base", required=True, help="plain BERT/RoBERTa checkpoint directory (or hub id)")
     p.add_argument("--train", dest="train_file", required=True, help="training data (TSV/CSV/JSONL)")
     p.add_argument("--dev", dest="dev_file", help="dev data: per-layer accuracy after each stage")
     p.add_argument("--output", required=True, help="checkpoint directory to write")
+    p.add_argument(
+        "--scheme",
+        choices=SCHEMES,
+        default=defaults.scheme,
+        help="two-stage (paper), joint, weighted-joint (PABEE), distill (FastBERT), alternating (BERxiT)",
+    )
     p.add_argument("--label-names", type=_csv_list, help="names for integer labels 0..k-1, comma-separated")
     p.add_argument("--text-columns", type=_csv_list, help="text column(s), e.g. sentence1,sentence2")
     p.add_argument("--pooling", choices=["first", "mean"], default=defaults.pooling, help="off-ramp pooling")
@@ -57,6 +66,7 @@ def _add_evaluate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
     p.add_argument("--data", required=True, help="labelled data (TSV/CSV/JSONL)")
     p.add_argument("--output", default="runs/evaluate", help="folder for report.json, sweep.csv and figures")
     p.add_argument("--thresholds", type=_csv_list, help="comma-separated thresholds or preset names (default: a grid)")
+    _add_criterion(p, "exit rule to sweep (default: the checkpoint's; its presets are reported only for that one)")
     p.add_argument("--timing-samples", type=int, default=1000, help="samples timed at batch 1 (0: no timing)")
     p.add_argument("--max-samples", type=int, help="evaluate only the first N samples")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -70,7 +80,21 @@ def _add_calibrate(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     p = subparsers.add_parser("calibrate", help="choose preset thresholds on a dev set and store them")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--data", required=True, help="labelled dev data")
+    _add_criterion(p, "exit rule to calibrate and store as the checkpoint's (default: the checkpoint's)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _add_criterion(parser: argparse.ArgumentParser, help_text: str) -> None:
+    from model.exit_rule import CRITERIA
+
+    parser.add_argument("--criterion", choices=list(CRITERIA), help=help_text)
+
+
+def _config_for(model, criterion: str | None):  # type: ignore[no-untyped-def]
+    """The model's config, or a copy switched to another exit criterion (whose presets do not carry over)."""
+    if criterion is None or criterion == model.config.exit_criterion:
+        return model.config
+    return model.config.with_presets([], exit_criterion=criterion)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -129,18 +153,30 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = _load(args.checkpoint, args.dtype)
+    config = _config_for(model, args.criterion)
     thresholds = None
     if args.thresholds:
         try:
-            thresholds = [model.config.resolve_threshold(value)[0] for value in args.thresholds]
+            thresholds = [config.resolve_threshold(value)[0] for value in args.thresholds]
         except (KeyError, ValueError) as err:
             raise ConfigError(f"--thresholds: {err}") from None
     data, encoded = _labelled(args, model, tokenizer)
     report = evaluate(
-        model, encoded, data.labels, tokenizer.pad_token_id, thresholds, args.timing_samples, args.progress
+        model,
+        encoded,
+        data.labels,
+        tokenizer.pad_token_id,
+        thresholds,
+        args.timing_samples,
+        args.progress,
+        criterion=config.criterion,
     )
+    from model.machine import machine_description
+
     report["checkpoint"] = str(args.checkpoint)
     report["data"] = str(args.data)
+    report["command"] = args.command_line
+    report["machine"] = machine_description()
     write_report(report, Path(args.output))
     print(format_table(report))
     print(f"wrote {args.output}/report.json, sweep.csv and figures")
@@ -155,15 +191,38 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args.checkpoint)
     data, encoded = _labelled(args, model, tokenizer)
     probabilities, entropies = all_layer_outputs(model, encoded, tokenizer.pad_token_id, progress=args.progress)
-    presets = calibrate(probabilities, entropies, data.labels)
+    config = _config_for(model, args.criterion)
+    presets = calibrate(probabilities, entropies, data.labels, criterion=config.criterion)
     directory = resolve_directory(args.checkpoint)
-    model.config.with_presets(presets).save(directory)
+    config.with_presets(presets, exit_criterion=config.exit_criterion).save(directory)
     for preset in presets:
         print(
             f"{preset.name:<9} threshold {preset.threshold:.6f}  dev accuracy {100 * (preset.accuracy or 0):.2f}%  "
             f"expected saving {100 * (preset.expected_saving or 0):.1f}%"
         )
-    print(f"stored {len(presets)} presets in {directory}/config.json")
+    print(f"stored {len(presets)} {config.exit_criterion} presets in {directory}/config.json")
+    return 0
+
+
+def _add_results(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "results", help="write docs/RESULTS.md from the reports of docs/reproduce.sh (tasks, schemes, criteria)"
+    )
+    p.add_argument("--root", default=".", help="repository root the report paths are relative to")
+    p.add_argument("--output", default="docs/RESULTS.md")
+    p.add_argument(
+        "--discussion", default="docs/results/discussion.md", help="hand-written discussion appended if present"
+    )
+
+
+def _run_results(args: argparse.Namespace) -> int:
+    from model.results import write_results
+
+    root = Path(args.root)
+    discussion = Path(args.discussion)
+    text = discussion.read_text() if discussion.is_file() else None
+    summary = write_results(root, root / args.output, text)
+    print(f"wrote {root / args.output} ({', '.join(summary) or 'no reports found'})")
     return 0
 
 
@@ -206,25 +265,44 @@ def _run_bench(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _add_reliability(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from loadtest.reliability import add_arguments
+
+    p = subparsers.add_parser(
+        "reliability", help="overload (3x capacity) or soak (70%%) run on a server it starts; writes RELIABILITY.md"
+    )
+    add_arguments(p)
+
+
+def _run_reliability(args: argparse.Namespace) -> int:
+    from loadtest.reliability import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deebert", description="DeeBERT early-exit text classification.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_train(subparsers)
     _add_calibrate(subparsers)
     _add_evaluate(subparsers)
+    _add_results(subparsers)
     _add_serve(subparsers)
     _add_loadtest(subparsers)
     _add_bench(subparsers)
+    _add_reliability(subparsers)
     return parser
 
 
 RUNNERS = {
     "train": _run_train,
     "evaluate": _run_evaluate,
+    "results": _run_results,
     "calibrate": _run_calibrate,
     "serve": _run_serve,
     "loadtest": _run_loadtest,
     "bench": _run_bench,
+    "reliability": _run_reliability,
 }
 
 
@@ -233,7 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from model.config import ConfigError
     from model.data import DataError
 
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(words)
+    args.command_line = shlex.join(["deebert", *words])  # recorded in reports
     try:
         return RUNNERS[args.command](args)
     except (CheckpointError, ConfigError, DataError) as err:

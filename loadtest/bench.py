@@ -20,11 +20,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import random
 import re
 import shlex
@@ -43,6 +41,7 @@ from typing import Any
 import httpx
 
 from loadtest.generator import LoadConfig, Workload, run
+from model.machine import machine_description
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = "weights/sst2-minilm-l6"
@@ -535,36 +534,6 @@ def _analysis(results: dict[str, Any]) -> list[str]:
 
 
 # --- machine -------------------------------------------------------------------------------------------
-
-
-def machine_description() -> dict[str, Any]:
-    """What the numbers were measured on; load average matters because a busy CPU skews everything."""
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    memory_gib = None
-    with contextlib.suppress(ValueError, OSError, AttributeError):
-        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    versions: dict[str, str | None] = {}
-    for package in ("torch", "transformers", "fastapi", "uvicorn", "httpx"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu": cpu or None,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "memory_gib": round(memory_gib, 1) if memory_gib else None,
-        "python": platform.python_version(),
-        "versions": versions,
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
 
 
 def compaction_supported() -> bool:

@@ -296,6 +296,8 @@ class RequestRecord:
     compute_ms: float | None = None
     queue_ms: float | None = None
     error_detail: str | None = None
+    sent_at: float | None = None  # perf_counter() of the (scheduled) send: per-window statistics of long runs
+    retry_after: str | None = None  # the Retry-After header of a refusal
 
     @property
     def ok(self) -> bool:
@@ -334,7 +336,9 @@ async def _post(
     try:
         response = await client.post(CLASSIFY_PATH, json=body, headers=headers)
     except httpx.HTTPError as err:
-        return RequestRecord(error_key(err), time.perf_counter() - started, texts, threshold, error_detail=str(err))
+        return RequestRecord(
+            error_key(err), time.perf_counter() - started, texts, threshold, error_detail=str(err), sent_at=started
+        )
     latency = time.perf_counter() - started
     record = RequestRecord(
         str(response.status_code),
@@ -344,9 +348,11 @@ async def _post(
         total_ms=_header_ms(response, "X-Total-Time"),
         compute_ms=_header_ms(response, "X-Compute-Time"),
         queue_ms=_header_ms(response, "X-Queue-Time"),
+        sent_at=started,
     )
     if response.status_code != 200:
         record.error_detail = response.text[:300]
+        record.retry_after = response.headers.get("Retry-After")
         return record
     try:
         payload = response.json()

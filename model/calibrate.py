@@ -1,4 +1,4 @@
-"""Calibration: pick entropy thresholds on a dev set and store them as named presets."""
+"""Calibration: pick thresholds of an exit criterion on a dev set and store them as named presets."""
 
 from __future__ import annotations
 
@@ -8,18 +8,10 @@ import torch
 
 from model.config import Preset
 from model.evaluate import simulate
+from model.exit_rule import DEFAULT_CRITERION, ExitCriterion, get_criterion
 
 # name → the most accuracy (as a fraction) it may lose against full depth on the dev set.
 PRESET_TOLERANCES: dict[str, float] = {"lossless": 0.001, "balanced": 0.005, "fast": 0.02}
-
-
-def candidate_thresholds(entropies: torch.Tensor) -> list[float]:
-    """Every threshold that changes some exit: 0 and the midpoints between distinct off-ramp entropies."""
-    values = torch.unique(entropies[:-1].reshape(-1)).double()
-    if values.numel() == 0:
-        return [0.0]
-    midpoints = ((values[1:] + values[:-1]) / 2).tolist()
-    return [0.0, *midpoints, float(values[-1]) * 1.0001 + 1e-6]
 
 
 def calibrate(
@@ -27,15 +19,18 @@ def calibrate(
     entropies: torch.Tensor,
     labels: Sequence[int],
     tolerances: dict[str, float] | None = None,
+    criterion: ExitCriterion | None = None,
 ) -> list[Preset]:
-    """For each preset, the largest threshold whose dev accuracy is within its tolerance of full depth."""
+    """For each preset, the threshold with the most expected saving whose dev accuracy is within its
+    tolerance of full depth (ties: the most aggressive threshold; for entropy, simply the largest)."""
     tolerances = tolerances or PRESET_TOLERANCES
-    points = simulate(probabilities, entropies, labels, candidate_thresholds(entropies))
-    full = points[0].accuracy  # threshold 0 is full depth
+    rule = criterion or get_criterion(DEFAULT_CRITERION)
+    points = simulate(probabilities, entropies, labels, rule.candidates(probabilities, entropies), rule)
+    full = points[0].accuracy  # the first candidate is full depth
     presets = []
     for name, tolerance in tolerances.items():
         allowed = [p for p in points if p.accuracy >= full - tolerance - 1e-12]
-        best = max(allowed, key=lambda p: p.threshold)
+        best = max(allowed, key=lambda p: (p.expected_saving, rule.aggressiveness(p.threshold)))
         presets.append(
             Preset(
                 name=name,

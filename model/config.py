@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from transformers import AutoConfig, PretrainedConfig
 
-from model.exit_rule import validate_threshold
+from model.exit_rule import CRITERIA, DEFAULT_CRITERION, ExitCriterion, get_criterion
 
 Pooling = Literal["first", "mean"]
 POOLINGS: tuple[str, ...] = ("first", "mean")
@@ -31,7 +30,7 @@ class UnknownPresetError(KeyError):
 
 @dataclass(frozen=True)
 class Preset:
-    """A named entropy threshold with the dev numbers it was calibrated on."""
+    """A named threshold of the checkpoint's exit criterion, with the dev numbers it was calibrated on."""
 
     name: str
     threshold: float
@@ -52,6 +51,7 @@ class DeeBertConfig:
     text_columns: list[str] = field(default_factory=lambda: ["sentence"])
     name: str = "deebert"
     base_model: str | None = None
+    exit_criterion: str = DEFAULT_CRITERION
     presets: list[Preset] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -64,10 +64,19 @@ class DeeBertConfig:
         model_type = self.backbone.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"backbone model_type must be one of {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
+        if self.exit_criterion not in CRITERIA:
+            raise ConfigError(f"exit_criterion must be one of {tuple(CRITERIA)}, got {self.exit_criterion!r}")
         self.presets = [p if isinstance(p, Preset) else Preset(**p) for p in self.presets]
         for preset in self.presets:
-            if not (preset.threshold >= 0 and math.isfinite(preset.threshold)):
-                raise ConfigError(f"preset {preset.name!r} has an invalid threshold {preset.threshold!r}")
+            try:
+                self.criterion.validate(preset.threshold)
+            except ValueError as err:
+                raise ConfigError(f"preset {preset.name!r} has an invalid threshold: {err}") from None
+
+    @property
+    def criterion(self) -> ExitCriterion:
+        """The exit rule this checkpoint's thresholds and presets are for."""
+        return get_criterion(self.exit_criterion)
 
     @property
     def num_labels(self) -> int:
@@ -102,13 +111,13 @@ class DeeBertConfig:
         raise KeyError(f"unknown preset {name!r} (known: {known})")
 
     def resolve_threshold(self, value: float | int | str) -> tuple[float, str | None]:
-        """A number >= 0 or a preset name → (entropy threshold, preset name or None).
+        """A number or a preset name → (threshold of the exit criterion, preset name or None).
 
-        UnknownPresetError for a string that is neither; ValueError for a negative, NaN or infinite number.
-        The CLI and the server both resolve thresholds here.
+        UnknownPresetError for a string that is neither; ValueError for a number outside the criterion's
+        range (for entropy: negative, NaN or infinite). The CLI and the server both resolve thresholds here.
         """
         if not isinstance(value, str):
-            return validate_threshold(value), None
+            return self.criterion.validate(value), None
         text = value.strip()
         if any(p.name == text for p in self.presets):
             return self.preset(text).threshold, text
@@ -117,12 +126,14 @@ class DeeBertConfig:
         except ValueError:
             known = ", ".join(p.name for p in self.presets) or "none"
             raise UnknownPresetError(f"{text[:64]!r} is neither a number nor a preset (presets: {known})") from None
-        return validate_threshold(number), None
+        return self.criterion.validate(number), None
 
-    def with_presets(self, presets: list[Preset]) -> DeeBertConfig:
-        """A copy whose presets are replaced by `presets`."""
+    def with_presets(self, presets: list[Preset], exit_criterion: str | None = None) -> DeeBertConfig:
+        """A copy whose presets (and, if given, exit criterion) are replaced."""
         data = self.to_dict()
         data["presets"] = [asdict(p) for p in presets]
+        if exit_criterion is not None:
+            data["exit_criterion"] = exit_criterion
         data.pop("format", None)
         return DeeBertConfig(**data)
 

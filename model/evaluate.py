@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -23,14 +22,6 @@ from tqdm import tqdm
 from model import exit_rule
 from model.modeling import DeeBert
 from model.tokenization import Encoded, pad_batch
-
-SWEEP_FRACTIONS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
-
-
-def default_thresholds(num_labels: int) -> list[float]:
-    """The sweep grid: the paper's range for two classes (0 … 0.7 nats), scaled by ln(C)/ln(2)."""
-    scale = math.log(num_labels) / math.log(2)
-    return [round(f * scale, 4) for f in SWEEP_FRACTIONS]
 
 
 @torch.inference_mode()
@@ -59,6 +50,23 @@ def per_layer_accuracy(probabilities: torch.Tensor, labels: Sequence[int]) -> li
     return [float((probabilities[i].argmax(-1) == target).float().mean()) for i in range(probabilities.shape[0])]
 
 
+def binary_f1(predicted: torch.Tensor, target: torch.Tensor) -> float | None:
+    """F1 of label 1 (GLUE's MRPC/QQP score) for two-class tasks; None for more classes."""
+    if int(max(predicted.max(), target.max())) > 1:
+        return None
+    true_positive = int(((predicted == 1) & (target == 1)).sum())
+    predicted_positive, actual_positive = int((predicted == 1).sum()), int((target == 1).sum())
+    if predicted_positive + actual_positive == 0:
+        return 0.0
+    return 2 * true_positive / (predicted_positive + actual_positive)
+
+
+def per_layer_f1(probabilities: torch.Tensor, labels: Sequence[int]) -> list[float | None]:
+    """F1 of label 1 when every sample leaves at layer i (two-class tasks)."""
+    target = torch.tensor(labels)
+    return [binary_f1(probabilities[i].argmax(-1), target) for i in range(probabilities.shape[0])]
+
+
 def exit_counts(exit_layers: torch.Tensor, num_layers: int) -> list[int]:
     """N_i: samples that left at layer i, for i = 1..n (input: 0-based layers)."""
     return torch.bincount(exit_layers.reshape(-1), minlength=num_layers).tolist()  # type: ignore[no-any-return]
@@ -71,16 +79,24 @@ class SweepPoint:
     expected_saving: float
     exit_counts: list[int]
     measured_saving: float | None = None
+    f1: float | None = None
 
 
 def simulate(
-    probabilities: torch.Tensor, entropies: torch.Tensor, labels: Sequence[int], thresholds: Sequence[float]
+    probabilities: torch.Tensor,
+    entropies: torch.Tensor,
+    labels: Sequence[int],
+    thresholds: Sequence[float],
+    criterion: exit_rule.ExitCriterion | None = None,
 ) -> list[SweepPoint]:
-    """Accuracy, expected saving and exit counts for each threshold, via the shared exit rule."""
+    """Accuracy, expected saving and exit counts for each threshold, via the shared exit rule
+    (default: DeeBERT's entropy criterion)."""
+    rule = criterion or exit_rule.get_criterion(exit_rule.DEFAULT_CRITERION)
     num_layers = entropies.shape[0]
     target = torch.tensor(labels)
     predictions = probabilities.argmax(-1)  # [layers, samples]
-    layers = exit_rule.first_exit_layers(entropies, torch.tensor(thresholds, dtype=torch.float32).unsqueeze(-1))
+    sweep = torch.tensor(thresholds, dtype=torch.float32).unsqueeze(-1)
+    layers = rule.first_exit_layers(probabilities, entropies, sweep)
     points = []
     for row, threshold in enumerate(thresholds):
         exit_layer = layers[row]
@@ -92,6 +108,7 @@ def simulate(
                 accuracy=float((predicted == target).float().mean()),
                 expected_saving=exit_rule.expected_saving(counts),
                 exit_counts=counts,
+                f1=binary_f1(predicted, target) if probabilities.shape[-1] == 2 else None,
             )
         )
     return points
@@ -117,6 +134,7 @@ def time_batch1(
     max_samples: int,
     seed: int = 0,
     progress: bool = True,
+    criterion: exit_rule.ExitCriterion | None = None,
 ) -> dict[str, Any]:
     """Mean batch-1 latency of the plain full forward and of the exit loop at each threshold.
 
@@ -130,7 +148,8 @@ def time_batch1(
     batches = [pad_batch([encoded[i]], pad_id) for i in indices]
     for batch in batches[:10]:  # warm-up: allocator, kernels, lazy init
         model.plain_forward(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-        model.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, [max(thresholds)])
+        for threshold in thresholds:
+            model.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, [threshold], criterion=criterion)
     plain_ns = 0
     exit_ns = [0] * len(thresholds)
     layers_run = [0] * len(thresholds)
@@ -146,7 +165,9 @@ def time_batch1(
                 plain_ns += time.perf_counter_ns() - started
                 continue
             started = time.perf_counter_ns()
-            result = model.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, [thresholds[k]])
+            result = model.infer(
+                batch.input_ids, batch.attention_mask, batch.token_type_ids, [thresholds[k]], criterion=criterion
+            )
             exit_ns[k] += time.perf_counter_ns() - started
             layers_run[k] += result.exit_layer[0]
     count = max(1, len(batches))
@@ -168,27 +189,46 @@ def evaluate(
     thresholds: Sequence[float] | None = None,
     timing_samples: int = 1000,
     progress: bool = True,
+    criterion: exit_rule.ExitCriterion | None = None,
 ) -> dict[str, Any]:
-    """The evaluation report (see `write_report` for the files)."""
+    """The evaluation report (see `write_report` for the files).
+
+    `criterion` (default: the checkpoint's) picks the exit rule the sweep runs; the checkpoint's presets
+    are reported only when they belong to that rule.
+    """
     config = model.config
-    grid = list(thresholds) if thresholds is not None else default_thresholds(config.num_labels)
+    rule = criterion or config.criterion
+    presets = config.presets if rule.name == config.exit_criterion else []
+    grid = list(thresholds) if thresholds is not None else rule.default_grid(config.num_labels, model.num_layers)
     # Full depth is the reference, and the presets' own thresholds are timed like any grid point.
-    grid = sorted({0.0, *grid, *(p.threshold for p in config.presets)})
+    grid = sorted({rule.full_depth, *grid, *(p.threshold for p in presets)}, key=rule.aggressiveness)
     probabilities, entropies = all_layer_outputs(model, encoded, pad_id, progress=progress)
-    points = simulate(probabilities, entropies, labels, grid)
-    timing = time_batch1(model, encoded, pad_id, grid, timing_samples, progress=progress) if timing_samples else None
+    points = simulate(probabilities, entropies, labels, grid, rule)
+    timing = (
+        time_batch1(model, encoded, pad_id, grid, timing_samples, progress=progress, criterion=rule)
+        if timing_samples
+        else None
+    )
     if timing is not None:
         for point, measured in zip(points, timing["measured_saving"], strict=True):
             point.measured_saving = measured
-    preset_points = simulate(probabilities, entropies, labels, [p.threshold for p in config.presets])
+    preset_points = simulate(probabilities, entropies, labels, [p.threshold for p in presets], rule)
     per_layer = per_layer_accuracy(probabilities, labels)
+    two_class = config.num_labels == 2
+    from model.calibrate import calibrate  # calibrate builds on simulate, so import it here
+
+    on_this_data = calibrate(probabilities, entropies, labels, criterion=rule)
     report: dict[str, Any] = {
         "model": config.name,
         "num_layers": model.num_layers,
         "num_samples": len(encoded),
         "labels": config.labels,
+        "exit_criterion": rule.name,
         "full_accuracy": per_layer[-1],
         "per_layer_accuracy": per_layer,
+        # F1 of label 1 (as GLUE scores MRPC), for two-class tasks.
+        "full_f1": per_layer_f1(probabilities, labels)[-1] if two_class else None,
+        "per_layer_f1": per_layer_f1(probabilities, labels) if two_class else None,
         "sweep": [
             {
                 "threshold": p.threshold,
@@ -196,23 +236,37 @@ def evaluate(
                 "expected_saving": p.expected_saving,
                 "measured_saving": p.measured_saving,
                 "exit_counts": p.exit_counts,
+                "f1": p.f1,
             }
             for p in points
         ],
         "oracle": oracle(probabilities, labels),
+        # The presets' rule applied to this data itself: the best threshold within each accuracy tolerance,
+        # chosen on the data it is scored on (an upper bound; the checkpoint's presets were chosen on dev).
+        "calibrated_on_this_data": [
+            {
+                "name": c.name,
+                "threshold": c.threshold,
+                "max_accuracy_drop": c.max_accuracy_drop,
+                "accuracy": c.accuracy,
+                "expected_saving": c.expected_saving,
+            }
+            for c in on_this_data
+        ],
         "presets": [
             {
                 "name": preset.name,
                 "threshold": preset.threshold,
                 "accuracy": p.accuracy,
+                "f1": p.f1,
                 "expected_saving": p.expected_saving,
                 "measured_saving": points[grid.index(preset.threshold)].measured_saving,
             }
-            for preset, p in zip(config.presets, preset_points, strict=True)
+            for preset, p in zip(presets, preset_points, strict=True)
         ],
     }
     if timing is not None:
-        zero = grid.index(0.0)
+        zero = grid.index(rule.full_depth)
         report["latency_ms"] = {
             "plain_full_forward": timing["plain_ms"],
             "exit_loop_threshold_0": timing["exit_ms"][zero],
@@ -289,7 +343,7 @@ def format_table(report: dict[str, Any]) -> str:
         latency = report["latency_ms"]
         lines.append(
             f"batch-1 latency: plain full forward {latency['plain_full_forward']:.2f} ms, "
-            f"exit loop at threshold 0 {latency['exit_loop_threshold_0']:.2f} ms "
+            f"exit loop at full depth {latency['exit_loop_threshold_0']:.2f} ms "
             f"({100 * latency['exit_loop_overhead_at_threshold_0']:+.1f}%)"
         )
     return "\n".join(lines)

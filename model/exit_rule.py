@@ -1,14 +1,27 @@
-"""The one exit rule of DeeBERT: leave at the first layer whose off-ramp entropy is below the threshold.
+"""The exit rule: when a row leaves the encoder early. Every place that decides an exit goes through here.
 
-Every place that decides an exit (the layer-by-layer loop, evaluation sweeps, calibration) goes through
-these functions, so the served behaviour and the reported numbers cannot drift apart.
+DeeBERT's rule (the default) leaves at the first layer whose off-ramp entropy is below the threshold S.
+Two later rules sit behind the same interface: `max-prob` (the top class probability reaches t) and
+`patience` (PABEE: the same label k layers in a row). A criterion is a step function applied layer by layer:
+the serving loop (`DeeBert.iter_exits`) calls `step` on the rows still running, and the vectorised
+`first_exit_layers` used by evaluation sweeps and calibration calls the very same `step` over precomputed
+off-ramp outputs, so the served behaviour and the reported numbers cannot drift apart.
+
+Each criterion has a full-depth threshold (entropy 0, max-prob 1, patience 0) that never exits early;
+the last layer always exits.
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
+
+# Per-row state a criterion carries from layer to layer ([..., rows] in the last dimension), or None.
+State = torch.Tensor | None
 
 
 def entropy_from_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,29 +32,218 @@ def entropy_from_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return probabilities, entropy
 
 
-def exits(entropy: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """Which rows leave at this layer: `entropy < threshold` (so threshold 0 never exits early)."""
-    return entropy < threshold
+def _finite_number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"threshold must be a number, got {type(value).__name__}")
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(f"threshold must be finite, got {value}")
+    return float(value)
 
 
-def can_exit_early(max_threshold: float) -> bool:
-    """False when no row can leave before the last layer, so intermediate off-ramps can be skipped."""
-    return max_threshold > 0.0
+class ExitCriterion(ABC):
+    """One way of deciding, after each layer, which rows leave."""
+
+    name: ClassVar[str]
+    full_depth: ClassVar[float]  # the threshold that never exits before the last layer
+    meaning: ClassVar[str]  # what the threshold is, for help texts and error messages
+
+    @abstractmethod
+    def validate(self, value: object) -> float:
+        """The threshold as a float; ValueError naming the allowed range otherwise."""
+
+    @abstractmethod
+    def never_exits_early(self, thresholds: torch.Tensor) -> torch.Tensor:
+        """Per row: True where the threshold cannot make the row leave before the last layer."""
+
+    @abstractmethod
+    def step(
+        self, probabilities: torch.Tensor, entropy: torch.Tensor, thresholds: torch.Tensor, state: State
+    ) -> tuple[torch.Tensor, State]:
+        """Which rows leave at this layer, and the state for the next one.
+
+        probabilities [..., rows, labels] and entropy [..., rows] of this layer's off-ramp; thresholds
+        [rows] or [sweep, 1] (broadcasts to [sweep, rows]); state from the previous layer (None at the first).
+        """
+
+    @abstractmethod
+    def candidates(self, probabilities: torch.Tensor, entropies: torch.Tensor) -> list[float]:
+        """Every threshold that changes some exit on these outputs [layers, samples, ...], full depth first."""
+
+    @abstractmethod
+    def aggressiveness(self, threshold: float) -> float:
+        """Orders thresholds: larger exits earlier (ties in calibration go to the more aggressive one)."""
+
+    @abstractmethod
+    def default_grid(self, num_labels: int, num_layers: int) -> list[float]:
+        """The evaluation sweep's default thresholds."""
+
+    @abstractmethod
+    def exits_at_first_layer(self, num_labels: int) -> float:
+        """A threshold that makes every row leave at layer 1 (for warm-ups and tests)."""
+
+    def can_exit_early(self, thresholds: torch.Tensor) -> bool:
+        """False when no row can leave before the last layer, so intermediate off-ramps can be skipped."""
+        return bool(thresholds.numel()) and not bool(self.never_exits_early(thresholds).all())
+
+    def first_exit_layers(
+        self, probabilities: torch.Tensor, entropies: torch.Tensor, thresholds: torch.Tensor
+    ) -> torch.Tensor:
+        """0-based exit layer per sample from precomputed outputs: probabilities [layers, samples, labels]
+        and entropies [layers, samples]; thresholds [samples], or [sweep, 1] for a sweep ([sweep, samples]).
+        Applies `step` layer by layer exactly as the serving loop does; the last layer always exits."""
+        num_layers = entropies.shape[0]
+        state: State = None
+        exit_layer: torch.Tensor | None = None
+        for layer in range(num_layers - 1):
+            leaving, state = self.step(probabilities[layer], entropies[layer], thresholds, state)
+            if exit_layer is None:
+                exit_layer = torch.full(leaving.shape, num_layers - 1, dtype=torch.long)
+            fresh = leaving & (exit_layer == num_layers - 1)
+            exit_layer = torch.where(fresh, torch.full_like(exit_layer, layer), exit_layer)
+        if exit_layer is None:  # a one-layer model
+            shape = torch.broadcast_shapes(thresholds.shape, entropies.shape[1:])
+            exit_layer = torch.zeros(shape, dtype=torch.long)
+        return exit_layer
 
 
-def first_exit_layers(entropies: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """0-based exit layer per sample from precomputed entropies [layers, samples].
+class EntropyCriterion(ExitCriterion):
+    """DeeBERT: leave when the off-ramp's entropy (nats) is below S; S = 0 is full depth."""
 
-    `thresholds` is [samples] (one per sample) or [sweep, 1] (a sweep of thresholds, giving
-    [sweep, samples]). The last layer always exits. Vectorised twin of the loop in `DeeBert.iter_exits`.
-    """
-    leaves = exits(entropies, thresholds.unsqueeze(-2))
-    leaves[..., -1, :] = True
-    # argmax returns the first True along the layer axis.
-    return leaves.to(torch.int8).argmax(dim=-2)
+    name = "entropy"
+    full_depth = 0.0
+    meaning = "entropy threshold in nats (a number >= 0, 0 = full depth)"
+    SWEEP_FRACTIONS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
+
+    def validate(self, value: object) -> float:
+        number = _finite_number(value)
+        if number < 0:
+            raise ValueError(f"threshold must be >= 0, got {number}")
+        return number
+
+    def never_exits_early(self, thresholds: torch.Tensor) -> torch.Tensor:
+        return thresholds <= 0
+
+    def step(
+        self, probabilities: torch.Tensor, entropy: torch.Tensor, thresholds: torch.Tensor, state: State
+    ) -> tuple[torch.Tensor, State]:
+        return entropy < thresholds, None
+
+    def candidates(self, probabilities: torch.Tensor, entropies: torch.Tensor) -> list[float]:
+        """0 and the midpoints between distinct intermediate off-ramp entropies (and one above them all)."""
+        values = torch.unique(entropies[:-1].reshape(-1)).double()
+        if values.numel() == 0:
+            return [0.0]
+        midpoints = ((values[1:] + values[:-1]) / 2).tolist()
+        return [0.0, *midpoints, float(values[-1]) * 1.0001 + 1e-6]
+
+    def aggressiveness(self, threshold: float) -> float:
+        return threshold
+
+    def default_grid(self, num_labels: int, num_layers: int) -> list[float]:
+        """The paper's range for two classes (0 … 0.7 nats), scaled by ln(C)/ln(2)."""
+        scale = math.log(num_labels) / math.log(2)
+        return [round(f * scale, 4) for f in self.SWEEP_FRACTIONS]
+
+    def exits_at_first_layer(self, num_labels: int) -> float:
+        return math.log(num_labels) + 1.0  # above the largest possible entropy, ln(C)
 
 
-def expected_saving(exit_counts: list[int]) -> float:
+class MaxProbCriterion(ExitCriterion):
+    """Leave when the top class probability is >= t; t = 1 is full depth (never leaves early)."""
+
+    name = "max-prob"
+    full_depth = 1.0
+    meaning = "confidence threshold (a number in [0, 1], 1 = full depth)"
+    GRID = (1.0, 0.999, 0.995, 0.99, 0.98, 0.97, 0.95, 0.93, 0.9, 0.87, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55)
+
+    def validate(self, value: object) -> float:
+        number = _finite_number(value)
+        if not 0.0 <= number <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {number}")
+        return number
+
+    def never_exits_early(self, thresholds: torch.Tensor) -> torch.Tensor:
+        return thresholds >= 1.0
+
+    def step(
+        self, probabilities: torch.Tensor, entropy: torch.Tensor, thresholds: torch.Tensor, state: State
+    ) -> tuple[torch.Tensor, State]:
+        confidence = probabilities.max(dim=-1).values
+        return (confidence >= thresholds) & (thresholds < 1.0), None
+
+    def candidates(self, probabilities: torch.Tensor, entropies: torch.Tensor) -> list[float]:
+        """1 and the midpoints between distinct intermediate confidences (and one below them all)."""
+        values = torch.unique(probabilities[:-1].max(dim=-1).values.reshape(-1)).double()
+        values = values[values < 1.0]
+        if values.numel() == 0:
+            return [1.0]
+        midpoints = ((values[1:] + values[:-1]) / 2).tolist()
+        return [1.0, *reversed(midpoints), max(0.0, float(values[0]) - 1e-6)]
+
+    def aggressiveness(self, threshold: float) -> float:
+        return -threshold
+
+    def default_grid(self, num_labels: int, num_layers: int) -> list[float]:
+        return [t for t in self.GRID if t > 1.0 / num_labels]
+
+    def exits_at_first_layer(self, num_labels: int) -> float:
+        return 0.0
+
+
+class PatienceCriterion(ExitCriterion):
+    """PABEE: leave when the off-ramps gave the same label k layers in a row; k = 0 is full depth."""
+
+    name = "patience"
+    full_depth = 0.0
+    meaning = "patience k, the layers in a row that must agree (a whole number >= 0, 0 = full depth)"
+
+    def validate(self, value: object) -> float:
+        number = _finite_number(value)
+        if number < 0 or number != int(number):
+            raise ValueError(f"threshold must be a whole number >= 0, got {number}")
+        return number
+
+    def never_exits_early(self, thresholds: torch.Tensor) -> torch.Tensor:
+        return thresholds <= 0
+
+    def step(
+        self, probabilities: torch.Tensor, entropy: torch.Tensor, thresholds: torch.Tensor, state: State
+    ) -> tuple[torch.Tensor, State]:
+        # state[0]: the previous layer's label per row, state[1]: how many layers in a row gave it.
+        label = probabilities.argmax(dim=-1)
+        if state is None:
+            streak = torch.ones_like(label)
+        else:
+            streak = torch.where(label == state[0], state[1] + 1, torch.ones_like(label))
+        leaving = (thresholds > 0) & (streak >= thresholds)
+        return leaving, torch.stack([label, streak])
+
+    def candidates(self, probabilities: torch.Tensor, entropies: torch.Tensor) -> list[float]:
+        return [0.0, *(float(k) for k in range(entropies.shape[0], 0, -1))]
+
+    def aggressiveness(self, threshold: float) -> float:
+        return -math.inf if threshold <= 0 else -threshold
+
+    def default_grid(self, num_labels: int, num_layers: int) -> list[float]:
+        return [0.0, *(float(k) for k in range(1, num_layers + 1))]
+
+    def exits_at_first_layer(self, num_labels: int) -> float:
+        return 1.0
+
+
+CRITERIA: dict[str, ExitCriterion] = {c.name: c for c in (EntropyCriterion(), MaxProbCriterion(), PatienceCriterion())}
+DEFAULT_CRITERION = "entropy"
+
+
+def get_criterion(name: str) -> ExitCriterion:
+    """The criterion called `name`; ValueError naming the known ones otherwise."""
+    try:
+        return CRITERIA[name]
+    except KeyError:
+        raise ValueError(f"unknown exit criterion {name!r} (known: {', '.join(CRITERIA)})") from None
+
+
+def expected_saving(exit_counts: Sequence[int]) -> float:
     """The paper's expected saving 1 - Σ i·N_i / (n·Σ N_i), with N_i the samples that left at layer i of n."""
     num_layers = len(exit_counts)
     total = sum(exit_counts)
@@ -49,14 +251,3 @@ def expected_saving(exit_counts: list[int]) -> float:
         return 0.0
     layers_run = sum(layer * count for layer, count in enumerate(exit_counts, start=1))
     return 1.0 - layers_run / (num_layers * total)
-
-
-def validate_threshold(value: float) -> float:
-    """A threshold must be a finite number >= 0; raises ValueError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"threshold must be a number, got {type(value).__name__}")
-    if math.isnan(value) or math.isinf(value):
-        raise ValueError(f"threshold must be finite, got {value}")
-    if value < 0:
-        raise ValueError(f"threshold must be >= 0, got {value}")
-    return float(value)

@@ -26,9 +26,9 @@ def plot_report(report: dict[str, Any], output: Path) -> list[Path]:
     paths = []
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.plot(
-        [100 * p["expected_saving"] for p in sweep], [100 * p["accuracy"] for p in sweep], "o-", label="entropy exit"
-    )
+    rule = report.get("exit_criterion", "entropy")
+    savings, accuracies = [100 * p["expected_saving"] for p in sweep], [100 * p["accuracy"] for p in sweep]
+    ax.plot(savings, accuracies, "o-", label=f"{rule} exit")
     ax.axhline(100 * report["full_accuracy"], color="gray", ls="--", lw=1, label="full depth")
     for preset in report["presets"]:
         ax.plot(100 * preset["expected_saving"], 100 * preset["accuracy"], "s", label=f"preset {preset['name']}")

@@ -91,6 +91,7 @@ class _Running:
     rows: torch.Tensor
     thresholds: torch.Tensor
     done: torch.Tensor
+    criterion_state: exit_rule.State
 
 
 class DeeBert(nn.Module):
@@ -195,20 +196,23 @@ class DeeBert(nn.Module):
         token_type_ids: torch.Tensor | None,
         thresholds: Sequence[float] | torch.Tensor,
         compact: bool = True,
+        criterion: exit_rule.ExitCriterion | None = None,
     ) -> Iterator[LayerExits]:
         """Run layer by layer and yield the rows that leave at each layer, as soon as they leave.
 
-        Each row has its own entropy threshold. With `compact`, rows that left are removed from the batch,
-        so later layers run only on the rows still going; without it they stay in the batch (masked) until
-        every row has left, which is what a batch costs without compaction. Inputs must be right-padded,
-        as `model.tokenization` pads them. Yields only layers where rows leave.
+        Each row has its own threshold of the exit criterion (default: the checkpoint's, DeeBERT's entropy).
+        With `compact`, rows that left are removed from the batch, so later layers run only on the rows still
+        going; without it they stay in the batch (masked) until every row has left, which is what a batch
+        costs without compaction. Inputs must be right-padded, as `model.tokenization` pads them. Yields only
+        layers where rows leave.
         """
+        rule = criterion or self.config.criterion
         batch_size = input_ids.shape[0]
         device = input_ids.device
         thresholds_t = torch.as_tensor(thresholds, dtype=torch.float32, device=device).reshape(batch_size)
-        # One host sync up front decides whether any row can leave early at all: with every threshold 0
-        # the intermediate off-ramps cannot change an answer and are skipped (full depth at plain cost).
-        may_exit_early = exit_rule.can_exit_early(float(thresholds_t.max())) if batch_size else False
+        # One host sync up front decides whether any row can leave early at all: with every threshold at
+        # full depth the intermediate off-ramps cannot change an answer and are skipped (plain cost).
+        may_exit_early = rule.can_exit_early(thresholds_t)
         hidden = self.embed(input_ids, token_type_ids)
         state = _Running(
             hidden=hidden,
@@ -218,6 +222,7 @@ class DeeBert(nn.Module):
             rows=torch.arange(batch_size, device=device),
             thresholds=thresholds_t,
             done=torch.zeros(batch_size, dtype=torch.bool, device=device),
+            criterion_state=None,
         )
         last = self.num_layers
         for layer_number, layer in enumerate(self.layers, start=1):
@@ -230,7 +235,9 @@ class DeeBert(nn.Module):
             if layer_number == last:
                 leaving = ~state.done
             else:
-                leaving = exit_rule.exits(entropy, state.thresholds)
+                leaving, state.criterion_state = rule.step(
+                    probabilities, entropy, state.thresholds, state.criterion_state
+                )
                 if not compact:
                     leaving &= ~state.done
             # The one host sync per layer: which rows leave decides what runs next.
@@ -251,7 +258,7 @@ class DeeBert(nn.Module):
                     return
                 state = self._compact(state, ~leaving)
                 # The rows left may all be full-depth ones: then their off-ramps cannot change an answer.
-                may_exit_early = exit_rule.can_exit_early(float(state.thresholds.max()))
+                may_exit_early = rule.can_exit_early(state.thresholds)
             else:
                 state.done |= leaving
                 if bool(state.done.all()):
@@ -264,6 +271,7 @@ class DeeBert(nn.Module):
         longest = int(attention_mask.sum(dim=1).max())
         attention_mask = attention_mask[:, :longest]
         hidden = state.hidden[keep_index, :longest]
+        criterion_state = state.criterion_state
         return _Running(
             hidden=hidden,
             attention_mask=attention_mask,
@@ -272,6 +280,7 @@ class DeeBert(nn.Module):
             rows=state.rows[keep_index],
             thresholds=state.thresholds[keep_index],
             done=state.done[keep_index],
+            criterion_state=None if criterion_state is None else criterion_state[..., keep_index],
         )
 
     def infer(
@@ -281,6 +290,7 @@ class DeeBert(nn.Module):
         token_type_ids: torch.Tensor | None,
         thresholds: Sequence[float] | torch.Tensor,
         compact: bool = True,
+        criterion: exit_rule.ExitCriterion | None = None,
     ) -> ExitResult:
         """Early-exit answers for the whole batch (collects `iter_exits`)."""
         batch_size = input_ids.shape[0]
@@ -289,7 +299,7 @@ class DeeBert(nn.Module):
         label = [0] * batch_size
         probabilities = torch.zeros(batch_size, self.config.num_labels)
         rows_per_layer: list[int] = []
-        for exits in self.iter_exits(input_ids, attention_mask, token_type_ids, thresholds, compact):
+        for exits in self.iter_exits(input_ids, attention_mask, token_type_ids, thresholds, compact, criterion):
             rows_per_layer.extend([exits.rows_run] * (exits.layer - len(rows_per_layer)))
             for position, row in enumerate(exits.rows):
                 exit_layer[row] = exits.layer

@@ -1,9 +1,16 @@
-"""Two-stage DeeBERT fine-tuning (Xin et al., 2020), as a recipe.
+"""DeeBERT fine-tuning: the paper's two stages (default) and the schemes that followed it.
 
-Stage 1: ordinary fine-tuning of the encoder and the final classifier.
-Stage 2: freeze all of that; train the other off-ramps together on the sum of their cross-entropy losses.
-With the encoder frozen and in eval mode, each layer's pooled output is fixed, so stage 2 computes those
-features once and trains the off-ramps on them: many epochs cost seconds instead of full forwards.
+Schemes (`TrainSettings.scheme`):
+- `two-stage` (DeeBERT, Xin et al. 2020): stage 1 fine-tunes the encoder and the final classifier; stage 2
+  freezes all of that and trains the other off-ramps together on the sum of their cross-entropy losses.
+- `joint`: encoder and every off-ramp trained together on the summed cross-entropy of all layers.
+- `weighted-joint` (PABEE, Zhou et al. 2020): the same, layer i's loss weighted by i / Σ j.
+- `distill` (FastBERT, Liu et al. 2020): stage 1 as two-stage; then, encoder and final classifier frozen,
+  the other off-ramps learn the final classifier's distribution (summed KL divergence, no labels).
+- `alternating` (BERxiT, Xin et al. 2021): epoch by epoch, alternate between the final layer's loss
+  (odd epochs) and the summed loss of every off-ramp (even epochs), the encoder trained throughout.
+Where the encoder is frozen (stage 2 of two-stage and distill), each layer's pooled output is fixed in eval
+mode, so those features are computed once and the off-ramps train on them: many epochs cost seconds.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from model.modeling import DeeBert, OffRamp
 from model.tokenization import Encoded, load_tokenizer, pad_batch, tokenize
 
 Precision = Literal["fp32", "bf16"]
+Scheme = Literal["two-stage", "joint", "weighted-joint", "distill", "alternating"]
+SCHEMES: tuple[str, ...] = ("two-stage", "joint", "weighted-joint", "distill", "alternating")
 
 
 @dataclass
@@ -39,6 +48,7 @@ class TrainSettings:
     base: str
     train_file: str
     output: str
+    scheme: Scheme = "two-stage"
     dev_file: str | None = None
     label_names: list[str] | None = None
     text_columns: list[str] | None = None
@@ -121,11 +131,6 @@ def frozen_fingerprint(model: DeeBert) -> str:
     return digest.hexdigest()
 
 
-def stage1_parameters(model: DeeBert) -> Iterator[nn.Parameter]:
-    yield from model.backbone.parameters()
-    yield from model.final_classifier.parameters()
-
-
 def stage2_parameters(model: DeeBert) -> Iterator[nn.Parameter]:
     for ramp in list(model.off_ramps)[:-1]:
         yield from ramp.parameters()
@@ -138,6 +143,21 @@ def _adamw(params: Sequence[nn.Parameter], lr: float, weight_decay: float) -> to
     return torch.optim.AdamW(groups, lr=lr, fused=True)
 
 
+def layer_loss_weights(scheme: Scheme, epoch: int, num_layers: int) -> list[float]:
+    """Per-layer cross-entropy weights of the encoder-training phase of `scheme` in `epoch` (0-based)."""
+    final_only = [0.0] * (num_layers - 1) + [1.0]
+    if scheme in ("two-stage", "distill"):
+        return final_only
+    if scheme == "joint":
+        return [1.0] * num_layers
+    if scheme == "weighted-joint":
+        total = num_layers * (num_layers + 1) / 2
+        return [layer / total for layer in range(1, num_layers + 1)]
+    if scheme == "alternating":
+        return final_only if epoch % 2 == 0 else [1.0] * num_layers
+    raise ValueError(f"unknown scheme {scheme!r} (known: {', '.join(SCHEMES)})")
+
+
 def train_stage1(
     model: DeeBert,
     encoded: Sequence[Encoded],
@@ -146,11 +166,17 @@ def train_stage1(
     pad_id: int,
     dev_accuracy: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune encoder + final classifier on the final layer's cross-entropy.
+    """Fine-tune the encoder with the scheme's per-layer losses (two-stage: encoder + final classifier on the
+    final layer's cross-entropy; the other off-ramps stay untouched).
 
     `dev_accuracy`, when given, is called after each epoch (final-layer dev accuracy for the log).
     """
-    params = list(stage1_parameters(model))
+    n = model.num_layers
+    weights_by_epoch = [layer_loss_weights(settings.scheme, e, n) for e in range(settings.stage1_epochs)]
+    trained_ramps = [i for i in range(n) if any(w[i] > 0 for w in weights_by_epoch)]
+    params = list(model.backbone.parameters())
+    for i in trained_ramps:
+        params.extend(model.off_ramps[i].parameters())
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -170,14 +196,21 @@ def train_stage1(
     model.train()
     step = 0
     for epoch in range(settings.stage1_epochs):
+        weights = weights_by_epoch[epoch]
+        final_only = all(w == 0 for w in weights[:-1])
         batches = length_grouped_batches(lengths, settings.batch_size, generator)
         running = 0.0
-        bar = tqdm(batches, desc=f"stage 1 epoch {epoch + 1}/{settings.stage1_epochs}", disable=not settings.progress)
+        bar = tqdm(batches, desc=f"encoder epoch {epoch + 1}/{settings.stage1_epochs}", disable=not settings.progress)
         for index, rows in enumerate(bar, start=1):
             batch = pad_batch([encoded[i] for i in rows], pad_id)
+            target = label_tensor[rows]
             with autocast(settings.precision):
-                logits = model(batch.input_ids, batch.attention_mask, batch.token_type_ids, only_final=True)[0]
-            loss = loss_fn(logits.float(), label_tensor[rows])
+                logits = model(batch.input_ids, batch.attention_mask, batch.token_type_ids, only_final=final_only)
+            if final_only:
+                loss = loss_fn(logits[0].float(), target)
+            else:
+                pairs = zip(weights, logits, strict=True)
+                loss = sum((w * loss_fn(out.float(), target) for w, out in pairs if w), torch.zeros(()))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -201,29 +234,38 @@ def train_stage1(
         "seconds": time.perf_counter() - started,
         "epoch_loss": epoch_losses,
         "loss_curve": curve,
+        "layer_loss_weights_by_epoch": weights_by_epoch,
     }
 
 
 @torch.no_grad()
 def extract_features(
-    model: DeeBert, encoded: Sequence[Encoded], pad_id: int, batch_size: int, progress: bool
+    model: DeeBert, encoded: Sequence[Encoded], pad_id: int, batch_size: int, progress: bool, last: bool = False
 ) -> torch.Tensor:
-    """Pooled outputs of layers 1..n-1 for every sample, [n-1, samples, hidden], in eval mode (fp32)."""
+    """Pooled outputs of layers 1..n-1 (1..n with `last`) for every sample, [layers, samples, hidden],
+    in eval mode (fp32)."""
     model.eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    features = torch.empty(model.num_layers - 1, len(encoded), model.config.hidden_size)
+    kept = model.num_layers if last else model.num_layers - 1
+    features = torch.empty(kept, len(encoded), model.config.hidden_size)
     for start in tqdm(range(0, len(order), batch_size), desc="stage 2 features", disable=not progress):
         rows = order[start : start + batch_size]
         batch = pad_batch([encoded[i] for i in rows], pad_id)
         pooled = model.pooled_features(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-        features[:, rows] = pooled[:-1].float()
+        features[:, rows] = pooled[:kept].float()
     return features
 
 
 def train_stage2(
-    model: DeeBert, features: torch.Tensor, labels: Sequence[int], settings: TrainSettings
+    model: DeeBert,
+    features: torch.Tensor,
+    labels: Sequence[int],
+    settings: TrainSettings,
+    teacher_logits: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Train off-ramps 1..n-1 on the sum of their cross-entropies, encoder and final classifier frozen."""
+    """Train off-ramps 1..n-1, encoder and final classifier frozen, on `features` [n-1, samples, hidden]:
+    the sum of their cross-entropies against the labels, or, given the final classifier's `teacher_logits`
+    [samples, labels] (distill), the sum of their KL divergences from its distribution."""
     for p in model.parameters():
         p.requires_grad_(False)
     params = list(stage2_parameters(model))
@@ -248,11 +290,21 @@ def train_stage2(
         running = 0.0
         for start in range(0, num_samples, settings.stage2_batch_size):
             rows = order[start : start + settings.stage2_batch_size]
-            target = label_tensor[rows]
-            loss = sum(
-                (loss_fn(ramp.classify(features[i, rows]), target) for i, ramp in enumerate(ramps)),
-                torch.zeros(()),
-            )
+            if teacher_logits is None:
+                target = label_tensor[rows]
+                losses = (loss_fn(ramp.classify(features[i, rows]), target) for i, ramp in enumerate(ramps))
+            else:
+                teacher = torch.log_softmax(teacher_logits[rows], dim=-1)
+                losses = (
+                    nn.functional.kl_div(
+                        torch.log_softmax(ramp.classify(features[i, rows]), dim=-1),
+                        teacher,
+                        reduction="batchmean",
+                        log_target=True,
+                    )
+                    for i, ramp in enumerate(ramps)
+                )
+            loss = sum(losses, torch.zeros(()))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -268,6 +320,7 @@ def train_stage2(
         "steps": total,
         "seconds": time.perf_counter() - started,
         "epoch_loss_sum_over_ramps": epoch_losses,
+        "objective": "cross-entropy" if teacher_logits is None else "kl-from-final-classifier",
     }
 
 
@@ -279,7 +332,9 @@ def _dev_accuracy(model: DeeBert, dev: Dataset, tokenizer: Any, settings: TrainS
 
 
 def train(settings: TrainSettings) -> TrainingLog:
-    """Run both stages and write the checkpoint plus `training_log.json` into `settings.output`."""
+    """Train with `settings.scheme`; write the checkpoint plus `training_log.json` into `settings.output`."""
+    if settings.scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {settings.scheme!r} (known: {', '.join(SCHEMES)})")
     started = time.perf_counter()
     seed_everything(settings.seed)
     log = TrainingLog(settings=asdict(settings))
@@ -320,18 +375,25 @@ def train(settings: TrainSettings) -> TrainingLog:
     if dev is not None:
         log.dev_per_layer_accuracy["after_stage1"] = _dev_accuracy(model, dev, tokenizer, settings)
 
-    before = frozen_fingerprint(model)
-    feature_started = time.perf_counter()
-    features = extract_features(model, encoded, pad_id, batch_size=128, progress=settings.progress)
-    feature_seconds = time.perf_counter() - feature_started
-    log.stage2 = train_stage2(model, features, labels, settings)
-    log.stage2["feature_seconds"] = feature_seconds
-    after = frozen_fingerprint(model)
-    if before != after:
-        raise RuntimeError("stage 2 changed the encoder or the final classifier; they must stay frozen")
-    log.stage2["frozen_weights_bit_identical"] = True
-    if dev is not None:
-        log.dev_per_layer_accuracy["after_stage2"] = _dev_accuracy(model, dev, tokenizer, settings)
+    if settings.scheme in ("two-stage", "distill"):
+        before = frozen_fingerprint(model)
+        feature_started = time.perf_counter()
+        distill = settings.scheme == "distill"
+        features = extract_features(model, encoded, pad_id, batch_size=128, progress=settings.progress, last=distill)
+        teacher = None
+        if distill:
+            with torch.no_grad():
+                teacher = model.final_classifier.classify(features[-1])
+            features = features[:-1]
+        feature_seconds = time.perf_counter() - feature_started
+        log.stage2 = train_stage2(model, features, labels, settings, teacher_logits=teacher)
+        log.stage2["feature_seconds"] = feature_seconds
+        after = frozen_fingerprint(model)
+        if before != after:
+            raise RuntimeError("stage 2 changed the encoder or the final classifier; they must stay frozen")
+        log.stage2["frozen_weights_bit_identical"] = True
+        if dev is not None:
+            log.dev_per_layer_accuracy["after_stage2"] = _dev_accuracy(model, dev, tokenizer, settings)
 
     output = Path(settings.output)
     save_dtype = torch.float16 if settings.save_dtype == "float16" else torch.float32

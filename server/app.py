@@ -9,9 +9,10 @@ import asyncio
 import contextlib
 import gc
 import hmac
+import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,9 +20,11 @@ from typing import Any
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.batcher import Batcher, Row, RowAnswer
+from server.brownout import Brownout
 from server.engine import Engine, RowOutcome, Threshold
 from server.errors import DeeBertError, ErrorType, openapi_errors
 from server.metrics import Metrics
@@ -34,11 +37,13 @@ from server.schemas import (
     PredictScore,
 )
 from server.settings import ServerSettings
+from server.shadow import ShadowSampler
 
 logger = logging.getLogger("deebert.server")
 
 INFERENCE_ROUTES = ("/v1/classify", "/predict")
 THRESHOLD_HEADER = "X-Exit-Threshold"
+DEGRADED_HEADER = "X-Exit-Degraded"
 # Requests with more text than this are tokenized in a worker thread; short ones inline (a thread hop
 # costs more than tokenizing them).
 OFF_LOOP_TOKENIZE_CHARS = 20_000
@@ -56,6 +61,7 @@ class ServerState:
     engine: Engine | None = None
     batcher: Batcher | None = None
     metrics: Metrics | None = None
+    brownout: Brownout[Threshold] | None = None
     ready: bool = False
     draining: bool = False
     load_error: str | None = None
@@ -67,11 +73,24 @@ class ServerState:
         metrics = Metrics(engine.num_layers, engine.name, engine.labels)
         self.metrics = metrics
 
+        self.brownout = make_brownout(self.settings, engine, metrics)
+        shadow = (
+            ShadowSampler(
+                self.settings.shadow_fraction, engine.num_layers, engine.full_depth_labels, metrics.record_agreement
+            )
+            if self.settings.shadow_fraction > 0
+            else None
+        )
+
         def on_answer(row: Row, answer: RowAnswer) -> None:
             outcome: RowOutcome = answer.value
             metrics.record_exit(outcome.exit_layer, outcome.entropy, row.threshold, answer.queue_s, answer.compute_s)
+            if shadow is not None:
+                job = shadow.sample(row.item, outcome.exit_layer, outcome.label_id)
+                if job is not None and not batcher.submit_idle([job]):
+                    metrics.shadow_dropped.inc()
 
-        self.batcher = Batcher(
+        batcher = self.batcher = Batcher(
             engine.run_batch,
             max_batch_size=self.settings.max_batch_size,
             max_wait_s=self.settings.max_wait_ms / 1000,
@@ -79,6 +98,8 @@ class ServerState:
             on_depth=metrics.queue_depth.set,
             on_batch=metrics.record_batch,
             on_answer=on_answer,
+            idle_runner=shadow.compare if shadow is not None else None,
+            max_idle_items=self.settings.max_queue_size,
         )
 
     def serving(self) -> tuple[Engine, Batcher]:
@@ -91,6 +112,27 @@ class ServerState:
         return self.engine, self.batcher
 
 
+def make_brownout(
+    settings: ServerSettings, engine: Engine, metrics: Metrics | None = None
+) -> Brownout[Threshold] | None:
+    """The brownout controller the settings ask for; None when off or when the ceiling would not exit earlier."""
+    if settings.brownout_queue_wait_ms is None:
+        return None
+    try:
+        ceiling = engine.resolve_threshold(settings.brownout_threshold, "DEEBERT_BROWNOUT_THRESHOLD")
+    except DeeBertError as err:
+        raise ValueError(err.message) from None
+    if not engine.exits_earlier(ceiling, engine.default_threshold):
+        logger.warning(
+            "brownout off: its threshold %s does not exit earlier than the default %s",
+            ceiling.value,
+            engine.default_threshold.value,
+        )
+        return None
+    on_change = (lambda active: metrics.brownout_active.set(int(active))) if metrics is not None else None
+    return Brownout(settings.brownout_queue_wait_ms / 1000, ceiling, on_change)
+
+
 # --- errors → HTTP, the one place ------------------------------------------------------------------
 
 
@@ -101,6 +143,8 @@ def error_response(err: DeeBertError) -> JSONResponse:
 def _validation_error(request: Request, exc: RequestValidationError) -> DeeBertError:
     errors = exc.errors()
     content_type = request.headers.get("content-type", "")
+    if isinstance(exc.__cause__, DuplicateKeyError):
+        return DeeBertError(ErrorType.DUPLICATE_KEY, exc.__cause__.msg)
     if any(e.get("type") == "json_invalid" for e in errors):
         ctx: dict[str, Any] = next((e.get("ctx", {}) for e in errors if e.get("type") == "json_invalid"), {})
         return DeeBertError(
@@ -156,6 +200,62 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unexpected error on %s", request.url.path)
         return error_response(DeeBertError(ErrorType.INTERNAL, "internal error; the server logged the details"))
+
+
+# --- JSON bodies: a key given twice is refused, not silently overwritten ---------------------------
+
+
+class DuplicateKeyError(json.JSONDecodeError):
+    """A JSON object names the same key twice (at any depth); json.loads would keep the last one silently."""
+
+
+class _RepeatedKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _object_with_unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Called by the C parser once per object; normal bodies hold one object, so this costs ~1 µs a request.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _RepeatedKey(key)
+            seen.add(key)
+    return obj
+
+
+def parse_json_body(body: bytes) -> Any:
+    """`json.loads`, except that an object with a repeated key raises DuplicateKeyError naming the key."""
+    try:
+        return json.loads(body, object_pairs_hook=_object_with_unique_keys)
+    except _RepeatedKey as repeated:
+        key = repeated.key if len(repeated.key) <= 60 else repeated.key[:60] + "..."
+        message = f"duplicate key {key!r} in a JSON object; give each key once"
+        raise DuplicateKeyError(message, body.decode("utf-8", "replace"), 0) from None
+
+
+class StrictJsonRequest(Request):
+    """A request whose JSON body is parsed by `parse_json_body` (FastAPI turns its errors into validation errors)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = parse_json_body(await self.body())
+        return self._json
+
+
+class StrictJsonRoute(APIRoute):
+    """Routes whose handlers see a `StrictJsonRequest`; the body is still parsed exactly once."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict_handler(request: Request) -> Response:
+            return await handler(StrictJsonRequest(request.scope, request.receive))
+
+        return strict_handler
 
 
 # --- middleware: body limit, request metrics, in-flight gauge --------------------------------------
@@ -293,6 +393,7 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
         lifespan=lifespan,
         responses=openapi_errors(ErrorType.INTERNAL),
     )
+    app.router.route_class = StrictJsonRoute
     app.state.deebert = state
     install_error_handlers(app)
     app.add_middleware(ServingMiddleware, state=state)  # type: ignore[arg-type]
@@ -320,6 +421,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
 
     inference_errors = openapi_errors(
         ErrorType.MALFORMED_JSON,
+        ErrorType.DUPLICATE_KEY,
         ErrorType.UNAUTHORIZED,
         ErrorType.TOO_MANY_TEXTS,
         ErrorType.UNSUPPORTED_MEDIA_TYPE,
@@ -336,14 +438,17 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
     threshold_header = Header(
         None,
         alias=THRESHOLD_HEADER,
-        description="entropy threshold for this request (number >= 0, 0 = full depth) or a preset name; the body's "
+        description="threshold for this request, of the model's exit criterion (DeeBERT entropy: a number >= 0, "
+        "0 = full depth) or a preset name; the body's "
         "`threshold` wins over it",
     )
 
     async def answer(
-        request: Request, texts: list[str], pairs: list[str] | None, threshold: Threshold, truncate: bool
-    ) -> tuple[list[RowOutcome], dict[str, str]]:
-        """Tokenize, queue, and wait for every text's answer; timing headers in milliseconds."""
+        request: Request, texts: list[str], pairs: list[str] | None, threshold: Threshold, truncate: bool, pinned: bool
+    ) -> tuple[list[RowOutcome], dict[str, str], Threshold]:
+        """Tokenize, queue, and wait for every text's answer; timing headers in milliseconds.
+
+        Returns the threshold actually applied: under brownout, an unpinned request gets the ceiling."""
         started = time.perf_counter()
         engine, batcher = state.serving()
         if len(texts) > settings.max_texts_per_request:
@@ -365,6 +470,11 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             encoded = await asyncio.to_thread(engine.encode, texts, pairs, truncate)
         else:
             encoded = engine.encode(texts, pairs, truncate)
+        degraded = None
+        if state.brownout is not None:
+            degraded = state.brownout.threshold_for(pinned, batcher.queue_wait_s, drained=not batcher.busy)
+            if degraded is not None:
+                threshold = degraded
         futures = batcher.submit(encoded, [threshold.value] * len(encoded))
         answers = await _wait_or_disconnect(request, futures)
         outcomes = [a.value for a in answers]
@@ -375,7 +485,11 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             "X-Compute-Time": f"{1000 * max(a.compute_s for a in answers):.3f}",
             "X-Total-Time": f"{1000 * (time.perf_counter() - started):.3f}",
         }
-        return outcomes, headers
+        if degraded is not None:
+            headers[DEGRADED_HEADER] = "true"
+            if state.metrics is not None:
+                state.metrics.record_degraded()
+        return outcomes, headers, threshold
 
     @app.post(
         "/v1/classify",
@@ -394,7 +508,8 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             threshold = engine.resolve_threshold(body.threshold, "body threshold")
         else:
             threshold = engine.resolve_threshold(x_exit_threshold, f"{THRESHOLD_HEADER} header")
-        outcomes, headers = await answer(request, texts, pairs, threshold, body.truncate)
+        pinned = body.threshold is not None or x_exit_threshold is not None
+        outcomes, headers, threshold = await answer(request, texts, pairs, threshold, body.truncate, pinned)
         labels = engine.labels
         results = []
         for o in outcomes:
@@ -430,7 +545,8 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         engine, _ = state.serving()
         texts, pairs, batched = body.normalized(pair_model=engine.is_pair_task)
         threshold = engine.resolve_threshold(x_exit_threshold, f"{THRESHOLD_HEADER} header")
-        outcomes, headers = await answer(request, texts, pairs, threshold, body.truncate)
+        pinned = x_exit_threshold is not None
+        outcomes, headers, _ = await answer(request, texts, pairs, threshold, body.truncate, pinned)
         labels = engine.labels
         scored = [
             [{"label": labels[i], "score": p} for i, p in sorted(enumerate(o.probabilities), key=lambda ip: -ip[1])]
@@ -448,6 +564,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             num_layers=engine.num_layers,
             max_length=engine.max_length,
             pooling=engine.config.pooling,
+            exit_criterion=engine.config.exit_criterion,
             default_threshold=engine.default_threshold.value,
             default_threshold_name=engine.default_threshold.preset,
             presets=engine.presets,  # type: ignore[arg-type]
@@ -457,22 +574,45 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             max_texts_per_request=settings.max_texts_per_request,
         )
 
-    @app.get("/health/live", response_model=HealthStatus, tags=["health"])
+    # Health and metrics are exempt from the API key unless configured: probes and scrapers rarely hold secrets.
+    health_guard = [Depends(require_api_key)] if settings.api_key_health else []
+    health_errors = (ErrorType.UNAUTHORIZED,) if settings.api_key_health else ()
+    metrics_guard = [Depends(require_api_key)] if settings.api_key_metrics else []
+    metrics_errors = (ErrorType.UNAUTHORIZED,) if settings.api_key_metrics else ()
+
+    @app.get(
+        "/health/live",
+        response_model=HealthStatus,
+        dependencies=health_guard,
+        responses=openapi_errors(*health_errors),
+        tags=["health"],
+    )
     async def live() -> HealthStatus:
         return HealthStatus(status="alive")
 
     @app.get(
         "/health/ready",
         response_model=HealthStatus,
-        responses=openapi_errors(ErrorType.NOT_READY, ErrorType.SHUTTING_DOWN),
+        dependencies=health_guard,
+        responses=openapi_errors(*health_errors, ErrorType.NOT_READY, ErrorType.SHUTTING_DOWN),
         tags=["health"],
     )
     async def ready() -> HealthStatus:
         state.serving()
         return HealthStatus(status="ready")
 
-    @app.get("/metrics", response_class=Response, tags=["health"], summary="Prometheus metrics")
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        dependencies=metrics_guard,
+        responses=openapi_errors(*metrics_errors),
+        tags=["health"],
+        summary="Prometheus metrics",
+    )
     async def metrics() -> Response:
+        if state.brownout is not None and state.batcher is not None:
+            # Brownout's state moves on request arrival; a scrape of an idle server must not see a stale 1.
+            state.brownout.update(state.batcher.queue_wait_s, drained=not state.batcher.busy)
         body = state.metrics.render() if state.metrics is not None else b"# model loading\n"
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 

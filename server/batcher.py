@@ -3,6 +3,10 @@
 No web framework and no model here: the runner is any function that takes the batch's items and
 thresholds and reports each row as it finishes (`on_exit`), from a worker thread. Rows are answered
 the moment the runner reports them, not when their batch ends.
+
+A second, low-priority queue (`submit_idle`) holds background items for `idle_runner` (shadow
+full-depth runs): they go to the same worker thread only while no text waits, so they never hold an
+answer back by more than one idle chunk, and under sustained load they are simply refused.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +24,8 @@ from typing import Any, Protocol
 
 from server.errors import DeeBertError, ErrorType
 
+logger = logging.getLogger("deebert.batcher")
+
 
 class Sized(Protocol):
     def __len__(self) -> int: ...
@@ -26,6 +33,8 @@ class Sized(Protocol):
 
 # runner(items, thresholds, on_exit): runs one batch; calls on_exit(row_index, value) as rows finish.
 Runner = Callable[[list[Any], list[float], Callable[[int, Any], None]], None]
+# idle_runner(items): background work on the worker thread, only while no text waits.
+IdleRunner = Callable[[list[Any]], None]
 
 
 @dataclass
@@ -63,6 +72,9 @@ class Batcher:
         on_depth: Callable[[int], None] | None = None,
         on_batch: Callable[[int], None] | None = None,
         on_answer: Callable[[Row, RowAnswer], None] | None = None,
+        idle_runner: IdleRunner | None = None,
+        max_idle_items: int = 256,
+        idle_chunk_size: int = 8,
     ) -> None:
         self._runner = runner
         self.max_batch_size = max_batch_size
@@ -80,6 +92,11 @@ class Batcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._rows_per_s = 0.0
+        self._last_wait_s = 0.0
+        self._idle_runner = idle_runner
+        self.max_idle_items = max_idle_items
+        self.idle_chunk_size = idle_chunk_size
+        self._idle_items: list[Any] = []
 
     # --- producer side ---------------------------------------------------------------------------
 
@@ -91,6 +108,28 @@ class Batcher:
     @property
     def busy(self) -> bool:
         return bool(self._queue) or self._running_rows > 0
+
+    @property
+    def queue_wait_s(self) -> float:
+        """How long texts wait now: the longest wait in the last batch taken, or the oldest waiting text's age
+        if longer; 0 once the queue has drained (nothing queued or running)."""
+        if not self.busy:
+            return 0.0
+        oldest = time.perf_counter() - self._queue[0].enqueued_at if self._queue else 0.0
+        return max(self._last_wait_s, oldest)
+
+    @property
+    def idle_depth(self) -> int:
+        """Background items waiting for an idle moment."""
+        return len(self._idle_items)
+
+    def submit_idle(self, items: Sequence[Any]) -> bool:
+        """Queue background items for `idle_runner` (all or none); False when that queue is full or closed."""
+        if self._idle_runner is None or self._closed or len(self._idle_items) + len(items) > self.max_idle_items:
+            return False
+        self._idle_items.extend(items)
+        self._wakeup.set()
+        return True
 
     def submit(self, items: Sequence[Sized], thresholds: Sequence[float]) -> list[asyncio.Future[RowAnswer]]:
         """Queue a request's texts (all or none); 429 when the queue cannot take them all."""
@@ -142,6 +181,9 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
+                if self._idle_items and not self._closed:
+                    await self._run_idle(loop)
+                    continue
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -161,6 +203,16 @@ class Batcher:
                     rate = len(batch) / elapsed
                     self._rows_per_s = rate if self._rows_per_s == 0 else 0.8 * self._rows_per_s + 0.2 * rate
                 self._update_idle()
+
+    async def _run_idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Small chunks: a text that arrives meanwhile waits for at most one chunk.
+        chunk = self._idle_items[: self.idle_chunk_size]
+        del self._idle_items[: self.idle_chunk_size]
+        assert self._idle_runner is not None
+        try:
+            await loop.run_in_executor(self._executor, self._idle_runner, chunk)
+        except Exception:  # background work must never stop the batcher
+            logger.exception("idle work failed; %d items dropped", len(chunk))
 
     async def _wait_to_fill(self) -> None:
         """Wait until the batch is full or the oldest text has waited `max_wait_s`."""
@@ -194,6 +246,8 @@ class Batcher:
             batch = by_length[best_start : best_start + size]
         taken = set(map(id, batch))
         self._queue = [row for row in self._queue if id(row) not in taken and not row.future.done()]
+        if batch:
+            self._last_wait_s = time.perf_counter() - min(row.enqueued_at for row in batch)
         self._on_depth(len(self._queue))
         return batch
 
@@ -225,6 +279,7 @@ class Batcher:
 
     def _update_idle(self) -> None:
         if not self.busy:
+            self._last_wait_s = 0.0
             self._idle.set()
 
     # --- shutdown --------------------------------------------------------------------------------
@@ -232,6 +287,7 @@ class Batcher:
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new texts, finish the queued and running ones; True when all finished in time."""
         self._closed = True
+        self._idle_items.clear()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
             return True

@@ -7,7 +7,6 @@ It loads the checkpoint onto the chosen device, tokenizes (before the queue), re
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -38,7 +37,7 @@ class RowOutcome:
 
 @dataclass(frozen=True)
 class Threshold:
-    """A resolved entropy threshold, with the preset name it came from (if any)."""
+    """A resolved threshold of the exit criterion, with the preset name it came from (if any)."""
 
     value: float
     preset: str | None = None
@@ -151,10 +150,11 @@ class Engine:
                 raise EngineLoadError(f"DEEBERT_DEFAULT_THRESHOLD: {err.message}") from err
         if any(p.name == FALLBACK_DEFAULT_PRESET for p in self.config.presets):
             return self.resolve_threshold(FALLBACK_DEFAULT_PRESET)
-        return Threshold(0.0)
+        return Threshold(self.config.criterion.full_depth)
 
     def resolve_threshold(self, value: float | int | str | None, source: str = "threshold") -> Threshold:
-        """A number >= 0 or a preset name → the entropy threshold; 422 naming what to fix otherwise."""
+        """A number or a preset name → a threshold of the checkpoint's exit criterion (DeeBERT: entropy,
+        a number >= 0); 422 naming what to fix otherwise."""
         if value is None:
             return self.default_threshold
         try:
@@ -196,11 +196,28 @@ class Engine:
                     RowOutcome(exits.labels[position], exits.layer, exits.entropies[position], probabilities[position]),
                 )
 
+    def full_depth_labels(self, items: list[Encoded]) -> list[int]:
+        """Each text's label at full depth (shadow sampling), through the same path as a full-depth request."""
+        labels = [0] * len(items)
+
+        def keep(row: int, outcome: RowOutcome) -> None:
+            labels[row] = outcome.label_id
+
+        self.run_batch(items, [self.config.criterion.full_depth] * len(items), keep)
+        return labels
+
+    def exits_earlier(self, first: Threshold, second: Threshold) -> bool:
+        """True when `first` makes rows leave earlier than `second` under the checkpoint's exit criterion."""
+        rule = self.config.criterion
+        return rule.aggressiveness(first.value) > rule.aggressiveness(second.value)
+
     def warmup(self) -> None:
         """Run the code paths a request takes (batch 1 and full batches, exits early and late)."""
         texts = ["warm up", "a longer warm-up text " * 8]
         pairs = ["warm up"] * len(texts) if self.is_pair_task else None
         encoded = self.encode(texts, pairs, truncate=True)
-        for thresholds in ([0.0, 0.0], [math.log(len(self.labels)) + 1, 0.0], [0.1, 0.3]):
+        rule = self.config.criterion
+        full, earliest = rule.full_depth, rule.exits_at_first_layer(len(self.labels))
+        for thresholds in ([full, full], [earliest, full], [earliest, earliest]):
             self.run_batch(encoded, thresholds, lambda row, outcome: None)
             self.run_batch(encoded[:1], thresholds[:1], lambda row, outcome: None)

@@ -12,6 +12,7 @@ class ErrorType(StrEnum):
     """Every way a request can fail; the value is the `error_type` clients see."""
 
     MALFORMED_JSON = "malformed_json"
+    DUPLICATE_KEY = "duplicate_key"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     VALIDATION = "validation"
     EMPTY_INPUT = "empty_input"
@@ -36,6 +37,8 @@ class ErrorType(StrEnum):
 
 STATUS: dict[ErrorType, int] = {
     ErrorType.MALFORMED_JSON: HTTPStatus.BAD_REQUEST,
+    # RFC 8259 leaves a repeated name's meaning to the parser; we refuse to guess which value was meant.
+    ErrorType.DUPLICATE_KEY: HTTPStatus.BAD_REQUEST,
     ErrorType.UNSUPPORTED_MEDIA_TYPE: HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
     ErrorType.VALIDATION: HTTPStatus.UNPROCESSABLE_ENTITY,
     ErrorType.EMPTY_INPUT: HTTPStatus.UNPROCESSABLE_ENTITY,

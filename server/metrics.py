@@ -99,6 +99,24 @@ class Metrics:
         self.layers_possible = Counter(
             "deebert_layers_possible", "Layers a full-depth pass would run (n per text)", registry=r
         )
+        self.degraded = Counter(
+            "deebert_degraded", "Requests answered at the brownout threshold (X-Exit-Degraded: true)", registry=r
+        )
+        self.brownout_active = Gauge(
+            "deebert_brownout_active", "1 while brownout raises the threshold of unpinned requests", registry=r
+        )
+        self.exit_agreement = Counter(
+            "deebert_exit_agreement",
+            "Shadow-sampled texts whose early-exit label equals the full-depth label (agree=true) or not",
+            ["agree"],
+            registry=r,
+        )
+        self.shadow_dropped = Counter(
+            "deebert_shadow_dropped", "Shadow-sampled texts dropped because the shadow queue was full", registry=r
+        )
+        # Both label values from the start, so rate() over them exists before the first disagreement.
+        for agree in ("true", "false"):
+            self.exit_agreement.labels(agree=agree)
         self.info = Info("deebert_model", "The served model", registry=r)
         self.info.info({"model": model_name, "num_layers": str(num_layers), "labels": ",".join(labels)})
         self._executed = 0
@@ -125,6 +143,14 @@ class Metrics:
         self._executed += exit_layer
         self._possible += self.num_layers
         self.saving_ratio.set(1.0 - self._executed / self._possible)
+
+    def record_degraded(self) -> None:
+        """One request answered at the brownout threshold."""
+        self.degraded.inc()
+
+    def record_agreement(self, agree: bool) -> None:
+        """One shadow-sampled text: did its early-exit label equal the full-depth label?"""
+        self.exit_agreement.labels(agree="true" if agree else "false").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)  # type: ignore[no-any-return]

@@ -10,7 +10,10 @@ from server.errors import DeeBertError, ErrorType
 
 ThresholdValue = Annotated[
     StrictFloat | StrictInt | StrictStr,
-    Field(description="entropy threshold (number >= 0, 0 = full depth) or a preset name such as 'balanced'"),
+    Field(
+        description="threshold of the model's exit criterion (DeeBERT entropy: a number >= 0, 0 = full depth) "
+        "or a preset name such as 'balanced'"
+    ),
 ]
 
 
@@ -65,7 +68,7 @@ class ClassifyResult(BaseModel):
 
 class ClassifyResponse(BaseModel):
     model: str
-    threshold: float = Field(description="the entropy threshold that was applied")
+    threshold: float = Field(description="the threshold that was applied (of the model's exit criterion)")
     num_layers: int
     results: list[ClassifyResult]
 
@@ -125,6 +128,7 @@ class ModelInfo(BaseModel):
     num_layers: int
     max_length: int
     pooling: str
+    exit_criterion: str = Field(description="what thresholds mean: entropy (DeeBERT), max-prob or patience")
     default_threshold: float
     default_threshold_name: str | None
     presets: list[PresetInfo]

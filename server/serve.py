@@ -11,7 +11,7 @@ from typing import Any
 
 import uvicorn
 
-from server.app import create_app
+from server.app import create_app, make_brownout
 from server.engine import Engine, EngineLoadError
 from server.settings import ServerSettings
 
@@ -54,6 +54,11 @@ def serve(settings: ServerSettings) -> int:
     try:
         engine = Engine.load(settings)
     except EngineLoadError as err:
+        logger.error("%s", err)
+        return 2
+    try:
+        make_brownout(settings, engine)  # a bad brownout threshold fails here, not as a server never ready
+    except ValueError as err:
         logger.error("%s", err)
         return 2
     app = create_app(settings, engine)

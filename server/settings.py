@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -41,10 +41,39 @@ class ServerSettings(BaseSettings):
         None, description="threshold when a request sets none: a number or preset name (default: balanced)"
     )
     api_key: SecretStr | None = Field(None, description="if set, inference routes require 'Authorization: Bearer'")
+    api_key_metrics: bool = Field(
+        False, description="GET /metrics requires the API key too (default: exempt, so scrapers need no secret)"
+    )
+    api_key_health: bool = Field(
+        False, description="/health/live and /health/ready require the API key too (default: exempt, for probes)"
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="larger request bodies get 413 before parsing")
     compaction: bool = Field(
         True, description="remove exited rows from the batch; false keeps them in (masked), for benchmarks only"
     )
     warmup: bool = Field(True, description="run warm-up batches before reporting ready")
     drain_timeout_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for accepted work")
+    brownout_queue_wait_ms: float | None = Field(
+        None,
+        gt=0,
+        description="brownout: while texts wait longer than this in the queue, requests that set no threshold get "
+        "brownout_threshold (marked X-Exit-Degraded: true) until the queue drains; unset = off",
+    )
+    brownout_threshold: str = Field(
+        "fast", description="brownout ceiling: a number or preset name, used only if it exits earlier than the default"
+    )
+    shadow_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of answered texts also run to full depth while the batcher is idle, counting in "
+        "deebert_exit_agreement_total whether the labels agree; 0 = off",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @model_validator(mode="after")
+    def _scope_needs_a_key(self) -> ServerSettings:
+        # Asking to protect /metrics or health without a key would leave them open while looking protected.
+        if (self.api_key_metrics or self.api_key_health) and self.api_key is None:
+            raise ValueError("api_key_metrics / api_key_health protect routes with api_key; set DEEBERT_API_KEY too")
+        return self

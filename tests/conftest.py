@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import BertTokenizerFast
 
 from model.modeling import DeeBert
@@ -40,3 +42,12 @@ def tiny_checkpoint(tmp_path: Path, tokenizer: BertTokenizerFast) -> Path:
     directory = tmp_path / "tiny-checkpoint"
     model.save_pretrained(directory, tokenizer=tokenizer)
     return directory
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread for the test: two threads on two shared cores make batches tens of times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -139,3 +139,78 @@ async def test_drain_finishes_accepted_work_and_refuses_new() -> None:
     assert await drain is True
     assert [f.result().value[0] for f in accepted] == ["a", "b", "c"]
     await batcher.stop()
+
+
+class IdleLog:
+    """A fake idle runner that records each chunk it ran and what the main queue looked like then."""
+
+    def __init__(self, runner: FakeRunner) -> None:
+        self.runner = runner
+        self.chunks: list[list[str]] = []
+        self.main_batches_before: list[int] = []
+        self.done = threading.Event()
+
+    def __call__(self, items: list[Any]) -> None:
+        self.chunks.append(list(items))
+        self.main_batches_before.append(len(self.runner.batches))
+        self.done.set()
+
+
+async def test_idle_work_runs_only_after_the_waiting_texts_in_small_chunks() -> None:
+    runner = FakeRunner(blocked=True)
+    idle = IdleLog(runner)
+    batcher = Batcher(runner, max_batch_size=2, max_wait_s=0.0, max_queue_size=10, idle_runner=idle, idle_chunk_size=2)
+    batcher.start()
+    first = batcher.submit([Text("a")], [0.0])
+    await asyncio.to_thread(runner.started.wait, 5)
+    assert batcher.submit_idle(["s1", "s2", "s3"])
+    queued = batcher.submit([Text("b"), Text("c"), Text("d")], [0.0] * 3)
+    runner.release.set()
+    await asyncio.gather(*first, *queued)
+    await asyncio.to_thread(idle.done.wait, 5)
+    for _ in range(100):
+        if batcher.idle_depth == 0 and len(idle.chunks) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert idle.chunks == [["s1", "s2"], ["s3"]]
+    assert idle.main_batches_before[0] == len(runner.batches) == 3, "idle work waits for every queued text"
+    await batcher.stop()
+
+
+async def test_idle_queue_is_bounded_refused_without_a_runner_and_cleared_by_drain() -> None:
+    runner = FakeRunner(blocked=True)
+    idle = IdleLog(runner)
+    without = Batcher(runner, max_batch_size=1, max_wait_s=0.0, max_queue_size=10)
+    assert not without.submit_idle(["x"]), "no idle runner: nothing to queue for"
+    batcher = Batcher(runner, max_batch_size=1, max_wait_s=0.0, max_queue_size=10, idle_runner=idle, max_idle_items=2)
+    batcher.start()
+    busy = batcher.submit([Text("a")], [0.0])
+    await asyncio.to_thread(runner.started.wait, 5)
+    assert batcher.submit_idle(["s1", "s2"]) and not batcher.submit_idle(["s3"])
+    drain = asyncio.create_task(batcher.drain(timeout_s=10))
+    await asyncio.sleep(0.01)
+    assert batcher.idle_depth == 0 and not batcher.submit_idle(["s4"])
+    runner.release.set()
+    assert await drain is True and len(await asyncio.gather(*busy)) == 1
+    await batcher.stop()
+    assert idle.chunks == [], "background work never delays a shutdown"
+
+
+async def test_queue_wait_is_the_oldest_wait_and_zero_once_drained() -> None:
+    runner = FakeRunner(blocked=True)
+    batcher = Batcher(runner, max_batch_size=1, max_wait_s=0.0, max_queue_size=10)
+    assert batcher.queue_wait_s == 0.0
+    batcher.start()
+    first = batcher.submit([Text("a")], [0.0])
+    await asyncio.to_thread(runner.started.wait, 5)
+    waiting = batcher.submit([Text("b")], [0.0])
+    await asyncio.sleep(0.05)
+    assert batcher.queue_wait_s >= 0.05, "a text waiting behind a running batch counts from its arrival"
+    runner.release.set()
+    await asyncio.gather(*first, *waiting)
+    for _ in range(100):
+        if not batcher.busy:
+            break
+        await asyncio.sleep(0.01)
+    assert batcher.queue_wait_s == 0.0
+    await batcher.stop()

@@ -32,7 +32,7 @@ def test_calibrate_then_evaluate_writes_the_report(tiny_checkpoint: Path, tmp_pa
     assert {0.0, 0.1, presets["fast"].threshold, 10.0} <= set(thresholds) and thresholds == sorted(thresholds)
     assert all(p["threshold"] in thresholds and p["measured_saving"] is not None for p in report["presets"])
     for point in report["sweep"]:
-        assert set(point) == {"threshold", "accuracy", "expected_saving", "measured_saving", "exit_counts"}
+        assert set(point) == {"threshold", "accuracy", "expected_saving", "measured_saving", "exit_counts", "f1"}
         assert sum(point["exit_counts"]) == 40
     assert report["sweep"][0]["exit_counts"] == [0, 0, 0, 40] and report["sweep"][0]["expected_saving"] == 0.0
     assert report["sweep"][-1]["exit_counts"] == [40, 0, 0, 0] and report["sweep"][-1]["expected_saving"] == 0.75
@@ -44,6 +44,28 @@ def test_calibrate_then_evaluate_writes_the_report(tiny_checkpoint: Path, tmp_pa
                  "fig4_per_layer_accuracy.png", "fig6_exit_distribution.png"):  # fmt: skip
         assert (out / name).stat().st_size > 0
     assert (out / "sweep.csv").read_text().splitlines()[0].startswith("threshold,accuracy,expected_saving")
+
+
+def test_calibrate_and_evaluate_another_exit_criterion(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    dev = write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], sentiment_rows(40))
+    out = tmp_path / "eval"
+    args = ["--checkpoint", str(tiny_checkpoint), "--data", str(dev), "--no-progress"]
+    # Evaluating another criterion leaves the checkpoint alone and reports no (entropy) presets.
+    assert main(["evaluate", *args, "--criterion", "max-prob", "--output", str(out), "--timing-samples", "3"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["exit_criterion"] == "max-prob" and report["presets"] == []
+    assert report["sweep"][0]["threshold"] == 1.0 and report["sweep"][0]["expected_saving"] == 0.0
+    assert [c["name"] for c in report["calibrated_on_this_data"]] == ["lossless", "balanced", "fast"]
+    assert load_model(tiny_checkpoint).config.exit_criterion == "entropy"
+    # Calibrating it makes it the checkpoint's criterion, with whole-number patience presets.
+    assert main(["calibrate", *args, "--criterion", "patience"]) == 0
+    config = load_model(tiny_checkpoint).config
+    assert config.exit_criterion == "patience"
+    assert all(float(p.threshold).is_integer() for p in config.presets)
+    assert main(["evaluate", *args, "--output", str(out), "--thresholds", "0,2,balanced", "--timing-samples", "3"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["exit_criterion"] == "patience" and len(report["presets"]) == 3
+    assert main(["evaluate", *args, "--output", str(out), "--thresholds", "1.5"]) == 2  # not a whole number
 
 
 def test_cli_errors_are_clear_and_exit_2(

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import exit_rule
-from model.calibrate import calibrate, candidate_thresholds
+from model.calibrate import calibrate
 from model.evaluate import oracle, per_layer_accuracy, simulate
 
 
@@ -28,23 +28,97 @@ def test_entropy_is_stable_and_in_nats() -> None:
     torch.testing.assert_close(probabilities[0], torch.tensor([0.5, 0.5]))
 
 
+ENTROPY = exit_rule.get_criterion("entropy")
+
+
 def test_exit_rule_is_strictly_below_the_threshold() -> None:
     entropy = torch.tensor([0.1, 0.2, 0.0])
-    assert exit_rule.exits(entropy, torch.tensor([0.2, 0.2, 0.0])).tolist() == [True, False, False]
+    leaving, _ = ENTROPY.step(torch.empty(3, 2), entropy, torch.tensor([0.2, 0.2, 0.0]), None)
+    assert leaving.tolist() == [True, False, False]
 
 
 def test_first_exit_layers_for_rows_and_sweeps() -> None:
     entropies = torch.tensor([[0.5, 0.1], [0.2, 0.6], [0.4, 0.4]])  # [layers=3, samples=2]
-    assert exit_rule.first_exit_layers(entropies, torch.tensor([0.3, 0.3])).tolist() == [1, 0]
-    assert exit_rule.first_exit_layers(entropies, torch.tensor([0.0, 0.0])).tolist() == [2, 2]
-    sweep = exit_rule.first_exit_layers(entropies, torch.tensor([[0.0], [0.3], [1.0]]))
+    probabilities = torch.full((3, 2, 2), 0.5)
+    assert ENTROPY.first_exit_layers(probabilities, entropies, torch.tensor([0.3, 0.3])).tolist() == [1, 0]
+    assert ENTROPY.first_exit_layers(probabilities, entropies, torch.tensor([0.0, 0.0])).tolist() == [2, 2]
+    sweep = ENTROPY.first_exit_layers(probabilities, entropies, torch.tensor([[0.0], [0.3], [1.0]]))
     assert sweep.tolist() == [[2, 2], [1, 0], [0, 0]]
 
 
 @pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf"), "0.3", True])
 def test_invalid_thresholds_are_refused(value: object) -> None:
     with pytest.raises(ValueError):
-        exit_rule.validate_threshold(value)  # type: ignore[arg-type]
+        ENTROPY.validate(value)
+
+
+def _layers(*rows_per_layer: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities [layers, samples, labels] from hand-made logits, and their entropies."""
+    probabilities, entropies = exit_rule.entropy_from_logits(torch.tensor(rows_per_layer))
+    return probabilities, entropies
+
+
+# Four layers, three samples, two labels; each sample's logits by layer, written by hand:
+#   sample 0: confident label 0 from layer 1 on
+#   sample 1: label flips 1, 0, 0, 0 — unsure at first, then settles
+#   sample 2: flips every layer (1, 0, 1, 0) and never gets confident
+HAND_MADE = _layers(
+    [[4.0, -4.0], [0.2, 0.6], [0.1, 0.3]],
+    [[4.0, -4.0], [0.5, 0.0], [0.3, 0.1]],
+    [[4.0, -4.0], [3.0, -3.0], [0.1, 0.3]],
+    [[4.0, -4.0], [3.0, -3.0], [0.3, 0.1]],
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "threshold", "expected_layers"),
+    [
+        ("entropy", 0.0, [4, 4, 4]),  # full depth
+        ("entropy", 0.1, [1, 3, 4]),  # H(±4) ≈ 0.003, H(±3) ≈ 0.015, the rest > 0.6
+        ("entropy", 10.0, [1, 1, 1]),
+        ("max-prob", 1.0, [4, 4, 4]),  # full depth
+        ("max-prob", 0.99, [1, 3, 4]),  # softmax(±4) ≈ 0.9997, softmax(±3) ≈ 0.9975, the rest < 0.65
+        ("max-prob", 0.6, [1, 2, 4]),  # softmax(0.5, 0) ≈ 0.62 at layer 2
+        ("max-prob", 0.0, [1, 1, 1]),
+        ("patience", 0.0, [4, 4, 4]),  # full depth
+        ("patience", 1.0, [1, 1, 1]),  # one layer agrees with itself
+        ("patience", 2.0, [2, 3, 4]),  # sample 1: labels 1, 0, 0 → two in a row at layer 3
+        ("patience", 3.0, [3, 4, 4]),
+        ("patience", 9.0, [4, 4, 4]),
+    ],
+)
+def test_criteria_on_hand_made_logit_sequences(name: str, threshold: float, expected_layers: list[int]) -> None:
+    probabilities, entropies = HAND_MADE
+    rule = exit_rule.get_criterion(name)
+    per_row = rule.first_exit_layers(probabilities, entropies, torch.tensor([threshold] * 3)) + 1
+    assert per_row.tolist() == expected_layers
+    # A sweep row gives the same as per-row thresholds.
+    sweep = rule.first_exit_layers(probabilities, entropies, torch.tensor([[rule.full_depth], [threshold]])) + 1
+    assert sweep.tolist() == [[4, 4, 4], expected_layers]
+
+
+@pytest.mark.parametrize(
+    ("name", "bad"),
+    [("max-prob", 1.5), ("max-prob", -0.1), ("patience", 1.5), ("patience", -1.0), ("entropy", -1.0)],
+)
+def test_each_criterion_refuses_thresholds_outside_its_range(name: str, bad: float) -> None:
+    with pytest.raises(ValueError):
+        exit_rule.get_criterion(name).validate(bad)
+
+
+def test_unknown_criterion_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="entropy, max-prob, patience"):
+        exit_rule.get_criterion("vibes")
+
+
+@pytest.mark.parametrize("name", ["entropy", "max-prob", "patience"])
+def test_full_depth_threshold_never_exits_early_and_can_be_skipped(name: str) -> None:
+    rule = exit_rule.get_criterion(name)
+    assert not rule.can_exit_early(torch.tensor([rule.full_depth, rule.full_depth]))
+    assert rule.can_exit_early(torch.tensor([rule.full_depth, rule.exits_at_first_layer(2)]))
+    probabilities, entropies = HAND_MADE
+    first = rule.first_exit_layers(probabilities, entropies, torch.tensor([rule.exits_at_first_layer(2)] * 3))
+    assert first.tolist() == [0, 0, 0]
 
 
 def _hand_made() -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -86,7 +160,7 @@ def test_calibration_picks_the_largest_threshold_within_each_tolerance() -> None
         assert point.accuracy >= full - preset.max_accuracy_drop - 1e-12  # type: ignore[operator]
         assert preset.accuracy == pytest.approx(point.accuracy)
         # Every larger threshold that changes an exit breaks the tolerance.
-        larger = [t for t in candidate_thresholds(entropies) if t > preset.threshold]
+        larger = [t for t in ENTROPY.candidates(probs, entropies) if t > preset.threshold]
         for point in simulate(probs, entropies, labels, larger):
             assert point.accuracy < full - preset.max_accuracy_drop  # type: ignore[operator]
     assert presets["fast"].threshold >= presets["lossless"].threshold

@@ -290,3 +290,146 @@ def test_bench_quick_writes_markdown_json_and_plots(checkpoint: Path, data_file:
     for name in ("latency_throughput.png", "batch1_saving.png"):
         assert (results / name).stat().st_size > 1000
         assert f"results/{name}" in text
+
+
+# --- deebert reliability: the report logic (the runs themselves are documented, not tested) -------------
+
+
+def _record(status: str, latency_s: float, sent_at: float, **extra: Any) -> RequestRecord:
+    return RequestRecord(status, latency_s, 1, None, sent_at=sent_at, **extra)
+
+
+def _reliability_report(mode: str, records: list[RequestRecord], **overrides: Any) -> dict[str, Any]:
+    from loadtest.reliability import ReliabilitySettings, classify_records, latency_bound_ms, windows
+
+    settings = ReliabilitySettings(mode=mode, duration=5)  # type: ignore[arg-type]
+    mib = 2**20
+    probe = {"requests": 10, "ok": 10, "statuses": {"200": 10}, "p50_ms": 8.0, "p99_ms": 12.0}
+    state = {"ready_status": 200, "queue_depth": 0.0, "inflight_requests": 0.0, "probe": probe}
+    report: dict[str, Any] = {
+        "mode": mode,
+        "command": settings.command_line(),
+        "settings": {"idle": 5.0, "threshold": None, "window": 1.0},
+        "machine": {"cpu": "Test CPU", "cpu_count": 2, "cpus_usable": 2, "versions": {"torch": "2.13.0"}},
+        "started": "2026-01-01T00:00:00+00:00",
+        "finished": "2026-01-01T00:01:00+00:00",
+        "server_env": {"DEEBERT_MAX_QUEUE_SIZE": "64"},
+        "model": {"model": "tiny", "num_layers": 4},
+        "capacity": {"throughput_rps": 100.0, "concurrency": 32, "duration_s": 10.0},
+        "service_time": {"batch_size": 8, "samples": 20, "p50_ms": 10.0, "p90_ms": 11.0},
+        "latency_bound": {
+            "max_queue_size": 64,
+            "max_batch_size": 8,
+            "full_batch_ms": 10.0,
+            "bound_ms": latency_bound_ms(64, 8, 10.0),
+        },
+        "load": {"offered_rps": 300.0, "share_of_capacity": 3.0, "duration_s": 5.0, "max_schedule_lag_s": 0.002}
+        | {"accepted_rps": 90.0},
+        "outcome": classify_records(records),
+        "rss": {"before": 500 * mib, "peak": 540 * mib, "end": 515 * mib, "after": 510 * mib},
+        "windows": windows(records, 1.0, [(100.2, 500 * mib), (101.5, 530 * mib)], start=100.0),
+        "before": state,
+        "after": json.loads(json.dumps(state)),
+    }
+    report.update(overrides)
+    return report
+
+
+def test_reliability_sorts_answers_into_accepted_refused_failed_and_lost() -> None:
+    from loadtest.reliability import classify_records
+
+    records = [
+        _record("200", 0.010, 100.1, total_ms=4.0),
+        _record("200", 0.030, 100.2, total_ms=6.0),
+        _record("429", 0.001, 100.3, retry_after="1"),
+        _record("429", 0.001, 100.4),
+        _record("503", 0.002, 100.5),
+        _record("bad_response", 0.002, 100.6),
+        _record("read_timeout", 60.0, 100.7),
+        _record("connect_error", 0.001, 100.8),
+    ]
+    outcome = classify_records(records, client_dropped=3)
+    assert (outcome["sent"], outcome["accepted"], outcome["refused"]) == (8, 2, 2)
+    assert outcome["refused_without_retry_after"] == 1
+    assert outcome["failed"] == 2 and outcome["failed_by_status"] == {"503": 1, "bad_response": 1}
+    assert outcome["server_errors_5xx"] == 1
+    assert outcome["lost"] == 2 and outcome["lost_by_kind"] == {"connect_error": 1, "read_timeout": 1}
+    assert outcome["client_dropped"] == 3
+    assert outcome["latency_accepted_ms"]["p50"] == pytest.approx(20.0)  # only the accepted count
+    assert outcome["server_latency_accepted_ms"]["max"] == 6.0
+
+
+def test_reliability_bound_windows_and_checks() -> None:
+    from loadtest.reliability import evaluate_checks, latency_bound_ms, windows
+
+    assert latency_bound_ms(1024, 32, 200.0) == pytest.approx(33 * 200.0)
+    good = [_record("200", 0.05, 100.0 + i / 10, total_ms=40.0) for i in range(20)]
+    refused = [_record("429", 0.001, 100.05 + i / 10, retry_after="2") for i in range(10)]
+    report = _reliability_report("overload", good + refused)
+    assert [w["sent"] for w in report["windows"]] == [20, 10]
+    assert report["windows"][1]["rss_peak_mib"] == 530.0
+    late = [*good, _record("200", 0.05, 102.01, total_ms=40.0)]  # sent just past the end: joins the last window
+    assert [w["sent"] for w in windows(late, 1.0, [], start=100.0, duration_s=2.0)] == [10, 11]
+    checks = {c["name"]: c for c in evaluate_checks(report)}
+    assert all(c["passed"] for c in checks.values()), [c for c in checks.values() if not c["passed"]]
+    assert "p99 40.0 ms vs bound 90.0 ms" in checks["p99 within the queue bound"]["detail"]
+    client_check = checks["client p99 within the bound plus the generator's lag"]
+    assert "p99 from the scheduled arrival 50.0 ms vs 90.0 ms + 2 ms" in client_check["detail"]
+
+    broken = [
+        *good[:10],
+        _record("200", 0.5, 100.3, total_ms=200.0),  # over the 90 ms bound
+        _record("429", 0.001, 100.4),  # no Retry-After
+        _record("500", 0.01, 100.5),
+        _record("remote_protocol_error", 0.01, 100.6),
+    ]
+    report = _reliability_report("overload", broken, rss={"before": 100, "peak": 130, "end": 120, "after": 106})
+    report["after"]["ready_status"] = 503
+    failed = {c["name"] for c in evaluate_checks(report) if not c["passed"]}
+    assert failed == {
+        "only 2xx and 429",
+        "every 429 has Retry-After",
+        "zero 5xx",
+        "nothing lost",
+        "p99 within the queue bound",
+        "client p99 within the bound plus the generator's lag",
+        "RSS back to baseline",
+        "healthy after",
+    }
+
+
+def test_reliability_soak_checks_growth_and_every_window() -> None:
+    from loadtest.reliability import evaluate_checks
+
+    records = [_record("200", 0.02, 100.0 + i / 10, total_ms=15.0) for i in range(30)]
+    checks = {c["name"]: c["passed"] for c in evaluate_checks(_reliability_report("soak", records))}
+    assert checks == dict.fromkeys(checks, True) and "RSS growth under 5%" in checks
+    records[-1] = _record("200", 0.5, 102.9, total_ms=150.0)  # one slow answer in the last window
+    records[0] = _record("429", 0.001, 100.0, retry_after="1")  # refused at 70%: an error for a soak
+    report = _reliability_report("soak", records, rss={"before": 100, "peak": 110, "end": 106, "after": 104})
+    failed = {c["name"] for c in evaluate_checks(report) if not c["passed"]}
+    assert failed == {
+        "no errors",
+        "RSS growth under 5%",
+        "p99 within the queue bound",
+        "client p99 within the bound plus the generator's lag",
+        "every window's p99 within the bound",
+    }
+
+
+def test_reliability_markdown_names_command_and_machine_per_mode(tmp_path: Path) -> None:
+    from loadtest.reliability import evaluate_checks, format_summary, write_markdown
+
+    records = [_record("200", 0.05, 100.0 + i / 10, total_ms=40.0) for i in range(20)]
+    report = _reliability_report("overload", [*records, _record("429", 0.001, 100.5, retry_after="1")])
+    report["checks"] = evaluate_checks(report)
+    (tmp_path / "reliability_overload.json").write_text(json.dumps(report))
+    markdown = tmp_path / "RELIABILITY.md"
+    write_markdown(tmp_path, markdown)
+    text = markdown.read_text()
+    assert "## Overload: 3 x capacity for 5 s" in text and "**Short run** (5 s instead of 60 s)" in text
+    assert "`deebert reliability overload --duration 5`" in text and "Test CPU (2 usable of 2 CPUs)" in text
+    assert "| 21 | 20 | 1 (0 without Retry-After) | 0 | 0 | 0 |" in text
+    assert "(64 / 8 + 1) x 10.0 ms = **90 ms**" in text
+    assert "Not run yet: `deebert reliability soak`" in text
+    assert "PASS  p99 within the queue bound" in format_summary(report)

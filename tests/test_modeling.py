@@ -60,7 +60,9 @@ def test_mixed_per_row_thresholds_hit_their_target_layers(any_model: DeeBert, to
     for row in range(len(SENTENCES)):
         target = row % n
         thresholds.append(0.0 if target == n - 1 else float(entropies[target, row]) + 1e-6)
-    expected = exit_rule.first_exit_layers(entropies, torch.tensor(thresholds)) + 1
+    probabilities = torch.empty(*entropies.shape, 2)
+    rule = exit_rule.get_criterion("entropy")
+    expected = rule.first_exit_layers(probabilities, entropies, torch.tensor(thresholds)) + 1
     result = any_model.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds)
     assert result.exit_layer == expected.tolist()
     assert len(set(result.exit_layer)) > 1, "the test should exercise several exit layers"
@@ -186,3 +188,45 @@ def test_off_ramps_are_skipped_once_only_full_depth_rows_remain(tokenizer) -> No
     plain = model.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, [0.0, 0.0, 0.0])
     assert plain.label[1:] == result.label[1:]
     torch.testing.assert_close(plain.probabilities[1:], result.probabilities[1:], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("name", "thresholds"),
+    [
+        ("max-prob", [1.0, 0.99, 0.995, 0.9, 0.0, 0.999]),  # layer 1 is the most confident here
+        ("patience", [0.0, 1.0, 2.0, 3.0, 2.0, 4.0]),  # every layer says label 0 here
+        ("entropy", [0.0, 0.05, 0.04, 0.2, 1e9, 0.0]),
+    ],
+)
+def test_every_criterion_serves_what_the_sweep_predicts(name: str, thresholds: list[float], tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The layer-by-layer loop (compacting, per-row thresholds) and the vectorised rule agree, row by row."""
+    model = tiny_model("bert", sharpen=8.0)  # top-class probabilities 0.92-0.99 per layer
+    rule = exit_rule.get_criterion(name)
+    batch = encode(tokenizer)
+    with torch.inference_mode():
+        logits = model(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+    probabilities, entropies = exit_rule.entropy_from_logits(logits)
+    expected = rule.first_exit_layers(probabilities, entropies, torch.tensor(thresholds)) + 1
+    for compact in (True, False):
+        result = model.infer(
+            batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds, compact, criterion=rule
+        )
+        assert result.exit_layer == expected.tolist()
+        assert len(set(result.exit_layer)) > 1, "the case should exercise early and full-depth exits"
+        final = probabilities[expected - 1, torch.arange(len(SENTENCES))]
+        torch.testing.assert_close(result.probabilities, final, atol=1e-4, rtol=0)
+    # One row alone answers as in the batch (patience carries per-row state through compaction).
+    for row, text in enumerate(SENTENCES):
+        alone = encode(tokenizer, [text])
+        single = model.infer(
+            alone.input_ids, alone.attention_mask, alone.token_type_ids, [thresholds[row]], criterion=rule
+        )
+        assert single.exit_layer[0] == int(expected[row])
+
+
+def test_the_checkpoint_criterion_is_the_default(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model("bert")
+    model.config = model.config.with_presets([], exit_criterion="patience")
+    batch = encode(tokenizer)
+    result = model.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, [1.0] * len(SENTENCES))
+    assert result.exit_layer == [1] * len(SENTENCES)  # patience 1: the first layer always agrees with itself

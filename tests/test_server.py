@@ -219,6 +219,25 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], int, str]] = [
         413,
         "payload_too_large",
     ),
+    ("duplicate key", {"content": b'{"text": "good", "text": "bad"}', "headers": JSON}, 400, "duplicate_key"),
+    (
+        "duplicate threshold key",
+        {"content": b'{"text": "a", "threshold": 0, "threshold": "fast"}', "headers": JSON},
+        400,
+        "duplicate_key",
+    ),
+    (
+        "duplicate key nested",
+        {"content": b'{"texts": ["a"], "extra": [{"k": 1, "k": 2}]}', "headers": JSON},
+        400,
+        "duplicate_key",
+    ),
+    (
+        "duplicate key, escaped spelling",
+        {"content": b'{"text": "a", "t\\u0065xt": "b"}', "headers": JSON},
+        400,
+        "duplicate_key",
+    ),
 ]
 
 
@@ -234,6 +253,22 @@ async def test_bad_input_gets_a_clear_4xx(engine: Engine, case: tuple[str, dict[
     assert body["error_type"] == error_type and isinstance(body["error"], str) and body["error"]
     assert "Traceback" not in response.text and "/work/" not in response.text
     assert after.status_code == 200
+
+
+async def test_duplicate_keys_are_refused_by_name_on_both_routes(engine: Engine) -> None:
+    async with serving(make_app(engine)) as client:
+        classify = await client.post(
+            "/v1/classify", content=b'{"texts": ["a"], "truncate": true, "truncate": 0}', headers=JSON
+        )
+        predict = await client.post("/predict", content=b'{"inputs": "a", "inputs": "b"}', headers=JSON)
+        same_key_in_sibling_objects = await client.post(
+            "/v1/classify", content=b'{"text": "a", "extra": [{"k": 1}, {"k": 2}]}', headers=JSON
+        )
+    assert classify.status_code == 400 and classify.json()["error_type"] == "duplicate_key"
+    assert "'truncate'" in classify.json()["error"]
+    assert predict.status_code == 400 and "'inputs'" in predict.json()["error"]
+    # Keys repeat across objects all the time; only a repeat within one object is ambiguous.
+    assert same_key_in_sibling_objects.json()["error_type"] == "validation", same_key_in_sibling_objects.text
 
 
 async def test_input_too_long_names_its_token_count(engine: Engine) -> None:
@@ -358,7 +393,47 @@ async def test_api_key_guards_inference_but_not_health(engine: Engine) -> None:
     assert missing.status_code == 401 and missing.json()["error_type"] == "unauthorized"
     assert missing.headers["WWW-Authenticate"] == "Bearer"
     assert wrong.status_code == 401 and right.status_code == 200
-    assert health.status_code == 200 and metrics.status_code == 200
+    assert health.status_code == 200 and metrics.status_code == 200, "health and metrics are exempt by default"
+
+
+@pytest.mark.parametrize(
+    ("scope", "guarded", "open_routes"),
+    [
+        ({"api_key_metrics": True}, ["/metrics"], ["/health/live", "/health/ready"]),
+        ({"api_key_health": True}, ["/health/live", "/health/ready"], ["/metrics"]),
+        ({"api_key_metrics": True, "api_key_health": True}, ["/metrics", "/health/live", "/health/ready"], []),
+    ],
+)
+async def test_api_key_guards_metrics_and_health_when_configured(
+    engine: Engine, scope: dict[str, bool], guarded: list[str], open_routes: list[str]
+) -> None:
+    async with serving(make_app(engine, api_key="s3cret", **scope)) as client:
+        for path in guarded:
+            missing = await client.get(path)
+            wrong = await client.get(path, headers={"Authorization": "Bearer s3cre"})
+            right = await client.get(path, headers={"Authorization": "Bearer s3cret"})
+            assert missing.status_code == 401 and missing.json()["error_type"] == "unauthorized", path
+            assert missing.headers["WWW-Authenticate"] == "Bearer"
+            assert wrong.status_code == 401 and right.status_code == 200, path
+        for path in open_routes:
+            assert (await client.get(path)).status_code == 200, path
+        schema = (await client.get("/openapi.json")).json()
+        inference = await client.post("/v1/classify", json={"text": "good"})
+    for path in guarded:
+        assert "401" in schema["paths"][path]["get"]["responses"], f"{path} documents its 401"
+    assert inference.status_code == 401
+
+
+def test_protecting_metrics_or_health_without_a_key_is_a_settings_error() -> None:
+    from pydantic import ValidationError
+
+    from server.settings import ServerSettings
+
+    with pytest.raises(ValidationError, match="DEEBERT_API_KEY"):
+        ServerSettings(api_key_metrics=True)
+    with pytest.raises(ValidationError, match="DEEBERT_API_KEY"):
+        ServerSettings(api_key_health=True)
+    assert ServerSettings(api_key="k", api_key_health=True).api_key_health
 
 
 async def test_not_found_and_method_not_allowed_are_json(engine: Engine) -> None:

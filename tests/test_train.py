@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from model.checkpoint import load_model
 from model.tokenization import load_tokenizer, tokenize
-from model.train import TrainSettings, extract_features, train, train_stage1, train_stage2
+from model.train import TrainSettings, extract_features, layer_loss_weights, train, train_stage1, train_stage2
 from tests.helpers import save_plain_backbone, sentiment_rows, write_tsv
 
 
@@ -91,3 +92,90 @@ def test_pair_task_with_string_labels_end_to_end(tmp_path: Path) -> None:
     model = load_model(tmp_path / "out")
     assert model.config.labels == ["entailment", "not_entailment"]
     assert model.config.text_columns == ["sentence1", "sentence2"] and model.config.is_pair_task
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(module: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    return any(not torch.equal(v, before[k]) for k, v in module.state_dict().items())
+
+
+def _tiny_run(tmp_path: Path, **overrides: object):  # type: ignore[no-untyped-def]
+    base = save_plain_backbone(tmp_path / "base")
+    rows = sentiment_rows(48)
+    settings = _settings(base, tmp_path / "unused.tsv", tmp_path / "out", **overrides)
+    model = load_model(base, labels=["0", "1"])
+    tokenizer = load_tokenizer(base)
+    encoded = tokenize(tokenizer, [r[0] for r in rows], None, 24)
+    return model, tokenizer, encoded, [int(r[1]) for r in rows], settings
+
+
+@pytest.mark.parametrize(
+    ("scheme", "epochs", "ramps_trained"),
+    [
+        ("two-stage", 2, False),  # stage 1: encoder + final classifier only
+        ("distill", 2, False),  # same stage 1 as two-stage
+        ("joint", 2, True),
+        ("weighted-joint", 2, True),
+        ("alternating", 1, False),  # epoch 1 trains on the final layer's loss only
+        ("alternating", 2, True),  # epoch 2 on every off-ramp's loss
+    ],
+)
+def test_each_scheme_trains_the_parameters_it_should(
+    tmp_path: Path, scheme: str, epochs: int, ramps_trained: bool
+) -> None:
+    model, tokenizer, encoded, labels, settings = _tiny_run(tmp_path, scheme=scheme, stage1_epochs=epochs)
+    backbone, final = _snapshot(model.backbone), _snapshot(model.final_classifier)
+    ramps = [_snapshot(r) for r in list(model.off_ramps)[:-1]]
+    log = train_stage1(model, encoded, labels, settings, tokenizer.pad_token_id)
+    assert _changed(model.backbone, backbone) and _changed(model.final_classifier, final)
+    for ramp, before in zip(list(model.off_ramps)[:-1], ramps, strict=True):
+        assert _changed(ramp, before) is ramps_trained
+    assert len(log["layer_loss_weights_by_epoch"]) == epochs
+
+
+def test_layer_loss_weights_follow_each_scheme() -> None:
+    assert layer_loss_weights("two-stage", 0, 4) == [0, 0, 0, 1]
+    assert layer_loss_weights("joint", 3, 4) == [1, 1, 1, 1]
+    assert layer_loss_weights("weighted-joint", 0, 4) == pytest.approx([0.1, 0.2, 0.3, 0.4])  # i / Σ j
+    assert [layer_loss_weights("alternating", e, 3) for e in range(3)] == [[0, 0, 1], [1, 1, 1], [0, 0, 1]]
+
+
+def test_distill_stage2_learns_the_final_classifier_not_the_labels(tmp_path: Path) -> None:
+    model, tokenizer, encoded, labels, settings = _tiny_run(tmp_path, scheme="distill")
+    train_stage1(model, encoded, labels, settings, tokenizer.pad_token_id)
+    features = extract_features(model, encoded, tokenizer.pad_token_id, batch_size=16, progress=False, last=True)
+    with torch.no_grad():
+        teacher = model.final_classifier.classify(features[-1])
+    frozen = _snapshot(model.backbone), _snapshot(model.final_classifier)
+    start = [_snapshot(r) for r in list(model.off_ramps)[:-1]]
+    torch.manual_seed(0)  # the off-ramps' dropout
+    first = train_stage2(model, features[:-1], labels, settings, teacher_logits=teacher)
+    assert first["objective"] == "kl-from-final-classifier"
+    assert first["epoch_loss_sum_over_ramps"][-1] < first["epoch_loss_sum_over_ramps"][0]
+    assert not _changed(model.backbone, frozen[0]) and not _changed(model.final_classifier, frozen[1])
+    learned = [_snapshot(r) for r in list(model.off_ramps)[:-1]]
+    # Flipping every label changes nothing: the targets are the teacher's distribution.
+    for ramp, before in zip(list(model.off_ramps)[:-1], start, strict=True):
+        ramp.load_state_dict(before)
+    torch.manual_seed(0)
+    train_stage2(model, features[:-1], [1 - y for y in labels], settings, teacher_logits=teacher)
+    for ramp, expected in zip(list(model.off_ramps)[:-1], learned, strict=True):
+        assert not _changed(ramp, expected)
+
+
+@pytest.mark.parametrize("scheme", ["joint", "distill"])
+def test_train_runs_each_scheme_end_to_end(tmp_path: Path, scheme: str) -> None:
+    base = save_plain_backbone(tmp_path / "base")
+    train_file = write_tsv(tmp_path / "train.tsv", ["sentence", "label"], sentiment_rows(32))
+    log = train(_settings(base, train_file, tmp_path / "out", scheme=scheme, stage1_epochs=1, stage2_epochs=1))
+    assert log.settings["scheme"] == scheme
+    assert (log.stage2 != {}) is (scheme == "distill")
+    assert load_model(tmp_path / "out").num_layers == 4
+
+
+def test_unknown_scheme_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="two-stage"):
+        train(_settings(tmp_path, tmp_path / "train.tsv", tmp_path / "out", scheme="magic"))
