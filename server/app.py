@@ -27,6 +27,7 @@ from server.batcher import Batcher, Row, RowAnswer
 from server.brownout import Brownout
 from server.engine import Engine, RowOutcome, Threshold
 from server.errors import DeeBertError, ErrorType, openapi_errors
+from server.memory import release_memory_when_idle
 from server.metrics import Metrics
 from server.schemas import (
     ClassifyRequest,
@@ -66,6 +67,7 @@ class ServerState:
     draining: bool = False
     load_error: str | None = None
     preparing: asyncio.Task[None] | None = field(default=None, repr=False)
+    housekeeping: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def attach(self, engine: Engine) -> None:
         """Wire the metrics and the batcher to a loaded engine."""
@@ -358,6 +360,9 @@ async def prepare(state: ServerState) -> None:
         gc.collect()
         gc.freeze()
         state.batcher.start()
+        state.housekeeping = asyncio.create_task(
+            release_memory_when_idle(state.batcher, state.settings.memory_trim_interval_s)
+        )
         state.ready = True
         logger.info("ready: serving %s", engine.name)
     except Exception as err:
@@ -380,6 +385,8 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
             state.ready = False
             if state.preparing is not None and not state.preparing.done():
                 state.preparing.cancel()
+            if state.housekeeping is not None:
+                state.housekeeping.cancel()
             if state.batcher is not None:
                 finished = await state.batcher.drain(settings.drain_timeout_s)
                 if not finished:

@@ -93,6 +93,7 @@ class Batcher:
         self._idle.set()
         self._rows_per_s = 0.0
         self._last_wait_s = 0.0
+        self.batches_taken = 0  # ever; tells idle-time housekeeping whether work happened since it last ran
         self._idle_runner = idle_runner
         self.max_idle_items = max_idle_items
         self.idle_chunk_size = idle_chunk_size
@@ -248,6 +249,7 @@ class Batcher:
         self._queue = [row for row in self._queue if id(row) not in taken and not row.future.done()]
         if batch:
             self._last_wait_s = time.perf_counter() - min(row.enqueued_at for row in batch)
+            self.batches_taken += 1
         self._on_depth(len(self._queue))
         return batch
 

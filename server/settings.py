@@ -53,6 +53,9 @@ class ServerSettings(BaseSettings):
     )
     warmup: bool = Field(True, description="run warm-up batches before reporting ready")
     drain_timeout_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for accepted work")
+    memory_trim_interval_s: float = Field(
+        10.0, ge=0, description="when idle after work, return freed heap to the system this often (0 = never)"
+    )
     brownout_queue_wait_ms: float | None = Field(
         None,
         gt=0,
