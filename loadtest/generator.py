@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import httpx
 
@@ -257,6 +257,8 @@ class LoadConfig:
     progress: bool = True
     label: str = ""
     api_key: str | None = None
+    # httpx, or the light raw HTTP/1.1 client (loadtest/rawhttp.py) for offering more than the server takes.
+    http_client: Literal["httpx", "raw"] = "httpx"
 
     @property
     def mode(self) -> Literal["open", "closed"]:
@@ -280,6 +282,8 @@ class LoadConfig:
             raise ValueError(f"--max-in-flight must be >= 1, got {self.max_in_flight}")
         if self.threshold is not None:
             parse_threshold_mix(self.threshold)
+        if self.http_client not in ("httpx", "raw"):
+            raise ValueError(f"--http-client must be httpx or raw, got {self.http_client!r}")
 
 
 @dataclass
@@ -319,7 +323,25 @@ class RunResult:
     model_info: dict[str, Any] | None
 
 
-def _header_ms(response: httpx.Response, name: str) -> float | None:
+class PostResponse(Protocol):
+    status_code: int
+
+    @property
+    def headers(self) -> httpx.Headers: ...
+
+    @property
+    def text(self) -> str: ...
+
+    def json(self) -> Any: ...
+
+
+class PostClient(Protocol):
+    """What sends the measured requests: an httpx.AsyncClient or a loadtest.rawhttp.RawClient."""
+
+    async def post(self, url: str, *, json: Any, headers: dict[str, str]) -> Any: ...
+
+
+def _header_ms(response: PostResponse, name: str) -> float | None:
     value = response.headers.get(name)
     try:
         return float(value) if value is not None else None
@@ -328,13 +350,13 @@ def _header_ms(response: httpx.Response, name: str) -> float | None:
 
 
 async def _post(
-    client: httpx.AsyncClient, body: dict[str, list[str]], threshold: str | None, started: float
+    client: PostClient, body: dict[str, list[str]], threshold: str | None, started: float
 ) -> RequestRecord:
     """Send one request; latency counts from `started` (the scheduled arrival in open loop)."""
     headers = {THRESHOLD_HEADER: threshold} if threshold is not None else {}
     texts = len(body["texts"])
     try:
-        response = await client.post(CLASSIFY_PATH, json=body, headers=headers)
+        response: PostResponse = await client.post(CLASSIFY_PATH, json=body, headers=headers)
     except httpx.HTTPError as err:
         return RequestRecord(
             error_key(err), time.perf_counter() - started, texts, threshold, error_detail=str(err), sent_at=started
@@ -412,7 +434,7 @@ def _progress_bar(config: LoadConfig) -> Any:
 
 
 async def _open_loop(
-    client: httpx.AsyncClient, config: LoadConfig, plan: _Plan, bar: Any
+    client: PostClient, config: LoadConfig, plan: _Plan, bar: Any
 ) -> tuple[list[RequestRecord], int, float, float]:
     assert config.rate is not None
     schedule = poisson_schedule(config.rate, random.Random(config.seed + 2_000_003), config.requests, config.duration)
@@ -448,7 +470,7 @@ async def _open_loop(
 
 
 async def _closed_loop(
-    client: httpx.AsyncClient, config: LoadConfig, plan: _Plan, bar: Any
+    client: PostClient, config: LoadConfig, plan: _Plan, bar: Any
 ) -> tuple[list[RequestRecord], int, float, float]:
     records: list[RequestRecord] = []
     start = time.perf_counter()
@@ -486,12 +508,20 @@ async def run_load(config: LoadConfig, workload: Workload) -> RunResult:
         before = await scrape_metrics(client)
         plan = _Plan(config, workload)
         bar = _progress_bar(config)
+        sender: PostClient = client
+        if config.http_client == "raw":
+            from loadtest.rawhttp import RawClient
+
+            auth = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None
+            sender = raw = RawClient(config.url, config.timeout, connections, auth)
         started = time.perf_counter()
         try:
             runner = _open_loop if config.mode == "open" else _closed_loop
-            records, dropped, lag, span = await runner(client, config, plan, bar)
+            records, dropped, lag, span = await runner(sender, config, plan, bar)
         finally:
             bar.close()
+            if config.http_client == "raw":
+                await raw.aclose()
         elapsed = time.perf_counter() - started
         after = await scrape_metrics(client) if before is not None else None
     return RunResult(config, records, elapsed, dropped, lag, span, before, after, model_info)
@@ -541,6 +571,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--warmup", type=int, default=0, help="unmeasured requests sent first, one at a time")
     parser.add_argument(
+        "--http-client",
+        choices=["httpx", "raw"],
+        default="httpx",
+        help="raw: a minimal HTTP/1.1 client, far less CPU per request, to offer more load than the server takes",
+    )
+    parser.add_argument(
         "--api-key",
         default=os.environ.get("DEEBERT_API_KEY"),
         help="sent as 'Authorization: Bearer KEY' (default: $DEEBERT_API_KEY, if set)",
@@ -565,6 +601,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         warmup=args.warmup,
         progress=args.progress,
         api_key=args.api_key,
+        http_client=args.http_client,
     )
 
 

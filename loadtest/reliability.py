@@ -87,7 +87,7 @@ class ReliabilitySettings:
     max_queue_size: int = 1024
     service_samples: int = 20
     probe_requests: int = 50
-    idle: float = 5.0
+    idle: float = 15.0  # longer than the server's DEEBERT_MEMORY_TRIM_INTERVAL_S (10 s), so freed heap is back
     window: float = 60.0
     rss_interval: float = 0.5
     timeout: float = 60.0
@@ -484,6 +484,7 @@ def measure_capacity(url: str, workload: Workload, settings: ReliabilitySettings
             warmup=20,
             progress=settings.progress,
             label="capacity (closed loop)",
+            http_client="raw",
         ),
         workload,
     )
@@ -567,6 +568,8 @@ def run_reliability(settings: ReliabilitySettings) -> dict[str, Any]:
             timeout=settings.timeout,
             progress=settings.progress,
             label=settings.mode,
+            # The light client: with httpx the generator, sharing the cores, fell behind its own schedule.
+            http_client="raw",
         )
         load_started = time.perf_counter()
         result = asyncio.run(_load_with_rss(config, workload, sampler))
@@ -846,7 +849,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue-size", type=int, default=d.max_queue_size, help="DEEBERT_MAX_QUEUE_SIZE (1024)")
     parser.add_argument("--service-samples", type=int, default=d.service_samples, help="full batches timed (20)")
     parser.add_argument("--probe-requests", type=int, default=d.probe_requests, help="probe requests before/after")
-    parser.add_argument("--idle", type=float, default=d.idle, help="seconds idle before RSS 'after' (5)")
+    parser.add_argument("--idle", type=float, default=d.idle, help="seconds idle before RSS 'after' (15)")
     parser.add_argument("--window", type=float, default=d.window, help="seconds per latency window (60)")
     parser.add_argument("--rss-interval", type=float, default=d.rss_interval, help="seconds between RSS samples")
     parser.add_argument("--timeout", type=float, default=d.timeout, help="per-request timeout, seconds (60)")

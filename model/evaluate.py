@@ -199,10 +199,15 @@ def evaluate(
     config = model.config
     rule = criterion or config.criterion
     presets = config.presets if rule.name == config.exit_criterion else []
-    grid = list(thresholds) if thresholds is not None else rule.default_grid(config.num_labels, model.num_layers)
-    # Full depth is the reference, and the presets' own thresholds are timed like any grid point.
-    grid = sorted({rule.full_depth, *grid, *(p.threshold for p in presets)}, key=rule.aggressiveness)
+    from model.calibrate import calibrate  # calibrate builds on simulate, so import it here
+
     probabilities, entropies = all_layer_outputs(model, encoded, pad_id, progress=progress)
+    on_this_data = calibrate(probabilities, entropies, labels, criterion=rule)
+    grid = list(thresholds) if thresholds is not None else rule.default_grid(config.num_labels, model.num_layers)
+    # Full depth is the reference; the presets' own thresholds and the tolerance points on this data are
+    # timed like any grid point.
+    extra = [p.threshold for p in presets] + [c.threshold for c in on_this_data]
+    grid = sorted({rule.full_depth, *grid, *extra}, key=rule.aggressiveness)
     points = simulate(probabilities, entropies, labels, grid, rule)
     timing = (
         time_batch1(model, encoded, pad_id, grid, timing_samples, progress=progress, criterion=rule)
@@ -215,9 +220,6 @@ def evaluate(
     preset_points = simulate(probabilities, entropies, labels, [p.threshold for p in presets], rule)
     per_layer = per_layer_accuracy(probabilities, labels)
     two_class = config.num_labels == 2
-    from model.calibrate import calibrate  # calibrate builds on simulate, so import it here
-
-    on_this_data = calibrate(probabilities, entropies, labels, criterion=rule)
     report: dict[str, Any] = {
         "model": config.name,
         "num_layers": model.num_layers,

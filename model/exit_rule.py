@@ -40,6 +40,11 @@ def _finite_number(value: object) -> float:
     return float(value)
 
 
+def _midpoints(sorted_values: torch.Tensor) -> list[float]:
+    """Midpoints between neighbouring distinct values: every threshold between them exits the same rows."""
+    return ((sorted_values[1:] + sorted_values[:-1]) / 2).tolist()  # type: ignore[no-any-return]
+
+
 class ExitCriterion(ABC):
     """One way of deciding, after each layer, which rows leave."""
 
@@ -52,8 +57,8 @@ class ExitCriterion(ABC):
         """The threshold as a float; ValueError naming the allowed range otherwise."""
 
     @abstractmethod
-    def never_exits_early(self, thresholds: torch.Tensor) -> torch.Tensor:
-        """Per row: True where the threshold cannot make the row leave before the last layer."""
+    def never_exits_early(self, thresholds: torch.Tensor, num_layers: int) -> torch.Tensor:
+        """Per row: True where the threshold cannot make the row leave before the last of `num_layers`."""
 
     @abstractmethod
     def step(
@@ -81,9 +86,9 @@ class ExitCriterion(ABC):
     def exits_at_first_layer(self, num_labels: int) -> float:
         """A threshold that makes every row leave at layer 1 (for warm-ups and tests)."""
 
-    def can_exit_early(self, thresholds: torch.Tensor) -> bool:
+    def can_exit_early(self, thresholds: torch.Tensor, num_layers: int) -> bool:
         """False when no row can leave before the last layer, so intermediate off-ramps can be skipped."""
-        return bool(thresholds.numel()) and not bool(self.never_exits_early(thresholds).all())
+        return bool(thresholds.numel()) and not bool(self.never_exits_early(thresholds, num_layers).all())
 
     def first_exit_layers(
         self, probabilities: torch.Tensor, entropies: torch.Tensor, thresholds: torch.Tensor
@@ -120,7 +125,7 @@ class EntropyCriterion(ExitCriterion):
             raise ValueError(f"threshold must be >= 0, got {number}")
         return number
 
-    def never_exits_early(self, thresholds: torch.Tensor) -> torch.Tensor:
+    def never_exits_early(self, thresholds: torch.Tensor, num_layers: int) -> torch.Tensor:
         return thresholds <= 0
 
     def step(
@@ -133,8 +138,7 @@ class EntropyCriterion(ExitCriterion):
         values = torch.unique(entropies[:-1].reshape(-1)).double()
         if values.numel() == 0:
             return [0.0]
-        midpoints = ((values[1:] + values[:-1]) / 2).tolist()
-        return [0.0, *midpoints, float(values[-1]) * 1.0001 + 1e-6]
+        return [0.0, *_midpoints(values), float(values[-1]) * 1.0001 + 1e-6]
 
     def aggressiveness(self, threshold: float) -> float:
         return threshold
@@ -162,7 +166,7 @@ class MaxProbCriterion(ExitCriterion):
             raise ValueError(f"threshold must be in [0, 1], got {number}")
         return number
 
-    def never_exits_early(self, thresholds: torch.Tensor) -> torch.Tensor:
+    def never_exits_early(self, thresholds: torch.Tensor, num_layers: int) -> torch.Tensor:
         return thresholds >= 1.0
 
     def step(
@@ -177,8 +181,7 @@ class MaxProbCriterion(ExitCriterion):
         values = values[values < 1.0]
         if values.numel() == 0:
             return [1.0]
-        midpoints = ((values[1:] + values[:-1]) / 2).tolist()
-        return [1.0, *reversed(midpoints), max(0.0, float(values[0]) - 1e-6)]
+        return [1.0, *reversed(_midpoints(values)), max(0.0, float(values[0]) - 1e-6)]
 
     def aggressiveness(self, threshold: float) -> float:
         return -threshold
@@ -203,8 +206,9 @@ class PatienceCriterion(ExitCriterion):
             raise ValueError(f"threshold must be a whole number >= 0, got {number}")
         return number
 
-    def never_exits_early(self, thresholds: torch.Tensor) -> torch.Tensor:
-        return thresholds <= 0
+    def never_exits_early(self, thresholds: torch.Tensor, num_layers: int) -> torch.Tensor:
+        # k layers must agree, so a row leaves at layer k at the earliest: k >= n is full depth too.
+        return (thresholds <= 0) | (thresholds >= num_layers)
 
     def step(
         self, probabilities: torch.Tensor, entropy: torch.Tensor, thresholds: torch.Tensor, state: State

@@ -212,7 +212,7 @@ class DeeBert(nn.Module):
         thresholds_t = torch.as_tensor(thresholds, dtype=torch.float32, device=device).reshape(batch_size)
         # One host sync up front decides whether any row can leave early at all: with every threshold at
         # full depth the intermediate off-ramps cannot change an answer and are skipped (plain cost).
-        may_exit_early = rule.can_exit_early(thresholds_t)
+        may_exit_early = rule.can_exit_early(thresholds_t, self.num_layers)
         hidden = self.embed(input_ids, token_type_ids)
         state = _Running(
             hidden=hidden,
@@ -258,7 +258,7 @@ class DeeBert(nn.Module):
                     return
                 state = self._compact(state, ~leaving)
                 # The rows left may all be full-depth ones: then their off-ramps cannot change an answer.
-                may_exit_early = rule.can_exit_early(state.thresholds)
+                may_exit_early = rule.can_exit_early(state.thresholds, self.num_layers)
             else:
                 state.done |= leaving
                 if bool(state.done.all()):

@@ -471,6 +471,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             raise DeeBertError(
                 ErrorType.VALIDATION, "this model classifies single texts: leave out text_pair / text_pairs"
             )
+        batcher.check_room(len(texts))  # refuse before tokenizing: under overload a 429 must be cheap
         characters = sum(map(len, texts)) + (sum(map(len, pairs)) if pairs else 0)
         if characters > OFF_LOOP_TOKENIZE_CHARS:
             # Long inputs take the tokenizer (which releases the GIL) hundreds of ms: not on the event loop.

@@ -106,6 +106,12 @@ def test_each_criterion_refuses_thresholds_outside_its_range(name: str, bad: flo
         exit_rule.get_criterion(name).validate(bad)
 
 
+def test_patience_of_at_least_the_depth_skips_every_off_ramp() -> None:
+    patience = exit_rule.get_criterion("patience")
+    assert not patience.can_exit_early(torch.tensor([4.0, 9.0, 0.0]), 4)  # k layers agree at layer k at the earliest
+    assert patience.can_exit_early(torch.tensor([4.0, 3.0]), 4)
+
+
 def test_unknown_criterion_names_the_known_ones() -> None:
     with pytest.raises(ValueError, match="entropy, max-prob, patience"):
         exit_rule.get_criterion("vibes")
@@ -114,8 +120,8 @@ def test_unknown_criterion_names_the_known_ones() -> None:
 @pytest.mark.parametrize("name", ["entropy", "max-prob", "patience"])
 def test_full_depth_threshold_never_exits_early_and_can_be_skipped(name: str) -> None:
     rule = exit_rule.get_criterion(name)
-    assert not rule.can_exit_early(torch.tensor([rule.full_depth, rule.full_depth]))
-    assert rule.can_exit_early(torch.tensor([rule.full_depth, rule.exits_at_first_layer(2)]))
+    assert not rule.can_exit_early(torch.tensor([rule.full_depth, rule.full_depth]), 4)
+    assert rule.can_exit_early(torch.tensor([rule.full_depth, rule.exits_at_first_layer(2)]), 4)
     probabilities, entropies = HAND_MADE
     first = rule.first_exit_layers(probabilities, entropies, torch.tensor([rule.exits_at_first_layer(2)] * 3))
     assert first.tolist() == [0, 0, 0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from collections.abc import Iterator
@@ -244,6 +245,14 @@ def test_generator_against_a_real_server(deebert_url: str, data_file: Path, tmp_
     _check_consistent(opened, 1)
     assert opened["dropped_by_client"] == 0 and opened["max_schedule_lag_ms"] is not None
 
+    # The light raw HTTP/1.1 client sends the same seeded plan and reads the answers the same way.
+    raw = run(
+        LoadConfig(url=deebert_url, rate=30, duration=1.5, threshold="fast", progress=False, http_client="raw"),
+        workload,
+    )
+    _check_consistent(raw, 1)
+    assert raw["requests_sent"] == opened["requests_sent"] and raw["requests_ok"] == raw["requests_sent"]
+
     out = tmp_path / "report.json"
     argv = ["loadtest", "--url", deebert_url, "--data", str(data_file), "--requests", "5", "--threshold", "0",
             "--no-progress", "--json", str(out)]  # fmt: skip
@@ -433,3 +442,25 @@ def test_reliability_markdown_names_command_and_machine_per_mode(tmp_path: Path)
     assert "(64 / 8 + 1) x 10.0 ms = **90 ms**" in text
     assert "Not run yet: `deebert reliability soak`" in text
     assert "PASS  p99 within the queue bound" in format_summary(report)
+
+
+def test_raw_client_reads_answers_and_errors_like_httpx(deebert_url: str) -> None:
+    from loadtest.rawhttp import RawClient
+
+    async def exchange() -> list[Any]:
+        client = RawClient(deebert_url, timeout=10, max_connections=2)
+        try:
+            return [
+                await client.post("/v1/classify", json={"text": "a fine film"}, headers={}),
+                await client.post("/v1/classify", json={"texts": []}, headers={"X-Exit-Threshold": "0"}),
+                await client.post("/v1/classify", json={"text": "é ü 中文"}, headers={"X-Exit-Threshold": "0"}),
+            ]
+        finally:
+            await client.aclose()
+
+    ok, bad, unicode = asyncio.run(exchange())
+    reference = httpx.post(f"{deebert_url}/v1/classify", json={"text": "a fine film"}, timeout=10)
+    assert ok.status_code == 200 and ok.json()["results"] == reference.json()["results"]
+    assert ok.headers.get("x-total-time") is not None
+    assert bad.status_code == 422 and bad.json()["error"] and bad.json()["error_type"]
+    assert unicode.status_code == 200 and unicode.json()["results"][0]["exit_layer"] >= 1

@@ -76,3 +76,5 @@ def test_two_stage_stays_default_unless_beaten_on_both_axes() -> None:
     assert "stays the default" in " ".join(kept)
     beaten = scheme_verdict({"two-stage": result(0.9, 0.5), "joint": result(0.91, 0.55)})
     assert "`joint` beats `two-stage`" in " ".join(beaten)
+    tied = " ".join(scheme_verdict({"two-stage": result(0.9, 0.5), "distill": result(0.9, 0.55)}))
+    assert "stays the default" in tied and "`distill` ties `two-stage`" in tied
