@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,6 +36,9 @@ class RawResponse:
 
 
 _Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+# A pooled connection idle longer than this is closed instead of reused: servers close idle keep-alive
+# connections (uvicorn after 5 s), and a request written into one the server is closing is lost.
+MAX_IDLE_S = 2.0
 
 
 class RawClient:
@@ -51,7 +55,7 @@ class RawClient:
         self._fixed_headers = f"Host: {parts.netloc}\r\nContent-Type: application/json\r\n" + "".join(
             f"{name}: {value}\r\n" for name, value in (headers or {}).items()
         )
-        self._idle: list[_Connection] = []
+        self._idle: list[tuple[_Connection, float]] = []  # (connection, when it went idle)
         self._open = 0
         self._slots = asyncio.Semaphore(max_connections)
 
@@ -70,14 +74,17 @@ class RawClient:
                 self._close(connection)
                 raise httpx.ReadError(f"{type(err).__name__}: {err}") from None
             if keep:
-                self._idle.append(connection)
+                self._idle.append((connection, time.monotonic()))
             else:
                 self._close(connection)
             return response
 
     async def _connection(self) -> _Connection:
-        if self._idle:
-            return self._idle.pop()
+        while self._idle:
+            connection, since = self._idle.pop()
+            if time.monotonic() - since < MAX_IDLE_S and not connection[0].at_eof():
+                return connection
+            self._close(connection)
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout)
         except (OSError, TimeoutError) as err:
@@ -118,7 +125,7 @@ class RawClient:
 
     async def aclose(self) -> None:
         while self._idle:
-            self._close(self._idle.pop())
+            self._close(self._idle.pop()[0])
 
 
 def _dumps(value: Any) -> bytes:

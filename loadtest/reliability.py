@@ -7,8 +7,9 @@
 - **soak**: open-loop arrivals at 70% of capacity for 10 minutes: no errors, RSS growth under 5%,
   latency p50/p99 per one-minute window to show it stays flat.
 
-The latency bound: a request accepted into a queue of Q texts served in batches of B waits behind at most
-Q/B full batches plus the one running, so it is answered within (Q/B + 1) x T, with T the service time of
+The latency bound: a request accepted into a queue of Q texts served in batches of B waits for the batch
+running when it arrives and at most Q/B full batches ahead of it, then runs in its own batch, so it is
+answered within (Q/B + 2) x T, with T the service time of
 a full batch at full depth (threshold 0: every row runs every layer, the slowest a batch can be), which is
 measured on the same server before the load.
 
@@ -67,7 +68,7 @@ RSS_TOLERANCE = 0.05
 PROBE_SLOWDOWN = 1.5
 PROBE_SLACK_MS = 2.0
 LOST_HINT = "connection errors and timeouts: requests that got no HTTP answer"
-BOUND_FORMULA = "(max_queue_size / max_batch_size + 1) x full-batch service time at full depth"
+BOUND_FORMULA = "(max_queue_size / max_batch_size + 2) x full-batch service time at full depth"
 
 
 @dataclass
@@ -165,8 +166,10 @@ def _latency(ms: Sequence[float]) -> dict[str, float | None]:
 
 
 def latency_bound_ms(max_queue_size: int, max_batch_size: int, full_batch_ms: float) -> float:
-    """The longest an accepted request can wait: behind Q/B full batches plus the running one, T each."""
-    return (max_queue_size / max_batch_size + 1) * full_batch_ms
+    """The longest an accepted request can take: the batch already running when it is admitted, the Q/B full
+    batches queued ahead of it, and its own batch, T each. (Until 2026-11-26 this counted Q/B + 1 batches,
+    leaving out the request's own batch.)"""
+    return (max_queue_size / max_batch_size + 2) * full_batch_ms
 
 
 def windows(
@@ -632,7 +635,7 @@ def format_summary(report: dict[str, Any]) -> str:
         f"lost {o['lost']}  client-dropped {o['client_dropped']}",
         f"  accepted latency p50 {_ms(lat['p50'])}  p99 {_ms(lat['p99'])} (client, from scheduled arrival); "
         f"server-side p50 {_ms(server['p50'])}  p99 {_ms(server['p99'])}",
-        f"  queue bound {_ms(report['latency_bound']['bound_ms'])} = {BOUND_FORMULA}",
+        f"  queue bound {_ms(report['latency_bound']['bound_ms'])} = {report['latency_bound']['formula']}",
         f"  RSS before {_fmt_mib(rss['before'])}  peak {_fmt_mib(rss['peak'])}  end {_fmt_mib(rss['end'])}  "
         f"after idle {_fmt_mib(rss['after'])}",
     ]
@@ -689,7 +692,7 @@ def _common_lines(report: dict[str, Any]) -> list[str]:
         f"({load['share_of_capacity']:g} x capacity) for {load['duration_s']:g} s; generator lag at most "
         f"{1000 * load['max_schedule_lag_s']:.0f} ms.",
         "",
-        f"Latency bound = {BOUND_FORMULA} = ({bound['max_queue_size']} / {bound['max_batch_size']} + 1) x "
+        f"Latency bound = {bound['formula']} = {bound['bound_ms'] / bound['full_batch_ms']:g} x "
         f"{bound['full_batch_ms']:.1f} ms = **{bound['bound_ms']:.0f} ms**. The full-batch time is the p50 of "
         f"{service['samples']} requests of {service['batch_size']} texts at threshold 0 on the idle server "
         f"(p90 {service['p90_ms']:.1f} ms). Accepted over the whole run, drain included: "

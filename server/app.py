@@ -27,7 +27,7 @@ from server.batcher import Batcher, Row, RowAnswer
 from server.brownout import Brownout
 from server.engine import Engine, RowOutcome, Threshold
 from server.errors import DeeBertError, ErrorType, openapi_errors
-from server.memory import release_memory_when_idle
+from server.memory import release_freed_memory
 from server.metrics import Metrics
 from server.schemas import (
     ClassifyRequest,
@@ -361,7 +361,7 @@ async def prepare(state: ServerState) -> None:
         gc.freeze()
         state.batcher.start()
         state.housekeeping = asyncio.create_task(
-            release_memory_when_idle(state.batcher, state.settings.memory_trim_interval_s)
+            release_freed_memory(state.batcher, state.settings.memory_trim_interval_s)
         )
         state.ready = True
         logger.info("ready: serving %s", engine.name)

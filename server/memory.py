@@ -1,9 +1,11 @@
-"""Giving memory back to the system after a burst.
+"""Giving memory back to the system.
 
-glibc keeps freed heap memory in its per-thread arenas: after a burst of thousands of concurrent requests
-(request bodies, tokenizer output, activations of large batches), the server's resident memory stays at the
-burst's peak although the memory is free. Once the server is idle again, `malloc_trim(0)` returns those
-pages; nothing is trimmed while requests are being served, and nothing happens on non-glibc systems.
+glibc keeps freed heap memory in its arenas: after a burst of thousands of concurrent requests, and
+steadily through a long busy spell (request bodies, tokenizer output, activations of batches of every
+shape), the server's resident memory creeps up although the memory is free (a 10-minute soak at 70 % of
+capacity went from 586 to 1133 MiB, and back to 578 MiB after one trim). `malloc_trim(0)` returns those
+pages: at once when the server goes idle, and now and then between two batches while it stays busy.
+Nothing happens on non-glibc systems.
 """
 
 from __future__ import annotations
@@ -24,6 +26,31 @@ class WorkCounter(Protocol):
 
     batches_taken: int
 
+    async def run_in_worker(self, function: Callable[[], None]) -> None: ...
+
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter number
+
+
+def limit_malloc_arenas(count: int) -> bool:
+    """Cap glibc's malloc arenas (`mallopt(M_ARENA_MAX, count)`), before the server starts its threads.
+
+    glibc gives busy threads arenas of their own, up to 8 per core; each keeps the memory it freed, so a
+    server whose event loop, batch thread and tokenizer threads all allocate grows its resident memory
+    by hundreds of MiB under steady load without leaking. A small cap keeps that in check at a negligible
+    cost here (the threads contend for an arena lock only while allocating). True when applied.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None or count <= 0:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_ARENA_MAX, count))
+
 
 def malloc_trim() -> Callable[[], int] | None:
     """glibc's `malloc_trim(0)` as a function, or None where the C library has none."""
@@ -39,16 +66,29 @@ def malloc_trim() -> Callable[[], int] | None:
     return lambda: int(function(0))
 
 
-async def release_memory_when_idle(batcher: WorkCounter, interval_s: float) -> None:
-    """Every `interval_s`, if batches ran since the last trim and none is queued or running now, trim."""
+def _discard(_: object) -> None:
+    return None
+
+
+async def release_freed_memory(batcher: WorkCounter, interval_s: float, busy_every: int = 6) -> None:
+    """Every `interval_s`, if batches ran since the last trim: trim at once when nothing is queued or running;
+    under sustained load, every `busy_every` intervals, on the batch thread between two batches (a pause of
+    milliseconds), so resident memory stays flat through a long busy spell too."""
     trim = malloc_trim()
     if trim is None or interval_s <= 0:
         return
     trimmed_at = batcher.batches_taken
+    waited = 0
     while True:
         await asyncio.sleep(interval_s)
-        if batcher.busy or batcher.batches_taken == trimmed_at:
+        waited += 1
+        if batcher.batches_taken == trimmed_at:
             continue
-        trimmed_at = batcher.batches_taken
-        released = await asyncio.to_thread(trim)
-        logger.debug("idle: malloc_trim released memory: %s", bool(released))
+        if not batcher.busy:
+            await asyncio.to_thread(trim)
+        elif waited >= busy_every:
+            await batcher.run_in_worker(lambda: _discard(trim()))
+        else:
+            continue
+        trimmed_at, waited = batcher.batches_taken, 0
+        logger.debug("released freed heap memory to the system")

@@ -13,6 +13,7 @@ import uvicorn
 
 from server.app import create_app, make_brownout
 from server.engine import Engine, EngineLoadError
+from server.memory import limit_malloc_arenas
 from server.settings import ServerSettings
 
 logger = logging.getLogger("deebert.serve")
@@ -51,6 +52,8 @@ class DrainingServer(uvicorn.Server):
 
 def serve(settings: ServerSettings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.malloc_arenas:
+        limit_malloc_arenas(settings.malloc_arenas)  # before the model and the threads allocate
     try:
         engine = Engine.load(settings)
     except EngineLoadError as err:

@@ -74,6 +74,25 @@ async def test_batches_respect_the_max_size_and_group_similar_lengths() -> None:
     await batcher.stop()
 
 
+async def test_length_grouping_looks_only_at_the_oldest_two_batches() -> None:
+    """A short text queued behind many long ones is not taken ahead of them: no text is passed over for
+    long, however many newer texts of the oldest one's length keep arriving."""
+    runner = FakeRunner(blocked=True)
+    batcher = Batcher(runner, max_batch_size=2, max_wait_s=0.0, max_queue_size=100)
+    batcher.start()
+    first = batcher.submit([Text("x")], [0.0])
+    await asyncio.to_thread(runner.started.wait, 5)
+    # Queue: a short text, 8 long ones, then a short one: the second short text is outside the window
+    # (the 2 x 2 oldest texts) the first batch chooses from, so it is not paired with the first.
+    lengths = [1] + [9] * 8 + [1]
+    futures = batcher.submit([Text("y" * n) for n in lengths], [0.0] * len(lengths))
+    runner.release.set()
+    await asyncio.gather(*first, *futures)
+    later = [sorted(len(t) for t in batch) for batch in runner.batches[1:]]
+    assert later[0] == [1, 9], f"the window is the 2 x 2 oldest texts: {later}"
+    await batcher.stop()
+
+
 async def test_a_full_queue_refuses_with_429_and_retry_after() -> None:
     runner = FakeRunner(blocked=True)
     batcher = Batcher(runner, max_batch_size=1, max_wait_s=0.0, max_queue_size=2)

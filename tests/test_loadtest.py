@@ -309,7 +309,7 @@ def _record(status: str, latency_s: float, sent_at: float, **extra: Any) -> Requ
 
 
 def _reliability_report(mode: str, records: list[RequestRecord], **overrides: Any) -> dict[str, Any]:
-    from loadtest.reliability import ReliabilitySettings, classify_records, latency_bound_ms, windows
+    from loadtest.reliability import BOUND_FORMULA, ReliabilitySettings, classify_records, latency_bound_ms, windows
 
     settings = ReliabilitySettings(mode=mode, duration=5)  # type: ignore[arg-type]
     mib = 2**20
@@ -327,6 +327,7 @@ def _reliability_report(mode: str, records: list[RequestRecord], **overrides: An
         "capacity": {"throughput_rps": 100.0, "concurrency": 32, "duration_s": 10.0},
         "service_time": {"batch_size": 8, "samples": 20, "p50_ms": 10.0, "p90_ms": 11.0},
         "latency_bound": {
+            "formula": BOUND_FORMULA,
             "max_queue_size": 64,
             "max_batch_size": 8,
             "full_batch_ms": 10.0,
@@ -371,7 +372,7 @@ def test_reliability_sorts_answers_into_accepted_refused_failed_and_lost() -> No
 def test_reliability_bound_windows_and_checks() -> None:
     from loadtest.reliability import evaluate_checks, latency_bound_ms, windows
 
-    assert latency_bound_ms(1024, 32, 200.0) == pytest.approx(33 * 200.0)
+    assert latency_bound_ms(1024, 32, 200.0) == pytest.approx(34 * 200.0)  # running + 32 queued + its own
     good = [_record("200", 0.05, 100.0 + i / 10, total_ms=40.0) for i in range(20)]
     refused = [_record("429", 0.001, 100.05 + i / 10, retry_after="2") for i in range(10)]
     report = _reliability_report("overload", good + refused)
@@ -381,13 +382,13 @@ def test_reliability_bound_windows_and_checks() -> None:
     assert [w["sent"] for w in windows(late, 1.0, [], start=100.0, duration_s=2.0)] == [10, 11]
     checks = {c["name"]: c for c in evaluate_checks(report)}
     assert all(c["passed"] for c in checks.values()), [c for c in checks.values() if not c["passed"]]
-    assert "p99 40.0 ms vs bound 90.0 ms" in checks["p99 within the queue bound"]["detail"]
+    assert "p99 40.0 ms vs bound 100.0 ms" in checks["p99 within the queue bound"]["detail"]
     client_check = checks["client p99 within the bound plus the generator's lag"]
-    assert "p99 from the scheduled arrival 50.0 ms vs 90.0 ms + 2 ms" in client_check["detail"]
+    assert "p99 from the scheduled arrival 50.0 ms vs 100.0 ms + 2 ms" in client_check["detail"]
 
     broken = [
         *good[:10],
-        _record("200", 0.5, 100.3, total_ms=200.0),  # over the 90 ms bound
+        _record("200", 0.5, 100.3, total_ms=200.0),  # over the 100 ms bound
         _record("429", 0.001, 100.4),  # no Retry-After
         _record("500", 0.01, 100.5),
         _record("remote_protocol_error", 0.01, 100.6),
@@ -439,7 +440,7 @@ def test_reliability_markdown_names_command_and_machine_per_mode(tmp_path: Path)
     assert "## Overload: 3 x capacity for 5 s" in text and "**Short run** (5 s instead of 60 s)" in text
     assert "`deebert reliability overload --duration 5`" in text and "Test CPU (2 usable of 2 CPUs)" in text
     assert "| 21 | 20 | 1 (0 without Retry-After) | 0 | 0 | 0 |" in text
-    assert "(64 / 8 + 1) x 10.0 ms = **90 ms**" in text
+    assert "= 10 x 10.0 ms = **100 ms**" in text
     assert "Not run yet: `deebert reliability soak`" in text
     assert "PASS  p99 within the queue bound" in format_summary(report)
 
