@@ -171,7 +171,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         args.progress,
         criterion=config.criterion,
     )
-    from model.machine import machine_description
+    from model.reporting import machine_description
 
     report["checkpoint"] = str(args.checkpoint)
     report["data"] = str(args.data)
@@ -194,7 +194,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     config = _config_for(model, args.criterion)
     presets = calibrate(probabilities, entropies, data.labels, criterion=config.criterion)
     directory = resolve_directory(args.checkpoint)
-    config.with_presets(presets, exit_criterion=config.exit_criterion).save(directory)
+    config.with_presets(presets).save(directory)
     for preset in presets:
         print(
             f"{preset.name:<9} threshold {preset.threshold:.6f}  dev accuracy {100 * (preset.accuracy or 0):.2f}%  "

@@ -41,7 +41,7 @@ from typing import Any
 import httpx
 
 from loadtest.generator import LoadConfig, Workload, run
-from model.machine import machine_description
+from model.reporting import machine_description, markdown_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = "weights/sst2-minilm-l6"
@@ -694,14 +694,12 @@ def write_plots(results: dict[str, Any], directory: Path) -> dict[str, str]:
     return written
 
 
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    return "\n".join(markdown_table(header, rows))
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _errors(report: dict[str, Any]) -> str:
@@ -731,7 +729,7 @@ def _curve_section(curve: dict[str, Any]) -> str:
         f"{_num(curve['saturated_rps_open'], 1)} req/s open loop, "
         f"{_num(curve['saturated_rps_closed'], 1)} req/s closed loop)."
     )
-    return f"#### {curve['label']}\n\n{_table(header, rows)}\n\n{sat}\n"
+    return f"#### {curve['label']}\n\n{_md_table(header, rows)}\n\n{sat}\n"
 
 
 def _relative(path: str, base: Path) -> str:
@@ -769,7 +767,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         "",
         "## Targets",
         "",
-        _table(["target", "result", "numbers"], [[t["name"], t["status"], t["detail"]] for t in results["targets"]]),
+        _md_table(["target", "result", "numbers"], [[t["name"], t["status"], t["detail"]] for t in results["targets"]]),
         "",
         *_analysis(results),
     ]
@@ -801,7 +799,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             "same from the server's counters. Overhead = X-Total-Time - X-Compute-Time (tokenizing, queueing, "
             "scheduling), per request.",
             "",
-            _table(header, rows),
+            _md_table(header, rows),
             "",
         ]
     curves = results.get("curves", {})
@@ -862,7 +860,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                 f"Closed loop, {wrk['concurrency']} connections, threshold {wrk['threshold']}, {wrk['duration_s']} s "
                 f"each, back to back on the same server. `{wrk['command']}`",
                 "",
-                _table(["tool", "req/s", "p50 ms", "p99 ms", "errors"], rows),
+                _md_table(["tool", "req/s", "p50 ms", "p99 ms", "errors"], rows),
                 "",
                 f"Ours / {wrk['tool']}: {_num(wrk['ours_over_external'])}.",
                 "",

@@ -42,7 +42,6 @@ from loadtest.bench import (
     BenchError,
     deebert_server_command,
     free_port,
-    machine_description,
     server_process,
 )
 from loadtest.generator import (
@@ -57,6 +56,7 @@ from loadtest.generator import (
     run,
     run_load,
 )
+from model.reporting import describe_machine, machine_description, markdown_table
 
 Mode = Literal["overload", "soak"]
 MODES: tuple[Mode, ...] = ("overload", "soak")
@@ -644,22 +644,6 @@ def format_summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
-def _machine_line(machine: dict[str, Any]) -> str:
-    versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items() if v)
-    load = machine.get("load_average")
-    load_text = f"; load average at start {', '.join(f'{x:.2f}' for x in load)}" if load else ""
-    return (
-        f"{machine.get('cpu')} ({machine.get('cpus_usable')} usable of {machine.get('cpu_count')} CPUs), "
-        f"{machine.get('memory_gib')} GiB, {machine.get('platform')}; Python {machine.get('python')}, "
-        f"{versions}{load_text}"
-    )
-
-
 def _checks_lines(report: dict[str, Any]) -> list[str]:
     return [f"- {'✅' if c['passed'] else '❌'} **{c['name']}**: {c['detail']}" for c in report["checks"]]
 
@@ -681,7 +665,7 @@ def _common_lines(report: dict[str, Any]) -> list[str]:
     return [
         f"Command: `{report['command']}` (started {report['started']}, finished {report['finished']}).",
         "",
-        f"Machine: {_machine_line(report['machine'])}. The load generator runs on the same machine as the server.",
+        f"Machine: {describe_machine(report['machine'])}. The load generator runs on the same machine as the server.",
         "",
         f"Server: `{report['model'].get('model')}` ({report['model'].get('num_layers')} layers), "
         + ", ".join(f"`{k}={v}`" for k, v in report["server_env"].items())
@@ -698,7 +682,7 @@ def _common_lines(report: dict[str, Any]) -> list[str]:
         f"(p90 {service['p90_ms']:.1f} ms). Accepted over the whole run, drain included: "
         f"{load['accepted_rps']:.1f} req/s.",
         "",
-        *_table(
+        *markdown_table(
             ["sent", "accepted (2xx)", "refused (429)", "failed (5xx, other)", "lost", "dropped by the client"],
             [
                 [
@@ -729,7 +713,7 @@ def _after_lines(report: dict[str, Any]) -> list[str]:
         for name, s in (("before", before), ("after", after))
     ]
     return [
-        *_table(["", "/health/ready", "probe 200s", "probe p50", "probe p99", "queue depth / in flight"], rows),
+        *markdown_table(["", "/health/ready", "probe 200s", "probe p50", "probe p99", "queue depth / in flight"], rows),
         "",
     ]
 
@@ -793,7 +777,7 @@ def soak_section(report: dict[str, Any]) -> list[str]:
         "",
         f"Per {report['settings']['window']:g}-second window (by send time):",
         "",
-        *_table(["window (s)", "sent", "errors", "p50", "p99", "server p99", "peak RSS (MiB)"], window_rows),
+        *markdown_table(["window (s)", "sent", "errors", "p50", "p99", "server p99", "peak RSS (MiB)"], window_rows),
         "",
         "Before and after:",
         "",

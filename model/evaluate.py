@@ -219,7 +219,7 @@ def evaluate(
             point.measured_saving = measured
     preset_points = simulate(probabilities, entropies, labels, [p.threshold for p in presets], rule)
     per_layer = per_layer_accuracy(probabilities, labels)
-    two_class = config.num_labels == 2
+    layer_f1 = per_layer_f1(probabilities, labels) if config.num_labels == 2 else None
     report: dict[str, Any] = {
         "model": config.name,
         "num_layers": model.num_layers,
@@ -229,8 +229,8 @@ def evaluate(
         "full_accuracy": per_layer[-1],
         "per_layer_accuracy": per_layer,
         # F1 of label 1 (as GLUE scores MRPC), for two-class tasks.
-        "full_f1": per_layer_f1(probabilities, labels)[-1] if two_class else None,
-        "per_layer_f1": per_layer_f1(probabilities, labels) if two_class else None,
+        "full_f1": layer_f1[-1] if layer_f1 else None,
+        "per_layer_f1": layer_f1,
         "sweep": [
             {
                 "threshold": p.threshold,

@@ -18,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from model.reporting import describe_machine, markdown_table
+
 
 @dataclass(frozen=True)
 class TaskRun:
@@ -85,21 +87,12 @@ def _score(point: dict[str, Any], with_f1: bool) -> str:
     return text
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines.extend("| " + " | ".join(row) + " |" for row in rows)
-    return lines
-
-
 def _machine_line(report: dict[str, Any]) -> str:
-    machine = report.get("machine") or {}
+    machine = report.get("machine")
     if not machine:
         return "machine not recorded in the report"
     threads = (report.get("timing") or {}).get("threads")
-    return (
-        f"{machine.get('cpu')}, {machine.get('cpus_usable')} usable cores, torch "
-        f"{(machine.get('versions') or {}).get('torch')}" + (f", {threads} threads" if threads else "")
-    )
+    return describe_machine(machine) + (f"; {threads} torch threads" if threads else "")
 
 
 def task_section(root: Path, summary: dict[str, Any]) -> list[str]:
@@ -157,7 +150,7 @@ def task_section(root: Path, summary: dict[str, Any]) -> list[str]:
             "report": f"{run.report_dir}/report.json",
         }
         machine = _machine_line(report)
-    lines += _table(
+    lines += markdown_table(
         [
             "task",
             "data",
@@ -181,7 +174,7 @@ def task_section(root: Path, summary: dict[str, Any]) -> list[str]:
             "",
         ]
         n = len(figure_data[0][1])
-        lines += _table(["task", *(f"layer {i}" for i in range(1, n + 1))], per_layer_rows)
+        lines += markdown_table(["task", *(f"layer {i}" for i in range(1, n + 1))], per_layer_rows)
         figure = root / "docs/results/tasks_per_layer.png"
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for task, accuracies in figure_data:
@@ -254,7 +247,7 @@ def scheme_section(root: Path, summary: dict[str, Any]) -> list[str]:
             "training_seconds": seconds,
         }
     summary["schemes"] = results
-    lines += _table(
+    lines += markdown_table(
         [
             "scheme",
             "what it trains",
@@ -354,7 +347,7 @@ def criteria_section(root: Path, summary: dict[str, Any]) -> list[str]:
         curves.append((criterion, *_curve(report)))
         results[criterion] = {"tolerance_points": report["calibrated_on_this_data"], "sweep": report["sweep"]}
     summary["criteria"] = results
-    lines += _table(
+    lines += markdown_table(
         [
             "criterion",
             "rule",

@@ -583,10 +583,12 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         )
 
     # Health and metrics are exempt from the API key unless configured: probes and scrapers rarely hold secrets.
-    health_guard = [Depends(require_api_key)] if settings.api_key_health else []
-    health_errors = (ErrorType.UNAUTHORIZED,) if settings.api_key_health else ()
-    metrics_guard = [Depends(require_api_key)] if settings.api_key_metrics else []
-    metrics_errors = (ErrorType.UNAUTHORIZED,) if settings.api_key_metrics else ()
+    def key_guard(required: bool) -> tuple[list[Any], tuple[ErrorType, ...]]:
+        """A route's dependencies and documented errors: the API-key check and its 401, or nothing."""
+        return ([Depends(require_api_key)], (ErrorType.UNAUTHORIZED,)) if required else ([], ())
+
+    health_guard, health_errors = key_guard(settings.api_key_health)
+    metrics_guard, metrics_errors = key_guard(settings.api_key_metrics)
 
     @app.get(
         "/health/live",

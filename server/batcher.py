@@ -175,7 +175,7 @@ class Batcher:
             self._on_depth(len(self._queue))
             self._update_idle()
 
-    async def run_in_worker(self, function: Callable[[], None]) -> None:
+    async def run_in_worker(self, function: Callable[[], object]) -> None:
         """Run `function` on the thread that runs batches (warm-up: torch's per-thread state lives there)."""
         await asyncio.get_running_loop().run_in_executor(self._executor, function)
 

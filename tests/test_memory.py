@@ -17,7 +17,7 @@ class FakeBatcher:
     batches_taken: int = 0
     in_worker: int = 0
 
-    async def run_in_worker(self, function: Callable[[], None]) -> None:
+    async def run_in_worker(self, function: Callable[[], object]) -> None:
         self.in_worker += 1
         function()
 

@@ -1,4 +1,9 @@
-"""What a measurement ran on: every timed report (evaluation, benchmarks, reliability runs) records it."""
+"""What reports share: the machine a measurement ran on, and markdown tables.
+
+Every timed report (evaluation, benchmarks, reliability runs) records `machine_description()`; the
+markdown writers (docs/RESULTS.md, BENCHMARKS.md, RELIABILITY.md) print it with `describe_machine` and
+lay out their tables with `markdown_table`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import contextlib
 import importlib.metadata
 import os
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,3 +44,21 @@ def machine_description() -> dict[str, Any]:
         "versions": versions,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
+
+
+def describe_machine(machine: dict[str, Any]) -> str:
+    """One line for a `machine_description()`: CPU, cores, memory, platform, versions, load at the start."""
+    versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items() if v)
+    load = machine.get("load_average")
+    load_text = f"; load average at start {', '.join(f'{x:.2f}' for x in load)}" if load else ""
+    return (
+        f"{machine.get('cpu')} ({machine.get('cpus_usable')} usable of {machine.get('cpu_count')} CPUs), "
+        f"{machine.get('memory_gib')} GiB, {machine.get('platform')}; Python {machine.get('python')}, "
+        f"{versions}{load_text}"
+    )
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A markdown table's lines."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
