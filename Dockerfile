@@ -9,11 +9,14 @@ ARG TORCH_INDEX=""
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_OFFLINE=1 DEEBERT_CHECKPOINT=/app/weights/sst2-minilm-l6
 
-# CUDA base images come without Python; python:3.11-slim already has it.
-RUN if ! command -v python3 >/dev/null; then \
-      apt-get update && apt-get install -y --no-install-recommends python3 python3-pip python-is-python3 curl \
-      && rm -rf /var/lib/apt/lists/*; \
-    fi
+# jemalloc keeps the server's resident memory flat under sustained load (`deebert serve` preloads it when
+# installed: DEEBERT_ALLOCATOR=auto); CUDA base images also come without Python, python:3.11-slim has it.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libjemalloc2 \
+    && if ! command -v python3 >/dev/null; then \
+         apt-get install -y --no-install-recommends python3 python3-pip python-is-python3 curl; \
+       fi \
+    && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
 # torch first, so the project's loose `torch>=` requirement is already met (CPU build unless told otherwise).

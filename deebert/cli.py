@@ -68,6 +68,9 @@ def _add_evaluate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
     p.add_argument("--thresholds", type=_csv_list, help="comma-separated thresholds or preset names (default: a grid)")
     _add_criterion(p, "exit rule to sweep (default: the checkpoint's; its presets are reported only for that one)")
     p.add_argument("--timing-samples", type=int, default=1000, help="samples timed at batch 1 (0: no timing)")
+    p.add_argument(
+        "--timing-repeats", type=int, default=3, help="runs of each variant per sample; the fastest counts (3)"
+    )
     p.add_argument("--max-samples", type=int, help="evaluate only the first N samples")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument(
@@ -170,6 +173,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         args.timing_samples,
         args.progress,
         criterion=config.criterion,
+        timing_repeats=args.timing_repeats,
     )
     from model.reporting import machine_description
 

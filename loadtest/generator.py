@@ -349,9 +349,7 @@ def _header_ms(response: PostResponse, name: str) -> float | None:
         return None
 
 
-async def _post(
-    client: PostClient, body: dict[str, list[str]], threshold: str | None, started: float
-) -> RequestRecord:
+async def _post(client: PostClient, body: dict[str, list[str]], threshold: str | None, started: float) -> RequestRecord:
     """Send one request; latency counts from `started` (the scheduled arrival in open loop)."""
     headers = {THRESHOLD_HEADER: threshold} if threshold is not None else {}
     texts = len(body["texts"])

@@ -5,7 +5,10 @@
   accepted requests within the bound the queue implies, RSS back to its baseline after a short idle, and
   the server ready and as fast as before.
 - **soak**: open-loop arrivals at 70% of capacity for 10 minutes: no errors, RSS growth under 5%,
-  latency p50/p99 per one-minute window to show it stays flat.
+  latency p50/p99 per one-minute window to show it stays flat. Growth is what a leak or fragmentation would
+  show: the median RSS of the last window against that of the first, once the load's own working set (the
+  batches' activations, the queue, the connections) is in place; the rise from the idle server before the
+  load is reported beside it.
 
 The latency bound: a request accepted into a queue of Q texts served in batches of B waits for the batch
 running when it arrives and at most Q/B full batches ahead of it, then runs in its own batch, so it is
@@ -203,7 +206,9 @@ def windows(
     for index in range(max([*buckets, *rss_buckets], default=-1) + 1):
         chosen = buckets.get(index, [])
         counts = classify_records(chosen)
-        peak = max(rss_buckets.get(index, []), default=None)
+        samples = sorted(rss_buckets.get(index, []))
+        peak = samples[-1] if samples else None
+        median = samples[len(samples) // 2] if samples else None
         result.append(
             {
                 "start_s": index * window_s,
@@ -215,9 +220,19 @@ def windows(
                 "p99_ms": counts["latency_accepted_ms"]["p99"],
                 "server_p99_ms": counts["server_latency_accepted_ms"]["p99"],
                 "rss_peak_mib": _mib(peak),
+                "rss_median_mib": _mib(median),
             }
         )
     return result
+
+
+def soak_rss_growth(window_list: Sequence[dict[str, Any]]) -> tuple[float | None, float | None, float | None]:
+    """Median RSS (MiB) of the first and the last window that sampled it, and the growth between them."""
+    sampled = [w["rss_median_mib"] for w in window_list if w.get("rss_median_mib") is not None]
+    if not sampled:
+        return None, None, None
+    first, last = sampled[0], sampled[-1]
+    return first, last, last / first - 1.0
 
 
 def _mib(value: int | None) -> float | None:
@@ -335,12 +350,14 @@ def evaluate_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
             )
         )
     else:
-        growth = _growth(rss["before"], rss["end"])
+        first, last, growth = soak_rss_growth(report["windows"])
         checks.append(
             _check(
                 "RSS growth under 5%",
                 growth is not None and growth < RSS_TOLERANCE,
-                f"start {_fmt_mib(rss['before'])}, end of load {_fmt_mib(rss['end'])} ({_pct(growth)})",
+                f"median RSS {_mib_text(first)} in the first window, {_mib_text(last)} in the last ({_pct(growth)}); "
+                f"idle before the load {_fmt_mib(rss['before'])}, end of load {_fmt_mib(rss['end'])} "
+                f"({_pct(_growth(rss['before'], rss['end']))})",
             )
         )
         timed = [w for w in report["windows"] if w["server_p99_ms"] is not None]
@@ -364,6 +381,10 @@ def evaluate_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
         )
     )
     return checks
+
+
+def _mib_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} MiB"
 
 
 def _fmt_mib(value: int | None) -> str:
@@ -434,6 +455,12 @@ def probe(url: str, texts: Sequence[str], threshold: str | None, timeout: float)
         "p50_ms": summary["p50"],
         "p99_ms": summary["p99"],
     }
+
+
+def server_runtime(url: str, timeout: float) -> dict[str, str]:
+    """The server's device, dtype and memory allocator (`deebert_runtime_info` on /metrics)."""
+    samples = parse_metrics(httpx.get(f"{url}/metrics", timeout=timeout).text)
+    return next((s.labels for s in samples if s.name == "deebert_runtime_info"), {})
 
 
 def server_state(url: str, timeout: float) -> dict[str, Any]:
@@ -541,6 +568,7 @@ def run_reliability(settings: ReliabilitySettings) -> dict[str, Any]:
         url,
     ):
         report["model"] = httpx.get(f"{url}/v1/model", timeout=10).json()
+        report["runtime"] = server_runtime(url, 10)
         say(f"server pid {process.pid} on {url}; probing and timing a full batch")
         report["before"] = {**server_state(url, 10), "probe": probe(url, probe_texts, settings.threshold, 10)}
         service = measure_full_batch_ms(url, workload, settings.max_batch_size, settings.service_samples, 60)
@@ -667,7 +695,9 @@ def _common_lines(report: dict[str, Any]) -> list[str]:
         "",
         f"Machine: {describe_machine(report['machine'])}. The load generator runs on the same machine as the server.",
         "",
-        f"Server: `{report['model'].get('model')}` ({report['model'].get('num_layers')} layers), "
+        f"Server: `{report['model'].get('model')}` ({report['model'].get('num_layers')} layers"
+        + "".join(f", {k} {v}" for k, v in report.get("runtime", {}).items())
+        + "), "
         + ", ".join(f"`{k}={v}`" for k, v in report["server_env"].items())
         + f"; requests of one text, threshold `{report['settings']['threshold'] or 'server default'}`.",
         "",
@@ -760,10 +790,12 @@ def soak_section(report: dict[str, Any]) -> list[str]:
             _ms(w["p50_ms"]),
             _ms(w["p99_ms"]),
             _ms(w["server_p99_ms"]),
+            "-" if w.get("rss_median_mib") is None else f"{w['rss_median_mib']:.1f}",
             "-" if w["rss_peak_mib"] is None else f"{w['rss_peak_mib']:.1f}",
         ]
         for w in report["windows"]
     ]
+    first, last, growth = soak_rss_growth(report["windows"])
     return [
         f"## Soak: {report['load']['share_of_capacity']:g} x capacity for {report['load']['duration_s']:g} s",
         "",
@@ -771,13 +803,18 @@ def soak_section(report: dict[str, Any]) -> list[str]:
         *_common_lines(report),
         f"Accepted requests overall, as the client saw them: p50 {_ms(lat['p50'])}, **p99 {_ms(lat['p99'])}**, "
         f"max {_ms(lat['max'])}; server-side p99 {_ms(report['outcome']['server_latency_accepted_ms']['p99'])}. "
-        f"Server RSS: start {_fmt_mib(rss['before'])}, end of load {_fmt_mib(rss['end'])} "
-        f"(**{_pct(_growth(rss['before'], rss['end']))}**), peak {_fmt_mib(rss['peak'])}, after "
-        f"{report['settings']['idle']:g} s idle {_fmt_mib(rss['after'])}.",
+        f"Server RSS: median {_mib_text(first)} over the first window, {_mib_text(last)} over the last "
+        f"(**{_pct(growth)}**); "
+        f"idle before the load {_fmt_mib(rss['before'])}, end of load {_fmt_mib(rss['end'])} "
+        f"({_pct(_growth(rss['before'], rss['end']))}: the load's working set and any growth), "
+        f"peak {_fmt_mib(rss['peak'])}, after {report['settings']['idle']:g} s idle {_fmt_mib(rss['after'])}.",
         "",
         f"Per {report['settings']['window']:g}-second window (by send time):",
         "",
-        *markdown_table(["window (s)", "sent", "errors", "p50", "p99", "server p99", "peak RSS (MiB)"], window_rows),
+        *markdown_table(
+            ["window (s)", "sent", "errors", "p50", "p99", "server p99", "median RSS (MiB)", "peak RSS (MiB)"],
+            window_rows,
+        ),
         "",
         "Before and after:",
         "",

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import BertModel, PreTrainedModel, RobertaModel
 from transformers.masking_utils import create_bidirectional_mask
 
@@ -45,8 +46,14 @@ class OffRamp(nn.Module):
         return torch.bmm(pool_weights, hidden).squeeze(1)
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Logits from pooled features (stage 2 trains this on cached features)."""
-        return self.classifier(self.dropout(torch.tanh(self.dense(pooled))))
+        """Logits from pooled features (stage 2 trains this on cached features).
+
+        Functional calls on the modules' own parameters: the same math as calling them, without three
+        submodule dispatches, which at batch 1 were a visible share of an off-ramp's few tens of microseconds.
+        """
+        features = torch.tanh(F.linear(pooled, self.dense.weight, self.dense.bias))
+        features = F.dropout(features, self.dropout.p, self.training)
+        return F.linear(features, self.classifier.weight, self.classifier.bias)
 
     def forward(self, hidden: torch.Tensor, pool_weights: torch.Tensor) -> torch.Tensor:
         return self.classify(self.pool(hidden, pool_weights))
@@ -225,12 +232,13 @@ class DeeBert(nn.Module):
             criterion_state=None,
         )
         last = self.num_layers
+        off_ramps = list(self.off_ramps)  # indexing a ModuleList costs a microsecond per layer
         for layer_number, layer in enumerate(self.layers, start=1):
             rows_run = state.hidden.shape[0]
             state.hidden = layer(state.hidden, state.mask)
             if layer_number < last and not may_exit_early:
                 continue
-            logits = self.off_ramps[layer_number - 1](state.hidden, state.pool_weights)
+            logits = off_ramps[layer_number - 1](state.hidden, state.pool_weights)
             probabilities, entropy = exit_rule.entropy_from_logits(logits)
             if layer_number == last:
                 leaving = ~state.done

@@ -209,7 +209,7 @@ def scheme_section(root: Path, summary: dict[str, Any]) -> list[str]:
         "20000`, seed 42), 2 epochs through the encoder, lr 5e-5, batch 32, max length 64, bf16 autocast. "
         "`two-stage` and `distill` then train the intermediate off-ramps for 10 epochs on cached features (the "
         "encoder is frozen there, so this costs seconds, and is counted in their training time). "
-        "\"Saving at ≤ 0.5 point\" is the expected saving of the most aggressive entropy threshold whose dev "
+        '"Saving at ≤ 0.5 point" is the expected saving of the most aggressive entropy threshold whose dev '
         "accuracy is within 0.5 point of that model's own full depth, chosen on dev (the `balanced` preset).",
         "",
         "Command: `bash docs/reproduce.sh schemes`.",

@@ -27,7 +27,7 @@ from server.batcher import Batcher, Row, RowAnswer
 from server.brownout import Brownout
 from server.engine import Engine, RowOutcome, Threshold
 from server.errors import DeeBertError, ErrorType, openapi_errors
-from server.memory import release_freed_memory
+from server.memory import loaded_allocator, release_freed_memory
 from server.metrics import Metrics
 from server.schemas import (
     ClassifyRequest,
@@ -72,7 +72,12 @@ class ServerState:
     def attach(self, engine: Engine) -> None:
         """Wire the metrics and the batcher to a loaded engine."""
         self.engine = engine
-        metrics = Metrics(engine.num_layers, engine.name, engine.labels)
+        runtime = {
+            "device": str(engine.device),
+            "dtype": str(engine.dtype).removeprefix("torch."),
+            "allocator": loaded_allocator(),
+        }
+        metrics = Metrics(engine.num_layers, engine.name, engine.labels, runtime)
         self.metrics = metrics
 
         self.brownout = make_brownout(self.settings, engine, metrics)

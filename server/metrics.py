@@ -48,7 +48,9 @@ THRESHOLD_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 
 class Metrics:
     """The server's metrics; `record_*` methods are the only writers."""
 
-    def __init__(self, num_layers: int, model_name: str, labels: list[str]) -> None:
+    def __init__(
+        self, num_layers: int, model_name: str, labels: list[str], runtime: dict[str, str] | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         self.num_layers = num_layers
         r = self.registry
@@ -119,6 +121,8 @@ class Metrics:
             self.exit_agreement.labels(agree=agree)
         self.info = Info("deebert_model", "The served model", registry=r)
         self.info.info({"model": model_name, "num_layers": str(num_layers), "labels": ",".join(labels)})
+        self.runtime = Info("deebert_runtime", "Where the model runs: device, dtype, memory allocator", registry=r)
+        self.runtime.info(runtime or {})
         self._executed = 0
         self._possible = 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import types
 from collections.abc import Sequence
@@ -13,7 +14,14 @@ import uvicorn
 
 from server.app import create_app, make_brownout
 from server.engine import Engine, EngineLoadError
-from server.memory import limit_malloc_arenas
+from server.memory import (
+    AllocatorError,
+    bound_kernel_cache,
+    limit_malloc_arenas,
+    loaded_allocator,
+    plan_allocator,
+    reexec,
+)
 from server.settings import ServerSettings
 
 logger = logging.getLogger("deebert.serve")
@@ -50,10 +58,15 @@ class DrainingServer(uvicorn.Server):
         self._captured_signals.clear()
 
 
-def serve(settings: ServerSettings) -> int:
+def serve(settings: ServerSettings, allocator_note: str = "") -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.malloc_arenas:
+    allocator = loaded_allocator()
+    if allocator_note:
+        logger.warning("memory allocator: %s", allocator_note)
+    logger.info("memory allocator: %s", allocator)
+    if allocator == "system" and settings.malloc_arenas:
         limit_malloc_arenas(settings.malloc_arenas)  # before the model and the threads allocate
+    logger.debug("oneDNN kernel cache capacity %s", bound_kernel_cache())
     try:
         engine = Engine.load(settings)
     except EngineLoadError as err:
@@ -97,4 +110,12 @@ def run_from_args(args: argparse.Namespace) -> int:
     except Exception as err:  # pydantic ValidationError: say which setting is wrong
         print(f"deebert serve: invalid settings: {err}", file=sys.stderr)
         return 2
-    return serve(settings)
+    # The allocator has to be in place before anything is allocated: switching means running again.
+    try:
+        plan = plan_allocator(settings.allocator, os.environ)
+    except AllocatorError as err:
+        print(f"deebert serve: {err}", file=sys.stderr)
+        return 2
+    if plan.needs_reexec:
+        reexec(plan.environment)
+    return serve(settings, plan.note)

@@ -53,11 +53,18 @@ class ServerSettings(BaseSettings):
     )
     warmup: bool = Field(True, description="run warm-up batches before reporting ready")
     drain_timeout_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for accepted work")
+    allocator: Literal["auto", "jemalloc", "tcmalloc", "system"] = Field(
+        "auto",
+        description="memory allocator: auto = jemalloc when installed (flat memory under load), else glibc; "
+        "serve re-runs itself once with LD_PRELOAD to switch",
+    )
     malloc_arenas: int = Field(
-        2, ge=0, description="cap on glibc malloc arenas (resident memory under load); 0 = glibc's default"
+        2, ge=0, description="glibc only: cap on malloc arenas (resident memory under load); 0 = glibc's default"
     )
     memory_trim_interval_s: float = Field(
-        10.0, ge=0, description="return freed heap to the system: this long after work once idle, every 6x under load"
+        10.0,
+        ge=0,
+        description="glibc only: return freed heap to the system this long after work once idle, every 6x under load",
     )
     brownout_queue_wait_ms: float | None = Field(
         None,

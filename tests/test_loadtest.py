@@ -409,14 +409,24 @@ def test_reliability_bound_windows_and_checks() -> None:
 
 
 def test_reliability_soak_checks_growth_and_every_window() -> None:
-    from loadtest.reliability import evaluate_checks
+    from loadtest.reliability import evaluate_checks, soak_rss_growth, windows
 
+    mib = 2**20
     records = [_record("200", 0.02, 100.0 + i / 10, total_ms=15.0) for i in range(30)]
-    checks = {c["name"]: c["passed"] for c in evaluate_checks(_reliability_report("soak", records))}
-    assert checks == dict.fromkeys(checks, True) and "RSS growth under 5%" in checks
+    # The load's working set arrives in the first window (500 → 520 MiB); after that RSS holds (+1%).
+    steady = [(100.1, 500 * mib), (100.5, 520 * mib), (100.9, 521 * mib), (102.2, 524 * mib), (102.6, 525 * mib)]
+    flat = windows(records, 1.0, steady, start=100.0)
+    assert [w["rss_median_mib"] for w in flat] == [520.0, None, 525.0]
+    assert soak_rss_growth(flat) == (520.0, 525.0, pytest.approx(5 / 520))
+    checks = {c["name"]: c for c in evaluate_checks(_reliability_report("soak", records, windows=flat))}
+    assert all(c["passed"] for c in checks.values()), [c for c in checks.values() if not c["passed"]]
+    # Idle 500 MiB → end 515 MiB is the working set, reported beside the growth, not counted as growth.
+    assert "520.0 MiB in the first window, 525.0 MiB in the last (+1.0%)" in checks["RSS growth under 5%"]["detail"]
+    assert "idle before the load 500.0 MiB" in checks["RSS growth under 5%"]["detail"]
     records[-1] = _record("200", 0.5, 102.9, total_ms=150.0)  # one slow answer in the last window
     records[0] = _record("429", 0.001, 100.0, retry_after="1")  # refused at 70%: an error for a soak
-    report = _reliability_report("soak", records, rss={"before": 100, "peak": 110, "end": 106, "after": 104})
+    creeping = windows(records, 1.0, [*steady[:3], (102.2, 560 * mib), (102.6, 566 * mib)], start=100.0)
+    report = _reliability_report("soak", records, windows=creeping)
     failed = {c["name"] for c in evaluate_checks(report) if not c["passed"]}
     assert failed == {
         "no errors",

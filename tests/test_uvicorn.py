@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from loadtest.bench import deebert_server_command, free_port, server_process
+from server.memory import find_allocator_library, loaded_allocator
 
 
 @pytest.fixture
@@ -32,6 +33,26 @@ def test_real_server_answers_with_exit_layers_and_metrics(server: tuple[subproce
     assert bad.status_code == 400 and bad.json()["error_type"] == "malformed_json"
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
     assert "deebert_layers_executed_total 5.0" in metrics and "deebert_layers_possible_total 8.0" in metrics
+
+
+def test_serve_runs_on_jemalloc_when_installed(server: tuple[subprocess.Popen[bytes], str]) -> None:
+    """DEEBERT_ALLOCATOR=auto: the command re-ran itself (same PID) with jemalloc preloaded, when there is one."""
+    process, url = server
+    expected = "jemalloc" if find_allocator_library("jemalloc") else "system"
+    assert loaded_allocator(Path(f"/proc/{process.pid}/maps")) == expected
+    assert f'allocator="{expected}"' in httpx.get(f"{url}/metrics", timeout=10).text
+
+
+def test_serve_on_the_system_allocator_when_asked(tiny_checkpoint: Path) -> None:
+    port = free_port()
+    env = {"DEEBERT_ALLOCATOR": "system", "DEEBERT_LOG_LEVEL": "warning"}
+    with server_process(deebert_server_command(str(tiny_checkpoint), port), env, port, startup_timeout=60) as (
+        process,
+        url,
+    ):
+        assert loaded_allocator(Path(f"/proc/{process.pid}/maps")) == "system"
+        assert httpx.post(f"{url}/v1/classify", json={"text": "good"}, timeout=10).status_code == 200
+        assert 'allocator="system"' in httpx.get(f"{url}/metrics", timeout=10).text
 
 
 def test_sigterm_drains_accepted_requests_and_exits_zero(server: tuple[subprocess.Popen[bytes], str]) -> None:
