@@ -230,3 +230,34 @@ def test_the_checkpoint_criterion_is_the_default(tokenizer) -> None:  # type: ig
     batch = encode(tokenizer)
     result = model.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, [1.0] * len(SENTENCES))
     assert result.exit_layer == [1] * len(SENTENCES)  # patience 1: the first layer always agrees with itself
+
+
+def test_inference_reads_the_dense_weight_by_column_and_follows_weight_changes() -> None:
+    from model.modeling import OffRamp
+
+    torch.manual_seed(0)
+    ramp = OffRamp(hidden_size=16, num_labels=3, dropout=0.1, pooling="first").eval()
+    pooled = torch.randn(5, 16)
+    with torch.no_grad():
+        reference = ramp.classifier(torch.tanh(ramp.dense(pooled)))
+    with torch.inference_mode():
+        fast = ramp.classify(pooled)
+    assert torch.allclose(fast, reference, atol=1e-6)
+    assert ramp._dense_t is not None and ramp._dense_t.is_contiguous() and ramp._dense_t.shape == (16, 16)
+    # Training moves the weight in place (an optimizer step): the next inference pass sees the new weight.
+    ramp.train()
+    optimizer = torch.optim.SGD(ramp.parameters(), lr=0.5)
+    ramp.classify(pooled).sum().backward()
+    optimizer.step()
+    ramp.eval()
+    with torch.no_grad():
+        moved = ramp.classifier(torch.tanh(ramp.dense(pooled)))
+        assert not torch.allclose(moved, reference)
+        assert torch.allclose(ramp.classify(pooled), moved, atol=1e-6)
+    # So does loading other weights, and a change of dtype.
+    other = OffRamp(hidden_size=16, num_labels=3, dropout=0.1, pooling="first").eval()
+    ramp.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        assert torch.allclose(ramp.classify(pooled), other.classify(pooled), atol=1e-6)
+        assert ramp.double().classify(pooled.double()).dtype == torch.float64
+    assert "_dense_t" not in "".join(ramp.state_dict())  # never saved
