@@ -175,17 +175,15 @@ def time_batch1(
                     started = time.perf_counter_ns()
                     if k < 0:
                         model.plain_forward(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-                        fastest[k] = min(fastest[k], time.perf_counter_ns() - started)
-                        continue
-                    result = model.infer(
-                        batch.input_ids,
-                        batch.attention_mask,
-                        batch.token_type_ids,
-                        [thresholds[k]],
-                        criterion=criterion,
-                    )
+                    else:
+                        exit_layer[k] = model.infer(
+                            batch.input_ids,
+                            batch.attention_mask,
+                            batch.token_type_ids,
+                            [thresholds[k]],
+                            criterion=criterion,
+                        ).exit_layer[0]
                     fastest[k] = min(fastest[k], time.perf_counter_ns() - started)
-                    exit_layer[k] = result.exit_layer[0]
             plain_ns += fastest[-1]
             for k in range(len(thresholds)):
                 exit_ns[k] += fastest[k]

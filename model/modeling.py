@@ -51,8 +51,8 @@ class OffRamp(nn.Module):
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         """Logits from pooled features (stage 2 trains this on cached features).
 
-        Functional calls on the modules' own parameters: the same math as calling them, without three
-        submodule dispatches, which at batch 1 were a visible share of an off-ramp's few tens of microseconds.
+        The same math as calling the submodules, on their own parameters; in gradient-free evaluation passes
+        the dense layer reads its weight by column (`_dense_by_column`).
         """
         if self.training or torch.is_grad_enabled():
             dense = F.linear(pooled, self.dense.weight, self.dense.bias)

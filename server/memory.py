@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import sys
@@ -74,8 +75,18 @@ class AllocatorError(Exception):
     """The allocator asked for cannot be used (not installed, or preloading it failed)."""
 
 
-def loaded_allocator(maps: Path = Path("/proc/self/maps")) -> str:
-    """Which malloc this process runs on: "jemalloc" or "tcmalloc" when one is mapped, else "system"."""
+def loaded_allocator(maps: Path | None = None) -> str:
+    """Which malloc a process runs on (default: this one): "jemalloc" or "tcmalloc" when one is mapped, else
+    "system". A process cannot change its allocator once started, so this process's answer is read once."""
+    return _this_process_allocator() if maps is None else _allocator_in(maps)
+
+
+@functools.cache
+def _this_process_allocator() -> str:
+    return _allocator_in(Path("/proc/self/maps"))
+
+
+def _allocator_in(maps: Path) -> str:
     try:
         mapped = maps.read_text()
     except OSError:
