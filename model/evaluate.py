@@ -146,7 +146,12 @@ def time_batch1(
     code), and a variant's latency is the mean of those over the samples.
     """
     model.eval()
+    rule = criterion or model.config.criterion
+    n = model.num_layers
     repeats = max(1, repeats)
+    # Off-ramps a variant evaluates beyond the plain forward's final classifier: a row that may leave early
+    # runs the off-ramp of every layer it reaches; at full depth the loop skips the intermediate ones.
+    exits_early = [not bool(rule.never_exits_early(torch.tensor([t]), n).all()) for t in thresholds]
     indices = list(range(len(encoded)))
     random.Random(seed).shuffle(indices)
     indices = indices[:max_samples]
@@ -158,6 +163,7 @@ def time_batch1(
     plain_ns = 0
     exit_ns = [0] * len(thresholds)
     layers_run = [0] * len(thresholds)
+    extra_off_ramps = [0] * len(thresholds)
     variants = [-1, *range(len(thresholds))]  # -1: the plain full forward
     order = random.Random(seed + 1)
     # As the server does once loaded: long-lived objects out of the collector's sight, so a full collection
@@ -188,10 +194,10 @@ def time_batch1(
             for k in range(len(thresholds)):
                 exit_ns[k] += fastest[k]
                 layers_run[k] += exit_layer[k]
+                extra_off_ramps[k] += exit_layer[k] - 1 if exits_early[k] else 0
     finally:
         gc.unfreeze()
     count = max(1, len(batches))
-    n = model.num_layers
     return {
         "samples": len(batches),
         "repeats": repeats,
@@ -199,7 +205,43 @@ def time_batch1(
         "exit_ms": [t / count / 1e6 for t in exit_ns],
         "measured_saving": [1.0 - t / plain_ns for t in exit_ns] if plain_ns else [0.0] * len(thresholds),
         "expected_saving_on_timed": [1.0 - r / (n * count) for r in layers_run],
+        "extra_off_ramps_per_sample": [r / count for r in extra_off_ramps],
     }
+
+
+def fit_exit_costs(
+    plain_ms: float, exit_ms: Sequence[float], expected: Sequence[float], extra_off_ramps: Sequence[float]
+) -> tuple[float, float] | None:
+    """Why measured saving trails expected, from the sweep's own timings: the least-squares fit of
+
+        exit_ms − plain_ms · (1 − expected) = off_ramp_ms · extra_off_ramps + unsaved · plain_ms · expected
+
+    The left side is what the loop took beyond a plain forward shrunk by the expected saving. Two things
+    make it positive: every off-ramp a sample passes beyond the final classifier (`extra_off_ramps` per
+    sample) costs `off_ramp_ms`, and the share `unsaved` of a plain forward spent outside the encoder layers
+    (embeddings, attention mask, the classifier) is paid however early a sample leaves, so that share of the
+    expected saving never comes. (off_ramp_ms, unsaved), or None when the sweep cannot tell them apart.
+    """
+    xs = list(extra_off_ramps)
+    zs = [plain_ms * e for e in expected]
+    ys = [t - plain_ms * (1.0 - e) for t, e in zip(exit_ms, expected, strict=True)]
+    xx = sum(x * x for x in xs)
+    zz = sum(z * z for z in zs)
+    xz = sum(x * z for x, z in zip(xs, zs, strict=True))
+    determinant = xx * zz - xz * xz
+    if determinant <= 1e-9 * max(xx * zz, 1e-30):
+        return None
+    xy = sum(x * y for x, y in zip(xs, ys, strict=True))
+    zy = sum(z * y for z, y in zip(zs, ys, strict=True))
+    return (zz * xy - xz * zy) / determinant, (xx * zy - xz * xy) / determinant
+
+
+def _snap(threshold: float, known: Sequence[float], tolerance: float = 1e-6) -> float:
+    """`threshold`, or the value in `known` it equals up to a relative `tolerance`."""
+    for value in known:
+        if abs(value - threshold) <= tolerance * max(1.0, abs(value)):
+            return value
+    return threshold
 
 
 def evaluate(
@@ -228,7 +270,10 @@ def evaluate(
     grid = list(thresholds) if thresholds is not None else rule.default_grid(config.num_labels, model.num_layers)
     # Full depth is the reference; the presets' own thresholds and the tolerance points on this data are
     # timed like any grid point.
-    extra = [p.threshold for p in presets] + [c.threshold for c in on_this_data]
+    # A tolerance point that is a preset's threshold but for float rounding (the presets were calibrated in
+    # an earlier run) is the preset's: one row per threshold in the sweep.
+    preset_thresholds = [p.threshold for p in presets]
+    extra = preset_thresholds + [_snap(c.threshold, preset_thresholds) for c in on_this_data]
     grid = sorted({rule.full_depth, *grid, *extra}, key=rule.aggressiveness)
     points = simulate(probabilities, entropies, labels, grid, rule)
     timing = (
@@ -311,7 +356,25 @@ def evaluate(
                 (m / e if e > 0 else None)
                 for m, e in zip(timing["measured_saving"], timing["expected_saving_on_timed"], strict=True)
             ],
+            "extra_off_ramps_per_sample": timing["extra_off_ramps_per_sample"],
         }
+        fit = fit_exit_costs(
+            timing["plain_ms"],
+            timing["exit_ms"],
+            timing["expected_saving_on_timed"],
+            timing["extra_off_ramps_per_sample"],
+        )
+        if fit is not None:
+            off_ramp_ms, unsaved = fit
+            report["timing"]["exit_costs"] = {
+                "off_ramp_ms": off_ramp_ms,
+                "off_ramp_fraction_of_plain_forward": off_ramp_ms / timing["plain_ms"],
+                "unsaved_fraction": unsaved,
+                "fit": "exit_ms - plain_ms * (1 - expected_saving) = off_ramp_ms * extra_off_ramps_per_sample "
+                "+ unsaved_fraction * plain_ms * expected_saving, least squares over the sweep; so "
+                "measured / expected = 1 - unsaved_fraction - off_ramp_ms * extra_off_ramps_per_sample "
+                "/ (plain_ms * expected_saving)",
+            }
     return report
 
 
@@ -374,5 +437,12 @@ def format_table(report: dict[str, Any]) -> str:
             f"batch-1 latency: plain full forward {latency['plain_full_forward']:.2f} ms, "
             f"exit loop at full depth {latency['exit_loop_threshold_0']:.2f} ms "
             f"({100 * latency['exit_loop_overhead_at_threshold_0']:+.1f}%)"
+        )
+    costs = report.get("timing", {}).get("exit_costs")
+    if costs is not None:
+        lines.append(
+            f"measured trails expected by: {1000 * costs['off_ramp_ms']:.0f} µs per off-ramp a sample passes "
+            f"({100 * costs['off_ramp_fraction_of_plain_forward']:.1f}% of a plain forward) and "
+            f"{100 * costs['unsaved_fraction']:.1f}% of a plain forward outside the layers (fitted over the sweep)"
         )
     return "\n".join(lines)

@@ -26,9 +26,9 @@ State = torch.Tensor | None
 
 def entropy_from_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities and entropy (nats) of each row's softmax, stably from log_softmax in fp32."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    log_probs = torch.log_softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1)
     probabilities = log_probs.exp()
-    entropy = -(probabilities * log_probs).sum(dim=-1)
+    entropy = (probabilities * log_probs).sum(dim=-1).neg_()
     return probabilities, entropy
 
 

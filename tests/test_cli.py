@@ -37,6 +37,11 @@ def test_calibrate_then_evaluate_writes_the_report(tiny_checkpoint: Path, tmp_pa
     assert report["sweep"][0]["exit_counts"] == [0, 0, 0, 40] and report["sweep"][0]["expected_saving"] == 0.0
     assert report["sweep"][-1]["exit_counts"] == [40, 0, 0, 0] and report["sweep"][-1]["expected_saving"] == 0.75
     assert set(report["latency_ms"]) >= {"plain_full_forward", "exit_loop_threshold_0"}
+    # Off-ramps beyond the final classifier: none at full depth (skipped), none when all leave at layer 1.
+    extra = report["timing"]["extra_off_ramps_per_sample"]
+    assert len(extra) == len(thresholds) and extra[0] == 0.0 and extra[-1] == 0.0
+    if len(set(extra)) > 1:  # something to fit the cost of an off-ramp against
+        assert set(report["timing"]["exit_costs"]) >= {"off_ramp_ms", "unsaved_fraction"}
     assert set(report["oracle"]) == {"accuracy", "expected_saving"}
     assert [p["name"] for p in report["presets"]] == ["lossless", "balanced", "fast"]
     assert report["presets"][0]["accuracy"] == pytest.approx(presets["lossless"].accuracy)

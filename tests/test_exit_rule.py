@@ -9,7 +9,7 @@ import torch
 
 from model import exit_rule
 from model.calibrate import calibrate
-from model.evaluate import oracle, per_layer_accuracy, simulate
+from model.evaluate import _snap, fit_exit_costs, oracle, per_layer_accuracy, simulate
 
 
 def test_expected_saving_matches_the_paper_formula() -> None:
@@ -146,6 +146,25 @@ def test_oracle_on_a_hand_made_case() -> None:
     # exits: sample 0 at 1, sample 1 at 2, sample 2 at 1, sample 3 never right → 3
     assert result["accuracy"] == pytest.approx(0.75)
     assert result["expected_saving"] == pytest.approx(1 - (1 + 2 + 1 + 3) / 12)
+
+
+def test_exit_costs_are_fitted_from_the_sweep_timings() -> None:
+    # A 10 ms plain forward of which 4 % is outside the layers; each extra off-ramp costs 0.1 ms.
+    expected = [0.0, 0.2, 0.5, 0.8]
+    extra = [0.0, 4.0, 2.5, 0.0]
+    exit_ms = [10.0 * (1 - e) + 0.1 * r + 0.04 * 10.0 * e for e, r in zip(expected, extra, strict=True)]
+    off_ramp_ms, unsaved = fit_exit_costs(10.0, exit_ms, expected, extra) or (0.0, 0.0)
+    assert off_ramp_ms == pytest.approx(0.1) and unsaved == pytest.approx(0.04)
+    # measured / expected = 1 - unsaved - off_ramp_ms * extra / (plain_ms * expected), as the report says
+    measured = 1 - exit_ms[1] / 10.0
+    assert measured / expected[1] == pytest.approx(1 - 0.04 - 0.1 * 4.0 / (10.0 * 0.2))
+    assert fit_exit_costs(10.0, [10.0, 9.0], [0.0, 0.1], [0.0, 0.0]) is None  # nothing to tell them apart
+
+
+def test_a_threshold_equal_to_a_preset_but_for_rounding_is_the_presets() -> None:
+    presets = [0.05146353133022785, 0.222]
+    assert _snap(0.05146350897848606, presets) == presets[0]  # two calibrations, float rounding apart
+    assert _snap(0.0515, presets) == 0.0515 and _snap(0.3, []) == 0.3
 
 
 def test_sweep_and_per_layer_accuracy_on_a_hand_made_case() -> None:

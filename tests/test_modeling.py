@@ -232,7 +232,7 @@ def test_the_checkpoint_criterion_is_the_default(tokenizer) -> None:  # type: ig
     assert result.exit_layer == [1] * len(SENTENCES)  # patience 1: the first layer always agrees with itself
 
 
-def test_inference_reads_the_dense_weight_by_column_and_follows_weight_changes() -> None:
+def test_inference_reads_the_weights_by_column_and_follows_weight_changes() -> None:
     from model.modeling import OffRamp
 
     torch.manual_seed(0)
@@ -243,7 +243,9 @@ def test_inference_reads_the_dense_weight_by_column_and_follows_weight_changes()
     with torch.inference_mode():
         fast = ramp.classify(pooled)
     assert torch.allclose(fast, reference, atol=1e-6)
-    assert ramp._dense_t is not None and ramp._dense_t.is_contiguous() and ramp._dense_t.shape == (16, 16)
+    cached = ramp._inference
+    assert cached is not None and cached.dense.is_contiguous() and cached.dense.shape == (16, 16)
+    assert cached.classifier.is_contiguous() and cached.classifier.shape == (16, 3)
     # Training moves the weight in place (an optimizer step): the next inference pass sees the new weight.
     ramp.train()
     optimizer = torch.optim.SGD(ramp.parameters(), lr=0.5)
@@ -260,4 +262,5 @@ def test_inference_reads_the_dense_weight_by_column_and_follows_weight_changes()
     with torch.inference_mode():
         assert torch.allclose(ramp.classify(pooled), other.classify(pooled), atol=1e-6)
         assert ramp.double().classify(pooled.double()).dtype == torch.float64
-    assert "_dense_t" not in "".join(ramp.state_dict())  # never saved
+    # The laid-out copies are never saved.
+    assert set(ramp.state_dict()) == {"dense.weight", "dense.bias", "classifier.weight", "classifier.bias"}
