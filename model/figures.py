@@ -45,6 +45,24 @@ def plot_report(report: dict[str, Any], output: Path) -> list[Path]:
         ax.plot(xs, [100 * p["measured_saving"] for p in measured], "o", label="measured (batch 1)")
         top = max(max(xs), 1.0)
         ax.plot([0, top], [0, top], "k--", lw=1, label="measured = expected")
+        timing = report.get("timing", {})
+        costs = timing.get("exit_costs")
+        if costs is not None:
+            # The report's fit: expected less the unsaved share and the off-ramps each sample passed.
+            plain_ms = report["latency_ms"]["plain_full_forward"]
+            expected_timed = timing["expected_saving_on_timed_samples"]
+            fitted = [
+                100 * (e * (1 - costs["unsaved_fraction"]) - costs["off_ramp_ms"] * x / plain_ms)
+                for e, x in zip(expected_timed, timing["extra_off_ramps_per_sample"], strict=True)
+            ]
+            ax.plot(
+                [100 * e for e in expected_timed],
+                fitted,
+                "x",
+                color="tab:red",
+                label=f"fit: {1000 * costs['off_ramp_ms']:.0f} µs per off-ramp passed, "
+                f"{100 * costs['unsaved_fraction']:.1f}% unsaved",
+            )
         ax.set(
             xlabel="expected saving (%)", ylabel="measured wall-clock saving (%)", title="Expected vs measured saving"
         )
