@@ -388,7 +388,8 @@ def _mib_text(value: float | None) -> str:
 
 
 def _fmt_mib(value: int | None) -> str:
-    return "-" if value is None else f"{value / 2**20:.1f} MiB"
+    """Bytes as MiB text."""
+    return _mib_text(_mib(value))
 
 
 def _pct(value: float | None) -> str:

@@ -151,7 +151,7 @@ def time_batch1(
     repeats = max(1, repeats)
     # Off-ramps a variant evaluates beyond the plain forward's final classifier: a row that may leave early
     # runs the off-ramp of every layer it reaches; at full depth the loop skips the intermediate ones.
-    exits_early = [not bool(rule.never_exits_early(torch.tensor([t]), n).all()) for t in thresholds]
+    exits_early = [rule.can_exit_early(torch.tensor([t]), n) for t in thresholds]
     indices = list(range(len(encoded)))
     random.Random(seed).shuffle(indices)
     indices = indices[:max_samples]
