@@ -68,10 +68,10 @@ class OffRamp(nn.Module):
         changes (its storage, version counter, dtype or device: an optimizer step, load_state_dict, `.to`).
 
         At batch 1 the off-ramp is a matrix-vector product bound by reading the dense weight, which each
-        encoder layer has just pushed out of cache; x @ W read this way took 31 µs against 47 µs for
-        `F.linear`'s x @ Wᵀ on the 2-core CPU here (384×384, fp32). Measured in the exit loop at batch 1
-        (same run, interleaved), an off-ramp with its entropy and exit decision cost 90 µs this way
-        against 99 µs through the submodules.
+        encoder layer has just pushed out of cache; x @ W read this way took 40 µs against 56 µs for
+        `F.linear`'s x @ Wᵀ on the 2-core CPU here (384×384, fp32; `python -m loadtest.off_ramp_profile`).
+        Measured in the exit loop at batch 1 (same run, interleaved), an off-ramp with its entropy and exit
+        decision cost 90 µs this way against 99 µs through the submodules.
         """
         dense, classifier = self.dense.weight, self.classifier.weight
         key = (dense.data_ptr(), dense._version, classifier.data_ptr(), classifier._version, dense.dtype, dense.device)
