@@ -87,3 +87,20 @@ def test_cli_errors_are_clear_and_exit_2(
     pairs = write_tsv(tmp_path / "pairs.tsv", ["sentence1", "sentence2", "label"], [["a", "b", "1"]])
     assert main(["calibrate", "--checkpoint", str(tiny_checkpoint), "--data", str(pairs), "--no-progress"]) == 2
     assert "single sentences" in capsys.readouterr().err
+
+
+def test_off_ramp_profile_times_every_step(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from loadtest.off_ramp_profile import main as profile
+
+    dev = write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], sentiment_rows(6))
+    args = ["--checkpoint", str(tiny_checkpoint), "--data", str(dev), "--samples", "3", "--rounds", "2"]
+    assert profile(args) == 0
+    out = capsys.readouterr().out
+    steps = ("pooling", "dense", "dense (weight already in cache)", "tanh + classifier", "entropy", "exit decision")
+    lines = out.splitlines()
+    for step in (*steps, "host sync", "fp32 x @ W", "fp32 F.linear"):
+        timed = [line for line in lines if line.startswith(f"  {step} ")]
+        assert timed and all(" µs  (" in line for line in timed), step
+    assert "3 samples × 2 rounds" in out
