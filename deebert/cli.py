@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_CHECKPOINT = "weights/sst2-minilm-l6"
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # model.device.DTYPES, without importing torch to parse
 
 
 def _csv_list(value: str) -> list[str]:
@@ -74,7 +75,13 @@ def _add_evaluate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
     p.add_argument("--max-samples", type=int, help="evaluate only the first N samples")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument(
-        "--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype (the server's DEEBERT_DTYPE)"
+        "--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (DEEBERT_DEVICE)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPE_NAMES],
+        default="auto",
+        help="compute dtype; auto = float16 on CUDA, float32 on CPU (DEEBERT_DTYPE)",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -122,13 +129,13 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(checkpoint: str, dtype: str = "float32"):  # type: ignore[no-untyped-def]
-    import torch
-
+def _load(checkpoint: str, device: str = "cpu", dtype: str = "float32"):  # type: ignore[no-untyped-def]
     from model.checkpoint import load_model
+    from model.device import pick_device, pick_dtype
     from model.tokenization import load_tokenizer
 
-    model = load_model(checkpoint, dtype=getattr(torch, dtype))
+    target = pick_device(device)
+    model = load_model(checkpoint, dtype=pick_dtype(dtype, target)).to(target)
     return model, load_tokenizer(checkpoint)
 
 
@@ -155,7 +162,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = _load(args.checkpoint, args.dtype)
+    model, tokenizer = _load(args.checkpoint, args.device, args.dtype)
     config = _config_for(model, args.criterion)
     thresholds = None
     if args.thresholds:
@@ -314,13 +321,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from model.checkpoint import CheckpointError
     from model.config import ConfigError
     from model.data import DataError
+    from model.device import DeviceError
 
     words = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(words)
     args.command_line = shlex.join(["deebert", *words])  # recorded in reports
     try:
         return RUNNERS[args.command](args)
-    except (CheckpointError, ConfigError, DataError) as err:
+    except (CheckpointError, ConfigError, DataError, DeviceError) as err:
         print(f"deebert {args.command}: error: {err}", file=sys.stderr)
         return 2
 

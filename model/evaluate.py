@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from model import exit_rule
+from model.device import describe_device, model_device, synchronize
 from model.modeling import DeeBert
 from model.tokenization import Encoded, pad_batch
 
@@ -29,19 +30,20 @@ from model.tokenization import Encoded, pad_batch
 def all_layer_outputs(
     model: DeeBert, encoded: Sequence[Encoded], pad_id: int, batch_size: int = 64, progress: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every off-ramp's probabilities [layers, samples, labels] and entropies [layers, samples]."""
+    """Every off-ramp's probabilities [layers, samples, labels] and entropies [layers, samples], on the CPU."""
     model.eval()
+    device = model_device(model)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     num_layers, num_labels = model.num_layers, model.config.num_labels
     probabilities = torch.empty(num_layers, len(encoded), num_labels)
     entropies = torch.empty(num_layers, len(encoded))
     for start in tqdm(range(0, len(order), batch_size), desc="all off-ramps", disable=not progress):
         rows = order[start : start + batch_size]
-        batch = pad_batch([encoded[i] for i in rows], pad_id)
+        batch = pad_batch([encoded[i] for i in rows], pad_id).to(device)
         logits = model(batch.input_ids, batch.attention_mask, batch.token_type_ids)
         layer_probabilities, layer_entropy = exit_rule.entropy_from_logits(logits)
-        probabilities[:, rows] = layer_probabilities
-        entropies[:, rows] = layer_entropy
+        probabilities[:, rows] = layer_probabilities.cpu()
+        entropies[:, rows] = layer_entropy.cpu()
     return probabilities, entropies
 
 
@@ -143,9 +145,11 @@ def time_batch1(
     Sample by sample, every variant runs `repeats` times on the same input, interleaved in a new random order
     each round, so slow spells of the machine and cache effects cost every variant alike; a sample's time for
     a variant is the fastest of its runs (as `timeit` advises: slower runs measure interruptions, not the
-    code), and a variant's latency is the mean of those over the samples.
+    code), and a variant's latency is the mean of those over the samples. On CUDA each run ends when the
+    device has finished its queued kernels, so the plain forward's asynchronous launches are not flattered.
     """
     model.eval()
+    device = model_device(model)
     rule = criterion or model.config.criterion
     n = model.num_layers
     repeats = max(1, repeats)
@@ -155,7 +159,7 @@ def time_batch1(
     indices = list(range(len(encoded)))
     random.Random(seed).shuffle(indices)
     indices = indices[:max_samples]
-    batches = [pad_batch([encoded[i]], pad_id) for i in indices]
+    batches = [pad_batch([encoded[i]], pad_id).to(device) for i in indices]
     for batch in batches[:10]:  # warm-up: allocator, kernels, lazy init
         model.plain_forward(batch.input_ids, batch.attention_mask, batch.token_type_ids)
         for threshold in thresholds:
@@ -189,6 +193,7 @@ def time_batch1(
                             [thresholds[k]],
                             criterion=criterion,
                         ).exit_layer[0]
+                    synchronize(device)
                     fastest[k] = min(fastest[k], time.perf_counter_ns() - started)
             plain_ns += fastest[-1]
             for k in range(len(thresholds)):
@@ -201,6 +206,8 @@ def time_batch1(
     return {
         "samples": len(batches),
         "repeats": repeats,
+        "device": describe_device(device),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "plain_ms": plain_ns / count / 1e6,
         "exit_ms": [t / count / 1e6 for t in exit_ns],
         "measured_saving": [1.0 - t / plain_ns for t in exit_ns] if plain_ns else [0.0] * len(thresholds),
@@ -350,6 +357,8 @@ def evaluate(
             "repeats": timing["repeats"],
             "method": "every variant run `repeats` times per sample, interleaved in a random order per round; "
             "the fastest run counts; mean over the samples; garbage collector frozen as in the server",
+            "device": timing["device"],
+            "dtype": timing["dtype"],
             "threads": torch.get_num_threads(),
             "expected_saving_on_timed_samples": timing["expected_saving_on_timed"],
             "measured_over_expected": [
@@ -433,8 +442,10 @@ def format_table(report: dict[str, Any]) -> str:
         )
     if "latency_ms" in report:
         latency = report["latency_ms"]
+        timing = report.get("timing", {})
         lines.append(
-            f"batch-1 latency: plain full forward {latency['plain_full_forward']:.2f} ms, "
+            f"batch-1 latency on {timing.get('device', 'cpu')} ({timing.get('dtype', 'float32')}): "
+            f"plain full forward {latency['plain_full_forward']:.2f} ms, "
             f"exit loop at full depth {latency['exit_loop_threshold_0']:.2f} ms "
             f"({100 * latency['exit_loop_overhead_at_threshold_0']:+.1f}%)"
         )

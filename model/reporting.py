@@ -43,7 +43,20 @@ def machine_description() -> dict[str, Any]:
         "python": platform.python_version(),
         "versions": versions,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "accelerators": _accelerators(),
     }
+
+
+def _accelerators() -> list[str]:
+    """The CUDA devices torch sees (none without torch or CUDA)."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    cuda = torch.version.cuda
+    return [f"{torch.cuda.get_device_name(i)} (CUDA {cuda})" for i in range(torch.cuda.device_count())]
 
 
 def describe_machine(machine: dict[str, Any]) -> str:
@@ -51,8 +64,10 @@ def describe_machine(machine: dict[str, Any]) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items() if v)
     load = machine.get("load_average")
     load_text = f"; load average at start {', '.join(f'{x:.2f}' for x in load)}" if load else ""
+    accelerators = machine.get("accelerators")
+    gpu_text = f", {' + '.join(accelerators)}" if accelerators else ""
     return (
-        f"{machine.get('cpu')} ({machine.get('cpus_usable')} usable of {machine.get('cpu_count')} CPUs), "
+        f"{machine.get('cpu')} ({machine.get('cpus_usable')} usable of {machine.get('cpu_count')} CPUs){gpu_text}, "
         f"{machine.get('memory_gib')} GiB, {machine.get('platform')}; Python {machine.get('python')}, "
         f"{versions}{load_text}"
     )

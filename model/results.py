@@ -92,7 +92,10 @@ def _machine_line(report: dict[str, Any]) -> str:
     if not machine:
         return "machine not recorded in the report"
     threads = (report.get("timing") or {}).get("threads")
-    return describe_machine(machine) + (f"; {threads} torch threads" if threads else "")
+    timing = report.get("timing", {})
+    device = timing.get("device", "cpu")
+    on = f"; timed on {device} in {timing.get('dtype', 'float32')}" if device != "cpu" else ""
+    return describe_machine(machine) + (f"; {threads} torch threads" if threads else "") + on
 
 
 def task_section(root: Path, summary: dict[str, Any]) -> list[str]:

@@ -14,6 +14,7 @@ import torch
 
 from model.checkpoint import CheckpointError, load_model, resolve_directory
 from model.config import ConfigError, UnknownPresetError
+from model.device import DeviceError, pick_device, pick_dtype
 from model.modeling import DeeBert
 from model.tokenization import Encoded, load_tokenizer, pad_batch, tokenize
 from server.errors import DeeBertError, ErrorType
@@ -21,7 +22,6 @@ from server.settings import ServerSettings
 
 logger = logging.getLogger("deebert.engine")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FALLBACK_DEFAULT_PRESET = "balanced"
 
 
@@ -45,21 +45,6 @@ class Threshold:
 
 class EngineLoadError(RuntimeError):
     """The checkpoint could not be loaded for serving."""
-
-
-def pick_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EngineLoadError(f"device {requested!r} requested but CUDA is not available")
-    return device
-
-
-def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
-    if requested == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[requested]
 
 
 class Engine:
@@ -89,13 +74,13 @@ class Engine:
         """Load the checkpoint named by the settings onto their device and dtype."""
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        device = pick_device(settings.device)
-        dtype = pick_dtype(settings.dtype, device)
         try:
+            device = pick_device(settings.device)
+            dtype = pick_dtype(settings.dtype, device)
             directory = resolve_directory(settings.checkpoint)
             model = load_model(directory, dtype=dtype)
             tokenizer = load_tokenizer(directory)
-        except (CheckpointError, ConfigError, OSError) as err:
+        except (CheckpointError, ConfigError, DeviceError, OSError) as err:
             raise EngineLoadError(f"cannot serve {settings.checkpoint}: {err}") from err
         engine = cls(model, tokenizer, device, settings.max_length, settings.default_threshold, settings.compaction)
         logger.info(

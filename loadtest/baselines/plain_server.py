@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from model.checkpoint import load_model
+from model.device import pick_device, pick_dtype
 from model.tokenization import load_tokenizer, pad_batch, tokenize
 
 
@@ -35,9 +36,11 @@ class ClassifyBody(BaseModel):
     text_pairs: list[str] | None = None
 
 
-def create_app(checkpoint: str) -> FastAPI:
-    """The baseline app with the checkpoint loaded (float32, eval mode)."""
-    model = load_model(checkpoint)
+def create_app(checkpoint: str, device: str = "auto", dtype: str = "auto") -> FastAPI:
+    """The baseline app with the checkpoint loaded in eval mode, on the device and dtype `deebert serve` would
+    pick for the same words (auto: CUDA in float16 when available, else CPU in float32)."""
+    target = pick_device(device)
+    model = load_model(checkpoint, dtype=pick_dtype(dtype, target)).to(target)
     tokenizer = load_tokenizer(checkpoint)
     config = model.config
     lock = threading.Lock()
@@ -51,7 +54,7 @@ def create_app(checkpoint: str) -> FastAPI:
         if body.text_pairs is not None and len(body.text_pairs) != len(body.texts):
             raise HTTPException(422, f"{len(body.texts)} texts but {len(body.text_pairs)} text_pairs")
         encoded = tokenize(tokenizer, body.texts, body.text_pairs, config.max_length)
-        batch = pad_batch(encoded, tokenizer.pad_token_id)
+        batch = pad_batch(encoded, tokenizer.pad_token_id).to(target)
         with lock:
             compute_started = time.perf_counter()
             with torch.inference_mode():
@@ -85,6 +88,8 @@ def create_app(checkpoint: str) -> FastAPI:
             "max_length": config.max_length,
             "presets": [],
             "baseline": True,
+            "device": str(target),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         }
 
     @app.get("/health/live")
@@ -105,11 +110,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, float32 on CPU), float32, ...")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    app = create_app(args.checkpoint)
+    app = create_app(args.checkpoint, args.device, args.dtype)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
 
