@@ -131,10 +131,11 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _load(checkpoint: str, device: str = "cpu", dtype: str = "float32"):  # type: ignore[no-untyped-def]
     from model.checkpoint import load_model
-    from model.device import pick_device, pick_dtype
+    from model.device import pick_device, pick_dtype, prepare
     from model.tokenization import load_tokenizer
 
     target = pick_device(device)
+    prepare(target)
     model = load_model(checkpoint, dtype=pick_dtype(dtype, target)).to(target)
     return model, load_tokenizer(checkpoint)
 

@@ -43,6 +43,19 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return DTYPES[requested]
 
 
+def prepare(device: torch.device, cudnn_attention: bool = False) -> None:
+    """Process-wide settings for running on `device` (call once, before the first forward).
+
+    On CUDA, attention runs without PyTorch's cuDNN backend unless `cudnn_attention`: cuDNN builds an execution
+    plan for every new (batch, length) shape, and a server meets new shapes all the time. On an H200 (torch 2.11,
+    float16, the shipped 6-layer model) the first forward at a new length took 56-81 ms at batch 1 against 3 ms
+    once seen, and with the flash / memory-efficient kernels 3-7 ms (`python -m loadtest.cold_shapes`,
+    BENCHMARKS.md's GPU section).
+    """
+    if device.type == "cuda" and not cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device a model's parameters live on."""
     return next(model.parameters()).device

@@ -14,7 +14,7 @@ import torch
 
 from model.checkpoint import CheckpointError, load_model, resolve_directory
 from model.config import ConfigError, UnknownPresetError
-from model.device import DeviceError, pick_device, pick_dtype
+from model.device import DeviceError, pick_device, pick_dtype, prepare
 from model.modeling import DeeBert
 from model.tokenization import Encoded, load_tokenizer, pad_batch, tokenize
 from server.errors import DeeBertError, ErrorType
@@ -77,6 +77,7 @@ class Engine:
         try:
             device = pick_device(settings.device)
             dtype = pick_dtype(settings.dtype, device)
+            prepare(device)
             directory = resolve_directory(settings.checkpoint)
             model = load_model(directory, dtype=dtype)
             tokenizer = load_tokenizer(directory)

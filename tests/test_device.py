@@ -15,7 +15,7 @@ import torch
 
 from deebert.cli import main
 from model import exit_rule
-from model.device import DeviceError, describe_device, model_device, pick_device, pick_dtype
+from model.device import DeviceError, describe_device, model_device, pick_device, pick_dtype, prepare
 from model.evaluate import time_batch1
 from model.modeling import DeeBert
 from model.tokenization import Batch, load_tokenizer, pad_batch, tokenize
@@ -79,6 +79,21 @@ def test_bad_devices_and_dtypes_are_clear_errors() -> None:
             pick_device(f"cuda:{torch.cuda.device_count()}")
 
 
+def test_serving_on_cuda_turns_off_cudnn_attention() -> None:
+    """cuDNN plans attention per input shape (tens of ms at each new length): CUDA serving does without it."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        prepare(torch.device("cpu"))
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        prepare(torch.device("cuda"), cudnn_attention=True)
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        prepare(torch.device("cuda"))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
 @no_cuda
 def test_asking_for_cuda_without_it_fails_cleanly(
     tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -135,6 +150,7 @@ def served(engine: Engine, items: list, thresholds: list[float]) -> dict[int, Ro
 def test_the_engine_serves_from_cuda(tiny_checkpoint: Path, tokenizer_dir: Path) -> None:
     engine = Engine.load(settings(checkpoint=str(tiny_checkpoint), device="cuda"))
     assert engine.device.type == "cuda" and engine.dtype == torch.float16  # auto dtype on CUDA
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
     reference = Engine(tiny_model("bert"), load_tokenizer(tokenizer_dir), torch.device("cpu"))  # the same weights
     items = engine.encode(SENTENCES, None, truncate=True)
     for threshold, layer in ((0.0, engine.num_layers), (1e9, 1)):

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from model.checkpoint import load_model
-from model.device import pick_device, pick_dtype
+from model.device import pick_device, pick_dtype, prepare
 from model.tokenization import load_tokenizer, pad_batch, tokenize
 
 
@@ -40,6 +40,7 @@ def create_app(checkpoint: str, device: str = "auto", dtype: str = "auto") -> Fa
     """The baseline app with the checkpoint loaded in eval mode, on the device and dtype `deebert serve` would
     pick for the same words (auto: CUDA in float16 when available, else CPU in float32)."""
     target = pick_device(device)
+    prepare(target)  # the same attention kernels as `deebert serve`
     model = load_model(checkpoint, dtype=pick_dtype(dtype, target)).to(target)
     tokenizer = load_tokenizer(checkpoint)
     config = model.config
