@@ -48,9 +48,9 @@ def prepare(device: torch.device, cudnn_attention: bool = False) -> None:
 
     On CUDA, attention runs without PyTorch's cuDNN backend unless `cudnn_attention`: cuDNN builds an execution
     plan for every new (batch, length) shape, and a server meets new shapes all the time. On an H200 (torch 2.11,
-    float16, the shipped 6-layer model) the first forward at a new length took 56-81 ms at batch 1 against 3 ms
-    once seen, and with the flash / memory-efficient kernels 3-7 ms (`python -m loadtest.cold_shapes`,
-    BENCHMARKS.md's GPU section).
+    float16, the shipped 6-layer model) the first forward at a new length took 44 ms at batch 1 and 63 ms at
+    batch 8 (medians) against 2.6-3.4 ms once seen; with the flash / memory-efficient kernels 4.3 and 4.7 ms
+    (`python -m loadtest.cold_shapes`, loadtest/results/h200/).
     """
     if device.type == "cuda" and not cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)
