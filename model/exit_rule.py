@@ -5,7 +5,9 @@ Two later rules sit behind the same interface: `max-prob` (the top class probabi
 `patience` (PABEE: the same label k layers in a row). A criterion is a step function applied layer by layer:
 the serving loop (`DeeBert.iter_exits`) calls `step` on the rows still running, and the vectorised
 `first_exit_layers` used by evaluation sweeps and calibration calls the very same `step` over precomputed
-off-ramp outputs, so the served behaviour and the reported numbers cannot drift apart.
+off-ramp outputs, so the served behaviour and the reported numbers cannot drift apart. A batch of one row
+decides with `leaves`, the same step on Python numbers (tested equal to `step`), because at batch 1 the
+tensor operations' dispatch costs more than the arithmetic.
 
 Each criterion has a full-depth threshold (entropy 0, max-prob 1, patience 0) that never exits early;
 the last layer always exits.
@@ -16,12 +18,14 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 # Per-row state a criterion carries from layer to layer ([..., rows] in the last dimension), or None.
 State = torch.Tensor | None
+# The same for one row as Python values (`ExitCriterion.leaves`), or None.
+RowState = Any
 
 
 def entropy_from_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,6 +34,22 @@ def entropy_from_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     probabilities = log_probs.exp()
     entropy = (probabilities * log_probs).sum(dim=-1).neg_()
     return probabilities, entropy
+
+
+def entropy_of(logits: Sequence[float]) -> tuple[list[float], float]:
+    """One row's probabilities and entropy (nats) from its logits as Python numbers: the arithmetic of
+    `entropy_from_logits` (a stable log-softmax, then −Σ p·log p) for the batch-1 path, where a handful of
+    float operations costs a fraction of the tensor operations' dispatch."""
+    top = max(logits)
+    log_total = top + math.log(sum(math.exp(value - top) for value in logits))
+    log_probs = [value - log_total for value in logits]
+    probabilities = [math.exp(value) for value in log_probs]
+    return probabilities, -sum(p * log_p for p, log_p in zip(probabilities, log_probs, strict=True))
+
+
+def argmax(values: Sequence[float]) -> int:
+    """The index of the largest value, the first one on ties (as `torch.argmax`)."""
+    return max(range(len(values)), key=values.__getitem__)
 
 
 def _finite_number(value: object) -> float:
@@ -70,6 +90,17 @@ class ExitCriterion(ABC):
         [rows] or [sweep, 1] (broadcasts to [sweep, rows]); state from the previous layer (None at the first).
         """
 
+    def leaves(
+        self, probabilities: Sequence[float], entropy: float, threshold: float, state: RowState
+    ) -> tuple[bool, RowState]:
+        """`step` for a single row given as Python numbers (the batch-1 path): whether it leaves, and its state
+        for the next layer. This default runs `step` on one-element tensors; criteria override it with the
+        same comparison on floats, and a test holds each override to `step`."""
+        leaving, next_state = self.step(
+            torch.tensor([probabilities]), torch.tensor([entropy]), torch.tensor([threshold]), state
+        )
+        return bool(leaving[0]), next_state
+
     @abstractmethod
     def candidates(self, probabilities: torch.Tensor, entropies: torch.Tensor) -> list[float]:
         """Every threshold that changes some exit on these outputs [layers, samples, ...], full depth first."""
@@ -85,6 +116,11 @@ class ExitCriterion(ABC):
     @abstractmethod
     def exits_at_first_layer(self, num_labels: int) -> float:
         """A threshold that makes every row leave at layer 1 (for warm-ups and tests)."""
+
+    def never_exits_early_at(self, threshold: float, num_layers: int) -> bool:
+        """`never_exits_early` for one threshold as a Python number (the batch-1 path). This default asks
+        the tensor version; criteria override it with the same comparison on floats (tested equal)."""
+        return bool(self.never_exits_early(torch.tensor([threshold]), num_layers)[0])
 
     def can_exit_early(self, thresholds: torch.Tensor, num_layers: int) -> bool:
         """False when no row can leave before the last layer, so intermediate off-ramps can be skipped."""
@@ -128,10 +164,18 @@ class EntropyCriterion(ExitCriterion):
     def never_exits_early(self, thresholds: torch.Tensor, num_layers: int) -> torch.Tensor:
         return thresholds <= 0
 
+    def never_exits_early_at(self, threshold: float, num_layers: int) -> bool:
+        return threshold <= 0
+
     def step(
         self, probabilities: torch.Tensor, entropy: torch.Tensor, thresholds: torch.Tensor, state: State
     ) -> tuple[torch.Tensor, State]:
         return entropy < thresholds, None
+
+    def leaves(
+        self, probabilities: Sequence[float], entropy: float, threshold: float, state: RowState
+    ) -> tuple[bool, RowState]:
+        return entropy < threshold, None
 
     def candidates(self, probabilities: torch.Tensor, entropies: torch.Tensor) -> list[float]:
         """0 and the midpoints between distinct intermediate off-ramp entropies (and one above them all)."""
@@ -169,11 +213,19 @@ class MaxProbCriterion(ExitCriterion):
     def never_exits_early(self, thresholds: torch.Tensor, num_layers: int) -> torch.Tensor:
         return thresholds >= 1.0
 
+    def never_exits_early_at(self, threshold: float, num_layers: int) -> bool:
+        return threshold >= 1.0
+
     def step(
         self, probabilities: torch.Tensor, entropy: torch.Tensor, thresholds: torch.Tensor, state: State
     ) -> tuple[torch.Tensor, State]:
         confidence = probabilities.max(dim=-1).values
         return (confidence >= thresholds) & (thresholds < 1.0), None
+
+    def leaves(
+        self, probabilities: Sequence[float], entropy: float, threshold: float, state: RowState
+    ) -> tuple[bool, RowState]:
+        return max(probabilities) >= threshold and threshold < 1.0, None
 
     def candidates(self, probabilities: torch.Tensor, entropies: torch.Tensor) -> list[float]:
         """1 and the midpoints between distinct intermediate confidences (and one below them all)."""
@@ -210,6 +262,9 @@ class PatienceCriterion(ExitCriterion):
         # k layers must agree, so a row leaves at layer k at the earliest: k >= n is full depth too.
         return (thresholds <= 0) | (thresholds >= num_layers)
 
+    def never_exits_early_at(self, threshold: float, num_layers: int) -> bool:
+        return threshold <= 0 or threshold >= num_layers
+
     def step(
         self, probabilities: torch.Tensor, entropy: torch.Tensor, thresholds: torch.Tensor, state: State
     ) -> tuple[torch.Tensor, State]:
@@ -221,6 +276,14 @@ class PatienceCriterion(ExitCriterion):
             streak = torch.where(label == state[0], state[1] + 1, torch.ones_like(label))
         leaving = (thresholds > 0) & (streak >= thresholds)
         return leaving, torch.stack([label, streak])
+
+    def leaves(
+        self, probabilities: Sequence[float], entropy: float, threshold: float, state: RowState
+    ) -> tuple[bool, RowState]:
+        # state: (the previous layer's label, how many layers in a row gave it).
+        label = argmax(probabilities)
+        streak = state[1] + 1 if state is not None and state[0] == label else 1
+        return threshold > 0 and streak >= threshold, (label, streak)
 
     def candidates(self, probabilities: torch.Tensor, entropies: torch.Tensor) -> list[float]:
         return [0.0, *(float(k) for k in range(entropies.shape[0], 0, -1))]

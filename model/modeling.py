@@ -143,6 +143,13 @@ class _Running:
     criterion_state: exit_rule.State
 
 
+def _only(thresholds: Sequence[float] | torch.Tensor) -> float:
+    """The threshold of a batch of one row."""
+    if isinstance(thresholds, torch.Tensor):
+        return float(thresholds.reshape(-1)[0])
+    return float(thresholds[0])
+
+
 class DeeBert(nn.Module):
     """Encoder + one off-ramp per layer; `forward` trains, `iter_exits`/`infer` serve."""
 
@@ -257,6 +264,9 @@ class DeeBert(nn.Module):
         """
         rule = criterion or self.config.criterion
         batch_size = input_ids.shape[0]
+        if batch_size == 1:
+            yield self._exit_one(input_ids, attention_mask, token_type_ids, _only(thresholds), rule)
+            return
         device = input_ids.device
         thresholds_t = torch.as_tensor(thresholds, dtype=torch.float32, device=device).reshape(batch_size)
         # One host sync up front decides whether any row can leave early at all: with every threshold at
@@ -314,6 +324,51 @@ class DeeBert(nn.Module):
                 if bool(state.done.all()):
                     return
 
+    def _exit_one(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        threshold: float,
+        rule: exit_rule.ExitCriterion,
+    ) -> LayerExits:
+        """Where a batch of one row leaves, and its answer: the same layers and off-ramps as `iter_exits`, then
+        the softmax, entropy and exit decision on the off-ramp's few logits as Python numbers
+        (`exit_rule.entropy_of`, `rule.leaves`).
+
+        At batch 1 the tensor version of those steps (log-softmax, exp, product, sum, comparison, nonzero,
+        gathers, and the bookkeeping of which rows remain) is dozens of operator dispatches for a handful of
+        numbers; reading the logits once (the host sync the decision needs anyway) and deciding in Python
+        leaves the off-ramp's pooling and two matrix products as its cost.
+        """
+        hidden = self.embed(input_ids, token_type_ids)
+        mask = self.attention_bias(hidden, attention_mask)
+        pool_weights = self.pool_weights(attention_mask, hidden.dtype)
+        may_exit_early = not rule.never_exits_early_at(threshold, self.num_layers)
+        last = self.num_layers
+        off_ramps = [cast(OffRamp, ramp) for ramp in self.off_ramps]
+        state: exit_rule.RowState = None
+        for layer_number, layer in enumerate(self.layers, start=1):
+            hidden = layer(hidden, mask)
+            if layer_number < last and not may_exit_early:
+                continue
+            ramp = off_ramps[layer_number - 1]
+            logits = ramp.classify(ramp.pool(hidden, pool_weights)).tolist()[0]
+            probabilities, entropy = exit_rule.entropy_of(logits)
+            if layer_number < last:
+                leaving, state = rule.leaves(probabilities, entropy, threshold, state)
+                if not leaving:
+                    continue
+            return LayerExits(
+                layer=layer_number,
+                rows=[0],
+                labels=[exit_rule.argmax(probabilities)],
+                entropies=[entropy],
+                probabilities=torch.tensor([probabilities]),
+                rows_run=1,
+            )
+        raise ValueError("a DeeBERT model needs at least one layer")
+
     def _compact(self, state: _Running, keep: torch.Tensor) -> _Running:
         """Drop the rows that left, and trailing padding no remaining row needs."""
         keep_index = keep.nonzero().squeeze(1)
@@ -344,6 +399,12 @@ class DeeBert(nn.Module):
     ) -> ExitResult:
         """Early-exit answers for the whole batch (collects `iter_exits`)."""
         batch_size = input_ids.shape[0]
+        if batch_size == 1:
+            with torch.inference_mode():
+                one = self._exit_one(
+                    input_ids, attention_mask, token_type_ids, _only(thresholds), criterion or self.config.criterion
+                )
+            return ExitResult([one.layer], one.entropies, one.labels, one.probabilities, [1] * one.layer)
         exit_layer = [0] * batch_size
         entropy = [0.0] * batch_size
         label = [0] * batch_size

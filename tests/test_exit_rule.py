@@ -127,6 +127,44 @@ def test_full_depth_threshold_never_exits_early_and_can_be_skipped(name: str) ->
     assert first.tolist() == [0, 0, 0]
 
 
+def test_one_rows_entropy_in_python_numbers_is_the_tensor_ones() -> None:
+    logits = torch.randn(200, 3, generator=torch.Generator().manual_seed(0)) * 6
+    logits[0] = torch.tensor([1000.0, -1000.0, 0.0])  # stable where a plain softmax overflows
+    probabilities, entropies = exit_rule.entropy_from_logits(logits)
+    for row, values in enumerate(logits.tolist()):
+        row_probabilities, row_entropy = exit_rule.entropy_of(values)
+        assert row_probabilities == pytest.approx(probabilities[row].tolist(), abs=1e-6)
+        assert row_entropy == pytest.approx(float(entropies[row]), abs=1e-6)
+        assert exit_rule.argmax(row_probabilities) == int(probabilities[row].argmax())
+    assert exit_rule.argmax([0.5, 0.5]) == 0 == int(torch.tensor([0.5, 0.5]).argmax())
+
+
+@pytest.mark.parametrize("name", ["entropy", "max-prob", "patience"])
+def test_the_one_row_decision_is_the_step_function(name: str) -> None:
+    """`leaves` / `never_exits_early_at` (the batch-1 path) decide what `step` / `never_exits_early` decide, over
+    random off-ramp outputs and thresholds, for each criterion's override and the base class's default."""
+    rule = exit_rule.get_criterion(name)
+    generator = torch.Generator().manual_seed(1)
+    layers, rows = 6, 300
+    probabilities, entropies = exit_rule.entropy_from_logits(torch.randn(layers, rows, 2, generator=generator) * 3)
+    grid = rule.default_grid(2, layers)
+    thresholds = torch.tensor([grid[i % len(grid)] for i in range(rows)], dtype=torch.float32)
+    for value in [*grid, 0.0, 1.0, float(layers), 7.0]:
+        expected = bool(rule.never_exits_early(torch.tensor([value]), layers)[0])
+        assert rule.never_exits_early_at(value, layers) == expected
+        assert exit_rule.ExitCriterion.never_exits_early_at(rule, value, layers) == expected
+    state: exit_rule.State = None
+    row_states: list[object] = [None] * rows
+    default_states: list[object] = [None] * rows
+    for layer in range(layers):
+        leaving, state = rule.step(probabilities[layer], entropies[layer], thresholds, state)
+        for row in range(rows):
+            args = (probabilities[layer, row].tolist(), float(entropies[layer, row]), float(thresholds[row]))
+            decided, row_states[row] = rule.leaves(*args, row_states[row])
+            by_default, default_states[row] = exit_rule.ExitCriterion.leaves(rule, *args, default_states[row])
+            assert decided == by_default == bool(leaving[row]), (layer, row)
+
+
 def _hand_made() -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     # 3 layers, 4 samples, 2 labels. Predictions per layer and confidence are chosen by hand.
     probs = torch.tensor(

@@ -138,6 +138,31 @@ def test_a_row_answers_the_same_alone_or_in_any_batch(pooling: str, tokenizer) -
     assert [again.exit_layer[reversed_order.index(r)] for r in range(len(SENTENCES))] == together.exit_layer
 
 
+@pytest.mark.parametrize("name", ["entropy", "max-prob", "patience"])
+def test_a_batch_of_one_takes_the_one_row_path_and_answers_as_a_batch_does(name: str, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model("bert", pooling="mean")
+    rule = exit_rule.get_criterion(name)
+    batch = encode(tokenizer)
+    for threshold in rule.default_grid(2, model.num_layers):
+        together = model.infer(
+            batch.input_ids, batch.attention_mask, batch.token_type_ids, [threshold] * len(SENTENCES), criterion=rule
+        )
+        for row, text in enumerate(SENTENCES):
+            one = encode(tokenizer, [text])
+            alone = model.infer(one.input_ids, one.attention_mask, one.token_type_ids, [threshold], criterion=rule)
+            assert (alone.exit_layer[0], alone.label[0]) == (together.exit_layer[row], together.label[row])
+            assert alone.entropy[0] == pytest.approx(together.entropy[row], abs=1e-5)
+            torch.testing.assert_close(alone.probabilities[0], together.probabilities[row], atol=1e-4, rtol=0)
+            assert alone.rows_per_layer == [1] * alone.exit_layer[0]
+            # iter_exits (the engine's path) gives the same single exit.
+            events = list(
+                model.iter_exits(one.input_ids, one.attention_mask, one.token_type_ids, [threshold], criterion=rule)
+            )
+            assert [(e.layer, e.rows, e.labels, e.rows_run) for e in events] == [
+                (alone.exit_layer[0], [0], alone.label, 1)
+            ]
+
+
 def test_iter_exits_yields_rows_as_they_leave(tokenizer) -> None:  # type: ignore[no-untyped-def]
     model = tiny_model("bert")
     batch = encode(tokenizer)
