@@ -116,7 +116,7 @@ def test_off_ramp_profile_times_every_step(
     out = capsys.readouterr().out
     steps = ("pooling", "dense", "dense (weight already in cache)", "tanh + classifier", "entropy", "exit decision")
     lines = out.splitlines()
-    for step in (*steps, "host sync", "fp32 x @ W", "fp32 F.linear"):
+    for step in (*steps, "logits to Python (host sync)", "fp32 x @ W", "fp32 F.linear"):
         timed = [line for line in lines if line.startswith(f"  {step} ")]
         assert timed and all(" µs  (" in line for line in timed), step
     assert "3 samples × 2 rounds" in out
