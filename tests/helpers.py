@@ -9,6 +9,7 @@ from transformers import BertConfig, BertModel, BertTokenizerFast, RobertaConfig
 
 from model.config import DeeBertConfig
 from model.modeling import DeeBert
+from model.tokenization import Batch, pad_batch, tokenize
 
 WORDS = [
     "the",
@@ -136,3 +137,19 @@ def sentiment_rows(count: int, seed: int = 0) -> list[list[str]]:
         filler = ["the movie was", "this film is", "i think the plot was really", "the acting"][i % 4]
         rows.append([f"{filler} {word}", str(label)])
     return rows
+
+
+# A few sentences of the tiny vocabulary, of different lengths (so a batch of them is padded).
+SENTENCES = [
+    "the movie was good",
+    "this film is awful and boring",
+    "i love the cat",
+    "the plot was not very fun but the cast was brilliant and the story was great",
+    "dull",
+    "a man said the dog sat on the mat",
+]
+
+
+def encode(tokenizer, texts: list[str] = SENTENCES) -> Batch:  # type: ignore[no-untyped-def]
+    """The texts tokenized and right-padded into one batch."""
+    return pad_batch(tokenize(tokenizer, texts, None, 48), tokenizer.pad_token_id)

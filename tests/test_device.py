@@ -18,26 +18,13 @@ from model import exit_rule
 from model.device import DeviceError, describe_device, model_device, pick_device, pick_dtype, prepare
 from model.evaluate import time_batch1
 from model.modeling import DeeBert
-from model.tokenization import Batch, load_tokenizer, pad_batch, tokenize
+from model.tokenization import Batch, load_tokenizer, tokenize
 from server.engine import Engine, EngineLoadError, RowOutcome
-from tests.helpers import sentiment_rows, tiny_model, write_tsv
+from tests.helpers import SENTENCES, encode, sentiment_rows, tiny_model, write_tsv
 from tests.server_helpers import settings
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
-
-SENTENCES = [
-    "the movie was good",
-    "this film is awful and boring",
-    "i love the cat",
-    "the plot was not very fun but the cast was brilliant and the story was great",
-    "dull",
-    "a man said the dog sat on the mat",
-]
-
-
-def encode(tokenizer, texts: list[str] = SENTENCES) -> Batch:  # type: ignore[no-untyped-def]
-    return pad_batch(tokenize(tokenizer, texts, None, 48), tokenizer.pad_token_id)
 
 
 def mixed_thresholds(model: DeeBert, batch: Batch, margin: float) -> list[float]:

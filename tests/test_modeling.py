@@ -7,21 +7,8 @@ import torch
 
 from model import exit_rule
 from model.modeling import DeeBert
-from model.tokenization import Batch, pad_batch, tokenize
-from tests.helpers import tiny_model
-
-SENTENCES = [
-    "the movie was good",
-    "this film is awful and boring",
-    "i love the cat",
-    "the plot was not very fun but the cast was brilliant and the story was great",
-    "dull",
-    "a man said the dog sat on the mat",
-]
-
-
-def encode(tokenizer, texts=SENTENCES) -> Batch:  # type: ignore[no-untyped-def]
-    return pad_batch(tokenize(tokenizer, texts, None, 48), tokenizer.pad_token_id)
+from model.tokenization import Batch
+from tests.helpers import SENTENCES, encode, tiny_model
 
 
 def all_entropies(model: DeeBert, batch: Batch) -> torch.Tensor:
