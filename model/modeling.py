@@ -70,8 +70,8 @@ class OffRamp(nn.Module):
         At batch 1 the off-ramp is a matrix-vector product bound by reading the dense weight, which each
         encoder layer has just pushed out of cache; x @ W read this way took 40 µs against 56 µs for
         `F.linear`'s x @ Wᵀ on the 2-core CPU here (384×384, fp32; `python -m loadtest.off_ramp_profile`).
-        Measured in the exit loop at batch 1 (same run, interleaved), an off-ramp with its entropy and exit
-        decision cost 90 µs this way against 99 µs through the submodules.
+        Measured in the exit loop at batch 1 (same run, interleaved; entropy and exit decision then still
+        tensor operations), an off-ramp cost 90 µs this way against 99 µs through the submodules.
         """
         dense, classifier = self.dense.weight, self.classifier.weight
         key = (dense.data_ptr(), dense._version, classifier.data_ptr(), classifier._version, dense.dtype, dense.device)
@@ -145,9 +145,10 @@ class _Running:
 
 def _only(thresholds: Sequence[float] | torch.Tensor) -> float:
     """The threshold of a batch of one row."""
-    if isinstance(thresholds, torch.Tensor):
-        return float(thresholds.reshape(-1)[0])
-    return float(thresholds[0])
+    count = thresholds.numel() if isinstance(thresholds, torch.Tensor) else len(thresholds)
+    if count != 1:
+        raise ValueError(f"a batch of 1 row needs 1 threshold, got {count}")
+    return float(thresholds.reshape(-1)[0]) if isinstance(thresholds, torch.Tensor) else float(thresholds[0])
 
 
 class DeeBert(nn.Module):
@@ -260,7 +261,8 @@ class DeeBert(nn.Module):
         With `compact`, rows that left are removed from the batch, so later layers run only on the rows still
         going; without it they stay in the batch (masked) until every row has left, which is what a batch
         costs without compaction. Inputs must be right-padded, as `model.tokenization` pads them. Yields only
-        layers where rows leave.
+        layers where rows leave. A batch of one row takes `_exit_one`, the same computation with the exit
+        decision on Python numbers.
         """
         rule = criterion or self.config.criterion
         batch_size = input_ids.shape[0]

@@ -150,6 +150,16 @@ def test_a_batch_of_one_takes_the_one_row_path_and_answers_as_a_batch_does(name:
             ]
 
 
+def test_a_batch_of_one_needs_exactly_one_threshold(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model("bert")
+    one = encode(tokenizer, ["dull"])
+    for thresholds in ([0.1, 0.2], [], torch.tensor([0.1, 0.2])):
+        with pytest.raises(ValueError, match="needs 1 threshold"):
+            model.infer(one.input_ids, one.attention_mask, one.token_type_ids, thresholds)
+    answer = model.infer(one.input_ids, one.attention_mask, one.token_type_ids, torch.tensor([[0.0]]))
+    assert answer.exit_layer == [model.num_layers]
+
+
 def test_iter_exits_yields_rows_as_they_leave(tokenizer) -> None:  # type: ignore[no-untyped-def]
     model = tiny_model("bert")
     batch = encode(tokenizer)
