@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from model.checkpoint import load_model
-from model.device import model_device, pick_device, pick_dtype, prepare, synchronize
+from model.device import dtype_name, model_device, pick_device, pick_dtype, prepare, synchronize
 from model.modeling import DeeBert
 from model.reporting import machine_description
 from model.tokenization import Batch, load_tokenizer, pad_batch, tokenize
@@ -80,16 +80,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = load_model(args.checkpoint, dtype=pick_dtype(args.dtype, device)).to(device).eval()
     tokenizer = load_tokenizer(args.checkpoint)
     variants = ["cuDNN attention", "without cuDNN attention (served)"] if device.type == "cuda" else ["default"]
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    dtype = dtype_name(next(model.parameters()).dtype)
     print(f"{model.config.name} on {device} in {dtype}: first forward at a new length vs repeats, ms (medians)")
     with torch.inference_mode():  # the process's one-off start-up (CUDA context, allocator) is not a shape's cost
         _ms(model, batch_of(tokenizer, args.min_length - 1, 1, device))
     results = []
     for offset, variant in enumerate(variants):
-        if device.type == "cuda":
-            torch.backends.cuda.enable_cudnn_sdp(offset == 0)
-            if offset:
-                prepare(device)
+        prepare(device, cudnn_attention=offset == 0)
         # Each variant on lengths no earlier variant ran, so its first calls are first for every library.
         lengths = range(args.min_length + offset, args.max_length + 1, args.step)
         for rows in (int(b) for b in args.batch_sizes.split(",")):

@@ -52,13 +52,18 @@ def prepare(device: torch.device, cudnn_attention: bool = False) -> None:
     batch 8 (medians) against 2.6-3.4 ms once seen; with the flash / memory-efficient kernels 4.3 and 4.7 ms
     (`python -m loadtest.cold_shapes`, loadtest/results/h200/).
     """
-    if device.type == "cuda" and not cudnn_attention:
-        torch.backends.cuda.enable_cudnn_sdp(False)
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device a model's parameters live on."""
     return next(model.parameters()).device
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`float32` for torch.float32: the spelling `DTYPES`, settings and reports use."""
+    return str(dtype).removeprefix("torch.")
 
 
 def synchronize(device: torch.device) -> None:

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from model import exit_rule
-from model.device import describe_device, model_device, synchronize
+from model.device import describe_device, dtype_name, model_device, synchronize
 from model.modeling import DeeBert
 from model.tokenization import Encoded, pad_batch
 
@@ -207,7 +207,7 @@ def time_batch1(
         "samples": len(batches),
         "repeats": repeats,
         "device": describe_device(device),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": dtype_name(next(model.parameters()).dtype),
         "plain_ms": plain_ns / count / 1e6,
         "exit_ms": [t / count / 1e6 for t in exit_ns],
         "measured_saving": [1.0 - t / plain_ns for t in exit_ns] if plain_ns else [0.0] * len(thresholds),

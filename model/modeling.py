@@ -145,10 +145,10 @@ class _Running:
 
 def _only(thresholds: Sequence[float] | torch.Tensor) -> float:
     """The threshold of a batch of one row."""
-    count = thresholds.numel() if isinstance(thresholds, torch.Tensor) else len(thresholds)
-    if count != 1:
-        raise ValueError(f"a batch of 1 row needs 1 threshold, got {count}")
-    return float(thresholds.reshape(-1)[0]) if isinstance(thresholds, torch.Tensor) else float(thresholds[0])
+    values = thresholds.reshape(-1).tolist() if isinstance(thresholds, torch.Tensor) else list(thresholds)
+    if len(values) != 1:
+        raise ValueError(f"a batch of 1 row needs 1 threshold, got {len(values)}")
+    return float(values[0])
 
 
 class DeeBert(nn.Module):

@@ -91,8 +91,8 @@ def _machine_line(report: dict[str, Any]) -> str:
     machine = report.get("machine")
     if not machine:
         return "machine not recorded in the report"
-    threads = (report.get("timing") or {}).get("threads")
-    timing = report.get("timing", {})
+    timing = report.get("timing") or {}
+    threads = timing.get("threads")
     device = timing.get("device", "cpu")
     on = f"; timed on {device} in {timing.get('dtype', 'float32')}" if device != "cpu" else ""
     return describe_machine(machine) + (f"; {threads} torch threads" if threads else "") + on

@@ -74,7 +74,7 @@ class ServerState:
         self.engine = engine
         runtime = {
             "device": str(engine.device),
-            "dtype": str(engine.dtype).removeprefix("torch."),
+            "dtype": engine.dtype_name,
             "allocator": loaded_allocator(),
         }
         metrics = Metrics(engine.num_layers, engine.name, engine.labels, runtime)
@@ -582,7 +582,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             default_threshold_name=engine.default_threshold.preset,
             presets=engine.presets,  # type: ignore[arg-type]
             device=str(engine.device),
-            dtype=str(engine.dtype).removeprefix("torch."),
+            dtype=engine.dtype_name,
             max_batch_size=settings.max_batch_size,
             max_texts_per_request=settings.max_texts_per_request,
         )

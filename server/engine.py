@@ -14,7 +14,7 @@ import torch
 
 from model.checkpoint import CheckpointError, load_model, resolve_directory
 from model.config import ConfigError, UnknownPresetError
-from model.device import DeviceError, pick_device, pick_dtype, prepare
+from model.device import DeviceError, dtype_name, pick_device, pick_dtype, prepare
 from model.modeling import DeeBert
 from model.tokenization import Encoded, load_tokenizer, pad_batch, tokenize
 from server.errors import DeeBertError, ErrorType
@@ -100,6 +100,10 @@ class Engine:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.dtype)
 
     @property
     def num_layers(self) -> int:

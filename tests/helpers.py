@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast, RobertaConfig, RobertaModel
 
+from model import exit_rule
 from model.config import DeeBertConfig
 from model.modeling import DeeBert
 from model.tokenization import Batch, pad_batch, tokenize
@@ -153,3 +154,11 @@ SENTENCES = [
 def encode(tokenizer, texts: list[str] = SENTENCES) -> Batch:  # type: ignore[no-untyped-def]
     """The texts tokenized and right-padded into one batch."""
     return pad_batch(tokenize(tokenizer, texts, None, 48), tokenizer.pad_token_id)
+
+
+def all_entropies(model: DeeBert, batch: Batch) -> torch.Tensor:
+    """Every off-ramp's entropy for the batch, [layers, rows], on the CPU (the batch moved to the model's device)."""
+    on_device = batch.to(next(model.parameters()).device)
+    with torch.inference_mode():
+        logits = model(on_device.input_ids, on_device.attention_mask, on_device.token_type_ids)
+    return exit_rule.entropy_from_logits(logits)[1].cpu()

@@ -14,13 +14,12 @@ import pytest
 import torch
 
 from deebert.cli import main
-from model import exit_rule
 from model.device import DeviceError, describe_device, model_device, pick_device, pick_dtype, prepare
 from model.evaluate import time_batch1
 from model.modeling import DeeBert
 from model.tokenization import Batch, load_tokenizer, tokenize
 from server.engine import Engine, EngineLoadError, RowOutcome
-from tests.helpers import SENTENCES, encode, sentiment_rows, tiny_model, write_tsv
+from tests.helpers import SENTENCES, all_entropies, encode, sentiment_rows, tiny_model, write_tsv
 from tests.server_helpers import settings
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -29,10 +28,7 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error
 
 def mixed_thresholds(model: DeeBert, batch: Batch, margin: float) -> list[float]:
     """Odd rows leave where layer 2's entropy (+ margin) first allows it; even rows run to full depth."""
-    device = model_device(model)
-    with torch.inference_mode():
-        logits = model(batch.input_ids.to(device), batch.attention_mask.to(device), batch.token_type_ids.to(device))
-    entropies = exit_rule.entropy_from_logits(logits)[1].cpu()
+    entropies = all_entropies(model, batch)
     return [float(entropies[1, row]) + margin if row % 2 else 0.0 for row in range(batch.input_ids.shape[0])]
 
 

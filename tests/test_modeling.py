@@ -7,14 +7,7 @@ import torch
 
 from model import exit_rule
 from model.modeling import DeeBert
-from model.tokenization import Batch
-from tests.helpers import SENTENCES, encode, tiny_model
-
-
-def all_entropies(model: DeeBert, batch: Batch) -> torch.Tensor:
-    with torch.inference_mode():
-        logits = model(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-    return exit_rule.entropy_from_logits(logits)[1]
+from tests.helpers import SENTENCES, all_entropies, encode, tiny_model
 
 
 def test_threshold_zero_runs_every_row_to_the_last_layer(any_model: DeeBert, tokenizer) -> None:  # type: ignore[no-untyped-def]

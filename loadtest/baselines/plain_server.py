@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from model.checkpoint import load_model
-from model.device import pick_device, pick_dtype, prepare
+from model.device import dtype_name, pick_device, pick_dtype, prepare
 from model.tokenization import load_tokenizer, pad_batch, tokenize
 
 
@@ -90,7 +90,7 @@ def create_app(checkpoint: str, device: str = "auto", dtype: str = "auto") -> Fa
             "presets": [],
             "baseline": True,
             "device": str(target),
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "dtype": dtype_name(next(model.parameters()).dtype),
         }
 
     @app.get("/health/live")
