@@ -7,7 +7,7 @@ final classifier. Layers are numbered 1..n in everything this module returns.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -17,8 +17,9 @@ from torch.nn import functional as F
 from transformers import BertModel, PreTrainedModel, RobertaModel
 from transformers.masking_utils import create_bidirectional_mask
 
-from model import exit_rule
+from model import early_exit, exit_rule
 from model.config import DeeBertConfig
+from model.early_exit import ExitResult, LayerExits
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -102,53 +103,64 @@ class _InferenceWeights:
 
 
 @dataclass
-class LayerExits:
-    """The rows that left the batch at one layer (1-based), with their answers."""
-
-    layer: int
-    rows: list[int]
-    labels: list[int]
-    entropies: list[float]
-    probabilities: torch.Tensor
-    rows_run: int
-
-
-@dataclass
-class ExitResult:
-    """Per-row early-exit answers for a whole batch, in input order."""
-
-    exit_layer: list[int]
-    entropy: list[float]
-    label: list[int]
-    probabilities: torch.Tensor
-    rows_per_layer: list[int] = field(default_factory=list)
-
-    @property
-    def layers_executed(self) -> int:
-        """Row-layers actually computed (what compaction saves)."""
-        return sum(self.rows_per_layer)
-
-
-@dataclass
-class _Running:
-    """State of the rows still going through the encoder (compacted as rows leave)."""
+class _TorchState:
+    """The rows still going through the encoder (compacted as rows leave)."""
 
     hidden: torch.Tensor
     attention_mask: torch.Tensor
     mask: torch.Tensor | None
     pool_weights: torch.Tensor
-    rows: torch.Tensor
-    thresholds: torch.Tensor
-    done: torch.Tensor
-    criterion_state: exit_rule.State
 
 
-def _only(thresholds: Sequence[float] | torch.Tensor) -> float:
-    """The threshold of a batch of one row."""
-    values = thresholds.reshape(-1).tolist() if isinstance(thresholds, torch.Tensor) else list(thresholds)
-    if len(values) != 1:
-        raise ValueError(f"a batch of 1 row needs 1 threshold, got {len(values)}")
-    return float(values[0])
+class _TorchSteps:
+    """`early_exit.ExitSteps` on a PyTorch DeeBert: its embeddings, layers and off-ramps."""
+
+    def __init__(self, model: DeeBert) -> None:
+        self.model = model
+        self.layers = list(model.layers)  # indexing a ModuleList costs a microsecond per layer
+        self.off_ramps = [cast(OffRamp, ramp) for ramp in model.off_ramps]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def start(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
+    ) -> _TorchState:
+        hidden = self.model.embed(input_ids, token_type_ids)
+        return _TorchState(
+            hidden=hidden,
+            attention_mask=attention_mask,
+            mask=self.model.attention_bias(hidden, attention_mask),
+            pool_weights=self.model.pool_weights(attention_mask, hidden.dtype),
+        )
+
+    def run_layer(self, state: _TorchState, layer_number: int) -> _TorchState:
+        state.hidden = self.layers[layer_number - 1](state.hidden, state.mask)
+        return state
+
+    def off_ramp_logits(self, state: _TorchState, layer_number: int) -> torch.Tensor:
+        ramp = self.off_ramps[layer_number - 1]
+        return ramp.classify(ramp.pool(state.hidden, state.pool_weights))
+
+    def full_depth_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
+    ) -> None:
+        """None: layer by layer without the intermediate off-ramps is already a plain forward here (it skips
+        only `BertModel.forward`'s work around the layers)."""
+        return None
+
+    def keep_rows(self, state: _TorchState, keep_index: torch.Tensor) -> _TorchState:
+        attention_mask = state.attention_mask[keep_index]
+        longest = int(attention_mask.sum(dim=1).max())
+        attention_mask = attention_mask[:, :longest]
+        hidden = state.hidden[keep_index, :longest]
+        return _TorchState(
+            hidden=hidden,
+            attention_mask=attention_mask,
+            mask=self.model.attention_bias(hidden, attention_mask),
+            pool_weights=self.model.pool_weights(attention_mask, hidden.dtype),
+        )
 
 
 class DeeBert(nn.Module):
@@ -245,6 +257,27 @@ class DeeBert(nn.Module):
 
     # --- early-exit inference --------------------------------------------------------------------
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live (the inputs of `iter_exits` / `infer` go there too)."""
+        return next(self.parameters()).device
+
+    @property
+    def backend(self) -> str:
+        return "torch"
+
+    @property
+    def precision(self) -> str:
+        """The compute dtype's name, e.g. `float32`."""
+        return str(next(self.parameters()).dtype).removeprefix("torch.")
+
+    @torch.inference_mode()
+    def all_off_ramp_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Every off-ramp's logits, [layers, batch, labels], without gradients (evaluation sweeps)."""
+        return self(input_ids, attention_mask, token_type_ids)
+
     @torch.inference_mode()
     def iter_exits(
         self,
@@ -255,141 +288,19 @@ class DeeBert(nn.Module):
         compact: bool = True,
         criterion: exit_rule.ExitCriterion | None = None,
     ) -> Iterator[LayerExits]:
-        """Run layer by layer and yield the rows that leave at each layer, as soon as they leave.
-
-        Each row has its own threshold of the exit criterion (default: the checkpoint's, DeeBERT's entropy).
-        With `compact`, rows that left are removed from the batch, so later layers run only on the rows still
-        going; without it they stay in the batch (masked) until every row has left, which is what a batch
-        costs without compaction. Inputs must be right-padded, as `model.tokenization` pads them. Yields only
-        layers where rows leave. A batch of one row takes `_exit_one`, the same computation with the exit
-        decision on Python numbers.
-        """
-        rule = criterion or self.config.criterion
-        batch_size = input_ids.shape[0]
-        if batch_size == 1:
-            yield self._exit_one(input_ids, attention_mask, token_type_ids, _only(thresholds), rule)
-            return
-        device = input_ids.device
-        thresholds_t = torch.as_tensor(thresholds, dtype=torch.float32, device=device).reshape(batch_size)
-        # One host sync up front decides whether any row can leave early at all: with every threshold at
-        # full depth the intermediate off-ramps cannot change an answer and are skipped (plain cost).
-        may_exit_early = rule.can_exit_early(thresholds_t, self.num_layers)
-        hidden = self.embed(input_ids, token_type_ids)
-        state = _Running(
-            hidden=hidden,
-            attention_mask=attention_mask,
-            mask=self.attention_bias(hidden, attention_mask),
-            pool_weights=self.pool_weights(attention_mask, hidden.dtype),
-            rows=torch.arange(batch_size, device=device),
-            thresholds=thresholds_t,
-            done=torch.zeros(batch_size, dtype=torch.bool, device=device),
-            criterion_state=None,
-        )
-        last = self.num_layers
-        off_ramps = list(self.off_ramps)  # indexing a ModuleList costs a microsecond per layer
-        for layer_number, layer in enumerate(self.layers, start=1):
-            rows_run = state.hidden.shape[0]
-            state.hidden = layer(state.hidden, state.mask)
-            if layer_number < last and not may_exit_early:
-                continue
-            logits = off_ramps[layer_number - 1](state.hidden, state.pool_weights)
-            probabilities, entropy = exit_rule.entropy_from_logits(logits)
-            if layer_number == last:
-                leaving = ~state.done
-            else:
-                leaving, state.criterion_state = rule.step(
-                    probabilities, entropy, state.thresholds, state.criterion_state
-                )
-                if not compact:
-                    leaving &= ~state.done
-            # The one host sync per layer: which rows leave decides what runs next.
-            leaving_index = leaving.nonzero().squeeze(1)
-            num_leaving = leaving_index.numel()
-            if num_leaving == 0:
-                continue
-            yield LayerExits(
-                layer=layer_number,
-                rows=state.rows[leaving_index].tolist(),
-                labels=probabilities[leaving_index].argmax(dim=-1).tolist(),
-                entropies=entropy[leaving_index].tolist(),
-                probabilities=probabilities[leaving_index],
-                rows_run=rows_run,
-            )
-            if compact:
-                if num_leaving == rows_run:
-                    return
-                state = self._compact(state, ~leaving)
-                # The rows left may all be full-depth ones: then their off-ramps cannot change an answer.
-                may_exit_early = rule.can_exit_early(state.thresholds, self.num_layers)
-            else:
-                state.done |= leaving
-                if bool(state.done.all()):
-                    return
-
-    def _exit_one(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: torch.Tensor | None,
-        threshold: float,
-        rule: exit_rule.ExitCriterion,
-    ) -> LayerExits:
-        """Where a batch of one row leaves, and its answer: the same layers and off-ramps as `iter_exits`, then
-        the softmax, entropy and exit decision on the off-ramp's few logits as Python numbers
-        (`exit_rule.entropy_of`, `rule.leaves`).
-
-        At batch 1 the tensor version of those steps (log-softmax, exp, product, sum, comparison, nonzero,
-        gathers, and the bookkeeping of which rows remain) is dozens of operator dispatches for a handful of
-        numbers; reading the logits once (the host sync the decision needs anyway) and deciding in Python
-        leaves the off-ramp's pooling and two matrix products as its cost.
-        """
-        hidden = self.embed(input_ids, token_type_ids)
-        mask = self.attention_bias(hidden, attention_mask)
-        pool_weights = self.pool_weights(attention_mask, hidden.dtype)
-        may_exit_early = not rule.never_exits_early_at(threshold, self.num_layers)
-        last = self.num_layers
-        off_ramps = [cast(OffRamp, ramp) for ramp in self.off_ramps]
-        state: exit_rule.RowState = None
-        for layer_number, layer in enumerate(self.layers, start=1):
-            hidden = layer(hidden, mask)
-            if layer_number < last and not may_exit_early:
-                continue
-            ramp = off_ramps[layer_number - 1]
-            logits = ramp.classify(ramp.pool(hidden, pool_weights)).tolist()[0]
-            probabilities, entropy = exit_rule.entropy_of(logits)
-            if layer_number < last:
-                leaving, state = rule.leaves(probabilities, entropy, threshold, state)
-                if not leaving:
-                    continue
-            return LayerExits(
-                layer=layer_number,
-                rows=[0],
-                labels=[exit_rule.argmax(probabilities)],
-                entropies=[entropy],
-                probabilities=torch.tensor([probabilities]),
-                rows_run=1,
-            )
-        raise ValueError("a DeeBERT model needs at least one layer")
-
-    def _compact(self, state: _Running, keep: torch.Tensor) -> _Running:
-        """Drop the rows that left, and trailing padding no remaining row needs."""
-        keep_index = keep.nonzero().squeeze(1)
-        attention_mask = state.attention_mask[keep_index]
-        longest = int(attention_mask.sum(dim=1).max())
-        attention_mask = attention_mask[:, :longest]
-        hidden = state.hidden[keep_index, :longest]
-        criterion_state = state.criterion_state
-        return _Running(
-            hidden=hidden,
-            attention_mask=attention_mask,
-            mask=self.attention_bias(hidden, attention_mask),
-            pool_weights=self.pool_weights(attention_mask, hidden.dtype),
-            rows=state.rows[keep_index],
-            thresholds=state.thresholds[keep_index],
-            done=state.done[keep_index],
-            criterion_state=None if criterion_state is None else criterion_state[..., keep_index],
+        """Run layer by layer and yield the rows that leave at each layer, as soon as they leave
+        (`early_exit.iter_exits`; default criterion: the checkpoint's, DeeBERT's entropy)."""
+        yield from early_exit.iter_exits(
+            _TorchSteps(self),
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            thresholds,
+            criterion or self.config.criterion,
+            compact,
         )
 
+    @torch.inference_mode()
     def infer(
         self,
         input_ids: torch.Tensor,
@@ -399,27 +310,17 @@ class DeeBert(nn.Module):
         compact: bool = True,
         criterion: exit_rule.ExitCriterion | None = None,
     ) -> ExitResult:
-        """Early-exit answers for the whole batch (collects `iter_exits`)."""
-        batch_size = input_ids.shape[0]
-        if batch_size == 1:
-            with torch.inference_mode():
-                one = self._exit_one(
-                    input_ids, attention_mask, token_type_ids, _only(thresholds), criterion or self.config.criterion
-                )
-            return ExitResult([one.layer], one.entropies, one.labels, one.probabilities, [1] * one.layer)
-        exit_layer = [0] * batch_size
-        entropy = [0.0] * batch_size
-        label = [0] * batch_size
-        probabilities = torch.zeros(batch_size, self.config.num_labels)
-        rows_per_layer: list[int] = []
-        for exits in self.iter_exits(input_ids, attention_mask, token_type_ids, thresholds, compact, criterion):
-            rows_per_layer.extend([exits.rows_run] * (exits.layer - len(rows_per_layer)))
-            for position, row in enumerate(exits.rows):
-                exit_layer[row] = exits.layer
-                entropy[row] = exits.entropies[position]
-                label[row] = exits.labels[position]
-            probabilities[exits.rows] = exits.probabilities.float().cpu()
-        return ExitResult(exit_layer, entropy, label, probabilities, rows_per_layer)
+        """Early-exit answers for the whole batch (`early_exit.infer`)."""
+        return early_exit.infer(
+            _TorchSteps(self),
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            thresholds,
+            criterion or self.config.criterion,
+            self.config.num_labels,
+            compact,
+        )
 
     # --- checkpoints -----------------------------------------------------------------------------
 

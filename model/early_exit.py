@@ -1,0 +1,246 @@
+"""The early-exit loop, written once for every backend: layer by layer, per-row thresholds, compaction.
+
+A backend (PyTorch in `model.modeling`, ONNX Runtime in `model.onnx_backend`) supplies only its compute steps
+(`ExitSteps`): the embeddings, one encoder layer, one off-ramp's logits, and dropping rows from the batch.
+Everything that decides which rows leave — the exit rule of `model.exit_rule`, the one host sync per layer,
+skipping intermediate off-ramps (or, where the backend has one, taking its one-call full forward) when no
+row can leave early, compaction and trimming padding, the batch-1
+path on Python numbers — lives here, so both backends answer with the same semantics and the same
+`LayerExits` / `ExitResult`. Layers are numbered 1..n in everything this module returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from model import exit_rule
+
+
+@dataclass
+class LayerExits:
+    """The rows that left the batch at one layer (1-based), with their answers."""
+
+    layer: int
+    rows: list[int]
+    labels: list[int]
+    entropies: list[float]
+    probabilities: torch.Tensor
+    rows_run: int
+
+
+@dataclass
+class ExitResult:
+    """Per-row early-exit answers for a whole batch, in input order."""
+
+    exit_layer: list[int]
+    entropy: list[float]
+    label: list[int]
+    probabilities: torch.Tensor
+    rows_per_layer: list[int] = field(default_factory=list)
+
+    @property
+    def layers_executed(self) -> int:
+        """Row-layers actually computed (what compaction saves)."""
+        return sum(self.rows_per_layer)
+
+
+class ExitSteps(Protocol):
+    """A backend's compute steps. `state` is the backend's own record of the rows still running (their
+    hidden states and attention mask, right-padded); the loop only passes it back."""
+
+    @property
+    def num_layers(self) -> int: ...
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None) -> Any:
+        """The embeddings of a batch: the state before layer 1."""
+
+    def run_layer(self, state: Any, layer_number: int) -> Any:
+        """The state after encoder layer `layer_number` (1-based)."""
+
+    def off_ramp_logits(self, state: Any, layer_number: int) -> torch.Tensor:
+        """Off-ramp `layer_number`'s logits for the rows in `state`, [rows, labels] on the loop's device."""
+
+    def keep_rows(self, state: Any, keep_index: torch.Tensor) -> Any:
+        """The state of only the rows at `keep_index` (ascending), without padding none of them needs."""
+
+    def full_depth_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The final classifier's logits from one full forward, when the backend has a faster way to run all
+        layers than one step at a time (the loop takes it when no row can leave early); None otherwise."""
+
+
+def _only(thresholds: Sequence[float] | torch.Tensor) -> float:
+    """The threshold of a batch of one row."""
+    values = thresholds.reshape(-1).tolist() if isinstance(thresholds, torch.Tensor) else list(thresholds)
+    if len(values) != 1:
+        raise ValueError(f"a batch of 1 row needs 1 threshold, got {len(values)}")
+    return float(values[0])
+
+
+def iter_exits(
+    steps: ExitSteps,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    token_type_ids: torch.Tensor | None,
+    thresholds: Sequence[float] | torch.Tensor,
+    rule: exit_rule.ExitCriterion,
+    compact: bool = True,
+) -> Iterator[LayerExits]:
+    """Run layer by layer and yield the rows that leave at each layer, as soon as they leave.
+
+    Each row has its own threshold of the exit criterion. With `compact`, rows that left are removed from the
+    batch, so later layers run only on the rows still going; without it they stay in the batch (masked) until
+    every row has left, which is what a batch costs without compaction. Inputs must be right-padded, as
+    `model.tokenization` pads them. Yields only layers where rows leave. A batch of one row takes `exit_one`,
+    the same computation with the exit decision on Python numbers.
+    """
+    batch_size = input_ids.shape[0]
+    if batch_size == 1:
+        yield exit_one(steps, input_ids, attention_mask, token_type_ids, _only(thresholds), rule)
+        return
+    device = input_ids.device
+    num_layers = steps.num_layers
+    row_thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device=device).reshape(batch_size)
+    # One host sync up front decides whether any row can leave early at all: with every threshold at
+    # full depth the intermediate off-ramps cannot change an answer and are skipped (plain cost).
+    may_exit_early = rule.can_exit_early(row_thresholds, num_layers)
+    if not may_exit_early:
+        logits = steps.full_depth_logits(input_ids, attention_mask, token_type_ids)
+        if logits is not None:
+            probabilities, entropy = exit_rule.entropy_from_logits(logits)
+            yield LayerExits(
+                layer=num_layers,
+                rows=list(range(batch_size)),
+                labels=probabilities.argmax(dim=-1).tolist(),
+                entropies=entropy.tolist(),
+                probabilities=probabilities,
+                rows_run=batch_size,
+            )
+            return
+    state = steps.start(input_ids, attention_mask, token_type_ids)
+    rows = torch.arange(batch_size, device=device)
+    done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    criterion_state: exit_rule.State = None
+    rows_run = batch_size
+    for layer_number in range(1, num_layers + 1):
+        rows_run = rows.shape[0]
+        state = steps.run_layer(state, layer_number)
+        if layer_number < num_layers and not may_exit_early:
+            continue
+        probabilities, entropy = exit_rule.entropy_from_logits(steps.off_ramp_logits(state, layer_number))
+        if layer_number == num_layers:
+            leaving = ~done
+        else:
+            leaving, criterion_state = rule.step(probabilities, entropy, row_thresholds, criterion_state)
+            if not compact:
+                leaving &= ~done
+        # The one host sync per layer: which rows leave decides what runs next.
+        leaving_index = leaving.nonzero().squeeze(1)
+        num_leaving = leaving_index.numel()
+        if num_leaving == 0:
+            continue
+        yield LayerExits(
+            layer=layer_number,
+            rows=rows[leaving_index].tolist(),
+            labels=probabilities[leaving_index].argmax(dim=-1).tolist(),
+            entropies=entropy[leaving_index].tolist(),
+            probabilities=probabilities[leaving_index],
+            rows_run=rows_run,
+        )
+        if compact:
+            if num_leaving == rows_run:
+                return
+            keep_index = (~leaving).nonzero().squeeze(1)
+            state = steps.keep_rows(state, keep_index)
+            rows, row_thresholds, done = rows[keep_index], row_thresholds[keep_index], done[keep_index]
+            if criterion_state is not None:
+                criterion_state = criterion_state[..., keep_index]
+            # The rows left may all be full-depth ones: then their off-ramps cannot change an answer.
+            may_exit_early = rule.can_exit_early(row_thresholds, num_layers)
+        else:
+            done |= leaving
+            if bool(done.all()):
+                return
+
+
+def exit_one(
+    steps: ExitSteps,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    token_type_ids: torch.Tensor | None,
+    threshold: float,
+    rule: exit_rule.ExitCriterion,
+) -> LayerExits:
+    """Where a batch of one row leaves, and its answer: the same layers and off-ramps as `iter_exits`, then
+    the softmax, entropy and exit decision on the off-ramp's few logits as Python numbers
+    (`exit_rule.entropy_of`, `rule.leaves`).
+
+    At batch 1 the tensor version of those steps (log-softmax, exp, product, sum, comparison, nonzero,
+    gathers, and the bookkeeping of which rows remain) is dozens of operator dispatches for a handful of
+    numbers; reading the logits once (the host sync the decision needs anyway) and deciding in Python
+    leaves the off-ramp's own work as its cost.
+    """
+    num_layers = steps.num_layers
+    may_exit_early = not rule.never_exits_early_at(threshold, num_layers)
+    full_depth = None if may_exit_early else steps.full_depth_logits(input_ids, attention_mask, token_type_ids)
+    state = None if full_depth is not None else steps.start(input_ids, attention_mask, token_type_ids)
+    row_state: exit_rule.RowState = None
+    for layer_number in range(1, num_layers + 1):
+        if full_depth is not None:  # the backend ran every layer in one call
+            if layer_number < num_layers:
+                continue
+            logits = full_depth.tolist()[0]
+        else:
+            state = steps.run_layer(state, layer_number)
+            if layer_number < num_layers and not may_exit_early:
+                continue
+            logits = steps.off_ramp_logits(state, layer_number).tolist()[0]
+        probabilities, entropy = exit_rule.entropy_of(logits)
+        if layer_number < num_layers:
+            leaving, row_state = rule.leaves(probabilities, entropy, threshold, row_state)
+            if not leaving:
+                continue
+        return LayerExits(
+            layer=layer_number,
+            rows=[0],
+            labels=[exit_rule.argmax(probabilities)],
+            entropies=[entropy],
+            probabilities=torch.tensor([probabilities]),
+            rows_run=1,
+        )
+    raise ValueError("a DeeBERT model needs at least one layer")
+
+
+def infer(
+    steps: ExitSteps,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    token_type_ids: torch.Tensor | None,
+    thresholds: Sequence[float] | torch.Tensor,
+    rule: exit_rule.ExitCriterion,
+    num_labels: int,
+    compact: bool = True,
+) -> ExitResult:
+    """Early-exit answers for the whole batch (collects `iter_exits`)."""
+    batch_size = input_ids.shape[0]
+    if batch_size == 1:
+        one = exit_one(steps, input_ids, attention_mask, token_type_ids, _only(thresholds), rule)
+        return ExitResult([one.layer], one.entropies, one.labels, one.probabilities, [1] * one.layer)
+    exit_layer = [0] * batch_size
+    entropy = [0.0] * batch_size
+    label = [0] * batch_size
+    probabilities = torch.zeros(batch_size, num_labels)
+    rows_per_layer: list[int] = []
+    for exits in iter_exits(steps, input_ids, attention_mask, token_type_ids, thresholds, rule, compact):
+        rows_per_layer.extend([exits.rows_run] * (exits.layer - len(rows_per_layer)))
+        for position, row in enumerate(exits.rows):
+            exit_layer[row] = exits.layer
+            entropy[row] = exits.entropies[position]
+            label[row] = exits.labels[position]
+        probabilities[exits.rows] = exits.probabilities.float().cpu()
+    return ExitResult(exit_layer, entropy, label, probabilities, rows_per_layer)
