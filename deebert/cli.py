@@ -1,4 +1,4 @@
-"""The `deebert` command: train, calibrate, evaluate, results, serve, loadtest, bench, reliability.
+"""The `deebert` command: train, calibrate, evaluate, results, export, serve, loadtest, bench, reliability.
 
 This module only parses arguments and hands over to `model/`, `server/` and `loadtest/`; it holds no logic
 of its own, so each package stays usable on its own.
@@ -73,10 +73,11 @@ def _add_evaluate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
         "--timing-repeats", type=int, default=3, help="runs of each variant per sample; the fastest counts (3)"
     )
     p.add_argument("--max-samples", type=int, help="evaluate only the first N samples")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=int, help="CPU threads of torch or ONNX Runtime")
     p.add_argument(
         "--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (DEEBERT_DEVICE)"
     )
+    _add_backend(p)
     p.add_argument(
         "--dtype",
         choices=["auto", *DTYPE_NAMES],
@@ -91,7 +92,44 @@ def _add_calibrate(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--data", required=True, help="labelled dev data")
     _add_criterion(p, "exit rule to calibrate and store as the checkpoint's (default: the checkpoint's)")
+    _add_backend(p, "int8 stores presets of its own, served whenever the checkpoint runs in int8")
+    p.add_argument("--threads", type=int, help="CPU threads of torch or ONNX Runtime")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _add_backend(parser: argparse.ArgumentParser, precision_note: str = "") -> None:
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnxruntime"],
+        default="auto",
+        help="auto = onnxruntime on the CPU in float32 when installed, else torch (DEEBERT_BACKEND)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "int8"],
+        default="fp32",
+        help="onnxruntime only: fp32, or int8 encoder layers " + (f"({precision_note})" if precision_note else ""),
+    )
+    parser.add_argument(
+        "--cache-dir", help="where ONNX graphs are cached (DEEBERT_CACHE_DIR; default ~/.cache/deebert)"
+    )
+
+
+def _add_export(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="export a checkpoint to ONNX Runtime step graphs (serve does this on first start)",
+        description="Export the step graphs of the ONNX Runtime backend, with a manifest: opset, versions, "
+        "fusions, quantization, parity against PyTorch. Without --output they go to the cache serve reads.",
+    )
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    p.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
+    p.add_argument("--output", help="directory to write (default: the cache entry for this checkpoint)")
+    p.add_argument("--cache-dir", help="the cache (DEEBERT_CACHE_DIR; default ~/.cache/deebert)")
+    p.add_argument(
+        "--quantize", choices=["all", "ffn"], default="all", help="int8: every encoder MatMul, or feed-forward only"
+    )
+    p.add_argument("--per-channel", action="store_true", help="int8: one weight scale per output channel")
 
 
 def _add_criterion(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -129,15 +167,19 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(checkpoint: str, device: str = "cpu", dtype: str = "float32"):  # type: ignore[no-untyped-def]
+def _load(args: argparse.Namespace, device: str = "cpu", dtype: str = "float32"):  # type: ignore[no-untyped-def]
+    """The checkpoint on the device, dtype and backend the arguments ask for, and its tokenizer."""
+    from model.backends import load_backend, pick_backend
     from model.checkpoint import load_model
     from model.device import pick_device, pick_dtype, prepare
     from model.tokenization import load_tokenizer
 
     target = pick_device(device)
     prepare(target)
-    model = load_model(checkpoint, dtype=pick_dtype(dtype, target)).to(target)
-    return model, load_tokenizer(checkpoint)
+    torch_dtype = pick_dtype(dtype, target)
+    backend = pick_backend(args.backend, target, torch_dtype)
+    model = load_model(args.checkpoint, dtype=torch_dtype).to(target)
+    return load_backend(model, backend, args.precision, args.cache_dir, args.threads), load_tokenizer(args.checkpoint)
 
 
 def _labelled(args: argparse.Namespace, model, tokenizer):  # type: ignore[no-untyped-def]
@@ -163,7 +205,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = _load(args.checkpoint, args.device, args.dtype)
+    model, tokenizer = _load(args, args.device, args.dtype)
     config = _config_for(model, args.criterion)
     thresholds = None
     if args.thresholds:
@@ -196,23 +238,86 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
+    from model.backends import runtime_key
     from model.calibrate import calibrate
     from model.checkpoint import resolve_directory
+    from model.config import DeeBertConfig
     from model.evaluate import all_layer_outputs
 
-    model, tokenizer = _load(args.checkpoint)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, tokenizer = _load(args)
     data, encoded = _labelled(args, model, tokenizer)
     probabilities, entropies = all_layer_outputs(model, encoded, tokenizer.pad_token_id, progress=args.progress)
+    directory = resolve_directory(args.checkpoint)
+    stored = DeeBertConfig.load(directory)  # the file's own presets (the model's may be a runtime's)
     config = _config_for(model, args.criterion)
     presets = calibrate(probabilities, entropies, data.labels, criterion=config.criterion)
-    directory = resolve_directory(args.checkpoint)
-    config.with_presets(presets).save(directory)
+    # fp32 answers are the same on every backend (tested); other precisions keep presets of their own.
+    runtime = None if args.precision == "fp32" else runtime_key(model.backend, args.precision)
+    if runtime is None:
+        stored = _config_for_file(stored, args.criterion).with_presets(presets)
+    else:
+        stored = stored.with_presets(presets, runtime=runtime)
+    stored.save(directory)
     for preset in presets:
         print(
             f"{preset.name:<9} threshold {preset.threshold:.6f}  dev accuracy {100 * (preset.accuracy or 0):.2f}%  "
             f"expected saving {100 * (preset.expected_saving or 0):.1f}%"
         )
-    print(f"stored {len(presets)} {config.exit_criterion} presets in {directory}/config.json")
+    where = f" for {runtime}" if runtime else ""
+    print(f"stored {len(presets)} {config.exit_criterion} presets{where} in {directory}/config.json")
+    return 0
+
+
+def _config_for_file(config, criterion: str | None):  # type: ignore[no-untyped-def]
+    """A stored config, switched to another exit criterion if asked (its presets do not carry over)."""
+    if criterion is None or criterion == config.exit_criterion:
+        return config
+    return config.with_presets([], exit_criterion=criterion)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import json as json_module
+
+    from model.checkpoint import load_model
+    from model.onnx_backend import cache_entry, default_cache_dir, export
+    from model.onnx_export import ExportError, Quantization, model_digest
+
+    model = load_model(args.checkpoint)
+    digest = model_digest(model)
+    if args.output:
+        directory = Path(args.output)
+    else:
+        directory = cache_entry(Path(args.cache_dir) if args.cache_dir else default_cache_dir(), digest, args.precision)
+    quantization = Quantization(ops=args.quantize, per_channel=args.per_channel)
+    # Only the default quantization belongs in the cache serve reads: other settings are experiments.
+    if args.precision == "int8" and quantization != Quantization() and not args.output:
+        raise ExportError("--quantize/--per-channel other than the defaults need --output")
+    exported = export(model, directory, args.precision, quantization=quantization, digest=digest)
+    manifest = exported.manifest
+    print(
+        json_module.dumps(
+            {
+                "output": str(directory),
+                **{
+                    k: getattr(manifest, k)
+                    for k in (
+                        "precision",
+                        "opset",
+                        "onnxruntime_version",
+                        "fusions",
+                        "quantization",
+                        "parity",
+                        "seconds",
+                    )
+                },
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -299,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibrate(subparsers)
     _add_evaluate(subparsers)
     _add_results(subparsers)
+    _add_export(subparsers)
     _add_serve(subparsers)
     _add_loadtest(subparsers)
     _add_bench(subparsers)
@@ -310,6 +416,7 @@ RUNNERS = {
     "train": _run_train,
     "evaluate": _run_evaluate,
     "results": _run_results,
+    "export": _run_export,
     "calibrate": _run_calibrate,
     "serve": _run_serve,
     "loadtest": _run_loadtest,
@@ -319,17 +426,19 @@ RUNNERS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from model.backends import BackendError
     from model.checkpoint import CheckpointError
     from model.config import ConfigError
     from model.data import DataError
     from model.device import DeviceError
+    from model.onnx_export import ExportError
 
     words = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(words)
     args.command_line = shlex.join(["deebert", *words])  # recorded in reports
     try:
         return RUNNERS[args.command](args)
-    except (CheckpointError, ConfigError, DataError, DeviceError) as err:
+    except (BackendError, CheckpointError, ConfigError, DataError, DeviceError, ExportError) as err:
         print(f"deebert {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -53,6 +53,9 @@ class DeeBertConfig:
     base_model: str | None = None
     exit_criterion: str = DEFAULT_CRITERION
     presets: list[Preset] = field(default_factory=list)
+    # Presets calibrated on another runtime's outputs, by `backends.runtime_key` (e.g. "onnxruntime-int8"):
+    # quantized outputs move entropies, so a threshold means what its dev numbers say only where calibrated.
+    runtime_presets: dict[str, list[Preset]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -67,7 +70,11 @@ class DeeBertConfig:
         if self.exit_criterion not in CRITERIA:
             raise ConfigError(f"exit_criterion must be one of {tuple(CRITERIA)}, got {self.exit_criterion!r}")
         self.presets = [p if isinstance(p, Preset) else Preset(**p) for p in self.presets]
-        for preset in self.presets:
+        self.runtime_presets = {
+            key: [p if isinstance(p, Preset) else Preset(**p) for p in presets]
+            for key, presets in self.runtime_presets.items()
+        }
+        for preset in [*self.presets, *(p for presets in self.runtime_presets.values() for p in presets)]:
             try:
                 self.criterion.validate(preset.threshold)
             except ValueError as err:
@@ -128,12 +135,19 @@ class DeeBertConfig:
             raise UnknownPresetError(f"{text[:64]!r} is neither a number nor a preset (presets: {known})") from None
         return self.criterion.validate(number), None
 
-    def with_presets(self, presets: list[Preset], exit_criterion: str | None = None) -> DeeBertConfig:
-        """A copy whose presets (and, if given, exit criterion) are replaced."""
+    def with_presets(
+        self, presets: list[Preset], exit_criterion: str | None = None, runtime: str | None = None
+    ) -> DeeBertConfig:
+        """A copy whose presets (and, if given, exit criterion) are replaced; with `runtime`, the presets of
+        that runtime (`runtime_presets[runtime]`) instead of the default ones."""
         data = self.to_dict()
-        data["presets"] = [asdict(p) for p in presets]
+        if runtime is not None:
+            data["runtime_presets"] = {**data["runtime_presets"], runtime: [asdict(p) for p in presets]}
+        else:
+            data["presets"] = [asdict(p) for p in presets]
         if exit_criterion is not None:
             data["exit_criterion"] = exit_criterion
+            data["runtime_presets"] = {}  # calibrated for another criterion
         data.pop("format", None)
         return DeeBertConfig(**data)
 

@@ -21,18 +21,18 @@ import torch
 from tqdm import tqdm
 
 from model import exit_rule
-from model.device import describe_device, dtype_name, model_device, synchronize
-from model.modeling import DeeBert
+from model.backends import ExitModel
+from model.device import describe_device, synchronize
 from model.tokenization import Encoded, pad_batch
 
 
 @torch.inference_mode()
 def all_layer_outputs(
-    model: DeeBert, encoded: Sequence[Encoded], pad_id: int, batch_size: int = 64, progress: bool = True
+    model: ExitModel, encoded: Sequence[Encoded], pad_id: int, batch_size: int = 64, progress: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every off-ramp's probabilities [layers, samples, labels] and entropies [layers, samples], on the CPU."""
     model.eval()
-    device = model_device(model)
+    device = model.device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     num_layers, num_labels = model.num_layers, model.config.num_labels
     probabilities = torch.empty(num_layers, len(encoded), num_labels)
@@ -40,7 +40,7 @@ def all_layer_outputs(
     for start in tqdm(range(0, len(order), batch_size), desc="all off-ramps", disable=not progress):
         rows = order[start : start + batch_size]
         batch = pad_batch([encoded[i] for i in rows], pad_id).to(device)
-        logits = model(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        logits = model.all_off_ramp_logits(batch.input_ids, batch.attention_mask, batch.token_type_ids)
         layer_probabilities, layer_entropy = exit_rule.entropy_from_logits(logits)
         probabilities[:, rows] = layer_probabilities.cpu()
         entropies[:, rows] = layer_entropy.cpu()
@@ -130,7 +130,7 @@ def oracle(probabilities: torch.Tensor, labels: Sequence[int]) -> dict[str, floa
 
 @torch.inference_mode()
 def time_batch1(
-    model: DeeBert,
+    model: ExitModel,
     encoded: Sequence[Encoded],
     pad_id: int,
     thresholds: Sequence[float],
@@ -149,7 +149,7 @@ def time_batch1(
     device has finished its queued kernels, so the plain forward's asynchronous launches are not flattered.
     """
     model.eval()
-    device = model_device(model)
+    device = model.device
     rule = criterion or model.config.criterion
     n = model.num_layers
     repeats = max(1, repeats)
@@ -207,7 +207,8 @@ def time_batch1(
         "samples": len(batches),
         "repeats": repeats,
         "device": describe_device(device),
-        "dtype": dtype_name(next(model.parameters()).dtype),
+        "dtype": model.precision,
+        "backend": model.backend,
         "plain_ms": plain_ns / count / 1e6,
         "exit_ms": [t / count / 1e6 for t in exit_ns],
         "measured_saving": [1.0 - t / plain_ns for t in exit_ns] if plain_ns else [0.0] * len(thresholds),
@@ -252,7 +253,7 @@ def _snap(threshold: float, known: Sequence[float], tolerance: float = 1e-6) -> 
 
 
 def evaluate(
-    model: DeeBert,
+    model: ExitModel,
     encoded: Sequence[Encoded],
     labels: Sequence[int],
     pad_id: int,

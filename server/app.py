@@ -75,6 +75,7 @@ class ServerState:
         runtime = {
             "device": str(engine.device),
             "dtype": engine.dtype_name,
+            "backend": engine.backend,
             "allocator": loaded_allocator(),
         }
         metrics = Metrics(engine.num_layers, engine.name, engine.labels, runtime)
@@ -583,6 +584,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             presets=engine.presets,  # type: ignore[arg-type]
             device=str(engine.device),
             dtype=engine.dtype_name,
+            backend=engine.backend,
             max_batch_size=settings.max_batch_size,
             max_texts_per_request=settings.max_texts_per_request,
         )

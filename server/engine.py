@@ -12,10 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
+from model.backends import BackendError, ExitModel, load_backend, pick_backend
 from model.checkpoint import CheckpointError, load_model, resolve_directory
 from model.config import ConfigError, UnknownPresetError
-from model.device import DeviceError, dtype_name, pick_device, pick_dtype, prepare
+from model.device import DeviceError, pick_device, pick_dtype, prepare
 from model.modeling import DeeBert
+from model.onnx_export import ExportError
 from model.tokenization import Encoded, load_tokenizer, pad_batch, tokenize
 from server.errors import DeeBertError, ErrorType
 from server.settings import ServerSettings
@@ -52,17 +54,20 @@ class Engine:
 
     def __init__(
         self,
-        model: DeeBert,
+        model: ExitModel,
         tokenizer: object,
-        device: torch.device,
+        device: torch.device | None = None,
         max_length: int | None = None,
         default_threshold: str | None = None,
         compaction: bool = True,
     ) -> None:
-        self.model = model.to(device).eval()
+        if isinstance(model, DeeBert):
+            model = model.to(device or model.device).eval()
+        elif device is not None and device != model.device:
+            raise EngineLoadError(f"the {model.backend} backend runs on {model.device}, not {device}")
+        self.model = model
         self.tokenizer = tokenizer
-        self.device = device
-        self.dtype = next(model.parameters()).dtype
+        self.device = model.device
         self.config = model.config
         self.max_length = min(max_length or self.config.max_length, self.model_max_positions)
         self.pad_token_id = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
@@ -71,26 +76,31 @@ class Engine:
 
     @classmethod
     def load(cls, settings: ServerSettings) -> Engine:
-        """Load the checkpoint named by the settings onto their device and dtype."""
+        """Load the checkpoint named by the settings onto their device, dtype and backend (ONNX Runtime's
+        graphs are exported on the first start and cached)."""
         if settings.threads:
             torch.set_num_threads(settings.threads)
         try:
             device = pick_device(settings.device)
             dtype = pick_dtype(settings.dtype, device)
+            backend = pick_backend(settings.backend, device, dtype)
             prepare(device)
             directory = resolve_directory(settings.checkpoint)
-            model = load_model(directory, dtype=dtype)
+            model = load_backend(
+                load_model(directory, dtype=dtype), backend, settings.precision, settings.cache_dir, settings.threads
+            )
             tokenizer = load_tokenizer(directory)
-        except (CheckpointError, ConfigError, DeviceError, OSError) as err:
+        except (BackendError, CheckpointError, ConfigError, DeviceError, ExportError, OSError) as err:
             raise EngineLoadError(f"cannot serve {settings.checkpoint}: {err}") from err
         engine = cls(model, tokenizer, device, settings.max_length, settings.default_threshold, settings.compaction)
         logger.info(
-            "loaded %s (%d layers, labels %s) on %s as %s; default threshold %s",
+            "loaded %s (%d layers, labels %s) on %s, backend %s, %s; default threshold %s",
             engine.name,
             engine.num_layers,
             engine.labels,
-            device,
-            dtype,
+            engine.device,
+            engine.backend,
+            engine.dtype_name,
             engine.default_threshold,
         )
         return engine
@@ -103,7 +113,13 @@ class Engine:
 
     @property
     def dtype_name(self) -> str:
-        return dtype_name(self.dtype)
+        """The precision the model computes in: `float32`, `float16`, `bfloat16`, or `int8` (ONNX Runtime)."""
+        return self.model.precision
+
+    @property
+    def backend(self) -> str:
+        """`torch` or `onnxruntime`."""
+        return self.model.backend
 
     @property
     def num_layers(self) -> int:

@@ -121,7 +121,9 @@ class Metrics:
             self.exit_agreement.labels(agree=agree)
         self.info = Info("deebert_model", "The served model", registry=r)
         self.info.info({"model": model_name, "num_layers": str(num_layers), "labels": ",".join(labels)})
-        self.runtime = Info("deebert_runtime", "Where the model runs: device, dtype, memory allocator", registry=r)
+        self.runtime = Info(
+            "deebert_runtime", "Where the model runs: device, dtype (precision), backend, memory allocator", registry=r
+        )
         self.runtime.info(runtime or {})
         self._executed = 0
         self._possible = 0

@@ -133,7 +133,8 @@ class ModelInfo(BaseModel):
     default_threshold_name: str | None
     presets: list[PresetInfo]
     device: str
-    dtype: str
+    dtype: str = Field(description="precision the model computes in: float32, float16, bfloat16 or int8")
+    backend: str = Field(description="inference backend: torch or onnxruntime")
     max_batch_size: int
     max_texts_per_request: int
 

@@ -29,7 +29,20 @@ class ServerSettings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype; auto = float16 on CUDA, float32 on CPU"
     )
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    backend: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto",
+        description="inference backend: auto = onnxruntime on the CPU when installed (float32), torch on CUDA; "
+        "torch; onnxruntime (CPU)",
+    )
+    precision: Literal["fp32", "int8"] = Field(
+        "fp32", description="onnxruntime backend: fp32, or int8 (dynamic quantization of the encoder layers)"
+    )
+    cache_dir: str | None = Field(
+        None, description="where exported ONNX graphs are cached (default: $XDG_CACHE_HOME/deebert or ~/.cache/deebert)"
+    )
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads of torch or ONNX Runtime (default: the runtime's choice)"
+    )
     max_batch_size: int = Field(32, ge=1, description="most texts in one forward pass")
     max_wait_ms: float = Field(
         0.0, ge=0, description="how long the batcher waits to fill a batch; 0 = batch what queued while busy"

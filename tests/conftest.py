@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,19 @@ from transformers import BertTokenizerFast
 
 from model.modeling import DeeBert
 from tests.helpers import tiny_model, write_vocab
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Exported ONNX graphs go to a temporary cache (servers the tests start inherit it), not the user's."""
+    directory = tmp_path_factory.mktemp("deebert-cache")
+    before = os.environ.get("DEEBERT_CACHE_DIR")
+    os.environ["DEEBERT_CACHE_DIR"] = str(directory)
+    yield directory
+    if before is None:
+        os.environ.pop("DEEBERT_CACHE_DIR", None)
+    else:
+        os.environ["DEEBERT_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="session")

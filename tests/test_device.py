@@ -132,7 +132,7 @@ def served(engine: Engine, items: list, thresholds: list[float]) -> dict[int, Ro
 @needs_cuda
 def test_the_engine_serves_from_cuda(tiny_checkpoint: Path, tokenizer_dir: Path) -> None:
     engine = Engine.load(settings(checkpoint=str(tiny_checkpoint), device="cuda"))
-    assert engine.device.type == "cuda" and engine.dtype == torch.float16  # auto dtype on CUDA
+    assert engine.device.type == "cuda" and engine.dtype_name == "float16"  # auto dtype on CUDA
     assert not torch.backends.cuda.cudnn_sdp_enabled()
     reference = Engine(tiny_model("bert"), load_tokenizer(tokenizer_dir), torch.device("cpu"))  # the same weights
     items = engine.encode(SENTENCES, None, truncate=True)

@@ -1,0 +1,142 @@
+"""Which runtime runs the exit loop: `torch` (training, CUDA, fallback) or `onnxruntime` (CPU).
+
+Both give the same `iter_exits` / `infer` / `plain_forward` / `all_off_ramp_logits` (`ExitModel`), so the
+server's engine and `deebert evaluate` do not care which one runs. `auto` picks ONNX Runtime on the CPU in
+float32 when it is installed (the fastest CPU runtime measured here) and torch everywhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from model import exit_rule
+from model.config import DeeBertConfig
+from model.early_exit import ExitResult, LayerExits
+from model.modeling import DeeBert
+
+logger = logging.getLogger("deebert.backends")
+
+BACKENDS = ("auto", "torch", "onnxruntime")
+
+
+class BackendError(ValueError):
+    """The requested backend cannot run here (not installed, or not on this device or dtype)."""
+
+
+class ExitModel(Protocol):
+    """What the engine and evaluation need of a backend."""
+
+    config: DeeBertConfig
+
+    @property
+    def backend(self) -> str: ...
+
+    @property
+    def precision(self) -> str: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def num_layers(self) -> int: ...
+
+    def eval(self) -> ExitModel:
+        """Inference mode (no dropout); returns the model."""
+
+    def iter_exits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        thresholds: Sequence[float] | torch.Tensor,
+        compact: bool = True,
+        criterion: exit_rule.ExitCriterion | None = None,
+    ) -> Iterator[LayerExits]: ...
+
+    def infer(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        thresholds: Sequence[float] | torch.Tensor,
+        compact: bool = True,
+        criterion: exit_rule.ExitCriterion | None = None,
+    ) -> ExitResult: ...
+
+    def plain_forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
+
+    def all_off_ramp_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
+    ) -> torch.Tensor: ...
+
+
+def runtime_key(backend: str, precision: str) -> str:
+    """The key of a runtime's own presets in the checkpoint (`DeeBertConfig.runtime_presets`)."""
+    return f"{backend}-{precision}"
+
+
+def pick_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """`auto` → onnxruntime on the CPU in float32 when installed, else torch; explicit names are checked."""
+    from model.onnx_backend import onnxruntime_available
+
+    if requested not in BACKENDS:
+        raise BackendError(f"unknown backend {requested!r}: use {', '.join(BACKENDS)}")
+    if requested == "auto":
+        if device.type != "cpu" or dtype != torch.float32:
+            return "torch"
+        if not onnxruntime_available():
+            logger.info("backend auto: onnxruntime is not installed, running on torch")
+            return "torch"
+        return "onnxruntime"
+    if requested == "onnxruntime":
+        if device.type != "cpu":
+            raise BackendError(
+                f"the onnxruntime backend runs on the CPU; device {device} needs --backend torch (or --device cpu)"
+            )
+        if dtype != torch.float32:
+            raise BackendError("the onnxruntime backend computes in fp32 (or --precision int8); use --dtype float32")
+        if not onnxruntime_available():
+            raise BackendError("--backend onnxruntime needs the onnxruntime package: pip install onnxruntime")
+    return requested
+
+
+def load_backend(
+    model: DeeBert,
+    backend: str,
+    precision: str = "fp32",
+    cache_dir: str | Path | None = None,
+    threads: int | None = None,
+) -> ExitModel:
+    """`model` itself for torch; its ONNX Runtime graphs (exported on first use, cached) for onnxruntime.
+
+    A runtime with presets of its own in the checkpoint (`runtime_presets`, e.g. int8 calibrated on int8
+    outputs) serves those, so a preset means what its dev numbers say on the runtime that serves it.
+    """
+    if backend == "torch":
+        if precision != "fp32":
+            raise BackendError(f"precision {precision} is for the onnxruntime backend; torch uses --dtype")
+        return model
+    from model.onnx_backend import load_onnx_model
+
+    exported = load_onnx_model(model, precision, Path(cache_dir) if cache_dir else None, threads)
+    own = model.config.runtime_presets.get(runtime_key(backend, precision))
+    if own is not None:
+        exported.config = model.config.with_presets(own)
+    elif precision != "fp32" and model.config.presets:
+        logger.warning(
+            "%s has no presets calibrated for %s %s; its presets were calibrated in fp32 "
+            "(deebert calibrate --backend %s --precision %s stores its own)",
+            model.config.name,
+            backend,
+            precision,
+            backend,
+            precision,
+        )
+    return exported

@@ -1,0 +1,218 @@
+"""The ONNX Runtime backend: the same exits, labels and probabilities as PyTorch, on tiny BERT and RoBERTa."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import exit_rule
+from model.backends import BackendError, load_backend, pick_backend
+from model.checkpoint import load_model
+from model.onnx_backend import OnnxDeeBert, cache_entry, check_export, export, load_onnx_model
+from model.onnx_export import ExportError, Quantization, layer_file, model_digest
+from tests.helpers import SENTENCES, all_entropies, encode, tiny_model
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module", params=["bert", "roberta"])
+def pair(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[torch.nn.Module, OnnxDeeBert]:
+    """A tiny random model (mean pooling) and its exported fp32 graphs."""
+    model = tiny_model(request.param, pooling="mean")
+    directory = tmp_path_factory.mktemp(f"onnx-{request.param}") / "fp32"
+    return model, export(model, directory, "fp32", threads=1)
+
+
+def _thresholds_between_layers(model, batch) -> list[float]:  # type: ignore[no-untyped-def]
+    """Per-row thresholds that make rows leave at different layers (and a full-depth row)."""
+    entropies = all_entropies(model, batch)
+    thresholds = []
+    for row in range(batch.input_ids.shape[0]):
+        layer = row % model.num_layers
+        thresholds.append(0.0 if row == 0 else float(entropies[layer, row]) + 1e-3)
+    return thresholds
+
+
+def test_the_manifest_records_fusions_and_parity(pair) -> None:  # type: ignore[no-untyped-def]
+    model, exported = pair
+    manifest = exported.manifest
+    assert manifest.fusions.get("Attention") == model.num_layers  # every layer's attention fused
+    assert manifest.parity["max_abs_logit_difference"] < 1e-4
+    assert manifest.parity["same_labels_every_layer"] is True
+    assert manifest.opset == 17 and manifest.precision == "fp32"
+    assert check_export(exported.directory, model_digest(model), "fp32") == manifest
+
+
+def test_exit_layers_labels_and_probabilities_match_torch(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    model, exported = pair
+    batch = encode(tokenizer)
+    grids = [[t] * len(SENTENCES) for t in (0.0, 0.05, 0.3, 1e9)] + [_thresholds_between_layers(model, batch)]
+    for thresholds in grids:
+        expected = model.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds)
+        got = exported.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds)
+        assert got.exit_layer == expected.exit_layer
+        assert got.label == expected.label
+        assert got.rows_per_layer == expected.rows_per_layer  # compaction: the same rows run at each layer
+        torch.testing.assert_close(got.probabilities, expected.probabilities, atol=1e-4, rtol=0)
+        assert got.entropy == pytest.approx(expected.entropy, abs=1e-4)
+
+
+def test_mixed_thresholds_leave_at_different_layers_with_compaction(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    model, exported = pair
+    batch = encode(tokenizer)
+    thresholds = _thresholds_between_layers(model, batch)
+    result = exported.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds)
+    assert len(set(result.exit_layer)) > 2  # the thresholds spread the rows over several layers
+    # Rows run per layer = the rows that had not left before it.
+    for layer in range(1, model.num_layers + 1):
+        still_running = sum(1 for e in result.exit_layer if e >= layer)
+        assert result.rows_per_layer[layer - 1] == still_running
+    masked = exported.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds, compact=False)
+    assert masked.exit_layer == result.exit_layer and masked.label == result.label
+    assert masked.layers_executed > result.layers_executed
+
+
+def test_a_row_answers_the_same_alone_or_in_a_batch(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    model, exported = pair
+    batch = encode(tokenizer)
+    thresholds = _thresholds_between_layers(model, batch)
+    together = exported.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds)
+    for row, text in enumerate(SENTENCES):
+        one = encode(tokenizer, [text])
+        alone = exported.infer(one.input_ids, one.attention_mask, one.token_type_ids, [thresholds[row]])
+        assert (alone.exit_layer[0], alone.label[0]) == (together.exit_layer[row], together.label[row])
+        torch.testing.assert_close(alone.probabilities[0], together.probabilities[row], atol=1e-4, rtol=0)
+        events = list(exported.iter_exits(one.input_ids, one.attention_mask, one.token_type_ids, [thresholds[row]]))
+        assert [(e.layer, e.rows) for e in events] == [(alone.exit_layer[0], [0])]
+
+
+@pytest.mark.parametrize("name", ["max-prob", "patience"])
+def test_other_exit_criteria_run_the_same_on_onnxruntime(pair, tokenizer, name: str) -> None:  # type: ignore[no-untyped-def]
+    model, exported = pair
+    rule = exit_rule.get_criterion(name)
+    batch = encode(tokenizer)
+    for threshold in rule.default_grid(2, model.num_layers)[:6]:
+        thresholds = [threshold] * len(SENTENCES)
+        expected = model.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds, criterion=rule)
+        got = exported.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds, criterion=rule)
+        assert (got.exit_layer, got.label) == (expected.exit_layer, expected.label)
+
+
+def test_plain_forward_and_all_off_ramps_match_torch(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    model, exported = pair
+    batch = encode(tokenizer)
+    args = (batch.input_ids, batch.attention_mask, batch.token_type_ids)
+    with torch.inference_mode():
+        torch.testing.assert_close(exported.plain_forward(*args), model.plain_forward(*args), atol=1e-4, rtol=0)
+    torch.testing.assert_close(exported.all_off_ramp_logits(*args), model.all_off_ramp_logits(*args), atol=1e-4, rtol=0)
+
+
+def test_the_cache_exports_once_and_rebuilds_a_corrupt_file(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model("bert")
+    first = load_onnx_model(model, "fp32", tmp_path, threads=1)
+    assert first.directory == cache_entry(tmp_path, model_digest(model), "fp32")
+    stamp = (first.directory / layer_file(2)).stat().st_mtime_ns
+    again = load_onnx_model(model, "fp32", tmp_path, threads=1)  # cached: nothing exported
+    assert (again.directory / layer_file(2)).stat().st_mtime_ns == stamp
+    (first.directory / layer_file(2)).write_bytes(b"not a graph")
+    with caplog.at_level(logging.WARNING, logger="deebert.onnx"):
+        rebuilt = load_onnx_model(model, "fp32", tmp_path, threads=1)
+    assert "corrupt" in caplog.text and "exporting again" in caplog.text
+    batch = encode_ids(model)
+    torch.testing.assert_close(rebuilt.plain_forward(*batch), model.plain_forward(*batch).detach(), atol=1e-4, rtol=0)
+    (rebuilt.directory / "manifest.json").write_text("{ truncated")
+    with caplog.at_level(logging.WARNING, logger="deebert.onnx"):
+        load_onnx_model(model, "fp32", tmp_path, threads=1)
+    assert "not a DeeBERT export manifest" in caplog.text
+
+
+def test_other_weights_get_their_own_cache_entry(tmp_path: Path) -> None:
+    model = tiny_model("bert")
+    other = tiny_model("bert")
+    with torch.no_grad():
+        other.off_ramps[0].dense.bias.add_(1.0)
+    assert model_digest(model) != model_digest(other)
+    directory = load_onnx_model(model, "fp32", tmp_path, threads=1).directory
+    with pytest.raises(ExportError, match="other weights"):
+        check_export(directory, model_digest(other), "fp32")
+
+
+def test_int8_exports_and_answers(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model("bert", pooling="mean")
+    exported = export(model, tmp_path / "int8", "int8", quantization=Quantization(), threads=1)
+    assert exported.precision == "int8" and exported.manifest.quantization is not None
+    import onnx
+
+    layer_ops = {node.op_type for node in onnx.load(str(exported.directory / layer_file(2))).graph.node}
+    assert layer_ops & {"MatMulInteger", "DynamicQuantizeMatMul", "QAttention"}  # really quantized
+    batch = encode(tokenizer)
+    result = exported.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, [0.0] * len(SENTENCES))
+    assert result.exit_layer == [model.num_layers] * len(SENTENCES)
+    assert torch.allclose(result.probabilities.sum(-1), torch.ones(len(SENTENCES)), atol=1e-5)
+    # Full depth through the fused plain graph and through the layer graphs agree in int8 too.
+    one_by_one = exported.all_off_ramp_logits(batch.input_ids, batch.attention_mask, batch.token_type_ids)[-1]
+    plain = exported.plain_forward(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+    torch.testing.assert_close(plain, one_by_one, atol=1e-4, rtol=0)
+    ffn = export(model, tmp_path / "ffn", "int8", quantization=Quantization(ops="ffn", per_channel=True), threads=1)
+    assert ffn.manifest.quantization == {
+        "ops": "ffn",
+        "per_channel": True,
+        "method": Quantization("ffn", True).describe(),
+    }
+
+
+def test_auto_picks_onnxruntime_on_the_cpu_and_torch_elsewhere() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert pick_backend("auto", cpu, torch.float32) == "onnxruntime"
+    assert pick_backend("auto", cpu, torch.bfloat16) == "torch"
+    assert pick_backend("auto", cuda, torch.float16) == "torch"
+    with pytest.raises(BackendError, match="runs on the CPU"):
+        pick_backend("onnxruntime", cuda, torch.float32)
+    with pytest.raises(BackendError, match="fp32"):
+        pick_backend("onnxruntime", cpu, torch.bfloat16)
+    with pytest.raises(BackendError, match="unknown backend"):
+        pick_backend("tensorrt", cpu, torch.float32)
+
+
+def test_auto_falls_back_to_torch_without_onnxruntime(monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_onnxruntime(name, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if name == "onnxruntime" or name.startswith("onnxruntime."):
+            raise ImportError("No module named 'onnxruntime'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
+    with caplog.at_level(logging.INFO, logger="deebert.backends"):
+        assert pick_backend("auto", torch.device("cpu"), torch.float32) == "torch"
+    assert "onnxruntime is not installed" in caplog.text
+    with pytest.raises(BackendError, match="pip install onnxruntime"):
+        pick_backend("onnxruntime", torch.device("cpu"), torch.float32)
+
+
+def test_runtime_presets_are_served_by_their_runtime(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    from model.config import DeeBertConfig, Preset
+
+    config = DeeBertConfig.load(tiny_checkpoint)
+    config.with_presets([Preset("balanced", 0.123)], runtime="onnxruntime-int8").save(tiny_checkpoint)
+    model = load_model(tiny_checkpoint)
+    assert model.config.preset("balanced").threshold == 0.2  # fp32 presets for torch and fp32
+    int8 = load_backend(model, "onnxruntime", "int8", tmp_path, threads=1)
+    assert int8.config.preset("balanced").threshold == 0.123
+    fp32 = load_backend(model, "onnxruntime", "fp32", tmp_path, threads=1)
+    assert fp32.config.preset("balanced").threshold == 0.2
+    with pytest.raises(BackendError, match="precision int8 is for the onnxruntime backend"):
+        load_backend(model, "torch", "int8")
+
+
+def encode_ids(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+    from model.onnx_export import parity_batch
+
+    return parity_batch(model, batch_size=3, length=9, seed=1)
