@@ -31,6 +31,10 @@ COPY weights ./weights
 
 RUN useradd --system --uid 10001 --home /app deebert && chown -R deebert /app
 USER deebert
+# The ONNX Runtime graphs of the shipped checkpoint, exported at build time so a container starts without
+# exporting (another checkpoint is exported on its first start into the same cache).
+ENV DEEBERT_CACHE_DIR=/app/.cache/deebert
+RUN deebert export --checkpoint /app/weights/sst2-minilm-l6 > /dev/null
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
   CMD python3 -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=2).status == 200 else 1)"
