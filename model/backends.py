@@ -8,15 +8,11 @@ float32 when it is installed (the fastest CPU runtime measured here) and torch e
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
-from model import exit_rule
-from model.config import DeeBertConfig
-from model.early_exit import ExitResult, LayerExits
+from model.early_exit import EarlyExitModel
 from model.modeling import DeeBert
 
 logger = logging.getLogger("deebert.backends")
@@ -28,53 +24,8 @@ class BackendError(ValueError):
     """The requested backend cannot run here (not installed, or not on this device or dtype)."""
 
 
-class ExitModel(Protocol):
-    """What the engine and evaluation need of a backend."""
-
-    config: DeeBertConfig
-
-    @property
-    def backend(self) -> str: ...
-
-    @property
-    def precision(self) -> str: ...
-
-    @property
-    def device(self) -> torch.device: ...
-
-    @property
-    def num_layers(self) -> int: ...
-
-    def eval(self) -> ExitModel:
-        """Inference mode (no dropout); returns the model."""
-
-    def iter_exits(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: torch.Tensor | None,
-        thresholds: Sequence[float] | torch.Tensor,
-        compact: bool = True,
-        criterion: exit_rule.ExitCriterion | None = None,
-    ) -> Iterator[LayerExits]: ...
-
-    def infer(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: torch.Tensor | None,
-        thresholds: Sequence[float] | torch.Tensor,
-        compact: bool = True,
-        criterion: exit_rule.ExitCriterion | None = None,
-    ) -> ExitResult: ...
-
-    def plain_forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
-    ) -> torch.Tensor: ...
-
-    def all_off_ramp_logits(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
-    ) -> torch.Tensor: ...
+# What the engine and evaluation need of a backend: `DeeBert` (torch) and `OnnxDeeBert` are both one.
+ExitModel = EarlyExitModel
 
 
 def runtime_key(backend: str, precision: str) -> str:

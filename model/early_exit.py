@@ -13,11 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from model import exit_rule
+
+if TYPE_CHECKING:
+    from model.config import DeeBertConfig
 
 
 @dataclass
@@ -244,3 +247,82 @@ def infer(
             label[row] = exits.labels[position]
         probabilities[exits.rows] = exits.probabilities.float().cpu()
     return ExitResult(exit_layer, entropy, label, probabilities, rows_per_layer)
+
+
+class EarlyExitModel:
+    """What every backend's model offers the engine and evaluation: `iter_exits` and `infer` over its
+    `exit_steps()`, plus the facts and the full-depth passes each backend implements."""
+
+    config: DeeBertConfig
+
+    @property
+    def backend(self) -> str:
+        """`torch` or `onnxruntime`."""
+        raise NotImplementedError
+
+    @property
+    def precision(self) -> str:
+        """What it computes in: `float32`, `float16`, `bfloat16`, or `int8`."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    def eval(self) -> EarlyExitModel:
+        """Inference mode (a torch model turns dropout off; nothing to do elsewhere)."""
+        return self
+
+    def exit_steps(self) -> ExitSteps:
+        """The backend's compute steps for one pass of the loop."""
+        raise NotImplementedError
+
+    def plain_forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The final classifier's logits from a plain full forward: the baseline that exits cost against."""
+        raise NotImplementedError
+
+    def all_off_ramp_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Every off-ramp's logits, [layers, batch, labels], without gradients (evaluation sweeps)."""
+        raise NotImplementedError
+
+    def iter_exits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        thresholds: Sequence[float] | torch.Tensor,
+        compact: bool = True,
+        criterion: exit_rule.ExitCriterion | None = None,
+    ) -> Iterator[LayerExits]:
+        """Run layer by layer and yield the rows that leave at each layer, as soon as they leave
+        (`iter_exits`; default criterion: the checkpoint's, DeeBERT's entropy)."""
+        rule = criterion or self.config.criterion
+        with torch.inference_mode():
+            yield from iter_exits(
+                self.exit_steps(), input_ids, attention_mask, token_type_ids, thresholds, rule, compact
+            )
+
+    def infer(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        thresholds: Sequence[float] | torch.Tensor,
+        compact: bool = True,
+        criterion: exit_rule.ExitCriterion | None = None,
+    ) -> ExitResult:
+        """Early-exit answers for the whole batch (`infer`)."""
+        rule = criterion or self.config.criterion
+        steps = self.exit_steps()
+        with torch.inference_mode():
+            return infer(
+                steps, input_ids, attention_mask, token_type_ids, thresholds, rule, self.config.num_labels, compact
+            )

@@ -6,7 +6,6 @@ final classifier. Layers are numbered 1..n in everything this module returns.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -17,9 +16,8 @@ from torch.nn import functional as F
 from transformers import BertModel, PreTrainedModel, RobertaModel
 from transformers.masking_utils import create_bidirectional_mask
 
-from model import early_exit, exit_rule
 from model.config import DeeBertConfig
-from model.early_exit import ExitResult, LayerExits
+from model.early_exit import EarlyExitModel, ExitResult, LayerExits  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -163,7 +161,7 @@ class _TorchSteps:
         )
 
 
-class DeeBert(nn.Module):
+class DeeBert(nn.Module, EarlyExitModel):
     """Encoder + one off-ramp per layer; `forward` trains, `iter_exits`/`infer` serve."""
 
     backbone: Any  # a transformers BertModel / RobertaModel (their submodules are untyped)
@@ -278,49 +276,8 @@ class DeeBert(nn.Module):
         """Every off-ramp's logits, [layers, batch, labels], without gradients (evaluation sweeps)."""
         return self(input_ids, attention_mask, token_type_ids)
 
-    @torch.inference_mode()
-    def iter_exits(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: torch.Tensor | None,
-        thresholds: Sequence[float] | torch.Tensor,
-        compact: bool = True,
-        criterion: exit_rule.ExitCriterion | None = None,
-    ) -> Iterator[LayerExits]:
-        """Run layer by layer and yield the rows that leave at each layer, as soon as they leave
-        (`early_exit.iter_exits`; default criterion: the checkpoint's, DeeBERT's entropy)."""
-        yield from early_exit.iter_exits(
-            _TorchSteps(self),
-            input_ids,
-            attention_mask,
-            token_type_ids,
-            thresholds,
-            criterion or self.config.criterion,
-            compact,
-        )
-
-    @torch.inference_mode()
-    def infer(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: torch.Tensor | None,
-        thresholds: Sequence[float] | torch.Tensor,
-        compact: bool = True,
-        criterion: exit_rule.ExitCriterion | None = None,
-    ) -> ExitResult:
-        """Early-exit answers for the whole batch (`early_exit.infer`)."""
-        return early_exit.infer(
-            _TorchSteps(self),
-            input_ids,
-            attention_mask,
-            token_type_ids,
-            thresholds,
-            criterion or self.config.criterion,
-            self.config.num_labels,
-            compact,
-        )
+    def exit_steps(self) -> _TorchSteps:
+        return _TorchSteps(self)
 
     # --- checkpoints -----------------------------------------------------------------------------
 

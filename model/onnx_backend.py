@@ -19,7 +19,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from model import early_exit, exit_rule
 from model.config import DeeBertConfig
-from model.early_exit import ExitResult, LayerExits
+from model.early_exit import EarlyExitModel
 from model.onnx_export import (
     GRAPH_FORMAT,
     PLAIN_FILE,
@@ -126,10 +124,8 @@ class _Graph:
         return self.session.run(self._outputs, {name: feeds[name] for name in self.inputs})[0]  # type: ignore[no-any-return]
 
 
-class OnnxDeeBert:
+class OnnxDeeBert(EarlyExitModel):
     """A DeeBERT model on ONNX Runtime (CPU): `iter_exits`, `infer`, `plain_forward` as `DeeBert` has them."""
-
-    backend = "onnxruntime"
 
     def __init__(self, config: DeeBertConfig, directory: Path, manifest: Manifest, threads: int | None) -> None:
         if manifest.num_layers != config.num_layers or manifest.num_labels != config.num_labels:
@@ -149,8 +145,8 @@ class OnnxDeeBert:
     # --- facts -----------------------------------------------------------------------------------
 
     @property
-    def num_layers(self) -> int:
-        return self.config.num_layers
+    def backend(self) -> str:
+        return "onnxruntime"
 
     @property
     def device(self) -> torch.device:
@@ -159,9 +155,6 @@ class OnnxDeeBert:
     @property
     def precision(self) -> str:
         return "float32" if self.manifest.precision == "fp32" else self.manifest.precision
-
-    def eval(self) -> OnnxDeeBert:
-        return self
 
     # --- ExitSteps -------------------------------------------------------------------------------
 
@@ -223,35 +216,8 @@ class OnnxDeeBert:
 
     # --- inference -------------------------------------------------------------------------------
 
-    def iter_exits(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: torch.Tensor | None,
-        thresholds: Sequence[float] | torch.Tensor,
-        compact: bool = True,
-        criterion: exit_rule.ExitCriterion | None = None,
-    ) -> Iterator[LayerExits]:
-        """Rows that leave at each layer, as soon as they leave (`early_exit.iter_exits`)."""
-        rule = criterion or self.config.criterion
-        with torch.inference_mode():
-            yield from early_exit.iter_exits(self, input_ids, attention_mask, token_type_ids, thresholds, rule, compact)
-
-    def infer(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: torch.Tensor | None,
-        thresholds: Sequence[float] | torch.Tensor,
-        compact: bool = True,
-        criterion: exit_rule.ExitCriterion | None = None,
-    ) -> ExitResult:
-        """Early-exit answers for the whole batch (`early_exit.infer`)."""
-        rule = criterion or self.config.criterion
-        with torch.inference_mode():
-            return early_exit.infer(
-                self, input_ids, attention_mask, token_type_ids, thresholds, rule, self.config.num_labels, compact
-            )
+    def exit_steps(self) -> OnnxDeeBert:
+        return self
 
     def plain_forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
