@@ -138,11 +138,11 @@ def _add_criterion(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("--criterion", choices=list(CRITERIA), help=help_text)
 
 
-def _config_for(model, criterion: str | None):  # type: ignore[no-untyped-def]
-    """The model's config, or a copy switched to another exit criterion (whose presets do not carry over)."""
-    if criterion is None or criterion == model.config.exit_criterion:
-        return model.config
-    return model.config.with_presets([], exit_criterion=criterion)
+def _config_for(config, criterion: str | None):  # type: ignore[no-untyped-def]
+    """A config, or a copy switched to another exit criterion (whose presets do not carry over)."""
+    if criterion is None or criterion == config.exit_criterion:
+        return config
+    return config.with_presets([], exit_criterion=criterion)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -206,7 +206,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = _load(args, args.device, args.dtype)
-    config = _config_for(model, args.criterion)
+    config = _config_for(model.config, args.criterion)
     thresholds = None
     if args.thresholds:
         try:
@@ -253,12 +253,12 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     probabilities, entropies = all_layer_outputs(model, encoded, tokenizer.pad_token_id, progress=args.progress)
     directory = resolve_directory(args.checkpoint)
     stored = DeeBertConfig.load(directory)  # the file's own presets (the model's may be a runtime's)
-    config = _config_for(model, args.criterion)
+    config = _config_for(model.config, args.criterion)
     presets = calibrate(probabilities, entropies, data.labels, criterion=config.criterion)
     # fp32 answers are the same on every backend (tested); other precisions keep presets of their own.
     runtime = None if args.precision == "fp32" else runtime_key(model.backend, args.precision)
     if runtime is None:
-        stored = _config_for_file(stored, args.criterion).with_presets(presets)
+        stored = _config_for(stored, args.criterion).with_presets(presets)
     else:
         stored = stored.with_presets(presets, runtime=runtime)
     stored.save(directory)
@@ -270,13 +270,6 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     where = f" for {runtime}" if runtime else ""
     print(f"stored {len(presets)} {config.exit_criterion} presets{where} in {directory}/config.json")
     return 0
-
-
-def _config_for_file(config, criterion: str | None):  # type: ignore[no-untyped-def]
-    """A stored config, switched to another exit criterion if asked (its presets do not carry over)."""
-    if criterion is None or criterion == config.exit_criterion:
-        return config
-    return config.with_presets([], exit_criterion=criterion)
 
 
 def _run_export(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from model import exit_rule
 from model.backends import load_backend
 from model.checkpoint import load_model
 from model.data import read_dataset
@@ -46,7 +47,7 @@ def compare(
             batch = pad_batch([encoded[i] for i in chunk], tokenizer.pad_token_id)
             with torch.inference_mode():
                 logits = model.all_off_ramp_logits(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-            rows[:, chunk] = -(logits.log_softmax(-1).exp() * logits.log_softmax(-1)).sum(-1)
+            rows[:, chunk] = exit_rule.entropy_from_logits(logits)[1]
         entropies[name] = rows
     results = []
     for name, threshold in thresholds:

@@ -17,6 +17,7 @@ from transformers import BertModel, PreTrainedModel, RobertaModel
 from transformers.masking_utils import create_bidirectional_mask
 
 from model.config import DeeBertConfig
+from model.device import dtype_name
 from model.early_exit import EarlyExitModel, ExitResult, LayerExits  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
@@ -267,7 +268,7 @@ class DeeBert(nn.Module, EarlyExitModel):
     @property
     def precision(self) -> str:
         """The compute dtype's name, e.g. `float32`."""
-        return str(next(self.parameters()).dtype).removeprefix("torch.")
+        return dtype_name(next(self.parameters()).dtype)
 
     @torch.inference_mode()
     def all_off_ramp_logits(

@@ -348,10 +348,3 @@ def measure_parity(model: Any, exported: OnnxDeeBert) -> dict[str, Any]:
         "per_layer_max_abs_logit_difference": [float(d) for d in difference.amax(dim=(1, 2))],
         "same_labels_every_layer": same_labels,
     }
-
-
-def load_exported(config: DeeBertConfig, directory: Path, threads: int | None = None) -> OnnxDeeBert:
-    """An export directory as written by `deebert export --output DIR` (checked against its manifest)."""
-    manifest = Manifest.read(directory)
-    check_export(directory, None, manifest.precision)
-    return OnnxDeeBert(config, directory, manifest, threads)

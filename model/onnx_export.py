@@ -37,7 +37,6 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -393,10 +392,3 @@ def parity_batch(model: DeeBert, batch_size: int = 4, length: int = 19, seed: in
         attention_mask[row, max(2, length - 4 * row) :] = 0
     input_ids = input_ids.masked_fill(attention_mask == 0, int(model.config.backbone.get("pad_token_id") or 0))
     return input_ids, attention_mask, torch.zeros_like(input_ids)
-
-
-def count_operators(path: Path) -> dict[str, int]:
-    """Operator counts of one graph (for reports)."""
-    import onnx
-
-    return dict(Counter(node.op_type for node in onnx.load(str(path)).graph.node))
