@@ -127,9 +127,17 @@ def _add_export(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--output", help="directory to write (default: the cache entry for this checkpoint)")
     p.add_argument("--cache-dir", help="the cache (DEEBERT_CACHE_DIR; default ~/.cache/deebert)")
     p.add_argument(
-        "--quantize", choices=["all", "ffn"], default="all", help="int8: every encoder MatMul, or feed-forward only"
+        "--quantize",
+        choices=["ffn", "all"],
+        default="ffn",
+        help="int8: the feed-forward products only (default), or every encoder MatMul",
     )
-    p.add_argument("--per-channel", action="store_true", help="int8: one weight scale per output channel")
+    p.add_argument(
+        "--weight-scales",
+        choices=["per-channel", "per-tensor"],
+        default="per-channel",
+        help="int8: one weight scale per output channel (default) or per tensor",
+    )
 
 
 def _add_criterion(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -285,10 +293,10 @@ def _run_export(args: argparse.Namespace) -> int:
         directory = Path(args.output)
     else:
         directory = cache_entry(Path(args.cache_dir) if args.cache_dir else default_cache_dir(), digest, args.precision)
-    quantization = Quantization(ops=args.quantize, per_channel=args.per_channel)
+    quantization = Quantization(ops=args.quantize, per_channel=args.weight_scales == "per-channel")
     # Only the default quantization belongs in the cache serve reads: other settings are experiments.
     if args.precision == "int8" and quantization != Quantization() and not args.output:
-        raise ExportError("--quantize/--per-channel other than the defaults need --output")
+        raise ExportError("--quantize/--weight-scales other than the defaults need --output")
     exported = export(model, directory, args.precision, quantization=quantization, digest=digest)
     manifest = exported.manifest
     print(

@@ -7,9 +7,12 @@ load generator, stops it with SIGTERM, and writes BENCHMARKS.md, PNG plots and t
    and the server's own overhead (X-Total-Time minus X-Compute-Time);
 2. latency vs throughput under rising open-loop rates, full depth vs balanced, dynamic batching on;
    plus a closed-loop saturation point per configuration;
-3. the same curve for the plain transformers endpoint a user would write instead (loadtest/baselines);
+3. the same curve for the plain endpoints a user would write instead (loadtest/baselines): the plain
+   transformers one (`plain`) and the plain ONNX Runtime fp32 one (`plain-ort`, with its batch-1 latency);
 4. the balanced curve with compaction off (DEEBERT_COMPACTION=false);
-5. one point cross-checked with wrk (or hey) when either is on PATH.
+5. one point cross-checked with wrk (or hey) when either is on PATH;
+6. the peer runtimes in process (`peers`, loadtest/peers.py): plain PyTorch, ONNX Runtime fp32 and int8,
+   OpenVINO, and deebert's loop on torch and ONNX Runtime, each in its own process, interleaved.
 
 Open-loop rates default to fractions of the configuration's own closed-loop saturation, so the curve
 lands around the knee on any machine; a curve stops at its first saturated point.
@@ -46,7 +49,7 @@ from model.reporting import machine_description, markdown_table
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = "weights/sst2-minilm-l6"
 DEFAULT_DATA = "../shared/data/sst2/dev.tsv"
-PARTS = ("batch1", "curve", "plain", "compaction", "wrk")
+PARTS = ("batch1", "curve", "plain", "plain-ort", "compaction", "wrk", "peers")
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_post.lua"
 # A point with more errors than this does not count as sustained throughput.
 MAX_ERROR_RATE = 0.01
@@ -59,6 +62,8 @@ TARGETS = {
     "batch1_saving_share": 0.8,
     "full_vs_plain": 2.0,
     "overhead_ms": 1.0,
+    "balanced_vs_plain_ort": 1.5,
+    "batch1_p50_vs_plain_ort": 1.0,
 }
 
 
@@ -144,9 +149,10 @@ def deebert_server_command(checkpoint: str, port: int) -> list[str]:
     return [sys.executable, "-m", "deebert", "serve", "--checkpoint", checkpoint, "--port", str(port)]
 
 
-def plain_server_command(checkpoint: str, port: int, threads: int | None) -> list[str]:
-    """argv of the plain transformers baseline."""
+def plain_server_command(checkpoint: str, port: int, threads: int | None, backend: str = "torch") -> list[str]:
+    """argv of the plain baseline: transformers (`torch`) or the fused fp32 graph on ONNX Runtime."""
     argv = [sys.executable, "-m", "loadtest.baselines.plain_server", "--checkpoint", checkpoint, "--port", str(port)]
+    argv += ["--backend", backend]
     return argv + (["--threads", str(threads)] if threads else [])
 
 
@@ -470,6 +476,9 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if preset in rows and rows[preset]["expected_saving"] and rows[preset]["measured_latency_saving"] is not None:
         share = rows[preset]["measured_latency_saving"] / rows[preset]["expected_saving"]
     overhead = rows["0"]["overhead_p50_ms"] if "0" in rows else None
+    plain_ort = sustained(results.get("plain_ort"))
+    plain_ort_p50 = (results.get("plain_ort_batch1") or {}).get("latency_ms", {}).get("p50")
+    balanced_p50 = rows[preset]["p50_latency_ms"] if preset in rows else None
     no_preset = "the checkpoint has no presets (run deebert calibrate); " if "model" in results and not preset else ""
     return [
         _target(
@@ -503,6 +512,22 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             False,
             " ms",
             "needs the batch1 part",
+        ),
+        _target(
+            f"saturated throughput at {preset or 'balanced'} vs the plain ONNX Runtime endpoint",
+            balanced / plain_ort if balanced and plain_ort else None,
+            TARGETS["balanced_vs_plain_ort"],
+            True,
+            "x",
+            no_preset + "needs the curve and plain-ort parts",
+        ),
+        _target(
+            f"batch-1 p50 latency at {preset or 'balanced'} / the plain ONNX Runtime endpoint's",
+            balanced_p50 / plain_ort_p50 if balanced_p50 and plain_ort_p50 else None,
+            TARGETS["batch1_p50_vs_plain_ort"],
+            False,
+            "x",
+            no_preset + "needs the batch1 and plain-ort parts",
         ),
     ]
 
@@ -611,6 +636,25 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         argv = plain_server_command(checkpoint, port, settings.threads)
         with running_server(argv, {}, port, settings.startup_timeout) as url:
             results["plain"] = measure_curve(url, workload, settings, None, "plain endpoint")
+
+    if "plain-ort" in parts:
+        port = free_port()
+        print(f"plain ONNX Runtime baseline server on port {port}", file=sys.stderr)
+        argv = plain_server_command(checkpoint, port, settings.threads, backend="onnxruntime")
+        with running_server(argv, {}, port, settings.startup_timeout) as url:
+            results["plain_ort_batch1"] = _point(
+                url, workload, settings, None, "plain ORT batch-1", duration=settings.batch1_duration
+            )
+            results["plain_ort"] = measure_curve(url, workload, settings, None, "plain ONNX Runtime endpoint")
+
+    if "peers" in parts:
+        from loadtest.peers import PeerSettings, run_peers
+
+        peer_settings = PeerSettings(checkpoint=checkpoint, data=settings.data, threads=settings.threads or 2)
+        if settings.quick:
+            peer_settings.batch1_rows, peer_settings.rounds = 10, 1
+            peer_settings.variants = ("torch-plain", "ort-plain", "ort-balanced")
+        results["peers"] = run_peers(peer_settings, log_path=results_dir / "peers.log")
 
     results["targets"] = evaluate_targets(results)
     results["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -825,6 +869,21 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             "",
             _curve_section(results["plain"]),
         ]
+    if results.get("plain_ort"):
+        point = results.get("plain_ort_batch1") or {}
+        latency = point.get("latency_ms", {})
+        out += [
+            "## 3b. Baseline: a plain ONNX Runtime endpoint",
+            "",
+            "`loadtest/baselines/plain_server.py --backend onnxruntime`: the same weights as the BERT-fused fp32 "
+            "ONNX graph (the plain graph deebert's ONNX Runtime backend runs at full depth), one request at a time, "
+            "no batching, no early exit: what a user who exports to ONNX Runtime serves.",
+            "",
+            f"Batch 1 (one client, {s['batch1_duration']:g} s): p50 {_num(latency.get('p50'))} ms, mean "
+            f"{_num(latency.get('mean'))} ms, p99 {_num(latency.get('p99'))} ms.",
+            "",
+            _curve_section(results["plain_ort"]),
+        ]
     if "compaction_supported" in results:
         note = (
             "The server reads `DEEBERT_COMPACTION`."
@@ -865,6 +924,10 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                 f"Ours / {wrk['tool']}: {_num(wrk['ours_over_external'])}.",
                 "",
             ]
+    if results.get("peers"):
+        from loadtest.peers import markdown_section
+
+        out += markdown_section(results["peers"], "## 6. Peer runtimes, in process")
     files = results.get("files", {})
     plots = [(name, p) for name, p in files.items() if p.endswith(".png")]
     if plots:

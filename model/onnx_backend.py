@@ -1,7 +1,7 @@
 """The ONNX Runtime backend: the exit loop of `model.early_exit` over the step graphs of `model.onnx_export`.
 
-Each step is one `InferenceSession.run` on numpy arrays (one encoder layer — the first with the embeddings,
-the last with the final classifier — or one off-ramp);
+Each step is one `InferenceSession.run` on numpy arrays: one encoder layer and the off-ramp after it (the
+first with the embeddings, the last with the final classifier);
 the exit decision uses the same exit rule as the PyTorch backend on the off-ramp's logits (wrapped as a
 tensor without a copy), and compaction slices the numpy hidden states and attention mask between calls.
 All sessions share one intra-op thread pool (ONNX Runtime's global pool), so the layers run one after
@@ -35,7 +35,6 @@ from model.onnx_export import (
     Manifest,
     file_digest,
     layer_file,
-    off_ramp_file,
     parity_batch,
 )
 
@@ -99,29 +98,29 @@ def _session_options(threads: int | None) -> Any:
 @dataclass
 class _OrtState:
     """The rows still going through the encoder, as numpy arrays (compacted as rows leave): their token ids
-    before layer 1, their hidden states after it, and the final classifier's logits after the last layer."""
+    before layer 1, then the hidden states and the off-ramp's logits of the last layer run."""
 
     attention_mask: np.ndarray
     layer_mask: np.ndarray
     input_ids: np.ndarray | None = None
     token_type_ids: np.ndarray | None = None
     hidden: np.ndarray | None = None
-    final_logits: np.ndarray | None = None
+    logits: np.ndarray | None = None
 
 
 class _Graph:
-    """One step graph's session and the names of its inputs and output."""
+    """One step graph's session and the names of its inputs and outputs."""
 
     def __init__(self, path: Path, options: Any) -> None:
         import onnxruntime as ort
 
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
-        self.output = self.session.get_outputs()[0].name
-        self._outputs = [self.output]
+        self.outputs = [o.name for o in self.session.get_outputs()]
 
-    def __call__(self, **feeds: np.ndarray) -> np.ndarray:
-        return self.session.run(self._outputs, {name: feeds[name] for name in self.inputs})[0]  # type: ignore[no-any-return]
+    def __call__(self, **feeds: np.ndarray) -> list[np.ndarray]:
+        """Every output, in the graph's order."""
+        return self.session.run(self.outputs, {name: feeds[name] for name in self.inputs})  # type: ignore[no-any-return]
 
 
 class OnnxDeeBert(EarlyExitModel):
@@ -138,7 +137,6 @@ class OnnxDeeBert(EarlyExitModel):
         self.manifest = manifest
         options = _session_options(threads)
         self.layers = [_Graph(directory / layer_file(i), options) for i in range(1, config.num_layers + 1)]
-        self.off_ramps = [_Graph(directory / off_ramp_file(i), options) for i in range(1, config.num_layers)]
         self.plain = _Graph(directory / PLAIN_FILE, options)
         self._hidden_inputs = [f"hidden_{i}" for i in range(config.num_layers + 1)]
 
@@ -176,21 +174,17 @@ class OnnxDeeBert(EarlyExitModel):
         else:
             assert state.hidden is not None
             feeds = {self._hidden_inputs[layer_number - 1]: state.hidden}
-        feeds["attention_mask"] = state.attention_mask  # the last layer's graph pools with it
+        feeds["attention_mask"] = state.attention_mask  # the off-ramp pools with it
         feeds[self.manifest.layer_mask_input] = state.layer_mask
-        if layer_number == self.num_layers:
-            state.final_logits, state.hidden = layer(**feeds), None
-        else:
-            state.hidden = layer(**feeds)
+        outputs = layer(**feeds)
+        state.hidden = outputs[0] if layer_number < self.num_layers else None
+        state.logits = outputs[-1]
         return state
 
     def off_ramp_logits(self, state: _OrtState, layer_number: int) -> torch.Tensor:
-        if layer_number == self.num_layers:
-            assert state.final_logits is not None
-            return torch.from_numpy(state.final_logits)
-        assert state.hidden is not None
-        feeds = {self._hidden_inputs[layer_number]: state.hidden, "attention_mask": state.attention_mask}
-        return torch.from_numpy(self.off_ramps[layer_number - 1](**feeds))
+        """Computed in the layer's call (`run_layer`), read here without a copy."""
+        assert state.logits is not None
+        return torch.from_numpy(state.logits)
 
     def full_depth_logits(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
@@ -225,7 +219,7 @@ class OnnxDeeBert(EarlyExitModel):
         """The final classifier's logits from one fused full-depth graph (the plain ONNX Runtime baseline)."""
         ids = _numpy(input_ids)
         types = np.zeros_like(ids) if token_type_ids is None else _numpy(token_type_ids)
-        logits = self.plain(input_ids=ids, attention_mask=_numpy(attention_mask), token_type_ids=types)
+        logits = self.plain(input_ids=ids, attention_mask=_numpy(attention_mask), token_type_ids=types)[0]
         return torch.from_numpy(logits)
 
     def all_off_ramp_logits(
@@ -271,6 +265,13 @@ def check_export(directory: Path, digest: str | None, precision: str) -> Manifes
         raise ExportError("exported from other weights")
     if manifest.precision != precision:
         raise ExportError(f"holds {manifest.precision} graphs, not {precision}")
+    if precision == "int8":
+        from model.onnx_export import Quantization
+
+        wanted = Quantization()
+        held = manifest.quantization or {}
+        if (held.get("ops"), held.get("per_channel")) != (wanted.ops, wanted.per_channel):
+            raise ExportError(f"quantized as {held.get('method', 'unknown')}, not {wanted.describe()}")
     if not manifest.files:
         raise ExportError("the manifest lists no graphs")
     for name, expected in manifest.files.items():

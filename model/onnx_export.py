@@ -4,25 +4,29 @@ The whole model is traced once (embeddings → layer i → off-ramp i, every hid
 logits as outputs), fused by ONNX Runtime's transformer optimizer (Attention, SkipLayerNormalization,
 BiasGelu), then cut at the layer boundaries into the graphs the loop calls:
 
-    layer_1.onnx         input_ids, token_type_ids, mask → hidden_1     (embeddings + layer 1)
-    layer_i.onnx         hidden_{i-1}, mask             → hidden_i     (i = 2..n-1)
-    layer_n.onnx         hidden_{n-1}, mask             → logits_n     (layer n + the final classifier)
-    off_ramp_i.onnx      hidden_i, attention_mask       → logits_i        (i = 1..n-1)
-    plain.onnx           input_ids, attention_mask, token_type_ids → logits_n   (a plain full forward)
+    layer_1.onnx    input_ids, token_type_ids, mask, attention_mask → hidden_1, logits_1   (embeddings + layer 1)
+    layer_i.onnx    hidden_{i-1}, mask, attention_mask               → hidden_i, logits_i   (i = 2..n-1)
+    layer_n.onnx    hidden_{n-1}, mask, attention_mask               → logits_n  (layer n + the final classifier)
+    plain.onnx      input_ids, attention_mask, token_type_ids        → logits_n  (a plain full forward)
 
 where a layer's mask is fused attention's token count per row (computed once per batch by the loop rather
-than in every layer). Cutting the fused whole (rather than exporting each piece alone) lets the optimizer
-see the patterns it knows.
+than in every layer), and logits_i are off-ramp i's, computed in the same call as the layer they follow.
+Cutting the fused whole (rather than exporting each piece alone) lets the optimizer see the patterns it knows.
 Two details make it fuse every layer: attention is traced as `softmax(QKᵀ / √d + mask)` with the classic
 additive mask `(1 − mask) · −10000` (transformers 5's eager attention multiplies by the scale, which the
 optimizer then mistakes for the mask's Mul), and mean pooling is a multiply-and-sum (as a batched matrix
-product it becomes a fourth MatMul on the layer's output, which stops attention fusion). Off-ramps are their
-own graphs: measured on the 2-core EPYC here, an off-ramp inside the layer's graph cost 80 µs at batch 1
-against 25 µs as a separate call.
+product it becomes a fourth MatMul on the layer's output, which stops attention fusion). Each off-ramp rides
+in its layer's graph: measured inside the batch-1 loop on the 2-core EPYC here (`loadtest/onnx_step_profile.py`),
+layer + off-ramp in one call took 1005 µs against 940 + 106 µs as two calls (a separate call pays ONNX
+Runtime's per-call cost and starts on a cold cache).
 
-`int8` quantizes the encoder layers' matrix products dynamically (weights int8, activations quantized per
-call); embeddings and off-ramps stay fp32 so that the exit decisions see fp32 logits. A manifest records the
-opset, versions, fusions, quantization and the parity measured against the PyTorch model.
+`int8` quantizes the encoder layers' feed-forward products dynamically (weights int8 per output channel,
+activations quantized per call); attention, embeddings and off-ramps stay fp32 so that the exit decisions see
+fp32 logits. Of the ways tried (`loadtest/int8_tries.py`, SST-2 dev), that one lost the least accuracy: full
+depth −0.11 point against −1.49 for every MatMul per-tensor, and as little as static QDQ calibration.
+Dynamic activation scales are computed per call over the whole batch, so an int8 answer can depend on the
+other rows of its batch. A manifest records the opset, versions, fusions, quantization and the parity
+measured against the PyTorch model.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ logger = logging.getLogger("deebert.onnx")
 
 OPSET = 17
 # Bump when the graphs this module writes change in a way an old cache must not be reused for.
-GRAPH_FORMAT = 4
+GRAPH_FORMAT = 5
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "int8")
 EXPORT_ATTENTION = "deebert_onnx_export"
@@ -64,12 +68,12 @@ class ExportError(RuntimeError):
 class Quantization:
     """How `int8` quantizes the encoder layers (the off-ramps and embeddings always stay fp32).
 
-    `ops`: which matrix products — `all` (attention projections and feed-forward) or `ffn` (only the two
-    feed-forward products); `per_channel`: one scale per output channel instead of per tensor.
+    `ops`: which matrix products — `ffn` (the two feed-forward products, the default) or `all` (attention
+    projections too); `per_channel`: one weight scale per output channel (default) instead of per tensor.
     """
 
-    ops: str = "all"
-    per_channel: bool = False
+    ops: str = "ffn"
+    per_channel: bool = True
 
     def describe(self) -> str:
         return f"dynamic QInt8, {self.ops} MatMuls, {'per-channel' if self.per_channel else 'per-tensor'} weights"
@@ -118,10 +122,6 @@ class Manifest:
 
 def layer_file(layer_number: int) -> str:
     return f"layer_{layer_number}.onnx"
-
-
-def off_ramp_file(layer_number: int) -> str:
-    return f"off_ramp_{layer_number}.onnx"
 
 
 PLAIN_FILE = "plain.onnx"
@@ -268,17 +268,30 @@ def _split(whole: Path, directory: Path, num_layers: int) -> str:
     def cut(inputs: list[str], outputs: list[str], name: str) -> None:
         onnx.save(extractor.extract_model(inputs, outputs), str(directory / name))
 
+    masks = [layer_mask, "attention_mask"] if layer_mask != "attention_mask" else [layer_mask]
     for i in range(1, num_layers + 1):
-        # Layer 1 starts from the token ids (the embeddings in the same call); layer n ends in the final
-        # classifier, which always runs after it: two calls fewer per batch than separate graphs.
+        # Layer 1 starts from the token ids (the embeddings in the same call); every layer ends in its
+        # off-ramp (layer n in the final classifier), which pools with the attention mask.
         inputs = ["input_ids", "token_type_ids"] if i == 1 else [f"hidden_{i - 1}"]
-        output = f"logits_{i}" if i == num_layers else f"hidden_{i}"
-        masks = [layer_mask, "attention_mask"] if i == num_layers and layer_mask != "attention_mask" else [layer_mask]
-        cut([*inputs, *masks], [output], layer_file(i))
-        if i < num_layers:
-            cut([f"hidden_{i}", "attention_mask"], [f"logits_{i}"], off_ramp_file(i))
+        outputs = [f"logits_{i}"] if i == num_layers else [f"hidden_{i}", f"logits_{i}"]
+        cut([*inputs, *masks], outputs, layer_file(i))
     cut(["input_ids", "attention_mask", "token_type_ids"], [f"logits_{num_layers}"], PLAIN_FILE)
     return layer_mask
+
+
+def export_plain_unfused(model: DeeBert, path: Path) -> None:
+    """The plain full forward (token ids → the final classifier's logits) as a standard ONNX graph without
+    ONNX Runtime's fused operators: what runtimes that read ONNX but not `com.microsoft` ops (OpenVINO) load."""
+    import onnx
+    from onnx.utils import Extractor
+
+    with tempfile.TemporaryDirectory() as scratch:
+        whole = Path(scratch) / "whole.onnx"
+        _trace(model, whole)
+        plain = Extractor(onnx.load(str(whole))).extract_model(
+            ["input_ids", "attention_mask", "token_type_ids"], [f"logits_{model.num_layers}"]
+        )
+    onnx.save(plain, str(path))
 
 
 def _ffn_matmuls(path: Path) -> list[str]:

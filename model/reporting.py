@@ -28,7 +28,7 @@ def machine_description() -> dict[str, Any]:
     with contextlib.suppress(ValueError, OSError, AttributeError):
         memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     versions: dict[str, str | None] = {}
-    for package in ("torch", "transformers", "fastapi", "uvicorn", "httpx"):
+    for package in ("torch", "transformers", "onnxruntime", "onnx", "openvino", "fastapi", "uvicorn", "httpx"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -37,6 +37,7 @@ def machine_description() -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu": cpu or None,
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "memory_gib": round(memory_gib, 1) if memory_gib else None,
@@ -45,6 +46,37 @@ def machine_description() -> dict[str, Any]:
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "accelerators": _accelerators(),
     }
+
+
+# The instruction-set extensions that decide which kernels a runtime can use (and so which runtime and
+# precision is fastest): fp32 FMA width, int8 dot products, bf16 and AMX tiles.
+SIMD_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx_vnni",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
+
+
+def cpu_flags() -> list[str]:
+    """The SIMD flags of SIMD_FLAGS that this CPU reports (Linux /proc/cpuinfo; empty elsewhere)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                return [flag for flag in SIMD_FLAGS if flag in present]
+    return []
 
 
 def _accelerators() -> list[str]:
@@ -66,8 +98,11 @@ def describe_machine(machine: dict[str, Any]) -> str:
     load_text = f"; load average at start {', '.join(f'{x:.2f}' for x in load)}" if load else ""
     accelerators = machine.get("accelerators")
     gpu_text = f", {' + '.join(accelerators)}" if accelerators else ""
+    flags = machine.get("cpu_flags")
+    flags_text = f" [SIMD: {' '.join(flags)}]" if flags else ""
     return (
-        f"{machine.get('cpu')} ({machine.get('cpus_usable')} usable of {machine.get('cpu_count')} CPUs){gpu_text}, "
+        f"{machine.get('cpu')}{flags_text} ({machine.get('cpus_usable')} usable of {machine.get('cpu_count')} CPUs)"
+        f"{gpu_text}, "
         f"{machine.get('memory_gib')} GiB, {machine.get('platform')}; Python {machine.get('python')}, "
         f"{versions}{load_text}"
     )

@@ -264,17 +264,21 @@ def test_generator_against_a_real_server(deebert_url: str, data_file: Path, tmp_
 def test_plain_baseline_answers_like_full_depth(deebert_url: str, checkpoint: Path, data_file: Path) -> None:
     texts = ["the movie was great", "this film is awful", "i think the plot was really dull", "fun"]
     ours = httpx.post(f"{deebert_url}/v1/classify", json={"texts": texts}, headers={"X-Exit-Threshold": "0"}).json()
-    port = free_port()
-    with running_server(plain_server_command(str(checkpoint), port, None), {}, port, startup_timeout=60) as url:
-        plain = httpx.post(f"{url}/v1/classify", json={"texts": texts}, headers={"X-Exit-Threshold": "fast"}).json()
-        report = run(LoadConfig(url=url, requests=5, duration=10, progress=False), Workload.from_file(data_file))
-    assert [r["label"] for r in plain["results"]] == [r["label"] for r in ours["results"]]
-    for a, b in zip(plain["results"], ours["results"], strict=True):
-        assert a["score"] == pytest.approx(b["score"], abs=1e-5)
-        assert a["exit_layer"] == b["exit_layer"] == 4
-    # The baseline has no /metrics: the generator goes on without the server-side check.
-    assert report["requests_ok"] == 5 and report["metrics_expected_saving"] is None
-    assert report["expected_saving"] == 0.0
+    for backend in ("torch", "onnxruntime"):
+        port = free_port()
+        argv = plain_server_command(str(checkpoint), port, None, backend=backend)
+        with running_server(argv, {}, port, startup_timeout=60) as url:
+            info = httpx.get(f"{url}/v1/model").json()
+            plain = httpx.post(f"{url}/v1/classify", json={"texts": texts}, headers={"X-Exit-Threshold": "fast"}).json()
+            report = run(LoadConfig(url=url, requests=5, duration=10, progress=False), Workload.from_file(data_file))
+        assert info["backend"] == backend and info["baseline"] is True
+        assert [r["label"] for r in plain["results"]] == [r["label"] for r in ours["results"]]
+        for a, b in zip(plain["results"], ours["results"], strict=True):
+            assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+            assert a["exit_layer"] == b["exit_layer"] == 4
+        # The baseline has no /metrics: the generator goes on without the server-side check.
+        assert report["requests_ok"] == 5 and report["metrics_expected_saving"] is None
+        assert report["expected_saving"] == 0.0
 
 
 def test_bench_quick_writes_markdown_json_and_plots(checkpoint: Path, data_file: Path, tmp_path: Path) -> None:
@@ -285,15 +289,28 @@ def test_bench_quick_writes_markdown_json_and_plots(checkpoint: Path, data_file:
     assert main(argv) == 0
     raw = json.loads((results / "bench.json").read_text())
     assert [r["threshold"] for r in raw["batch1"]["rows"]] == ["0", "lossless", "balanced", "fast"]
-    assert set(raw["curves"]) == {"full", "balanced"} and raw["plain"] and raw["no_compaction"]
+    assert set(raw["curves"]) == {"full", "balanced"} and raw["plain"] and raw["plain_ort"] and raw["no_compaction"]
     assert raw["plain"]["closed_loop"]["metrics_expected_saving"] is None
-    for curve in (*raw["curves"].values(), raw["plain"], raw["no_compaction"]):
+    assert raw["plain_ort_batch1"]["requests_ok"] > 0
+    for curve in (*raw["curves"].values(), raw["plain"], raw["plain_ort"], raw["no_compaction"]):
         assert curve["points"] and curve["closed_loop"]["requests_ok"] > 0
-    assert [t["status"] in {"PASS", "MISS"} for t in raw["targets"]] == [True] * 4
+    assert [t["status"] in {"PASS", "MISS"} for t in raw["targets"]] == [True] * 6
     assert raw["wrk"]["tool"] in {"wrk", "hey", None}
+    # The peer runtimes, quick: three variants in their own processes, every sentence answered.
+    peers = raw["peers"]
+    assert set(peers["variants"]) == {"torch-plain", "ort-plain", "ort-balanced"} and not peers["skipped"]
+    for variant in peers["variants"].values():
+        assert variant["batch1_mean_ms"] > 0 and variant["batched_sentences_per_s"] > 0
+        assert 0.0 <= variant["accuracy"] <= 1.0
+    # fp32 on ONNX Runtime answers as PyTorch does, alone or batched.
+    assert peers["variants"]["ort-plain"]["accuracy"] == peers["variants"]["torch-plain"]["accuracy"]
+    assert peers["variants"]["ort-plain"]["batch1_vs_batched_label_agreement"] == 1.0
+    assert peers["variants"]["ort-balanced"]["expected_saving_batched"] >= 0.0
+    assert {t["status"] for t in peers["targets"]} <= {"PASS", "MISS", "n/a"}
     text = md.read_text()
     headings = ["## Machine", "## Targets", "## 1. Batch-1 latency", "## 2. Latency vs throughput", "## 3. Baseline",
-                "## 4. Compaction vs none", "## 5. Cross-check", "deebert bench --checkpoint"]  # fmt: skip
+                "## 3b. Baseline: a plain ONNX Runtime endpoint", "## 4. Compaction vs none", "## 5. Cross-check",
+                "## 6. Peer runtimes", "deebert bench --checkpoint"]  # fmt: skip
     for heading in headings:
         assert heading in text
     for name in ("latency_throughput.png", "batch1_saving.png"):

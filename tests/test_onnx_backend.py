@@ -158,12 +158,18 @@ def test_int8_exports_and_answers(tmp_path: Path, tokenizer) -> None:  # type: i
     one_by_one = exported.all_off_ramp_logits(batch.input_ids, batch.attention_mask, batch.token_type_ids)[-1]
     plain = exported.plain_forward(batch.input_ids, batch.attention_mask, batch.token_type_ids)
     torch.testing.assert_close(plain, one_by_one, atol=1e-4, rtol=0)
-    ffn = export(model, tmp_path / "ffn", "int8", quantization=Quantization(ops="ffn", per_channel=True), threads=1)
-    assert ffn.manifest.quantization == {
+    assert exported.manifest.quantization == {
         "ops": "ffn",
         "per_channel": True,
         "method": Quantization("ffn", True).describe(),
     }
+    # Attention stays fp32 by default; `all` quantizes it too. The cache serves only the default quantization.
+    assert "QAttention" not in layer_ops and "Attention" in layer_ops
+    every = export(model, tmp_path / "all", "int8", quantization=Quantization(ops="all", per_channel=False), threads=1)
+    every_ops = {node.op_type for node in onnx.load(str(every.directory / layer_file(2))).graph.node}
+    assert "QAttention" in every_ops
+    with pytest.raises(ExportError, match="quantized as"):
+        check_export(every.directory, model_digest(model), "int8")
 
 
 def test_auto_picks_onnxruntime_on_the_cpu_and_torch_elsewhere() -> None:

@@ -1,12 +1,15 @@
 """BASELINE, not the product: the endpoint a user would write instead of deebert, for the benchmarks.
 
-A minimal FastAPI app that runs the same checkpoint's weights as a plain transformers forward pass
-(encoder + final classifier, every layer for every text: no early exit, no batching), one request at a
-time. It answers `POST /v1/classify` with the subset of deebert's shape that the load generator reads
+A minimal FastAPI app that runs the same checkpoint's weights as a plain full forward pass (encoder + final
+classifier, every layer for every text: no early exit, no batching), one request at a time: on PyTorch (the
+plain transformers endpoint, `--backend torch`) or on ONNX Runtime (`--backend onnxruntime`: the BERT-fused fp32
+graph a user would export and serve, the same plain graph deebert's ONNX Runtime backend uses at full depth).
+It answers `POST /v1/classify` with the subset of deebert's shape that the load generator reads
 (`{"texts": [...]}` -> `{"results": [{"label", "label_id", "score", "exit_layer": n}]}`), ignores
 `X-Exit-Threshold`, and has no `/metrics`.
 
     python -m loadtest.baselines.plain_server --checkpoint weights/sst2-minilm-l6 --port 8001
+    python -m loadtest.baselines.plain_server --checkpoint weights/sst2-minilm-l6 --port 8002 --backend onnxruntime
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from model.backends import ExitModel, load_backend
 from model.checkpoint import load_model
-from model.device import dtype_name, pick_device, pick_dtype, prepare
+from model.device import pick_device, pick_dtype, prepare
 from model.tokenization import load_tokenizer, pad_batch, tokenize
 
 
@@ -36,16 +40,23 @@ class ClassifyBody(BaseModel):
     text_pairs: list[str] | None = None
 
 
-def create_app(checkpoint: str, device: str = "auto", dtype: str = "auto") -> FastAPI:
+def create_app(
+    checkpoint: str, device: str = "auto", dtype: str = "auto", backend: str = "torch", threads: int | None = None
+) -> FastAPI:
     """The baseline app with the checkpoint loaded in eval mode, on the device and dtype `deebert serve` would
-    pick for the same words (auto: CUDA in float16 when available, else CPU in float32)."""
+    pick for the same words (auto: CUDA in float16 when available, else CPU in float32); with `backend`
+    onnxruntime, its plain fused fp32 graph on ONNX Runtime (exported on first use into deebert's cache)."""
     target = pick_device(device)
     prepare(target)  # the same attention kernels as `deebert serve`
-    model = load_model(checkpoint, dtype=pick_dtype(dtype, target)).to(target)
+    torch_model = load_model(checkpoint, dtype=pick_dtype(dtype, target)).to(target)
+    model: ExitModel = torch_model
+    if backend != "torch":
+        model = load_backend(torch_model, backend, "fp32", threads=threads)
     tokenizer = load_tokenizer(checkpoint)
     config = model.config
+    name = "plain ONNX Runtime baseline" if backend == "onnxruntime" else "plain baseline"
     lock = threading.Lock()
-    app = FastAPI(title="plain transformers baseline (not deebert)")
+    app = FastAPI(title=f"{name} (not deebert)")
 
     # A sync endpoint runs in FastAPI's thread pool; the lock makes it one forward at a time, as a plain
     # endpoint without a batcher is.
@@ -73,7 +84,7 @@ def create_app(checkpoint: str, device: str = "auto", dtype: str = "auto") -> Fa
                     "exit_layer": config.num_layers,
                 }
             )
-        content = {"model": f"{config.name} (plain baseline)", "num_layers": config.num_layers, "results": results}
+        content = {"model": f"{config.name} ({name})", "num_layers": config.num_layers, "results": results}
         headers = {
             "X-Compute-Time": f"{compute_ms:.3f}",
             "X-Total-Time": f"{1000 * (time.perf_counter() - started):.3f}",
@@ -83,14 +94,15 @@ def create_app(checkpoint: str, device: str = "auto", dtype: str = "auto") -> Fa
     @app.get("/v1/model")
     def model_info() -> dict[str, Any]:
         return {
-            "model": f"{config.name} (plain baseline)",
+            "model": f"{config.name} ({name})",
             "labels": config.labels,
             "num_layers": config.num_layers,
             "max_length": config.max_length,
             "presets": [],
             "baseline": True,
-            "device": str(target),
-            "dtype": dtype_name(next(model.parameters()).dtype),
+            "backend": model.backend,
+            "device": str(model.device),
+            "dtype": model.precision,
         }
 
     @app.get("/health/live")
@@ -113,11 +125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, float32 on CPU), float32, ...")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"], help="runtime (torch)")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    app = create_app(args.checkpoint, args.device, args.dtype)
+    app = create_app(args.checkpoint, args.device, args.dtype, args.backend, args.threads)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
 

@@ -1,0 +1,561 @@
+"""The peer benchmark (`deebert bench --parts peers`): deebert's exit loop against the plain runtimes a user
+would serve the same model with, on the same sentences, in one run.
+
+Variants (each in its own process, so one runtime's threads, allocator and caches never sit beside another's):
+plain PyTorch fp32, plain ONNX Runtime fp32 (the BERT-fused graph), plain ONNX Runtime int8 (dynamic QInt8),
+plain OpenVINO fp32 (the unfused ONNX graph, when openvino is installed); deebert on torch fp32 and on ONNX
+Runtime fp32 and int8, each at threshold 0 and at `balanced`.
+
+The driver starts every variant's worker, then interleaves: each round, for each chunk of the batch-1
+sentences, every variant runs that chunk in a fresh random order; then every variant (again in random order)
+runs the batch-32 pass over the whole data set (sorted by length, dynamic padding). Only one worker computes
+at a time; the others wait on their pipe. A sentence's batch-1 time is the fastest of its rounds and a
+variant's latency the mean (and median) of those; its throughput is the median over rounds of sentences per
+second; accuracy comes from the batch-32 labels, and the batch-1 labels are compared with them (int8 answers
+can depend on the batch they ran in). Times cover the model call and reading its answer (tokenizing is the
+same for every variant and left out).
+
+    python -m loadtest.peers --checkpoint weights/sst2-minilm-l6 --data ../shared/data/sst2/dev.tsv --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from model.reporting import describe_machine, machine_description, markdown_table
+
+# deebert targets against the peers (issue 15), each a ratio measured in one run.
+TARGETS = {
+    "loop_at_zero_vs_plain": 1.05,  # ORT exit loop at threshold 0 / plain ORT fp32, batch 1 (at most)
+    "balanced_vs_plain_batch1": 0.55,  # balanced on ORT fp32 / plain ORT fp32, batch 1 (at most)
+    "balanced_speedup_vs_torch": 4.0,  # plain PyTorch fp32 / balanced on ORT fp32, batch 1 (at least)
+    "balanced_throughput_vs_plain": 1.6,  # balanced ORT fp32 / plain ORT fp32 sentences/s, batch 32
+    "balanced_throughput_vs_int8": 1.15,  # balanced ORT fp32 / plain ORT int8 sentences/s, batch 32
+    "accuracy_drop_points": 0.5,  # balanced vs fp32 full depth, dev accuracy points (at most)
+    "int8_throughput_vs_plain": 2.0,  # stretch: int8 balanced / plain ORT fp32 sentences/s, batch 32
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to run the model: a runtime and precision, and either the plain forward or the exit loop."""
+
+    key: str
+    label: str
+    runtime: str  # torch | onnxruntime | openvino
+    precision: str  # fp32 | int8
+    threshold: str | None = None  # None: the plain full forward; else the exit loop at this threshold/preset
+
+
+VARIANTS = (
+    Variant("torch-plain", "plain PyTorch fp32", "torch", "fp32"),
+    Variant("ort-plain", "plain ONNX Runtime fp32 (BERT-fused graph)", "onnxruntime", "fp32"),
+    Variant("ort-int8-plain", "plain ONNX Runtime int8 (dynamic QInt8)", "onnxruntime", "int8"),
+    Variant("openvino-plain", "plain OpenVINO fp32", "openvino", "fp32"),
+    Variant("torch-zero", "deebert, torch fp32, threshold 0", "torch", "fp32", "0"),
+    Variant("torch-balanced", "deebert, torch fp32, balanced", "torch", "fp32", "balanced"),
+    Variant("ort-zero", "deebert, ONNX Runtime fp32, threshold 0", "onnxruntime", "fp32", "0"),
+    Variant("ort-balanced", "deebert, ONNX Runtime fp32, balanced", "onnxruntime", "fp32", "balanced"),
+    Variant("ort-int8-zero", "deebert, ONNX Runtime int8, threshold 0", "onnxruntime", "int8", "0"),
+    Variant("ort-int8-balanced", "deebert, ONNX Runtime int8, balanced", "onnxruntime", "int8", "balanced"),
+)
+VARIANT_KEYS = tuple(v.key for v in VARIANTS)
+
+
+@dataclass
+class PeerSettings:
+    checkpoint: str = "weights/sst2-minilm-l6"
+    data: str = "../shared/data/sst2/dev.tsv"
+    threads: int = 2
+    batch1_rows: int = 300
+    chunk: int = 50
+    batch_size: int = 32
+    rounds: int = 3
+    seed: int = 0
+    cache_dir: str | None = None
+    variants: tuple[str, ...] = VARIANT_KEYS
+    progress: bool = True
+
+
+# --- the worker: one variant in its own process ----------------------------------------------------------
+
+
+class _Runner:
+    """A variant's model, the data set tokenized once, and its answer for a padded batch."""
+
+    def __init__(self, variant: Variant, settings: PeerSettings) -> None:
+        import torch
+
+        from model.backends import load_backend
+        from model.checkpoint import load_model
+        from model.data import read_dataset
+        from model.tokenization import load_tokenizer, tokenize
+
+        torch.set_num_threads(settings.threads)
+        started = time.perf_counter()
+        model = load_model(settings.checkpoint).eval()
+        tokenizer = load_tokenizer(settings.checkpoint)
+        dataset = read_dataset(settings.data, label_names=model.config.labels)
+        if dataset.labels is None:
+            raise ValueError(f"{settings.data} has no labels")
+        self.labels = dataset.labels
+        self.encoded = tokenize(tokenizer, dataset.texts, dataset.text_pairs, model.config.max_length)
+        self.pad_id = int(tokenizer.pad_token_id or 0)
+        self.num_layers = model.config.num_layers
+        self.threshold: float | None = None
+        self.predict: Callable[[Any], tuple[list[int], list[int]]]
+        if variant.runtime == "openvino":
+            self.predict = self._openvino(model, settings.threads)
+        else:
+            backend = load_backend(model, variant.runtime, variant.precision, settings.cache_dir, settings.threads)
+            if variant.threshold is None:
+                self.predict = self._plain(backend)
+            else:
+                self.threshold, _ = backend.config.resolve_threshold(variant.threshold)
+                self.predict = self._exits(backend, self.threshold)
+        self.load_s = time.perf_counter() - started
+
+    def _plain(self, model: Any) -> Callable[[Any], tuple[list[int], list[int]]]:
+        import torch
+
+        n = self.num_layers
+
+        def predict(batch: Any) -> tuple[list[int], list[int]]:
+            with torch.inference_mode():
+                logits = model.plain_forward(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+            return logits.argmax(dim=-1).tolist(), [n] * len(batch.input_ids)
+
+        return predict
+
+    def _exits(self, model: Any, threshold: float) -> Callable[[Any], tuple[list[int], list[int]]]:
+        def predict(batch: Any) -> tuple[list[int], list[int]]:
+            rows = batch.input_ids.shape[0]
+            result = model.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, [threshold] * rows)
+            return result.label, result.exit_layer
+
+        return predict
+
+    def _openvino(self, model: Any, threads: int) -> Callable[[Any], tuple[list[int], list[int]]]:
+        import openvino
+
+        from model.onnx_export import export_plain_unfused
+
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / "plain.onnx"
+            export_plain_unfused(model, path)
+            compiled = openvino.Core().compile_model(
+                str(path),
+                "CPU",
+                {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"},
+            )
+        request = compiled.create_infer_request()
+        names = [port.get_any_name() for port in compiled.inputs]
+        n = self.num_layers
+
+        def predict(batch: Any) -> tuple[list[int], list[int]]:
+            arrays = {
+                "input_ids": batch.input_ids.numpy(),
+                "attention_mask": batch.attention_mask.numpy(),
+                "token_type_ids": batch.token_type_ids.numpy(),
+            }
+            logits = request.infer({name: arrays[name] for name in names})[compiled.outputs[0]]
+            return logits.argmax(axis=-1).tolist(), [n] * len(arrays["input_ids"])
+
+        return predict
+
+    def batch1(self, rows: Sequence[int]) -> dict[str, Any]:
+        from model.tokenization import pad_batch
+
+        times, labels, layers = [], [], []
+        for row in rows:
+            batch = pad_batch([self.encoded[row]], self.pad_id)
+            started = time.perf_counter_ns()
+            label, layer = self.predict(batch)
+            times.append(time.perf_counter_ns() - started)
+            labels += label
+            layers += layer
+        return {"ns": times, "labels": labels, "layers": layers}
+
+    def batched(self, batch_size: int) -> dict[str, Any]:
+        """Every sentence, sorted by length, in batches padded to their longest member."""
+        from model.tokenization import pad_batch
+
+        order = sorted(range(len(self.encoded)), key=lambda i: len(self.encoded[i]))
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        padded = [pad_batch([self.encoded[i] for i in rows], self.pad_id) for rows in batches]
+        labels = [0] * len(order)
+        layers = [0] * len(order)
+        started = time.perf_counter_ns()
+        for rows, batch in zip(batches, padded, strict=True):
+            label, layer = self.predict(batch)
+            for position, row in enumerate(rows):
+                labels[row], layers[row] = label[position], layer[position]
+        return {"ns": time.perf_counter_ns() - started, "labels": labels, "layers": layers}
+
+    def warm_up(self, batch_size: int) -> None:
+        self.batch1(range(min(10, len(self.encoded))))
+        self.batched(batch_size)
+
+
+def worker(variant_key: str, settings: PeerSettings) -> None:
+    """Serve one variant on stdin/stdout: one JSON command per line, one JSON answer per line."""
+    import gc
+
+    variant = next(v for v in VARIANTS if v.key == variant_key)
+    out = sys.stdout
+    sys.stdout = sys.stderr  # libraries' prints must not corrupt the protocol
+    try:
+        runner = _Runner(variant, settings)
+        runner.warm_up(settings.batch_size)
+    except Exception as err:  # reported to the driver, which records the variant as not run
+        out.write(json.dumps({"error": f"{type(err).__name__}: {err}"}) + "\n")
+        out.flush()
+        return
+    gc.collect()
+    gc.freeze()
+    out.write(json.dumps({"ready": True, "load_s": runner.load_s, "threshold": runner.threshold}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["op"] == "batch1":
+            answer = runner.batch1(command["rows"])
+        elif command["op"] == "batched":
+            answer = runner.batched(settings.batch_size)
+        else:
+            break
+        out.write(json.dumps(answer) + "\n")
+        out.flush()
+
+
+# --- the driver --------------------------------------------------------------------------------------------
+
+
+class _Worker:
+    def __init__(self, variant: Variant, settings: PeerSettings, log: Any) -> None:
+        self.variant = variant
+        argv = [
+            sys.executable,
+            "-m",
+            "loadtest.peers",
+            "--worker",
+            variant.key,
+            "--settings",
+            json.dumps(asdict(settings)),
+        ]
+        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+        self.hello = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.variant.key} exited (code {self.process.wait()})")
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def ask(self, command: dict[str, Any]) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            if self.process.stdin is not None:
+                self.process.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.process.stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@contextlib.contextmanager
+def _workers(settings: PeerSettings, log: Any) -> Iterator[tuple[list[_Worker], dict[str, str]]]:
+    """Start the variants one after another (the first ONNX Runtime one exports the graphs into the cache);
+    a variant that cannot start (openvino not installed) is reported, not fatal."""
+    started: list[_Worker] = []
+    skipped: dict[str, str] = {}
+    try:
+        for variant in VARIANTS:
+            if variant.key not in settings.variants:
+                continue
+            print(f"peers: starting {variant.key}", file=sys.stderr)
+            try:
+                worker_process = _Worker(variant, settings, log)
+            except RuntimeError as err:
+                skipped[variant.key] = str(err)
+                continue
+            if "error" in worker_process.hello:
+                skipped[variant.key] = worker_process.hello["error"]
+                worker_process.close()
+                continue
+            started.append(worker_process)
+        yield started, skipped
+    finally:
+        for worker_process in started:
+            worker_process.close()
+
+
+def _accuracy(labels: Sequence[int], gold: Sequence[int]) -> float:
+    return sum(int(a == b) for a, b in zip(labels, gold, strict=True)) / max(1, len(gold))
+
+
+def _expected_saving(layers: Sequence[int], num_layers: int) -> float:
+    from model.exit_rule import expected_saving
+
+    counts = [0] * num_layers
+    for layer in layers:
+        counts[layer - 1] += 1
+    return expected_saving(counts)
+
+
+def run_peers(settings: PeerSettings, log_path: Path | None = None) -> dict[str, Any]:
+    """Every variant, interleaved, in one run; returns per-variant numbers, ratios and targets."""
+    from model.checkpoint import resolve_directory
+    from model.config import DeeBertConfig
+    from model.data import read_dataset
+
+    config = DeeBertConfig.load(resolve_directory(settings.checkpoint))
+    gold = read_dataset(settings.data, label_names=config.labels).labels
+    assert gold is not None
+    rng = random.Random(settings.seed)
+    sample = rng.sample(range(len(gold)), min(settings.batch1_rows, len(gold)))
+    chunks = [sample[i : i + settings.chunk] for i in range(0, len(sample), settings.chunk)]
+    machine = machine_description()
+    began = time.time()
+    with contextlib.ExitStack() as stack:
+        log = stack.enter_context(
+            open(log_path, "wb") if log_path else tempfile.TemporaryFile()  # noqa: SIM115
+        )
+        workers, skipped = stack.enter_context(_workers(settings, log))
+        if not workers:
+            raise RuntimeError(f"no variant started: {skipped}")
+        per_round_ns: dict[str, list[int]] = {w.variant.key: [] for w in workers}
+        per_sentence: dict[str, list[list[int]]] = {w.variant.key: [[] for _ in sample] for w in workers}
+        batch1_labels: dict[str, list[int]] = {w.variant.key: [] for w in workers}
+        batch1_layers: dict[str, list[int]] = {w.variant.key: [] for w in workers}
+        batched_ns: dict[str, list[int]] = {w.variant.key: [] for w in workers}
+        batched: dict[str, dict[str, Any]] = {}
+        for round_number in range(settings.rounds):
+            totals = dict.fromkeys(per_round_ns, 0)
+            offset = 0
+            for chunk in chunks:
+                order = list(workers)
+                rng.shuffle(order)
+                for w in order:
+                    answer = w.ask({"op": "batch1", "rows": chunk})
+                    totals[w.variant.key] += sum(answer["ns"])
+                    for position, ns in enumerate(answer["ns"]):
+                        per_sentence[w.variant.key][offset + position].append(ns)
+                    if round_number == 0:
+                        batch1_labels[w.variant.key] += answer["labels"]
+                        batch1_layers[w.variant.key] += answer["layers"]
+                    time.sleep(0.02)  # let the last runtime's spinning threads go idle
+                offset += len(chunk)
+            for key, total in totals.items():
+                per_round_ns[key].append(total)
+            order = list(workers)
+            rng.shuffle(order)
+            for w in order:
+                answer = w.ask({"op": "batched"})
+                batched_ns[w.variant.key].append(answer["ns"])
+                batched[w.variant.key] = answer
+                time.sleep(0.02)
+            if settings.progress:
+                print(f"peers: round {round_number + 1}/{settings.rounds} done", file=sys.stderr)
+        hellos = {w.variant.key: w.hello for w in workers}
+    gold_sample = [gold[i] for i in sample]
+    variants: dict[str, Any] = {}
+    for key, rounds_ns in per_round_ns.items():
+        variant = next(v for v in VARIANTS if v.key == key)
+        full = batched[key]
+        fastest = [min(times) for times in per_sentence[key]]
+        variants[key] = {
+            **asdict(variant),
+            "threshold_value": hellos[key].get("threshold"),
+            "load_s": hellos[key].get("load_s"),
+            # A sentence's time is the fastest of its rounds (slower runs measure interruptions, as timeit
+            # advises); the mean over sentences is the headline, as `deebert evaluate` reports it.
+            "batch1_mean_ms": statistics.fmean(fastest) / 1e6,
+            "batch1_p50_ms": statistics.median(fastest) / 1e6,
+            "batch1_rounds_mean_ms": [ns / len(sample) / 1e6 for ns in rounds_ns],
+            "batched_sentences_per_s": len(gold) / (statistics.median(batched_ns[key]) / 1e9),
+            "batched_rounds_s": [ns / 1e9 for ns in batched_ns[key]],
+            "accuracy": _accuracy(full["labels"], gold),
+            "batch1_accuracy": _accuracy(batch1_labels[key], gold_sample),
+            "batch1_vs_batched_label_agreement": _accuracy(batch1_labels[key], [full["labels"][i] for i in sample]),
+            "expected_saving_batched": _expected_saving(full["layers"], config.num_layers),
+            "expected_saving_batch1": _expected_saving(batch1_layers[key], config.num_layers),
+        }
+    results: dict[str, Any] = {
+        "command": command_line(settings),
+        "settings": {**asdict(settings), "variants": list(settings.variants)},
+        "machine": machine,
+        "samples": {"batch1": len(sample), "batched": len(gold)},
+        "elapsed_s": time.time() - began,
+        "variants": variants,
+        "skipped": skipped,
+    }
+    results["targets"] = peer_targets(variants)
+    return results
+
+
+def command_line(settings: PeerSettings) -> str:
+    words = ["python", "-m", "loadtest.peers", "--checkpoint", settings.checkpoint, "--data", settings.data]
+    words += ["--threads", str(settings.threads), "--batch1-rows", str(settings.batch1_rows)]
+    words += ["--rounds", str(settings.rounds), "--seed", str(settings.seed)]
+    return " ".join(words)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def peer_targets(variants: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 15's targets from one run's numbers (n/a where a variant did not run)."""
+    from loadtest.bench import _target
+
+    def get(key: str, field_name: str) -> float | None:
+        value = variants.get(key, {}).get(field_name)
+        return float(value) if value is not None else None
+
+    balanced_acc, full_acc = get("ort-balanced", "accuracy"), get("ort-zero", "accuracy")
+    int8_acc = get("ort-int8-balanced", "accuracy")
+    drop = (full_acc - balanced_acc) * 100 if balanced_acc is not None and full_acc is not None else None
+    int8_drop = (full_acc - int8_acc) * 100 if int8_acc is not None and full_acc is not None else None
+    missing = "a variant it compares did not run"
+    t = TARGETS
+    return [
+        _target("ORT exit loop at threshold 0 / plain ORT fp32, batch-1 ms",
+                _ratio(get("ort-zero", "batch1_mean_ms"), get("ort-plain", "batch1_mean_ms")),
+                t["loop_at_zero_vs_plain"], False, "x", missing),
+        _target("balanced on ORT fp32 / plain ORT fp32, batch-1 ms",
+                _ratio(get("ort-balanced", "batch1_mean_ms"), get("ort-plain", "batch1_mean_ms")),
+                t["balanced_vs_plain_batch1"], False, "x", missing),
+        _target("plain PyTorch fp32 / balanced on ORT fp32, batch-1 ms (speed-up)",
+                _ratio(get("torch-plain", "batch1_mean_ms"), get("ort-balanced", "batch1_mean_ms")),
+                t["balanced_speedup_vs_torch"], True, "x", missing),
+        _target("balanced on ORT fp32 / plain ORT fp32, batch-32 sentences/s",
+                _ratio(get("ort-balanced", "batched_sentences_per_s"), get("ort-plain", "batched_sentences_per_s")),
+                t["balanced_throughput_vs_plain"], True, "x", missing),
+        _target("balanced on ORT fp32 / plain ORT int8, batch-32 sentences/s",
+                _ratio(get("ort-balanced", "batched_sentences_per_s"),
+                       get("ort-int8-plain", "batched_sentences_per_s")),
+                t["balanced_throughput_vs_int8"], True, "x", missing),
+        _target("accuracy drop, balanced on ORT fp32 vs fp32 full depth",
+                drop, t["accuracy_drop_points"], False, " points", missing),
+        _target("stretch: accuracy drop, int8 balanced vs fp32 full depth",
+                int8_drop, t["accuracy_drop_points"], False, " points", missing),
+        _target("stretch: int8 balanced / plain ORT fp32, batch-32 sentences/s",
+                _ratio(get("ort-int8-balanced", "batched_sentences_per_s"),
+                       get("ort-plain", "batched_sentences_per_s")),
+                t["int8_throughput_vs_plain"], True, "x", missing),
+    ]  # fmt: skip
+
+
+def markdown_section(results: dict[str, Any], heading: str = "## Peer runtimes, in process") -> list[str]:
+    """BENCHMARKS.md's section for a peers run: machine, command, the table, targets."""
+    variants = results["variants"]
+    s = results["settings"]
+    rows = []
+    for key in VARIANT_KEYS:
+        if key not in variants:
+            continue
+        v = variants[key]
+        threshold = "-" if v["threshold"] is None else f"{v['threshold']} ({v['threshold_value']:.3g})"
+        rows.append(
+            [
+                v["label"],
+                threshold,
+                f"{v['batch1_mean_ms']:.2f}",
+                f"{v['batch1_p50_ms']:.2f}",
+                f"{v['batched_sentences_per_s']:.0f}",
+                f"{100 * v['accuracy']:.2f}",
+                f"{100 * v['batch1_vs_batched_label_agreement']:.1f}",
+                f"{100 * v['expected_saving_batched']:.1f}%",
+            ]
+        )
+    header = ["variant", "threshold", "batch-1 mean ms", "batch-1 p50 ms", f"batch-{s['batch_size']} sentences/s",
+              "dev accuracy %", "batch-1 = batched labels %", "expected saving"]  # fmt: skip
+    out = [
+        heading,
+        "",
+        f"{describe_machine(results['machine'])}. {s['threads']} threads per variant.",
+        "",
+        f"`{results['command']}` (or `deebert bench --parts peers`), {results['elapsed_s']:.0f} s. Every variant "
+        f"in its own process, interleaved: {s['rounds']} rounds of {results['samples']['batch1']} random dev "
+        f"sentences one at a time (chunks of {s['chunk']}, variants in random order per chunk), then all "
+        f"{results['samples']['batched']} sorted by length in batches of {s['batch_size']} (dynamic padding). "
+        "Batch-1: per sentence the fastest of its rounds, then mean and median over sentences; batched: median "
+        "over rounds. Model call only (tokenizing is left out, the same for all). Accuracy from the "
+        "batched pass.",
+        "",
+        *markdown_table(header, rows),
+        "",
+    ]
+    for key, why in results.get("skipped", {}).items():
+        out.append(f"- `{key}` not run: {why}")
+    if results.get("skipped"):
+        out.append("")
+    out += markdown_table(
+        ["target", "result", "numbers"], [[t["name"], t["status"], t["detail"]] for t in results["targets"]]
+    )
+    return [*out, ""]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    d = PeerSettings()
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", default=d.checkpoint)
+    parser.add_argument("--data", default=d.data)
+    parser.add_argument("--threads", type=int, default=d.threads)
+    parser.add_argument("--batch1-rows", type=int, default=d.batch1_rows)
+    parser.add_argument("--rounds", type=int, default=d.rounds)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--variants", default=",".join(VARIANT_KEYS), help="comma-separated subset")
+    parser.add_argument("--output", default="loadtest/results/peers/peers.json")
+    args = parser.parse_args(argv)
+    if args.worker:
+        stored = json.loads(args.settings)
+        stored["variants"] = tuple(stored["variants"])
+        worker(args.worker, PeerSettings(**stored))
+        return 0
+    chosen = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    unknown = sorted(set(chosen) - set(VARIANT_KEYS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANT_KEYS)}")
+    settings = PeerSettings(
+        checkpoint=args.checkpoint,
+        data=args.data,
+        threads=args.threads,
+        batch1_rows=args.batch1_rows,
+        rounds=args.rounds,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+        variants=chosen,
+    )
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    results = run_peers(settings, log_path=output.with_suffix(".log"))
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print("\n".join(markdown_section(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
