@@ -6,9 +6,10 @@
 Every try keeps the embeddings and every off-ramp in fp32 (the exit decisions read fp32 logits) and quantizes
 the encoder layers' matrix products to int8:
 
-- dynamic, all MatMuls + attention, per-tensor weights (`deebert export --precision int8`, the default);
-- dynamic, per-channel weights (`--per-channel`);
-- dynamic, only the two feed-forward products (`--quantize ffn`), per-tensor and per-channel;
+- dynamic, all MatMuls + attention, per-tensor weights (`deebert export --precision int8 --quantize all
+  --weight-scales per-tensor`) and per-channel;
+- dynamic, only the two feed-forward products, per-tensor and per-channel (the default of
+  `deebert export --precision int8` and `DEEBERT_PRECISION=int8`);
 - static (QDQ, activations' ranges calibrated on training sentences run through the fp32 layers), the
   MatMuls outside fused attention, per-channel weights.
 
@@ -40,10 +41,10 @@ from model.reporting import describe_machine, machine_description, markdown_tabl
 from model.tokenization import Encoded, load_tokenizer, pad_batch, tokenize
 
 DYNAMIC_TRIES = {
-    "dynamic, all MatMuls, per-tensor (default)": Quantization("all", False),
+    "dynamic, all MatMuls, per-tensor": Quantization("all", False),
     "dynamic, all MatMuls, per-channel": Quantization("all", True),
     "dynamic, feed-forward only, per-tensor": Quantization("ffn", False),
-    "dynamic, feed-forward only, per-channel": Quantization("ffn", True),
+    "dynamic, feed-forward only, per-channel (default)": Quantization("ffn", True),
 }
 STATIC_TRY = "static QDQ (calibrated on training sentences), MatMuls, per-channel"
 
