@@ -35,8 +35,8 @@ from model.calibrate import calibrate
 from model.checkpoint import load_model
 from model.data import read_dataset
 from model.evaluate import all_layer_outputs, per_layer_accuracy
-from model.onnx_backend import OnnxDeeBert, export
-from model.onnx_export import Manifest, Quantization, export_graphs, layer_file
+from model.onnx_backend import OnnxDeeBert, export, pool_weights
+from model.onnx_export import POOL_WEIGHTS, Manifest, Quantization, export_graphs, layer_file
 from model.reporting import describe_machine, machine_description, markdown_table
 from model.tokenization import Encoded, load_tokenizer, pad_batch, tokenize
 
@@ -67,7 +67,11 @@ def _static(model: Any, fp32_directory: Path, directory: Path, calibration: Sequ
         for item in calibration:
             batch = pad_batch([item], pad_id)
             mask = batch.attention_mask.numpy()
-            common = {"attention_mask": mask, manifest.layer_mask_input: mask.sum(axis=1, dtype=np.int32)}
+            common = {
+                "attention_mask": mask,
+                manifest.layer_mask_input: mask.sum(axis=1, dtype=np.int32),
+                POOL_WEIGHTS: pool_weights(mask),
+            }
             hidden = model.embed(batch.input_ids, batch.token_type_ids)
             bias = model.attention_bias(hidden, batch.attention_mask)
             for index, layer in enumerate(model.layers):

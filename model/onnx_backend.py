@@ -31,6 +31,7 @@ from model.early_exit import EarlyExitModel
 from model.onnx_export import (
     GRAPH_FORMAT,
     PLAIN_FILE,
+    POOL_WEIGHTS,
     ExportError,
     Manifest,
     file_digest,
@@ -102,6 +103,7 @@ class _OrtState:
 
     attention_mask: np.ndarray
     layer_mask: np.ndarray
+    pool_weights: np.ndarray
     input_ids: np.ndarray | None = None
     token_type_ids: np.ndarray | None = None
     hidden: np.ndarray | None = None
@@ -162,7 +164,7 @@ class OnnxDeeBert(EarlyExitModel):
         ids = _numpy(input_ids)
         types = np.zeros_like(ids) if token_type_ids is None else _numpy(token_type_ids)
         mask = _numpy(attention_mask)
-        return _OrtState(mask, self._layer_mask(mask), input_ids=ids, token_type_ids=types)
+        return _OrtState(mask, self._layer_mask(mask), pool_weights(mask), input_ids=ids, token_type_ids=types)
 
     def run_layer(self, state: _OrtState, layer_number: int) -> _OrtState:
         layer = self.layers[layer_number - 1]
@@ -174,7 +176,7 @@ class OnnxDeeBert(EarlyExitModel):
         else:
             assert state.hidden is not None
             feeds = {self._hidden_inputs[layer_number - 1]: state.hidden}
-        feeds["attention_mask"] = state.attention_mask  # the off-ramp pools with it
+        feeds[POOL_WEIGHTS] = state.pool_weights  # the off-ramp's mean pooling (unused pooling the first token)
         feeds[self.manifest.layer_mask_input] = state.layer_mask
         outputs = layer(**feeds)
         state.hidden = outputs[0] if layer_number < self.num_layers else None
@@ -200,7 +202,12 @@ class OnnxDeeBert(EarlyExitModel):
         longest = int(attention_mask.sum(axis=1).max())
         # One indexing step: a new C-contiguous array, as ONNX Runtime reads it without a copy.
         attention_mask = np.ascontiguousarray(attention_mask[:, :longest])
-        return _OrtState(attention_mask, self._layer_mask(attention_mask), hidden=state.hidden[rows, :longest])
+        return _OrtState(
+            attention_mask,
+            self._layer_mask(attention_mask),
+            pool_weights(attention_mask),
+            hidden=state.hidden[rows, :longest],
+        )
 
     def _layer_mask(self, attention_mask: np.ndarray) -> np.ndarray:
         """What the layer graphs take as their mask (see `Manifest.layer_mask_input`)."""
@@ -232,6 +239,13 @@ class OnnxDeeBert(EarlyExitModel):
             state = self.run_layer(state, layer_number)
             logits.append(self.off_ramp_logits(state, layer_number))
         return torch.stack(logits)
+
+
+def pool_weights(attention_mask: np.ndarray) -> np.ndarray:
+    """Mean pooling's per-token weights, [rows, tokens, 1] float32: the mask over each row's number of real
+    tokens, as the traced model computes them (the layer graphs take them as `POOL_WEIGHTS`)."""
+    weights = attention_mask[:, :, None].astype(np.float32)
+    return weights / np.maximum(weights.sum(axis=1, keepdims=True), np.float32(1.0))
 
 
 def _numpy(tensor: torch.Tensor | np.ndarray) -> np.ndarray:

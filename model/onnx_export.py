@@ -4,13 +4,15 @@ The whole model is traced once (embeddings → layer i → off-ramp i, every hid
 logits as outputs), fused by ONNX Runtime's transformer optimizer (Attention, SkipLayerNormalization,
 BiasGelu), then cut at the layer boundaries into the graphs the loop calls:
 
-    layer_1.onnx    input_ids, token_type_ids, mask, attention_mask → hidden_1, logits_1   (embeddings + layer 1)
-    layer_i.onnx    hidden_{i-1}, mask, attention_mask               → hidden_i, logits_i   (i = 2..n-1)
-    layer_n.onnx    hidden_{n-1}, mask, attention_mask               → logits_n  (layer n + the final classifier)
-    plain.onnx      input_ids, attention_mask, token_type_ids        → logits_n  (a plain full forward)
+    layer_1.onnx    input_ids, token_type_ids, mask, pool_weights → hidden_1, logits_1   (embeddings + layer 1)
+    layer_i.onnx    hidden_{i-1}, mask, pool_weights               → hidden_i, logits_i   (i = 2..n-1)
+    layer_n.onnx    hidden_{n-1}, mask, pool_weights               → logits_n  (layer n + the final classifier)
+    plain.onnx      input_ids, attention_mask, token_type_ids      → logits_n  (a plain full forward)
 
-where a layer's mask is fused attention's token count per row (computed once per batch by the loop rather
-than in every layer), and logits_i are off-ramp i's, computed in the same call as the layer they follow.
+where a layer's mask is fused attention's token count per row and pool_weights mean pooling's per-token
+weights (both computed once per batch by the loop rather than in every layer; no pool_weights when the
+off-ramps pool the first token), and logits_i are off-ramp i's, computed in the same call as the layer they
+follow.
 Cutting the fused whole (rather than exporting each piece alone) lets the optimizer see the patterns it knows.
 Two details make it fuse every layer: attention is traced as `softmax(QKᵀ / √d + mask)` with the classic
 additive mask `(1 − mask) · −10000` (transformers 5's eager attention multiplies by the scale, which the
@@ -54,10 +56,12 @@ logger = logging.getLogger("deebert.onnx")
 
 OPSET = 17
 # Bump when the graphs this module writes change in a way an old cache must not be reused for.
-GRAPH_FORMAT = 5
+GRAPH_FORMAT = 6
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "int8")
 EXPORT_ATTENTION = "deebert_onnx_export"
+# Mean pooling's per-token weights, [batch, tokens, 1]: mask / (number of real tokens) (see `pool_weights`).
+POOL_WEIGHTS = "pool_weights"
 
 
 class ExportError(RuntimeError):
@@ -186,7 +190,10 @@ class _Traced(nn.Module):
             features = torch.tanh(ramp.dense(pooled))  # type: ignore[operator]
             hidden_states.append(hidden)
             logits.append(ramp.classifier(features))  # type: ignore[operator]
-        return (*hidden_states, *logits)
+        # Mean pooling's weights as an output of their own: the step graphs take them as an input, computed
+        # once per batch by the loop (`pool_weights`) instead of five small operators in every layer's call.
+        pooling = () if model.config.pooling == "first" else (weights,)
+        return (*hidden_states, *logits, *pooling)
 
 
 def _trace(model: DeeBert, path: Path) -> None:
@@ -198,8 +205,10 @@ def _trace(model: DeeBert, path: Path) -> None:
     n = model.num_layers
     hidden_names = [f"hidden_{i}" for i in range(n + 1)]
     logit_names = [f"logits_{i}" for i in range(1, n + 1)]
+    pool_names = [] if model.config.pooling == "first" else [POOL_WEIGHTS]
     input_names = ["input_ids", "attention_mask", "token_type_ids"]
     dynamic_axes: dict[str, dict[int, str]] = {name: {0: "batch", 1: "sequence"} for name in input_names}
+    dynamic_axes |= {name: {0: "batch", 1: "sequence"} for name in pool_names}
     dynamic_axes |= {name: {0: "batch", 1: "sequence"} for name in hidden_names}
     dynamic_axes |= {name: {0: "batch"} for name in logit_names}
     input_ids = torch.full((2, 7), 5, dtype=torch.long)
@@ -214,7 +223,7 @@ def _trace(model: DeeBert, path: Path) -> None:
             dynamo=False,
             opset_version=OPSET,
             input_names=input_names,
-            output_names=hidden_names + logit_names,
+            output_names=hidden_names + logit_names + pool_names,
             dynamic_axes=dynamic_axes,
         )
 
@@ -268,10 +277,12 @@ def _split(whole: Path, directory: Path, num_layers: int) -> str:
     def cut(inputs: list[str], outputs: list[str], name: str) -> None:
         onnx.save(extractor.extract_model(inputs, outputs), str(directory / name))
 
-    masks = [layer_mask, "attention_mask"] if layer_mask != "attention_mask" else [layer_mask]
+    # The off-ramps pool with the mean-pooling weights (or, pooling the first token, need no mask).
+    pooling = [POOL_WEIGHTS] if any(o.name == POOL_WEIGHTS for o in model.graph.output) else []
+    masks = [layer_mask, *pooling]
     for i in range(1, num_layers + 1):
         # Layer 1 starts from the token ids (the embeddings in the same call); every layer ends in its
-        # off-ramp (layer n in the final classifier), which pools with the attention mask.
+        # off-ramp (layer n in the final classifier).
         inputs = ["input_ids", "token_type_ids"] if i == 1 else [f"hidden_{i - 1}"]
         outputs = [f"logits_{i}"] if i == num_layers else [f"hidden_{i}", f"logits_{i}"]
         cut([*inputs, *masks], outputs, layer_file(i))
