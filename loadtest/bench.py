@@ -809,6 +809,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         "",
         f"- {m['platform']} ({m['machine']}), CPU: {m['cpu'] or 'unknown'}, {m['cpu_count']} logical CPUs "
         f"({m['cpus_usable']} usable), {m['memory_gib']} GiB memory",
+        f"- SIMD: {' '.join(m.get('cpu_flags') or []) or 'not reported'} (the instruction sets that decide which "
+        "kernels, runtime and precision are fastest here)",
         f"- Python {m['python']}; {versions}",
         f"- model: {model.get('model', '-')} ({model.get('num_layers', '-')} layers) on {model.get('device', '-')}, "
         f"{model.get('dtype', '-')}; data: `{s['data']}`",
