@@ -126,30 +126,6 @@ def _threshold_value(value: str, part: str) -> str:
     return value
 
 
-def exit_counts(exit_layers: Iterable[int], num_layers: int) -> list[int]:
-    """N_i for i = 1..n: how many texts left at each layer."""
-    counts = [0] * num_layers
-    for layer in exit_layers:
-        if not 1 <= layer <= num_layers:
-            raise ValueError(f"exit layer {layer} is outside 1..{num_layers}")
-        counts[layer - 1] += 1
-    return counts
-
-
-def expected_saving_from_counts(counts: Sequence[int]) -> float | None:
-    """The paper's expected saving 1 - Σ i·N_i / (n·Σ N_i); None when no text was counted."""
-    total = sum(counts)
-    if total == 0:
-        return None
-    executed = sum(layer * count for layer, count in enumerate(counts, start=1))
-    return 1.0 - executed / (len(counts) * total)
-
-
-def expected_saving(exit_layers: Iterable[int], num_layers: int) -> float | None:
-    """Expected saving of a set of exit layers (1..n) on an n-layer model; None for no layers."""
-    return expected_saving_from_counts(exit_counts(exit_layers, num_layers))
-
-
 def poisson_schedule(
     rate: float, rng: random.Random, count: int | None = None, duration: float | None = None
 ) -> list[float]:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from model.reporting import describe_machine, machine_description, markdown_table
+from model.saving import expected_saving
 
 # deebert targets against the peers (issue 15), each a ratio measured in one run.
 TARGETS = {
@@ -312,15 +313,6 @@ def _accuracy(labels: Sequence[int], gold: Sequence[int]) -> float:
     return sum(int(a == b) for a, b in zip(labels, gold, strict=True)) / max(1, len(gold))
 
 
-def _expected_saving(layers: Sequence[int], num_layers: int) -> float:
-    from model.exit_rule import expected_saving
-
-    counts = [0] * num_layers
-    for layer in layers:
-        counts[layer - 1] += 1
-    return expected_saving(counts)
-
-
 def run_peers(settings: PeerSettings, log_path: Path | None = None) -> dict[str, Any]:
     """Every variant, interleaved, in one run; returns per-variant numbers, ratios and targets."""
     from model.checkpoint import resolve_directory
@@ -396,8 +388,8 @@ def run_peers(settings: PeerSettings, log_path: Path | None = None) -> dict[str,
             "accuracy": _accuracy(full["labels"], gold),
             "batch1_accuracy": _accuracy(batch1_labels[key], gold_sample),
             "batch1_vs_batched_label_agreement": _accuracy(batch1_labels[key], [full["labels"][i] for i in sample]),
-            "expected_saving_batched": _expected_saving(full["layers"], config.num_layers),
-            "expected_saving_batch1": _expected_saving(batch1_layers[key], config.num_layers),
+            "expected_saving_batched": expected_saving(full["layers"], config.num_layers),
+            "expected_saving_batch1": expected_saving(batch1_layers[key], config.num_layers),
         }
     results: dict[str, Any] = {
         "command": command_line(settings),

@@ -15,10 +15,10 @@ from loadtest.generator import (
     RequestRecord,
     RunResult,
     Sample,
-    expected_saving_from_counts,
     metric_total,
     percentile,
 )
+from model.saving import exit_counts, expected_saving_from_counts, saving_from_totals
 
 
 def latency_summary(seconds: Sequence[float]) -> dict[str, float | None]:
@@ -69,17 +69,12 @@ def metrics_saving(before: list[Sample] | None, after: list[Sample] | None) -> d
     assert executed_after is not None and possible_after is not None
     executed, possible = executed_after - executed_before, possible_after - possible_before
     result["layers_executed"], result["layers_possible"] = executed, possible
-    if possible > 0:
-        result["expected_saving"] = 1.0 - executed / possible
+    result["expected_saving"] = saving_from_totals(executed, possible)
     return result
 
 
 def _counts(records: Sequence[RequestRecord], num_layers: int) -> list[int]:
-    counts = [0] * num_layers
-    for record in records:
-        for layer in record.exit_layers:
-            counts[layer - 1] += 1
-    return counts
+    return exit_counts((layer for record in records for layer in record.exit_layers), num_layers)
 
 
 def _arrival_rate(result: RunResult) -> float | None:

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 
 from model.config import Preset
-from model.evaluate import simulate
 from model.exit_rule import DEFAULT_CRITERION, ExitCriterion, get_criterion
+from model.sweep import simulate
 
 # name → the most accuracy (as a fraction) it may lose against full depth on the dev set.
 PRESET_TOLERANCES: dict[str, float] = {"lossless": 0.001, "balanced": 0.005, "fast": 0.02}

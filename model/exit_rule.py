@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from model.saving import expected_saving_from_counts
+
 # Per-row state a criterion carries from layer to layer ([..., rows] in the last dimension), or None.
 State = torch.Tensor | None
 # The same for one row as Python values (`ExitCriterion.leaves`), or None.
@@ -311,10 +313,5 @@ def get_criterion(name: str) -> ExitCriterion:
 
 
 def expected_saving(exit_counts: Sequence[int]) -> float:
-    """The paper's expected saving 1 - Σ i·N_i / (n·Σ N_i), with N_i the samples that left at layer i of n."""
-    num_layers = len(exit_counts)
-    total = sum(exit_counts)
-    if total == 0 or num_layers == 0:
-        return 0.0
-    layers_run = sum(layer * count for layer, count in enumerate(exit_counts, start=1))
-    return 1.0 - layers_run / (num_layers * total)
+    """The paper's expected saving of exit counts N₁..Nₙ (`model.saving`); 0 when nothing was counted."""
+    return expected_saving_from_counts(exit_counts) or 0.0

@@ -29,8 +29,6 @@ from loadtest.generator import (
     RequestRecord,
     RunResult,
     Workload,
-    exit_counts,
-    expected_saving,
     metric_total,
     parse_metrics,
     parse_threshold_mix,
@@ -39,6 +37,7 @@ from loadtest.generator import (
     run,
 )
 from loadtest.report import build_report, format_report, metrics_saving
+from model.saving import exit_counts, expected_saving
 from tests.helpers import sentiment_rows, tiny_model, write_tsv
 
 # --- pure pieces ---------------------------------------------------------------------------------------

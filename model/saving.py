@@ -1,0 +1,36 @@
+"""The paper's expected saving, written once: 1 − Σᵢ i·Nᵢ / (n·Σᵢ Nᵢ), with Nᵢ the samples that left at layer
+i of n. Pure Python (no torch), so the load generator, the server's metrics, evaluation and the benchmarks all
+count it the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+
+def exit_counts(exit_layers: Iterable[int], num_layers: int) -> list[int]:
+    """Nᵢ for i = 1..n: how many samples left at each layer (layers numbered 1..n)."""
+    counts = [0] * num_layers
+    for layer in exit_layers:
+        if not 1 <= layer <= num_layers:
+            raise ValueError(f"exit layer {layer} is outside 1..{num_layers}")
+        counts[layer - 1] += 1
+    return counts
+
+
+def saving_from_totals(layers_executed: float, layers_possible: float) -> float | None:
+    """1 − layers run / layers a full-depth pass would run (Σᵢ i·Nᵢ and n·Σᵢ Nᵢ); None when nothing ran."""
+    if layers_possible <= 0:
+        return None
+    return 1.0 - layers_executed / layers_possible
+
+
+def expected_saving_from_counts(counts: Sequence[int]) -> float | None:
+    """The expected saving of exit counts N₁..Nₙ; None when no sample was counted."""
+    executed = sum(layer * count for layer, count in enumerate(counts, start=1))
+    return saving_from_totals(executed, len(counts) * sum(counts))
+
+
+def expected_saving(exit_layers: Iterable[int], num_layers: int) -> float | None:
+    """The expected saving of a set of exit layers (1..n) on an n-layer model; None for no layers."""
+    return expected_saving_from_counts(exit_counts(exit_layers, num_layers))

@@ -1,0 +1,82 @@
+"""Threshold sweeps over precomputed off-ramp outputs: accuracy, expected saving and exit counts per
+threshold through the shared exit rule (`model.exit_rule`), and the oracle bound. Calibration and evaluation
+both build on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from model import exit_rule
+
+
+def binary_f1(predicted: torch.Tensor, target: torch.Tensor) -> float | None:
+    """F1 of label 1 (GLUE's MRPC/QQP score) for two-class tasks; None for more classes."""
+    if int(max(predicted.max(), target.max())) > 1:
+        return None
+    true_positive = int(((predicted == 1) & (target == 1)).sum())
+    predicted_positive, actual_positive = int((predicted == 1).sum()), int((target == 1).sum())
+    if predicted_positive + actual_positive == 0:
+        return 0.0
+    return 2 * true_positive / (predicted_positive + actual_positive)
+
+
+def exit_counts(exit_layers: torch.Tensor, num_layers: int) -> list[int]:
+    """N_i: samples that left at layer i, for i = 1..n (input: 0-based layers)."""
+    return torch.bincount(exit_layers.reshape(-1), minlength=num_layers).tolist()  # type: ignore[no-any-return]
+
+
+@dataclass
+class SweepPoint:
+    threshold: float
+    accuracy: float
+    expected_saving: float
+    exit_counts: list[int]
+    measured_saving: float | None = None
+    f1: float | None = None
+
+
+def simulate(
+    probabilities: torch.Tensor,
+    entropies: torch.Tensor,
+    labels: Sequence[int],
+    thresholds: Sequence[float],
+    criterion: exit_rule.ExitCriterion | None = None,
+) -> list[SweepPoint]:
+    """Accuracy, expected saving and exit counts for each threshold, via the shared exit rule
+    (default: DeeBERT's entropy criterion)."""
+    rule = criterion or exit_rule.get_criterion(exit_rule.DEFAULT_CRITERION)
+    num_layers = entropies.shape[0]
+    target = torch.tensor(labels)
+    predictions = probabilities.argmax(-1)  # [layers, samples]
+    sweep = torch.tensor(thresholds, dtype=torch.float32).unsqueeze(-1)
+    layers = rule.first_exit_layers(probabilities, entropies, sweep)
+    points = []
+    for row, threshold in enumerate(thresholds):
+        exit_layer = layers[row]
+        predicted = predictions.gather(0, exit_layer.unsqueeze(0)).squeeze(0)
+        counts = exit_counts(exit_layer, num_layers)
+        points.append(
+            SweepPoint(
+                threshold=float(threshold),
+                accuracy=float((predicted == target).float().mean()),
+                expected_saving=exit_rule.expected_saving(counts),
+                exit_counts=counts,
+                f1=binary_f1(predicted, target) if probabilities.shape[-1] == 2 else None,
+            )
+        )
+    return points
+
+
+def oracle(probabilities: torch.Tensor, labels: Sequence[int]) -> dict[str, float]:
+    """Exit at the first layer whose off-ramp is right (the last when none is): the limit of any exit rule."""
+    num_layers = probabilities.shape[0]
+    correct = probabilities.argmax(-1) == torch.tensor(labels).unsqueeze(0)
+    any_correct = correct.any(dim=0)
+    first_correct = correct.to(torch.int8).argmax(dim=0)
+    exit_layer = torch.where(any_correct, first_correct, torch.full_like(first_correct, num_layers - 1))
+    counts = exit_counts(exit_layer, num_layers)
+    return {"accuracy": float(any_correct.float().mean()), "expected_saving": exit_rule.expected_saving(counts)}
