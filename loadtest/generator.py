@@ -25,12 +25,19 @@ import random
 import re
 import sys
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import httpx
+
+from loadtest.records import (
+    RequestRecord,
+    RunResult,
+    Sample,
+    parse_metrics,
+)
+from loadtest.report import build_report, format_report, write_json
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 CLASSIFY_PATH = "/v1/classify"
@@ -38,29 +45,12 @@ METRICS_PATH = "/metrics"
 MODEL_PATH = "/v1/model"
 THRESHOLD_HEADER = "X-Exit-Threshold"
 DEFAULT_MAX_IN_FLIGHT = 2000
-DROPPED = "dropped_by_client"
-EXECUTED_COUNTER = "deebert_layers_executed_total"
-POSSIBLE_COUNTER = "deebert_layers_possible_total"
 
 _PRESET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
-_SAMPLE_LINE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{.*\})?\s+(\S+)(?:\s+\S+)?$")
 _CAMEL_BOUNDARY = re.compile(r"(?<!^)(?=[A-Z])")
 
 
 # --- pure pieces ---------------------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100), interpolating linearly between closest ranks (numpy's default)."""
-    if not values:
-        raise ValueError("percentile of no values")
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile must be within 0..100, got {q}")
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 @dataclass(frozen=True)
@@ -144,41 +134,6 @@ def poisson_schedule(
     return offsets
 
 
-@dataclass(frozen=True)
-class Sample:
-    """One series of a Prometheus text page."""
-
-    name: str
-    labels: dict[str, str]
-    value: float
-
-
-def parse_metrics(text: str) -> list[Sample]:
-    """Samples of a Prometheus text-format page; comments and lines that are not samples are skipped."""
-    samples = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        match = _SAMPLE_LINE.match(line)
-        if match is None:
-            continue
-        name, label_text, value_text = match.groups()
-        try:
-            value = float(value_text)
-        except ValueError:
-            continue
-        labels = dict(re.findall(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"', label_text or ""))
-        samples.append(Sample(name, labels, value))
-    return samples
-
-
-def metric_total(samples: Iterable[Sample], name: str) -> float | None:
-    """Sum of every series named `name` (over all label sets); None when the page has none."""
-    values = [s.value for s in samples if s.name == name]
-    return sum(values) if values else None
-
-
 def error_key(err: BaseException) -> str:
     """An exception as an error-count key: httpx.ConnectError -> 'connect_error', ReadTimeout -> 'read_timeout'."""
     return _CAMEL_BOUNDARY.sub("_", type(err).__name__).lower()
@@ -260,43 +215,6 @@ class LoadConfig:
             parse_threshold_mix(self.threshold)
         if self.http_client not in ("httpx", "raw"):
             raise ValueError(f"--http-client must be httpx or raw, got {self.http_client!r}")
-
-
-@dataclass
-class RequestRecord:
-    """What one request did, as the report needs it."""
-
-    status: str
-    latency_s: float
-    texts: int
-    threshold: str | None
-    exit_layers: list[int] = field(default_factory=list)
-    num_layers: int | None = None
-    total_ms: float | None = None
-    compute_ms: float | None = None
-    queue_ms: float | None = None
-    error_detail: str | None = None
-    sent_at: float | None = None  # perf_counter() of the (scheduled) send: per-window statistics of long runs
-    retry_after: str | None = None  # the Retry-After header of a refusal
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "200"
-
-
-@dataclass
-class RunResult:
-    """Raw outcome of a run: the records plus what the report computes from."""
-
-    config: LoadConfig
-    records: list[RequestRecord]
-    duration_s: float
-    dropped: int
-    max_schedule_lag_s: float
-    schedule_span_s: float
-    metrics_before: list[Sample] | None
-    metrics_after: list[Sample] | None
-    model_info: dict[str, Any] | None
 
 
 class PostResponse(Protocol):
@@ -503,8 +421,6 @@ async def run_load(config: LoadConfig, workload: Workload) -> RunResult:
 
 def run(config: LoadConfig, workload: Workload) -> dict[str, Any]:
     """Run the load (blocking) and return the report dictionary (see `loadtest.report.build_report`)."""
-    from loadtest.report import build_report
-
     return build_report(asyncio.run(run_load(config, workload)))
 
 
@@ -581,8 +497,6 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run `deebert loadtest`: print the table, write the JSON; exit 1 when no request succeeded."""
-    from loadtest.report import format_report, write_json
-
     config = config_from_args(args)
     try:
         config.validate()

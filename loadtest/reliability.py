@@ -47,18 +47,8 @@ from loadtest.bench import (
     free_port,
     server_process,
 )
-from loadtest.generator import (
-    CLASSIFY_PATH,
-    THRESHOLD_HEADER,
-    LoadConfig,
-    RequestRecord,
-    Workload,
-    metric_total,
-    parse_metrics,
-    percentile,
-    run,
-    run_load,
-)
+from loadtest.generator import CLASSIFY_PATH, THRESHOLD_HEADER, LoadConfig, Workload, run, run_load
+from loadtest.records import RequestRecord, metric_total, parse_metrics, percentile
 from model.reporting import describe_machine, machine_description, markdown_table
 
 Mode = Literal["overload", "soak"]

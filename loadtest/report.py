@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtest.generator import (
+from loadtest.records import (
     DROPPED,
     EXECUTED_COUNTER,
     POSSIBLE_COUNTER,

@@ -23,19 +23,8 @@ from loadtest.bench import (
     running_server,
     saturated_throughput,
 )
-from loadtest.generator import (
-    DROPPED,
-    LoadConfig,
-    RequestRecord,
-    RunResult,
-    Workload,
-    metric_total,
-    parse_metrics,
-    parse_threshold_mix,
-    percentile,
-    poisson_schedule,
-    run,
-)
+from loadtest.generator import LoadConfig, Workload, parse_threshold_mix, poisson_schedule, run
+from loadtest.records import DROPPED, RequestRecord, RunResult, metric_total, parse_metrics, percentile
 from loadtest.report import build_report, format_report, metrics_saving
 from model.saving import exit_counts, expected_saving
 from tests.helpers import sentiment_rows, tiny_model, write_tsv
