@@ -6,6 +6,7 @@ final classifier. Layers are numbered 1..n in everything this module returns.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -126,7 +127,10 @@ class _TorchSteps:
     def start(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
     ) -> _TorchState:
-        hidden = self.model.embed(input_ids, token_type_ids)
+        return self._state(self.model.embed(input_ids, token_type_ids), attention_mask)
+
+    def _state(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> _TorchState:
+        """The rows' hidden states with the attention bias and pooling weights their mask implies."""
         return _TorchState(
             hidden=hidden,
             attention_mask=attention_mask,
@@ -152,14 +156,7 @@ class _TorchSteps:
     def keep_rows(self, state: _TorchState, keep_index: torch.Tensor) -> _TorchState:
         attention_mask = state.attention_mask[keep_index]
         longest = int(attention_mask.sum(dim=1).max())
-        attention_mask = attention_mask[:, :longest]
-        hidden = state.hidden[keep_index, :longest]
-        return _TorchState(
-            hidden=hidden,
-            attention_mask=attention_mask,
-            mask=self.model.attention_bias(hidden, attention_mask),
-            pool_weights=self.model.pool_weights(attention_mask, hidden.dtype),
-        )
+        return self._state(state.hidden[keep_index, :longest], attention_mask[:, :longest])
 
 
 class DeeBert(nn.Module, EarlyExitModel):
@@ -217,12 +214,8 @@ class DeeBert(nn.Module, EarlyExitModel):
         only_final: bool = False,
     ) -> torch.Tensor:
         """Logits of every off-ramp, [layers, batch, labels] (or [1, batch, labels] with `only_final`)."""
-        hidden = self.embed(input_ids, token_type_ids)
-        mask = self.attention_bias(hidden, attention_mask)
-        pool_weights = self.pool_weights(attention_mask, hidden.dtype)
         logits = []
-        for index, layer in enumerate(self.layers):
-            hidden = layer(hidden, mask)
+        for index, (hidden, pool_weights) in enumerate(self.layer_outputs(input_ids, attention_mask, token_type_ids)):
             if not only_final or index == self.num_layers - 1:
                 logits.append(self.off_ramps[index](hidden, pool_weights))
         return torch.stack(logits)
@@ -234,14 +227,21 @@ class DeeBert(nn.Module, EarlyExitModel):
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Each layer's pooled output, [layers, batch, hidden]: the off-ramps' inputs (stage-2 cache)."""
+        outputs = self.layer_outputs(input_ids, attention_mask, token_type_ids)
+        ramps = [cast(OffRamp, ramp) for ramp in self.off_ramps]
+        return torch.stack([ramp.pool(hidden, weights) for ramp, (hidden, weights) in zip(ramps, outputs, strict=True)])
+
+    def layer_outputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Each encoder layer's output in turn, with the batch's mean-pooling weights: the embed → mask →
+        layer loop of training and feature caching, written once (serving steps through `_TorchSteps`)."""
         hidden = self.embed(input_ids, token_type_ids)
         mask = self.attention_bias(hidden, attention_mask)
         pool_weights = self.pool_weights(attention_mask, hidden.dtype)
-        pooled = []
-        for index, layer in enumerate(self.layers):
+        for layer in self.layers:
             hidden = layer(hidden, mask)
-            pooled.append(cast(OffRamp, self.off_ramps[index]).pool(hidden, pool_weights))
-        return torch.stack(pooled)
+            yield hidden, pool_weights
 
     def plain_forward(
         self,
