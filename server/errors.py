@@ -67,7 +67,7 @@ class ErrorResponse(BaseModel):
 
 
 class DeeBertError(Exception):
-    """An error a request ends with; raised anywhere below the routes, rendered in `app.py`."""
+    """An error a request ends with; raised anywhere below the routes, rendered in `error_handlers.py`."""
 
     def __init__(self, error_type: ErrorType, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
