@@ -44,13 +44,25 @@ def validation_error(request: Request, exc: RequestValidationError) -> DeeBertEr
     if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") == "missing" for e in errors):
         return DeeBertError(ErrorType.EMPTY_INPUT, 'request body is empty; send a JSON object such as {"text": "..."}')
     if any("threshold" in map(str, e.get("loc", ())) for e in errors):
-        return DeeBertError(ErrorType.INVALID_THRESHOLD, "threshold must be a number >= 0 or a preset name")
+        return DeeBertError(ErrorType.INVALID_THRESHOLD, _threshold_rule(request))
     parts = []
     for e in errors[:3]:
         location = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
         parts.append(f"{location}: {e.get('msg', 'invalid')}")
     more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
     return DeeBertError(ErrorType.VALIDATION, "; ".join(parts) + more)
+
+
+def _threshold_rule(request: Request) -> str:
+    """What a threshold must be, in the terms of the served checkpoint's exit criterion (once it is loaded)."""
+    engine = request.app.state.deebert.engine
+    if engine is None:
+        return "threshold must be a number or a preset name"
+    criterion = engine.config.criterion
+    return (
+        f"threshold must be a preset name or a number: this model's exit criterion is {criterion.name}, "
+        f"{criterion.meaning}"
+    )
 
 
 def _is_json(content_type: str) -> bool:
