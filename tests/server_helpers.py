@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from transformers import BertTokenizerFast
 
 from model.config import Preset
 from model.tokenization import load_tokenizer
 from server.app import create_app
 from server.engine import Engine
 from server.settings import ServerSettings
-from tests.helpers import tiny_model
+from tests.helpers import SPECIAL, WORDS, tiny_model
 
 PRESETS = [Preset("lossless", 0.05, 1.0, 0.1), Preset("balanced", 0.2, 0.9, 0.3), Preset("fast", 0.5, 0.8, 0.6)]
 
@@ -46,3 +48,11 @@ async def serving(app: FastAPI, wait_ready: bool = True) -> AsyncIterator[httpx.
 
 def make_app(engine: Engine, **overrides: Any) -> FastAPI:
     return create_app(settings(**overrides), engine)
+
+
+def write_word_vocab(directory: Path) -> Path:
+    """A tokenizer directory whose vocabulary holds every word of `tests.helpers.WORDS`, one id each (so that
+    which words a truncation keeps is visible in the ids)."""
+    vocab = {word: i for i, word in enumerate(SPECIAL + sorted(set(WORDS)))}
+    BertTokenizerFast(vocab=vocab, do_lower_case=True).save_pretrained(str(directory))
+    return directory
