@@ -18,7 +18,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # POSTs to these paths run the model: they count in deebert_inflight_requests (what the autoscaler reads).
-INFERENCE_PATHS = frozenset({"/v1/classify", "/predict"})
+INFERENCE_PATHS = frozenset({"/v1/classify", "/predict", "/", "/invocations"})
 
 
 class ServingMiddleware:

@@ -18,6 +18,7 @@ from typing import Any
 
 from fastapi import Request
 
+from model.tokenization import TruncationSide
 from server.batcher import Batcher, RowAnswer
 from server.engine import Engine, RowOutcome, Threshold
 from server.errors import DeeBertError, ErrorType
@@ -39,6 +40,7 @@ class Job:
     body_threshold: float | int | str | None = None
     header_threshold: str | None = None
     truncate: bool = True
+    truncation_side: TruncationSide | None = None  # None: the tokenizer's own (right)
 
     @property
     def characters(self) -> int:
@@ -128,9 +130,9 @@ async def submit(
     tokenizing = time.perf_counter()
     if job.characters > OFF_LOOP_TOKENIZE_CHARS:
         # Long inputs take the tokenizer (which releases the GIL) hundreds of ms: not on the event loop.
-        encoded = await asyncio.to_thread(engine.encode, job.texts, job.pairs, job.truncate)
+        encoded = await asyncio.to_thread(engine.encode, job.texts, job.pairs, job.truncate, job.truncation_side)
     else:
-        encoded = engine.encode(job.texts, job.pairs, job.truncate)
+        encoded = engine.encode(job.texts, job.pairs, job.truncate, job.truncation_side)
     tokenization_s = time.perf_counter() - tokenizing
     degraded = None
     if state.brownout is not None:
