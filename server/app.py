@@ -2,8 +2,8 @@
 
 Data flows one way: HTTP → schemas → batcher → engine → model, and answers come back up the same way.
 Where the rest lives: the routes in `server/routes/` (one module per group) over the one request pipeline
-(`pipeline`); what they share in `state`; errors → responses in `error_handlers`; body limit and request
-metrics in `middleware`; duplicate-key-free JSON in `strict_json`.
+(`pipeline`); what they share in `state`; errors → responses in `error_handlers`; body limit, request
+metrics and the last-resort 500 in `middleware`; duplicate-key-free JSON in `strict_json`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from server.engine import Engine
 from server.error_handlers import install_error_handlers
 from server.errors import ErrorType, openapi_errors
 from server.memory import release_freed_memory
-from server.middleware import ServingMiddleware
+from server.middleware import ServingMiddleware, UnexpectedErrorMiddleware
 from server.routes import classify, health, model_info, tei
 from server.settings import ServerSettings
 from server.state import ServerState
@@ -42,7 +42,9 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
     app.router.route_class = StrictJsonRoute
     app.state.deebert = state
     install_error_handlers(app)
+    # add_middleware wraps what is there: the last added is the outermost.
     app.add_middleware(ServingMiddleware, state=state)  # type: ignore[arg-type]
+    app.add_middleware(UnexpectedErrorMiddleware)  # type: ignore[arg-type]
     for group in (classify, tei, model_info, health):
         # The routes themselves rather than `include_router`: recent FastAPI includes a router lazily, matched
         # through one more layer on every request, and `app.routes` would no longer list the paths.

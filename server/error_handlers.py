@@ -1,12 +1,12 @@
 """Errors → HTTP responses, the one place: every failure becomes `{"error", "error_type"}` with the enum's status.
 
 `DeeBertError` carries its `ErrorType`; FastAPI's own failures (validation, 404, 405, unparsable bodies) are
-translated into the same enum here, and so is any exception nothing else handled (500 `internal`).
+translated into the same enum here. Unexpected exceptions are answered by `middleware.UnexpectedErrorMiddleware`
+with `error_response` too.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,8 +16,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.errors import DeeBertError, ErrorType
 from server.strict_json import DuplicateKeyError
-
-logger = logging.getLogger("deebert.server")
 
 
 def error_response(err: DeeBertError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -71,7 +69,7 @@ def _is_json(content_type: str) -> bool:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Render our errors, FastAPI's validation and HTTP errors, and unexpected exceptions through `error_response`."""
+    """Render our errors, FastAPI's validation errors and Starlette's HTTP errors through `error_response`."""
 
     @app.exception_handler(DeeBertError)
     async def _deebert(_: Request, exc: DeeBertError) -> JSONResponse:
@@ -95,8 +93,3 @@ def install_error_handlers(app: FastAPI) -> None:
             )
         kind = ErrorType.INTERNAL if exc.status_code >= 500 else ErrorType.VALIDATION
         return JSONResponse(DeeBertError(kind, str(exc.detail)).body(), status_code=exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unexpected error on %s", request.url.path)
-        return error_response(DeeBertError(ErrorType.INTERNAL, "internal error; the server logged the details"))

@@ -1,8 +1,12 @@
-"""Pure ASGI middleware: the body-size limit and request metrics."""
+"""Pure ASGI middleware: the body-size limit and request metrics, and the last-resort 500.
+
+Order in `create_app` (outermost first): `UnexpectedErrorMiddleware` → `ServingMiddleware` → FastAPI's routing.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -10,6 +14,8 @@ from typing import Any
 from server.error_handlers import error_response
 from server.errors import DeeBertError, ErrorType
 from server.state import ServerState
+
+logger = logging.getLogger("deebert.server")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -33,7 +39,7 @@ class ServingMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
+        status = 500  # what an exception escaping the app becomes (UnexpectedErrorMiddleware answers it)
         metrics = self.state.metrics
         inference = scope["method"] == "POST" and scope.get("path", "") in INFERENCE_PATHS
         if inference and metrics is not None:
@@ -98,3 +104,38 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
+
+
+class UnexpectedErrorMiddleware:
+    """Answers an exception no handler took with a 500 `internal` error, and keeps the connection.
+
+    Starlette's own last resort (ServerErrorMiddleware) sends its 500 and then re-raises, and uvicorn closes
+    a connection whose application raised: the client's next request on that keep-alive connection (a
+    pooled client's, a load balancer's) would fail although nothing was wrong with it. Here the exception
+    ends with the response. Only when the response had already started is it re-raised: a half-sent
+    response cannot be completed, so closing the connection is then the honest end.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        response_started = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception:
+            if response_started:
+                raise
+            logger.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+            internal = DeeBertError(ErrorType.INTERNAL, "internal error; the server logged the details")
+            await error_response(internal)(scope, receive, send)
