@@ -178,15 +178,19 @@ class Engine:
         truncate: bool,
         truncation_side: TruncationSide | None = None,
     ) -> list[Encoded]:
-        """Tokenize a request's texts; with `truncate=False` a text over the max length is a 422.
+        """Tokenize a request's texts; with `truncate=False` a text over the max length is a 422, and a text the
+        tokenizer refuses is a 422 `invalid_text` (the decoders already refuse lone surrogates, the known case).
         `truncation_side`: which end of a long text is cut ("left" or "right"; None: the tokenizer's own)."""
-        encoded = tokenize(
-            self.tokenizer,  # type: ignore[arg-type]
-            texts,
-            text_pairs,
-            self.max_length,
-            truncation_side,
-        )
+        try:
+            encoded = tokenize(
+                self.tokenizer,  # type: ignore[arg-type]
+                texts,
+                text_pairs,
+                self.max_length,
+                truncation_side,
+            )
+        except (TypeError, ValueError) as err:  # texts and pairs are lists of str here: the content was refused
+            raise DeeBertError(ErrorType.INVALID_TEXT, f"the tokenizer cannot encode this input: {err}") from None
         if not truncate:
             for index, item in enumerate(encoded):
                 if item.truncated:

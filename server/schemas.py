@@ -236,12 +236,13 @@ class HealthStatus(BaseModel):
 
 
 def check_texts(texts: list[str], pairs: list[str] | None) -> tuple[list[str], list[str] | None]:
-    """Non-empty texts, and exactly one pair per text when pairs are given."""
+    """Non-empty, valid Unicode texts, and exactly one pair per text when pairs are given."""
     if not texts:
         raise DeeBertError(ErrorType.EMPTY_INPUT, "'texts' is empty; send at least one text")
     for index, text in enumerate(texts):
         if not text.strip():
             raise DeeBertError(ErrorType.EMPTY_INPUT, f"text {index} is empty")
+        check_unicode(text, f"text {index}")
     if pairs is not None:
         if len(pairs) != len(texts):
             raise DeeBertError(
@@ -250,4 +251,23 @@ def check_texts(texts: list[str], pairs: list[str] | None) -> tuple[list[str], l
         for index, pair in enumerate(pairs):
             if not pair.strip():
                 raise DeeBertError(ErrorType.EMPTY_INPUT, f"text pair {index} is empty")
+            check_unicode(pair, f"text pair {index}")
     return texts, pairs
+
+
+def check_unicode(text: str, name: str) -> None:
+    """422 `invalid_text` for a string that is not valid Unicode text.
+
+    JSON's `\\u` escapes can spell a lone UTF-16 surrogate (`"\\ud800"`): valid JSON, but no character, and
+    neither UTF-8 nor the tokenizer can encode it."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DeeBertError(
+            ErrorType.INVALID_TEXT,
+            f"{name} is not valid Unicode: character {err.start} is a lone surrogate "
+            f"(\\u{ord(text[err.start]):04x}), half of a UTF-16 pair; send the whole pair (such as "
+            "\\ud83d\\ude00) or the character itself",
+        ) from None

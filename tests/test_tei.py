@@ -146,6 +146,14 @@ BAD_TEI_REQUESTS: list[tuple[str, dict[str, Any], int, str]] = [
     ("truncate not bool", {"json": {"inputs": "good", "truncate": "yes"}}, 422, "validation"),
     ("raw_scores not bool", {"json": {"inputs": "good", "raw_scores": 1}}, 422, "validation"),
     ("too many inputs", {"json": {"inputs": [["good"]] * 9}}, 413, "too_many_texts"),
+    ("lone surrogate", {"content": b'{"inputs": "\\ud800"}', "headers": JSON}, 422, "invalid_text"),
+    (
+        "lone surrogate in a batch",
+        {"content": b'{"inputs": [["a"], ["\\udc00"]]}', "headers": JSON},
+        422,
+        "invalid_text",
+    ),
+    ("surrogate as utf-8 bytes", {"content": b'{"inputs": ["\xed\xb0\x80"]}', "headers": JSON}, 422, "invalid_text"),
     (
         "duplicate key",
         {"content": b'{"inputs": "a", "truncate": true, "truncate": false}', "headers": JSON},

@@ -74,6 +74,7 @@ INFERENCE_ERRORS = openapi_errors(
     ErrorType.UNSUPPORTED_MEDIA_TYPE,
     ErrorType.VALIDATION,
     ErrorType.EMPTY_INPUT,
+    ErrorType.INVALID_TEXT,
     ErrorType.INPUT_TOO_LONG,
     ErrorType.INVALID_THRESHOLD,
     ErrorType.UNKNOWN_PRESET,
