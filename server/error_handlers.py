@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.errors import DeeBertError, ErrorType
@@ -63,6 +64,17 @@ def _threshold_rule(request: Request) -> str:
     )
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at the request's path. Starlette's own `Allow` names only the first
+    route that matched the path, and `/` has two: POST (TEI's predict) and GET (TEI's health)."""
+    path = request.scope["path"]
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, APIRoute) and route.path_regex.match(path):
+            methods.update(route.methods or ())
+    return ", ".join(sorted(methods))
+
+
 def _is_json(content_type: str) -> bool:
     main = content_type.split(";")[0].strip().lower()
     return main == "application/json" or (main.startswith("application/") and main.endswith("+json"))
@@ -85,7 +97,7 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(DeeBertError(ErrorType.NOT_FOUND, f"no route {request.url.path}"))
         if exc.status_code == 405:
             error = DeeBertError(ErrorType.METHOD_NOT_ALLOWED, f"{request.method} is not allowed on {request.url.path}")
-            return error_response(error, headers=dict(exc.headers or {}))  # Allow: the methods that are
+            return error_response(error, headers={"Allow": _allowed_methods(request)})
         if exc.status_code == 400:
             # FastAPI's own 400: a body that is not UTF-8, or JSON nested too deeply to parse.
             return error_response(

@@ -293,6 +293,16 @@ async def test_health_routes_are_503_until_ready_and_while_draining(tokenizer_di
     assert [r.json()["error_type"] for r in draining] == ["shutting_down"] * 3
 
 
+async def test_method_not_allowed_names_every_method_of_the_path(engine: Engine) -> None:
+    async with serving(make_app(engine)) as client:
+        root = await client.put("/", json={"inputs": "good"})
+        predict = await client.get("/predict")
+    # `/` has a route per method (TEI's predict and health): Allow lists both, as RFC 9110 asks.
+    assert root.status_code == 405 and root.headers["Allow"] == "GET, POST"
+    assert root.json()["error_type"] == "method_not_allowed"
+    assert predict.status_code == 405 and predict.headers["Allow"] == "POST"
+
+
 async def test_the_api_key_guards_tei_inference_but_not_its_health(engine: Engine) -> None:
     async with serving(make_app(engine, api_key="s3cret")) as client:
         refused = [await client.post(path, json={"inputs": "good"}) for path in ("/", "/predict", "/invocations")]
