@@ -6,9 +6,13 @@ text is encoded the same way everywhere.
 
 from __future__ import annotations
 
+import copy
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -49,13 +53,21 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+TruncationSide = Literal["left", "right"]
+
+
 def tokenize(
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     text_pairs: Sequence[str] | None,
     max_length: int,
+    truncation_side: TruncationSide | None = None,
 ) -> list[Encoded]:
-    """Encode texts (and pairs), truncating to `max_length` tokens; keeps each untruncated length."""
+    """Encode texts (and pairs), truncating to `max_length` tokens; keeps each untruncated length.
+
+    `truncation_side` "right" drops tokens from the end of a text, "left" from its start (the special tokens
+    stay, and a pair is shortened longest first either way); None keeps the tokenizer's own side (right for
+    every checkpoint this project trains)."""
     if text_pairs is not None and len(text_pairs) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(text_pairs)} text pairs")
     pairs = list(text_pairs) if text_pairs is not None else None
@@ -66,7 +78,7 @@ def tokenize(
             Encoded(ids, types, length)
             for ids, types, length in zip(full["input_ids"], full["token_type_ids"], lengths, strict=True)
         ]
-    cut = tokenizer(
+    cut = _truncating_on(tokenizer, truncation_side or tokenizer.truncation_side)(
         list(texts),
         pairs,
         add_special_tokens=True,
@@ -78,6 +90,26 @@ def tokenize(
         Encoded(ids, types, length)
         for ids, types, length in zip(cut["input_ids"], cut["token_type_ids"], lengths, strict=True)
     ]
+
+
+_other_side: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, PreTrainedTokenizerBase] = weakref.WeakKeyDictionary()
+_other_side_lock = threading.Lock()
+
+
+def _truncating_on(tokenizer: PreTrainedTokenizerBase, side: str) -> PreTrainedTokenizerBase:
+    """`tokenizer` itself when it truncates on `side`; otherwise its copy that does, made once.
+
+    The side is the tokenizer's own state, read at each call, and the server tokenizes on two threads (long
+    inputs off the event loop), so it is never flipped per call."""
+    if tokenizer.truncation_side == side:
+        return tokenizer
+    with _other_side_lock:
+        other = _other_side.get(tokenizer)
+        if other is None:
+            other = copy.deepcopy(tokenizer)
+            other.truncation_side = side
+            _other_side[tokenizer] = other
+    return other
 
 
 def pad_batch(items: Sequence[Encoded], pad_token_id: int) -> Batch:

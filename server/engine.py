@@ -18,7 +18,7 @@ from model.config import ConfigError, UnknownPresetError
 from model.device import DeviceError, pick_device, pick_dtype, prepare
 from model.modeling import DeeBert
 from model.onnx_export import ExportError
-from model.tokenization import Encoded, load_tokenizer, pad_batch, tokenize
+from model.tokenization import Encoded, TruncationSide, load_tokenizer, pad_batch, tokenize
 from server.errors import DeeBertError, ErrorType
 from server.settings import ServerSettings
 
@@ -171,9 +171,26 @@ class Engine:
             raise DeeBertError(ErrorType.INVALID_THRESHOLD, f"{source}: {err}") from None
         return Threshold(number, preset)
 
-    def encode(self, texts: Sequence[str], text_pairs: Sequence[str] | None, truncate: bool) -> list[Encoded]:
-        """Tokenize a request's texts; with `truncate=False` a text over the max length is a 422."""
-        encoded = tokenize(self.tokenizer, texts, text_pairs, self.max_length)  # type: ignore[arg-type]
+    def encode(
+        self,
+        texts: Sequence[str],
+        text_pairs: Sequence[str] | None,
+        truncate: bool,
+        truncation_side: TruncationSide | None = None,
+    ) -> list[Encoded]:
+        """Tokenize a request's texts; with `truncate=False` a text over the max length is a 422, and a text the
+        tokenizer refuses is a 422 `invalid_text` (the decoders already refuse lone surrogates, the known case).
+        `truncation_side`: which end of a long text is cut ("left" or "right"; None: the tokenizer's own)."""
+        try:
+            encoded = tokenize(
+                self.tokenizer,  # type: ignore[arg-type]
+                texts,
+                text_pairs,
+                self.max_length,
+                truncation_side,
+            )
+        except (TypeError, ValueError) as err:  # texts and pairs are lists of str here: the content was refused
+            raise DeeBertError(ErrorType.INVALID_TEXT, f"the tokenizer cannot encode this input: {err}") from None
         if not truncate:
             for index, item in enumerate(encoded):
                 if item.truncated:

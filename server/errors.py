@@ -16,6 +16,7 @@ class ErrorType(StrEnum):
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     VALIDATION = "validation"
     EMPTY_INPUT = "empty_input"
+    INVALID_TEXT = "invalid_text"
     TOO_MANY_TEXTS = "too_many_texts"
     INPUT_TOO_LONG = "input_too_long"
     INVALID_THRESHOLD = "invalid_threshold"
@@ -42,6 +43,8 @@ STATUS: dict[ErrorType, int] = {
     ErrorType.UNSUPPORTED_MEDIA_TYPE: HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
     ErrorType.VALIDATION: HTTPStatus.UNPROCESSABLE_ENTITY,
     ErrorType.EMPTY_INPUT: HTTPStatus.UNPROCESSABLE_ENTITY,
+    # Valid JSON that is not valid text: a \u escape decoding to half of a UTF-16 surrogate pair.
+    ErrorType.INVALID_TEXT: HTTPStatus.UNPROCESSABLE_ENTITY,
     ErrorType.TOO_MANY_TEXTS: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     ErrorType.INPUT_TOO_LONG: HTTPStatus.UNPROCESSABLE_ENTITY,
     ErrorType.INVALID_THRESHOLD: HTTPStatus.UNPROCESSABLE_ENTITY,
@@ -67,7 +70,7 @@ class ErrorResponse(BaseModel):
 
 
 class DeeBertError(Exception):
-    """An error a request ends with; raised anywhere below the routes, rendered in `app.py`."""
+    """An error a request ends with; raised anywhere below the routes, rendered in `error_handlers.py`."""
 
     def __init__(self, error_type: ErrorType, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -80,7 +83,16 @@ class DeeBertError(Exception):
         return self.error_type.status
 
     def body(self) -> dict[str, str]:
-        return {"error": self.message, "error_type": self.error_type.value}
+        """The JSON body; a lone surrogate echoed from the request is written as its `\\uXXXX` escape, since it
+        cannot be encoded as UTF-8 (rendering the error would otherwise fail with a 500)."""
+        return {"error": printable(self.message), "error_type": self.error_type.value}
+
+
+def printable(text: str) -> str:
+    """`text` with every lone surrogate replaced by its backslash escape, so that it encodes as UTF-8."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def openapi_errors(*types: ErrorType) -> dict[int | str, dict[str, object]]:

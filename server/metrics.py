@@ -129,12 +129,22 @@ class Metrics:
         self._possible = 0
 
     def record_request(self, route: str, status: int, seconds: float | None) -> None:
+        """One HTTP request answered: its route template, status and duration."""
         self.requests.labels(route=route, status=str(status)).inc()
         if seconds is not None:
             self.request_duration.labels(route=route).observe(seconds)
 
+    def record_inflight(self, change: int) -> None:
+        """An inference request started (+1) or ended (-1)."""
+        self.inflight.inc(change)
+
     def record_batch(self, size: int) -> None:
+        """One forward batch of `size` texts started."""
         self.batch_size.observe(size)
+
+    def record_queue_depth(self, depth: int) -> None:
+        """Texts waiting for a batch, now."""
+        self.queue_depth.set(depth)
 
     def record_exit(self, exit_layer: int, entropy: float, threshold: float, queue_s: float, compute_s: float) -> None:
         """One text answered: its exit layer, entropy, threshold and timings."""
@@ -154,9 +164,18 @@ class Metrics:
         """One request answered at the brownout threshold."""
         self.degraded.inc()
 
+    def record_brownout(self, active: bool) -> None:
+        """Brownout turned on or off."""
+        self.brownout_active.set(int(active))
+
+    def record_shadow_dropped(self) -> None:
+        """One shadow sample dropped because the shadow queue was full."""
+        self.shadow_dropped.inc()
+
     def record_agreement(self, agree: bool) -> None:
         """One shadow-sampled text: did its early-exit label equal the full-depth label?"""
         self.exit_agreement.labels(agree="true" if agree else "false").inc()
 
     def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)  # type: ignore[no-any-return]

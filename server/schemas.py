@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, cast
+from typing import Annotated, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
@@ -73,45 +73,137 @@ class ClassifyResponse(BaseModel):
     results: list[ClassifyResult]
 
 
-class PredictRequest(BaseModel):
-    """Body of `POST /predict`, as in text-embeddings-inference."""
+class TextClassificationParameters(BaseModel):
+    """`parameters` of the Hugging Face Inference API's text classification, which huggingface_hub's
+    `InferenceClient.text_classification` sends along (TEI ignores them; see the README's TEI table)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    inputs: StrictStr | list[StrictStr] | list[list[StrictStr]] = Field(
-        description="a text, a list of texts, or a list of [text, text_pair]"
+    function_to_apply: Literal["softmax", "none", "sigmoid"] | None = Field(
+        None, description='"softmax" (the default): probabilities; "none": log-probabilities, as `raw_scores`'
     )
-    truncate: StrictBool = True
-    raw_scores: StrictBool = Field(False, description="accepted for compatibility; scores are probabilities")
+    top_k: StrictInt | None = Field(None, ge=1, description="only the k highest-scoring labels")
+
+
+class PredictRequest(BaseModel):
+    """Body of `POST /predict` (and `POST /`, `POST /invocations`), as text-embeddings-inference takes it."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"inputs": "a gripping, beautifully acted film"},
+                {"inputs": [["great fun"], ["a dull, lifeless mess"]], "raw_scores": True},
+            ]
+        },
+    )
+
+    inputs: StrictStr | list[StrictStr] | list[list[StrictStr]] = Field(
+        description="a text; a pair [text, text_pair]; or a batch [[text], [text, text_pair], ...]"
+    )
+    truncate: StrictBool | None = Field(
+        None, description="truncate texts over the max length instead of a 422; null: the server's default (true)"
+    )
+    truncation_direction: Literal["left", "right", "Left", "Right"] = Field(
+        "right", description="which end of a long text is cut"
+    )
+    raw_scores: StrictBool = Field(
+        False, description="log-probabilities (the logits up to a constant) instead of probabilities"
+    )
+    parameters: TextClassificationParameters | None = None
 
     def normalized(self, pair_model: bool) -> tuple[list[str], list[str] | None, bool]:
-        """(texts, pairs, batched). A two-string list is one pair on a pair model, as TEI reads it."""
+        """(texts, pairs, batched), reading `inputs` as text-embeddings-inference does: a string, or a list of
+        one or two strings, is one input (a text, or a pair); a list of lists is a batch. A flat list of three
+        or more strings is read as a batch of texts (TEI refuses it). 422 when the inputs do not fit the model."""
         value = self.inputs
-        texts: list[str]
-        pairs: list[str] | None = None
-        batched = True
+        entries: list[list[str]]
         if isinstance(value, str):
-            texts, batched = [value], False
+            entries, batched = [[value]], False
         elif all(isinstance(v, str) for v in value):
             flat = cast(list[str], value)
-            if pair_model and len(flat) == 2:
-                texts, pairs, batched = [flat[0]], [flat[1]], False
-            else:
-                texts = list(flat)
+            entries, batched = ([flat], False) if 1 <= len(flat) <= 2 else ([[text] for text in flat], True)
         else:
-            entries = cast(list[list[str]], value)
-            if any(isinstance(v, str) or len(v) != 2 for v in entries):
+            entries, batched = cast(list[list[str]], value), True
+        if not entries:
+            raise DeeBertError(ErrorType.EMPTY_INPUT, "'inputs' is empty; send a text, a pair or a batch")
+        for index, entry in enumerate(entries):
+            if len(entry) not in (1, 2):
                 raise DeeBertError(
-                    ErrorType.VALIDATION, "each entry of 'inputs' must be a text or a [text, text_pair] list"
+                    ErrorType.VALIDATION,
+                    f"entry {index} of 'inputs' has {len(entry)} strings; each is [text] or [text, text_pair]",
                 )
-            texts, pairs = [v[0] for v in entries], [v[1] for v in entries]
-        checked_texts, checked_pairs = check_texts(texts, pairs)
-        return checked_texts, checked_pairs, batched
+        if pair_model:
+            if any(len(entry) == 1 for entry in entries):
+                raise DeeBertError(
+                    ErrorType.VALIDATION,
+                    "this model classifies sentence pairs: send 'inputs' as [text, text_pair], "
+                    "or a batch [[text, text_pair], ...]",
+                )
+            return (*check_texts([e[0] for e in entries], [e[1] for e in entries]), batched)
+        if any(len(entry) == 2 for entry in entries):
+            if not batched:
+                raise DeeBertError(
+                    ErrorType.VALIDATION,
+                    "'inputs' [a, b] is one sentence pair (text-embeddings-inference's format), and this model "
+                    'classifies single texts. To classify several texts, send a batch: {"inputs": [["first '
+                    'text"], ["second text"]]}',
+                )
+            raise DeeBertError(
+                ErrorType.VALIDATION,
+                "'inputs' holds a sentence pair [text, text_pair], and this model classifies single texts: "
+                'send each text of a batch as [text], as in {"inputs": [["first text"], ["second text"]]}',
+            )
+        return (*check_texts([e[0] for e in entries], None), batched)
+
+    def log_probabilities(self) -> bool:
+        """Whether scores are log-probabilities (`raw_scores`, or `parameters.function_to_apply` "none");
+        422 for what cannot be honoured."""
+        function = self.parameters.function_to_apply if self.parameters is not None else None
+        if function == "sigmoid":
+            raise DeeBertError(
+                ErrorType.VALIDATION,
+                'parameters.function_to_apply "sigmoid" is not available: the early-exit loop keeps each '
+                'off-ramp\'s softmax; send "softmax" (probabilities) or "none" (log-probabilities)',
+            )
+        if function == "softmax" and self.raw_scores:
+            raise DeeBertError(
+                ErrorType.VALIDATION, 'raw_scores: true contradicts parameters.function_to_apply "softmax"'
+            )
+        return self.raw_scores or function == "none"
 
 
 class PredictScore(BaseModel):
+    score: float = Field(description="probability of the label (a log-probability with raw_scores)")
     label: str
-    score: float
+
+
+class ClassifierInfo(BaseModel):
+    id2label: dict[str, str]
+    label2id: dict[str, int]
+
+
+class TeiModelType(BaseModel):
+    classifier: ClassifierInfo
+
+
+class TeiInfo(BaseModel):
+    """`GET /info`: text-embeddings-inference's Info, with what this server can fill honestly (README)."""
+
+    model_id: str
+    model_sha: str | None = None
+    model_dtype: str
+    served_model_name: str
+    model_type: TeiModelType
+    max_concurrent_requests: int = Field(description="most texts waiting (DEEBERT_MAX_QUEUE_SIZE); more get 429")
+    max_input_length: int = Field(description="max tokens per text")
+    max_batch_tokens: int = Field(description="most tokens in one forward batch: max_batch_requests x max_input_length")
+    max_batch_requests: int | None = Field(description="most texts in one forward batch")
+    max_client_batch_size: int = Field(description="most texts in one request")
+    auto_truncate: bool = Field(description="what truncate: null means")
+    version: str
+    sha: str | None = None
+    docker_label: str | None = None
 
 
 class PresetInfo(BaseModel):
@@ -144,12 +236,13 @@ class HealthStatus(BaseModel):
 
 
 def check_texts(texts: list[str], pairs: list[str] | None) -> tuple[list[str], list[str] | None]:
-    """Non-empty texts, and exactly one pair per text when pairs are given."""
+    """Non-empty, valid Unicode texts, and exactly one pair per text when pairs are given."""
     if not texts:
         raise DeeBertError(ErrorType.EMPTY_INPUT, "'texts' is empty; send at least one text")
     for index, text in enumerate(texts):
         if not text.strip():
             raise DeeBertError(ErrorType.EMPTY_INPUT, f"text {index} is empty")
+        check_unicode(text, f"text {index}")
     if pairs is not None:
         if len(pairs) != len(texts):
             raise DeeBertError(
@@ -158,4 +251,23 @@ def check_texts(texts: list[str], pairs: list[str] | None) -> tuple[list[str], l
         for index, pair in enumerate(pairs):
             if not pair.strip():
                 raise DeeBertError(ErrorType.EMPTY_INPUT, f"text pair {index} is empty")
+            check_unicode(pair, f"text pair {index}")
     return texts, pairs
+
+
+def check_unicode(text: str, name: str) -> None:
+    """422 `invalid_text` for a string that is not valid Unicode text.
+
+    JSON's `\\u` escapes can spell a lone UTF-16 surrogate (`"\\ud800"`): valid JSON, but no character, and
+    neither UTF-8 nor the tokenizer can encode it."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DeeBertError(
+            ErrorType.INVALID_TEXT,
+            f"{name} is not valid Unicode: character {err.start} is a lone surrogate "
+            f"(\\u{ord(text[err.start]):04x}), half of a UTF-16 pair; send the whole pair (such as "
+            "\\ud83d\\ude00) or the character itself",
+        ) from None

@@ -12,7 +12,7 @@ from typing import Any
 
 import uvicorn
 
-from server.app import create_app, make_brownout
+from server.app import create_app
 from server.engine import Engine, EngineLoadError
 from server.memory import (
     AllocatorError,
@@ -23,6 +23,7 @@ from server.memory import (
     reexec,
 )
 from server.settings import ServerSettings
+from server.state import make_brownout
 
 logger = logging.getLogger("deebert.serve")
 

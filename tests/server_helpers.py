@@ -1,20 +1,31 @@
-"""Running the app in-process (httpx ASGITransport + the real lifespan) on a tiny model."""
+"""Running the app on a tiny model: in-process (httpx ASGITransport + the real lifespan), or under real uvicorn."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
+import uvicorn
 from fastapi import FastAPI
+from hypothesis import strategies as st
+from transformers import BertTokenizerFast
 
 from model.config import Preset
 from model.tokenization import load_tokenizer
 from server.app import create_app
 from server.engine import Engine
 from server.settings import ServerSettings
-from tests.helpers import tiny_model
+from tests.helpers import SPECIAL, WORDS, tiny_model
+
+# Characters of every Unicode category, lone surrogates (Cs) included: hypothesis' default text leaves them
+# out, though a JSON body can spell one (`"\\ud800"`). Send them with json.dumps (ASCII, so escaped).
+EVERY_CATEGORY = st.characters(codec=None, exclude_categories=())
 
 PRESETS = [Preset("lossless", 0.05, 1.0, 0.1), Preset("balanced", 0.2, 0.9, 0.3), Preset("fast", 0.5, 0.8, 0.6)]
 
@@ -46,3 +57,32 @@ async def serving(app: FastAPI, wait_ready: bool = True) -> AsyncIterator[httpx.
 
 def make_app(engine: Engine, **overrides: Any) -> FastAPI:
     return create_app(settings(**overrides), engine)
+
+
+@contextmanager
+def uvicorn_serving(app: FastAPI) -> Iterator[str]:
+    """The app under a real uvicorn server on a free loopback port (in a thread), ready; yields its URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started or httpx.get(f"{url}/health/ready", timeout=5).status_code != 200:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not become ready"
+            time.sleep(0.02)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def write_word_vocab(directory: Path) -> Path:
+    """A tokenizer directory whose vocabulary holds every word of `tests.helpers.WORDS`, one id each (so that
+    which words a truncation keeps is visible in the ids)."""
+    vocab = {word: i for i, word in enumerate(SPECIAL + sorted(set(WORDS)))}
+    BertTokenizerFast(vocab=vocab, do_lower_case=True).save_pretrained(str(directory))
+    return directory

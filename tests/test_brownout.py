@@ -14,10 +14,10 @@ import torch
 from model.config import DeeBertConfig
 from model.modeling import DeeBert
 from model.tokenization import load_tokenizer
-from server.app import make_brownout
 from server.brownout import Brownout
 from server.engine import Engine
 from server.settings import ServerSettings
+from server.state import make_brownout
 from tests.helpers import backbone_values, sentiment_rows
 from tests.server_helpers import make_app, serving, settings, tiny_engine
 

@@ -44,3 +44,18 @@ async def test_patience_checkpoint_takes_whole_layer_counts(tokenizer_dir: Path)
             assert response.status_code == 422
             assert response.json()["error_type"] == "invalid_threshold"
             assert "whole number" in response.json()["error"]
+
+
+@pytest.mark.anyio
+async def test_a_threshold_of_the_wrong_type_is_explained_in_the_checkpoints_criterion(tokenizer_dir: Path) -> None:
+    from tests.server_helpers import tiny_engine
+
+    messages = {}
+    for name, engine in (("patience", patience_engine(tokenizer_dir)), ("entropy", tiny_engine(tokenizer_dir))):
+        async with serving(make_app(engine)) as client:
+            response = await client.post("/v1/classify", json={"text": "good film", "threshold": [1]})
+        assert response.status_code == 422 and response.json()["error_type"] == "invalid_threshold"
+        messages[name] = response.json()["error"]
+    assert "patience" in messages["patience"] and "whole number" in messages["patience"]
+    assert "entropy" in messages["entropy"] and "nats" in messages["entropy"]
+    assert "entropy" not in messages["patience"]

@@ -238,6 +238,22 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], int, str]] = [
         400,
         "duplicate_key",
     ),
+    # Valid JSON, not valid text: a \u escape that decodes to half of a UTF-16 surrogate pair.
+    ("lone surrogate", {"content": b'{"text": "\\ud800"}', "headers": JSON}, 422, "invalid_text"),
+    (
+        "lone low surrogate in texts",
+        {"content": b'{"texts": ["good", "a\\udfffb"]}', "headers": JSON},
+        422,
+        "invalid_text",
+    ),
+    ("surrogate as utf-8 bytes", {"content": b'{"text": "\xed\xa0\x80"}', "headers": JSON}, 422, "invalid_text"),
+    ("lone surrogate in a key", {"content": b'{"text": "a", "\\ud800": 1}', "headers": JSON}, 422, "validation"),
+    (
+        "lone surrogate as threshold",
+        {"content": b'{"text": "a", "threshold": "\\udbff"}', "headers": JSON},
+        422,
+        "unknown_preset",
+    ),
 ]
 
 

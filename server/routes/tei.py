@@ -1,0 +1,181 @@
+"""text-embeddings-inference's HTTP API for a classifier, so that TEI clients work unchanged.
+
+    POST /, /predict, /invocations (SageMaker)   classify (`inputs`, `truncate`, `truncation_direction`, `raw_scores`)
+    GET /info                                    the model and the server's limits, in TEI's Info shape
+    GET /health, / and /ping (SageMaker)         200 when ready, else 503
+
+Where the answers must differ from TEI's (a pair sent to a single-sentence model, raw scores, early-exit
+headers), the README's TEI table says how.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from model.tokenization import TruncationSide
+from server import pipeline
+from server.engine import Engine
+from server.errors import ErrorType, openapi_errors
+from server.routes.dependencies import (
+    INFERENCE_ERRORS,
+    State,
+    ThresholdHeader,
+    require_api_key,
+    require_api_key_for_health,
+)
+from server.schemas import (
+    ClassifierInfo,
+    HealthStatus,
+    PredictRequest,
+    PredictScore,
+    TeiInfo,
+    TeiModelType,
+)
+from server.strict_json import StrictJsonRoute
+
+router = APIRouter(route_class=StrictJsonRoute, tags=["text-embeddings-inference"])
+
+# What `truncate: null` means here: texts over the max length are truncated (TEI's --auto-truncate).
+AUTO_TRUNCATE = True
+# A probability from the float32 softmax that underflowed to 0 was below float32's smallest positive value.
+SMALLEST_PROBABILITY = 1.401298464324817e-45
+
+
+@dataclass(frozen=True)
+class Reply:
+    """How to write the predictions: one list or a batch of lists; which scores; how many labels."""
+
+    batched: bool
+    log_probabilities: bool
+    top_k: int | None
+
+
+async def predict(
+    request: Request, body: PredictRequest, state: State, x_exit_threshold: ThresholdHeader = None
+) -> Response:
+    """Every label with its score, highest first; for a batch, one such list per input."""
+    started = time.perf_counter()
+    engine, _ = state.serving()
+    job, reply = decode(body, x_exit_threshold, engine)
+    answer = await pipeline.answer(state, request, job, started)
+    return JSONResponse(encode(answer, engine.labels, reply), headers=headers(answer, engine))
+
+
+for path, operation in (("/predict", "predict"), ("/", "predict_root"), ("/invocations", "invocations")):
+    router.add_api_route(
+        path,
+        predict,
+        methods=["POST"],
+        operation_id=operation,
+        response_model=list[PredictScore] | list[list[PredictScore]],
+        responses=INFERENCE_ERRORS,
+        dependencies=[Depends(require_api_key)],
+        summary="Classify, in text-embeddings-inference's request and response shape",
+    )
+
+
+def decode(body: PredictRequest, x_exit_threshold: str | None, engine: Engine) -> tuple[pipeline.Job, Reply]:
+    """TEI's `inputs` read for this model (texts, or pairs on a pair model), and how to reply."""
+    texts, pairs, batched = body.normalized(pair_model=engine.is_pair_task)
+    reply = Reply(batched, body.log_probabilities(), body.parameters.top_k if body.parameters is not None else None)
+    truncate = body.truncate if body.truncate is not None else AUTO_TRUNCATE
+    side: TruncationSide = "left" if body.truncation_direction.lower() == "left" else "right"
+    return pipeline.Job(texts, pairs, None, x_exit_threshold, truncate, side), reply
+
+
+def encode(answer: pipeline.Answer, labels: list[str], reply: Reply) -> list[Any]:
+    """Per input, every label (or the top k) with its score, highest first."""
+    scored = [predictions(o.probabilities, labels, reply) for o in answer.outcomes]
+    return scored if reply.batched else scored[0]
+
+
+def predictions(probabilities: list[float], labels: list[str], reply: Reply) -> list[dict[str, Any]]:
+    """One input's labels and scores, sorted by score descending (ties keep the labels' order)."""
+    scores = (
+        [math.log(max(p, SMALLEST_PROBABILITY)) for p in probabilities] if reply.log_probabilities else probabilities
+    )
+    ranked = sorted(zip(scores, labels, strict=True), key=lambda pair: -pair[0])
+    return [{"score": score, "label": label} for score, label in ranked[: reply.top_k]]
+
+
+def headers(answer: pipeline.Answer, engine: Engine) -> dict[str, str]:
+    """TEI's headers, in whole milliseconds as TEI writes them, and early exit's."""
+    total = _ms(answer.total_s())
+    return {
+        "x-compute-type": "gpu" if engine.device.type == "cuda" else "cpu",
+        "x-compute-time": total,
+        "x-compute-characters": str(answer.characters),
+        "x-compute-tokens": str(answer.tokens),
+        "x-total-time": total,
+        "x-tokenization-time": _ms(answer.tokenization_s),
+        "x-queue-time": _ms(statistics.fmean(answer.queue_s)),
+        "x-inference-time": _ms(statistics.fmean(answer.inference_s)),
+        **pipeline.early_exit_headers(answer),
+    }
+
+
+def _ms(seconds: float) -> str:
+    return str(int(seconds * 1000))
+
+
+@router.get(
+    "/info",
+    response_model=TeiInfo,
+    responses=openapi_errors(ErrorType.NOT_READY),
+    summary="The served model and the server's limits, in text-embeddings-inference's Info shape",
+)
+async def info(state: State) -> TeiInfo:
+    engine, _ = state.serving()
+    settings = state.settings
+    return TeiInfo(
+        model_id=engine.name,
+        model_dtype=engine.dtype_name,
+        served_model_name=engine.name,
+        model_type=TeiModelType(
+            classifier=ClassifierInfo(
+                id2label={str(i): label for i, label in enumerate(engine.labels)},
+                label2id={label: i for i, label in enumerate(engine.labels)},
+            )
+        ),
+        max_concurrent_requests=settings.max_queue_size,
+        max_input_length=engine.max_length,
+        max_batch_tokens=settings.max_batch_size * engine.max_length,
+        max_batch_requests=settings.max_batch_size,
+        max_client_batch_size=settings.max_texts_per_request,
+        auto_truncate=AUTO_TRUNCATE,
+        version=_version(),
+    )
+
+
+def _version() -> str:
+    try:
+        return metadata.version("deebert")
+    except metadata.PackageNotFoundError:  # run from a checkout without installing it
+        return "unknown"
+
+
+async def health(state: State) -> HealthStatus:
+    """200 once the model is warmed up; 503 before, and while draining."""
+    state.serving()
+    return HealthStatus(status="ready")
+
+
+for path, operation in (("/health", "health"), ("/", "health_root"), ("/ping", "ping")):
+    router.add_api_route(
+        path,
+        health,
+        methods=["GET"],
+        operation_id=operation,
+        response_model=HealthStatus,
+        dependencies=[Depends(require_api_key_for_health)],
+        responses=openapi_errors(ErrorType.UNAUTHORIZED, ErrorType.NOT_READY, ErrorType.SHUTTING_DOWN),
+        summary="Readiness, at text-embeddings-inference's health routes",
+    )
