@@ -18,9 +18,8 @@ from typing import Any
 
 from fastapi import Request
 
-from model.tokenization import TruncationSide
 from server.batcher import Batcher, RowAnswer
-from server.engine import Engine, RowOutcome, Threshold
+from server.engine import Engine, RowOutcome, Threshold, TruncationSide
 from server.errors import DeeBertError, ErrorType
 from server.state import ServerState
 

@@ -20,9 +20,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from model.tokenization import TruncationSide
 from server import pipeline
-from server.engine import Engine
+from server.engine import Engine, TruncationSide
 from server.errors import ErrorType, openapi_errors
 from server.routes.dependencies import (
     INFERENCE_ERRORS,
