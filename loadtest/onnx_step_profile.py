@@ -18,7 +18,6 @@ ideal (plain × exit layer / n): where the loop pays beyond the layers it skips.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
@@ -26,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from loadtest.report import write_json
 from model import exit_rule
 from model.backends import load_backend
 from model.checkpoint import load_model
@@ -153,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             f"plain {row['plain_ms']:.2f} ms, {row['loop_over_plain']:.3f}x (ideal {row['ideal_over_plain']:.3f}x)"
         )
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(results, Path(args.output))
     return 0
 
 

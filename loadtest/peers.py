@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from loadtest.report import write_json
 from model.reporting import describe_machine, machine_description, markdown_table
 from model.saving import expected_saving
 
@@ -544,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     results = run_peers(settings, log_path=output.with_suffix(".log"))
-    output.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(results, output)
     print("\n".join(markdown_section(results)))
     return 0
 
