@@ -6,8 +6,12 @@ It loads the checkpoint onto the chosen device, tokenizes (before the queue), re
 
 from __future__ import annotations
 
+import asyncio
+import copy
+import functools
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +71,11 @@ class Engine:
             raise EngineLoadError(f"the {model.backend} backend runs on {model.device}, not {device}")
         self.model = model
         self.tokenizer = tokenizer
+        # A fast tokenizer sets its truncation on its backend at every call (state), so two threads calling one
+        # can cut each other's texts wrong. Short inputs are tokenized on the event loop with `tokenizer`; long
+        # ones on one tokenizing thread, with a copy of their own.
+        self._off_loop_tokenizer = copy.deepcopy(tokenizer)
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deebert-tokenize")
         self.device = model.device
         self.config = model.config
         self.max_length = min(max_length or self.config.max_length, self.model_max_positions)
@@ -178,12 +187,35 @@ class Engine:
         truncate: bool,
         truncation_side: TruncationSide | None = None,
     ) -> list[Encoded]:
-        """Tokenize a request's texts; with `truncate=False` a text over the max length is a 422, and a text the
-        tokenizer refuses is a 422 `invalid_text` (the decoders already refuse lone surrogates, the known case).
-        `truncation_side`: which end of a long text is cut ("left" or "right"; None: the tokenizer's own)."""
+        """Tokenize a request's texts (on the event loop); with `truncate=False` a text over the max length is a
+        422, and a text the tokenizer refuses is a 422 `invalid_text` (the decoders already refuse lone
+        surrogates, the known case). `truncation_side`: which end of a long text is cut ("left" or "right";
+        None: the tokenizer's own)."""
+        return self._encode(self.tokenizer, texts, text_pairs, truncate, truncation_side)
+
+    async def encode_off_loop(
+        self,
+        texts: Sequence[str],
+        text_pairs: Sequence[str] | None,
+        truncate: bool,
+        truncation_side: TruncationSide | None = None,
+    ) -> list[Encoded]:
+        """`encode` for long inputs (hundreds of ms of tokenizing): on the tokenizing thread, with its own
+        tokenizer, while the event loop goes on."""
+        encode = functools.partial(self._encode, self._off_loop_tokenizer, texts, text_pairs, truncate, truncation_side)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, encode)
+
+    def _encode(
+        self,
+        tokenizer: object,
+        texts: Sequence[str],
+        text_pairs: Sequence[str] | None,
+        truncate: bool,
+        truncation_side: TruncationSide | None,
+    ) -> list[Encoded]:
         try:
             encoded = tokenize(
-                self.tokenizer,  # type: ignore[arg-type]
+                tokenizer,  # type: ignore[arg-type]
                 texts,
                 text_pairs,
                 self.max_length,

@@ -129,7 +129,7 @@ async def submit(
     tokenizing = time.perf_counter()
     if job.characters > OFF_LOOP_TOKENIZE_CHARS:
         # Long inputs take the tokenizer (which releases the GIL) hundreds of ms: not on the event loop.
-        encoded = await asyncio.to_thread(engine.encode, job.texts, job.pairs, job.truncate, job.truncation_side)
+        encoded = await engine.encode_off_loop(job.texts, job.pairs, job.truncate, job.truncation_side)
     else:
         encoded = engine.encode(job.texts, job.pairs, job.truncate, job.truncation_side)
     tokenization_s = time.perf_counter() - tokenizing
