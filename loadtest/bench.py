@@ -14,6 +14,10 @@ load generator, stops it with SIGTERM, and writes BENCHMARKS.md, PNG plots and t
 6. the peer runtimes in process (`peers`, loadtest/peers.py): plain PyTorch, ONNX Runtime fp32 and int8,
    OpenVINO, and deebert's loop on torch and ONNX Runtime, each in its own process, interleaved.
 
+The bench is split by job: `loadtest.servers` starts and stops the servers, `loadtest.saturation` says when
+a curve is saturated, `loadtest.targets` states a target as PASS/MISS, `loadtest.bench_report` renders
+BENCHMARKS.md and the plots; this module holds the settings, the measurements and the run.
+
 Open-loop rates default to fractions of the configuration's own closed-loop saturation, so the curve
 lands around the knee on any machine; a curve stops at its first saturated point.
 """
@@ -21,7 +25,6 @@ lands around the knee on any machine; a curve stops at its first saturated point
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import math
@@ -30,32 +33,33 @@ import random
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from loadtest.bench_report import _num, write_markdown, write_plots
 from loadtest.generator import LoadConfig, Workload, run
-from model.reporting import machine_description, markdown_table
+from loadtest.peers import PeerSettings, run_peers
+from loadtest.saturation import MAX_ERROR_RATE, is_saturated, saturated_throughput, sustained
+from loadtest.servers import (
+    BenchError,
+    deebert_server_command,
+    free_port,
+    model_info,
+    plain_server_command,
+    running_server,
+)
+from loadtest.targets import target
+from model.reporting import machine_description
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = "weights/sst2-minilm-l6"
 DEFAULT_DATA = "../shared/data/sst2/dev.tsv"
 PARTS = ("batch1", "curve", "plain", "plain-ort", "compaction", "wrk", "peers")
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_post.lua"
-# A point with more errors than this does not count as sustained throughput.
-MAX_ERROR_RATE = 0.01
-# Saturated: achieved below this share of the offered rate, or p99 this many times the first point's.
-SATURATION_SHARE = 0.9
-P99_BLOWUP = 10.0
 
 TARGETS = {
     "balanced_vs_full": 1.5,
@@ -65,10 +69,6 @@ TARGETS = {
     "balanced_vs_plain_ort": 1.5,
     "batch1_p50_vs_plain_ort": 1.0,
 }
-
-
-class BenchError(RuntimeError):
-    """A server would not start or the bench cannot go on."""
 
 
 @dataclass
@@ -132,86 +132,6 @@ QUICK = {
 # --- servers -------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A free loopback TCP port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _server_env(extra: dict[str, str]) -> dict[str, str]:
-    # Inherited DEEBERT_* settings would silently change what is measured; the bench sets its own.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEEBERT_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    env.update(extra)
-    return env
-
-
-def deebert_server_command(checkpoint: str, port: int) -> list[str]:
-    """argv of `deebert serve` on loopback."""
-    return [sys.executable, "-m", "deebert", "serve", "--checkpoint", checkpoint, "--port", str(port)]
-
-
-def plain_server_command(checkpoint: str, port: int, threads: int | None, backend: str = "torch") -> list[str]:
-    """argv of the plain baseline: transformers (`torch`) or the fused fp32 graph on ONNX Runtime."""
-    argv = [sys.executable, "-m", "loadtest.baselines.plain_server", "--checkpoint", checkpoint, "--port", str(port)]
-    argv += ["--backend", backend]
-    return argv + (["--threads", str(threads)] if threads else [])
-
-
-@contextlib.contextmanager
-def server_process(
-    argv: list[str], env: dict[str, str], port: int, startup_timeout: float
-) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """Start a server subprocess, wait for /health/ready, yield it and its URL; SIGTERM it afterwards."""
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(argv, env=_server_env(env), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            _wait_ready(process, url, startup_timeout, log)
-            yield process, url
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(10)
-
-
-@contextlib.contextmanager
-def running_server(argv: list[str], env: dict[str, str], port: int, startup_timeout: float) -> Iterator[str]:
-    """`server_process` when only the URL is needed."""
-    with server_process(argv, env, port, startup_timeout) as (_, url):
-        yield url
-
-
-def _log_tail(log: Any, limit: int = 3000) -> str:
-    log.flush()
-    log.seek(0)
-    return bytes(log.read()).decode(errors="replace")[-limit:]
-
-
-def _wait_ready(process: subprocess.Popen[bytes], url: str, timeout: float, log: Any) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise BenchError(f"{shlex.join(process.args)} exited with {process.returncode}:\n{_log_tail(log)}")  # type: ignore[arg-type]
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise BenchError(f"server at {url} was not ready after {timeout:g} s:\n{_log_tail(log)}")
-
-
-def model_info(url: str) -> dict[str, Any]:
-    """GET /v1/model of a running server."""
-    response = httpx.get(f"{url}/v1/model", timeout=10)
-    response.raise_for_status()
-    return dict(response.json())
-
-
 # --- measurements --------------------------------------------------------------------------------------
 
 
@@ -247,25 +167,6 @@ def _point(
         file=sys.stderr,
     )
     return report
-
-
-def _num(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def is_saturated(point: dict[str, Any], first: dict[str, Any]) -> bool:
-    """Achieved under 90% of the offered rate, too many errors, or p99 ten times the first point's."""
-    offered = point.get("arrival_rps") or point.get("offered_rps") or 0.0
-    if point["throughput_rps"] < SATURATION_SHARE * offered or point["error_rate"] > MAX_ERROR_RATE:
-        return True
-    p99, first_p99 = point["latency_ms"]["p99"], first["latency_ms"]["p99"]
-    return p99 is not None and first_p99 is not None and p99 > P99_BLOWUP * first_p99
-
-
-def saturated_throughput(points: Sequence[dict[str, Any]]) -> float | None:
-    """The most requests/s any point sustained with few errors."""
-    good = [p["throughput_rps"] for p in points if p["error_rate"] <= MAX_ERROR_RATE and p["requests_ok"] > 0]
-    return max(good) if good else None
 
 
 def measure_curve(
@@ -310,19 +211,6 @@ def measure_curve(
         "saturated_rps_open": saturated_throughput(points),
         "saturated_rps_closed": closed["throughput_rps"] if closed_ok else None,
     }
-
-
-def sustained(curve: dict[str, Any] | None) -> float | None:
-    """A curve's saturated throughput: the most requests/s any of its points sustained with few errors.
-
-    On a small machine the in-process client competes with the server, and open-loop arrivals past the
-    knee cost the client more than closed-loop clients do, so the closed-loop point often sustains more;
-    both figures are printed beside it.
-    """
-    if curve is None:
-        return None
-    values = [v for v in (curve["saturated_rps_open"], curve["saturated_rps_closed"]) if v is not None]
-    return max(values) if values else None
 
 
 def measure_batch1(url: str, workload: Workload, settings: BenchSettings, presets: list[str]) -> dict[str, Any]:
@@ -451,20 +339,6 @@ def external_crosscheck(
 # --- targets -------------------------------------------------------------------------------------------
 
 
-def _target(
-    name: str, value: float | None, target: float, higher_is_better: bool, unit: str, why: str
-) -> dict[str, Any]:
-    if value is None:
-        return {"name": name, "target": target, "value": None, "status": "n/a", "detail": why}
-    passed = value >= target if higher_is_better else value <= target
-    short = (1 - value / target) if higher_is_better else (value / target - 1)
-    cmp = ">=" if higher_is_better else "<="
-    detail = f"{value:.2f}{unit} (target {cmp} {target:g}{unit})"
-    if not passed:
-        detail += f"; missed by {100 * short:.0f}%"
-    return {"name": name, "target": target, "value": value, "status": "PASS" if passed else "MISS", "detail": detail}
-
-
 def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The four targets as PASS/MISS (or n/a when its part was not run), each with its numbers."""
     curves = results.get("curves", {})
@@ -485,7 +359,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     balanced_p50 = rows[preset]["p50_latency_ms"] if preset in rows else None
     no_preset = "the checkpoint has no presets (run deebert calibrate); " if "model" in results and not preset else ""
     return [
-        _target(
+        target(
             f"saturated throughput at {preset or 'balanced'} vs full depth",
             balanced / full if balanced and full else None,
             TARGETS["balanced_vs_full"],
@@ -493,7 +367,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "x",
             no_preset + "needs the curve part",
         ),
-        _target(
+        target(
             f"batch-1 measured latency saving / expected saving ({preset or 'balanced'})",
             share,
             TARGETS["batch1_saving_share"],
@@ -501,7 +375,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "",
             no_preset + "needs the batch1 part and a preset with expected saving > 0",
         ),
-        _target(
+        target(
             "saturated throughput, full depth vs plain endpoint",
             full / plain if full and plain else None,
             TARGETS["full_vs_plain"],
@@ -509,7 +383,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "x",
             "needs the curve and plain parts",
         ),
-        _target(
+        target(
             "server overhead (X-Total-Time - X-Compute-Time) p50 at batch 1",
             overhead,
             TARGETS["overhead_ms"],
@@ -517,7 +391,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             " ms",
             "needs the batch1 part",
         ),
-        _target(
+        target(
             f"saturated throughput at {preset or 'balanced'} vs the plain ONNX Runtime endpoint",
             balanced / plain_ort if balanced and plain_ort else None,
             TARGETS["balanced_vs_plain_ort"],
@@ -525,7 +399,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "x",
             no_preset + "needs the curve and plain-ort parts",
         ),
-        _target(
+        target(
             f"batch-1 p50 latency at {preset or 'balanced'} / the plain ONNX Runtime endpoint's",
             balanced_p50 / plain_ort_p50 if balanced_p50 and plain_ort_p50 else None,
             TARGETS["batch1_p50_vs_plain_ort"],
@@ -534,32 +408,6 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             no_preset + "needs the batch1 and plain-ort parts",
         ),
     ]
-
-
-def _analysis(results: dict[str, Any]) -> list[str]:
-    """Where the time goes, from this run's own numbers: what a missed target is made of."""
-    lines: list[str] = []
-    batch1 = results.get("batch1")
-    rows = {r["threshold"]: r for r in batch1["rows"]} if batch1 else {}
-    preset = results.get("balanced_name")
-    if "0" in rows and preset in rows:
-        full, fast = rows["0"], rows[preset]
-        outside = full["mean_latency_ms"] - full["mean_compute_ms"]
-        lines.append(
-            f"Batch 1: at full depth a request takes {full['mean_latency_ms']:.2f} ms at the client, of which "
-            f"{full['mean_compute_ms']:.2f} ms is the model (X-Compute-Time); the other {outside:.2f} ms (HTTP on "
-            "loopback, the Python client, tokenizing, queueing) is paid whatever the exit layer, so the latency "
-            f"saving at {preset} ({_pct(fast['measured_latency_saving'])}) trails the model-time saving "
-            f"({_pct(fast['measured_compute_saving'])}) and the expected saving ({_pct(fast['expected_saving'])})."
-        )
-    cross = results.get("wrk") or results.get("external")
-    if isinstance(cross, dict) and cross.get("ours_over_external"):
-        lines.append(
-            f"Throughput: the load generator runs on the same two cores as the server; on the same server wrk "
-            f"(a C client) sustained {1 / cross['ours_over_external']:.2f}x what the Python generator did, so "
-            "every saturated figure here is partly the client's limit, the plain endpoint's included."
-        )
-    return [*(f"{line}\n" for line in lines)]
 
 
 # --- machine -------------------------------------------------------------------------------------------
@@ -652,8 +500,6 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
             results["plain_ort"] = measure_curve(url, workload, settings, None, "plain ONNX Runtime endpoint")
 
     if "peers" in parts:
-        from loadtest.peers import PeerSettings, run_peers
-
         # The workers run in this directory, as the data path is given; the checkpoint as given when it is here.
         peer_checkpoint = settings.checkpoint if Path(settings.checkpoint).exists() else checkpoint
         peer_settings = PeerSettings(checkpoint=peer_checkpoint, data=settings.data, threads=settings.threads or 2)
@@ -679,273 +525,6 @@ def _balanced_of(info: dict[str, Any]) -> str | None:
 
 
 # --- plots and markdown --------------------------------------------------------------------------------
-
-
-def _all_curves(results: dict[str, Any]) -> list[dict[str, Any]]:
-    curves = list(results.get("curves", {}).values())
-    curves += [results[key] for key in ("no_compaction", "plain") if results.get(key)]
-    return curves
-
-
-def write_plots(results: dict[str, Any], directory: Path) -> dict[str, str]:
-    """latency_throughput.png and batch1_saving.png; returns the paths written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = {}
-    curves = _all_curves(results)
-    if curves:
-        figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
-        for curve in curves:
-            xs = [p["throughput_rps"] for p in curve["points"]]
-            for axis, key in zip(axes, ("p50", "p99"), strict=True):
-                ys = [p["latency_ms"][key] for p in curve["points"]]
-                line = axis.plot(xs, ys, marker="o", label=curve["label"])[0]
-                closed = curve["closed_loop"]
-                if closed["latency_ms"][key] is not None:
-                    axis.plot(closed["throughput_rps"], closed["latency_ms"][key], marker="x", color=line.get_color())
-        for axis, key in zip(axes, ("p50", "p99"), strict=True):
-            axis.set_yscale("log")
-            axis.set_xlabel("achieved throughput (requests/s)")
-            axis.set_ylabel(f"{key} latency (ms)")
-            axis.set_title(f"{key} latency vs throughput (o open loop, x closed loop)")
-            axis.grid(True, alpha=0.3)
-        axes[0].legend(fontsize=8)
-        figure.tight_layout()
-        path = directory / "latency_throughput.png"
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        written["latency_throughput"] = str(path)
-    batch1 = results.get("batch1")
-    rows = [r for r in batch1["rows"] if r["threshold"] != "0"] if batch1 else []
-    if rows:
-        figure, axis = plt.subplots(figsize=(7, 4))
-        positions = list(range(len(rows)))
-        width = 0.27
-        series = (
-            ("expected (exit layers)", "expected_saving"),
-            ("measured (client latency)", "measured_latency_saving"),
-            ("measured (server compute)", "measured_compute_saving"),
-        )
-        for offset, (name, key) in zip((-width, 0.0, width), series, strict=True):
-            axis.bar([x + offset for x in positions], [100 * (r[key] or 0.0) for r in rows], width, label=name)
-        axis.set_xticks(positions, [r["threshold"] for r in rows])
-        axis.set_ylabel("saving vs full depth (%)")
-        axis.set_title("batch 1: measured vs expected saving")
-        axis.legend(fontsize=8)
-        axis.grid(True, axis="y", alpha=0.3)
-        figure.tight_layout()
-        path = directory / "batch1_saving.png"
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        written["batch1_saving"] = str(path)
-    return written
-
-
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    return "\n".join(markdown_table(header, rows))
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
-def _errors(report: dict[str, Any]) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in report["errors"].items()) or "0"
-
-
-def _curve_section(curve: dict[str, Any]) -> str:
-    rows = []
-    for point in [curve["closed_loop"], *curve["points"]]:
-        latency = point["latency_ms"]
-        load = f"open {point['rate']:g}/s" if point["mode"] == "open" else f"closed x{point['concurrency']}"
-        rows.append(
-            [
-                load,
-                _num(point["throughput_rps"], 1),
-                _num(point["texts_per_s"], 1),
-                _num(latency["p50"]),
-                _num(latency["p90"]),
-                _num(latency["p99"]),
-                _errors(point),
-                _pct(point["expected_saving"]),
-            ]
-        )
-    header = ["load", "req/s", "texts/s", "p50 ms", "p90 ms", "p99 ms", "errors", "expected saving"]
-    sat = (
-        f"Saturated throughput: **{_num(sustained(curve), 1)} req/s** (best of: "
-        f"{_num(curve['saturated_rps_open'], 1)} req/s open loop, "
-        f"{_num(curve['saturated_rps_closed'], 1)} req/s closed loop)."
-    )
-    return f"#### {curve['label']}\n\n{_md_table(header, rows)}\n\n{sat}\n"
-
-
-def _relative(path: str, base: Path) -> str:
-    return os.path.relpath(Path(path).resolve(), base.resolve().parent)
-
-
-def write_markdown(results: dict[str, Any], path: Path) -> None:
-    """BENCHMARKS.md: machine, command, targets, one section per part, plots."""
-    m = results["machine"]
-    s = results["settings"]
-    model = results.get("model", {})
-    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
-    load = m["load_average"]
-    out = [
-        "# Benchmarks",
-        "",
-        f"Generated by `deebert bench` on {results['started']} in {results['elapsed_s']:.0f} s. Every number below "
-        "comes from this one run: same machine, same data, servers started by the bench on loopback, the load "
-        f"generator (`deebert loadtest`, in-process, its {s['http_client']} HTTP client) as the only client. "
-        "Regenerate with:",
-        "",
-        "```bash",
-        results["command"],
-        "```",
-        "",
-        "## Machine",
-        "",
-        f"- {m['platform']} ({m['machine']}), CPU: {m['cpu'] or 'unknown'}, {m['cpu_count']} logical CPUs "
-        f"({m['cpus_usable']} usable), {m['memory_gib']} GiB memory",
-        f"- SIMD: {' '.join(m.get('cpu_flags') or []) or 'not reported'} (the instruction sets that decide which "
-        "kernels, runtime and precision are fastest here)",
-        f"- Python {m['python']}; {versions}",
-        f"- model: {model.get('model', '-')} ({model.get('num_layers', '-')} layers) on {model.get('device', '-')}, "
-        f"{model.get('dtype', '-')}; data: `{s['data']}`",
-        f"- server: {', '.join(f'{k}={v}' for k, v in results['server_env'].items())}",
-        f"- load average at start {', '.join(f'{x:.2f}' for x in load) if load else '-'}; client and servers share "
-        "these CPUs, so the generator's own cost is part of every number",
-        "",
-        "## Targets",
-        "",
-        _md_table(["target", "result", "numbers"], [[t["name"], t["status"], t["detail"]] for t in results["targets"]]),
-        "",
-        *_analysis(results),
-    ]
-    batch1 = results.get("batch1")
-    if batch1:
-        rows = [
-            [
-                r["threshold"],
-                str(r["requests"]),
-                _num(r["mean_latency_ms"]),
-                _num(r["p50_latency_ms"]),
-                _num(r["mean_compute_ms"]),
-                _num(r["overhead_p50_ms"], 3),
-                _pct(r["expected_saving"]),
-                _pct(r["metrics_expected_saving"]),
-                _pct(r["measured_latency_saving"]),
-                _pct(r["measured_compute_saving"]),
-            ]
-            for r in batch1["rows"]
-        ]
-        header = ["threshold", "requests", "mean ms", "p50 ms", "compute ms", "overhead p50 ms", "expected saving",
-                  "/metrics saving", "measured (latency)", "measured (compute)"]  # fmt: skip
-        out += [
-            "## 1. Batch-1 latency",
-            "",
-            f"Closed loop, one client, one text per request, {s['batch1_duration']:g} s per threshold. Measured saving "
-            "= 1 - mean latency / mean latency at threshold 0 (client-side; the compute column uses X-Compute-Time). "
-            "Expected saving = 1 - Σ i·N_i / (n·Σ N_i) from the responses' exit layers; the /metrics column is the "
-            "same from the server's counters. Overhead = X-Total-Time - X-Compute-Time (tokenizing, queueing, "
-            "scheduling), per request.",
-            "",
-            _md_table(header, rows),
-            "",
-        ]
-    curves = results.get("curves", {})
-    if curves:
-        out += [
-            "## 2. Latency vs throughput",
-            "",
-            f"Dynamic batching (max batch {s['max_batch_size']}, max wait {s['max_wait_ms']:g} ms). One closed-loop "
-            f"point at {s['saturation_concurrency']} clients, then open-loop Poisson arrivals at rising rates "
-            f"({s['duration_per_point']:g} s each) until saturation (achieved < {SATURATION_SHARE:.0%} of offered, "
-            f"errors > {MAX_ERROR_RATE:.0%}, or p99 > {P99_BLOWUP:g}x the first point's). Saturated throughput = "
-            "the most requests/s a point sustained with few errors. Open-loop latency counts from the scheduled "
-            "arrival.",
-            "",
-        ]
-        out += [_curve_section(c) for c in curves.values()]
-    if results.get("plain"):
-        out += [
-            "## 3. Baseline: a plain transformers endpoint",
-            "",
-            "`loadtest/baselines/plain_server.py`: the same weights as a plain full forward (encoder + final "
-            "classifier), one request at a time, no batching, no early exit.",
-            "",
-            _curve_section(results["plain"]),
-        ]
-    if results.get("plain_ort"):
-        point = results.get("plain_ort_batch1") or {}
-        latency = point.get("latency_ms", {})
-        out += [
-            "## 3b. Baseline: a plain ONNX Runtime endpoint",
-            "",
-            "`loadtest/baselines/plain_server.py --backend onnxruntime`: the same weights as the BERT-fused fp32 "
-            "ONNX graph (the plain graph deebert's ONNX Runtime backend runs at full depth), one request at a time, "
-            "no batching, no early exit: what a user who exports to ONNX Runtime serves.",
-            "",
-            f"Batch 1 (one client, {s['batch1_duration']:g} s): p50 {_num(latency.get('p50'))} ms, mean "
-            f"{_num(latency.get('mean'))} ms, p99 {_num(latency.get('p99'))} ms.",
-            "",
-            _curve_section(results["plain_ort"]),
-        ]
-    if "compaction_supported" in results:
-        note = (
-            "The server reads `DEEBERT_COMPACTION`."
-            if results["compaction_supported"]
-            else "**This checkout's server has no `compaction` setting yet: DEEBERT_COMPACTION was ignored, so this "
-            "curve measures compaction on.**"
-        )
-        out += [
-            "## 4. Compaction vs none",
-            "",
-            f"The balanced curve again on a server started with `DEEBERT_COMPACTION=false` (exited rows stay in the "
-            f"batch, masked, until every row has left). {note}",
-            "",
-        ]
-        if results.get("no_compaction"):
-            with_c, without = sustained(curves.get("balanced")), sustained(results["no_compaction"])
-            ratio = f"{with_c / without:.2f}x" if with_c and without else "-"
-            out += [_curve_section(results["no_compaction"]), f"Compaction on / off, saturated: {ratio}.", ""]
-    wrk = results.get("wrk")
-    if wrk is not None:
-        out += ["## 5. Cross-check with an external tool", ""]
-        if wrk.get("tool") is None or "external" not in wrk:
-            out += [wrk.get("note", "not run"), ""]
-        else:
-            ext, ours = wrk["external"], wrk["ours"]
-            rows = [
-                [wrk["tool"], _num(ext["throughput_rps"], 1), _num(ext["latency_ms"].get("p50")),
-                 _num(ext["latency_ms"].get("p99")), str(ext.get("non_2xx", "-"))],
-                ["deebert loadtest", _num(ours["throughput_rps"], 1), _num(ours["latency_ms"]["p50"]),
-                 _num(ours["latency_ms"]["p99"]), str(sum(ours["errors"].values()))],
-            ]  # fmt: skip
-            out += [
-                f"Closed loop, {wrk['concurrency']} connections, threshold {wrk['threshold']}, {wrk['duration_s']} s "
-                f"each, back to back on the same server. `{wrk['command']}`",
-                "",
-                _md_table(["tool", "req/s", "p50 ms", "p99 ms", "errors"], rows),
-                "",
-                f"Ours / {wrk['tool']}: {_num(wrk['ours_over_external'])}.",
-                "",
-            ]
-    if results.get("peers"):
-        from loadtest.peers import markdown_section
-
-        out += markdown_section(results["peers"], "## 6. Peer runtimes, in process")
-    files = results.get("files", {})
-    plots = [(name, p) for name, p in files.items() if p.endswith(".png")]
-    if plots:
-        out += ["## Plots", ""]
-        out += [f"![{name}]({_relative(p, path)})" for name, p in plots]
-        out += [""]
-    out += [f"Raw numbers: `{_relative(files['json'], path)}`." if "json" in files else "", ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(out))
 
 
 # --- command line --------------------------------------------------------------------------------------
@@ -1020,7 +599,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     except BenchError as err:
         print(f"deebert bench: error: {err}", file=sys.stderr)
         return 2
-    for target in results["targets"]:
-        print(f"{target['status']:<5} {target['name']}: {target['detail']}")
+    for outcome in results["targets"]:
+        print(f"{outcome['status']:<5} {outcome['name']}: {outcome['detail']}")
     print(f"wrote {settings.output_md}, {results['files'].get('json')} and plots in {settings.results_dir}")
     return 0

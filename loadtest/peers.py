@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.report import write_json
+from loadtest.targets import target
 from model.reporting import describe_machine, machine_description, markdown_table
 from model.saving import expected_saving
 
@@ -418,7 +419,6 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def peer_targets(variants: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue 15's targets from one run's numbers (n/a where a variant did not run)."""
-    from loadtest.bench import _target
 
     def get(key: str, field_name: str) -> float | None:
         value = variants.get(key, {}).get(field_name)
@@ -431,27 +431,27 @@ def peer_targets(variants: dict[str, Any]) -> list[dict[str, Any]]:
     missing = "a variant it compares did not run"
     t = TARGETS
     return [
-        _target("ORT exit loop at threshold 0 / plain ORT fp32, batch-1 ms",
+        target("ORT exit loop at threshold 0 / plain ORT fp32, batch-1 ms",
                 _ratio(get("ort-zero", "batch1_mean_ms"), get("ort-plain", "batch1_mean_ms")),
                 t["loop_at_zero_vs_plain"], False, "x", missing),
-        _target("balanced on ORT fp32 / plain ORT fp32, batch-1 ms",
+        target("balanced on ORT fp32 / plain ORT fp32, batch-1 ms",
                 _ratio(get("ort-balanced", "batch1_mean_ms"), get("ort-plain", "batch1_mean_ms")),
                 t["balanced_vs_plain_batch1"], False, "x", missing),
-        _target("plain PyTorch fp32 / balanced on ORT fp32, batch-1 ms (speed-up)",
+        target("plain PyTorch fp32 / balanced on ORT fp32, batch-1 ms (speed-up)",
                 _ratio(get("torch-plain", "batch1_mean_ms"), get("ort-balanced", "batch1_mean_ms")),
                 t["balanced_speedup_vs_torch"], True, "x", missing),
-        _target("balanced on ORT fp32 / plain ORT fp32, batch-32 sentences/s",
+        target("balanced on ORT fp32 / plain ORT fp32, batch-32 sentences/s",
                 _ratio(get("ort-balanced", "batched_sentences_per_s"), get("ort-plain", "batched_sentences_per_s")),
                 t["balanced_throughput_vs_plain"], True, "x", missing),
-        _target("balanced on ORT fp32 / plain ORT int8, batch-32 sentences/s",
+        target("balanced on ORT fp32 / plain ORT int8, batch-32 sentences/s",
                 _ratio(get("ort-balanced", "batched_sentences_per_s"),
                        get("ort-int8-plain", "batched_sentences_per_s")),
                 t["balanced_throughput_vs_int8"], True, "x", missing),
-        _target("accuracy drop, balanced on ORT fp32 vs fp32 full depth",
+        target("accuracy drop, balanced on ORT fp32 vs fp32 full depth",
                 drop, t["accuracy_drop_points"], False, " points", missing),
-        _target("stretch: accuracy drop, int8 balanced vs fp32 full depth",
+        target("stretch: accuracy drop, int8 balanced vs fp32 full depth",
                 int8_drop, t["accuracy_drop_points"], False, " points", missing),
-        _target("stretch: int8 balanced / plain ORT fp32, batch-32 sentences/s",
+        target("stretch: int8 balanced / plain ORT fp32, batch-32 sentences/s",
                 _ratio(get("ort-int8-balanced", "batched_sentences_per_s"),
                        get("ort-plain", "batched_sentences_per_s")),
                 t["int8_throughput_vs_plain"], True, "x", missing),

@@ -20,7 +20,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from loadtest.bench import deebert_server_command, free_port, running_server
+from loadtest.servers import deebert_server_command, free_port, running_server
 from model.config import Preset
 from tests.helpers import tiny_model, write_vocab
 from tests.server_helpers import EVERY_CATEGORY

@@ -14,18 +14,12 @@ import numpy as np
 import pytest
 
 from deebert.cli import main
-from loadtest.bench import (
-    deebert_server_command,
-    free_port,
-    is_saturated,
-    parse_wrk,
-    plain_server_command,
-    running_server,
-    saturated_throughput,
-)
+from loadtest.bench import parse_wrk
 from loadtest.generator import LoadConfig, Workload, parse_threshold_mix, poisson_schedule, run
 from loadtest.records import DROPPED, RequestRecord, RunResult, metric_total, parse_metrics, percentile
 from loadtest.report import build_report, format_report, metrics_saving
+from loadtest.saturation import is_saturated, saturated_throughput
+from loadtest.servers import deebert_server_command, free_port, plain_server_command, running_server
 from model.saving import exit_counts, expected_saving
 from tests.helpers import sentiment_rows, tiny_model, write_tsv
 

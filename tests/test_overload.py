@@ -7,8 +7,8 @@ from typing import Any
 
 import httpx
 
-from loadtest.bench import deebert_server_command, free_port, running_server
 from loadtest.generator import LoadConfig, Workload, run
+from loadtest.servers import deebert_server_command, free_port, running_server
 from model.config import Preset
 from tests.helpers import sentiment_rows, tiny_model, write_tsv
 

@@ -18,8 +18,8 @@ import httpx
 import pytest
 import yaml
 
-from loadtest.bench import deebert_server_command, free_port, running_server
 from loadtest.generator import LoadConfig, Workload, run
+from loadtest.servers import deebert_server_command, free_port, running_server
 from tests.deploy_helpers import DEPLOY, PROMETHEUS_CONFIG, RULES, dashboard_queries, load_yaml, recording_rules
 from tests.helpers import sentiment_rows, write_tsv
 

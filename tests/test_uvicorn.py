@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loadtest.bench import deebert_server_command, free_port, server_process
+from loadtest.servers import deebert_server_command, free_port, server_process
 from server.memory import find_allocator_library, loaded_allocator
 
 

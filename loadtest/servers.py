@@ -1,0 +1,107 @@
+"""Benchmark servers' lifecycle: start a server as a subprocess on a free loopback port, wait until it is
+ready, stop it with SIGTERM; the commands of `deebert serve` and of the plain baselines (`deebert bench`,
+`deebert reliability` and the tests start their servers through here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class BenchError(RuntimeError):
+    """A server would not start or the bench cannot go on."""
+
+
+def free_port() -> int:
+    """A free loopback TCP port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _server_env(extra: dict[str, str]) -> dict[str, str]:
+    # Inherited DEEBERT_* settings would silently change what is measured; the bench sets its own.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEEBERT_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.update(extra)
+    return env
+
+
+def deebert_server_command(checkpoint: str, port: int) -> list[str]:
+    """argv of `deebert serve` on loopback."""
+    return [sys.executable, "-m", "deebert", "serve", "--checkpoint", checkpoint, "--port", str(port)]
+
+
+def plain_server_command(checkpoint: str, port: int, threads: int | None, backend: str = "torch") -> list[str]:
+    """argv of the plain baseline: transformers (`torch`) or the fused fp32 graph on ONNX Runtime."""
+    argv = [sys.executable, "-m", "loadtest.baselines.plain_server", "--checkpoint", checkpoint, "--port", str(port)]
+    argv += ["--backend", backend]
+    return argv + (["--threads", str(threads)] if threads else [])
+
+
+@contextlib.contextmanager
+def server_process(
+    argv: list[str], env: dict[str, str], port: int, startup_timeout: float
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Start a server subprocess, wait for /health/ready, yield it and its URL; SIGTERM it afterwards."""
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(argv, env=_server_env(env), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_ready(process, url, startup_timeout, log)
+            yield process, url
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(10)
+
+
+@contextlib.contextmanager
+def running_server(argv: list[str], env: dict[str, str], port: int, startup_timeout: float) -> Iterator[str]:
+    """`server_process` when only the URL is needed."""
+    with server_process(argv, env, port, startup_timeout) as (_, url):
+        yield url
+
+
+def _log_tail(log: Any, limit: int = 3000) -> str:
+    log.flush()
+    log.seek(0)
+    return bytes(log.read()).decode(errors="replace")[-limit:]
+
+
+def _wait_ready(process: subprocess.Popen[bytes], url: str, timeout: float, log: Any) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchError(f"{shlex.join(process.args)} exited with {process.returncode}:\n{_log_tail(log)}")  # type: ignore[arg-type]
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise BenchError(f"server at {url} was not ready after {timeout:g} s:\n{_log_tail(log)}")
+
+
+def model_info(url: str) -> dict[str, Any]:
+    """GET /v1/model of a running server."""
+    response = httpx.get(f"{url}/v1/model", timeout=10)
+    response.raise_for_status()
+    return dict(response.json())
