@@ -9,7 +9,7 @@ from typing import Any
 
 from loadtest.peers import markdown_section
 from loadtest.saturation import MAX_ERROR_RATE, P99_BLOWUP, SATURATION_SHARE, sustained
-from model.reporting import markdown_table
+from model.reporting import markdown_table, percent
 
 
 def _num(value: float | None, digits: int = 2) -> str:
@@ -110,7 +110,7 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
+    return percent(value)
 
 
 def _errors(report: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ from loadtest.records import (
     metric_total,
     percentile,
 )
+from model.reporting import percent
 from model.saving import exit_counts, expected_saving_from_counts, saving_from_totals
 
 
@@ -166,7 +167,7 @@ def _fmt(value: Any, digits: int = 2, suffix: str = "") -> str:
 
 
 def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
+    return percent(value)
 
 
 def format_report(report: dict[str, Any]) -> str:

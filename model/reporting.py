@@ -112,3 +112,11 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list
     """A markdown table's lines."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def percent(value: float | None, digits: int = 1, signed: bool = False, unit: str = "%", missing: str = "-") -> str:
+    """A share (0.123) as a percentage (`12.3%`; `+12.3%` signed; `missing` for None): the one formatter of
+    every report."""
+    if value is None:
+        return missing
+    return f"{100 * value:{'+' if signed else ''}.{digits}f}{unit}"

@@ -15,6 +15,8 @@ from typing import Any
 
 import matplotlib
 
+from model.reporting import percent
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
@@ -67,7 +69,7 @@ def _load(directory: Path) -> tuple[dict[str, Any], dict[str, Any] | None] | Non
 
 
 def _pct(value: float | None, digits: int = 1) -> str:
-    return "–" if value is None else f"{100 * value:.{digits}f}"
+    return percent(value, digits, unit="", missing="–")
 
 
 def _named(points: Sequence[dict[str, Any]], name: str) -> dict[str, Any] | None:

@@ -78,3 +78,11 @@ def test_two_stage_stays_default_unless_beaten_on_both_axes() -> None:
     assert "`joint` beats `two-stage`" in " ".join(beaten)
     tied = " ".join(scheme_verdict({"two-stage": result(0.9, 0.5), "distill": result(0.9, 0.55)}))
     assert "stays the default" in tied and "`distill` ties `two-stage`" in tied
+
+
+def test_one_percentage_formatter_for_every_report() -> None:
+    from model.reporting import percent
+
+    assert percent(0.1234) == "12.3%" and percent(None) == "-"
+    assert percent(0.05, signed=True) == "+5.0%" and percent(-0.05, signed=True) == "-5.0%"
+    assert percent(0.5, 2, unit="", missing="–") == "50.00" and percent(None, missing="–") == "–"
