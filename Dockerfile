@@ -24,6 +24,7 @@ RUN python3 -m pip install ${TORCH_INDEX:+--index-url ${TORCH_INDEX}} "${TORCH_S
 COPY pyproject.toml README.md ./
 COPY deebert ./deebert
 COPY model ./model
+COPY reports ./reports
 COPY server ./server
 COPY loadtest ./loadtest
 RUN python3 -m pip install .

@@ -233,7 +233,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         criterion=config.criterion,
         timing_repeats=args.timing_repeats,
     )
-    from model.reporting import machine_description
+    from reports.common import machine_description
 
     report["checkpoint"] = str(args.checkpoint)
     report["data"] = str(args.data)
@@ -334,7 +334,7 @@ def _add_results(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _run_results(args: argparse.Namespace) -> int:
-    from model.results import write_results
+    from reports.results import write_results
 
     root = Path(args.root)
     discussion = Path(args.discussion)

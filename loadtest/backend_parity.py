@@ -23,8 +23,8 @@ from model import exit_rule
 from model.backends import load_backend
 from model.checkpoint import load_model
 from model.data import read_dataset
-from model.reporting import machine_description
 from model.tokenization import load_tokenizer, pad_batch, tokenize
+from reports.common import machine_description
 
 
 def compare(

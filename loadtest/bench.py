@@ -54,7 +54,7 @@ from loadtest.servers import (
     running_server,
 )
 from loadtest.targets import target
-from model.reporting import machine_description
+from reports.common import machine_description
 
 DEFAULT_CHECKPOINT = "weights/sst2-minilm-l6"
 DEFAULT_DATA = "../shared/data/sst2/dev.tsv"

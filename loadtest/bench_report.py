@@ -9,7 +9,7 @@ from typing import Any
 
 from loadtest.peers import markdown_section
 from loadtest.saturation import MAX_ERROR_RATE, P99_BLOWUP, SATURATION_SHARE, sustained
-from model.reporting import markdown_table, percent
+from reports.common import markdown_table, percent
 
 
 def _num(value: float | None, digits: int = 2) -> str:

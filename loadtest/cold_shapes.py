@@ -24,8 +24,8 @@ import torch
 from model.checkpoint import load_model
 from model.device import dtype_name, model_device, pick_device, pick_dtype, prepare, synchronize
 from model.modeling import DeeBert
-from model.reporting import machine_description
 from model.tokenization import Batch, load_tokenizer, pad_batch, tokenize
+from reports.common import machine_description
 
 
 def batch_of(tokenizer: Any, tokens: int, rows: int, device: torch.device) -> Batch:

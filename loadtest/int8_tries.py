@@ -37,8 +37,8 @@ from model.data import read_dataset
 from model.evaluate import all_layer_outputs, per_layer_accuracy
 from model.onnx_backend import OnnxDeeBert, export, pool_weights
 from model.onnx_export import POOL_WEIGHTS, Manifest, Quantization, export_graphs, layer_file
-from model.reporting import describe_machine, machine_description, markdown_table
 from model.tokenization import Encoded, load_tokenizer, pad_batch, tokenize
+from reports.common import describe_machine, machine_description, markdown_table
 
 DYNAMIC_TRIES = {
     "dynamic, all MatMuls, per-tensor": Quantization("all", False),

@@ -27,8 +27,8 @@ from model import exit_rule
 from model.checkpoint import load_model
 from model.data import read_dataset
 from model.modeling import DeeBert, OffRamp
-from model.reporting import machine_description
 from model.tokenization import load_tokenizer, pad_batch, tokenize
+from reports.common import machine_description
 
 
 def profile_loop(model: DeeBert, batches: Sequence[Any], rounds: int) -> dict[str, list[int]]:

@@ -31,8 +31,8 @@ from model.backends import load_backend
 from model.checkpoint import load_model
 from model.data import read_dataset
 from model.onnx_backend import OnnxDeeBert
-from model.reporting import describe_machine, machine_description
 from model.tokenization import load_tokenizer, pad_batch, tokenize
+from reports.common import describe_machine, machine_description
 
 
 def profile(model: OnnxDeeBert, batches: list[Any], threshold: float, rounds: int, seed: int) -> dict[str, Any]:

@@ -36,8 +36,8 @@ from typing import Any
 
 from loadtest.report import write_json
 from loadtest.targets import target
-from model.reporting import describe_machine, machine_description, markdown_table
 from model.saving import expected_saving
+from reports.common import describe_machine, machine_description, markdown_table
 
 # deebert targets against the peers (issue 15), each a ratio measured in one run.
 TARGETS = {

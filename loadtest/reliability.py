@@ -43,7 +43,7 @@ from loadtest.bench import DEFAULT_CHECKPOINT, DEFAULT_DATA
 from loadtest.generator import CLASSIFY_PATH, THRESHOLD_HEADER, LoadConfig, Workload, run, run_load
 from loadtest.records import RequestRecord, metric_total, parse_metrics, percentile
 from loadtest.servers import BenchError, deebert_server_command, free_port, server_process
-from model.reporting import describe_machine, machine_description, markdown_table, percent
+from reports.common import describe_machine, machine_description, markdown_table, percent
 
 Mode = Literal["overload", "soak"]
 MODES: tuple[Mode, ...] = ("overload", "soak")

@@ -18,8 +18,8 @@ from loadtest.records import (
     metric_total,
     percentile,
 )
-from model.reporting import percent
 from model.saving import exit_counts, expected_saving_from_counts, saving_from_totals
+from reports.common import percent
 
 
 def latency_summary(seconds: Sequence[float]) -> dict[str, float | None]:

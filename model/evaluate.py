@@ -345,7 +345,7 @@ def write_report(report: dict[str, Any], output: Path) -> None:
                     *point["exit_counts"],
                 ]
             )
-    from model.figures import plot_report
+    from reports.figures import plot_report
 
     plot_report(report, output)
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from model.results import SCHEMES, scheme_verdict, write_results
+from reports.results import SCHEMES, scheme_verdict, write_results
 
 
 def fake_report(
@@ -81,7 +81,7 @@ def test_two_stage_stays_default_unless_beaten_on_both_axes() -> None:
 
 
 def test_one_percentage_formatter_for_every_report() -> None:
-    from model.reporting import percent
+    from reports.common import percent
 
     assert percent(0.1234) == "12.3%" and percent(None) == "-"
     assert percent(0.05, signed=True) == "+5.0%" and percent(-0.05, signed=True) == "-5.0%"

@@ -15,12 +15,12 @@ from typing import Any
 
 import matplotlib
 
-from model.reporting import percent
+from reports.common import percent
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from model.reporting import describe_machine, markdown_table
+from reports.common import describe_machine, markdown_table
 
 
 @dataclass(frozen=True)
