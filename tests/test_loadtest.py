@@ -308,7 +308,8 @@ def _record(status: str, latency_s: float, sent_at: float, **extra: Any) -> Requ
 
 
 def _reliability_report(mode: str, records: list[RequestRecord], **overrides: Any) -> dict[str, Any]:
-    from loadtest.reliability import BOUND_FORMULA, ReliabilitySettings, classify_records, latency_bound_ms, windows
+    from loadtest.reliability import ReliabilitySettings
+    from loadtest.reliability_checks import BOUND_FORMULA, classify_records, latency_bound_ms, windows
 
     settings = ReliabilitySettings(mode=mode, duration=5)  # type: ignore[arg-type]
     mib = 2**20
@@ -345,7 +346,7 @@ def _reliability_report(mode: str, records: list[RequestRecord], **overrides: An
 
 
 def test_reliability_sorts_answers_into_accepted_refused_failed_and_lost() -> None:
-    from loadtest.reliability import classify_records
+    from loadtest.reliability_checks import classify_records
 
     records = [
         _record("200", 0.010, 100.1, total_ms=4.0),
@@ -369,7 +370,7 @@ def test_reliability_sorts_answers_into_accepted_refused_failed_and_lost() -> No
 
 
 def test_reliability_bound_windows_and_checks() -> None:
-    from loadtest.reliability import evaluate_checks, latency_bound_ms, windows
+    from loadtest.reliability_checks import evaluate_checks, latency_bound_ms, windows
 
     assert latency_bound_ms(1024, 32, 200.0) == pytest.approx(34 * 200.0)  # running + 32 queued + its own
     good = [_record("200", 0.05, 100.0 + i / 10, total_ms=40.0) for i in range(20)]
@@ -408,7 +409,7 @@ def test_reliability_bound_windows_and_checks() -> None:
 
 
 def test_reliability_soak_checks_growth_and_every_window() -> None:
-    from loadtest.reliability import evaluate_checks, soak_rss_growth, windows
+    from loadtest.reliability_checks import evaluate_checks, soak_rss_growth, windows
 
     mib = 2**20
     records = [_record("200", 0.02, 100.0 + i / 10, total_ms=15.0) for i in range(30)]
@@ -437,7 +438,8 @@ def test_reliability_soak_checks_growth_and_every_window() -> None:
 
 
 def test_reliability_markdown_names_command_and_machine_per_mode(tmp_path: Path) -> None:
-    from loadtest.reliability import evaluate_checks, format_summary, write_markdown
+    from loadtest.reliability_checks import evaluate_checks
+    from loadtest.reliability_report import format_summary, write_markdown
 
     records = [_record("200", 0.05, 100.0 + i / 10, total_ms=40.0) for i in range(20)]
     report = _reliability_report("overload", [*records, _record("429", 0.001, 100.5, retry_after="1")])
