@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -163,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if row["balanced_accuracy"] is not None:
             row["balanced_vs_fp32_full_points"] = 100 * (row["balanced_accuracy"] - reference)
             row["default_bar_met"] = row["balanced_vs_fp32_full_points"] >= -0.5
-    command = "python -m loadtest.int8_tries " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    command = "python -m loadtest.int8_tries " + " ".join(argv if argv is not None else sys.argv[1:])
     results: dict[str, Any] = {
         "command": command,
         "machine": machine_description(),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     threshold, _ = model.config.resolve_threshold(args.threshold)
     results = profile(model, batches, threshold, args.rounds, args.seed)
     results["machine"] = machine_description()
-    results["command"] = "python -m loadtest.onnx_step_profile " + " ".join(argv or __import__("sys").argv[1:])
+    results["command"] = "python -m loadtest.onnx_step_profile " + " ".join(argv or sys.argv[1:])
     print(describe_machine(results["machine"]))
     print(f"{results['samples']} sentences x {results['rounds']} rounds, threshold {args.threshold} ({threshold:.4g})")
     for name, value in results["steps_median_us"].items():

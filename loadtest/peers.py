@@ -410,6 +410,8 @@ def command_line(settings: PeerSettings) -> str:
     words = ["python", "-m", "loadtest.peers", "--checkpoint", settings.checkpoint, "--data", settings.data]
     words += ["--threads", str(settings.threads), "--batch1-rows", str(settings.batch1_rows)]
     words += ["--rounds", str(settings.rounds), "--seed", str(settings.seed)]
+    if tuple(settings.variants) != VARIANT_KEYS:
+        words += ["--variants", ",".join(settings.variants)]
     return " ".join(words)
 
 

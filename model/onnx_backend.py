@@ -34,6 +34,7 @@ from model.onnx_export import (
     POOL_WEIGHTS,
     ExportError,
     Manifest,
+    Quantization,
     file_digest,
     layer_file,
     parity_batch,
@@ -280,8 +281,6 @@ def check_export(directory: Path, digest: str | None, precision: str) -> Manifes
     if manifest.precision != precision:
         raise ExportError(f"holds {manifest.precision} graphs, not {precision}")
     if precision == "int8":
-        from model.onnx_export import Quantization
-
         wanted = Quantization()
         held = manifest.quantization or {}
         if (held.get("ops"), held.get("per_channel")) != (wanted.ops, wanted.per_channel):
@@ -302,10 +301,10 @@ def load_onnx_model(
     precision: str = "fp32",
     cache_dir: Path | None = None,
     threads: int | None = None,
-    quantization: Any = None,
 ) -> OnnxDeeBert:
     """The ONNX Runtime backend for a loaded PyTorch `DeeBert`: its graphs from the cache, exported first when
-    missing, stale or corrupt (with a warning saying why, and how long the export took)."""
+    missing, stale or corrupt (with a warning saying why, and how long the export took). The cache holds only
+    the default quantization (`check_export`), so none other is offered here: `export` writes the others."""
     from model.onnx_export import model_digest
 
     digest = model_digest(model)
@@ -318,7 +317,7 @@ def load_onnx_model(
             logger.warning("ONNX graph cache %s is unusable (%s): exporting again", directory, err)
     except Exception as err:  # a file that passed its checksum but does not load: rebuild it as well
         logger.warning("ONNX graph cache %s failed to load (%s): exporting again", directory, err)
-    return export(model, directory, precision, quantization=quantization, digest=digest, threads=threads)
+    return export(model, directory, precision, digest=digest, threads=threads)
 
 
 def export(
