@@ -23,7 +23,7 @@ from server.memory import release_freed_memory
 from server.middleware import ServingMiddleware, UnexpectedErrorMiddleware
 from server.routes import classify, health, model_info, tei
 from server.settings import ServerSettings
-from server.state import ServerState
+from server.state import ServerState, save_controller_state, steer_default_threshold
 from server.strict_json import StrictJsonRoute
 
 logger = logging.getLogger("deebert.server")
@@ -66,6 +66,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             state.preparing.cancel()
         if state.housekeeping is not None:
             state.housekeeping.cancel()
+        if state.steering is not None:
+            state.steering.cancel()
+            await asyncio.to_thread(save_controller_state, state)
         if state.batcher is not None:
             finished = await state.batcher.drain(state.settings.drain_timeout_s)
             if not finished:
@@ -90,6 +93,8 @@ async def prepare(state: ServerState) -> None:
         state.housekeeping = asyncio.create_task(
             release_freed_memory(state.batcher, state.settings.memory_trim_interval_s)
         )
+        if state.controller is not None:
+            state.steering = asyncio.create_task(steer_default_threshold(state))
         state.ready = True
         logger.info("ready: serving %s", engine.name)
     except Exception as err:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model import exit_rule
 from model.backends import BackendError, ExitModel, load_backend, pick_backend
 from model.checkpoint import CheckpointError, load_model, resolve_directory
 from model.config import ConfigError, UnknownPresetError
@@ -23,6 +24,7 @@ from model.device import DeviceError, pick_device, pick_dtype, prepare
 from model.modeling import DeeBert
 from model.onnx_export import ExportError
 from model.tokenization import Encoded, TruncationSide, load_tokenizer, pad_batch, tokenize
+from server.controller import LadderEvidence
 from server.errors import DeeBertError, ErrorType
 from server.settings import ServerSettings
 
@@ -260,6 +262,49 @@ class Engine:
 
         self.run_batch(items, [self.config.criterion.full_depth] * len(items), keep)
         return labels
+
+    def ladder_evidence(self, items: list[Encoded], ladder: Sequence[float]) -> list[tuple[int, LadderEvidence]]:
+        """Each text run to full depth with every off-ramp's output (the controller's shadow samples): its
+        full-depth label, and for each threshold of `ladder` whether an exit there agrees and where it leaves."""
+        batch = pad_batch(items, self.pad_token_id).to(self.device)
+        with torch.inference_mode():
+            logits = self.model.all_off_ramp_logits(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+            probabilities, entropies = exit_rule.entropy_from_logits(logits.float().cpu())
+            thresholds = torch.tensor(list(ladder), dtype=torch.float32).unsqueeze(1)  # [rungs, 1]
+            exit_layers = self.config.criterion.first_exit_layers(probabilities, entropies, thresholds)  # [rungs, rows]
+            labels = probabilities.argmax(dim=-1)  # [layers, rows]
+            at_exit = labels.gather(0, exit_layers)  # [rungs, rows]
+            full = labels[-1]
+            agrees = (at_exit == full.unsqueeze(0)).T.tolist()
+            layers = (exit_layers + 1).T.tolist()
+        return [
+            (label, LadderEvidence(tuple(agree), tuple(layer)))
+            for label, agree, layer in zip(full.tolist(), agrees, layers, strict=True)
+        ]
+
+    def threshold_ladder(self, ceiling: Threshold, rungs: int = 21) -> list[Threshold]:
+        """The thresholds the controller moves the default along: full depth first, `ceiling` last, evenly
+        spaced for a continuous criterion (each preset and the configured default in range replacing its nearest
+        rung, so they are rungs), the criterion's own grid for a discrete one (patience)."""
+        rule = self.config.criterion
+        full, top = rule.full_depth, ceiling.value
+        low, high = rule.aggressiveness(full), rule.aggressiveness(top)
+        if high <= low:
+            raise ValueError(f"the ceiling {top} does not exit earlier than full depth ({full})")
+        try:
+            values = [rule.validate(full + (top - full) * i / (rungs - 1)) for i in range(rungs)]
+        except ValueError:  # whole-number thresholds: the criterion's grid
+            grid = rule.default_grid(len(self.labels), self.num_layers)
+            values = [full, *(v for v in grid if low < rule.aggressiveness(v) < high), top]
+        kept = [*(p.threshold for p in self.config.presets), self.default_threshold.value]
+        inside = [value for value in kept if low < rule.aggressiveness(value) < high]
+        for value in inside:
+            nearest = min(range(1, len(values) - 1), key=lambda i: abs(values[i] - value), default=None)
+            if nearest is not None:
+                values[nearest] = value
+        values = sorted(set(values), key=rule.aggressiveness)
+        names = {p.threshold: p.name for p in self.config.presets}
+        return [Threshold(v, names.get(v)) for v in values]
 
     def exits_earlier(self, first: Threshold, second: Threshold) -> bool:
         """True when `first` makes rows leave earlier than `second` under the checkpoint's exit criterion."""

@@ -119,6 +119,35 @@ class Metrics:
         # Both label values from the start, so rate() over them exists before the first disagreement.
         for agree in ("true", "false"):
             self.exit_agreement.labels(agree=agree)
+        self.controller_threshold = Gauge(
+            "deebert_controller_threshold",
+            "The default threshold now (requests that pin none get it); moved by the controller when targets are set",
+            registry=r,
+        )
+        self.controller_agreement = Gauge(
+            "deebert_controller_agreement",
+            "Estimated agreement with the full model at the default threshold, over the newest `window` shadow "
+            "samples, with its interval (bound=estimate|lower|upper)",
+            ["window", "bound"],
+            registry=r,
+        )
+        self.controller_adjustments = Counter(
+            "deebert_controller_adjustments",
+            "Moves of the default threshold by the controller, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.controller_p99 = Gauge(
+            "deebert_controller_p99_seconds",
+            "p99 request time the latency target is judged on (NaN: too few requests)",
+            registry=r,
+        )
+        self.controller_target = Gauge(
+            "deebert_controller_target",
+            "The controller's targets: agreement (share), p99_seconds, agreement_floor (share)",
+            ["target"],
+            registry=r,
+        )
         self.info = Info("deebert_model", "The served model", registry=r)
         self.info.info({"model": model_name, "num_layers": str(num_layers), "labels": ",".join(labels)})
         self.runtime = Info(
@@ -175,6 +204,29 @@ class Metrics:
     def record_agreement(self, agree: bool) -> None:
         """One shadow-sampled text: did its early-exit label equal the full-depth label?"""
         self.exit_agreement.labels(agree="true" if agree else "false").inc()
+
+    def record_controller_targets(self, targets: dict[str, float | None], reasons: list[str]) -> None:
+        """The controller's targets (unset ones left out), and every adjustment reason at 0."""
+        for name, value in targets.items():
+            if value is not None:
+                self.controller_target.labels(target=name).set(value)
+        for reason in reasons:
+            self.controller_adjustments.labels(reason=reason)
+
+    def record_controller(
+        self, threshold: float, agreement: dict[int, tuple[float, float, float]], p99_s: float | None
+    ) -> None:
+        """The controller's state now: the default threshold, agreement (estimate, lower, upper) per window
+        with samples, and the p99 it judges latency on."""
+        self.controller_threshold.set(threshold)
+        for window, bounds in agreement.items():
+            for bound, value in zip(("estimate", "lower", "upper"), bounds, strict=True):
+                self.controller_agreement.labels(window=str(window), bound=bound).set(value)
+        self.controller_p99.set(float("nan") if p99_s is None else p99_s)
+
+    def record_adjustment(self, reason: str) -> None:
+        """The controller moved the default threshold."""
+        self.controller_adjustments.labels(reason=reason).inc()
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -3,7 +3,7 @@
 Each API's route decodes its own body into a `Job` (schemas) and encodes the `Answer` in its own shape;
 between them, `answer` runs the shared steps, each a small function here:
 
-    resolve_threshold  the body's threshold, else the header's, else the server default
+    resolve_threshold  the body's threshold, else the header's, else the server default now (the controller's)
     submit             limits, tokenization (before the queue), brownout, into the batcher
     await_answers      every text's answer, or the client's disconnect
 """
@@ -90,11 +90,15 @@ class Answer:
 async def answer(state: ServerState, request: Request, job: Job, started: float) -> Answer:
     """Run a decoded job through the shared steps and wait for every text's answer."""
     engine, batcher = state.serving()
-    threshold, pinned = resolve_threshold(engine, job.body_threshold, job.header_threshold)
+    threshold, pinned = resolve_threshold(
+        engine, job.body_threshold, job.header_threshold, state.default_threshold(engine)
+    )
     submitted = await submit(state, engine, batcher, job, threshold, pinned)
     answers = await await_answers(request, submitted.futures)
     if submitted.degraded and state.metrics is not None:
         state.metrics.record_degraded()
+    if state.controller is not None:
+        state.controller.record_latency(time.perf_counter() - started)
     return Answer(
         outcomes=[a.value for a in answers],
         threshold=submitted.threshold,
@@ -109,13 +113,16 @@ async def answer(state: ServerState, request: Request, job: Job, started: float)
 
 
 def resolve_threshold(
-    engine: Engine, body_value: float | int | str | None, header_value: str | None
+    engine: Engine, body_value: float | int | str | None, header_value: str | None, default: Threshold
 ) -> tuple[Threshold, bool]:
     """The threshold to run at, and whether the request pinned it: the body's wins over the header's; with
-    neither, the server default (unpinned, so brownout may raise it). 422 naming the source otherwise."""
+    neither, the server's default now (unpinned: the controller moves it, brownout may raise it). 422 naming
+    the source otherwise."""
     if body_value is not None:
         return engine.resolve_threshold(body_value, "body threshold"), True
-    return engine.resolve_threshold(header_value, f"{THRESHOLD_HEADER} header"), header_value is not None
+    if header_value is not None:
+        return engine.resolve_threshold(header_value, f"{THRESHOLD_HEADER} header"), True
+    return default, False
 
 
 async def submit(
@@ -136,6 +143,8 @@ async def submit(
     degraded = None
     if state.brownout is not None:
         degraded = state.brownout.threshold_for(pinned, batcher.queue_wait_s, drained=not batcher.busy)
+        if degraded is not None and not engine.exits_earlier(degraded, threshold):
+            degraded = None  # the controller's default already exits as early
     applied = degraded if degraded is not None else threshold
     futures = batcher.submit(encoded, [applied.value] * len(encoded))
     return Submitted(futures, applied, degraded is not None, sum(map(len, encoded)), tokenization_s)

@@ -213,6 +213,30 @@ class PresetInfo(BaseModel):
     expected_saving: float | None = None
 
 
+class AgreementInfo(BaseModel):
+    estimate: float | None = Field(description="share of shadow samples whose label here is the full model's")
+    lower: float = Field(description="lower end of its 90 % Wilson interval")
+    upper: float = Field(description="upper end of its 90 % Wilson interval")
+    samples: int
+
+
+class ControllerInfo(BaseModel):
+    """The threshold controller (DEEBERT_TARGET_AGREEMENT / DEEBERT_TARGET_P99_MS) as it stands now."""
+
+    threshold: float = Field(description="the live default threshold")
+    rung: int = Field(description="its rung on the ladder (0 = full depth)")
+    ladder: list[float] = Field(description="the thresholds the default moves along, full depth to the ceiling")
+    configured_threshold: float = Field(description="the default the server started with")
+    target_agreement: float | None
+    target_p99_ms: float | None
+    agreement_floor: float | None = Field(description="with a latency target: the agreement it may not push below")
+    agreement: dict[str, AgreementInfo] = Field(description="agreement at the live default over the newest N samples")
+    expected_saving: float | None = Field(description="expected saving at the live default over the shadow samples")
+    samples: int = Field(description="shadow samples in the evidence window")
+    p99_ms: float | None = Field(description="p99 request time the latency target is judged on")
+    latency_rungs: int = Field(description="rungs beyond the agreement's that the latency target asks for")
+
+
 class ModelInfo(BaseModel):
     model: str
     task: str
@@ -229,6 +253,9 @@ class ModelInfo(BaseModel):
     backend: str = Field(description="inference backend: torch or onnxruntime")
     max_batch_size: int
     max_texts_per_request: int
+    controller: ControllerInfo | None = Field(
+        None, description="the threshold controller, when a target is set; default_threshold is then its live value"
+    )
 
 
 class HealthStatus(BaseModel):

@@ -8,6 +8,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Shadow sampling's fraction when an agreement target turns it on (DEEBERT_SHADOW_FRACTION unset).
+AGREEMENT_SHADOW_FRACTION = 0.1
+
 
 def default_checkpoint() -> str:
     """The shipped SST-2 checkpoint: ./weights/... when run from a checkout, else beside the installed code."""
@@ -88,12 +91,40 @@ class ServerSettings(BaseSettings):
     brownout_threshold: str = Field(
         "fast", description="brownout ceiling: a number or preset name, used only if it exits earlier than the default"
     )
-    shadow_fraction: float = Field(
-        0.0,
+    shadow_fraction: float | None = Field(
+        None,
         ge=0,
         le=1,
         description="share of answered texts also run to full depth while the batcher is idle, counting in "
-        "deebert_exit_agreement_total whether the labels agree; 0 = off",
+        "deebert_exit_agreement_total whether the labels agree; 0 = off; unset = off, or "
+        f"{AGREEMENT_SHADOW_FRACTION} with target_agreement",
+    )
+    target_agreement: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="hold this share of answers equal to the full model's (measured by shadow sampling) by moving "
+        "the default threshold between full depth and controller_ceiling; unset = off",
+    )
+    target_p99_ms: float | None = Field(
+        None,
+        gt=0,
+        description="hold the p99 request time under this by moving the default threshold toward "
+        "controller_ceiling under load and back when it falls; unset = off (replaces brownout)",
+    )
+    agreement_floor: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="with both targets: latency may lower agreement down to this floor, not further "
+        "(unset = target_agreement: latency never trades agreement below the target)",
+    )
+    controller_ceiling: str = Field(
+        "fast", description="the most aggressive default the controller may set: a number or preset name"
+    )
+    controller_interval_s: float = Field(0.5, gt=0, description="how often the controller looks at its evidence")
+    controller_state: str | None = Field(
+        None, description="file the controller saves its state to and resumes from on start; unset = nothing kept"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
@@ -103,3 +134,30 @@ class ServerSettings(BaseSettings):
         if (self.api_key_metrics or self.api_key_health) and self.api_key is None:
             raise ValueError("api_key_metrics / api_key_health protect routes with api_key; set DEEBERT_API_KEY too")
         return self
+
+    @model_validator(mode="after")
+    def _targets_fit_together(self) -> ServerSettings:
+        if self.target_p99_ms is not None and self.brownout_queue_wait_ms is not None:
+            raise ValueError(
+                "target_p99_ms and brownout_queue_wait_ms both lower the default under load; set one "
+                "(the latency target moves it in steps and back, brownout switches it on and off)"
+            )
+        if (self.target_agreement is not None or self.agreement_floor is not None) and self.shadow_fraction == 0:
+            raise ValueError("agreement is measured by shadow sampling; shadow_fraction must be > 0 for it")
+        if self.agreement_floor is not None and self.target_p99_ms is None:
+            raise ValueError("agreement_floor bounds the latency target; set target_p99_ms too")
+        if (
+            self.agreement_floor is not None
+            and self.target_agreement is not None
+            and self.agreement_floor > self.target_agreement
+        ):
+            raise ValueError("agreement_floor is how far latency may lower agreement: at most target_agreement")
+        return self
+
+    @property
+    def effective_shadow_fraction(self) -> float:
+        """The shadow fraction in force: as set, else on at AGREEMENT_SHADOW_FRACTION for an agreement target."""
+        if self.shadow_fraction is not None:
+            return self.shadow_fraction
+        measured = self.target_agreement is not None or self.agreement_floor is not None
+        return AGREEMENT_SHADOW_FRACTION if measured else 0.0

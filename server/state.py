@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from server.batcher import Batcher, Row, RowAnswer
 from server.brownout import Brownout
+from server.controller import Adjustment, Reason, Targets, ThresholdController
 from server.engine import Engine, RowOutcome, Threshold
 from server.errors import DeeBertError, ErrorType
 from server.memory import loaded_allocator
@@ -27,11 +31,14 @@ class ServerState:
     batcher: Batcher | None = None
     metrics: Metrics | None = None
     brownout: Brownout[Threshold] | None = None
+    controller: ThresholdController | None = None
+    ladder: list[Threshold] = field(default_factory=list)  # the controller's rungs
     ready: bool = False
     draining: bool = False
     load_error: str | None = None
     preparing: asyncio.Task[None] | None = field(default=None, repr=False)
     housekeeping: asyncio.Task[None] | None = field(default=None, repr=False)
+    steering: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def attach(self, engine: Engine) -> None:
         """Wire the metrics and the batcher to a loaded engine."""
@@ -46,11 +53,24 @@ class ServerState:
         self.metrics = metrics
 
         self.brownout = make_brownout(self.settings, engine, metrics)
+        made = make_controller(self.settings, engine, metrics)
+        if made is not None:
+            self.controller, self.ladder = made
+        controller = self.controller
+        metrics.record_controller(self.default_threshold(engine).value, {}, None)
+        fraction = self.settings.effective_shadow_fraction
         shadow = (
             ShadowSampler(
-                self.settings.shadow_fraction, engine.num_layers, engine.full_depth_labels, metrics.record_agreement
+                fraction,
+                engine.num_layers,
+                engine.full_depth_labels,
+                metrics.record_agreement,
+                ladder_evidence=functools.partial(engine.ladder_evidence, ladder=controller.ladder)
+                if controller is not None
+                else None,
+                on_evidence=controller.record_evidence if controller is not None else None,
             )
-            if self.settings.shadow_fraction > 0
+            if fraction > 0
             else None
         )
 
@@ -73,6 +93,12 @@ class ServerState:
             idle_runner=shadow.compare if shadow is not None else None,
             max_idle_items=self.settings.max_queue_size,
         )
+
+    def default_threshold(self, engine: Engine) -> Threshold:
+        """The threshold of a request that pins none: the controller's rung now, else the configured default."""
+        if self.controller is None:
+            return engine.default_threshold
+        return self.ladder[self.controller.rung]
 
     def serving(self) -> tuple[Engine, Batcher]:
         """The engine and batcher, or 503 while loading, warming up or draining."""
@@ -104,3 +130,107 @@ def make_brownout(
     return Brownout(
         settings.brownout_queue_wait_ms / 1000, ceiling, metrics.record_brownout if metrics is not None else None
     )
+
+
+# The controller's pace, in controller intervals (0.5 s by default): raise the default no sooner than 10 after
+# the last move (5 s), and give back one latency rung per 4 (2 s) once load has fallen.
+DWELL_INTERVALS = 10
+RECOVER_INTERVALS = 4
+
+
+def make_controller(
+    settings: ServerSettings, engine: Engine, metrics: Metrics
+) -> tuple[ThresholdController, list[Threshold]] | None:
+    """The threshold controller the targets ask for, with its ladder; None without targets."""
+    targets = Targets(
+        agreement=settings.target_agreement,
+        p99_s=None if settings.target_p99_ms is None else settings.target_p99_ms / 1000,
+        agreement_floor=settings.agreement_floor,
+    )
+    if not targets.any:
+        return None
+    try:
+        ceiling = engine.resolve_threshold(settings.controller_ceiling, "DEEBERT_CONTROLLER_CEILING")
+        ladder = engine.threshold_ladder(ceiling)
+    except (DeeBertError, ValueError) as err:
+        message = err.message if isinstance(err, DeeBertError) else str(err)
+        raise ValueError(f"controller: {message}") from None
+    default = engine.default_threshold
+    values = [rung.value for rung in ladder]
+    if default.value in values:
+        start = values.index(default.value)
+    else:  # the default exits earlier than the ceiling
+        start = len(ladder) - 1
+        logger.warning(
+            "controller: the default %s exits earlier than the ceiling %s; starting at the ceiling",
+            default.value,
+            ceiling.value,
+        )
+
+    def on_change(adjustment: Adjustment) -> None:
+        metrics.record_adjustment(adjustment.reason.value)
+
+    interval = settings.controller_interval_s
+    controller = ThresholdController(
+        values,
+        start,
+        targets,
+        engine.num_layers,
+        min_dwell_s=DWELL_INTERVALS * interval,
+        recover_s=RECOVER_INTERVALS * interval,
+        on_change=on_change,
+    )
+    metrics.record_controller_targets(
+        {"agreement": targets.agreement, "p99_seconds": targets.p99_s, "agreement_floor": targets.floor},
+        [reason.value for reason in Reason],
+    )
+    if settings.controller_state:
+        controller.resume(Path(settings.controller_state), engine.name, engine.config.exit_criterion)
+    logger.info(
+        "controller: targets agreement %s, p99 %s ms, floor %s; default %.4f moves within %.4f..%.4f (%d rungs)",
+        targets.agreement,
+        settings.target_p99_ms,
+        targets.floor,
+        controller.threshold,
+        values[0],
+        values[-1],
+        len(values),
+    )
+    return controller, ladder
+
+
+# Without a move, the controller's state is saved this often (its evidence grows in between).
+STATE_SAVE_INTERVAL_S = 30.0
+
+
+async def steer_default_threshold(state: ServerState) -> None:
+    """Every controller interval: let the controller look at its evidence, publish what it sees, and keep its
+    state file up to date (on every move, and every STATE_SAVE_INTERVAL_S)."""
+    controller, batcher, metrics, engine = state.controller, state.batcher, state.metrics, state.engine
+    assert controller is not None and batcher is not None and metrics is not None and engine is not None
+    path = Path(state.settings.controller_state) if state.settings.controller_state else None
+    saved_at = time.monotonic()
+    while True:
+        await asyncio.sleep(state.settings.controller_interval_s)
+        moves = controller.tick(batcher.queue_wait_s)
+        rung = controller.rung
+        agreement = {}
+        for window in controller.windows:
+            interval = controller.interval(rung, window)
+            if interval.samples:
+                agreement[window] = (interval.estimate, interval.lower, interval.upper)
+        metrics.record_controller(controller.threshold, agreement, controller.p99_s)
+        if path is not None and (moves or time.monotonic() - saved_at > STATE_SAVE_INTERVAL_S):
+            await asyncio.to_thread(save_controller_state, state)
+            saved_at = time.monotonic()
+
+
+def save_controller_state(state: ServerState) -> None:
+    """Write the controller's state file, if one is configured (a failure is logged, never raised)."""
+    if state.controller is None or state.engine is None or not state.settings.controller_state:
+        return
+    path, engine = Path(state.settings.controller_state), state.engine
+    try:
+        state.controller.save(path, engine.name, engine.config.exit_criterion)
+    except OSError as err:
+        logger.warning("controller state not saved to %s: %s", state.settings.controller_state, err)

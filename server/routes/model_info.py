@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from server.errors import ErrorType, openapi_errors
 from server.routes.dependencies import State
-from server.schemas import ModelInfo
+from server.schemas import ControllerInfo, ModelInfo
 from server.strict_json import StrictJsonRoute
 
 router = APIRouter(route_class=StrictJsonRoute, tags=["model"])
@@ -15,6 +15,8 @@ router = APIRouter(route_class=StrictJsonRoute, tags=["model"])
 @router.get("/v1/model", response_model=ModelInfo, responses=openapi_errors(ErrorType.NOT_READY))
 async def model_info(state: State) -> ModelInfo:
     engine, _ = state.serving()
+    default = state.default_threshold(engine)
+    controller = state.controller
     return ModelInfo(
         model=engine.name,
         task="text-pair-classification" if engine.is_pair_task else "text-classification",
@@ -23,12 +25,13 @@ async def model_info(state: State) -> ModelInfo:
         max_length=engine.max_length,
         pooling=engine.config.pooling,
         exit_criterion=engine.config.exit_criterion,
-        default_threshold=engine.default_threshold.value,
-        default_threshold_name=engine.default_threshold.preset,
+        default_threshold=default.value,
+        default_threshold_name=default.preset,
         presets=engine.presets,  # type: ignore[arg-type]
         device=str(engine.device),
         dtype=engine.dtype_name,
         backend=engine.backend,
         max_batch_size=state.settings.max_batch_size,
         max_texts_per_request=state.settings.max_texts_per_request,
+        controller=ControllerInfo.model_validate(controller.snapshot()) if controller is not None else None,
     )

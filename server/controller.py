@@ -1,0 +1,522 @@
+"""Targets instead of thresholds: a controller that moves the server's default threshold while it runs.
+
+The default threshold (the one a request gets when it pins none) moves along a *ladder* of thresholds of
+the checkpoint's exit criterion, from full depth (rung 0) to a ceiling (the `fast` preset by default).
+Two targets drive it; either or both may be set:
+
+Agreement (`DEEBERT_TARGET_AGREEMENT`, e.g. 0.99): the share of answers whose label equals the full
+model's. Shadow sampling re-runs a fraction of the served texts at full depth with every off-ramp's output,
+so each sampled text tells, for *every* rung, whether an exit there would have agreed (`LadderEvidence`) —
+all rungs are measured on the same live traffic, whichever threshold served it. Per rung, the agreement
+over the most recent 100, 400 and 2000 samples (`windows`) gets Wilson intervals:
+
+- the default moves toward full depth when, in any window, the current rung is shown below the target
+  (its 99.9 % upper bound is under it; drift shows first in the short window), to the most aggressive rung
+  not shown below it;
+- it moves toward the ceiling only to rungs shown above the target (95 % lower bound at or over it) in some
+  window and below it in none (and every rung between), and not sooner than `min_dwell_s` after the last move;
+- otherwise it holds. The dead band between the two conditions is the hysteresis: a handful of samples
+  gives a wide interval and cannot move it, and a rung whose agreement is near the target is left alone.
+
+Latency (`DEEBERT_TARGET_P99_MS`): the p99 of request time (from the route's start to the answer, pinned
+requests too, since all load counts) over the requests since the last move (at most `latency_window_s`).
+While it is above the target, or while texts wait in the queue longer than half of it, the default moves
+one rung toward the ceiling per tick; once the p99 is below half the target and the queue is short, it
+moves back one rung per `recover_s` until it reaches the agreement's rung (or the configured default).
+Requests that pin a threshold are never changed; the controller only moves the default.
+
+Both set: the latency push starts from the agreement's rung and may go further toward the ceiling only over
+rungs whose agreement is not shown (interval wholly) below the *floor* (`DEEBERT_AGREEMENT_FLOOR`; unset =
+the agreement target itself, so quality is traded for latency only as far as the user allows).
+
+The controller is pure logic over a clock: the server feeds it evidence and latencies and calls `tick`
+every `interval_s`; tests drive it with a fake clock and a fake evidence stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger("deebert.controller")
+
+STATE_VERSION = 1
+# z of a 90 % two-sided interval: each side is a 95 % one-sided bound.
+DEFAULT_Z = 1.645
+# z of the test that a rung is *below* a level: stricter (99.9 % one-sided), since it runs on three windows
+# at every tick and a false alarm moves the default for nothing. Simulated (tests/test_controller.py's
+# streams, 20 000 samples at agreement 0.995 against a target of 0.99, 5 seeds): z = 1.645 moved the
+# default 9-32 times, 2.576 up to twice, 3.09 never; a drop to 0.85 was still acted on within 40-140 samples.
+DEFAULT_Z_BELOW = 3.09
+DEFAULT_WINDOWS = (100, 400, 2000)
+# Latency: "threatened" while the queue wait exceeds this share of the target; "recovered" below LOW_WATER.
+QUEUE_SHARE = 0.5
+LOW_WATER = 0.5
+MIN_LATENCY_SAMPLES = 20
+
+
+class Reason(StrEnum):
+    """Why the default threshold moved (the `reason` label of `deebert_controller_adjustments_total`)."""
+
+    AGREEMENT_LOW = "agreement_low"
+    AGREEMENT_ROOM = "agreement_room"
+    LATENCY_HIGH = "latency_high"
+    LATENCY_RECOVERED = "latency_recovered"
+    FLOOR = "agreement_floor"
+    RESUMED = "resumed"
+
+
+@dataclass(frozen=True)
+class LadderEvidence:
+    """One shadow-sampled text, run to full depth: for every rung, whether an exit there would give the full
+    model's label, and the layer (1..n) it would leave at."""
+
+    agrees: tuple[bool, ...]
+    exit_layers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What the controller holds. `agreement_floor` only matters when both targets are set."""
+
+    agreement: float | None = None
+    p99_s: float | None = None
+    agreement_floor: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("agreement", "agreement_floor"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value < 1.0:
+                raise ValueError(f"{name} must be within (0, 1), got {value}")
+        if self.p99_s is not None and self.p99_s <= 0:
+            raise ValueError(f"the p99 target must be > 0, got {self.p99_s}")
+        if self.agreement_floor is not None and self.agreement is not None and self.agreement_floor > self.agreement:
+            raise ValueError(
+                f"the agreement floor ({self.agreement_floor}) is above the agreement target ({self.agreement}): "
+                "the floor is how far latency may trade agreement below the target"
+            )
+
+    @property
+    def any(self) -> bool:
+        return self.agreement is not None or self.p99_s is not None
+
+    @property
+    def floor(self) -> float | None:
+        """The agreement latency may not push below: the floor if set, else the agreement target (if set)."""
+        return self.agreement_floor if self.agreement_floor is not None else self.agreement
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Agreement at one rung over one window: agreeing samples of `samples`, and its Wilson interval."""
+
+    agreeing: int
+    samples: int
+    lower: float
+    upper: float
+
+    @property
+    def estimate(self) -> float:
+        return self.agreeing / self.samples if self.samples else math.nan
+
+    def describe(self) -> str:
+        return f"{self.estimate:.4f} [{self.lower:.4f}, {self.upper:.4f}] over {self.samples}"
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    """One move of the default threshold, with the evidence behind it."""
+
+    reason: Reason
+    from_rung: int
+    to_rung: int
+    from_threshold: float
+    to_threshold: float
+    evidence: str
+
+
+def wilson_interval(agreeing: int, samples: int, z: float = DEFAULT_Z) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (agreeing of samples); (0, 1) without samples."""
+    if samples <= 0:
+        return 0.0, 1.0
+    p = agreeing / samples
+    z2 = z * z
+    centre = (p + z2 / (2 * samples)) / (1 + z2 / samples)
+    half = z * math.sqrt(p * (1 - p) / samples + z2 / (4 * samples * samples)) / (1 + z2 / samples)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class _Evidence:
+    """The evidence window: rows of per-rung agreement (bool) and exit layers, newest last."""
+
+    capacity: int
+    agrees: deque[np.ndarray] = field(default_factory=deque)
+    exit_layers: deque[np.ndarray] = field(default_factory=deque)
+
+    def add(self, evidence: LadderEvidence) -> None:
+        self.agrees.append(np.asarray(evidence.agrees, dtype=bool))
+        self.exit_layers.append(np.asarray(evidence.exit_layers, dtype=np.int16))
+        while len(self.agrees) > self.capacity:
+            self.agrees.popleft()
+            self.exit_layers.popleft()
+
+    def __len__(self) -> int:
+        return len(self.agrees)
+
+
+class ThresholdController:
+    """Moves the default threshold along `ladder` (full depth first, ceiling last) to hold `targets`."""
+
+    def __init__(
+        self,
+        ladder: Sequence[float],
+        start_rung: int,
+        targets: Targets,
+        num_layers: int,
+        *,
+        windows: Sequence[int] = DEFAULT_WINDOWS,
+        z: float = DEFAULT_Z,
+        z_below: float = DEFAULT_Z_BELOW,
+        min_samples: int = 30,
+        min_dwell_s: float = 5.0,
+        latency_window_s: float = 5.0,
+        recover_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[Adjustment], None] | None = None,
+    ) -> None:
+        if len(ladder) < 2:
+            raise ValueError("the ladder needs at least two rungs (full depth and a ceiling)")
+        if not 0 <= start_rung < len(ladder):
+            raise ValueError(f"start rung {start_rung} is outside the ladder (0..{len(ladder) - 1})")
+        self.ladder = [float(value) for value in ladder]
+        self.targets = targets
+        self.num_layers = num_layers
+        self.windows = tuple(sorted(windows))
+        self.z = z
+        self.z_below = z_below
+        self.min_samples = min_samples
+        self.min_dwell_s = min_dwell_s
+        self.latency_window_s = latency_window_s
+        self.recover_s = recover_s
+        self._clock = clock
+        self._on_change = on_change or (lambda adjustment: None)
+        self.configured_rung = start_rung
+        self._base = start_rung  # the agreement's rung (the configured default without an agreement target)
+        self._push = 0  # rungs beyond the base that latency asks for
+        self._lock = threading.Lock()
+        self._evidence = _Evidence(self.windows[-1])
+        self._latencies: deque[tuple[float, float]] = deque()
+        now = clock()
+        self._last_base_move = now
+        self._last_push_move = now
+        self.p99_s: float | None = None
+        self.adjustments: list[Adjustment] = []
+
+    # --- what the server reads --------------------------------------------------------------------
+
+    @property
+    def ceiling_rung(self) -> int:
+        return len(self.ladder) - 1
+
+    @property
+    def rung(self) -> int:
+        """The rung the default threshold is on now."""
+        return min(self._base + self._push, self.ceiling_rung)
+
+    @property
+    def threshold(self) -> float:
+        """The default threshold now."""
+        return self.ladder[self.rung]
+
+    @property
+    def samples(self) -> int:
+        """Shadow samples in the evidence window."""
+        return len(self._evidence)
+
+    def interval(self, rung: int, window: int | None = None) -> Interval:
+        """Agreement at `rung` over the newest `window` samples (default: the whole window)."""
+        with self._lock:
+            rows = list(self._evidence.agrees)[-(window or self.windows[-1]) :]
+        return self._interval(rows, rung)
+
+    def expected_saving(self, rung: int) -> float | None:
+        """1 - mean exit layer / n at `rung` over the evidence window (the paper's expected saving); None empty."""
+        with self._lock:
+            layers = list(self._evidence.exit_layers)
+        if not layers:
+            return None
+        return 1.0 - float(np.stack(layers)[:, rung].mean()) / self.num_layers
+
+    def snapshot(self) -> dict[str, Any]:
+        """What `GET /v1/model` shows: the live default, the targets, and the evidence behind them."""
+        rung = self.rung
+        agreement = {str(window): self._jsonable(self.interval(rung, window)) for window in self.windows}
+        return {
+            "threshold": self.threshold,
+            "rung": rung,
+            "ladder": self.ladder,
+            "configured_threshold": self.ladder[self.configured_rung],
+            "target_agreement": self.targets.agreement,
+            "target_p99_ms": None if self.targets.p99_s is None else self.targets.p99_s * 1000,
+            "agreement_floor": self.targets.floor if self.targets.p99_s is not None else None,
+            "agreement": agreement,
+            "expected_saving": self.expected_saving(rung),
+            "samples": self.samples,
+            "p99_ms": None if self.p99_s is None else self.p99_s * 1000,
+            "latency_rungs": self._push,
+        }
+
+    @staticmethod
+    def _jsonable(interval: Interval) -> dict[str, float | int | None]:
+        estimate = interval.estimate
+        return {
+            "estimate": None if math.isnan(estimate) else estimate,
+            "lower": interval.lower,
+            "upper": interval.upper,
+            "samples": interval.samples,
+        }
+
+    # --- what the server feeds in (any thread) ------------------------------------------------------
+
+    def record_evidence(self, evidence: LadderEvidence) -> None:
+        """One shadow-sampled text's agreement at every rung."""
+        if len(evidence.agrees) != len(self.ladder) or len(evidence.exit_layers) != len(self.ladder):
+            raise ValueError(f"evidence for {len(evidence.agrees)} rungs; the ladder has {len(self.ladder)}")
+        with self._lock:
+            self._evidence.add(evidence)
+
+    def record_latency(self, seconds: float) -> None:
+        """One request's time in the server."""
+        with self._lock:
+            self._latencies.append((self._clock(), seconds))
+
+    # --- deciding ---------------------------------------------------------------------------------
+
+    def tick(self, queue_wait_s: float = 0.0) -> list[Adjustment]:
+        """Look at the evidence and move the default if the targets ask for it; the moves made."""
+        now = self._clock()
+        with self._lock:
+            rows = list(self._evidence.agrees)
+            cutoff = max(self._last_push_move, now - self.latency_window_s)
+            while self._latencies and self._latencies[0][0] < now - self.latency_window_s:
+                self._latencies.popleft()
+            recent = [seconds for at, seconds in self._latencies if at >= cutoff]
+        moves: list[Adjustment] = []
+        if self.targets.agreement is not None and rows:
+            moves += self._steer_agreement(rows, now)
+        if self.targets.p99_s is not None:
+            moves += self._steer_latency(rows, recent, queue_wait_s, now)
+        for move in moves:
+            self.adjustments.append(move)
+            logger.info(
+                "default threshold %.4f -> %.4f (rung %d -> %d of %d): %s; %s",
+                move.from_threshold,
+                move.to_threshold,
+                move.from_rung,
+                move.to_rung,
+                self.ceiling_rung,
+                move.reason.value,
+                move.evidence,
+            )
+            self._on_change(move)
+        return moves
+
+    def _interval(self, rows: Sequence[np.ndarray], rung: int) -> Interval:
+        agreeing = int(sum(bool(row[rung]) for row in rows))
+        lower, upper = wilson_interval(agreeing, len(rows), self.z)
+        return Interval(agreeing, len(rows), lower, upper)
+
+    def _windows(self, rows: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Per window with enough samples: the agreeing count per rung over its newest rows."""
+        if not rows:
+            return []
+        stacked = np.stack(rows[-self.windows[-1] :])
+        counts = []
+        for window in self.windows:
+            if len(stacked) < self.min_samples:
+                break
+            counts.append(stacked[-window:].sum(axis=0))
+            if window >= len(stacked):
+                break
+        return counts
+
+    def _below(self, counts: list[np.ndarray], rows: int, rung: int, level: float) -> Interval | None:
+        """The first window whose interval at `rung` lies wholly below `level`, if any."""
+        for count, window in zip(counts, self.windows, strict=False):
+            samples = min(window, rows)
+            lower, upper = wilson_interval(int(count[rung]), samples, self.z_below)
+            if upper < level:
+                return Interval(int(count[rung]), samples, lower, upper)
+        return None
+
+    def _above(self, counts: list[np.ndarray], rows: int, rung: int, level: float) -> Interval | None:
+        """A window whose interval at `rung` lies wholly above `level`, provided none lies wholly below it."""
+        if self._below(counts, rows, rung, level) is not None:
+            return None
+        for count, window in zip(counts, self.windows, strict=False):
+            samples = min(window, rows)
+            lower, upper = wilson_interval(int(count[rung]), samples, self.z)
+            if lower >= level:
+                return Interval(int(count[rung]), samples, lower, upper)
+        return None
+
+    def _steer_agreement(self, rows: list[np.ndarray], now: float) -> list[Adjustment]:
+        target = self.targets.agreement
+        assert target is not None
+        counts = self._windows(rows)
+        if not counts:
+            return []
+        size = min(len(rows), self.windows[-1])
+        base = self._base
+        shortfall = self._below(counts, size, base, target)
+        if shortfall is not None:
+            new = next((r for r in range(base - 1, 0, -1) if self._below(counts, size, r, target) is None), 0)
+            evidence = f"agreement at {self.ladder[base]:.4f}: {shortfall.describe()} < target {target}"
+            return [self._move_base(new, Reason.AGREEMENT_LOW, evidence, now)]
+        if now - self._last_base_move < self.min_dwell_s:
+            return []
+        new, proof = base, None
+        for rung in range(base + 1, self.ceiling_rung + 1):
+            above = self._above(counts, size, rung, target)
+            if above is None:
+                break
+            new, proof = rung, above
+        if new == base or proof is None:
+            return []
+        evidence = f"agreement at {self.ladder[new]:.4f}: {proof.describe()} >= target {target}"
+        return [self._move_base(new, Reason.AGREEMENT_ROOM, evidence, now)]
+
+    def _move_base(self, new: int, reason: Reason, evidence: str, now: float) -> Adjustment:
+        before = self.rung
+        self._base = new
+        self._last_base_move = now
+        return self._adjustment(reason, before, evidence)
+
+    def _latency_limit(self, rows: list[np.ndarray]) -> tuple[int, Interval | None]:
+        """The most aggressive rung latency may push to: the ceiling, or the rung before the first (from the
+        base up) whose agreement is shown below the floor; and that evidence."""
+        floor = self.targets.floor
+        counts = self._windows(rows) if floor is not None else []
+        size = min(len(rows), self.windows[-1])
+        for rung in range(self._base + 1, self.ceiling_rung + 1):
+            below = self._below(counts, size, rung, floor) if floor is not None and counts else None
+            if below is not None:
+                return rung - 1, below
+        return self.ceiling_rung, None
+
+    def _steer_latency(
+        self, rows: list[np.ndarray], recent: list[float], queue_wait_s: float, now: float
+    ) -> list[Adjustment]:
+        target = self.targets.p99_s
+        assert target is not None
+        self.p99_s = float(np.quantile(recent, 0.99)) if len(recent) >= MIN_LATENCY_SAMPLES else None
+        limit, floor_evidence = self._latency_limit(rows)
+        current = self.rung
+        if current > limit and self._push > 0:
+            # The floor moved under the push (new evidence): step back to it at once.
+            assert floor_evidence is not None
+            self._push = max(0, limit - self._base)
+            evidence = f"agreement at {self.ladder[limit + 1]:.4f}: {floor_evidence.describe()} < floor"
+            return [self._push_moved(Reason.FLOOR, current, evidence, now)]
+        waiting = queue_wait_s > target * QUEUE_SHARE
+        slow = self.p99_s is not None and self.p99_s > target
+        if waiting or slow:
+            if current >= limit:
+                return []
+            self._push = current + 1 - self._base
+            if slow:
+                evidence = f"p99 {self.p99_s * 1000:.1f} ms over {len(recent)} requests > target {target * 1000:g} ms"  # type: ignore[operator]
+            else:
+                evidence = f"queue wait {queue_wait_s * 1000:.1f} ms > {QUEUE_SHARE:g} x target {target * 1000:g} ms"
+            return [self._push_moved(Reason.LATENCY_HIGH, current, evidence, now)]
+        calm = (self.p99_s is None or self.p99_s < target * LOW_WATER) and queue_wait_s < target * QUEUE_SHARE / 2
+        if calm and self._push > 0 and now - self._last_push_move >= self.recover_s:
+            self._push -= 1
+            p99 = "no requests" if self.p99_s is None else f"p99 {self.p99_s * 1000:.1f} ms"
+            evidence = f"{p99} < {LOW_WATER:g} x target {target * 1000:g} ms"
+            return [self._push_moved(Reason.LATENCY_RECOVERED, current, evidence, now)]
+        return []
+
+    def _push_moved(self, reason: Reason, before: int, evidence: str, now: float) -> Adjustment:
+        self._last_push_move = now
+        return self._adjustment(reason, before, evidence)
+
+    def _adjustment(self, reason: Reason, before: int, evidence: str) -> Adjustment:
+        after = self.rung
+        return Adjustment(reason, before, after, self.ladder[before], self.ladder[after], evidence)
+
+    # --- resuming (DEEBERT_CONTROLLER_STATE) --------------------------------------------------------
+
+    def state(self, model: str, criterion: str) -> dict[str, Any]:
+        """What a restarted server needs to resume: the rungs, the latency push and the evidence window."""
+        with self._lock:
+            agrees = [row.tolist() for row in self._evidence.agrees]
+            layers = [row.tolist() for row in self._evidence.exit_layers]
+        return {
+            "version": STATE_VERSION,
+            "model": model,
+            "criterion": criterion,
+            "ladder": self.ladder,
+            "threshold": self.ladder[self._base],
+            "latency_rungs": self._push,
+            "evidence": {"agrees": agrees, "exit_layers": layers},
+            "saved_at": time.time(),
+        }
+
+    def save(self, path: Path, model: str, criterion: str) -> None:
+        """Write the state atomically (a crash mid-write leaves the previous file)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(self.state(model, criterion)))
+        os.replace(partial, path)
+
+    def resume(self, path: Path, model: str, criterion: str) -> bool:
+        """Take up a saved state if it is for this model and criterion; a missing, unreadable or foreign file
+        is ignored with a warning (never a failed start). True when resumed."""
+        if not path.exists():
+            logger.info("controller state %s does not exist yet; starting at the configured default", path)
+            return False
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("version") != STATE_VERSION:
+                raise ValueError(f"state version {saved.get('version')}, expected {STATE_VERSION}")
+            if saved["model"] != model or saved["criterion"] != criterion:
+                raise ValueError(f"it is for {saved['model']} ({saved['criterion']}), not {model} ({criterion})")
+            threshold = float(saved["threshold"])
+            same_ladder = [round(v, 9) for v in saved["ladder"]] == [round(v, 9) for v in self.ladder]
+            evidence = saved["evidence"] if same_ladder else {"agrees": [], "exit_layers": []}
+            rows = [
+                LadderEvidence(tuple(bool(a) for a in agrees), tuple(int(x) for x in layers))
+                for agrees, layers in zip(evidence["agrees"], evidence["exit_layers"], strict=True)
+            ]
+            push = int(saved.get("latency_rungs", 0)) if self.targets.p99_s is not None else 0
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            logger.warning("controller state %s ignored: %s", path, err)
+            return False
+        before = self.rung
+        with self._lock:
+            for row in rows:
+                self._evidence.add(row)
+        self._base = min(range(len(self.ladder)), key=lambda r: abs(self.ladder[r] - threshold))
+        self._push = max(0, push)
+        if not same_ladder:
+            logger.warning("controller state %s: the ladder changed; its threshold kept, its evidence dropped", path)
+        move = self._adjustment(Reason.RESUMED, before, f"{len(rows)} samples from {path}")
+        logger.info("controller resumed at threshold %.4f (%s)", self.threshold, move.evidence)
+        if move.from_rung != move.to_rung:
+            self.adjustments.append(move)
+            self._on_change(move)
+        return True
