@@ -69,6 +69,8 @@ def test_dashboard_has_the_panels_operators_need() -> None:
         "job:deebert_requests_overloaded:ratio_rate1m",  # 429 rate
         "job:deebert_degraded:ratio_rate1m",  # brownout
         "job:deebert_exit_agreement:ratio_rate5m",  # shadow sampling
+        "job:deebert_controller_threshold:max",  # the threshold controller
+        "job:deebert_controller_agreement:min",
     ):
         assert needed in by_rule, f"no panel shows {needed}"
     for panel in panels:

@@ -121,7 +121,9 @@ def test_recorded_saving_equals_the_saving_of_the_responses(tmp_path: Path, tiny
     data = write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], sentiment_rows(60))
     port = free_port()
     # Shadow sampling on: its full-depth re-runs must not leak into the saving counters.
-    env = {"DEEBERT_THREADS": "1", "DEEBERT_SHADOW_FRACTION": "0.5"}
+    # The agreement target turns the threshold controller on (every request here pins its threshold, so it
+    # changes no answer), for its gauges and rules to have data.
+    env = {"DEEBERT_THREADS": "1", "DEEBERT_SHADOW_FRACTION": "0.5", "DEEBERT_TARGET_AGREEMENT": "0.9"}
     server = deebert_server_command(str(tiny_checkpoint), port)
     with (
         running_server(server, env, port, startup_timeout=90) as server_url,
