@@ -24,7 +24,7 @@ from tests.server_helpers import make_app, serving, tiny_engine
 
 LADDER = [round(0.05 * i, 2) for i in range(11)]  # 0 (full depth) .. 0.5 (ceiling)
 # True agreement with the full model per rung: 1 at full depth, falling toward the ceiling.
-CALM = [1.0, 1.0, 0.999, 0.998, 0.997, 0.995, 0.98, 0.95, 0.9, 0.85, 0.8]
+CALM = [1.0, 1.0, 0.999, 0.998, 0.998, 0.997, 0.98, 0.95, 0.9, 0.85, 0.8]
 # Another distribution (drift): agreement falls much faster with the rung.
 DRIFTED = [1.0, 0.997, 0.97, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6]
 
@@ -84,7 +84,7 @@ def test_wilson_interval_contains_the_estimate_and_narrows_with_samples() -> Non
 
 
 def test_agreement_target_converges_from_above_and_from_below_without_oscillating() -> None:
-    # Rungs 0-5 agree >= 0.995, rung 6 agrees 0.98: holding 0.99 with confidence means settling on rung 5.
+    # Rungs 0-5 agree >= 0.997, rung 6 agrees 0.98: holding 0.99 with confidence means settling on rung 5.
     for start in (9, 0):
         clock, rng = FakeClock(), random.Random(start)
         ctl = controller(start, clock, agreement=0.99)
