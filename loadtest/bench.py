@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from loadtest.bench_report import _num, write_markdown, write_plots
+from loadtest.bench_report import write_markdown, write_plots
 from loadtest.generator import LoadConfig, Workload, run
 from loadtest.peers import PeerSettings, run_peers
 from loadtest.saturation import MAX_ERROR_RATE, is_saturated, saturated_throughput, sustained
@@ -54,7 +54,7 @@ from loadtest.servers import (
     running_server,
 )
 from loadtest.targets import target
-from reports.common import machine_description
+from reports.common import machine_description, number
 
 DEFAULT_CHECKPOINT = "weights/sst2-minilm-l6"
 DEFAULT_DATA = "../shared/data/sst2/dev.tsv"
@@ -162,8 +162,8 @@ def _point(
     report = run(config, workload)
     latency = report["latency_ms"]
     print(
-        f"  {label:<34} {report['throughput_rps']:8.1f} req/s  p50 {_num(latency['p50'])} ms  "
-        f"p99 {_num(latency['p99'])} ms  errors {sum(report['errors'].values())}",
+        f"  {label:<34} {report['throughput_rps']:8.1f} req/s  p50 {number(latency['p50'])} ms  "
+        f"p99 {number(latency['p99'])} ms  errors {sum(report['errors'].values())}",
         file=sys.stderr,
     )
     return report
