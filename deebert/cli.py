@@ -209,7 +209,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from model.config import ConfigError
-    from model.evaluate import evaluate, format_table, write_report
+    from model.evaluate import evaluate
+    from reports.evaluation import format_table, write_report
 
     if args.threads:
         torch.set_num_threads(args.threads)
