@@ -18,26 +18,42 @@ from loadtest.reliability_checks import (
     soak_rss_growth,
 )
 from reports.common import describe_machine, markdown_table, number
+from reports.terminal import key_values, table
 
 
 def format_summary(report: dict[str, Any]) -> str:
     """A few lines for the terminal: the counts, latency, RSS, and each check."""
     o, load, rss = report["outcome"], report["load"], report["rss"]
     lat, server = o["latency_accepted_ms"], o["server_latency_accepted_ms"]
-    lines = [
+    headline = (
         f"{report['mode']}: {load['offered_rps']:.1f} req/s offered ({load['share_of_capacity']:g} x capacity "
-        f"{report['capacity']['throughput_rps']:.1f} req/s) for {load['duration_s']:g} s",
-        f"  sent {o['sent']}  accepted {o['accepted']}  refused {o['refused']}  failed {o['failed']}  "
-        f"lost {o['lost']}  client-dropped {o['client_dropped']}",
-        f"  accepted latency p50 {ms_text(lat['p50'])}  p99 {ms_text(lat['p99'])} (client, from scheduled arrival); "
-        f"server-side p50 {ms_text(server['p50'])}  p99 {ms_text(server['p99'])}",
-        f"  queue bound {ms_text(report['latency_bound']['bound_ms'])} = {report['latency_bound']['formula']}",
-        f"  RSS before {rss_text(rss['before'])}  peak {rss_text(rss['peak'])}  end {rss_text(rss['end'])}  "
-        f"after idle {rss_text(rss['after'])}",
-    ]
-    for check in report["checks"]:
-        lines.append(f"  {'PASS' if check['passed'] else 'FAIL'}  {check['name']}: {check['detail']}")
-    return "\n".join(lines)
+        f"{report['capacity']['throughput_rps']:.1f} req/s) for {load['duration_s']:g} s"
+    )
+    facts = key_values(
+        [
+            (
+                "requests",
+                f"sent {o['sent']}  accepted {o['accepted']}  refused {o['refused']}  failed {o['failed']}  "
+                f"lost {o['lost']}  client-dropped {o['client_dropped']}",
+            ),
+            (
+                "accepted latency",
+                f"p50 {ms_text(lat['p50'])}  p99 {ms_text(lat['p99'])} (client, from scheduled arrival); "
+                f"server-side p50 {ms_text(server['p50'])}  p99 {ms_text(server['p99'])}",
+            ),
+            ("queue bound", f"{ms_text(report['latency_bound']['bound_ms'])} = {report['latency_bound']['formula']}"),
+            (
+                "RSS",
+                f"before {rss_text(rss['before'])}  peak {rss_text(rss['peak'])}  end {rss_text(rss['end'])}  "
+                f"after idle {rss_text(rss['after'])}",
+            ),
+        ],
+        indent="  ",
+    )
+    checks = table(
+        (), [["PASS" if c["passed"] else "FAIL", f"{c['name']}: {c['detail']}"] for c in report["checks"]], indent="  "
+    )
+    return "\n".join([headline, facts, checks])
 
 
 def _checks_lines(report: dict[str, Any]) -> list[str]:

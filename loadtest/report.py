@@ -20,6 +20,7 @@ from loadtest.records import (
 )
 from model.saving import exit_counts, expected_saving_from_counts, saving_from_totals
 from reports.common import number, percent
+from reports.terminal import key_values
 
 
 def latency_summary(seconds: Sequence[float]) -> dict[str, float | None]:
@@ -188,8 +189,7 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     if report["mode"] == "open":
         rows.append(("max schedule lag", number(report["max_schedule_lag_ms"], 2, " ms")))
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    return key_values(rows)
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:

@@ -8,7 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from reports.common import number, percent
 from reports.figures import plot_report
+from reports.terminal import table
 
 
 def write_report(report: dict[str, Any], output: Path) -> None:
@@ -41,41 +43,60 @@ def write_report(report: dict[str, Any], output: Path) -> None:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """A short terminal table of the sweep and presets."""
+    """A short terminal summary: the sweep and the presets as tables, the rest in sentences."""
+    sweep = table(
+        ["threshold", "accuracy", "expected", "measured", "exits per layer"],
+        [
+            [
+                f"{p['threshold']:.3f}",
+                percent(p["accuracy"], 2),
+                percent(p["expected_saving"]),
+                percent(p["measured_saving"], missing=""),
+                " ".join(str(c) for c in p["exit_counts"]),
+            ]
+            for p in report["sweep"]
+        ],
+        align=">>>><",
+    )
+    best = report["oracle"]
     lines = [
         f"{report['model']}: {report['num_samples']} samples, {report['num_layers']} layers, "
-        f"full-depth accuracy {100 * report['full_accuracy']:.2f}%",
+        f"full-depth accuracy {percent(report['full_accuracy'], 2)}",
         "per-layer accuracy: " + " ".join(f"L{i}={100 * a:.1f}" for i, a in enumerate(report["per_layer_accuracy"], 1)),
-        f"{'threshold':>9} {'accuracy':>8} {'expected':>8} {'measured':>8}  exits per layer",
+        sweep,
+        f"oracle: accuracy {percent(best['accuracy'], 2)}, saving {percent(best['expected_saving'])}",
     ]
-    for p in report["sweep"]:
-        measured = "" if p["measured_saving"] is None else f"{100 * p['measured_saving']:.1f}%"
+    if report["presets"]:
         lines.append(
-            f"{p['threshold']:>9.3f} {100 * p['accuracy']:>7.2f}% {100 * p['expected_saving']:>7.1f}% {measured:>8}  "
-            + " ".join(str(c) for c in p["exit_counts"])
-        )
-    best = report["oracle"]
-    lines.append(f"oracle: accuracy {100 * best['accuracy']:.2f}%, saving {100 * best['expected_saving']:.1f}%")
-    for preset in report["presets"]:
-        lines.append(
-            f"preset {preset['name']:<9} threshold {preset['threshold']:.4f}: "
-            f"accuracy {100 * preset['accuracy']:.2f}%, expected saving {100 * preset['expected_saving']:.1f}%"
-            + ("" if preset["measured_saving"] is None else f", measured {100 * preset['measured_saving']:.1f}%")
+            table(
+                ["preset", "threshold", "accuracy", "expected saving", "measured saving"],
+                [
+                    [
+                        preset["name"],
+                        f"{preset['threshold']:.4f}",
+                        percent(preset["accuracy"], 2),
+                        percent(preset["expected_saving"]),
+                        percent(preset["measured_saving"], missing=""),
+                    ]
+                    for preset in report["presets"]
+                ],
+                align="<>>>>",
+            )
         )
     if "latency_ms" in report:
         latency = report["latency_ms"]
         timing = report.get("timing", {})
         lines.append(
             f"batch-1 latency on {timing.get('device', 'cpu')} ({timing.get('dtype', 'float32')}): "
-            f"plain full forward {latency['plain_full_forward']:.2f} ms, "
-            f"exit loop at full depth {latency['exit_loop_threshold_0']:.2f} ms "
-            f"({100 * latency['exit_loop_overhead_at_threshold_0']:+.1f}%)"
+            f"plain full forward {number(latency['plain_full_forward'], 2, ' ms')}, "
+            f"exit loop at full depth {number(latency['exit_loop_threshold_0'], 2, ' ms')} "
+            f"({percent(latency['exit_loop_overhead_at_threshold_0'], signed=True)})"
         )
     costs = report.get("timing", {}).get("exit_costs")
     if costs is not None:
         lines.append(
             f"measured trails expected by: {1000 * costs['off_ramp_ms']:.0f} µs per off-ramp a sample passes "
-            f"({100 * costs['off_ramp_fraction_of_plain_forward']:.1f}% of a plain forward) and "
-            f"{100 * costs['unsaved_fraction']:.1f}% of a plain forward outside the layers (fitted over the sweep)"
+            f"({percent(costs['off_ramp_fraction_of_plain_forward'])} of a plain forward) and "
+            f"{percent(costs['unsaved_fraction'])} of a plain forward outside the layers (fitted over the sweep)"
         )
     return "\n".join(lines)
