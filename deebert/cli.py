@@ -13,6 +13,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from reports.common import machine_description, percent
+from reports.terminal import table
+
 DEFAULT_CHECKPOINT = "weights/sst2-minilm-l6"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # model.device.DTYPES, without importing torch to parse
 
@@ -209,7 +212,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from model.config import ConfigError
-    from model.evaluate import evaluate, format_table, write_report
+    from model.evaluate import evaluate
+    from reports.evaluation import format_table, write_report
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -233,8 +237,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         criterion=config.criterion,
         timing_repeats=args.timing_repeats,
     )
-    from reports.common import machine_description
-
     report["checkpoint"] = str(args.checkpoint)
     report["data"] = str(args.data)
     report["command"] = args.command_line
@@ -270,11 +272,16 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     else:
         stored = stored.with_presets(presets, runtime=runtime)
     stored.save(directory)
-    for preset in presets:
-        print(
-            f"{preset.name:<9} threshold {preset.threshold:.6f}  dev accuracy {100 * (preset.accuracy or 0):.2f}%  "
-            f"expected saving {100 * (preset.expected_saving or 0):.1f}%"
+    print(
+        table(
+            ["preset", "threshold", "dev accuracy", "expected saving"],
+            [
+                [p.name, f"{p.threshold:.6f}", percent(p.accuracy or 0, 2), percent(p.expected_saving or 0)]
+                for p in presets
+            ],
+            align="<>>>",
         )
+    )
     where = f" for {runtime}" if runtime else ""
     print(f"stored {len(presets)} {config.exit_criterion} presets{where} in {directory}/config.json")
     return 0

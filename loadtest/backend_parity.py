@@ -25,6 +25,7 @@ from model.checkpoint import load_model
 from model.data import read_dataset
 from model.tokenization import load_tokenizer, pad_batch, tokenize
 from reports.common import machine_description
+from reports.terminal import table
 
 
 def compare(
@@ -120,14 +121,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{report['checkpoint']} on {report['data']} ({report['precision']}): max |Δ entropy| "
         f"{report['max_entropy_difference']:.2g}"
     )
-    print(
-        f"{'threshold':<12} {'mode':<9} {'rows':>5} {'exit diff':>9} {'float err':>9} {'unexplained':>11} {'labels':>6}"
-    )
-    for r in report["results"]:
-        print(
-            f"{r['threshold_name']:<12} {r['mode']:<9} {r['rows']:>5} {r['exit_layer_differences']:>9} "
-            f"{r['explained_by_float_error']:>9} {r['unexplained']:>11} {r['label_differences_total']:>6}"
-        )
+    columns = {
+        "threshold_name": "threshold",
+        "mode": "mode",
+        "rows": "rows",
+        "exit_layer_differences": "exit diff",
+        "explained_by_float_error": "float err",
+        "unexplained": "unexplained",
+        "label_differences_total": "labels",
+    }
+    rows = [[str(r[key]) for key in columns] for r in report["results"]]
+    print(table(list(columns.values()), rows, align="<<>>>>>"))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")

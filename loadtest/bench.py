@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from loadtest.bench_report import _num, write_markdown, write_plots
+from loadtest.bench_report import write_markdown, write_plots
 from loadtest.generator import LoadConfig, Workload, run
 from loadtest.peers import PeerSettings, run_peers
 from loadtest.saturation import MAX_ERROR_RATE, is_saturated, saturated_throughput, sustained
@@ -54,12 +54,15 @@ from loadtest.servers import (
     running_server,
 )
 from loadtest.targets import target
-from reports.common import machine_description
+from reports.common import machine_description, number
+from reports.terminal import table
 
 DEFAULT_CHECKPOINT = "weights/sst2-minilm-l6"
 DEFAULT_DATA = "../shared/data/sst2/dev.tsv"
 PARTS = ("batch1", "curve", "plain", "plain-ort", "compaction", "wrk", "peers")
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_post.lua"
+# The label and throughput columns of the line each measurement prints, so the lines line up as they come.
+PROGRESS_WIDTHS = (34, 14)
 
 TARGETS = {
     "balanced_vs_full": 1.5,
@@ -161,11 +164,14 @@ def _point(
     )
     report = run(config, workload)
     latency = report["latency_ms"]
-    print(
-        f"  {label:<34} {report['throughput_rps']:8.1f} req/s  p50 {_num(latency['p50'])} ms  "
-        f"p99 {_num(latency['p99'])} ms  errors {sum(report['errors'].values())}",
-        file=sys.stderr,
-    )
+    progress = [
+        label,
+        number(report["throughput_rps"], 1, " req/s"),
+        f"p50 {number(latency['p50'])} ms",
+        f"p99 {number(latency['p99'])} ms",
+        f"errors {sum(report['errors'].values())}",
+    ]
+    print(table((), [progress], align="<>", indent="  ", widths=PROGRESS_WIDTHS), file=sys.stderr)
     return report
 
 
@@ -599,7 +605,6 @@ def run_from_args(args: argparse.Namespace) -> int:
     except BenchError as err:
         print(f"deebert bench: error: {err}", file=sys.stderr)
         return 2
-    for outcome in results["targets"]:
-        print(f"{outcome['status']:<5} {outcome['name']}: {outcome['detail']}")
+    print(table((), [[t["status"], f"{t['name']}: {t['detail']}"] for t in results["targets"]]))
     print(f"wrote {settings.output_md}, {results['files'].get('json')} and plots in {settings.results_dir}")
     return 0

@@ -9,11 +9,7 @@ from typing import Any
 
 from loadtest.peers import markdown_section
 from loadtest.saturation import MAX_ERROR_RATE, P99_BLOWUP, SATURATION_SHARE, sustained
-from reports.common import markdown_table, percent
-
-
-def _num(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+from reports.common import markdown_table, number, percent
 
 
 def _analysis(results: dict[str, Any]) -> list[str]:
@@ -125,20 +121,20 @@ def _curve_section(curve: dict[str, Any]) -> str:
         rows.append(
             [
                 load,
-                _num(point["throughput_rps"], 1),
-                _num(point["texts_per_s"], 1),
-                _num(latency["p50"]),
-                _num(latency["p90"]),
-                _num(latency["p99"]),
+                number(point["throughput_rps"], 1),
+                number(point["texts_per_s"], 1),
+                number(latency["p50"]),
+                number(latency["p90"]),
+                number(latency["p99"]),
                 _errors(point),
                 _pct(point["expected_saving"]),
             ]
         )
     header = ["load", "req/s", "texts/s", "p50 ms", "p90 ms", "p99 ms", "errors", "expected saving"]
     sat = (
-        f"Saturated throughput: **{_num(sustained(curve), 1)} req/s** (best of: "
-        f"{_num(curve['saturated_rps_open'], 1)} req/s open loop, "
-        f"{_num(curve['saturated_rps_closed'], 1)} req/s closed loop)."
+        f"Saturated throughput: **{number(sustained(curve), 1)} req/s** (best of: "
+        f"{number(curve['saturated_rps_open'], 1)} req/s open loop, "
+        f"{number(curve['saturated_rps_closed'], 1)} req/s closed loop)."
     )
     return f"#### {curve['label']}\n\n{_md_table(header, rows)}\n\n{sat}\n"
 
@@ -191,10 +187,10 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             [
                 r["threshold"],
                 str(r["requests"]),
-                _num(r["mean_latency_ms"]),
-                _num(r["p50_latency_ms"]),
-                _num(r["mean_compute_ms"]),
-                _num(r["overhead_p50_ms"], 3),
+                number(r["mean_latency_ms"]),
+                number(r["p50_latency_ms"]),
+                number(r["mean_compute_ms"]),
+                number(r["overhead_p50_ms"], 3),
                 _pct(r["expected_saving"]),
                 _pct(r["metrics_expected_saving"]),
                 _pct(r["measured_latency_saving"]),
@@ -249,8 +245,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             "ONNX graph (the plain graph deebert's ONNX Runtime backend runs at full depth), one request at a time, "
             "no batching, no early exit: what a user who exports to ONNX Runtime serves.",
             "",
-            f"Batch 1 (one client, {s['batch1_duration']:g} s): p50 {_num(latency.get('p50'))} ms, mean "
-            f"{_num(latency.get('mean'))} ms, p99 {_num(latency.get('p99'))} ms.",
+            f"Batch 1 (one client, {s['batch1_duration']:g} s): p50 {number(latency.get('p50'))} ms, mean "
+            f"{number(latency.get('mean'))} ms, p99 {number(latency.get('p99'))} ms.",
             "",
             _curve_section(results["plain_ort"]),
         ]
@@ -280,10 +276,10 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         else:
             ext, ours = wrk["external"], wrk["ours"]
             rows = [
-                [wrk["tool"], _num(ext["throughput_rps"], 1), _num(ext["latency_ms"].get("p50")),
-                 _num(ext["latency_ms"].get("p99")), str(ext.get("non_2xx", "-"))],
-                ["deebert loadtest", _num(ours["throughput_rps"], 1), _num(ours["latency_ms"]["p50"]),
-                 _num(ours["latency_ms"]["p99"]), str(sum(ours["errors"].values()))],
+                [wrk["tool"], number(ext["throughput_rps"], 1), number(ext["latency_ms"].get("p50")),
+                 number(ext["latency_ms"].get("p99")), str(ext.get("non_2xx", "-"))],
+                ["deebert loadtest", number(ours["throughput_rps"], 1), number(ours["latency_ms"]["p50"]),
+                 number(ours["latency_ms"]["p99"]), str(sum(ours["errors"].values()))],
             ]  # fmt: skip
             out += [
                 f"Closed loop, {wrk['concurrency']} connections, threshold {wrk['threshold']}, {wrk['duration_s']} s "
@@ -291,7 +287,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                 "",
                 _md_table(["tool", "req/s", "p50 ms", "p99 ms", "errors"], rows),
                 "",
-                f"Ours / {wrk['tool']}: {_num(wrk['ours_over_external'])}.",
+                f"Ours / {wrk['tool']}: {number(wrk['ours_over_external'])}.",
                 "",
             ]
     if results.get("peers"):

@@ -29,6 +29,7 @@ from model.data import read_dataset
 from model.modeling import DeeBert, OffRamp
 from model.tokenization import load_tokenizer, pad_batch, tokenize
 from reports.common import machine_description
+from reports.terminal import table
 
 
 def profile_loop(model: DeeBert, batches: Sequence[Any], rounds: int) -> dict[str, list[int]]:
@@ -109,10 +110,13 @@ def profile_kernels(hidden_size: int, samples: int) -> dict[str, list[int]]:
     return times
 
 
-def _print_medians(title: str, times: dict[str, list[int]]) -> None:
-    print(title)
-    for name, values in times.items():
-        print(f"  {name:<42} {statistics.median(values) / 1000:7.1f} µs  ({len(values)} samples)")
+def _print_medians(sections: dict[str, dict[str, list[int]]]) -> None:
+    """Each section's title, then its median times, in columns lined up across the sections."""
+    name_width = max(len(name) for times in sections.values() for name in times)
+    for title, times in sections.items():
+        rows = [[name, f"{statistics.median(ns) / 1000:.1f} µs", f"({len(ns)} samples)"] for name, ns in times.items()]
+        print(title)
+        print(table((), rows, align="<>", indent="  ", widths=(name_width, 9)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,10 +137,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = machine_description()
     print(f"{model.config.name}, batch 1, {len(batches)} samples × {args.rounds} rounds, {args.threads} threads")
     print(f"machine: {machine['cpu']}, torch {machine['versions'].get('torch')}")
-    _print_medians("off-ramp steps after an encoder layer (layers 1..n-1):", profile_loop(model, batches, args.rounds))
     _print_medians(
-        "dense product at batch 1, weight out of cache:",
-        profile_kernels(model.config.hidden_size, len(batches) * args.rounds),
+        {
+            "off-ramp steps after an encoder layer (layers 1..n-1):": profile_loop(model, batches, args.rounds),
+            "dense product at batch 1, weight out of cache:": profile_kernels(
+                model.config.hidden_size, len(batches) * args.rounds
+            ),
+        }
     )
     return 0
 

@@ -33,7 +33,8 @@ from model.checkpoint import load_model
 from model.data import read_dataset
 from model.onnx_backend import OnnxDeeBert
 from model.tokenization import load_tokenizer, pad_batch, tokenize
-from reports.common import describe_machine, machine_description
+from reports.common import describe_machine, machine_description, number, percent
+from reports.terminal import table
 
 
 def profile(model: OnnxDeeBert, batches: list[Any], threshold: float, rounds: int, seed: int) -> dict[str, Any]:
@@ -142,17 +143,25 @@ def main(argv: list[str] | None = None) -> int:
     results["command"] = "python -m loadtest.onnx_step_profile " + " ".join(argv or sys.argv[1:])
     print(describe_machine(results["machine"]))
     print(f"{results['samples']} sentences x {results['rounds']} rounds, threshold {args.threshold} ({threshold:.4g})")
-    for name, value in results["steps_median_us"].items():
-        print(f"  {name:32s} {value:8.1f} µs")
+    steps = [[name, f"{value:.1f} µs"] for name, value in results["steps_median_us"].items()]
+    print(table((), steps, align="<>", indent="  "))
     print(
         f"plain {results['plain_mean_ms']:.2f} ms, loop {results['loop_mean_ms']:.2f} ms "
-        f"({results['loop_over_plain']:.3f}x; expected saving {results['expected_saving']:.1%})"
+        f"({results['loop_over_plain']:.3f}x; expected saving {percent(results['expected_saving'])})"
     )
-    for row in results["by_exit_layer"]:
-        print(
-            f"  exit at {row['exit_layer']}: {row['sentences']:4d} sentences, loop {row['loop_ms']:.2f} ms, "
-            f"plain {row['plain_ms']:.2f} ms, {row['loop_over_plain']:.3f}x (ideal {row['ideal_over_plain']:.3f}x)"
-        )
+    by_exit_layer = [
+        [
+            str(row["exit_layer"]),
+            str(row["sentences"]),
+            number(row["loop_ms"], 2, " ms"),
+            number(row["plain_ms"], 2, " ms"),
+            f"{row['loop_over_plain']:.3f}x",
+            f"{row['ideal_over_plain']:.3f}x",
+        ]
+        for row in results["by_exit_layer"]
+    ]
+    headers = ["exit at", "sentences", "loop", "plain", "loop / plain", "ideal"]
+    print(table(headers, by_exit_layer, align=">>>>>>", indent="  "))
     if args.output:
         write_json(results, Path(args.output))
     return 0

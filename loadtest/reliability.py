@@ -52,10 +52,10 @@ from loadtest.reliability_checks import (
     DEFAULT_DURATION,
     MODES,
     Mode,
-    _latency,
     classify_records,
     evaluate_checks,
     latency_bound_ms,
+    latency_summary,
     windows,
 )
 from loadtest.reliability_report import format_summary, write_markdown
@@ -165,7 +165,7 @@ def probe(url: str, texts: Sequence[str], threshold: str | None, timeout: float)
             statuses[status] += 1
             if status == "200":
                 latencies.append(1000 * (time.perf_counter() - started))
-    summary = _latency(latencies)
+    summary = latency_summary(latencies)
     return {
         "requests": len(texts),
         "ok": statuses.get("200", 0),

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from loadtest.records import RequestRecord, percentile
-from reports.common import percent
+from reports.common import number, percent
 
 Mode = Literal["overload", "soak"]
 MODES: tuple[Mode, ...] = ("overload", "soak")
@@ -64,14 +64,15 @@ def classify_records(records: Sequence[RequestRecord], client_dropped: int = 0) 
         "lost": sum(lost.values()),
         "lost_by_kind": dict(sorted(lost.items())),
         "client_dropped": client_dropped,
-        "latency_accepted_ms": _latency(latencies),
+        "latency_accepted_ms": latency_summary(latencies),
         # X-Total-Time: from the route taking the request to its answer (tokenize, queue, batch), the span
         # the queue bounds; the client's figure adds its own lag, the network and the server's accept backlog.
-        "server_latency_accepted_ms": _latency([r.total_ms for r in accepted if r.total_ms is not None]),
+        "server_latency_accepted_ms": latency_summary([r.total_ms for r in accepted if r.total_ms is not None]),
     }
 
 
-def _latency(ms: Sequence[float]) -> dict[str, float | None]:
+def latency_summary(ms: Sequence[float]) -> dict[str, float | None]:
+    """p50, p90, p99 and max of latencies in ms (all None for none)."""
     if not ms:
         return {"p50": None, "p90": None, "p99": None, "max": None}
     return {"p50": percentile(ms, 50), "p90": percentile(ms, 90), "p99": percentile(ms, 99), "max": max(ms)}
@@ -152,8 +153,9 @@ def _check(name: str, passed: bool, detail: str) -> dict[str, Any]:
     return {"name": name, "passed": bool(passed), "detail": detail}
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f} ms"
+def ms_text(value: float | None) -> str:
+    """A latency in ms as text (`12.3 ms`, `-` for none)."""
+    return number(value, 1, " ms")
 
 
 def _healthy_after(report: dict[str, Any]) -> dict[str, Any]:
@@ -174,7 +176,8 @@ def _healthy_after(report: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _growth(before: int | None, after: int | None) -> float | None:
+def relative_growth(before: int | None, after: int | None) -> float | None:
+    """(after − before) / before; None when either is unknown (or before is 0)."""
     return None if not before or after is None else (after - before) / before
 
 
@@ -233,7 +236,7 @@ def evaluate_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
         _check(
             "p99 within the queue bound",
             p99 is not None and bound is not None and p99 <= bound,
-            f"server-side (X-Total-Time) p99 {_ms(p99)} vs bound {_ms(bound)}",
+            f"server-side (X-Total-Time) p99 {ms_text(p99)} vs bound {ms_text(bound)}",
         )
     )
     lag_ms = 1000 * report["load"]["max_schedule_lag_s"]
@@ -241,21 +244,21 @@ def evaluate_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
         _check(
             "client p99 within the bound plus the generator's lag",
             client_p99 is not None and bound is not None and client_p99 <= bound + lag_ms,
-            f"p99 from the scheduled arrival {_ms(client_p99)} vs {_ms(bound)} + {lag_ms:.0f} ms; a gap to the "
+            f"p99 from the scheduled arrival {ms_text(client_p99)} vs {ms_text(bound)} + {lag_ms:.0f} ms; a gap to the "
             "server-side p99 is time before the route: the generator's own connection handling or the server's "
             "accept backlog",
         )
     )
     rss = report["rss"]
     if mode == "overload":
-        growth = _growth(rss["before"], rss["after"])
+        growth = relative_growth(rss["before"], rss["after"])
         checks.append(
             _check(
                 "RSS back to baseline",
                 growth is not None and growth <= RSS_TOLERANCE,
-                f"before {_fmt_mib(rss['before'])}, peak {_fmt_mib(rss['peak'])}, "
-                f"after {report['settings']['idle']:g} s idle {_fmt_mib(rss['after'])} "
-                f"({_pct(growth)}; at most +{100 * RSS_TOLERANCE:g}%)",
+                f"before {rss_text(rss['before'])}, peak {rss_text(rss['peak'])}, "
+                f"after {report['settings']['idle']:g} s idle {rss_text(rss['after'])} "
+                f"({growth_text(growth)}; at most +{100 * RSS_TOLERANCE:g}%)",
             )
         )
     else:
@@ -264,9 +267,10 @@ def evaluate_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
             _check(
                 "RSS growth under 5%",
                 growth is not None and growth < RSS_TOLERANCE,
-                f"median RSS {_mib_text(first)} in the first window, {_mib_text(last)} in the last ({_pct(growth)}); "
-                f"idle before the load {_fmt_mib(rss['before'])}, end of load {_fmt_mib(rss['end'])} "
-                f"({_pct(_growth(rss['before'], rss['end']))})",
+                f"median RSS {mib_text(first)} in the first window, {mib_text(last)} in the last "
+                f"({growth_text(growth)}); "
+                f"idle before the load {rss_text(rss['before'])}, end of load {rss_text(rss['end'])} "
+                f"({growth_text(relative_growth(rss['before'], rss['end']))})",
             )
         )
         timed = [w for w in report["windows"] if w["server_p99_ms"] is not None]
@@ -275,8 +279,8 @@ def evaluate_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
             _check(
                 "every window's p99 within the bound",
                 bool(timed) and not over,
-                f"{len(over)} of {len(timed)} windows over {_ms(bound)}; worst server-side p99 "
-                f"{_ms(max((w['server_p99_ms'] for w in timed), default=None))}",
+                f"{len(over)} of {len(timed)} windows over {ms_text(bound)}; worst server-side p99 "
+                f"{ms_text(max((w['server_p99_ms'] for w in timed), default=None))}",
             )
         )
     checks.append(_healthy_after(report))
@@ -286,20 +290,23 @@ def evaluate_checks(report: dict[str, Any]) -> list[dict[str, Any]]:
         _check(
             "as fast after as before",
             fast,
-            f"probe p50 {_ms(before)} before, {_ms(after)} after (at most {PROBE_SLOWDOWN:g}x + {PROBE_SLACK_MS:g} ms)",
+            f"probe p50 {ms_text(before)} before, {ms_text(after)} after "
+            f"(at most {PROBE_SLOWDOWN:g}x + {PROBE_SLACK_MS:g} ms)",
         )
     )
     return checks
 
 
-def _mib_text(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f} MiB"
+def mib_text(value: float | None) -> str:
+    """A size in MiB as text (`512.0 MiB`, `-` for none)."""
+    return number(value, 1, " MiB")
 
 
-def _fmt_mib(value: int | None) -> str:
-    """Bytes as MiB text."""
-    return _mib_text(_mib(value))
+def rss_text(value: int | None) -> str:
+    """A size in bytes (an RSS sample) as MiB text."""
+    return mib_text(_mib(value))
 
 
-def _pct(value: float | None) -> str:
+def growth_text(value: float | None) -> str:
+    """A relative growth as a signed percentage (`+1.2%`)."""
     return percent(value, signed=True)

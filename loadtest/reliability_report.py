@@ -10,34 +10,50 @@ from loadtest.reliability_checks import (
     DEFAULT_DURATION,
     MODES,
     Mode,
-    _fmt_mib,
-    _growth,
-    _mib_text,
-    _ms,
-    _pct,
+    growth_text,
+    mib_text,
+    ms_text,
+    relative_growth,
+    rss_text,
     soak_rss_growth,
 )
-from reports.common import describe_machine, markdown_table
+from reports.common import describe_machine, markdown_table, number
+from reports.terminal import key_values, table
 
 
 def format_summary(report: dict[str, Any]) -> str:
     """A few lines for the terminal: the counts, latency, RSS, and each check."""
     o, load, rss = report["outcome"], report["load"], report["rss"]
     lat, server = o["latency_accepted_ms"], o["server_latency_accepted_ms"]
-    lines = [
+    headline = (
         f"{report['mode']}: {load['offered_rps']:.1f} req/s offered ({load['share_of_capacity']:g} x capacity "
-        f"{report['capacity']['throughput_rps']:.1f} req/s) for {load['duration_s']:g} s",
-        f"  sent {o['sent']}  accepted {o['accepted']}  refused {o['refused']}  failed {o['failed']}  "
-        f"lost {o['lost']}  client-dropped {o['client_dropped']}",
-        f"  accepted latency p50 {_ms(lat['p50'])}  p99 {_ms(lat['p99'])} (client, from scheduled arrival); "
-        f"server-side p50 {_ms(server['p50'])}  p99 {_ms(server['p99'])}",
-        f"  queue bound {_ms(report['latency_bound']['bound_ms'])} = {report['latency_bound']['formula']}",
-        f"  RSS before {_fmt_mib(rss['before'])}  peak {_fmt_mib(rss['peak'])}  end {_fmt_mib(rss['end'])}  "
-        f"after idle {_fmt_mib(rss['after'])}",
-    ]
-    for check in report["checks"]:
-        lines.append(f"  {'PASS' if check['passed'] else 'FAIL'}  {check['name']}: {check['detail']}")
-    return "\n".join(lines)
+        f"{report['capacity']['throughput_rps']:.1f} req/s) for {load['duration_s']:g} s"
+    )
+    facts = key_values(
+        [
+            (
+                "requests",
+                f"sent {o['sent']}  accepted {o['accepted']}  refused {o['refused']}  failed {o['failed']}  "
+                f"lost {o['lost']}  client-dropped {o['client_dropped']}",
+            ),
+            (
+                "accepted latency",
+                f"p50 {ms_text(lat['p50'])}  p99 {ms_text(lat['p99'])} (client, from scheduled arrival); "
+                f"server-side p50 {ms_text(server['p50'])}  p99 {ms_text(server['p99'])}",
+            ),
+            ("queue bound", f"{ms_text(report['latency_bound']['bound_ms'])} = {report['latency_bound']['formula']}"),
+            (
+                "RSS",
+                f"before {rss_text(rss['before'])}  peak {rss_text(rss['peak'])}  end {rss_text(rss['end'])}  "
+                f"after idle {rss_text(rss['after'])}",
+            ),
+        ],
+        indent="  ",
+    )
+    checks = table(
+        (), [["PASS" if c["passed"] else "FAIL", f"{c['name']}: {c['detail']}"] for c in report["checks"]], indent="  "
+    )
+    return "\n".join([headline, facts, checks])
 
 
 def _checks_lines(report: dict[str, Any]) -> list[str]:
@@ -104,8 +120,8 @@ def _after_lines(report: dict[str, Any]) -> list[str]:
             name,
             str(s["ready_status"]),
             f"{s['probe']['ok']}/{s['probe']['requests']}",
-            _ms(s["probe"]["p50_ms"]),
-            _ms(s["probe"]["p99_ms"]),
+            ms_text(s["probe"]["p50_ms"]),
+            ms_text(s["probe"]["p99_ms"]),
             f"{_num(s['queue_depth'])} / {_num(s['inflight_requests'])}",
         ]
         for name, s in (("before", before), ("after", after))
@@ -130,14 +146,15 @@ def overload_section(report: dict[str, Any]) -> list[str]:
         *_short_note(report),
         *_common_lines(report),
         f"Accepted requests, server-side (X-Total-Time: from the route taking the request to its answer, the "
-        f"span the queue bounds): p50 {_ms(server['p50'])}, **p99 {_ms(server['p99'])}**, max {_ms(server['max'])}. "
+        f"span the queue bounds): p50 {ms_text(server['p50'])}, **p99 {ms_text(server['p99'])}**, "
+        f"max {ms_text(server['max'])}. "
         f"As the client saw them, from the scheduled arrival (so the generator's own lag, up to "
         f"{1000 * report['load']['max_schedule_lag_s']:.0f} ms here, and the server's accept backlog count): "
-        f"p50 {_ms(lat['p50'])}, p90 {_ms(lat['p90'])}, p99 {_ms(lat['p99'])}, max {_ms(lat['max'])}.",
+        f"p50 {ms_text(lat['p50'])}, p90 {ms_text(lat['p90'])}, p99 {ms_text(lat['p99'])}, max {ms_text(lat['max'])}.",
         "",
-        f"Server RSS: before {_fmt_mib(rss['before'])}, peak {_fmt_mib(rss['peak'])}, after "
-        f"{report['settings']['idle']:g} s idle {_fmt_mib(rss['after'])} "
-        f"({_pct(_growth(rss['before'], rss['after']))}).",
+        f"Server RSS: before {rss_text(rss['before'])}, peak {rss_text(rss['peak'])}, after "
+        f"{report['settings']['idle']:g} s idle {rss_text(rss['after'])} "
+        f"({growth_text(relative_growth(rss['before'], rss['after']))}).",
         "",
         "Before and after (one request at a time, one text each):",
         "",
@@ -155,11 +172,11 @@ def soak_section(report: dict[str, Any]) -> list[str]:
             f"{w['start_s']:g}–{w['end_s']:g}",
             str(w["sent"]),
             str(w["errors"]),
-            _ms(w["p50_ms"]),
-            _ms(w["p99_ms"]),
-            _ms(w["server_p99_ms"]),
-            "-" if w.get("rss_median_mib") is None else f"{w['rss_median_mib']:.1f}",
-            "-" if w["rss_peak_mib"] is None else f"{w['rss_peak_mib']:.1f}",
+            ms_text(w["p50_ms"]),
+            ms_text(w["p99_ms"]),
+            ms_text(w["server_p99_ms"]),
+            number(w.get("rss_median_mib"), 1),
+            number(w["rss_peak_mib"], 1),
         ]
         for w in report["windows"]
     ]
@@ -169,13 +186,14 @@ def soak_section(report: dict[str, Any]) -> list[str]:
         "",
         *_short_note(report),
         *_common_lines(report),
-        f"Accepted requests overall, as the client saw them: p50 {_ms(lat['p50'])}, **p99 {_ms(lat['p99'])}**, "
-        f"max {_ms(lat['max'])}; server-side p99 {_ms(report['outcome']['server_latency_accepted_ms']['p99'])}. "
-        f"Server RSS: median {_mib_text(first)} over the first window, {_mib_text(last)} over the last "
-        f"(**{_pct(growth)}**); "
-        f"idle before the load {_fmt_mib(rss['before'])}, end of load {_fmt_mib(rss['end'])} "
-        f"({_pct(_growth(rss['before'], rss['end']))}: the load's working set and any growth), "
-        f"peak {_fmt_mib(rss['peak'])}, after {report['settings']['idle']:g} s idle {_fmt_mib(rss['after'])}.",
+        f"Accepted requests overall, as the client saw them: p50 {ms_text(lat['p50'])}, **p99 {ms_text(lat['p99'])}**, "
+        f"max {ms_text(lat['max'])}; "
+        f"server-side p99 {ms_text(report['outcome']['server_latency_accepted_ms']['p99'])}. "
+        f"Server RSS: median {mib_text(first)} over the first window, {mib_text(last)} over the last "
+        f"(**{growth_text(growth)}**); "
+        f"idle before the load {rss_text(rss['before'])}, end of load {rss_text(rss['end'])} "
+        f"({growth_text(relative_growth(rss['before'], rss['end']))}: the load's working set and any growth), "
+        f"peak {rss_text(rss['peak'])}, after {report['settings']['idle']:g} s idle {rss_text(rss['after'])}.",
         "",
         f"Per {report['settings']['window']:g}-second window (by send time):",
         "",

@@ -19,7 +19,8 @@ from loadtest.records import (
     percentile,
 )
 from model.saving import exit_counts, expected_saving_from_counts, saving_from_totals
-from reports.common import percent
+from reports.common import number, percent
+from reports.terminal import key_values
 
 
 def latency_summary(seconds: Sequence[float]) -> dict[str, float | None]:
@@ -158,18 +159,6 @@ def build_report(result: RunResult) -> dict[str, Any]:
     }
 
 
-def _fmt(value: Any, digits: int = 2, suffix: str = "") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}{suffix}"
-    return f"{value}{suffix}"
-
-
-def _pct(value: float | None) -> str:
-    return percent(value)
-
-
 def format_report(report: dict[str, Any]) -> str:
     """A terminal table of the report's main numbers."""
     latency = report["latency_ms"]
@@ -183,28 +172,24 @@ def format_report(report: dict[str, Any]) -> str:
         ("load", load),
         ("threshold", str(report["threshold"])),
         ("requests ok / sent", f"{report['requests_ok']} / {report['requests_sent']}"),
-        ("duration", _fmt(report["duration_s"], 2, " s")),
-        ("throughput", f"{_fmt(report['throughput_rps'], 1)} req/s, {_fmt(report['texts_per_s'], 1)} texts/s"),
+        ("duration", number(report["duration_s"], 2, " s")),
+        ("throughput", f"{number(report['throughput_rps'], 1)} req/s, {number(report['texts_per_s'], 1)} texts/s"),
         (
             "latency p50/p90/p99/max",
-            " / ".join(_fmt(latency[k], 2) for k in ("p50", "p90", "p99", "max")) + " ms",
+            " / ".join(number(latency[k], 2) for k in ("p50", "p90", "p99", "max")) + " ms",
         ),
         (
             "server total / compute / overhead (p50)",
-            " / ".join(_fmt(timing[k]["p50"], 3) for k in ("total_ms", "compute_ms", "overhead_ms")) + " ms",
+            " / ".join(number(timing[k]["p50"], 3) for k in ("total_ms", "compute_ms", "overhead_ms")) + " ms",
         ),
         ("errors", ", ".join(f"{k}: {v}" for k, v in report["errors"].items()) or "none"),
         ("exit layers (1..n)", " ".join(str(c) for c in report["exit_counts"]) or "-"),
-        ("expected saving (responses)", _pct(report["expected_saving"])),
-        (
-            "expected saving (/metrics)",
-            _pct(report["metrics_expected_saving"]) if report["metrics_expected_saving"] is not None else "no /metrics",
-        ),
+        ("expected saving (responses)", percent(report["expected_saving"])),
+        ("expected saving (/metrics)", percent(report["metrics_expected_saving"], missing="no /metrics")),
     ]
     if report["mode"] == "open":
-        rows.append(("max schedule lag", _fmt(report["max_schedule_lag_ms"], 2, " ms")))
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+        rows.append(("max schedule lag", number(report["max_schedule_lag_ms"], 2, " ms")))
+    return key_values(rows)
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:

@@ -111,8 +111,10 @@ def _load_plain(directory: Path, source: str, dtype: torch.dtype, settings: dict
     return model.to(dtype).eval()
 
 
-def save_model(model: DeeBert, directory: Path, tokenizer: Any = None, dtype: torch.dtype | None = None) -> None:
-    """Write the checkpoint directory; `dtype` casts floating-point weights on disk (e.g. fp16)."""
+def save_model(model: DeeBert, directory: str | Path, tokenizer: Any = None, dtype: torch.dtype | None = None) -> None:
+    """Write config.json, model.safetensors (`dtype` casts floating-point weights on disk, e.g. fp16) and, when
+    given, the tokenizer's files: a directory `load_model` reads back."""
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save(directory)
     state = {}

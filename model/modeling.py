@@ -1,15 +1,16 @@
 """DeeBERT: a BERT/RoBERTa encoder with an off-ramp after every layer, and early-exit inference.
 
 Reads top to bottom like the paper: embeddings → layer i → off-ramp i → exit? The last off-ramp is the
-final classifier. Layers are numbered 1..n in everything this module returns.
+final classifier. Layers are numbered 1..n in everything this module returns. Saving and loading a
+checkpoint directory is `model.checkpoint`'s job (`save_model`, `load_model`): it builds on this module,
+never the other way round.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -20,9 +21,6 @@ from transformers.masking_utils import create_bidirectional_mask
 from model.config import DeeBertConfig
 from model.device import dtype_name
 from model.early_exit import EarlyExitModel, ExitResult, LayerExits  # noqa: F401 (re-exported)
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
 
 BACKBONES: dict[str, type[PreTrainedModel]] = {"bert": BertModel, "roberta": RobertaModel}
 
@@ -160,7 +158,8 @@ class _TorchSteps:
 
 
 class DeeBert(nn.Module, EarlyExitModel):
-    """Encoder + one off-ramp per layer; `forward` trains, `iter_exits`/`infer` serve."""
+    """Encoder + one off-ramp per layer; `forward` trains, `iter_exits`/`infer` serve (`model.checkpoint` saves
+    and loads it)."""
 
     backbone: Any  # a transformers BertModel / RobertaModel (their submodules are untyped)
     off_ramps: nn.ModuleList
@@ -279,23 +278,3 @@ class DeeBert(nn.Module, EarlyExitModel):
 
     def exit_steps(self) -> _TorchSteps:
         return _TorchSteps(self)
-
-    # --- checkpoints -----------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(cls, source: str | Path, dtype: torch.dtype = torch.float32, **fresh_settings: Any) -> DeeBert:
-        """Load a DeeBERT checkpoint directory, or start fresh off-ramps on a plain BERT/RoBERTa one."""
-        from model.checkpoint import load_model
-
-        return load_model(source, dtype, **fresh_settings)
-
-    def save_pretrained(
-        self,
-        directory: str | Path,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        """Write config.json, model.safetensors (optionally cast, e.g. fp16) and the tokenizer files."""
-        from model.checkpoint import save_model
-
-        save_model(self, Path(directory), tokenizer=tokenizer, dtype=dtype)

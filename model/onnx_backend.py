@@ -35,8 +35,10 @@ from model.onnx_export import (
     ExportError,
     Manifest,
     Quantization,
+    export_graphs,
     file_digest,
     layer_file,
+    model_digest,
     parity_batch,
 )
 
@@ -305,8 +307,6 @@ def load_onnx_model(
     """The ONNX Runtime backend for a loaded PyTorch `DeeBert`: its graphs from the cache, exported first when
     missing, stale or corrupt (with a warning saying why, and how long the export took). The cache holds only
     the default quantization (`check_export`), so none other is offered here: `export` writes the others."""
-    from model.onnx_export import model_digest
-
     digest = model_digest(model)
     directory = cache_entry(cache_dir or default_cache_dir(), digest, precision)
     try:
@@ -330,8 +330,6 @@ def export(
 ) -> OnnxDeeBert:
     """Export `model`'s graphs into `directory`, load them, and record in the manifest how far their logits
     are from the PyTorch model's (every off-ramp, a random padded batch)."""
-    from model.onnx_export import export_graphs
-
     started = time.perf_counter()
     manifest = export_graphs(model, directory, precision, quantization=quantization, digest=digest)
     exported = OnnxDeeBert(model.config, directory, manifest, threads)

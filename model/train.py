@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from model.checkpoint import load_model, resolve_directory
+from model.checkpoint import load_model, resolve_directory, save_model
 from model.data import Dataset, read_dataset
 from model.evaluate import all_layer_outputs, per_layer_accuracy
 from model.modeling import DeeBert, OffRamp
@@ -397,7 +397,7 @@ def train(settings: TrainSettings) -> TrainingLog:
 
     output = Path(settings.output)
     save_dtype = torch.float16 if settings.save_dtype == "float16" else torch.float32
-    model.save_pretrained(output, tokenizer=tokenizer, dtype=save_dtype)
+    save_model(model, output, tokenizer=tokenizer, dtype=save_dtype)
     log.total_seconds = time.perf_counter() - started
     (output / "training_log.json").write_text(json.dumps(asdict(log), indent=2) + "\n")
     return log

@@ -1,8 +1,8 @@
-"""What reports share: the machine a measurement ran on, and markdown tables.
+"""What reports share: the machine a measurement ran on, markdown tables, and the number formatters.
 
 Every timed report (evaluation, benchmarks, reliability runs) records `machine_description()`; the
 markdown writers (docs/RESULTS.md, BENCHMARKS.md, RELIABILITY.md) print it with `describe_machine` and
-lay out their tables with `markdown_table`.
+lay out their tables with `markdown_table`; every report writes its numbers with `number` and `percent`.
 """
 
 from __future__ import annotations
@@ -120,3 +120,11 @@ def percent(value: float | None, digits: int = 1, signed: bool = False, unit: st
     if value is None:
         return missing
     return f"{100 * value:{'+' if signed else ''}.{digits}f}{unit}"
+
+
+def number(value: float | None, digits: int = 2, unit: str = "", missing: str = "-") -> str:
+    """A number with `digits` decimals and its unit (`12.35 ms`; `missing` for None): with `percent`, the one
+    number formatter of every report."""
+    if value is None:
+        return missing
+    return f"{value:.{digits}f}{unit}"

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import BertTokenizerFast
 
+from model.checkpoint import save_model
 from model.modeling import DeeBert
 from tests.helpers import tiny_model, write_vocab
 
@@ -54,7 +55,7 @@ def tiny_checkpoint(tmp_path: Path, tokenizer: BertTokenizerFast) -> Path:
         [Preset("lossless", 0.05, 1.0, 0.1), Preset("balanced", 0.2, 0.9, 0.3), Preset("fast", 0.5, 0.8, 0.6)]
     )
     directory = tmp_path / "tiny-checkpoint"
-    model.save_pretrained(directory, tokenizer=tokenizer)
+    save_model(model, directory, tokenizer=tokenizer)
     return directory
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.checkpoint import CheckpointError, load_model
+from model.checkpoint import CheckpointError, load_model, save_model
 from model.modeling import DeeBert
 from model.tokenization import load_tokenizer, pad_batch, tokenize
 from tests.helpers import save_plain_backbone, tiny_model
@@ -27,28 +27,28 @@ def _outputs(model: DeeBert, directory: Path) -> torch.Tensor:
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
 def test_round_trip_gives_identical_outputs(model_type: str, tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
     model = tiny_model(model_type, pooling="mean")
-    model.save_pretrained(tmp_path, tokenizer=tokenizer)
+    save_model(model, tmp_path, tokenizer=tokenizer)
     assert {p.name for p in tmp_path.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
-    loaded = DeeBert.from_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
     assert loaded.config == model.config
     torch.testing.assert_close(_outputs(loaded, tmp_path), _outputs(model, tmp_path), rtol=0, atol=0)
 
 
 def test_fp16_checkpoint_loads_as_fp32(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
     model = tiny_model("bert")
-    model.save_pretrained(tmp_path, tokenizer=tokenizer, dtype=torch.float16)
+    save_model(model, tmp_path, tokenizer=tokenizer, dtype=torch.float16)
     assert all(
         t.dtype == torch.float16
         for t in load_file(str(tmp_path / "model.safetensors")).values()
         if t.is_floating_point()
     )
-    loaded = DeeBert.from_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
     assert next(loaded.parameters()).dtype == torch.float32
     torch.testing.assert_close(_outputs(loaded, tmp_path), _outputs(model, tmp_path), atol=0.1, rtol=0.05)
 
 
 def test_missing_and_unexpected_keys_are_named(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    tiny_model("bert").save_pretrained(tmp_path, tokenizer=tokenizer)
+    save_model(tiny_model("bert"), tmp_path, tokenizer=tokenizer)
     state = load_file(str(tmp_path / "model.safetensors"))
     state.pop("off_ramps.2.dense.weight")
     state["off_ramps.9.dense.weight"] = torch.zeros(1)
@@ -88,7 +88,7 @@ def test_bad_checkpoint_directories_fail_clearly(setup, message: str, tmp_path: 
 
 
 def test_deebert_checkpoint_without_weights_fails_clearly(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    tiny_model("bert").save_pretrained(tmp_path, tokenizer=tokenizer)
+    save_model(tiny_model("bert"), tmp_path, tokenizer=tokenizer)
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
         load_model(tmp_path)

@@ -21,6 +21,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from loadtest.servers import deebert_server_command, free_port, running_server
+from model.checkpoint import save_model
 from model.config import Preset
 from tests.helpers import tiny_model, write_vocab
 from tests.server_helpers import EVERY_CATEGORY
@@ -32,7 +33,7 @@ def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tokenizer = write_vocab(directory)
     model = tiny_model("bert")
     model.config = model.config.with_presets([Preset("balanced", 0.2, 0.9, 0.3)])
-    model.save_pretrained(directory, tokenizer=tokenizer)
+    save_model(model, directory, tokenizer=tokenizer)
     port = free_port()
     env = {"DEEBERT_LOG_LEVEL": "warning", "DEEBERT_MAX_TEXTS_PER_REQUEST": "16"}
     with running_server(deebert_server_command(str(directory), port), env, port, startup_timeout=60) as url:

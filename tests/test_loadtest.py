@@ -20,6 +20,7 @@ from loadtest.records import DROPPED, RequestRecord, RunResult, metric_total, pa
 from loadtest.report import build_report, format_report, metrics_saving
 from loadtest.saturation import is_saturated, saturated_throughput
 from loadtest.servers import deebert_server_command, free_port, plain_server_command, running_server
+from model.checkpoint import save_model
 from model.saving import exit_counts, expected_saving
 from tests.helpers import sentiment_rows, tiny_model, write_tsv
 
@@ -183,7 +184,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path
         [Preset("lossless", 0.05, 1.0, 0.1), Preset("balanced", 0.2, 0.9, 0.3), Preset("fast", 0.5, 0.8, 0.6)]
     )
     directory = tmp_path_factory.mktemp("loadtest") / "tiny-checkpoint"
-    model.save_pretrained(directory, tokenizer=tokenizer)
+    save_model(model, directory, tokenizer=tokenizer)
     return directory
 
 

@@ -9,6 +9,7 @@ import httpx
 
 from loadtest.generator import LoadConfig, Workload, run
 from loadtest.servers import deebert_server_command, free_port, running_server
+from model.checkpoint import save_model
 from model.config import Preset
 from tests.helpers import sentiment_rows, tiny_model, write_tsv
 
@@ -17,7 +18,7 @@ def test_overload_gets_only_2xx_and_429_and_the_server_recovers(tmp_path: Path, 
     model = tiny_model("bert")
     model.config = model.config.with_presets([Preset("balanced", 0.2, 0.9, 0.3)])
     checkpoint = tmp_path / "tiny"
-    model.save_pretrained(checkpoint, tokenizer=tokenizer)
+    save_model(model, checkpoint, tokenizer=tokenizer)
     data = write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], sentiment_rows(40))
     # A queue of 8 texts and requests of 6: a second request that arrives while one waits is refused.
     env = {"DEEBERT_MAX_QUEUE_SIZE": "8", "DEEBERT_MAX_BATCH_SIZE": "2", "DEEBERT_MAX_WAIT_MS": "0"}
