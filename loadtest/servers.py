@@ -56,11 +56,13 @@ def plain_server_command(checkpoint: str, port: int, threads: int | None, backen
 
 @contextlib.contextmanager
 def server_process(
-    argv: list[str], env: dict[str, str], port: int, startup_timeout: float
+    argv: list[str], env: dict[str, str], port: int, startup_timeout: float, log_path: Path | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """Start a server subprocess, wait for /health/ready, yield it and its URL; SIGTERM it afterwards."""
+    """Start a server subprocess, wait for /health/ready, yield it and its URL; SIGTERM it afterwards. Its output
+    goes to `log_path` when given (kept), else to a temporary file."""
     url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile() as log:
+    opened = open(log_path, "w+b") if log_path is not None else tempfile.TemporaryFile()  # noqa: SIM115
+    with opened as log:
         process = subprocess.Popen(argv, env=_server_env(env), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
             _wait_ready(process, url, startup_timeout, log)

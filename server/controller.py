@@ -14,7 +14,9 @@ over the most recent 100, 400 and 2000 samples (`windows`) gets Wilson intervals
   (its 99.5 % upper bound is under it; drift shows first in the short window), to the most aggressive rung
   not shown below it;
 - it moves toward the ceiling only to rungs shown above the target (95 % lower bound at or over it) in some
-  window and below it in none (and every rung between), and not sooner than `min_dwell_s` after the last move;
+  window and estimated at or above it in every window (and every rung between), not sooner than
+  `min_dwell_s` after the last move: after a drift the long window still remembers the old traffic, and
+  without the second condition it would lift the default straight back;
 - otherwise it holds. The dead band between the two conditions is the hysteresis: a handful of samples
   gives a wide interval and cannot move it, and a rung whose agreement is near the target is left alone.
 
@@ -197,6 +199,7 @@ class ThresholdController:
         latency_window_s: float = 5.0,
         recover_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        saving: Callable[[float, float], float | None] | None = None,
         on_change: Callable[[Adjustment], None] | None = None,
     ) -> None:
         if len(ladder) < 2:
@@ -214,6 +217,7 @@ class ThresholdController:
         self.latency_window_s = latency_window_s
         self.recover_s = recover_s
         self._clock = clock
+        self._saving = saving
         self._on_change = on_change or (lambda adjustment: None)
         self.configured_rung = start_rung
         self._base = start_rung  # the agreement's rung (the configured default without an agreement target)
@@ -255,12 +259,13 @@ class ThresholdController:
         return self._interval(rows, rung)
 
     def expected_saving(self, rung: int) -> float | None:
-        """1 - mean exit layer / n at `rung` over the evidence window (the paper's expected saving); None empty."""
+        """The paper's expected saving at `rung` over the evidence window (with the `saving` function given);
+        None without one, or without evidence."""
         with self._lock:
             layers = list(self._evidence.exit_layers)
-        if not layers:
+        if not layers or self._saving is None:
             return None
-        return 1.0 - float(np.stack(layers)[:, rung].mean()) / self.num_layers
+        return self._saving(float(np.stack(layers)[:, rung].sum()), float(len(layers) * self.num_layers))
 
     def snapshot(self) -> dict[str, Any]:
         """What `GET /v1/model` shows: the live default, the targets, and the evidence behind them."""
@@ -365,10 +370,12 @@ class ThresholdController:
         return None
 
     def _above(self, counts: list[np.ndarray], rows: int, rung: int, level: float) -> Interval | None:
-        """A window whose interval at `rung` lies wholly above `level`, provided none lies wholly below it."""
-        if self._below(counts, rows, rung, level) is not None:
+        """A window whose interval at `rung` lies wholly above `level`, provided every window's estimate is at
+        or above it too: after a drift the long window still remembers the old traffic, the short one does not."""
+        windows = list(zip(counts, self.windows, strict=False))
+        if any(int(count[rung]) < level * min(window, rows) for count, window in windows):
             return None
-        for count, window in zip(counts, self.windows, strict=False):
+        for count, window in windows:
             samples = min(window, rows)
             lower, upper = wilson_interval(int(count[rung]), samples, self.z)
             if lower >= level:

@@ -23,6 +23,7 @@ from model.config import ConfigError, UnknownPresetError
 from model.device import DeviceError, pick_device, pick_dtype, prepare
 from model.modeling import DeeBert
 from model.onnx_export import ExportError
+from model.saving import saving_from_totals
 from model.tokenization import Encoded, TruncationSide, load_tokenizer, pad_batch, tokenize
 from server.controller import LadderEvidence
 from server.errors import DeeBertError, ErrorType
@@ -305,6 +306,12 @@ class Engine:
         values = sorted(set(values), key=rule.aggressiveness)
         names = {p.threshold: p.name for p in self.config.presets}
         return [Threshold(v, names.get(v)) for v in values]
+
+    @staticmethod
+    def expected_saving(layers_executed: float, layers_possible: float) -> float | None:
+        """The paper's expected saving from Σ exit layers and n per text (`model/saving.py`, its one definition),
+        for the metrics and the controller; None when nothing ran."""
+        return saving_from_totals(layers_executed, layers_possible)
 
     def exits_earlier(self, first: Threshold, second: Threshold) -> bool:
         """True when `first` makes rows leave earlier than `second` under the checkpoint's exit criterion."""

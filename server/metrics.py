@@ -7,6 +7,8 @@ expected saving 1 - Σ i·N_i / (n·Σ N_i).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -16,6 +18,9 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+
+# The expected saving from (Σ exit layers, n per text): the engine's, i.e. model/saving.py's one definition.
+Saving = Callable[[float, float], float | None]
 
 # The *_created series double every counter on the page and no query here needs them.
 disable_created_metrics()
@@ -49,9 +54,15 @@ class Metrics:
     """The server's metrics; `record_*` methods are the only writers."""
 
     def __init__(
-        self, num_layers: int, model_name: str, labels: list[str], runtime: dict[str, str] | None = None
+        self,
+        num_layers: int,
+        model_name: str,
+        labels: list[str],
+        saving: Saving,
+        runtime: dict[str, str] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
+        self._saving = saving
         self.num_layers = num_layers
         r = self.registry
         self.requests = Counter(
@@ -187,7 +198,7 @@ class Metrics:
         self.layers_possible.inc(self.num_layers)
         self._executed += exit_layer
         self._possible += self.num_layers
-        self.saving_ratio.set(1.0 - self._executed / self._possible)
+        self.saving_ratio.set(self._saving(self._executed, self._possible) or 0.0)
 
     def record_degraded(self) -> None:
         """One request answered at the brownout threshold."""

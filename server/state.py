@@ -49,7 +49,7 @@ class ServerState:
             "backend": engine.backend,
             "allocator": loaded_allocator(),
         }
-        metrics = Metrics(engine.num_layers, engine.name, engine.labels, runtime)
+        metrics = Metrics(engine.num_layers, engine.name, engine.labels, engine.expected_saving, runtime)
         self.metrics = metrics
 
         self.brownout = make_brownout(self.settings, engine, metrics)
@@ -178,6 +178,7 @@ def make_controller(
         engine.num_layers,
         min_dwell_s=DWELL_INTERVALS * interval,
         recover_s=RECOVER_INTERVALS * interval,
+        saving=engine.expected_saving,
         on_change=on_change,
     )
     metrics.record_controller_targets(

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from model.saving import saving_from_totals
 from server.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def promql_series_names(expr: str) -> set[str]:
 
 def server_series_names() -> dict[str, str]:
     """Every series name the server's /metrics can show → its metric type, straight from server/metrics.py."""
-    metrics = Metrics(4, "tiny", ["negative", "positive"])
+    metrics = Metrics(4, "tiny", ["negative", "positive"], saving_from_totals)
     names: dict[str, str] = {}
     suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_count", "_sum"], "info": ["_info"]}
     for family in metrics.registry.collect():
