@@ -508,7 +508,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-agreement", type=float, default=0.95)
     parser.add_argument("--shadow-fraction", type=float, default=0.5)
     parser.add_argument("--low-rate", type=float, default=60.0, help="load-step: requests/s before and after")
-    parser.add_argument("--high-rate", type=float, default=240.0, help="load-step: requests/s in the step")
+    parser.add_argument("--high-rate", type=float, default=200.0, help="load-step: requests/s in the step")
     parser.add_argument("--target-p99-ms", type=float, default=100.0)
 
 

@@ -14,17 +14,18 @@ over the most recent 100, 400 and 2000 samples (`windows`) gets Wilson intervals
   (its 99.5 % upper bound is under it; drift shows first in the short window), to the most aggressive rung
   not shown below it;
 - it moves toward the ceiling only to rungs shown above the target (95 % lower bound at or over it) in some
-  window and estimated at or above it in every window (and every rung between), not sooner than
-  `min_dwell_s` after the last move: after a drift the long window still remembers the old traffic, and
-  without the second condition it would lift the default straight back;
+  window and estimated at or above it in every window (and every rung between), on evidence newer than the
+  last move down, and not sooner than `min_dwell_s` after the last move: after a drift the long window still
+  remembers the old traffic, and would otherwise lift the default straight back;
 - otherwise it holds. The dead band between the two conditions is the hysteresis: a handful of samples
   gives a wide interval and cannot move it, and a rung whose agreement is near the target is left alone.
 
 Latency (`DEEBERT_TARGET_P99_MS`): the p99 of request time (from the route's start to the answer, pinned
 requests too, since all load counts) over the requests since the last move (at most `latency_window_s`).
 While it is above the target, or while texts wait in the queue longer than half of it, the default moves
-one rung toward the ceiling per tick; once the p99 is below half the target and the queue is short, it
-moves back one rung per `recover_s` until it reaches the agreement's rung (or the configured default).
+one rung toward the ceiling per tick; once the p99 of the whole window (`latency_window_s`, moves or not)
+is below half the target and the queue is short, it moves back one rung per `recover_s` until it reaches
+the agreement's rung (or the configured default).
 Requests that pin a threshold are never changed; the controller only moves the default.
 
 Both set: the latency push starts from the agreement's rung and may go further toward the ceiling only over
@@ -224,6 +225,8 @@ class ThresholdController:
         self._push = 0  # rungs beyond the base that latency asks for
         self._lock = threading.Lock()
         self._evidence = _Evidence(self.windows[-1])
+        self._received = 0  # evidence ever recorded
+        self._low_at = 0  # `_received` when agreement last moved the default down: older evidence cannot raise it
         self._latencies: deque[tuple[float, float]] = deque()
         now = clock()
         self._last_base_move = now
@@ -304,6 +307,7 @@ class ThresholdController:
             raise ValueError(f"evidence for {len(evidence.agrees)} rungs; the ladder has {len(self.ladder)}")
         with self._lock:
             self._evidence.add(evidence)
+            self._received += 1
 
     def record_latency(self, seconds: float) -> None:
         """One request's time in the server."""
@@ -317,15 +321,17 @@ class ThresholdController:
         now = self._clock()
         with self._lock:
             rows = list(self._evidence.agrees)
+            fresh = self._received - self._low_at
             cutoff = max(self._last_push_move, now - self.latency_window_s)
             while self._latencies and self._latencies[0][0] < now - self.latency_window_s:
                 self._latencies.popleft()
             recent = [seconds for at, seconds in self._latencies if at >= cutoff]
+            window = [seconds for _, seconds in self._latencies]
         moves: list[Adjustment] = []
         if self.targets.agreement is not None and rows:
-            moves += self._steer_agreement(rows, now)
+            moves += self._steer_agreement(rows, fresh, now)
         if self.targets.p99_s is not None:
-            moves += self._steer_latency(rows, recent, queue_wait_s, now)
+            moves += self._steer_latency(rows, recent, window, queue_wait_s, now)
         for move in moves:
             self.adjustments.append(move)
             logger.info(
@@ -382,7 +388,7 @@ class ThresholdController:
                 return Interval(int(count[rung]), samples, lower, upper)
         return None
 
-    def _steer_agreement(self, rows: list[np.ndarray], now: float) -> list[Adjustment]:
+    def _steer_agreement(self, rows: list[np.ndarray], fresh: int, now: float) -> list[Adjustment]:
         target = self.targets.agreement
         assert target is not None
         counts = self._windows(rows)
@@ -394,9 +400,15 @@ class ThresholdController:
         if shortfall is not None:
             new = next((r for r in range(base - 1, 0, -1) if self._below(counts, size, r, target) is None), 0)
             evidence = f"agreement at {self.ladder[base]:.4f}: {shortfall.describe()} < target {target}"
+            self._low_at = self._received
             return [self._move_base(new, Reason.AGREEMENT_LOW, evidence, now)]
         if now - self._last_base_move < self.min_dwell_s:
             return []
+        # Raising looks only at evidence newer than the last drop: what came before it described traffic that
+        # has since changed (the drop is the proof), and the long window would lift the default straight back.
+        recent = rows[len(rows) - fresh :] if fresh < len(rows) else rows
+        counts = self._windows(recent)
+        size = min(len(recent), self.windows[-1])
         new, proof = base, None
         for rung in range(base + 1, self.ceiling_rung + 1):
             above = self._above(counts, size, rung, target)
@@ -427,8 +439,10 @@ class ThresholdController:
         return self.ceiling_rung, None
 
     def _steer_latency(
-        self, rows: list[np.ndarray], recent: list[float], queue_wait_s: float, now: float
+        self, rows: list[np.ndarray], recent: list[float], window: list[float], queue_wait_s: float, now: float
     ) -> list[Adjustment]:
+        """Push on the p99 since the last move (or the queue wait); come back only once the whole latency window
+        is calm, so a push that has just emptied the queue is not undone while the load lasts."""
         target = self.targets.p99_s
         assert target is not None
         self.p99_s = float(np.quantile(recent, 0.99)) if len(recent) >= MIN_LATENCY_SAMPLES else None
@@ -451,10 +465,11 @@ class ThresholdController:
             else:
                 evidence = f"queue wait {queue_wait_s * 1000:.1f} ms > {QUEUE_SHARE:g} x target {target * 1000:g} ms"
             return [self._push_moved(Reason.LATENCY_HIGH, current, evidence, now)]
-        calm = (self.p99_s is None or self.p99_s < target * LOW_WATER) and queue_wait_s < target * QUEUE_SHARE / 2
+        settled = float(np.quantile(window, 0.99)) if len(window) >= MIN_LATENCY_SAMPLES else None
+        calm = (settled is None or settled < target * LOW_WATER) and queue_wait_s < target * QUEUE_SHARE / 2
         if calm and self._push > 0 and now - self._last_push_move >= self.recover_s:
             self._push -= 1
-            p99 = "no requests" if self.p99_s is None else f"p99 {self.p99_s * 1000:.1f} ms"
+            p99 = "no requests" if settled is None else f"p99 {settled * 1000:.1f} ms over the last {len(window)}"
             evidence = f"{p99} < {LOW_WATER:g} x target {target * 1000:g} ms"
             return [self._push_moved(Reason.LATENCY_RECOVERED, current, evidence, now)]
         return []
@@ -519,6 +534,7 @@ class ThresholdController:
         with self._lock:
             for row in rows:
                 self._evidence.add(row)
+            self._received, self._low_at = len(rows), 0
         self._base = min(range(len(self.ladder)), key=lambda r: abs(self.ladder[r] - threshold))
         self._push = max(0, push)
         if not same_ladder:

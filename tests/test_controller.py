@@ -386,3 +386,24 @@ async def test_server_saves_and_resumes_its_controller_state(tokenizer_dir: Path
     again = make_app(engine, **options)
     async with serving(again) as client:
         assert (await client.get("/v1/model")).json()["default_threshold"] == 0.5
+
+
+def test_a_push_that_empties_the_queue_is_not_undone_while_the_window_remembers_the_load() -> None:
+    clock = FakeClock()
+    ctl = controller(4, clock, p99_s=0.050)
+
+    def tick_with(seconds: float, ticks: int) -> list[int]:
+        rungs = []
+        for _ in range(ticks):
+            for _ in range(30):
+                ctl.record_latency(seconds)
+            clock.now += 0.5
+            ctl.tick()
+            rungs.append(ctl.rung)
+        return rungs
+
+    assert tick_with(0.080, 3) == [5, 6, 7]
+    # Fast again right after the push: the requests since it are calm, but the last 5 s are not.
+    assert tick_with(0.010, 8) == [7] * 8
+    # Once the slow requests have left the 5 s window, it comes back one rung per 2 s.
+    assert tick_with(0.010, 12)[-1] < 7
