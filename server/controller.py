@@ -13,10 +13,11 @@ over the most recent 100, 400 and 2000 samples (`windows`) gets Wilson intervals
 - the default moves toward full depth when, in any window, the current rung is shown below the target
   (its 99.5 % upper bound is under it; drift shows first in the short window), to the most aggressive rung
   not shown below it;
-- it moves toward the ceiling only to rungs shown above the target (95 % lower bound at or over it) in some
-  window and estimated at or above it in every window (and every rung between), on evidence newer than the
-  last move down, and not sooner than `min_dwell_s` after the last move: after a drift the long window still
-  remembers the old traffic, and would otherwise lift the default straight back;
+- it moves toward the ceiling only to rungs shown above the target (95 % lower bound at or over it) in a
+  window of at least 400 samples (`min_proof_samples`; the live drift run, tested every tick, climbed on
+  lucky 100-sample windows) and estimated at or above it in every window (and every rung between), on
+  evidence newer than the last move down, and not sooner than `min_dwell_s` after the last move: after a
+  drift the long window still remembers the old traffic, and would otherwise lift the default straight back;
 - otherwise it holds. The dead band between the two conditions is the hysteresis: a handful of samples
   gives a wide interval and cannot move it, and a rung whose agreement is near the target is left alone.
 
@@ -196,6 +197,7 @@ class ThresholdController:
         z: float = DEFAULT_Z,
         z_below: float = DEFAULT_Z_BELOW,
         min_samples: int = 30,
+        min_proof_samples: int = 400,
         min_dwell_s: float = 5.0,
         latency_window_s: float = 5.0,
         recover_s: float = 2.0,
@@ -214,6 +216,7 @@ class ThresholdController:
         self.z = z
         self.z_below = z_below
         self.min_samples = min_samples
+        self.min_proof_samples = min_proof_samples
         self.min_dwell_s = min_dwell_s
         self.latency_window_s = latency_window_s
         self.recover_s = recover_s
@@ -383,6 +386,8 @@ class ThresholdController:
             return None
         for count, window in windows:
             samples = min(window, rows)
+            if samples < self.min_proof_samples:
+                continue  # a short window only ever shows a drop: tested every tick, it would prove by luck
             lower, upper = wilson_interval(int(count[rung]), samples, self.z)
             if lower >= level:
                 return Interval(int(count[rung]), samples, lower, upper)
