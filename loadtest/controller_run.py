@@ -361,6 +361,18 @@ def plot(experiment: str, result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def held_windows(result: dict[str, Any]) -> str:
+    """In the step phase: how many of the 5 s windows kept the client p99 within the target, per variant."""
+    phases = [Phase(**p) for p in result["phases"]]
+    start, end = phases[0].duration_s, phases[0].duration_s + phases[1].duration_s
+    parts = []
+    for run in result["runs"]:
+        inside = [v for t, v in zip(run["bins"]["t"], run["bins"]["p99_ms"], strict=True) if start < t < end]
+        held = sum(1 for v in inside if v is not None and v <= result["target"])
+        parts.append(f"{run['name']} {held} of {len(inside)}")
+    return f"5 s windows of the step whose client p99 was within {result['target']:g} ms: " + ", ".join(parts)
+
+
 def summarize(experiment: str, result: dict[str, Any]) -> str:
     """The markdown summary: what ran, on what, and the per-phase numbers of both variants."""
     lines = [f"### {result['title']}", "", f"`{result['command']}`", "", describe_machine(result["machine"]), ""]
@@ -371,8 +383,9 @@ def summarize(experiment: str, result: dict[str, Any]) -> str:
         "answered",
         "agreement w/ full depth",
         "expected saving",
-        "p50 ms",
-        "p99 ms",
+        "client p50 ms",
+        "client p99 ms",
+        "server p99 ms",
     ]
     rows = []
     for run in result["runs"]:
@@ -392,6 +405,8 @@ def summarize(experiment: str, result: dict[str, Any]) -> str:
             )
     lines += markdown_table(header, rows)
     lines += ["", *(f"- {fact}" for fact in result["facts"])]
+    if experiment == "load-step":
+        lines.append(f"- {held_windows(result)}")
     return "\n".join(lines) + "\n"
 
 
@@ -510,19 +525,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--low-rate", type=float, default=60.0, help="load-step: requests/s before and after")
     parser.add_argument("--high-rate", type=float, default=200.0, help="load-step: requests/s in the step")
     parser.add_argument("--target-p99-ms", type=float, default=100.0)
+    parser.add_argument("--render", action="store_true", help="only redraw the figure and summary from the JSON")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
+    stem = args.experiment.replace("-", "_")
+    if args.render:  # the summary and figure again, from the stored JSON of an earlier run
+        result = json.loads((args.output / f"{stem}.json").read_text())
+        plot(args.experiment, result, args.output / f"{stem}.png")
+        summary = summarize(args.experiment, result)
+        (args.output / f"{stem}.md").write_text(summary)
+        print(summary)
+        return 0
     if args.phase_s is None:
         args.phase_s = [120.0, 120.0, 90.0] if args.experiment == "drift" else [40.0, 60.0, 50.0]
     args.command = shlex.join(
         ["python", "-m", "loadtest.controller_run", *(argv if argv is not None else sys.argv[1:])]
     )
     result = run_experiment(args.experiment, args)
-    stem = args.experiment.replace("-", "_")
     args.output.mkdir(parents=True, exist_ok=True)
     # Per-request records (without the texts) beside the JSON, compressed: the summary can be recomputed.
     with gzip.open(args.output / f"{stem}_requests.jsonl.gz", "wt") as records:
