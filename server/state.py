@@ -182,16 +182,21 @@ def make_controller(
         on_change=on_change,
     )
     metrics.record_controller_targets(
-        {"agreement": targets.agreement, "p99_seconds": targets.p99_s, "agreement_floor": targets.floor},
+        {
+            "agreement": targets.agreement,
+            "p99_seconds": targets.p99_s,
+            "agreement_floor": targets.floor if targets.p99_s is not None else None,  # it only bounds latency
+        },
         [reason.value for reason in Reason],
     )
     if settings.controller_state:
         controller.resume(Path(settings.controller_state), engine.name, engine.config.exit_criterion)
+    aims = [f"agreement {targets.agreement}"] if targets.agreement is not None else []
+    if targets.p99_s is not None:
+        aims.append(f"p99 {settings.target_p99_ms:g} ms (agreement floor {targets.floor})")
     logger.info(
-        "controller: targets agreement %s, p99 %s ms, floor %s; default %.4f moves within %.4f..%.4f (%d rungs)",
-        targets.agreement,
-        settings.target_p99_ms,
-        targets.floor,
+        "controller: targets %s; default %.4f moves within %.4f..%.4f (%d rungs)",
+        ", ".join(aims),
         controller.threshold,
         values[0],
         values[-1],
