@@ -224,6 +224,11 @@ def run_variant(
     }
 
 
+def agreement_of(answered: list[dict[str, Any]]) -> float | None:
+    """Share of answered requests whose label is the full model's label for the same text; None for none."""
+    return float(np.mean([s["label_id"] == s["full_label_id"] for s in answered])) if answered else None
+
+
 def phase_summary(
     run: dict[str, Any], phases: Sequence[Phase], start_s: float = 0.0, only: str | None = None
 ) -> list[dict[str, Any]]:
@@ -245,7 +250,7 @@ def phase_summary(
                 "requests": len(sent),
                 "answered": len(ok) / len(sent) if sent else None,
                 "refused": sum(1 for s in sent if s["status"] == 429),
-                "agreement": float(np.mean([s["label_id"] == s["full_label_id"] for s in ok])) if ok else None,
+                "agreement": agreement_of(ok),
                 "saving": expected_saving([s["exit_layer"] for s in ok], run["num_layers"]),
                 "mean_threshold": float(np.mean([s["threshold"] for s in ok])) if ok else None,
                 "p50_ms": percentile(latencies, 50) * 1000 if latencies else None,
@@ -265,7 +270,7 @@ def bins(run: dict[str, Any], width_s: float, total_s: float) -> dict[str, list[
         inside = [s for s in run["sent"] if low <= s["at"] < high]
         ok = [s for s in inside if s["status"] == 200]
         out["t"].append(float(low + width_s / 2))
-        out["agreement"].append(float(np.mean([s["label_id"] == s["full_label_id"] for s in ok])) if ok else None)
+        out["agreement"].append(agreement_of(ok))
         out["saving"].append(expected_saving([s["exit_layer"] for s in ok], run["num_layers"]))
         out["p99_ms"].append(percentile([s["latency_s"] for s in inside], 99) * 1000 if inside else None)
         out["answered_per_s"].append(len(ok) / width_s)

@@ -133,6 +133,11 @@ class Interval:
     lower: float
     upper: float
 
+    @classmethod
+    def of(cls, agreeing: int, samples: int, z: float) -> Interval:
+        """`agreeing` of `samples` with its Wilson interval at `z`."""
+        return cls(agreeing, samples, *wilson_interval(agreeing, samples, z))
+
     @property
     def estimate(self) -> float:
         return self.agreeing / self.samples if self.samples else math.nan
@@ -258,11 +263,21 @@ class ThresholdController:
         """Shadow samples in the evidence window."""
         return len(self._evidence)
 
+    def intervals(self, rung: int) -> dict[int, Interval]:
+        """Agreement at `rung` over each window (the newest 100, 400, 2000 samples), from one copy of the
+        evidence; empty without evidence."""
+        with self._lock:
+            rows = list(self._evidence.agrees)
+        if not rows:
+            return {}
+        column = np.stack(rows)[:, rung]
+        return {
+            window: Interval.of(int(column[-window:].sum()), len(column[-window:]), self.z) for window in self.windows
+        }
+
     def interval(self, rung: int, window: int | None = None) -> Interval:
         """Agreement at `rung` over the newest `window` samples (default: the whole window)."""
-        with self._lock:
-            rows = list(self._evidence.agrees)[-(window or self.windows[-1]) :]
-        return self._interval(rows, rung)
+        return self.intervals(rung).get(window or self.windows[-1], Interval.of(0, 0, self.z))
 
     def expected_saving(self, rung: int) -> float | None:
         """The paper's expected saving at `rung` over the evidence window (with the `saving` function given);
@@ -276,7 +291,7 @@ class ThresholdController:
     def snapshot(self) -> dict[str, Any]:
         """What `GET /v1/model` shows: the live default, the targets, and the evidence behind them."""
         rung = self.rung
-        agreement = {str(window): self._jsonable(self.interval(rung, window)) for window in self.windows}
+        agreement = {str(window): self._jsonable(interval) for window, interval in self.intervals(rung).items()}
         return {
             "threshold": self.threshold,
             "rung": rung,
@@ -313,7 +328,9 @@ class ThresholdController:
             self._received += 1
 
     def record_latency(self, seconds: float) -> None:
-        """One request's time in the server."""
+        """One request's time in the server (kept only for a latency target)."""
+        if self.targets.p99_s is None:
+            return
         with self._lock:
             self._latencies.append((self._clock(), seconds))
 
@@ -330,11 +347,12 @@ class ThresholdController:
                 self._latencies.popleft()
             recent = [seconds for at, seconds in self._latencies if at >= cutoff]
             window = [seconds for _, seconds in self._latencies]
+        counts, size = self._windows(rows), min(len(rows), self.windows[-1])
         moves: list[Adjustment] = []
-        if self.targets.agreement is not None and rows:
-            moves += self._steer_agreement(rows, fresh, now)
+        if self.targets.agreement is not None and counts:
+            moves += self._steer_agreement(counts, size, rows, fresh, now)
         if self.targets.p99_s is not None:
-            moves += self._steer_latency(rows, recent, window, queue_wait_s, now)
+            moves += self._steer_latency(counts, size, recent, window, queue_wait_s, now)
         for move in moves:
             self.adjustments.append(move)
             logger.info(
@@ -349,11 +367,6 @@ class ThresholdController:
             )
             self._on_change(move)
         return moves
-
-    def _interval(self, rows: Sequence[np.ndarray], rung: int) -> Interval:
-        agreeing = int(sum(bool(row[rung]) for row in rows))
-        lower, upper = wilson_interval(agreeing, len(rows), self.z)
-        return Interval(agreeing, len(rows), lower, upper)
 
     def _windows(self, rows: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Per window with enough samples: the agreeing count per rung over its newest rows."""
@@ -372,10 +385,9 @@ class ThresholdController:
     def _below(self, counts: list[np.ndarray], rows: int, rung: int, level: float) -> Interval | None:
         """The first window whose interval at `rung` lies wholly below `level`, if any."""
         for count, window in zip(counts, self.windows, strict=False):
-            samples = min(window, rows)
-            lower, upper = wilson_interval(int(count[rung]), samples, self.z_below)
-            if upper < level:
-                return Interval(int(count[rung]), samples, lower, upper)
+            interval = Interval.of(int(count[rung]), min(window, rows), self.z_below)
+            if interval.upper < level:
+                return interval
         return None
 
     def _above(self, counts: list[np.ndarray], rows: int, rung: int, level: float) -> Interval | None:
@@ -388,18 +400,17 @@ class ThresholdController:
             samples = min(window, rows)
             if samples < self.min_proof_samples:
                 continue  # a short window only ever shows a drop: tested every tick, it would prove by luck
-            lower, upper = wilson_interval(int(count[rung]), samples, self.z)
-            if lower >= level:
-                return Interval(int(count[rung]), samples, lower, upper)
+            interval = Interval.of(int(count[rung]), samples, self.z)
+            if interval.lower >= level:
+                return interval
         return None
 
-    def _steer_agreement(self, rows: list[np.ndarray], fresh: int, now: float) -> list[Adjustment]:
+    def _steer_agreement(
+        self, counts: list[np.ndarray], size: int, rows: list[np.ndarray], fresh: int, now: float
+    ) -> list[Adjustment]:
+        """`counts`: agreeing samples per rung in each window with enough of them (`_windows`), `size` rows."""
         target = self.targets.agreement
         assert target is not None
-        counts = self._windows(rows)
-        if not counts:
-            return []
-        size = min(len(rows), self.windows[-1])
         base = self._base
         shortfall = self._below(counts, size, base, target)
         if shortfall is not None:
@@ -431,27 +442,31 @@ class ThresholdController:
         self._last_base_move = now
         return self._adjustment(reason, before, evidence)
 
-    def _latency_limit(self, rows: list[np.ndarray]) -> tuple[int, Interval | None]:
+    def _latency_limit(self, counts: list[np.ndarray], size: int) -> tuple[int, Interval | None]:
         """The most aggressive rung latency may push to: the ceiling, or the rung before the first (from the
         base up) whose agreement is shown below the floor; and that evidence."""
         floor = self.targets.floor
-        counts = self._windows(rows) if floor is not None else []
-        size = min(len(rows), self.windows[-1])
         for rung in range(self._base + 1, self.ceiling_rung + 1):
-            below = self._below(counts, size, rung, floor) if floor is not None and counts else None
+            below = self._below(counts, size, rung, floor) if floor is not None else None
             if below is not None:
                 return rung - 1, below
         return self.ceiling_rung, None
 
     def _steer_latency(
-        self, rows: list[np.ndarray], recent: list[float], window: list[float], queue_wait_s: float, now: float
+        self,
+        counts: list[np.ndarray],
+        size: int,
+        recent: list[float],
+        window: list[float],
+        queue_wait_s: float,
+        now: float,
     ) -> list[Adjustment]:
         """Push on the p99 since the last move (or the queue wait); come back only once the whole latency window
         is calm, so a push that has just emptied the queue is not undone while the load lasts."""
         target = self.targets.p99_s
         assert target is not None
         self.p99_s = float(np.quantile(recent, 0.99)) if len(recent) >= MIN_LATENCY_SAMPLES else None
-        limit, floor_evidence = self._latency_limit(rows)
+        limit, floor_evidence = self._latency_limit(counts, size)
         current = self.rung
         if current > limit and self._push > 0:
             # The floor moved under the push (new evidence): step back to it at once.

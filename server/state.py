@@ -212,19 +212,17 @@ STATE_SAVE_INTERVAL_S = 30.0
 async def steer_default_threshold(state: ServerState) -> None:
     """Every controller interval: let the controller look at its evidence, publish what it sees, and keep its
     state file up to date (on every move, and every STATE_SAVE_INTERVAL_S)."""
-    controller, batcher, metrics, engine = state.controller, state.batcher, state.metrics, state.engine
-    assert controller is not None and batcher is not None and metrics is not None and engine is not None
+    controller, batcher, metrics = state.controller, state.batcher, state.metrics
+    assert controller is not None and batcher is not None and metrics is not None
     path = Path(state.settings.controller_state) if state.settings.controller_state else None
     saved_at = time.monotonic()
     while True:
         await asyncio.sleep(state.settings.controller_interval_s)
         moves = controller.tick(batcher.queue_wait_s)
-        rung = controller.rung
-        agreement = {}
-        for window in controller.windows:
-            interval = controller.interval(rung, window)
-            if interval.samples:
-                agreement[window] = (interval.estimate, interval.lower, interval.upper)
+        agreement = {
+            window: (interval.estimate, interval.lower, interval.upper)
+            for window, interval in controller.intervals(controller.rung).items()
+        }
         metrics.record_controller(controller.threshold, agreement, controller.p99_s)
         if path is not None and (moves or time.monotonic() - saved_at > STATE_SAVE_INTERVAL_S):
             await asyncio.to_thread(save_controller_state, state)
