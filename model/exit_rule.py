@@ -43,10 +43,12 @@ def entropy_of(logits: Sequence[float]) -> tuple[list[float], float]:
     `entropy_from_logits` (a stable log-softmax, then −Σ p·log p) for the batch-1 path, where a handful of
     float operations costs a fraction of the tensor operations' dispatch."""
     top = max(logits)
-    log_total = top + math.log(sum(math.exp(value - top) for value in logits))
-    log_probs = [value - log_total for value in logits]
-    probabilities = [math.exp(value) for value in log_probs]
-    return probabilities, -sum(p * log_p for p, log_p in zip(probabilities, log_probs, strict=True))
+    shifted = [value - top for value in logits]
+    exps = [math.exp(value) for value in shifted]
+    total = sum(exps)
+    probabilities = [value / total for value in exps]
+    # −Σ p·log p with log p = shifted − log(total), and Σ p = 1: one exp per label and one log in all.
+    return probabilities, math.log(total) - sum(p * value for p, value in zip(probabilities, shifted, strict=True))
 
 
 def argmax(values: Sequence[float]) -> int:

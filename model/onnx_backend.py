@@ -106,7 +106,7 @@ class _OrtState:
 
     attention_mask: np.ndarray
     layer_mask: np.ndarray
-    pool_weights: np.ndarray
+    pool_weights: np.ndarray | None
     input_ids: np.ndarray | None = None
     token_type_ids: np.ndarray | None = None
     hidden: np.ndarray | None = None
@@ -122,14 +122,31 @@ class _Graph:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.takes_pool_weights = POOL_WEIGHTS in self.inputs
+        self.takes_token_types = "token_type_ids" in self.inputs
+        # The compiled session's own `run`: `InferenceSession.run` first checks in Python that every input is
+        # fed and that no OrtValue is foreign (our feeds are plain numpy arrays naming exactly `inputs`); at
+        # batch 1, right after the previous layer's call, those checks measured ~10 µs per call. The public
+        # method when a future onnxruntime has no `_sess`.
+        compiled = getattr(self.session, "_sess", None)
+        self._run = compiled.run if compiled is not None and hasattr(compiled, "run") else self._public_run
+
+    def _public_run(self, outputs: list[str], feeds: dict[str, np.ndarray], options: None) -> list[np.ndarray]:
+        return self.session.run(outputs, feeds, options)  # type: ignore[no-any-return]
 
     def __call__(self, **feeds: np.ndarray) -> list[np.ndarray]:
         """Every output, in the graph's order."""
-        return self.session.run(self.outputs, {name: feeds[name] for name in self.inputs})  # type: ignore[no-any-return]
+        return self.run({name: feeds[name] for name in self.inputs})
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Every output, from feeds that name exactly the graph's inputs (the exit loop's per-layer call)."""
+        return self._run(self.outputs, feeds, None)  # type: ignore[no-any-return]
 
 
 class OnnxDeeBert(EarlyExitModel):
     """A DeeBERT model on ONNX Runtime (CPU): `iter_exits`, `infer`, `plain_forward` as `DeeBert` has them."""
+
+    computes_in_torch = False
 
     def __init__(self, config: DeeBertConfig, directory: Path, manifest: Manifest, threads: int | None) -> None:
         if manifest.num_layers != config.num_layers or manifest.num_labels != config.num_labels:
@@ -144,6 +161,9 @@ class OnnxDeeBert(EarlyExitModel):
         self.layers = [_Graph(directory / layer_file(i), options) for i in range(1, config.num_layers + 1)]
         self.plain = _Graph(directory / PLAIN_FILE, options)
         self._hidden_inputs = [f"hidden_{i}" for i in range(config.num_layers + 1)]
+        self._layer_mask_input = manifest.layer_mask_input
+        self._pools_by_mean = any(layer.takes_pool_weights for layer in self.layers)
+        self._unpadded_inputs: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
 
     # --- facts -----------------------------------------------------------------------------------
 
@@ -167,21 +187,26 @@ class OnnxDeeBert(EarlyExitModel):
         ids = _numpy(input_ids)
         types = np.zeros_like(ids) if token_type_ids is None else _numpy(token_type_ids)
         mask = _numpy(attention_mask)
-        return _OrtState(mask, self._layer_mask(mask), pool_weights(mask), input_ids=ids, token_type_ids=types)
+        return _OrtState(mask, *self._mask_inputs(mask), input_ids=ids, token_type_ids=types)
 
     def run_layer(self, state: _OrtState, layer_number: int) -> _OrtState:
         layer = self.layers[layer_number - 1]
+        # One dict per call, naming exactly the graph's inputs (this runs once per layer per batch; at batch 1
+        # the Python around the ORT call is a measurable share of a layer).
         feeds: dict[str, np.ndarray]
         if layer_number == 1:
             assert state.input_ids is not None and state.token_type_ids is not None
-            feeds = {"input_ids": state.input_ids, "token_type_ids": state.token_type_ids}
+            feeds = {"input_ids": state.input_ids, self._layer_mask_input: state.layer_mask}
+            if layer.takes_token_types:
+                feeds["token_type_ids"] = state.token_type_ids
             state.input_ids = state.token_type_ids = None
         else:
             assert state.hidden is not None
-            feeds = {self._hidden_inputs[layer_number - 1]: state.hidden}
-        feeds[POOL_WEIGHTS] = state.pool_weights  # the off-ramp's mean pooling (unused pooling the first token)
-        feeds[self.manifest.layer_mask_input] = state.layer_mask
-        outputs = layer(**feeds)
+            feeds = {self._hidden_inputs[layer_number - 1]: state.hidden, self._layer_mask_input: state.layer_mask}
+        if layer.takes_pool_weights:  # the off-ramp's mean pooling (no input when it pools the first token)
+            assert state.pool_weights is not None
+            feeds[POOL_WEIGHTS] = state.pool_weights
+        outputs = layer.run(feeds)
         state.hidden = outputs[0] if layer_number < self.num_layers else None
         state.logits = outputs[-1]
         return state
@@ -205,18 +230,32 @@ class OnnxDeeBert(EarlyExitModel):
         longest = int(attention_mask.sum(axis=1).max())
         # One indexing step: a new C-contiguous array, as ONNX Runtime reads it without a copy.
         attention_mask = np.ascontiguousarray(attention_mask[:, :longest])
-        return _OrtState(
-            attention_mask,
-            self._layer_mask(attention_mask),
-            pool_weights(attention_mask),
-            hidden=state.hidden[rows, :longest],
-        )
+        return _OrtState(attention_mask, *self._mask_inputs(attention_mask), hidden=state.hidden[rows, :longest])
 
-    def _layer_mask(self, attention_mask: np.ndarray) -> np.ndarray:
-        """What the layer graphs take as their mask (see `Manifest.layer_mask_input`)."""
-        if self.manifest.layer_mask_input == "attention_mask":
-            return attention_mask
-        return attention_mask.sum(axis=1, dtype=np.int32)
+    def _mask_inputs(self, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """What the layer graphs take besides the hidden states: their mask (see `Manifest.layer_mask_input`)
+        and, when the off-ramps pool by mean, the pooling weights; each row's length is summed once.
+
+        A batch of one unpadded row (every batch-1 request) takes them from a cache by length: right after an
+        ONNX Runtime call the CPU's caches hold the model's weights, not numpy's code, and the few reductions
+        here measured 50-100 µs per request (against a layer's ~550 µs), so at batch 1 they are done once."""
+        rows, tokens = attention_mask.shape
+        if rows == 1 and attention_mask[0, -1]:  # one row, no padding (masks are right-padded): the common case
+            unpadded = self._unpadded_inputs.get(tokens)
+            if unpadded is None:
+                unpadded = self._unpadded_inputs[tokens] = self._compute_mask_inputs(np.ones((1, tokens), np.int64))
+            lengths, weights = unpadded
+            return attention_mask if self._layer_mask_input == "attention_mask" else lengths, weights
+        lengths, weights = self._compute_mask_inputs(attention_mask)
+        return attention_mask if self._layer_mask_input == "attention_mask" else lengths, weights
+
+    def _compute_mask_inputs(self, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        lengths = attention_mask.sum(axis=1, dtype=np.int32)
+        weights = pool_weights(attention_mask, lengths) if self._pools_by_mean else None
+        for array in (lengths, weights):
+            if array is not None:
+                array.flags.writeable = False  # may be cached and shared between calls (ORT only reads inputs)
+        return lengths, weights
 
     # --- inference -------------------------------------------------------------------------------
 
@@ -244,11 +283,14 @@ class OnnxDeeBert(EarlyExitModel):
         return torch.stack(logits)
 
 
-def pool_weights(attention_mask: np.ndarray) -> np.ndarray:
+def pool_weights(attention_mask: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
     """Mean pooling's per-token weights, [rows, tokens, 1] float32: the mask over each row's number of real
-    tokens, as the traced model computes them (the layer graphs take them as `POOL_WEIGHTS`)."""
-    weights = attention_mask[:, :, None].astype(np.float32)
-    return weights / np.maximum(weights.sum(axis=1, keepdims=True), np.float32(1.0))
+    tokens (`lengths`, summed here when not given), as the traced model computes them (the layer graphs take
+    them as `POOL_WEIGHTS`)."""
+    if lengths is None:
+        lengths = attention_mask.sum(axis=1)
+    counts = np.maximum(lengths, 1).astype(np.float32)
+    return attention_mask[:, :, None].astype(np.float32) / counts[:, None, None]
 
 
 def _numpy(tensor: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -91,6 +91,30 @@ def test_a_row_answers_the_same_alone_or_in_a_batch(pair, tokenizer) -> None:  #
         assert [(e.layer, e.rows) for e in events] == [(alone.exit_layer[0], [0])]
 
 
+def test_a_lone_row_padded_or_not_answers_the_same(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """An unpadded batch of one takes its mask and pooling inputs from a per-length cache; a padded one
+    computes them: both give the same answer, and the cached inputs equal the computed ones."""
+    _, exported = pair
+    for text in SENTENCES[:3]:
+        one = encode(tokenizer, [text])
+        length = one.input_ids.shape[1]
+        padded_ids = torch.nn.functional.pad(one.input_ids, (0, 3), value=tokenizer.pad_token_id)
+        padded_mask = torch.nn.functional.pad(one.attention_mask, (0, 3), value=0)
+        padded_types = torch.nn.functional.pad(one.token_type_ids, (0, 3), value=0)
+        for threshold in (0.0, 0.05, 1e9):
+            unpadded = exported.infer(one.input_ids, one.attention_mask, one.token_type_ids, [threshold])
+            padded = exported.infer(padded_ids, padded_mask, padded_types, [threshold])
+            assert (padded.exit_layer, padded.label) == (unpadded.exit_layer, unpadded.label)
+            torch.testing.assert_close(padded.probabilities, unpadded.probabilities, atol=1e-5, rtol=0)
+        cached = exported.start(one.input_ids, one.attention_mask, one.token_type_ids)
+        assert length in exported._unpadded_inputs  # the cache, keyed by length
+        computed = exported._compute_mask_inputs(one.attention_mask.numpy())
+        assert (cached.layer_mask == computed[0]).all()
+        assert cached.pool_weights is not None and computed[1] is not None
+        assert (cached.pool_weights == computed[1]).all()
+        assert not cached.pool_weights.flags.writeable  # shared between calls: read-only
+
+
 @pytest.mark.parametrize("name", ["max-prob", "patience"])
 def test_other_exit_criteria_run_the_same_on_onnxruntime(pair, tokenizer, name: str) -> None:  # type: ignore[no-untyped-def]
     model, exported = pair
