@@ -27,8 +27,10 @@ import asyncio
 import gzip
 import itertools
 import json
+import os
 import random
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -199,15 +201,60 @@ def ladder_table(texts: dict[str, list[str]], ceiling: str) -> dict[str, Any]:
     return table
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where the server and the load generator run: CPU sets (None: anywhere) and the server's threads."""
+
+    server_cpus: str | None = None
+    client_cpus: str | None = None
+    server_threads: int | None = None
+
+    def server_argv(self, argv: list[str]) -> list[str]:
+        if self.server_cpus is None:
+            return argv
+        if shutil.which("taskset") is None:
+            raise SystemExit("--server-cpus needs taskset (util-linux)")
+        return ["taskset", "-c", self.server_cpus, *argv]
+
+    def server_env(self) -> dict[str, str]:
+        return {} if self.server_threads is None else {"DEEBERT_THREADS": str(self.server_threads)}
+
+    def pin_client(self) -> None:
+        if self.client_cpus is not None:
+            os.sched_setaffinity(0, cpu_set(self.client_cpus))
+
+    def describe(self) -> str:
+        server = f"server on CPU {self.server_cpus}" if self.server_cpus else "server on any CPU"
+        client = f"load generator on CPU {self.client_cpus}" if self.client_cpus else "load generator on any CPU"
+        threads = f", {self.server_threads} server thread(s)" if self.server_threads else ""
+        return f"{server}, {client}{threads}"
+
+
+def cpu_set(spec: str) -> set[int]:
+    """CPUs from a taskset-style list: `1`, `0,2`, `2-3`."""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        low, _, high = part.strip().partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
 def run_variant(
-    name: str, env: dict[str, str], phases: Sequence[Phase], texts: dict[str, list[str]], seed: int, log_dir: Path
+    name: str,
+    env: dict[str, str],
+    phases: Sequence[Phase],
+    texts: dict[str, list[str]],
+    seed: int,
+    log_dir: Path,
+    placement: Placement = Placement(),
 ) -> dict[str, Any]:
     """One server, the whole traffic, then the full-depth labels; everything the summary and figure need."""
     port = free_port()
     log_path = log_dir / f"{name}.log"
-    env = {"DEEBERT_CHECKPOINT": CHECKPOINT, **env}
-    print(f"[{name}] serving with {env}", file=sys.stderr)
-    with server_process(deebert_server_command(CHECKPOINT, port), env, port, 180, log_path) as (_, url):
+    env = {"DEEBERT_CHECKPOINT": CHECKPOINT, **placement.server_env(), **env}
+    print(f"[{name}] serving with {env} ({placement.describe()})", file=sys.stderr)
+    argv = placement.server_argv(deebert_server_command(CHECKPOINT, port))
+    with server_process(argv, env, port, 180, log_path) as (_, url):
         sent, scrapes = asyncio.run(drive(url, phases, texts, seed))
         info = httpx.get(f"{url}/v1/model", timeout=10).json()
         full = full_depth_labels(url, {s.text for s in sent if s.status == 200})
@@ -420,6 +467,9 @@ def run_experiment(experiment: str, args: argparse.Namespace) -> dict[str, Any]:
     log_dir = args.output / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     facts: list[str] = []
+    placement = Placement(args.server_cpus, args.client_cpus, args.server_threads)
+    placement.pin_client()
+    facts.append(f"placement: {placement.describe()}")
     result: dict[str, Any] = {"experiment": experiment, "machine": machine_description(), "command": args.command}
     if experiment == "drift":
         rate = args.rate
@@ -441,6 +491,7 @@ def run_experiment(experiment: str, args: argparse.Namespace) -> dict[str, Any]:
             texts,
             args.seed,
             log_dir,
+            placement,
         )
         held = [s["threshold"] for s in controlled["scrapes"] if s["t"] <= phases[0].duration_s and "threshold" in s]
         fixed_threshold = held[-1]
@@ -451,6 +502,7 @@ def run_experiment(experiment: str, args: argparse.Namespace) -> dict[str, Any]:
             texts,
             args.seed,
             log_dir,
+            placement,
         )
         drift_at = phases[0].duration_s
         reaction = first_move_after(controlled["scrapes"], drift_at, -1)
@@ -486,8 +538,9 @@ def run_experiment(experiment: str, args: argparse.Namespace) -> dict[str, Any]:
             texts,
             args.seed,
             log_dir,
+            placement,
         )
-        fixed = run_variant("fixed", {}, phases, texts, args.seed, log_dir)
+        fixed = run_variant("fixed", {}, phases, texts, args.seed, log_dir, placement)
         step_at = phases[0].duration_s
         reaction = first_move_after(controlled["scrapes"], step_at, +1)
         facts.append(f"fixed threshold = the configured default: {fixed['default_threshold']:.4f}")
@@ -530,6 +583,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--low-rate", type=float, default=60.0, help="load-step: requests/s before and after")
     parser.add_argument("--high-rate", type=float, default=200.0, help="load-step: requests/s in the step")
     parser.add_argument("--target-p99-ms", type=float, default=100.0)
+    parser.add_argument("--server-cpus", help="run each server on these CPUs (taskset list, e.g. 1)")
+    parser.add_argument("--client-cpus", help="run the load generator on these CPUs (e.g. 0)")
+    parser.add_argument("--server-threads", type=int, help="DEEBERT_THREADS of the servers")
     parser.add_argument("--render", action="store_true", help="only redraw the figure and summary from the JSON")
 
 

@@ -24,9 +24,12 @@ over the most recent 100, 400 and 2000 samples (`windows`) gets Wilson intervals
 Latency (`DEEBERT_TARGET_P99_MS`): the p99 of request time (from the route's start to the answer, pinned
 requests too, since all load counts) over the requests since the last move (at most `latency_window_s`).
 While it is above the target, or while texts wait in the queue longer than half of it, the default moves
-one rung toward the ceiling per tick; once the p99 of the whole window (`latency_window_s`, moves or not)
-is below half the target and the queue is short, it moves back one rung per `recover_s` until it reaches
-the agreement's rung (or the configured default).
+toward the ceiling every tick, by a step that doubles while the overload lasts (1, 2, 4, ... rungs: a load
+step fills the queue faster than one rung per tick relieves it, so it reaches the ceiling in a few ticks, not
+in as many ticks as there are rungs) and starts again at one rung once a tick finds the target met. Once
+the p99 of the whole window (`latency_window_s`, moves or not) is below half the target and the queue is
+short, it moves back one rung per `recover_s` until it reaches the agreement's rung (or the configured
+default): fast up, slow down, so a load that lasts is not invited back by a few calm ticks.
 Requests that pin a threshold are never changed; the controller only moves the default.
 
 Both set: the latency push starts from the agreement's rung and may go further toward the ceiling only over
@@ -231,6 +234,7 @@ class ThresholdController:
         self.configured_rung = start_rung
         self._base = start_rung  # the agreement's rung (the configured default without an agreement target)
         self._push = 0  # rungs beyond the base that latency asks for
+        self._push_step = 1  # rungs the next latency push moves: doubles while the overload lasts
         self._lock = threading.Lock()
         self._evidence = _Evidence(self.windows[-1])
         self._received = 0  # evidence ever recorded
@@ -479,12 +483,15 @@ class ThresholdController:
         if waiting or slow:
             if current >= limit:
                 return []
-            self._push = current + 1 - self._base
+            self._push = min(current + self._push_step, limit) - self._base
+            self._push_step *= 2
             if slow:
                 evidence = f"p99 {self.p99_s * 1000:.1f} ms over {len(recent)} requests > target {target * 1000:g} ms"  # type: ignore[operator]
             else:
                 evidence = f"queue wait {queue_wait_s * 1000:.1f} ms > {QUEUE_SHARE:g} x target {target * 1000:g} ms"
             return [self._push_moved(Reason.LATENCY_HIGH, current, evidence, now)]
+        if self.p99_s is not None:
+            self._push_step = 1  # the requests since the last move met the target: the next push starts small
         settled = float(np.quantile(window, 0.99)) if len(window) >= MIN_LATENCY_SAMPLES else None
         calm = (settled is None or settled < target * LOW_WATER) and queue_wait_s < target * QUEUE_SHARE / 2
         if calm and self._push > 0 and now - self._last_push_move >= self.recover_s:

@@ -150,7 +150,7 @@ def test_latency_target_steps_toward_the_ceiling_under_load_and_back_after() -> 
         clock.now += 0.5
         ctl.tick()
         rungs.append(ctl.rung)
-    assert rungs[:6] == [5, 6, 7, 8, 9, 10], "one rung per tick while over the target"
+    assert rungs[:3] == [5, 7, 10], "1, 2, then 4 rungs (capped at the ceiling) while over the target"
     assert max(rungs) == 10, "never past the ceiling"
     assert ctl.adjustments[0].reason == Reason.LATENCY_HIGH and "p99 80.0 ms" in ctl.adjustments[0].evidence
     held = []
@@ -402,8 +402,11 @@ def test_a_push_that_empties_the_queue_is_not_undone_while_the_window_remembers_
             rungs.append(ctl.rung)
         return rungs
 
-    assert tick_with(0.080, 3) == [5, 6, 7]
+    assert tick_with(0.080, 2) == [5, 7]
     # Fast again right after the push: the requests since it are calm, but the last 5 s are not.
     assert tick_with(0.010, 8) == [7] * 8
     # Once the slow requests have left the 5 s window, it comes back one rung per 2 s.
     assert tick_with(0.010, 12)[-1] < 7
+    # A new overload starts again at one rung per tick: the calm ticks reset the doubling.
+    before = ctl.rung
+    assert tick_with(0.080, 2) == [before + 1, before + 3]
