@@ -14,7 +14,9 @@ the full model's label: the agreement users actually got, measured outside the c
   controller held when the SST-2 phase ended (what calibrating on SST-2 would have chosen). Before the
   servers start, the agreement and expected saving of every rung on each corpus are computed offline (same
   ladder), so the run can be read against what each threshold gives on each kind of text.
-- load-step: the target is a p99 (`--target-p99-ms`); the fixed variant serves at the configured default.
+- load-step: the target is a p99 (`--target-p99-ms`); the fixed variant serves at the configured default
+  (`--default`, for both variants; the server's own, `balanced`, when not given). `--server-cpus`,
+  `--client-cpus` and `--server-threads` keep the load generator off the server's cores.
 
 Writes loadtest/results/controller/{drift,load_step}.json and .png, and prints a markdown summary with the
 command and the machine.
@@ -531,16 +533,17 @@ def run_experiment(experiment: str, args: argparse.Namespace) -> dict[str, Any]:
             Phase("low again", "sst2", args.low_rate, args.phase_s[2]),
         ]
         target = args.target_p99_ms
+        default = {} if args.default is None else {"DEEBERT_DEFAULT_THRESHOLD": args.default}
         controlled = run_variant(
             "controller",
-            {"DEEBERT_TARGET_P99_MS": str(target), "DEEBERT_CONTROLLER_CEILING": args.ceiling},
+            {"DEEBERT_TARGET_P99_MS": str(target), "DEEBERT_CONTROLLER_CEILING": args.ceiling, **default},
             phases,
             texts,
             args.seed,
             log_dir,
             placement,
         )
-        fixed = run_variant("fixed", {}, phases, texts, args.seed, log_dir, placement)
+        fixed = run_variant("fixed", default, phases, texts, args.seed, log_dir, placement)
         step_at = phases[0].duration_s
         reaction = first_move_after(controlled["scrapes"], step_at, +1)
         facts.append(f"fixed threshold = the configured default: {fixed['default_threshold']:.4f}")
@@ -583,6 +586,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--low-rate", type=float, default=60.0, help="load-step: requests/s before and after")
     parser.add_argument("--high-rate", type=float, default=200.0, help="load-step: requests/s in the step")
     parser.add_argument("--target-p99-ms", type=float, default=100.0)
+    parser.add_argument(
+        "--default", help="load-step: DEEBERT_DEFAULT_THRESHOLD of both variants (default: the server's, balanced)"
+    )
     parser.add_argument("--server-cpus", help="run each server on these CPUs (taskset list, e.g. 1)")
     parser.add_argument("--client-cpus", help="run the load generator on these CPUs (e.g. 0)")
     parser.add_argument("--server-threads", type=int, help="DEEBERT_THREADS of the servers")

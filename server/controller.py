@@ -29,7 +29,11 @@ step fills the queue faster than one rung per tick relieves it, so it reaches th
 in as many ticks as there are rungs) and starts again at one rung once a tick finds the target met. Once
 the p99 of the whole window (`latency_window_s`, moves or not) is below half the target and the queue is
 short, it moves back one rung per `recover_s` until it reaches the agreement's rung (or the configured
-default): fast up, slow down, so a load that lasts is not invited back by a few calm ticks.
+default): fast up, slow down, so a load that lasts is not invited back by a few calm ticks. When the
+target breaks again within `latency_memory_s` of a step back, it remembers that rung and, for
+`latency_memory_s` after, comes back no further than the rung above it: in the live load step, coming back
+on a calm window alone walked down the ladder into the rung that could not carry the load, broke the target
+there, was pushed up, and walked down into it again, paying a burst of tail latency each time.
 Requests that pin a threshold are never changed; the controller only moves the default.
 
 Both set: the latency push starts from the agreement's rung and may go further toward the ceiling only over
@@ -209,6 +213,7 @@ class ThresholdController:
         min_dwell_s: float = 5.0,
         latency_window_s: float = 5.0,
         recover_s: float = 2.0,
+        latency_memory_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         saving: Callable[[float, float], float | None] | None = None,
         on_change: Callable[[Adjustment], None] | None = None,
@@ -228,6 +233,7 @@ class ThresholdController:
         self.min_dwell_s = min_dwell_s
         self.latency_window_s = latency_window_s
         self.recover_s = recover_s
+        self.latency_memory_s = latency_memory_s
         self._clock = clock
         self._saving = saving
         self._on_change = on_change or (lambda adjustment: None)
@@ -235,6 +241,8 @@ class ThresholdController:
         self._base = start_rung  # the agreement's rung (the configured default without an agreement target)
         self._push = 0  # rungs beyond the base that latency asks for
         self._push_step = 1  # rungs the next latency push moves: doubles while the overload lasts
+        self._broke: tuple[int, float] | None = None  # the rung a step back broke the target at, and when
+        self._stepped_back_at: float | None = None  # when latency last moved the default back
         self._lock = threading.Lock()
         self._evidence = _Evidence(self.windows[-1])
         self._received = 0  # evidence ever recorded
@@ -485,6 +493,9 @@ class ThresholdController:
                 return []
             self._push = min(current + self._push_step, limit) - self._base
             self._push_step *= 2
+            if self._stepped_back_at is not None and now - self._stepped_back_at < self.latency_memory_s:
+                self._broke = (current, now)  # a step back walked into this: remember where
+                self._stepped_back_at = None
             if slow:
                 evidence = f"p99 {self.p99_s * 1000:.1f} ms over {len(recent)} requests > target {target * 1000:g} ms"  # type: ignore[operator]
             else:
@@ -494,7 +505,11 @@ class ThresholdController:
             self._push_step = 1  # the requests since the last move met the target: the next push starts small
         settled = float(np.quantile(window, 0.99)) if len(window) >= MIN_LATENCY_SAMPLES else None
         calm = (settled is None or settled < target * LOW_WATER) and queue_wait_s < target * QUEUE_SHARE / 2
+        remembered = self._broke is not None and now - self._broke[1] < self.latency_memory_s
+        if remembered and current - 1 <= self._broke[0]:  # type: ignore[index]
+            return []  # the rung below broke the target not long ago: stay above it
         if calm and self._push > 0 and now - self._last_push_move >= self.recover_s:
+            self._stepped_back_at = now
             self._push -= 1
             p99 = "no requests" if settled is None else f"p99 {settled * 1000:.1f} ms over the last {len(window)}"
             evidence = f"{p99} < {LOW_WATER:g} x target {target * 1000:g} ms"

@@ -410,3 +410,24 @@ def test_a_push_that_empties_the_queue_is_not_undone_while_the_window_remembers_
     # A new overload starts again at one rung per tick: the calm ticks reset the doubling.
     before = ctl.rung
     assert tick_with(0.080, 2) == [before + 1, before + 3]
+
+
+def test_under_a_lasting_load_it_does_not_walk_back_into_the_rung_that_broke() -> None:
+    """Rungs below 7 cannot carry the load (80 ms against a 50 ms target), rungs from 7 can (5 ms). Coming
+    back on calm windows alone would step into rung 6 every ~10 s; after the first time, the controller
+    stays above it for `latency_memory_s` and only then tries it again."""
+    clock = FakeClock()
+    ctl = controller(4, clock, p99_s=0.050)
+    rungs = []
+    for _ in range(240):  # 120 s of the same load
+        for _ in range(30):
+            ctl.record_latency(0.080 if ctl.rung < 7 else 0.005)
+        clock.now += 0.5
+        ctl.tick()
+        rungs.append(ctl.rung)
+    breaks = [a for a in ctl.adjustments if a.reason == Reason.LATENCY_HIGH and a.from_rung == 6]
+    assert 1 <= len(breaks) <= 4, [(a.from_rung, a.to_rung) for a in ctl.adjustments]
+    first = rungs.index(6)
+    after = rungs[first + 2 : first + 2 + int(ctl.latency_memory_s / 0.5) - 2]
+    assert min(after) >= 7, "held above the rung that broke while it remembers it"
+    assert rungs[-1] >= 6
