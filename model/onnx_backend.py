@@ -105,6 +105,7 @@ class _OrtState:
     before layer 1, then the hidden states and the off-ramp's logits of the last layer run."""
 
     attention_mask: np.ndarray
+    lengths: np.ndarray  # int32 [rows]: each row's real tokens
     layer_mask: np.ndarray
     pool_weights: np.ndarray | None
     input_ids: np.ndarray | None = None
@@ -187,7 +188,8 @@ class OnnxDeeBert(EarlyExitModel):
         ids = _numpy(input_ids)
         types = np.zeros_like(ids) if token_type_ids is None else _numpy(token_type_ids)
         mask = _numpy(attention_mask)
-        return _OrtState(mask, *self._mask_inputs(mask), input_ids=ids, token_type_ids=types)
+        lengths, weights = self._mask_inputs(mask)
+        return _OrtState(mask, lengths, self._layer_mask(mask, lengths), weights, input_ids=ids, token_type_ids=types)
 
     def run_layer(self, state: _OrtState, layer_number: int) -> _OrtState:
         layer = self.layers[layer_number - 1]
@@ -226,15 +228,27 @@ class OnnxDeeBert(EarlyExitModel):
     def keep_rows(self, state: _OrtState, keep_index: torch.Tensor) -> _OrtState:
         assert state.hidden is not None  # rows leave after a layer, never before the first
         rows = keep_index.numpy()
-        attention_mask = state.attention_mask[rows]
-        longest = int(attention_mask.sum(axis=1).max())
-        # One indexing step: a new C-contiguous array, as ONNX Runtime reads it without a copy.
-        attention_mask = np.ascontiguousarray(attention_mask[:, :longest])
-        return _OrtState(attention_mask, *self._mask_inputs(attention_mask), hidden=state.hidden[rows, :longest])
+        lengths = state.lengths[rows]
+        longest = int(lengths.max())
+        # Each an indexing step (rows, then the padding no row left needs): a new C-contiguous array, as ONNX
+        # Runtime reads it without a copy. The pooling weights of a row do not change when padding is cut.
+        attention_mask = state.attention_mask[rows, :longest]
+        weights = None if state.pool_weights is None else state.pool_weights[rows, :longest]
+        return _OrtState(
+            attention_mask,
+            lengths,
+            self._layer_mask(attention_mask, lengths),
+            weights,
+            hidden=state.hidden[rows, :longest],
+        )
+
+    def _layer_mask(self, attention_mask: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """What the layer graphs take as their mask (see `Manifest.layer_mask_input`)."""
+        return attention_mask if self._layer_mask_input == "attention_mask" else lengths
 
     def _mask_inputs(self, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """What the layer graphs take besides the hidden states: their mask (see `Manifest.layer_mask_input`)
-        and, when the off-ramps pool by mean, the pooling weights; each row's length is summed once.
+        """Each row's length (int32) and, when the off-ramps pool by mean, the pooling weights: what the
+        layer graphs take besides the hidden states (the lengths are fused attention's mask).
 
         A batch of one unpadded row (every batch-1 request) takes them from a cache by length: right after an
         ONNX Runtime call the CPU's caches hold the model's weights, not numpy's code, and the few reductions
@@ -244,10 +258,8 @@ class OnnxDeeBert(EarlyExitModel):
             unpadded = self._unpadded_inputs.get(tokens)
             if unpadded is None:
                 unpadded = self._unpadded_inputs[tokens] = self._compute_mask_inputs(np.ones((1, tokens), np.int64))
-            lengths, weights = unpadded
-            return attention_mask if self._layer_mask_input == "attention_mask" else lengths, weights
-        lengths, weights = self._compute_mask_inputs(attention_mask)
-        return attention_mask if self._layer_mask_input == "attention_mask" else lengths, weights
+            return unpadded
+        return self._compute_mask_inputs(attention_mask)
 
     def _compute_mask_inputs(self, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         lengths = attention_mask.sum(axis=1, dtype=np.int32)

@@ -109,7 +109,7 @@ def test_a_lone_row_padded_or_not_answers_the_same(pair, tokenizer) -> None:  # 
         cached = exported.start(one.input_ids, one.attention_mask, one.token_type_ids)
         assert length in exported._unpadded_inputs  # the cache, keyed by length
         computed = exported._compute_mask_inputs(one.attention_mask.numpy())
-        assert (cached.layer_mask == computed[0]).all()
+        assert (cached.lengths == computed[0]).all()
         assert cached.pool_weights is not None and computed[1] is not None
         assert (cached.pool_weights == computed[1]).all()
         assert not cached.pool_weights.flags.writeable  # shared between calls: read-only
