@@ -13,7 +13,8 @@ the encoder layers' matrix products to int8:
 - static (QDQ, activations' ranges calibrated on training sentences run through the fp32 layers), the
   MatMuls outside fused attention, per-channel weights.
 
-For each: every off-ramp's dev accuracy (batches of 32, sorted by length), full-depth accuracy, presets
+For each: every off-ramp's dev accuracy (batches of 32, sorted by length), full-depth accuracy (also alone
+and in batches of 64: dynamic quantization's answers depend on the batch), presets
 calibrated on its own outputs as `deebert calibrate` does (so `balanced` is within 0.5 point of *its* full
 depth), and `balanced` against fp32 full depth, the bar for int8 to become a default.
 """
@@ -26,7 +27,7 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ DYNAMIC_TRIES = {
     "dynamic, feed-forward only, per-tensor": Quantization("ffn", False),
     "dynamic, feed-forward only, per-channel (default)": Quantization("ffn", True),
 }
+BATCH_SIZES = (1, 32, 64)
 STATIC_TRY = "static QDQ (calibrated on training sentences), MatMuls, per-channel"
 
 
@@ -115,6 +117,13 @@ def _static(model: Any, fp32_directory: Path, directory: Path, calibration: Sequ
 def _row(name: str, model: Any, encoded: Sequence[Encoded], labels: list[int], pad_id: int) -> dict[str, Any]:
     probabilities, entropies = all_layer_outputs(model, encoded, pad_id, batch_size=32, progress=False)
     per_layer = per_layer_accuracy(probabilities, labels)
+    # Dynamic quantization scales activations per call over the whole batch: the same sentences in other
+    # batches can get other answers. Full depth alone and in batches of 64 (length-sorted, as calibrate runs).
+    by_batch = {32: per_layer[-1]}
+    for batch_size in BATCH_SIZES:
+        if batch_size not in by_batch:
+            others, _ = all_layer_outputs(model, encoded, pad_id, batch_size=batch_size, progress=False)
+            by_batch[batch_size] = per_layer_accuracy(others[-1:], labels)[0]
     presets = {p.name: p for p in calibrate(probabilities, entropies, labels, criterion=model.config.criterion)}
     balanced = presets.get("balanced")
     return {
@@ -124,7 +133,13 @@ def _row(name: str, model: Any, encoded: Sequence[Encoded], labels: list[int], p
         "balanced_threshold": balanced.threshold if balanced else None,
         "balanced_accuracy": balanced.accuracy if balanced else None,
         "balanced_expected_saving": balanced.expected_saving if balanced else None,
+        "full_depth_accuracy_by_batch_size": {str(size): by_batch[size] for size in BATCH_SIZES},
     }
+
+
+def _spread(values: Iterable[float]) -> float:
+    numbers = list(values)
+    return max(numbers) - min(numbers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -190,7 +205,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r in rows
         ],
     )
-    text = "\n".join([f"`{command}`", "", describe_machine(results["machine"]), "", *table, ""])
+    by_batch_table = markdown_table(
+        ["quantization", *(f"full depth %, batches of {size}" for size in BATCH_SIZES), "spread (points)"],
+        [
+            [
+                r["try"],
+                *(f"{100 * r['full_depth_accuracy_by_batch_size'][str(size)]:.2f}" for size in BATCH_SIZES),
+                f"{100 * _spread(r['full_depth_accuracy_by_batch_size'].values()):.2f}",
+            ]
+            for r in rows
+        ],
+    )
+    text = "\n".join(
+        [
+            f"`{command}`",
+            "",
+            describe_machine(results["machine"]),
+            "",
+            *table,
+            "",
+            "The same sentences at full depth in batches of other sizes (length-sorted; 1 = each sentence alone):",
+            "",
+            *by_batch_table,
+            "",
+        ]
+    )
     (output / "int8_tries.md").write_text(text)
     print(text)
     return 0
