@@ -29,7 +29,10 @@ step fills the queue faster than one rung per tick relieves it, so it reaches th
 in as many ticks as there are rungs) and starts again at one rung once a tick finds the target met. Once
 the p99 of the whole window (`latency_window_s`, moves or not) is below half the target and the queue is
 short, it moves back one rung per `recover_s` until it reaches the agreement's rung (or the configured
-default): fast up, slow down, so a load that lasts is not invited back by a few calm ticks. When the
+default): fast up, slow down, so a load that lasts is not invited back by a few calm ticks. For
+`latency_memory_s` (30 s) after a push it steps back only if the request rate has fallen below 0.8 of the
+rate at the push (a stabilization window, like the one Kubernetes' autoscaler keeps before scaling down: a
+calm window under the same load says the push worked, not that it is no longer needed). When the
 target breaks again within `latency_memory_s` of a step back, it remembers that rung and, for
 `latency_memory_s` after, comes back no further than the rung above it: in the live load step, coming back
 on a calm window alone walked down the ladder into the rung that could not carry the load, broke the target
@@ -78,6 +81,9 @@ DEFAULT_WINDOWS = (100, 400, 2000)
 QUEUE_SHARE = 0.5
 LOW_WATER = 0.5
 MIN_LATENCY_SAMPLES = 20
+# Latency steps back within `latency_memory_s` of a push only once the request rate is below this share of
+# the rate at the push (a stabilization window, as Kubernetes' autoscaler keeps before scaling down).
+RATE_FALLEN = 0.8
 
 
 class Reason(StrEnum):
@@ -243,12 +249,14 @@ class ThresholdController:
         self._push_step = 1  # rungs the next latency push moves: doubles while the overload lasts
         self._broke: tuple[int, float] | None = None  # the rung a step back broke the target at, and when
         self._stepped_back_at: float | None = None  # when latency last moved the default back
+        self._pushed: tuple[float, float] | None = None  # when latency last pushed, and the request rate then
         self._lock = threading.Lock()
         self._evidence = _Evidence(self.windows[-1])
         self._received = 0  # evidence ever recorded
         self._low_at = 0  # `_received` when agreement last moved the default down: older evidence cannot raise it
         self._latencies: deque[tuple[float, float]] = deque()
         now = clock()
+        self._started = now
         self._last_base_move = now
         self._last_push_move = now
         self.p99_s: float | None = None
@@ -493,6 +501,7 @@ class ThresholdController:
                 return []
             self._push = min(current + self._push_step, limit) - self._base
             self._push_step *= 2
+            self._pushed = (now, self._request_rate(window, now))
             if self._stepped_back_at is not None and now - self._stepped_back_at < self.latency_memory_s:
                 self._broke = (current, now)  # a step back walked into this: remember where
                 self._stepped_back_at = None
@@ -508,6 +517,9 @@ class ThresholdController:
         remembered = self._broke is not None and now - self._broke[1] < self.latency_memory_s
         if remembered and current - 1 <= self._broke[0]:  # type: ignore[index]
             return []  # the rung below broke the target not long ago: stay above it
+        stabilizing = self._pushed is not None and now - self._pushed[0] < self.latency_memory_s
+        if stabilizing and self._request_rate(window, now) > self._pushed[1] * RATE_FALLEN:  # type: ignore[index]
+            return []  # the load that needed the push is still here: keep the capacity it bought
         if calm and self._push > 0 and now - self._last_push_move >= self.recover_s:
             self._stepped_back_at = now
             self._push -= 1
@@ -515,6 +527,11 @@ class ThresholdController:
             evidence = f"{p99} < {LOW_WATER:g} x target {target * 1000:g} ms"
             return [self._push_moved(Reason.LATENCY_RECOVERED, current, evidence, now)]
         return []
+
+    def _request_rate(self, window: list[float], now: float) -> float:
+        """Requests per second over the latency window (over the time since start while that is shorter)."""
+        span = min(self.latency_window_s, now - self._started)
+        return len(window) / span if span > 0 else 0.0
 
     def _push_moved(self, reason: Reason, before: int, evidence: str, now: float) -> Adjustment:
         self._last_push_move = now

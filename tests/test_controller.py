@@ -162,8 +162,8 @@ def test_latency_target_steps_toward_the_ceiling_under_load_and_back_after() -> 
         held.append(ctl.rung)
     assert held == [10] * 10
     back = []
-    for _ in range(40):  # load fell: back one rung per recover_s (2 s), down to the configured default
-        for _ in range(30):
+    for _ in range(40):  # load fell (a third of the requests): back one rung per recover_s (2 s), to the default
+        for _ in range(10):
             ctl.record_latency(0.005)
         clock.now += 0.5
         ctl.tick()
@@ -392,10 +392,10 @@ def test_a_push_that_empties_the_queue_is_not_undone_while_the_window_remembers_
     clock = FakeClock()
     ctl = controller(4, clock, p99_s=0.050)
 
-    def tick_with(seconds: float, ticks: int) -> list[int]:
+    def tick_with(seconds: float, ticks: int, per_tick: int = 30) -> list[int]:
         rungs = []
         for _ in range(ticks):
-            for _ in range(30):
+            for _ in range(per_tick):
                 ctl.record_latency(seconds)
             clock.now += 0.5
             ctl.tick()
@@ -405,11 +405,18 @@ def test_a_push_that_empties_the_queue_is_not_undone_while_the_window_remembers_
     assert tick_with(0.080, 2) == [5, 7]
     # Fast again right after the push: the requests since it are calm, but the last 5 s are not.
     assert tick_with(0.010, 8) == [7] * 8
-    # Once the slow requests have left the 5 s window, it comes back one rung per 2 s.
+    # The window is calm now, but under the same request rate as at the push: it keeps the capacity the push
+    # bought (stabilization) for latency_memory_s after the push...
+    assert tick_with(0.010, 40) == [7] * 40
+    # ...then probes back one rung per 2 s.
     assert tick_with(0.010, 12)[-1] < 7
     # A new overload starts again at one rung per tick: the calm ticks reset the doubling.
     before = ctl.rung
     assert tick_with(0.080, 2) == [before + 1, before + 3]
+    # Once the request rate falls below 0.8 of the push's, it comes back without waiting out the 30 s.
+    pushed_to = ctl.rung
+    tick_with(0.010, 10, per_tick=30)  # the slow requests leave the 5 s window
+    assert tick_with(0.010, 12, per_tick=10)[-1] < pushed_to
 
 
 def test_under_a_lasting_load_it_does_not_walk_back_into_the_rung_that_broke() -> None:
