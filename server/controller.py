@@ -36,7 +36,9 @@ calm window under the same load says the push worked, not that it is no longer n
 target breaks again within `latency_memory_s` of a step back, it remembers that rung and, for
 `latency_memory_s` after, comes back no further than the rung above it: in the live load step, coming back
 on a calm window alone walked down the ladder into the rung that could not carry the load, broke the target
-there, was pushed up, and walked down into it again, paying a burst of tail latency each time.
+there, was pushed up, and walked down into it again, paying a burst of tail latency each time. Each such
+break under the same load doubles the stabilization window (30, 60, 120, up to 240 s), so a lasting load
+is probed less and less often; a fallen rate or a return all the way back resets it.
 Requests that pin a threshold are never changed; the controller only moves the default.
 
 Both set: the latency push starts from the agreement's rung and may go further toward the ceiling only over
@@ -84,6 +86,9 @@ MIN_LATENCY_SAMPLES = 20
 # Latency steps back within `latency_memory_s` of a push only once the request rate is below this share of
 # the rate at the push (a stabilization window, as Kubernetes' autoscaler keeps before scaling down).
 RATE_FALLEN = 0.8
+# Each probe that breaks the target again under the same load doubles that window, up to this many times
+# `latency_memory_s`.
+MAX_BACKOFF = 8
 
 
 class Reason(StrEnum):
@@ -240,6 +245,7 @@ class ThresholdController:
         self.latency_window_s = latency_window_s
         self.recover_s = recover_s
         self.latency_memory_s = latency_memory_s
+        self._stabilize_s = latency_memory_s  # how long after a push the rate must fall before stepping back
         self._clock = clock
         self._saving = saving
         self._on_change = on_change or (lambda adjustment: None)
@@ -505,6 +511,8 @@ class ThresholdController:
             if self._stepped_back_at is not None and now - self._stepped_back_at < self.latency_memory_s:
                 self._broke = (current, now)  # a step back walked into this: remember where
                 self._stepped_back_at = None
+                # ...and under the same load, probe less often: 30, 60, 120, 240 s (exponential backoff).
+                self._stabilize_s = min(2 * self._stabilize_s, MAX_BACKOFF * self.latency_memory_s)
             if slow:
                 evidence = f"p99 {self.p99_s * 1000:.1f} ms over {len(recent)} requests > target {target * 1000:g} ms"  # type: ignore[operator]
             else:
@@ -517,12 +525,14 @@ class ThresholdController:
         remembered = self._broke is not None and now - self._broke[1] < self.latency_memory_s
         if remembered and current - 1 <= self._broke[0]:  # type: ignore[index]
             return []  # the rung below broke the target not long ago: stay above it
-        stabilizing = self._pushed is not None and now - self._pushed[0] < self.latency_memory_s
+        stabilizing = self._pushed is not None and now - self._pushed[0] < self._stabilize_s
         if stabilizing and self._request_rate(window, now) > self._pushed[1] * RATE_FALLEN:  # type: ignore[index]
             return []  # the load that needed the push is still here: keep the capacity it bought
         if calm and self._push > 0 and now - self._last_push_move >= self.recover_s:
             self._stepped_back_at = now
             self._push -= 1
+            if stabilizing or self._push == 0:  # the load fell, or it is all the way back: probe at 30 s again
+                self._stabilize_s = self.latency_memory_s
             p99 = "no requests" if settled is None else f"p99 {settled * 1000:.1f} ms over the last {len(window)}"
             evidence = f"{p99} < {LOW_WATER:g} x target {target * 1000:g} ms"
             return [self._push_moved(Reason.LATENCY_RECOVERED, current, evidence, now)]

@@ -438,3 +438,20 @@ def test_under_a_lasting_load_it_does_not_walk_back_into_the_rung_that_broke() -
     after = rungs[first + 2 : first + 2 + int(ctl.latency_memory_s / 0.5) - 2]
     assert min(after) >= 7, "held above the rung that broke while it remembers it"
     assert rungs[-1] >= 6
+
+
+def test_under_a_lasting_load_the_probes_back_off() -> None:
+    """Each probe that breaks the target again under the same load doubles the wait before the next one."""
+    clock = FakeClock()
+    ctl = controller(4, clock, p99_s=0.050)
+    breaks = []
+    for _ in range(1200):  # 600 s of the same load: rungs below 7 cannot carry it
+        for _ in range(30):
+            ctl.record_latency(0.080 if ctl.rung < 7 else 0.005)
+        clock.now += 0.5
+        for move in ctl.tick():
+            if move.reason == Reason.LATENCY_HIGH and move.from_rung == 6:
+                breaks.append(clock.now)
+    gaps = [b - a for a, b in itertools.pairwise(breaks)]
+    assert len(gaps) >= 2 and all(later > earlier for earlier, later in itertools.pairwise(gaps)), gaps
+    assert len(breaks) <= 6, breaks
