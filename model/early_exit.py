@@ -11,6 +11,7 @@ path on Python numbers — lives here, so both backends answer with the same sem
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -298,6 +299,11 @@ class EarlyExitModel:
         """Every off-ramp's logits, [layers, batch, labels], without gradients (evaluation sweeps)."""
         raise NotImplementedError
 
+    def _inference_mode(self) -> contextlib.AbstractContextManager[Any]:
+        """`torch.inference_mode` where the steps compute in torch; elsewhere nothing (entering even a disabled
+        inference mode is several dispatcher calls, a measurable share of a batch-1 request)."""
+        return torch.inference_mode() if self.computes_in_torch else contextlib.nullcontext()
+
     def iter_exits(
         self,
         input_ids: torch.Tensor,
@@ -311,7 +317,7 @@ class EarlyExitModel:
         (`iter_exits`; default criterion: the checkpoint's, DeeBERT's entropy)."""
         rule = criterion or self.config.criterion
         steps = self.exit_steps()
-        with torch.inference_mode(self.computes_in_torch):
+        with self._inference_mode():
             yield from iter_exits(steps, input_ids, attention_mask, token_type_ids, thresholds, rule, compact)
 
     def infer(
@@ -326,11 +332,7 @@ class EarlyExitModel:
         """Early-exit answers for the whole batch (`infer`)."""
         rule = criterion or self.config.criterion
         steps = self.exit_steps()
-        if not self.computes_in_torch:
-            return infer(
-                steps, input_ids, attention_mask, token_type_ids, thresholds, rule, self.config.num_labels, compact
-            )
-        with torch.inference_mode():
+        with self._inference_mode():
             return infer(
                 steps, input_ids, attention_mask, token_type_ids, thresholds, rule, self.config.num_labels, compact
             )

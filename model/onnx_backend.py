@@ -105,8 +105,7 @@ class _OrtState:
     before layer 1, then the hidden states and the off-ramp's logits of the last layer run."""
 
     attention_mask: np.ndarray
-    lengths: np.ndarray  # int32 [rows]: each row's real tokens
-    layer_mask: np.ndarray
+    lengths: np.ndarray  # int32 [rows]: each row's real tokens (fused attention's mask)
     pool_weights: np.ndarray | None
     input_ids: np.ndarray | None = None
     token_type_ids: np.ndarray | None = None
@@ -163,6 +162,7 @@ class OnnxDeeBert(EarlyExitModel):
         self.plain = _Graph(directory / PLAIN_FILE, options)
         self._hidden_inputs = [f"hidden_{i}" for i in range(config.num_layers + 1)]
         self._layer_mask_input = manifest.layer_mask_input
+        self._masks_by_length = self._layer_mask_input != "attention_mask"
         self._pools_by_mean = any(layer.takes_pool_weights for layer in self.layers)
         self._unpadded_inputs: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
 
@@ -189,22 +189,24 @@ class OnnxDeeBert(EarlyExitModel):
         types = np.zeros_like(ids) if token_type_ids is None else _numpy(token_type_ids)
         mask = _numpy(attention_mask)
         lengths, weights = self._mask_inputs(mask)
-        return _OrtState(mask, lengths, self._layer_mask(mask, lengths), weights, input_ids=ids, token_type_ids=types)
+        return _OrtState(mask, lengths, weights, input_ids=ids, token_type_ids=types)
 
     def run_layer(self, state: _OrtState, layer_number: int) -> _OrtState:
         layer = self.layers[layer_number - 1]
         # One dict per call, naming exactly the graph's inputs (this runs once per layer per batch; at batch 1
         # the Python around the ORT call is a measurable share of a layer).
         feeds: dict[str, np.ndarray]
+        # What the layer graphs take as their mask (see `Manifest.layer_mask_input`).
+        mask = state.lengths if self._masks_by_length else state.attention_mask
         if layer_number == 1:
             assert state.input_ids is not None and state.token_type_ids is not None
-            feeds = {"input_ids": state.input_ids, self._layer_mask_input: state.layer_mask}
+            feeds = {"input_ids": state.input_ids, self._layer_mask_input: mask}
             if layer.takes_token_types:
                 feeds["token_type_ids"] = state.token_type_ids
             state.input_ids = state.token_type_ids = None
         else:
             assert state.hidden is not None
-            feeds = {self._hidden_inputs[layer_number - 1]: state.hidden, self._layer_mask_input: state.layer_mask}
+            feeds = {self._hidden_inputs[layer_number - 1]: state.hidden, self._layer_mask_input: mask}
         if layer.takes_pool_weights:  # the off-ramp's mean pooling (no input when it pools the first token)
             assert state.pool_weights is not None
             feeds[POOL_WEIGHTS] = state.pool_weights
@@ -234,17 +236,7 @@ class OnnxDeeBert(EarlyExitModel):
         # Runtime reads it without a copy. The pooling weights of a row do not change when padding is cut.
         attention_mask = state.attention_mask[rows, :longest]
         weights = None if state.pool_weights is None else state.pool_weights[rows, :longest]
-        return _OrtState(
-            attention_mask,
-            lengths,
-            self._layer_mask(attention_mask, lengths),
-            weights,
-            hidden=state.hidden[rows, :longest],
-        )
-
-    def _layer_mask(self, attention_mask: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """What the layer graphs take as their mask (see `Manifest.layer_mask_input`)."""
-        return attention_mask if self._layer_mask_input == "attention_mask" else lengths
+        return _OrtState(attention_mask, lengths, weights, hidden=state.hidden[rows, :longest])
 
     def _mask_inputs(self, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Each row's length (int32) and, when the off-ramps pool by mean, the pooling weights: what the
