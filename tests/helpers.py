@@ -162,3 +162,26 @@ def all_entropies(model: DeeBert, batch: Batch) -> torch.Tensor:
     with torch.inference_mode():
         logits = model(on_device.input_ids, on_device.attention_mask, on_device.token_type_ids)
     return exit_rule.entropy_from_logits(logits)[1].cpu()
+
+
+# Floats computed in different batch shapes (or on different CPUs) differ in their last digits: a pair alone
+# and the same pair inside a batch agreed to 5 significant digits on one Intel Xeon (5.95335378e-11 vs
+# 5.95334268e-11). Answers are compared with this tolerance; everything that is not a float exactly.
+ANSWER_TOLERANCE = 1e-5
+
+
+def assert_same_answer(actual: object, expected: object, tolerance: float = ANSWER_TOLERANCE, where: str = "") -> None:
+    """`actual` equals `expected` (JSON-like: dicts, lists, strings, ints exactly; floats within `tolerance`)."""
+    if isinstance(expected, float) or isinstance(actual, float):
+        assert isinstance(actual, int | float) and isinstance(expected, int | float), f"{where}: {actual!r}"
+        assert abs(float(actual) - float(expected)) <= tolerance, f"{where}: {actual!r} != {expected!r}"
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and list(actual) == list(expected), f"{where}: keys {actual!r}"
+        for key, value in expected.items():
+            assert_same_answer(actual[key], value, tolerance, f"{where}.{key}")
+    elif isinstance(expected, list | tuple):
+        assert isinstance(actual, list | tuple) and len(actual) == len(expected), f"{where}: {actual!r}"
+        for index, (got, want) in enumerate(zip(actual, expected, strict=True)):
+            assert_same_answer(got, want, tolerance, f"{where}[{index}]")
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"

@@ -16,6 +16,7 @@ import pytest
 from server.engine import Engine
 from server.routes.tei import Reply, predictions
 from server.schemas import PredictRequest
+from tests.helpers import assert_same_answer
 from tests.server_helpers import make_app, serving, tiny_engine, uvicorn_serving, write_word_vocab
 
 pytestmark = pytest.mark.anyio
@@ -132,7 +133,7 @@ async def test_a_pair_model_takes_pairs_and_refuses_single_texts(pair_engine: En
         single = await client.post("/predict", json={"inputs": "a cat sat"})
     assert one.status_code == 200 and isinstance(one.json()[0], dict)
     assert batch.status_code == 200 and len(batch.json()) == 2
-    assert one.json() == batch.json()[0]
+    assert_same_answer(one.json(), batch.json()[0])  # alone vs inside a batch: other shapes, other last digits
     assert single.status_code == 422 and "[text, text_pair]" in single.json()["error"]
 
 
@@ -334,7 +335,8 @@ def test_huggingface_hub_inference_client(live_url: str) -> None:
     expected = httpx.post(f"{live_url}/predict", json={"inputs": text}, timeout=10).json()
     # Against TEI, the library returns the first (highest-scoring) prediction of the list it gets back.
     top = client.text_classification(text)
-    assert (top.label, top.score) == (expected[0]["label"], pytest.approx(expected[0]["score"]))
+    assert top.label == expected[0]["label"]
+    assert_same_answer(top.score, expected[0]["score"])
     assert client.text_classification(text, top_k=1).label == expected[0]["label"]
     info = client.get_endpoint_info()
     assert info["model_type"]["classifier"]["id2label"] == {"0": "negative", "1": "positive"}
@@ -353,4 +355,5 @@ def test_huggingface_hub_async_inference_client(live_url: str) -> None:
         return await asyncio.gather(*(client.text_classification(text) for text in texts))
 
     answers = asyncio.run(classify_all())
-    assert [(a.label, a.score) for a in answers] == [(e["label"], pytest.approx(e["score"])) for e in expected]
+    # Batched by the server against each alone: labels exactly, scores within the cross-shape tolerance.
+    assert_same_answer([[a.label, a.score] for a in answers], [[e["label"], e["score"]] for e in expected])
