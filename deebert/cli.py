@@ -103,15 +103,17 @@ def _add_calibrate(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
 def _add_backend(parser: argparse.ArgumentParser, precision_note: str = "") -> None:
     parser.add_argument(
         "--backend",
-        choices=["auto", "torch", "onnxruntime"],
+        choices=["auto", "torch", "onnxruntime", "openvino"],
         default="auto",
-        help="auto = onnxruntime on the CPU in float32 when installed, else torch (DEEBERT_BACKEND)",
+        help="auto = the runtime deebert tune chose on this CPU, else onnxruntime on the CPU in float32 when "
+        "installed, else torch (DEEBERT_BACKEND)",
     )
     parser.add_argument(
         "--precision",
-        choices=["fp32", "int8"],
+        choices=["fp32", "bf16", "int8"],
         default="fp32",
-        help="onnxruntime only: fp32, or int8 encoder layers " + (f"({precision_note})" if precision_note else ""),
+        help="onnxruntime: fp32 or int8 encoder layers; openvino: fp32 or bf16 "
+        + (f"({precision_note})" if precision_note else ""),
     )
     parser.add_argument(
         "--cache-dir", help="where ONNX graphs are cached (DEEBERT_CACHE_DIR; default ~/.cache/deebert)"
@@ -315,7 +317,8 @@ def _run_export(args: argparse.Namespace) -> int:
                     for k in (
                         "precision",
                         "opset",
-                        "onnxruntime_version",
+                        "runtime",
+                        "runtime_version",
                         "fusions",
                         "quantization",
                         "parity",

@@ -1,8 +1,9 @@
-"""Which runtime runs the exit loop: `torch` (training, CUDA, fallback) or `onnxruntime` (CPU).
+"""Which runtime runs the exit loop: `torch` (training, CUDA, fallback), `onnxruntime` or `openvino` (CPU).
 
-Both give the same `iter_exits` / `infer` / `plain_forward` / `all_off_ramp_logits` (`ExitModel`), so the
-server's engine and `deebert evaluate` do not care which one runs. `auto` picks ONNX Runtime on the CPU in
-float32 when it is installed (the fastest CPU runtime measured here) and torch everywhere else.
+All give the same `iter_exits` / `infer` / `plain_forward` / `all_off_ramp_logits` (`ExitModel`), so the
+server's engine and `deebert evaluate` do not care which one runs. Which is fastest depends on the CPU, so
+`auto` takes the choice `deebert tune` measured on this machine (`model.tune`); without one, ONNX Runtime
+fp32 on the CPU when installed and torch everywhere else.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from model.modeling import DeeBert
 
 logger = logging.getLogger("deebert.backends")
 
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+# The precisions each CPU runtime computes in (torch's is its dtype).
+RUNTIME_PRECISIONS = {"onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16")}
 
 
 class BackendError(ValueError):
@@ -34,8 +37,10 @@ def runtime_key(backend: str, precision: str) -> str:
 
 
 def pick_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """`auto` → onnxruntime on the CPU in float32 when installed, else torch; explicit names are checked."""
+    """`auto` → onnxruntime on the CPU in float32 when installed, else torch; explicit names are checked.
+    (The server resolves `auto` through the tuned choice first: `model.tune.resolve_auto`.)"""
     from model.onnx_backend import onnxruntime_available
+    from model.openvino_backend import openvino_available
 
     if requested not in BACKENDS:
         raise BackendError(f"unknown backend {requested!r}: use {', '.join(BACKENDS)}")
@@ -55,6 +60,13 @@ def pick_backend(requested: str, device: torch.device, dtype: torch.dtype) -> st
             raise BackendError("the onnxruntime backend computes in fp32 (or --precision int8); use --dtype float32")
         if not onnxruntime_available():
             raise BackendError("--backend onnxruntime needs the onnxruntime package: pip install onnxruntime")
+    if requested == "openvino":
+        if device.type != "cpu":
+            raise BackendError(f"the openvino backend runs on the CPU; device {device} needs --backend torch")
+        if dtype != torch.float32:
+            raise BackendError("the openvino backend takes --precision fp32 or bf16; use --dtype float32")
+        if not openvino_available():
+            raise BackendError("--backend openvino needs the openvino package: pip install openvino")
     return requested
 
 
@@ -84,11 +96,20 @@ def load_backend(
     """
     if backend == "torch":
         if precision != "fp32":
-            raise BackendError(f"precision {precision} is for the onnxruntime backend; torch uses --dtype")
+            raise BackendError(f"precision {precision} is for the onnxruntime and openvino backends; torch: --dtype")
         return model
+    allowed = RUNTIME_PRECISIONS.get(backend, ())
+    if precision not in allowed:
+        raise BackendError(f"the {backend} backend computes in {' or '.join(allowed)}, not {precision}")
     from model.onnx_backend import load_onnx_model
+    from model.openvino_backend import load_openvino_model
 
-    exported = load_onnx_model(model, precision, Path(cache_dir) if cache_dir else None, threads)
+    cache = Path(cache_dir) if cache_dir else None
+    exported: ExitModel
+    if backend == "openvino":
+        exported = load_openvino_model(model, precision, cache, threads)
+    else:
+        exported = load_onnx_model(model, precision, cache, threads)
     quiet_torch_threads()
     own = model.config.runtime_presets.get(runtime_key(backend, precision))
     if own is not None:

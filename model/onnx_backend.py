@@ -17,11 +17,13 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -40,6 +42,7 @@ from model.onnx_export import (
     layer_file,
     model_digest,
     parity_batch,
+    runtime_version,
 )
 
 logger = logging.getLogger("deebert.onnx")
@@ -143,12 +146,28 @@ class _Graph:
         return self._run(self.outputs, feeds, None)  # type: ignore[no-any-return]
 
 
-class OnnxDeeBert(EarlyExitModel):
-    """A DeeBERT model on ONNX Runtime (CPU): `iter_exits`, `infer`, `plain_forward` as `DeeBert` has them."""
+class StepGraph(Protocol):
+    """One compiled step graph of a runtime that computes on numpy arrays."""
+
+    inputs: list[str]
+    takes_pool_weights: bool
+    takes_token_types: bool
+
+    def __call__(self, **feeds: np.ndarray) -> list[np.ndarray]: ...
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+class StepGraphModel(EarlyExitModel):
+    """A DeeBERT model on a runtime of step graphs over numpy arrays (ONNX Runtime, OpenVINO): the exit loop's
+    steps (`ExitSteps`), compaction and the batch-1 inputs, written once; a runtime supplies `load_graph`."""
 
     computes_in_torch = False
+    # Token counts are padded up to a multiple of this before the graphs see them (1: not at all). A runtime that
+    # compiles kernels per input shape (OpenVINO) then meets a few shapes instead of every length.
+    length_bucket = 1
 
-    def __init__(self, config: DeeBertConfig, directory: Path, manifest: Manifest, threads: int | None) -> None:
+    def __init__(self, config: DeeBertConfig, directory: Path, manifest: Manifest) -> None:
         if manifest.num_layers != config.num_layers or manifest.num_labels != config.num_labels:
             raise ExportError(
                 f"{directory}: graphs for {manifest.num_layers} layers / {manifest.num_labels} labels, "
@@ -157,20 +176,19 @@ class OnnxDeeBert(EarlyExitModel):
         self.config = config
         self.directory = directory
         self.manifest = manifest
-        options = _session_options(threads)
-        self.layers = [_Graph(directory / layer_file(i), options) for i in range(1, config.num_layers + 1)]
-        self.plain = _Graph(directory / PLAIN_FILE, options)
+        self.layers = [self.load_graph(directory / layer_file(i)) for i in range(1, config.num_layers + 1)]
+        self.plain = self.load_graph(directory / PLAIN_FILE)
         self._hidden_inputs = [f"hidden_{i}" for i in range(config.num_layers + 1)]
         self._layer_mask_input = manifest.layer_mask_input
         self._masks_by_length = self._layer_mask_input != "attention_mask"
         self._pools_by_mean = any(layer.takes_pool_weights for layer in self.layers)
         self._unpadded_inputs: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
 
-    # --- facts -----------------------------------------------------------------------------------
+    def load_graph(self, path: Path) -> StepGraph:
+        """The runtime's compiled graph of one step."""
+        raise NotImplementedError
 
-    @property
-    def backend(self) -> str:
-        return "onnxruntime"
+    # --- facts -----------------------------------------------------------------------------------
 
     @property
     def device(self) -> torch.device:
@@ -188,6 +206,8 @@ class OnnxDeeBert(EarlyExitModel):
         ids = _numpy(input_ids)
         types = np.zeros_like(ids) if token_type_ids is None else _numpy(token_type_ids)
         mask = _numpy(attention_mask)
+        if self.length_bucket > 1 and ids.shape[1] % self.length_bucket:
+            ids, types, mask = _pad_tokens(self.length_bucket, ids, types, mask)
         lengths, weights = self._mask_inputs(mask)
         return _OrtState(mask, lengths, weights, input_ids=ids, token_type_ids=types)
 
@@ -231,7 +251,7 @@ class OnnxDeeBert(EarlyExitModel):
         assert state.hidden is not None  # rows leave after a layer, never before the first
         rows = keep_index.numpy()
         lengths = state.lengths[rows]
-        longest = int(lengths.max())
+        longest = _round_up(int(lengths.max()), self.length_bucket)
         # Each an indexing step (rows, then the padding no row left needs): a new C-contiguous array, as ONNX
         # Runtime reads it without a copy. The pooling weights of a row do not change when padding is cut.
         attention_mask = state.attention_mask[rows, :longest]
@@ -251,6 +271,13 @@ class OnnxDeeBert(EarlyExitModel):
             if unpadded is None:
                 unpadded = self._unpadded_inputs[tokens] = self._compute_mask_inputs(np.ones((1, tokens), np.int64))
             return unpadded
+        if rows == 1 and self.length_bucket > 1:  # one row padded to its bucket: cached by (bucket, length)
+            length = int(attention_mask[0].sum())
+            key = tokens * 100_000 + length
+            cached = self._unpadded_inputs.get(key)
+            if cached is None:
+                cached = self._unpadded_inputs[key] = self._compute_mask_inputs(attention_mask.copy())
+            return cached
         return self._compute_mask_inputs(attention_mask)
 
     def _compute_mask_inputs(self, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -263,16 +290,19 @@ class OnnxDeeBert(EarlyExitModel):
 
     # --- inference -------------------------------------------------------------------------------
 
-    def exit_steps(self) -> OnnxDeeBert:
+    def exit_steps(self) -> StepGraphModel:
         return self
 
     def plain_forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The final classifier's logits from one fused full-depth graph (the plain ONNX Runtime baseline)."""
+        """The final classifier's logits from one full-depth graph (the plain runtime's baseline)."""
         ids = _numpy(input_ids)
         types = np.zeros_like(ids) if token_type_ids is None else _numpy(token_type_ids)
-        logits = self.plain(input_ids=ids, attention_mask=_numpy(attention_mask), token_type_ids=types)[0]
+        mask = _numpy(attention_mask)
+        if self.length_bucket > 1 and ids.shape[1] % self.length_bucket:
+            ids, types, mask = _pad_tokens(self.length_bucket, ids, types, mask)
+        logits = self.plain(input_ids=ids, attention_mask=mask, token_type_ids=types)[0]
         return torch.from_numpy(logits)
 
     def all_off_ramp_logits(
@@ -287,6 +317,21 @@ class OnnxDeeBert(EarlyExitModel):
         return torch.stack(logits)
 
 
+class OnnxDeeBert(StepGraphModel):
+    """A DeeBERT model on ONNX Runtime (CPU): `iter_exits`, `infer`, `plain_forward` as `DeeBert` has them."""
+
+    def __init__(self, config: DeeBertConfig, directory: Path, manifest: Manifest, threads: int | None) -> None:
+        self._options = _session_options(threads)
+        super().__init__(config, directory, manifest)
+
+    def load_graph(self, path: Path) -> StepGraph:
+        return _Graph(path, self._options)
+
+    @property
+    def backend(self) -> str:
+        return "onnxruntime"
+
+
 def pool_weights(attention_mask: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
     """Mean pooling's per-token weights, [rows, tokens, 1] float32: the mask over each row's number of real
     tokens (`lengths`, summed here when not given), as the traced model computes them (the layer graphs take
@@ -295,6 +340,17 @@ def pool_weights(attention_mask: np.ndarray, lengths: np.ndarray | None = None) 
         lengths = attention_mask.sum(axis=1)
     counts = np.maximum(lengths, 1).astype(np.float32)
     return attention_mask[:, :, None].astype(np.float32) / counts[:, None, None]
+
+
+def _round_up(tokens: int, multiple: int) -> int:
+    return -(-tokens // multiple) * multiple
+
+
+def _pad_tokens(multiple: int, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Right-pad [rows, tokens] arrays with zeros (pad id, no attention) to a multiple of `multiple` tokens."""
+    tokens = arrays[0].shape[1]
+    extra = _round_up(tokens, multiple) - tokens
+    return tuple(np.pad(array, ((0, 0), (0, extra))) for array in arrays)
 
 
 def _numpy(tensor: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -306,24 +362,23 @@ def _numpy(tensor: torch.Tensor | np.ndarray) -> np.ndarray:
 # --- the graph cache -----------------------------------------------------------------------------
 
 
-def cache_entry(cache_dir: Path, digest: str, precision: str) -> Path:
-    import onnxruntime
+def cache_entry(cache_dir: Path, digest: str, precision: str, runtime: str = "onnxruntime") -> Path:
+    """Where `runtime`'s graphs of these weights in this precision are cached (keyed by the runtime's version)."""
+    folder, short = ("openvino", "ov") if runtime == "openvino" else ("onnx", "ort")
+    # OpenVINO's version names its build too ("2026.4.1-22982-e213a147257-releases/2026/4"): one path segment.
+    version = re.sub(r"[^A-Za-z0-9.]+", "_", runtime_version(runtime))
+    return cache_dir / folder / f"{digest[:24]}-{precision}-{short}{version}-g{GRAPH_FORMAT}"
 
-    return cache_dir / "onnx" / f"{digest[:24]}-{precision}-ort{onnxruntime.__version__}-g{GRAPH_FORMAT}"
 
-
-def check_export(directory: Path, digest: str | None, precision: str) -> Manifest:
-    """The manifest of a complete, intact export for these weights and this onnxruntime; ExportError saying
-    what is wrong otherwise."""
-    import onnxruntime
-
+def check_export(directory: Path, digest: str | None, precision: str, runtime: str = "onnxruntime") -> Manifest:
+    """The manifest of a complete, intact export for these weights and this runtime's version; ExportError
+    saying what is wrong otherwise."""
     manifest = Manifest.read(directory)
     if manifest.format != GRAPH_FORMAT:
         raise ExportError(f"graph format {manifest.format}, this version writes {GRAPH_FORMAT}")
-    if manifest.onnxruntime_version != onnxruntime.__version__:
-        raise ExportError(
-            f"exported with onnxruntime {manifest.onnxruntime_version}, running {onnxruntime.__version__}"
-        )
+    installed = runtime_version(runtime)
+    if (manifest.runtime, manifest.runtime_version) != (runtime, installed):
+        raise ExportError(f"exported for {manifest.runtime} {manifest.runtime_version}, running {runtime} {installed}")
     if digest is not None and manifest.checkpoint_digest != digest:
         raise ExportError("exported from other weights")
     if manifest.precision != precision:
@@ -344,6 +399,10 @@ def check_export(directory: Path, digest: str | None, precision: str) -> Manifes
     return manifest
 
 
+# Opens a runtime's graphs of a directory with its manifest.
+GraphOpener = Callable[[Path, Manifest], StepGraphModel]
+
+
 def load_onnx_model(
     model: Any,
     precision: str = "fp32",
@@ -353,17 +412,31 @@ def load_onnx_model(
     """The ONNX Runtime backend for a loaded PyTorch `DeeBert`: its graphs from the cache, exported first when
     missing, stale or corrupt (with a warning saying why, and how long the export took). The cache holds only
     the default quantization (`check_export`), so none other is offered here: `export` writes the others."""
-    digest = model_digest(model)
-    directory = cache_entry(cache_dir or default_cache_dir(), digest, precision)
-    try:
-        manifest = check_export(directory, digest, precision)
+
+    def open_graphs(directory: Path, manifest: Manifest) -> StepGraphModel:
         return OnnxDeeBert(model.config, directory, manifest, threads)
+
+    loaded = load_cached_graphs(model, precision, cache_dir, "onnxruntime", open_graphs)
+    assert isinstance(loaded, OnnxDeeBert)
+    return loaded
+
+
+def load_cached_graphs(
+    model: Any, precision: str, cache_dir: Path | None, runtime: str, open_graphs: GraphOpener
+) -> StepGraphModel:
+    """`runtime`'s step graphs of `model` from the cache, exported first when missing, stale or corrupt (with a
+    warning saying why)."""
+    digest = model_digest(model)
+    directory = cache_entry(cache_dir or default_cache_dir(), digest, precision, runtime)
+    try:
+        manifest = check_export(directory, digest, precision, runtime)
+        return open_graphs(directory, manifest)
     except ExportError as err:
         if directory.exists():
-            logger.warning("ONNX graph cache %s is unusable (%s): exporting again", directory, err)
+            logger.warning("%s graph cache %s is unusable (%s): exporting again", runtime, directory, err)
     except Exception as err:  # a file that passed its checksum but does not load: rebuild it as well
-        logger.warning("ONNX graph cache %s failed to load (%s): exporting again", directory, err)
-    return export(model, directory, precision, digest=digest, threads=threads)
+        logger.warning("%s graph cache %s failed to load (%s): exporting again", runtime, directory, err)
+    return export(model, directory, precision, digest=digest, runtime=runtime, open_graphs=open_graphs)
 
 
 def export(
@@ -373,17 +446,24 @@ def export(
     quantization: Any = None,
     digest: str | None = None,
     threads: int | None = None,
-) -> OnnxDeeBert:
-    """Export `model`'s graphs into `directory`, load them, and record in the manifest how far their logits
-    are from the PyTorch model's (every off-ramp, a random padded batch)."""
+    runtime: str = "onnxruntime",
+    open_graphs: GraphOpener | None = None,
+) -> StepGraphModel:
+    """Export `model`'s graphs for `runtime` into `directory`, load them (`open_graphs`; default ONNX Runtime
+    with `threads`), and record in the manifest how far their logits are from the PyTorch model's (every
+    off-ramp, a random padded batch)."""
     started = time.perf_counter()
-    manifest = export_graphs(model, directory, precision, quantization=quantization, digest=digest)
-    exported = OnnxDeeBert(model.config, directory, manifest, threads)
+    manifest = export_graphs(model, directory, precision, quantization=quantization, digest=digest, runtime=runtime)
+    if open_graphs is None:
+        exported: StepGraphModel = OnnxDeeBert(model.config, directory, manifest, threads)
+    else:
+        exported = open_graphs(directory, manifest)
     manifest.parity = measure_parity(model, exported)
     manifest.write(directory)
     logger.info(
-        "exported %s ONNX graphs to %s in %.1f s; max |logit difference| vs PyTorch %.2g (labels %s)",
+        "exported %s %s graphs to %s in %.1f s; max |logit difference| vs PyTorch %.2g (labels %s)",
         precision,
+        runtime,
         directory,
         time.perf_counter() - started,
         manifest.parity["max_abs_logit_difference"],
@@ -392,7 +472,7 @@ def export(
     return exported
 
 
-def measure_parity(model: Any, exported: OnnxDeeBert) -> dict[str, Any]:
+def measure_parity(model: Any, exported: StepGraphModel) -> dict[str, Any]:
     """Every off-ramp's logits from the graphs vs the PyTorch model on a random padded batch."""
     reference_model = copy.deepcopy(model).to(torch.float32).cpu().eval()
     inputs = parity_batch(reference_model)

@@ -56,9 +56,12 @@ logger = logging.getLogger("deebert.onnx")
 
 OPSET = 17
 # Bump when the graphs this module writes change in a way an old cache must not be reused for.
-GRAPH_FORMAT = 6
+GRAPH_FORMAT = 7
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "int8")
+# Which runtime the step graphs are written for: ONNX Runtime's (fused with its `com.microsoft` operators) or
+# standard ONNX that any reader takes (OpenVINO, which fuses on its own when it compiles).
+RUNTIMES = ("onnxruntime", "openvino")
 EXPORT_ATTENTION = "deebert_onnx_export"
 # Mean pooling's per-token weights, [batch, tokens, 1]: mask / (number of real tokens) (see `pool_weights`).
 POOL_WEIGHTS = "pool_weights"
@@ -90,7 +93,8 @@ class Manifest:
     format: int
     precision: str
     opset: int
-    onnxruntime_version: str
+    runtime: str  # onnxruntime (fused graphs) or openvino (standard ONNX)
+    runtime_version: str
     onnx_version: str
     torch_version: str
     checkpoint_digest: str
@@ -357,13 +361,21 @@ def export_graphs(
     precision: str = "fp32",
     quantization: Quantization | None = None,
     digest: str | None = None,
+    runtime: str = "onnxruntime",
 ) -> Manifest:
-    """Write the step graphs of `model` into `directory` (replaced whole, atomically) with a manifest."""
+    """Write the step graphs of `model` into `directory` (replaced whole, atomically) with a manifest.
+
+    For `onnxruntime` the traced model is fused by ONNX Runtime's optimizer before it is cut; for `openvino` it
+    is cut as traced (standard ONNX operators; OpenVINO fuses when it compiles), and the layers take the
+    attention mask itself."""
     import onnx
-    import onnxruntime
 
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
+    if runtime not in RUNTIMES:
+        raise ExportError(f"unknown runtime {runtime!r}: use {', '.join(RUNTIMES)}")
+    if runtime == "openvino" and precision != "fp32":
+        raise ExportError("OpenVINO step graphs are exported in fp32 (OpenVINO picks bf16 itself when compiling)")
     started = time.perf_counter()
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
@@ -372,8 +384,12 @@ def export_graphs(
             whole = Path(scratch) / "whole.onnx"
             fused = Path(scratch) / "fused.onnx"
             _trace(model, whole)
-            fusions = _optimize(model, whole, fused)
-            layer_mask = _split(fused, staging, model.num_layers)
+            if runtime == "onnxruntime":
+                fusions = _optimize(model, whole, fused)
+                layer_mask = _split(fused, staging, model.num_layers)
+            else:
+                fusions = {}
+                layer_mask = _split(whole, staging, model.num_layers)
         settings = None
         if precision == "int8":
             settings = quantization or Quantization()
@@ -382,7 +398,8 @@ def export_graphs(
             format=GRAPH_FORMAT,
             precision=precision,
             opset=OPSET,
-            onnxruntime_version=onnxruntime.__version__,
+            runtime=runtime,
+            runtime_version=runtime_version(runtime),
             onnx_version=onnx.__version__,
             torch_version=torch.__version__,
             checkpoint_digest=digest or model_digest(model),
@@ -404,6 +421,17 @@ def export_graphs(
         raise
     logger.info("exported %s graphs to %s in %.1f s (fusions %s)", precision, directory, manifest.seconds, fusions)
     return manifest
+
+
+def runtime_version(runtime: str) -> str:
+    """The installed version of `runtime` (what its graph cache is keyed by)."""
+    if runtime == "openvino":
+        import openvino
+
+        return str(openvino.__version__)
+    import onnxruntime
+
+    return str(onnxruntime.__version__)
 
 
 def parity_batch(model: DeeBert, batch_size: int = 4, length: int = 19, seed: int = 0) -> tuple[torch.Tensor, ...]:

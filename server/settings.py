@@ -32,13 +32,14 @@ class ServerSettings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype; auto = float16 on CUDA, float32 on CPU"
     )
-    backend: Literal["auto", "torch", "onnxruntime"] = Field(
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         "auto",
-        description="inference backend: auto = onnxruntime on the CPU when installed (float32), torch on CUDA; "
-        "torch; onnxruntime (CPU)",
+        description="inference backend: auto = the runtime `deebert tune` measured fastest on this CPU (a short "
+        "tune at first start), torch on CUDA; torch; onnxruntime (CPU); openvino (CPU)",
     )
-    precision: Literal["fp32", "int8"] = Field(
-        "fp32", description="onnxruntime backend: fp32, or int8 (dynamic quantization of the encoder layers)"
+    precision: Literal["fp32", "bf16", "int8"] = Field(
+        "fp32",
+        description="onnxruntime: fp32 or int8 (dynamic quantization of the encoder layers); openvino: fp32 or bf16",
     )
     cache_dir: str | None = Field(
         None, description="where exported ONNX graphs are cached (default: $XDG_CACHE_HOME/deebert or ~/.cache/deebert)"

@@ -238,7 +238,7 @@ def test_runtime_presets_are_served_by_their_runtime(tmp_path: Path, tiny_checkp
     assert int8.config.preset("balanced").threshold == 0.123
     fp32 = load_backend(model, "onnxruntime", "fp32", tmp_path, threads=1)
     assert fp32.config.preset("balanced").threshold == 0.2
-    with pytest.raises(BackendError, match="precision int8 is for the onnxruntime backend"):
+    with pytest.raises(BackendError, match="precision int8 is for the onnxruntime and openvino backends"):
         load_backend(model, "torch", "int8")
 
 

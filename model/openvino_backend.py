@@ -1,0 +1,154 @@
+"""The OpenVINO backend: the exit loop of `model.early_exit` over OpenVINO-compiled step graphs (CPU).
+
+The step graphs are the same cut as ONNX Runtime's (one call per layer with its off-ramp; the embeddings in
+layer 1's call; a plain full-depth graph), exported as standard ONNX (`onnx_export.export_graphs(runtime=
+"openvino")`): ONNX Runtime's fused `com.microsoft` operators are its own, and OpenVINO fuses attention and
+layer norms itself when it compiles. Everything between the calls (exit rule, compaction, the batch-1 inputs)
+is `StepGraphModel`'s, shared with ONNX Runtime.
+
+Precision is OpenVINO's inference precision, chosen at compile time: `bf16` on CPUs whose OpenVINO reports the
+BF16 capability (AVX-512 BF16, AMX), `fp32` everywhere. Compiled blobs are cached by OpenVINO itself
+(`CACHE_DIR` inside the graph cache entry: keyed by the graph, the device, the precision and OpenVINO's
+version), so a restart does not compile again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.config import DeeBertConfig
+from model.onnx_backend import POOL_WEIGHTS, StepGraph, StepGraphModel, load_cached_graphs
+from model.onnx_export import ExportError, Manifest
+
+logger = logging.getLogger("deebert.openvino")
+
+# Our precision names → OpenVINO's INFERENCE_PRECISION_HINT.
+INFERENCE_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+# OpenVINO's CPU plugin prepares kernels per input shape and keeps them in two caches: its own runtime cache
+# (a compile property) and oneDNN's primitive cache (read from the environment when the plugin loads, default
+# 1,024). The exit loop's step graphs meet many (rows, tokens) shapes, a plain graph few: at the defaults the
+# loop's kernels were rebuilt over and over (BENCHMARKS.md, "OpenVINO shape caches").
+RUNTIME_CACHE_CAPACITY = 100_000
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "50000")
+# Token counts are padded up to a multiple of this (fewer shapes to prepare kernels for; masked, same answers).
+DEFAULT_LENGTH_BUCKET = 8
+
+
+def length_bucket() -> int:
+    """`DEEBERT_OPENVINO_LENGTH_BUCKET` (1 = no padding), default `DEFAULT_LENGTH_BUCKET`."""
+    return max(1, int(os.environ.get("DEEBERT_OPENVINO_LENGTH_BUCKET", DEFAULT_LENGTH_BUCKET)))
+
+
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cpu_capabilities() -> list[str]:
+    """OpenVINO's optimization capabilities of this CPU (`BF16`, `FP32`, `INT8`, ...); [] without openvino."""
+    if not openvino_available():
+        return []
+    import openvino
+
+    return [str(c) for c in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+
+
+def supported_precisions() -> list[str]:
+    """The inference precisions OpenVINO runs natively on this CPU: `fp32`, and `bf16` where it reports BF16."""
+    capabilities = cpu_capabilities()
+    if not capabilities:
+        return []
+    return ["fp32", "bf16"] if "BF16" in capabilities else ["fp32"]
+
+
+class _OpenVinoGraph:
+    """One compiled step graph: an infer request per calling thread (a request is not thread-safe), inputs
+    shared without a copy, outputs copied out (the next call reuses the request's buffers)."""
+
+    def __init__(self, core: Any, path: Path, properties: dict[str, Any]) -> None:
+        self.compiled = core.compile_model(str(path), "CPU", properties)
+        self.inputs = [port.get_any_name() for port in self.compiled.inputs]
+        self._num_outputs = len(self.compiled.outputs)
+        self.takes_pool_weights = POOL_WEIGHTS in self.inputs
+        self.takes_token_types = "token_type_ids" in self.inputs
+        self._local = threading.local()
+
+    def _request(self) -> Any:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        return request
+
+    def __call__(self, **feeds: np.ndarray) -> list[np.ndarray]:
+        """Every output, in the graph's order."""
+        return self.run({name: feeds[name] for name in self.inputs})
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Every output, from feeds that name exactly the graph's inputs."""
+        request = self._request()
+        request.infer(feeds, share_inputs=True)
+        return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(self._num_outputs)]
+
+
+class OpenVinoDeeBert(StepGraphModel):
+    """A DeeBERT model on OpenVINO (CPU): `iter_exits`, `infer`, `plain_forward` as `DeeBert` has them."""
+
+    def __init__(
+        self, config: DeeBertConfig, directory: Path, manifest: Manifest, inference_precision: str, threads: int | None
+    ) -> None:
+        import openvino
+
+        if inference_precision not in INFERENCE_PRECISIONS:
+            raise ExportError(f"OpenVINO runs in {', '.join(INFERENCE_PRECISIONS)}, not {inference_precision}")
+        self.inference_precision = inference_precision
+        self._core = openvino.Core()
+        self._properties: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS[inference_precision],
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+            "CACHE_DIR": str(directory / "compiled"),
+            # Kernels prepared per input shape: 7 graphs x (rows, tokens) outgrow the default 5,000 and thrash.
+            "CPU_RUNTIME_CACHE_CAPACITY": RUNTIME_CACHE_CAPACITY,
+        }
+        if threads:
+            self._properties["INFERENCE_NUM_THREADS"] = threads
+        self.length_bucket = length_bucket()
+        super().__init__(config, directory, manifest)
+
+    def load_graph(self, path: Path) -> StepGraph:
+        return _OpenVinoGraph(self._core, path, self._properties)
+
+    @property
+    def backend(self) -> str:
+        return "openvino"
+
+    @property
+    def precision(self) -> str:
+        return "float32" if self.inference_precision == "fp32" else "bfloat16"
+
+
+def load_openvino_model(
+    model: Any, precision: str = "fp32", cache_dir: Path | None = None, threads: int | None = None
+) -> OpenVinoDeeBert:
+    """The OpenVINO backend for a loaded PyTorch `DeeBert` in `precision` (`fp32` or `bf16`): its standard-ONNX
+    step graphs from the cache (exported first when missing, stale or corrupt), compiled for this CPU."""
+    if not openvino_available():
+        raise ExportError("the openvino backend needs the openvino package: pip install openvino")
+    if precision == "bf16" and "bf16" not in supported_precisions():
+        logger.warning("OpenVINO reports no BF16 capability on this CPU: bf16 runs emulated (slow)")
+
+    def open_graphs(directory: Path, manifest: Manifest) -> StepGraphModel:
+        return OpenVinoDeeBert(model.config, directory, manifest, precision, threads)
+
+    loaded = load_cached_graphs(model, "fp32", cache_dir, "openvino", open_graphs)
+    assert isinstance(loaded, OpenVinoDeeBert)
+    return loaded
