@@ -145,6 +145,60 @@ def _add_export(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     )
 
 
+def _add_tune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from model.tune import OBJECTIVES
+
+    p = subparsers.add_parser(
+        "tune",
+        help="measure every runtime and precision this machine can run; serve --backend auto uses the fastest",
+        description="Measure torch fp32/bf16, ONNX Runtime fp32/int8 and OpenVINO fp32/bf16 on the checkpoint's "
+        "tune sample (batch 1 and --max-batch-size, at balanced), reject any whose answers drift from fp32's, and "
+        "cache the fastest eligible one for this CPU, these weights and these runtime versions.",
+    )
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    p.add_argument("--cache-dir", help="the cache (DEEBERT_CACHE_DIR; default ~/.cache/deebert)")
+    p.add_argument("--threads", type=int, help="CPU threads of each runtime (DEEBERT_THREADS; default theirs)")
+    p.add_argument(
+        "--max-batch-size", type=int, default=32, help="the server's max batch size (DEEBERT_MAX_BATCH_SIZE)"
+    )
+    p.add_argument("--objective", choices=OBJECTIVES, default="mixed", help="batch-1 latency, throughput, or both")
+    p.add_argument(
+        "--write-sample",
+        metavar="DATA",
+        help="first write the checkpoint's tune sample from this data file (TSV/CSV/JSONL; labels used if present)",
+    )
+    p.add_argument("--sample-size", type=int, default=400, help="rows of --write-sample's data (seeded)")
+    p.add_argument("--batch1-rows", type=int, default=100, help="texts timed one at a time")
+    p.add_argument("--rounds", type=int, default=2, help="timed rounds after a warm-up round (best kept)")
+    p.add_argument("--output-json", help="also write the tune's table and choice here")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from model.checkpoint import load_model, resolve_directory
+    from model.data import read_dataset
+    from model.onnx_backend import default_cache_dir
+    from model.tokenization import load_tokenizer
+    from model.tune import TABLE_HEADER, Timing, make_sample, run_tune, table_rows
+
+    directory = resolve_directory(args.checkpoint)
+    if args.write_sample:
+        model = load_model(directory).eval()
+        dataset = read_dataset(args.write_sample, label_names=model.config.labels, require_labels=False)
+        sample = make_sample(model, load_tokenizer(directory), dataset, args.sample_size)
+        print(f"wrote {sample.write(directory)} ({len(sample)} rows, labels {'yes' if sample.labels else 'no'})")
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    timing = Timing(batch1_rows=args.batch1_rows, batch_size=args.max_batch_size, rounds=args.rounds)
+    result = run_tune(directory, cache_dir, args.threads, args.objective, timing, progress=args.progress)
+    where = f"{result.fingerprint['cpu']}, {result.fingerprint['cpus']} CPUs"
+    print(f"{where}; sample: {result.sample}; {result.seconds:.0f} s")
+    print(table(TABLE_HEADER, table_rows(result), align="<>>>>>><"))
+    print(f"chosen: {result.choice or 'none'} — {result.reason()}")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return 0 if result.choice else 1
+
+
 def _add_criterion(parser: argparse.ArgumentParser, help_text: str) -> None:
     from model.exit_rule import CRITERIA
 
@@ -417,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_results(subparsers)
     _add_export(subparsers)
     _add_serve(subparsers)
+    _add_tune(subparsers)
     _add_loadtest(subparsers)
     _add_bench(subparsers)
     _add_reliability(subparsers)
@@ -428,6 +483,7 @@ RUNNERS = {
     "evaluate": _run_evaluate,
     "results": _run_results,
     "export": _run_export,
+    "tune": _run_tune,
     "calibrate": _run_calibrate,
     "serve": _run_serve,
     "loadtest": _run_loadtest,
@@ -443,13 +499,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from model.data import DataError
     from model.device import DeviceError
     from model.onnx_export import ExportError
+    from model.tune import TuneError
 
     words = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(words)
     args.command_line = shlex.join(["deebert", *words])  # recorded in reports
     try:
         return RUNNERS[args.command](args)
-    except (BackendError, CheckpointError, ConfigError, DataError, DeviceError, ExportError) as err:
+    except (BackendError, CheckpointError, ConfigError, DataError, DeviceError, ExportError, TuneError) as err:
         print(f"deebert {args.command}: error: {err}", file=sys.stderr)
         return 2
 

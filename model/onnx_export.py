@@ -33,6 +33,7 @@ measured against the PyTorch model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -43,6 +44,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -338,11 +340,28 @@ def _quantize(directory: Path, num_layers: int, settings: Quantization) -> None:
     peer benchmark's plain int8 model), so a full-depth answer is the same whichever path computes it.
     Off-ramps (Gemm) and embeddings stay fp32."""
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     targets = [directory / layer_file(i) for i in range(1, num_layers + 1)]
-    for path in [*targets, directory / PLAIN_FILE]:
+    with _quiet_root_logger():  # the quantizer logs every tensor on the root logger (a page per layer)
+        _quantize_each([*targets, directory / PLAIN_FILE], settings, extra)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _quantize_each(paths: list[Path], settings: Quantization, extra: dict[str, Any]) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    for path in paths:
         nodes = _ffn_matmuls(path) if settings.ops == "ffn" else None
         quantize_dynamic(
             path,

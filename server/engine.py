@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -22,9 +23,11 @@ from model.checkpoint import CheckpointError, load_model, resolve_directory
 from model.config import ConfigError, UnknownPresetError
 from model.device import DeviceError, pick_device, pick_dtype, prepare
 from model.modeling import DeeBert
-from model.onnx_export import ExportError
+from model.onnx_backend import default_cache_dir
+from model.onnx_export import ExportError, model_digest
 from model.saving import saving_from_totals
 from model.tokenization import Encoded, TruncationSide, load_tokenizer, pad_batch, tokenize
+from model.tune import TuneError, resolve_auto
 from server.controller import LadderEvidence
 from server.errors import DeeBertError, ErrorType
 from server.settings import ServerSettings
@@ -85,6 +88,8 @@ class Engine:
         self.pad_token_id = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
         self.default_threshold = self._default_threshold(default_threshold)
         self.compaction = compaction
+        # Why this backend and precision serve: requested, or `auto`'s measured choice (`model.tune`).
+        self.backend_reason = "given"
 
     @classmethod
     def load(cls, settings: ServerSettings) -> Engine:
@@ -96,23 +101,40 @@ class Engine:
             device = pick_device(settings.device)
             dtype = pick_dtype(settings.dtype, device)
             backend = pick_backend(settings.backend, device, dtype)
+            precision: str = settings.precision
             prepare(device)
             directory = resolve_directory(settings.checkpoint)
-            model = load_backend(
-                load_model(directory, dtype=dtype), backend, settings.precision, settings.cache_dir, settings.threads
-            )
+            checkpoint = load_model(directory, dtype=dtype)
+            reason = "requested" if settings.backend != "auto" else f"auto on {device.type}: {backend}"
+            if settings.backend == "auto" and device.type == "cpu" and settings.dtype == "auto":
+                # On the CPU the fastest runtime depends on the CPU: the one `deebert tune` measured here.
+                cache_dir = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
+                candidate, reason = resolve_auto(
+                    directory,
+                    model_digest(checkpoint),
+                    cache_dir,
+                    settings.threads,
+                    settings.max_batch_size,
+                    settings.tune_budget_s,
+                )
+                backend, precision = candidate.backend, candidate.backend_precision
+                if candidate.dtype != dtype:
+                    checkpoint = load_model(directory, dtype=candidate.dtype)
+            model = load_backend(checkpoint, backend, precision, settings.cache_dir, settings.threads)
             tokenizer = load_tokenizer(directory)
-        except (BackendError, CheckpointError, ConfigError, DeviceError, ExportError, OSError) as err:
+        except (BackendError, CheckpointError, ConfigError, DeviceError, ExportError, TuneError, OSError) as err:
             raise EngineLoadError(f"cannot serve {settings.checkpoint}: {err}") from err
         engine = cls(model, tokenizer, device, settings.max_length, settings.default_threshold, settings.compaction)
+        engine.backend_reason = reason
         logger.info(
-            "loaded %s (%d layers, labels %s) on %s, backend %s, %s; default threshold %s",
+            "loaded %s (%d layers, labels %s) on %s, backend %s, %s (%s); default threshold %s",
             engine.name,
             engine.num_layers,
             engine.labels,
             engine.device,
             engine.backend,
             engine.dtype_name,
+            reason,
             engine.default_threshold,
         )
         return engine
@@ -130,7 +152,7 @@ class Engine:
 
     @property
     def backend(self) -> str:
-        """`torch` or `onnxruntime`."""
+        """`torch`, `onnxruntime` or `openvino`."""
         return self.model.backend
 
     @property

@@ -250,7 +250,10 @@ class ModelInfo(BaseModel):
     presets: list[PresetInfo]
     device: str
     dtype: str = Field(description="precision the model computes in: float32, float16, bfloat16 or int8")
-    backend: str = Field(description="inference backend: torch or onnxruntime")
+    backend: str = Field(description="inference backend: torch, onnxruntime or openvino")
+    backend_reason: str = Field(
+        "", description="why it serves: requested, or backend auto's measured choice on this CPU (deebert tune)"
+    )
     max_batch_size: int
     max_texts_per_request: int
     controller: ControllerInfo | None = Field(

@@ -41,6 +41,12 @@ class ServerSettings(BaseSettings):
         "fp32",
         description="onnxruntime: fp32 or int8 (dynamic quantization of the encoder layers); openvino: fp32 or bf16",
     )
+    tune_budget_s: float = Field(
+        120.0,
+        ge=0,
+        description="backend auto on the CPU without a tuned choice for this CPU and checkpoint: tune for at most "
+        "about this long at first start (cached after); 0 = no tune, onnxruntime fp32 (run `deebert tune`)",
+    )
     cache_dir: str | None = Field(
         None, description="where exported ONNX graphs are cached (default: $XDG_CACHE_HOME/deebert or ~/.cache/deebert)"
     )

@@ -47,6 +47,7 @@ class ServerState:
             "device": str(engine.device),
             "dtype": engine.dtype_name,
             "backend": engine.backend,
+            "backend_reason": engine.backend_reason,
             "allocator": loaded_allocator(),
         }
         metrics = Metrics(engine.num_layers, engine.name, engine.labels, engine.expected_saving, runtime)

@@ -17,13 +17,17 @@ from tests.helpers import tiny_model, write_vocab
 def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Exported ONNX graphs go to a temporary cache (servers the tests start inherit it), not the user's."""
     directory = tmp_path_factory.mktemp("deebert-cache")
-    before = os.environ.get("DEEBERT_CACHE_DIR")
-    os.environ["DEEBERT_CACHE_DIR"] = str(directory)
+    # Servers the tests start serve `auto` without a tune at start: which runtime a timing picks is not the
+    # tests' business (test_tune.py runs the tune itself), and each tiny checkpoint would tune anew.
+    values = {"DEEBERT_CACHE_DIR": str(directory), "DEEBERT_TUNE_BUDGET_S": "0"}
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     yield directory
-    if before is None:
-        os.environ.pop("DEEBERT_CACHE_DIR", None)
-    else:
-        os.environ["DEEBERT_CACHE_DIR"] = before
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -94,6 +94,7 @@ async def test_concurrent_requests_with_different_thresholds_share_a_batch_and_a
         count = next(s.value for s in batches if s.name.endswith("_count"))
         total = next(s.value for s in batches if s.name.endswith("_sum"))
         assert (count, total) == (1, len(texts)), "all six requests should have run as one batch"
+    async with serving(make_app(engine, max_wait_ms=0.0)) as client:  # alone: no 10 s wait for company
         alone = [
             await client.post("/v1/classify", json={"text": t}, headers={"X-Exit-Threshold": h})
             for t, h in zip(texts, thresholds, strict=True)

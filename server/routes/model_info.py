@@ -31,6 +31,7 @@ async def model_info(state: State) -> ModelInfo:
         device=str(engine.device),
         dtype=engine.dtype_name,
         backend=engine.backend,
+        backend_reason=engine.backend_reason,
         max_batch_size=state.settings.max_batch_size,
         max_texts_per_request=state.settings.max_texts_per_request,
         controller=ControllerInfo.model_validate(controller.snapshot()) if controller is not None else None,

@@ -1,0 +1,595 @@
+"""Which runtime and precision serve a checkpoint fastest on this machine, chosen by measurement.
+
+`deebert tune` (and a short tune at the server's first start with `--backend auto`) loads every candidate the
+machine can run — torch fp32/bf16, ONNX Runtime fp32/int8, OpenVINO fp32/bf16 — and measures each on the
+checkpoint's tune sample (`tune_sample.jsonl`: a few hundred texts with the fp32 full-depth answers, and labels
+where the checkpoint has them): batch-1 latency and throughput at the server's max batch size, at `balanced`.
+
+A candidate is eligible only if, at `balanced`, its labels agree with fp32's on at least 99.5 % of the sample
+and (with labels) its accuracy is within 0.5 point of fp32 full depth. The fastest eligible one for the
+objective wins; the choice is cached under a key of the CPU (model name and flags), the checkpoint's weights,
+the runtimes' versions and the settings measured, so another machine, other weights or an upgraded runtime
+tune again. Every number is measured here, on the machine at hand: nothing is assumed about which runtime wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("deebert.tune")
+
+SAMPLE_FILE = "tune_sample.jsonl"
+TUNE_FORMAT = 1
+MIN_AGREEMENT = 0.995  # labels at balanced equal to fp32's at balanced
+MAX_ACCURACY_DROP = 0.005  # balanced accuracy below fp32 full depth (a fraction: 0.5 point)
+OBJECTIVES = ("mixed", "latency", "throughput")
+
+
+class TuneError(ValueError):
+    """The tune cannot run (no candidate, an unreadable sample)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One runtime in one precision."""
+
+    backend: str  # torch | onnxruntime | openvino
+    precision: str  # fp32 | bf16 | int8
+
+    @property
+    def key(self) -> str:
+        return f"{self.backend}-{self.precision}"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the torch model is loaded in (only torch computes in it; the others export from fp32)."""
+        return torch.bfloat16 if self.backend == "torch" and self.precision == "bf16" else torch.float32
+
+    @property
+    def backend_precision(self) -> str:
+        """The precision `load_backend` takes (torch's is its dtype)."""
+        return "fp32" if self.backend == "torch" else self.precision
+
+    @staticmethod
+    def parse(key: str) -> Candidate:
+        backend, _, precision = key.rpartition("-")
+        return Candidate(backend, precision)
+
+
+# In the order a time-bounded tune measures them: the fp32 default first, then what tends to win.
+ALL_CANDIDATES = (
+    Candidate("onnxruntime", "fp32"),
+    Candidate("openvino", "bf16"),
+    Candidate("openvino", "fp32"),
+    Candidate("onnxruntime", "int8"),
+    Candidate("torch", "fp32"),
+    Candidate("torch", "bf16"),
+)
+
+
+def cpu_description() -> tuple[str, list[str]]:
+    """This CPU's model name and feature flags (Linux /proc/cpuinfo; the platform's name elsewhere)."""
+    name, flags = platform.processor() or platform.machine(), list[str]()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return name, flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            name = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = sorted(value.split())
+    return name, flags
+
+
+def has_native_bf16(flags: Sequence[str]) -> bool:
+    """Whether the CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def available_candidates(flags: Sequence[str] | None = None) -> tuple[list[Candidate], dict[str, str]]:
+    """The candidates this machine can run, and why each other one is left out."""
+    from model.onnx_backend import onnxruntime_available
+    from model.openvino_backend import openvino_available, supported_precisions
+
+    flags = cpu_description()[1] if flags is None else flags
+    runnable: list[Candidate] = []
+    skipped: dict[str, str] = {}
+    for candidate in ALL_CANDIDATES:
+        if candidate.backend == "onnxruntime" and not onnxruntime_available():
+            skipped[candidate.key] = "onnxruntime is not installed"
+        elif candidate.backend == "openvino" and not openvino_available():
+            skipped[candidate.key] = "openvino is not installed"
+        elif candidate.backend == "openvino" and candidate.precision not in supported_precisions():
+            skipped[candidate.key] = "OpenVINO reports no BF16 capability on this CPU"
+        elif candidate.key == "torch-bf16" and not has_native_bf16(flags):
+            skipped[candidate.key] = "no native bf16 on this CPU (no avx512_bf16 / amx_bf16)"
+        else:
+            runnable.append(candidate)
+    return runnable, skipped
+
+
+# --- the sample -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TuneSample:
+    """Texts (pairs for a pair task) with the fp32 full-depth label of each, and gold labels where known."""
+
+    texts: list[str]
+    text_pairs: list[str] | None
+    full_depth_labels: list[int]
+    labels: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def write(self, directory: Path) -> Path:
+        path = directory / SAMPLE_FILE
+        with path.open("w") as handle:
+            for row, text in enumerate(self.texts):
+                record: dict[str, Any] = {"text": text}
+                if self.text_pairs is not None:
+                    record["text_pair"] = self.text_pairs[row]
+                record["full_depth_label"] = self.full_depth_labels[row]
+                if self.labels is not None:
+                    record["label"] = self.labels[row]
+                handle.write(json.dumps(record) + "\n")
+        return path
+
+    @staticmethod
+    def read(directory: Path) -> TuneSample | None:
+        """The checkpoint's sample; None when it has none. TuneError for a malformed one."""
+        path = directory / SAMPLE_FILE
+        if not path.is_file():
+            return None
+        try:
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            texts = [str(r["text"]) for r in records]
+            pairs = [str(r["text_pair"]) for r in records] if records and "text_pair" in records[0] else None
+            full = [int(r["full_depth_label"]) for r in records]
+            labels = [int(r["label"]) for r in records] if records and "label" in records[0] else None
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise TuneError(f"{path} is not a tune sample: {err}") from err
+        if not texts:
+            raise TuneError(f"{path} holds no texts")
+        return TuneSample(texts, pairs, full, labels)
+
+
+def make_sample(model: Any, tokenizer: Any, dataset: Any, size: int = 400, seed: int = 0) -> TuneSample:
+    """`size` rows of `dataset` (seeded), answered by `model` (fp32 torch) at full depth."""
+    from model.tokenization import pad_batch, tokenize
+
+    rows = sorted(random.Random(seed).sample(range(len(dataset)), min(size, len(dataset))))
+    texts = [dataset.texts[r] for r in rows]
+    pairs = [dataset.text_pairs[r] for r in rows] if dataset.text_pairs is not None else None
+    encoded = tokenize(tokenizer, texts, pairs, model.config.max_length)
+    pad_id = int(tokenizer.pad_token_id or 0)
+    full: list[int] = []
+    with torch.inference_mode():
+        for start in range(0, len(encoded), 64):
+            batch = pad_batch(encoded[start : start + 64], pad_id)
+            logits = model.plain_forward(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+            full += logits.argmax(dim=-1).tolist()
+    labels = [dataset.labels[r] for r in rows] if dataset.labels is not None else None
+    return TuneSample(texts, pairs, full, labels)
+
+
+def synthetic_sample(tokenizer: Any, pair_task: bool, size: int = 128, seed: int = 0) -> TuneSample:
+    """Texts of random vocabulary words, for timing a checkpoint that ships no sample (no answers to check)."""
+    vocabulary = [w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 2] or ["text"]
+    generator = random.Random(seed)
+
+    def text() -> str:
+        return " ".join(generator.choice(vocabulary) for _ in range(generator.randint(4, 40)))
+
+    texts = [text() for _ in range(size)]
+    pairs = [text() for _ in range(size)] if pair_task else None
+    return TuneSample(texts, pairs, full_depth_labels=[])
+
+
+# --- measuring ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    """One candidate's numbers on the sample, and whether it may serve."""
+
+    candidate: str
+    batch1_ms: float | None = None
+    batched_per_s: float | None = None
+    threshold: float | None = None
+    balanced_agreement: float | None = None  # labels at balanced equal to fp32's at balanced
+    full_depth_agreement: float | None = None  # labels at full depth equal to fp32's full depth
+    balanced_accuracy: float | None = None
+    expected_saving: float | None = None
+    eligible: bool = False
+    reason: str = ""
+
+
+@dataclass
+class Timing:
+    """Clock and sample sizes of a tune (smaller for the bounded tune at a server's first start)."""
+
+    batch1_rows: int = 100
+    batched_rows: int = 400
+    batch_size: int = 32
+    rounds: int = 2
+    clock: Callable[[], float] = time.perf_counter
+
+
+def _answers(model: Any, batches: Sequence[Any], threshold: float) -> list[int]:
+    return _answers_and_layers(model, batches, threshold)[0]
+
+
+def _answers_and_layers(model: Any, batches: Sequence[Any], threshold: float) -> tuple[list[int], list[int]]:
+    """Labels and exit layers of every row of `batches` at `threshold`."""
+    labels: list[int] = []
+    layers: list[int] = []
+    for batch in batches:
+        rows = batch.input_ids.shape[0]
+        result = model.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, [threshold] * rows)
+        labels += result.label
+        layers += result.exit_layer
+    return labels, layers
+
+
+def time_candidate(
+    model: Any, encoded: Sequence[Any], pad_id: int, threshold: float, timing: Timing
+) -> tuple[float, float]:
+    """(batch-1 mean ms, batched texts/s) at `threshold`: a warm-up pass, then the best of `timing.rounds`."""
+    from model.tokenization import pad_batch
+
+    singles = [pad_batch([item], pad_id) for item in encoded[: timing.batch1_rows]]
+    order = sorted(range(min(len(encoded), timing.batched_rows)), key=lambda i: len(encoded[i]))
+    groups = [order[i : i + timing.batch_size] for i in range(0, len(order), timing.batch_size)]
+    batches = [pad_batch([encoded[i] for i in group], pad_id) for group in groups]
+    best_single, best_batched = float("inf"), float("inf")
+    for round_number in range(timing.rounds + 1):  # round 0 warms the runtime's kernels for these shapes
+        started = timing.clock()
+        _answers(model, singles, threshold)
+        single = (timing.clock() - started) / max(1, len(singles))
+        started = timing.clock()
+        _answers(model, batches, threshold)
+        batched = timing.clock() - started
+        if round_number:
+            best_single, best_batched = min(best_single, single), min(best_batched, batched)
+    return best_single * 1000, len(order) / best_batched
+
+
+def judge(measurement: Measurement, reference_accuracy: float | None, has_answers: bool) -> Measurement:
+    """Eligibility (module docstring): agreement with fp32 at balanced, and accuracy vs fp32 full depth."""
+    if measurement.batch1_ms is None:
+        return measurement
+    candidate = Candidate.parse(measurement.candidate)
+    if not has_answers:
+        measurement.eligible = candidate.precision == "fp32"
+        measurement.reason = (
+            "fp32: the model's own answers" if measurement.eligible else "no tune sample to check a lower precision"
+        )
+        return measurement
+    agreement = measurement.balanced_agreement
+    if agreement is None or agreement < MIN_AGREEMENT:
+        measurement.reason = f"agreement with fp32 at balanced {_percent(agreement)} < {MIN_AGREEMENT:.1%}"
+        return measurement
+    if reference_accuracy is not None and measurement.balanced_accuracy is not None:
+        drop = reference_accuracy - measurement.balanced_accuracy
+        if drop > MAX_ACCURACY_DROP + 1e-12:
+            measurement.reason = f"balanced accuracy {drop * 100:.2f} points below fp32 full depth (max 0.5)"
+            return measurement
+    measurement.eligible = True
+    measurement.reason = f"agreement {_percent(agreement)}"
+    return measurement
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def choose(measurements: Sequence[Measurement], objective: str = "mixed") -> Measurement | None:
+    """The fastest eligible candidate: by batch-1 latency, by batched throughput, or (`mixed`) by the mean of
+    both relative to the best eligible value of each."""
+    if objective not in OBJECTIVES:
+        raise TuneError(f"unknown objective {objective!r}: use {', '.join(OBJECTIVES)}")
+    eligible = [m for m in measurements if m.eligible and m.batch1_ms and m.batched_per_s]
+    if not eligible:
+        return None
+    fastest_single = min(m.batch1_ms for m in eligible if m.batch1_ms)
+    fastest_batched = max(m.batched_per_s for m in eligible if m.batched_per_s)
+
+    def cost(m: Measurement) -> float:
+        assert m.batch1_ms and m.batched_per_s
+        single, batched = m.batch1_ms / fastest_single, fastest_batched / m.batched_per_s
+        return {"latency": single, "throughput": batched, "mixed": (single + batched) / 2}[objective]
+
+    return min(eligible, key=cost)
+
+
+# --- the cached choice ----------------------------------------------------------------------------------
+
+
+@dataclass
+class TuneResult:
+    """A tune's table, its choice, and what the choice depends on (`fingerprint`)."""
+
+    fingerprint: dict[str, Any]
+    objective: str
+    choice: str | None
+    measurements: list[Measurement]
+    skipped: dict[str, str] = field(default_factory=dict)
+    sample: str = ""
+    seconds: float = 0.0
+    created: str = ""
+
+    @property
+    def chosen(self) -> Measurement | None:
+        return next((m for m in self.measurements if m.candidate == self.choice), None)
+
+    def reason(self) -> str:
+        """One line: why this backend serves."""
+        chosen = self.chosen
+        if chosen is None:
+            return "tuned: no candidate was eligible"
+        measured = sum(1 for m in self.measurements if m.batch1_ms is not None)
+        return (
+            f"tuned ({self.objective}): fastest eligible of {measured} measured on {self.fingerprint['cpu']}: "
+            f"batch 1 {chosen.batch1_ms:.2f} ms, batch {self.fingerprint['batch_size']} "
+            f"{chosen.batched_per_s:.0f} texts/s at balanced ({chosen.reason})"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> TuneResult:
+        measurements = [Measurement(**m) for m in data.pop("measurements")]
+        return TuneResult(measurements=measurements, **data)
+
+
+def runtime_versions() -> dict[str, str]:
+    versions: dict[str, str] = {"torch": str(torch.__version__)}
+    for name in ("onnxruntime", "openvino"):
+        try:
+            versions[name] = str(__import__(name).__version__)
+        except ImportError:
+            versions[name] = "absent"
+    return versions
+
+
+def fingerprint(
+    checkpoint_digest: str, threads: int | None, batch_size: int, flags: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """What a tuned choice holds for: this CPU, these weights, these runtimes, these settings."""
+    from model.onnx_export import GRAPH_FORMAT
+
+    name, own_flags = cpu_description()
+    cpu_flags = own_flags if flags is None else list(flags)
+    return {
+        "format": TUNE_FORMAT,
+        "cpu": name,
+        "cpu_flags_digest": hashlib.sha256(" ".join(sorted(cpu_flags)).encode()).hexdigest()[:16],
+        "cpus": os.cpu_count(),
+        "checkpoint_digest": checkpoint_digest,
+        "versions": runtime_versions(),
+        "graph_format": GRAPH_FORMAT,
+        "threads": threads,
+        "batch_size": batch_size,
+    }
+
+
+def cache_path(cache_dir: Path, print_: dict[str, Any]) -> Path:
+    key = hashlib.sha256(json.dumps(print_, sort_keys=True).encode()).hexdigest()[:32]
+    return cache_dir / "tune" / f"{key}.json"
+
+
+def cached_result(cache_dir: Path, print_: dict[str, Any]) -> TuneResult | None:
+    """The tune stored for exactly this fingerprint; None when there is none (or it is unreadable)."""
+    path = cache_path(cache_dir, print_)
+    if not path.is_file():
+        return None
+    try:
+        result = TuneResult.from_json(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, KeyError) as err:
+        logger.warning("tune cache %s is unreadable (%s): ignored", path, err)
+        return None
+    return result if result.fingerprint == print_ else None
+
+
+def store_result(cache_dir: Path, result: TuneResult) -> Path:
+    path = cache_path(cache_dir, result.fingerprint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(".tmp")
+    staging.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    os.replace(staging, path)
+    return path
+
+
+# --- the tune -------------------------------------------------------------------------------------------
+
+
+def run_tune(
+    directory: Path,
+    cache_dir: Path,
+    threads: int | None = None,
+    objective: str = "mixed",
+    timing: Timing | None = None,
+    budget_s: float | None = None,
+    candidates: Sequence[Candidate] | None = None,
+    progress: bool = False,
+) -> TuneResult:
+    """Measure every runnable candidate on the checkpoint in `directory`, choose, and store the result."""
+    from model.backends import load_backend, quiet_torch_threads
+    from model.checkpoint import load_model
+    from model.onnx_export import model_digest
+    from model.saving import expected_saving
+    from model.tokenization import load_tokenizer, pad_batch, tokenize
+
+    timing = timing or Timing()
+    started = time.perf_counter()
+    runnable, skipped = available_candidates()
+    if candidates is not None:
+        runnable = [c for c in runnable if c in candidates]
+    for key, why in skipped.items():
+        logger.info("tune: %s not run: %s", key, why)
+    if not runnable:
+        raise TuneError("no candidate runtime can run here")
+    reference = load_model(directory).eval()
+    tokenizer = load_tokenizer(directory)
+    sample = TuneSample.read(directory)
+    sample_name = f"{SAMPLE_FILE} ({len(sample)} rows)" if sample else "synthetic texts (no tune sample)"
+    if sample is None:
+        sample = synthetic_sample(tokenizer, reference.config.is_pair_task, size=timing.batched_rows)
+    has_answers = bool(sample.full_depth_labels)
+    encoded = tokenize(tokenizer, sample.texts, sample.text_pairs, reference.config.max_length)
+    pad_id = int(tokenizer.pad_token_id or 0)
+    batches = [pad_batch(encoded[i : i + 64], pad_id) for i in range(0, len(encoded), 64)]
+    balanced_reference, _ = reference.config.resolve_threshold("balanced") if reference.config.presets else (0.0, None)
+    torch_threads = threads or torch.get_num_threads()
+    with torch.inference_mode():
+        reference_balanced = _answers(reference, batches, balanced_reference)
+    reference_accuracy = None
+    if has_answers and sample.labels is not None:
+        reference_accuracy = float(np.mean(np.array(sample.full_depth_labels) == np.array(sample.labels)))
+    print_ = fingerprint(model_digest(reference), threads, timing.batch_size)
+    measurements: list[Measurement] = []
+    iterator: Any = runnable
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(runnable, desc="tune", unit="runtime")
+    for candidate in iterator:
+        if budget_s is not None and time.perf_counter() - started > budget_s:
+            measurements.append(
+                Measurement(candidate.key, reason=f"not measured: the {budget_s:.0f} s budget was spent")
+            )
+            continue
+        try:
+            torch.set_num_threads(torch_threads)
+            model = load_model(directory, dtype=candidate.dtype).eval()
+            served = load_backend(model, candidate.backend, candidate.backend_precision, cache_dir, threads)
+            if candidate.backend == "torch":
+                torch.set_num_threads(torch_threads)
+            else:
+                quiet_torch_threads()
+            threshold, _ = served.config.resolve_threshold("balanced") if served.config.presets else (0.0, None)
+            with torch.inference_mode():
+                batch1_ms, batched_per_s = time_candidate(served, encoded, pad_id, threshold, timing)
+                measurement = Measurement(candidate.key, batch1_ms, batched_per_s, threshold)
+                if has_answers:
+                    balanced, layers = _answers_and_layers(served, batches, threshold)
+                    full = _answers(served, batches, 0.0)
+                    measurement.balanced_agreement = _agreement(balanced, reference_balanced)
+                    measurement.full_depth_agreement = _agreement(full, sample.full_depth_labels)
+                    measurement.expected_saving = expected_saving(layers, served.num_layers)
+                    if sample.labels is not None:
+                        measurement.balanced_accuracy = _agreement(balanced, sample.labels)
+        except Exception as err:  # a runtime that fails here is reported, not fatal
+            logger.warning("tune: %s failed: %s", candidate.key, err)
+            measurement = Measurement(candidate.key, reason=f"failed: {type(err).__name__}: {err}"[:300])
+        measurements.append(judge(measurement, reference_accuracy, has_answers))
+    torch.set_num_threads(torch_threads)
+    chosen = choose(measurements, objective)
+    result = TuneResult(
+        fingerprint=print_,
+        objective=objective,
+        choice=chosen.candidate if chosen else None,
+        measurements=measurements,
+        skipped=skipped,
+        sample=sample_name,
+        seconds=round(time.perf_counter() - started, 1),
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    store_result(cache_dir, result)
+    return result
+
+
+def _agreement(a: Sequence[int], b: Sequence[int]) -> float:
+    return float(np.mean(np.array(a) == np.array(b))) if len(a) else 0.0
+
+
+def table_rows(result: TuneResult) -> list[list[str]]:
+    """The tune's table for a terminal or a log: one row per candidate, the chosen one marked."""
+    rows = []
+    for m in result.measurements:
+        rows.append(
+            [
+                ("* " if m.candidate == result.choice else "  ") + m.candidate,
+                "-" if m.batch1_ms is None else f"{m.batch1_ms:.2f}",
+                "-" if m.batched_per_s is None else f"{m.batched_per_s:.0f}",
+                _percent(m.balanced_agreement) if m.balanced_agreement is not None else "-",
+                _percent(m.balanced_accuracy) if m.balanced_accuracy is not None else "-",
+                _percent(m.expected_saving) if m.expected_saving is not None else "-",
+                "yes" if m.eligible else "no",
+                m.reason,
+            ]
+        )
+    for key, why in result.skipped.items():
+        rows.append([f"  {key}", "-", "-", "-", "-", "-", "no", f"not run: {why}"])
+    return rows
+
+
+TABLE_HEADER = ["runtime", "batch-1 ms", "batched texts/s", "agreement", "accuracy", "saving", "eligible", "why"]
+
+
+# --- `--backend auto` -----------------------------------------------------------------------------------
+
+# The tune at a server's first start: fewer texts and rounds, so that it ends within its budget.
+STARTUP_TIMING = Timing(batch1_rows=40, batched_rows=160, rounds=1)
+
+
+def default_candidate() -> Candidate:
+    """What `auto` serves without a tuned choice: ONNX Runtime fp32 where installed, else torch fp32."""
+    from model.onnx_backend import onnxruntime_available
+
+    return Candidate("onnxruntime", "fp32") if onnxruntime_available() else Candidate("torch", "fp32")
+
+
+def resolve_auto(
+    directory: Path,
+    checkpoint_digest: str,
+    cache_dir: Path,
+    threads: int | None,
+    batch_size: int,
+    budget_s: float,
+) -> tuple[Candidate, str]:
+    """The runtime `--backend auto` serves on this CPU, and why: the cached tune for this fingerprint; else a
+    tune bounded by `budget_s` (0: none, the default candidate with a line saying how to tune)."""
+    print_ = fingerprint(checkpoint_digest, threads, batch_size)
+    cached = cached_result(cache_dir, print_)
+    if cached is not None and cached.choice:
+        logger.info(
+            "backend auto: %s, from the tune of %s (%s)", cached.choice, cached.created, cache_path(cache_dir, print_)
+        )
+        return Candidate.parse(cached.choice), cached.reason()
+    fallback = default_candidate()
+    if budget_s <= 0:
+        logger.info(
+            "backend auto: no tune for this CPU and checkpoint; serving %s. Measure every runtime with "
+            "`deebert tune --checkpoint %s` (or set DEEBERT_TUNE_BUDGET_S to tune at start)",
+            fallback.key,
+            directory,
+        )
+        return fallback, f"default ({fallback.key}): not tuned on this machine"
+    logger.info("backend auto: no tune for this CPU and checkpoint; a short tune (at most ~%.0f s) first", budget_s)
+    timing = Timing(STARTUP_TIMING.batch1_rows, STARTUP_TIMING.batched_rows, batch_size, STARTUP_TIMING.rounds)
+    result = run_tune(directory, cache_dir, threads, "mixed", timing, budget_s=budget_s)
+    logger.info("tune (%s, %.0f s):", result.sample, result.seconds)
+    for row in table_rows(result):
+        logger.info("  %s", "; ".join(f"{name} {cell}" for name, cell in zip(TABLE_HEADER, row, strict=True)))
+    if result.choice is None:
+        return fallback, f"default ({fallback.key}): the tune found no eligible candidate"
+    return Candidate.parse(result.choice), result.reason()

@@ -1,0 +1,183 @@
+"""`deebert tune` and `--backend auto`: the eligibility rule, the choice, its cache, and the server using it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from model import tune
+from model.checkpoint import load_model
+from model.onnx_export import model_digest
+from model.tune import (
+    Candidate,
+    Measurement,
+    Timing,
+    TuneResult,
+    TuneSample,
+    cache_path,
+    cached_result,
+    choose,
+    fingerprint,
+    judge,
+    make_sample,
+    resolve_auto,
+    run_tune,
+    store_result,
+)
+from tests.helpers import sentiment_rows, write_tsv
+
+FAST = Timing(batch1_rows=4, batched_rows=16, batch_size=8, rounds=1)
+PLAIN_CPUS = ["avx2", "fma", "sse4_2"]
+
+
+def measured(key: str, batch1_ms: float, per_s: float, agreement: float = 1.0, accuracy: float = 0.9) -> Measurement:
+    return Measurement(key, batch1_ms, per_s, 0.2, agreement, 1.0, accuracy, 0.5)
+
+
+def test_a_candidate_that_disagrees_with_fp32_is_rejected_however_fast() -> None:
+    fast_but_wrong = judge(measured("onnxruntime-int8", 0.1, 9000, agreement=0.98), 0.9, has_answers=True)
+    assert not fast_but_wrong.eligible and "98.0% < 99.5%" in fast_but_wrong.reason
+    less_accurate = judge(measured("openvino-bf16", 0.2, 5000, accuracy=0.894), 0.9, has_answers=True)
+    assert not less_accurate.eligible and "0.60 points below" in less_accurate.reason
+    within = judge(measured("openvino-bf16", 0.2, 5000, agreement=0.995, accuracy=0.895), 0.9, has_answers=True)
+    assert within.eligible
+    reference = judge(measured("onnxruntime-fp32", 1.0, 1000), 0.9, has_answers=True)
+    chosen = choose([fast_but_wrong, less_accurate, within, reference], "throughput")
+    assert chosen is not None and chosen.candidate == "openvino-bf16"
+
+
+def test_without_answers_to_check_only_fp32_may_serve() -> None:
+    assert judge(measured("openvino-fp32", 1.0, 100), None, has_answers=False).eligible
+    assert not judge(measured("openvino-bf16", 0.5, 900), None, has_answers=False).eligible
+    not_measured = judge(Measurement("torch-fp32", reason="failed: boom"), None, has_answers=False)
+    assert not not_measured.eligible and not_measured.reason == "failed: boom"
+
+
+def test_the_objective_decides_between_latency_and_throughput() -> None:
+    quick_alone = judge(measured("onnxruntime-fp32", 0.7, 2000), 0.9, True)
+    quick_in_batches = judge(measured("openvino-bf16", 1.1, 2500), 0.9, True)
+    both = [quick_alone, quick_in_batches]
+    assert choose(both, "latency") is quick_alone
+    assert choose(both, "throughput") is quick_in_batches
+    # mixed: the mean of each one's ratio to the best (0.7 ms, 2500/s): 1.125 vs 1.29
+    assert choose(both, "mixed") is quick_alone
+    assert choose([judge(measured("openvino-bf16", 1, 1, agreement=0.5), 0.9, True)], "mixed") is None
+    with pytest.raises(tune.TuneError, match="unknown objective"):
+        choose(both, "cheapest")
+
+
+def test_bf16_candidates_need_native_bf16() -> None:
+    runnable, skipped = tune.available_candidates(PLAIN_CPUS)
+    assert Candidate("torch", "fp32") in runnable and Candidate("torch", "bf16") not in runnable
+    assert "no native bf16" in skipped["torch-bf16"]
+    runnable, _ = tune.available_candidates([*PLAIN_CPUS, "avx512_bf16"])
+    assert Candidate("torch", "bf16") in runnable
+
+
+def test_without_openvino_the_tune_skips_it_with_a_log_line(  # type: ignore[no-untyped-def]
+    monkeypatch, caplog, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    monkeypatch.setattr("model.openvino_backend.openvino_available", lambda: False)
+    runnable, skipped = tune.available_candidates(PLAIN_CPUS)
+    assert all(c.backend != "openvino" for c in runnable)
+    assert skipped["openvino-fp32"] == "openvino is not installed"
+    with caplog.at_level(logging.INFO, logger="deebert.tune"):
+        result = run_tune(tiny_checkpoint, tmp_path, threads=1, timing=FAST, candidates=[Candidate("torch", "fp32")])
+    assert "openvino-fp32 not run: openvino is not installed" in caplog.text
+    assert result.choice == "torch-fp32" and result.skipped["openvino-bf16"] == "openvino is not installed"
+
+
+def _sampled_checkpoint(checkpoint: Path, tmp_path: Path) -> Path:
+    model = load_model(checkpoint).eval()
+    from model.data import read_dataset
+    from model.tokenization import load_tokenizer
+
+    data = write_tsv(tmp_path / "sample.tsv", ["sentence", "label"], sentiment_rows(40, seed=3))
+    dataset = read_dataset(data, label_names=model.config.labels)
+    sample = make_sample(model, load_tokenizer(checkpoint), dataset, size=24)
+    sample.write(checkpoint)
+    return checkpoint
+
+
+def test_a_tune_measures_chooses_and_caches(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    checkpoint = _sampled_checkpoint(tiny_checkpoint, tmp_path)
+    sample = TuneSample.read(checkpoint)
+    assert sample is not None and len(sample) == 24 and sample.labels is not None
+    candidates = [Candidate("torch", "fp32"), Candidate("onnxruntime", "fp32"), Candidate("openvino", "fp32")]
+    result = run_tune(checkpoint, tmp_path / "cache", threads=1, timing=FAST, candidates=candidates)
+    assert [m.candidate for m in result.measurements] == ["onnxruntime-fp32", "openvino-fp32", "torch-fp32"]
+    for m in result.measurements:
+        # fp32 everywhere: the same answers as the reference, so all three may serve
+        assert m.batch1_ms and m.batch1_ms > 0 and m.batched_per_s and m.batched_per_s > 0
+        assert m.balanced_agreement == 1.0 and m.full_depth_agreement == 1.0 and m.eligible, m
+    assert result.choice in {m.candidate for m in result.measurements}
+    assert result.choice == choose(result.measurements, "mixed").candidate  # type: ignore[union-attr]
+    stored = cached_result(tmp_path / "cache", result.fingerprint)
+    assert stored is not None and stored.choice == result.choice and stored.to_json() == result.to_json()
+
+
+def test_another_cpu_tunes_again_and_the_same_one_does_not(tiny_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    digest = model_digest(load_model(tiny_checkpoint))
+    cache = tmp_path / "cache"
+    here = fingerprint(digest, 1, 8)
+    store_result(cache, TuneResult(here, "mixed", "openvino-fp32", [measured("openvino-fp32", 1.0, 500)]))
+    tunes: list[Path] = []
+
+    def counting_tune(directory: Path, *args: object, **kwargs: object) -> TuneResult:
+        tunes.append(directory)
+        return TuneResult(fingerprint(digest, 1, 8), "mixed", "torch-fp32", [measured("torch-fp32", 2.0, 100)])
+
+    monkeypatch.setattr(tune, "run_tune", counting_tune)
+    candidate, reason = resolve_auto(tiny_checkpoint, digest, cache, 1, 8, budget_s=30)
+    assert candidate == Candidate("openvino", "fp32") and "tuned" in reason and tunes == []
+    # Another CPU (other flags): the stored choice is not for it.
+    name, flags = tune.cpu_description()
+    monkeypatch.setattr(tune, "cpu_description", lambda: (name, [*flags, "amx_bf16"]))
+    assert cache_path(cache, fingerprint(digest, 1, 8)) != cache_path(cache, here)
+    candidate, _ = resolve_auto(tiny_checkpoint, digest, cache, 1, 8, budget_s=30)
+    assert tunes == [tiny_checkpoint] and candidate == Candidate("torch", "fp32")
+    # Other weights, or another batch size, are other keys too.
+    assert cache_path(cache, fingerprint("0" * 64, 1, 8)) != cache_path(cache, here)
+    assert cache_path(cache, fingerprint(digest, 1, 64)) != cache_path(cache, here)
+
+
+def test_no_budget_means_no_tune_and_a_line_saying_how(tiny_checkpoint: Path, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    with caplog.at_level(logging.INFO, logger="deebert.tune"):
+        candidate, reason = resolve_auto(tiny_checkpoint, "f" * 64, tmp_path, None, 32, budget_s=0)
+    assert candidate == tune.default_candidate() and "not tuned" in reason
+    assert "deebert tune --checkpoint" in caplog.text
+
+
+def test_the_server_serves_the_tuned_choice_and_says_why(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from server.engine import Engine
+    from tests.server_helpers import settings
+
+    digest = model_digest(load_model(tiny_checkpoint))
+    print_ = fingerprint(digest, 1, 32)
+    store_result(tmp_path, TuneResult(print_, "mixed", "openvino-fp32", [measured("openvino-fp32", 1.0, 500)]))
+    engine = Engine.load(
+        settings(checkpoint=str(tiny_checkpoint), device="cpu", cache_dir=str(tmp_path), threads=1, tune_budget_s=0)
+    )
+    assert engine.backend == "openvino" and engine.dtype_name == "float32"
+    assert engine.backend_reason.startswith("tuned (mixed)")
+    requested = Engine.load(
+        settings(checkpoint=str(tiny_checkpoint), backend="torch", device="cpu", cache_dir=str(tmp_path))
+    )
+    assert requested.backend == "torch" and requested.backend_reason == "requested"
+
+
+def test_a_bounded_tune_at_first_start(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """No tune stored: the engine tunes within its budget (a tiny model: seconds), stores it, and serves it."""
+    from server.engine import Engine
+    from tests.server_helpers import settings
+
+    engine = Engine.load(
+        settings(checkpoint=str(tiny_checkpoint), device="cpu", cache_dir=str(tmp_path), threads=1, tune_budget_s=60)
+    )
+    stored = cached_result(tmp_path, fingerprint(model_digest(load_model(tiny_checkpoint)), 1, 32))
+    assert stored is not None and stored.choice is not None
+    assert stored.sample.startswith("synthetic")  # the tiny checkpoint ships no sample: fp32 only
+    assert Candidate.parse(stored.choice).precision == "fp32"
+    assert f"{engine.backend}-" in stored.choice and engine.backend_reason == stored.reason()
