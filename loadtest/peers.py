@@ -39,6 +39,13 @@ from loadtest.targets import target
 from model.saving import expected_saving
 from reports.common import describe_machine, machine_description, markdown_table
 
+# deebert on the runtime `auto` chose against the best plain variant of the same run (issue 24).
+RUNTIME_TARGETS = {
+    "throughput_vs_best_plain": 1.5,  # balanced / the best plain sentences/s, batch 32 (at least)
+    "batch1_vs_best_plain": 0.6,  # balanced / the best plain batch-1 mean ms (at most)
+    "saving_realized": 0.85,  # balanced's batch-1 time saved vs threshold 0 on its runtime / expected saving
+    "accuracy_drop_points": 0.5,  # balanced vs fp32 full depth (at most); also what makes a plain variant count
+}
 # deebert targets against the peers (issue 15), each a ratio measured in one run.
 TARGETS = {
     "loop_at_zero_vs_plain": 1.05,  # ORT exit loop at threshold 0 / plain ORT fp32, batch 1 (at most)
@@ -58,23 +65,41 @@ class Variant:
 
     key: str
     label: str
-    runtime: str  # torch | onnxruntime | openvino
-    precision: str  # fp32 | int8
+    runtime: str  # torch | onnxruntime | openvino | auto (what `deebert tune` chose here)
+    precision: str  # fp32 | bf16 | int8 | default (OpenVINO's own choice) | auto
     threshold: str | None = None  # None: the plain full forward; else the exit loop at this threshold/preset
 
 
 VARIANTS = (
     Variant("torch-plain", "plain PyTorch fp32", "torch", "fp32"),
+    Variant("torch-bf16-plain", "plain PyTorch bf16", "torch", "bf16"),
     Variant("ort-plain", "plain ONNX Runtime fp32 (BERT-fused graph)", "onnxruntime", "fp32"),
     Variant("ort-int8-plain", "plain ONNX Runtime int8 (dynamic QInt8)", "onnxruntime", "int8"),
     Variant("openvino-plain", "plain OpenVINO fp32", "openvino", "fp32"),
+    Variant("openvino-default-plain", "plain OpenVINO, its default precision", "openvino", "default"),
     Variant("torch-zero", "deebert, torch fp32, threshold 0", "torch", "fp32", "0"),
     Variant("torch-balanced", "deebert, torch fp32, balanced", "torch", "fp32", "balanced"),
+    Variant("torch-bf16-balanced", "deebert, torch bf16, balanced", "torch", "bf16", "balanced"),
     Variant("ort-zero", "deebert, ONNX Runtime fp32, threshold 0", "onnxruntime", "fp32", "0"),
     Variant("ort-balanced", "deebert, ONNX Runtime fp32, balanced", "onnxruntime", "fp32", "balanced"),
     Variant("ort-int8-zero", "deebert, ONNX Runtime int8, threshold 0", "onnxruntime", "int8", "0"),
     Variant("ort-int8-balanced", "deebert, ONNX Runtime int8, balanced", "onnxruntime", "int8", "balanced"),
+    Variant("openvino-balanced", "deebert, OpenVINO fp32, balanced", "openvino", "fp32", "balanced"),
+    Variant("openvino-bf16-balanced", "deebert, OpenVINO bf16, balanced", "openvino", "bf16", "balanced"),
+    Variant("auto-zero", "deebert, the runtime auto chose, threshold 0", "auto", "auto", "0"),
+    Variant("auto-balanced", "deebert, the runtime auto chose, balanced", "auto", "auto", "balanced"),
 )
+# The plain variants: what a user would serve the model with instead (the bar the targets measure against).
+PLAIN_KEYS = tuple(v.key for v in VARIANTS if v.threshold is None)
+# deebert at balanced on each runtime `deebert tune` measures (variant key → tune candidate key).
+BALANCED_CANDIDATES = {
+    "torch-balanced": "torch-fp32",
+    "torch-bf16-balanced": "torch-bf16",
+    "ort-balanced": "onnxruntime-fp32",
+    "ort-int8-balanced": "onnxruntime-int8",
+    "openvino-balanced": "openvino-fp32",
+    "openvino-bf16-balanced": "openvino-bf16",
+}
 VARIANT_KEYS = tuple(v.key for v in VARIANTS)
 
 
@@ -109,7 +134,10 @@ class _Runner:
 
         torch.set_num_threads(settings.threads)
         started = time.perf_counter()
-        model = load_model(settings.checkpoint).eval()
+        runtime, precision = variant.runtime, variant.precision
+        self.chosen: str | None = None
+        dtype = torch.bfloat16 if runtime == "torch" and precision == "bf16" else torch.float32
+        model = load_model(settings.checkpoint, dtype=dtype).eval()
         tokenizer = load_tokenizer(settings.checkpoint)
         dataset = read_dataset(settings.data, label_names=model.config.labels)
         if dataset.labels is None:
@@ -120,16 +148,45 @@ class _Runner:
         self.num_layers = model.config.num_layers
         self.threshold: float | None = None
         self.predict: Callable[[Any], tuple[list[int], list[int]]]
-        if variant.runtime == "openvino":
-            self.predict = self._openvino(model, settings.threads)
+        self.precision_used = precision
+        if runtime == "auto":
+            from model.checkpoint import resolve_directory
+            from model.tune import load_served
+
+            single, batched = self.chosen_runtime(settings)
+            served = load_served(resolve_directory(settings.checkpoint), single, batched, settings.cache_dir,
+                                 settings.threads)  # fmt: skip
+            assert variant.threshold is not None
+            self.threshold, _ = served.config.resolve_threshold(variant.threshold)
+            self.predict = self._exits(served, self.threshold)
+        elif runtime == "openvino" and variant.threshold is None:
+            self.predict = self._openvino(model, settings.threads, precision)
         else:
-            backend = load_backend(model, variant.runtime, variant.precision, settings.cache_dir, settings.threads)
+            backend_precision = "fp32" if runtime == "torch" else precision
+            backend = load_backend(model, runtime, backend_precision, settings.cache_dir, settings.threads)
             if variant.threshold is None:
                 self.predict = self._plain(backend)
             else:
                 self.threshold, _ = backend.config.resolve_threshold(variant.threshold)
                 self.predict = self._exits(backend, self.threshold)
         self.load_s = time.perf_counter() - started
+
+    def chosen_runtime(self, settings: PeerSettings) -> tuple[Any, Any]:
+        """The runtime and precision `--backend auto` serves here: the tune cached for this CPU, checkpoint,
+        threads and batch size (`deebert tune --threads T --max-batch-size B`); the default without one."""
+        from model.checkpoint import load_model, resolve_directory
+        from model.onnx_backend import default_cache_dir
+        from model.onnx_export import model_digest
+        from model.tune import resolve_auto
+
+        directory = resolve_directory(settings.checkpoint)
+        cache = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
+        digest = model_digest(load_model(directory))
+        single, batched, self.chosen_reason = resolve_auto(
+            directory, digest, cache, settings.threads, settings.batch_size, 0
+        )
+        self.chosen = single.key if batched is None else f"{single.key}+{batched.key}"
+        return single, batched
 
     def _plain(self, model: Any) -> Callable[[Any], tuple[list[int], list[int]]]:
         import torch
@@ -151,19 +208,22 @@ class _Runner:
 
         return predict
 
-    def _openvino(self, model: Any, threads: int) -> Callable[[Any], tuple[list[int], list[int]]]:
+    def _openvino(self, model: Any, threads: int, precision: str) -> Callable[[Any], tuple[list[int], list[int]]]:
+        """Plain OpenVINO as a user would run it: the unfused ONNX graph compiled for the CPU, latency hint, our
+        threads, and either f32 or OpenVINO's own default precision (bf16 where the CPU has it)."""
         import openvino
 
         from model.onnx_export import export_plain_unfused
 
+        properties: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+        if precision == "fp32":
+            properties["INFERENCE_PRECISION_HINT"] = "f32"
+        core = openvino.Core()
         with tempfile.TemporaryDirectory() as scratch:
             path = Path(scratch) / "plain.onnx"
             export_plain_unfused(model, path)
-            compiled = openvino.Core().compile_model(
-                str(path),
-                "CPU",
-                {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"},
-            )
+            compiled = core.compile_model(str(path), "CPU", properties)
+        self.precision_used = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
         request = compiled.create_infer_request()
         names = [port.get_any_name() for port in compiled.inputs]
         n = self.num_layers
@@ -229,7 +289,9 @@ def worker(variant_key: str, settings: PeerSettings) -> None:
         return
     gc.collect()
     gc.freeze()
-    out.write(json.dumps({"ready": True, "load_s": runner.load_s, "threshold": runner.threshold}) + "\n")
+    hello: dict[str, Any] = {"ready": True, "load_s": runner.load_s, "threshold": runner.threshold}
+    hello |= {"precision_used": runner.precision_used, "chosen": runner.chosen}
+    out.write(json.dumps(hello) + "\n")
     out.flush()
     for line in sys.stdin:
         command = json.loads(line)
@@ -380,6 +442,9 @@ def run_peers(settings: PeerSettings, log_path: Path | None = None) -> dict[str,
         variants[key] = {
             **asdict(variant),
             "threshold_value": hellos[key].get("threshold"),
+            "precision_used": hellos[key].get("precision_used"),
+            "chosen": hellos[key].get("chosen"),
+            "batched_labels": full["labels"],
             "load_s": hellos[key].get("load_s"),
             # A sentence's time is the fastest of its rounds (slower runs measure interruptions, as timeit
             # advises); the mean over sentences is the headline, as `deebert evaluate` reports it.
@@ -403,7 +468,9 @@ def run_peers(settings: PeerSettings, log_path: Path | None = None) -> dict[str,
         "variants": variants,
         "skipped": skipped,
     }
-    results["targets"] = peer_targets(variants)
+    results["best_plain"] = best_plain(variants)
+    results["fastest_eligible"] = fastest_eligible(variants)
+    results["targets"] = runtime_targets(variants) + peer_targets(variants)
     return results
 
 
@@ -418,6 +485,93 @@ def command_line(settings: PeerSettings) -> str:
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
+
+
+def _full_depth_accuracy(variants: dict[str, Any]) -> float | None:
+    """fp32 full depth's accuracy: plain ONNX Runtime's, else plain PyTorch's (the same model, the same answers)."""
+    for key in ("ort-plain", "torch-plain", "openvino-plain"):
+        if key in variants:
+            return float(variants[key]["accuracy"])
+    return None
+
+
+def best_plain(variants: dict[str, Any]) -> dict[str, Any]:
+    """The fastest plain variant at batch 1 and in batches, among those within 0.5 point of fp32 full depth."""
+    reference = _full_depth_accuracy(variants)
+    limit = RUNTIME_TARGETS["accuracy_drop_points"] / 100
+    plain = [
+        key
+        for key in PLAIN_KEYS
+        if key in variants and (reference is None or variants[key]["accuracy"] >= reference - limit - 1e-12)
+    ]
+    if not plain:
+        return {"batch1": None, "batched": None}
+    return {
+        "batch1": min(plain, key=lambda k: variants[k]["batch1_mean_ms"]),
+        "batched": max(plain, key=lambda k: variants[k]["batched_sentences_per_s"]),
+        "counted": plain,
+    }
+
+
+def fastest_eligible(variants: dict[str, Any]) -> str | None:
+    """The tune candidate the peers run finds fastest by the tune's own rule: among deebert-at-balanced variants
+    whose labels agree with fp32 at balanced on >= 99.5 % of the data and whose accuracy is within 0.5 point of
+    fp32 full depth, the fastest at batch 1 and the fastest in batches (`split`, the tune's default)."""
+    from model.tune import Measurement, choose_split, judge
+
+    reference = variants.get("ort-balanced") or variants.get("torch-balanced")
+    full = _full_depth_accuracy(variants)
+    if reference is None:
+        return None
+    measured = []
+    for key, candidate in BALANCED_CANDIDATES.items():
+        if key not in variants:
+            continue
+        v = variants[key]
+        agreement = _accuracy(v["batched_labels"], reference["batched_labels"])
+        m = Measurement(candidate, v["batch1_mean_ms"], v["batched_sentences_per_s"], v["threshold_value"])
+        m.balanced_agreement, m.balanced_accuracy = agreement, v["accuracy"]
+        measured.append(judge(m, full, has_answers=True))
+    pair = choose_split(measured)
+    if pair is None:
+        return None
+    single, batched = pair
+    return single.candidate if single.candidate == batched.candidate else f"{single.candidate}+{batched.candidate}"
+
+
+def runtime_targets(variants: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 24's targets: deebert at balanced on the runtime `auto` chose, against the best plain variant."""
+
+    def get(key: str | None, field_name: str) -> float | None:
+        value = variants.get(key or "", {}).get(field_name)
+        return float(value) if value is not None else None
+
+    best = best_plain(variants)
+    missing = "a variant it compares did not run"
+    auto = "auto-balanced"
+    full = _full_depth_accuracy(variants)
+    accuracy = get(auto, "accuracy")
+    drop = (full - accuracy) * 100 if full is not None and accuracy is not None else None
+    loop_ratio = _ratio(get(auto, "batch1_mean_ms"), get("auto-zero", "batch1_mean_ms"))
+    expected = get(auto, "expected_saving_batch1")
+    realized = (1 - loop_ratio) / expected if loop_ratio is not None and expected else None
+    chosen = variants.get(auto, {}).get("chosen")
+    fastest = fastest_eligible(variants)
+    t = RUNTIME_TARGETS
+    return [
+        target(f"balanced on auto's runtime ({chosen}) / best plain ({best['batched']}), batch-32 sentences/s",
+               _ratio(get(auto, "batched_sentences_per_s"), get(best["batched"], "batched_sentences_per_s")),
+               t["throughput_vs_best_plain"], True, "x", missing),
+        target(f"balanced on auto's runtime ({chosen}) / best plain ({best['batch1']}), batch-1 mean ms",
+               _ratio(get(auto, "batch1_mean_ms"), get(best["batch1"], "batch1_mean_ms")),
+               t["batch1_vs_best_plain"], False, "x", missing),
+        target("balanced on auto's runtime: batch-1 time saved vs its threshold 0 / expected saving",
+               realized, t["saving_realized"], True, "", missing),
+        target("accuracy drop, balanced on auto's runtime vs fp32 full depth",
+               drop, t["accuracy_drop_points"], False, " points", missing),
+        target(f"auto's choice ({chosen}) is the fastest eligible here ({fastest}): 1 = yes",
+               None if chosen is None or fastest is None else float(chosen == fastest), 1.0, True, "", missing),
+    ]  # fmt: skip
 
 
 def peer_targets(variants: dict[str, Any]) -> list[dict[str, Any]]:
@@ -476,9 +630,14 @@ def markdown_section(results: dict[str, Any], heading: str = "## Peer runtimes, 
             continue
         v = variants[key]
         threshold = "-" if v["threshold"] is None else f"{v['threshold']} ({v['threshold_value']:.3g})"
+        label = v["label"]
+        if v.get("chosen"):
+            label += f": {v['chosen']}"
+        elif v["precision"] == "default" and v.get("precision_used"):
+            label += f" ({v['precision_used'].lower()} here)"
         rows.append(
             [
-                v["label"],
+                label,
                 threshold,
                 f"{v['batch1_mean_ms']:.2f}",
                 f"{v['batch1_p50_ms']:.2f}",
@@ -506,6 +665,14 @@ def markdown_section(results: dict[str, Any], heading: str = "## Peer runtimes, 
         *markdown_table(header, rows),
         "",
     ]
+    best = results.get("best_plain", {})
+    if best.get("counted"):
+        out.append(
+            f"Best plain variant (of those within 0.5 point of fp32 full depth: {', '.join(best['counted'])}): "
+            f"`{best['batch1']}` at batch 1, `{best['batched']}` in batches. Fastest eligible deebert runtime by "
+            f"the tune's rule on these numbers: `{results.get('fastest_eligible')}`."
+        )
+        out.append("")
     for key, why in results.get("skipped", {}).items():
         out.append(f"- `{key}` not run: {why}")
     if results.get("skipped"):

@@ -9,11 +9,13 @@ fp32 on the CPU when installed and torch everywhere else.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
-from model.early_exit import EarlyExitModel
+from model import exit_rule
+from model.early_exit import EarlyExitModel, ExitResult, LayerExits
 from model.modeling import DeeBert
 
 logger = logging.getLogger("deebert.backends")
@@ -125,3 +127,85 @@ def load_backend(
             precision,
         )
     return exported
+
+
+class SplitExitModel(EarlyExitModel):
+    """Batches of one row on one runtime, larger batches on another: each where `deebert tune` measured it
+    fastest (a CPU runtime with the least per-call overhead tends to win alone, one with the fastest matrix
+    products in batches).
+
+    Presets are the batch-1 runtime's; a preset's threshold is translated to the same preset of the batched
+    runtime (its own calibration), so a preset means what its dev numbers say on whichever runtime answers.
+    """
+
+    computes_in_torch = False  # each runtime enters what it needs
+
+    def __init__(self, single: ExitModel, batched: ExitModel) -> None:
+        if (single.num_layers, single.config.num_labels) != (batched.num_layers, batched.config.num_labels):
+            raise BackendError("the two runtimes of a split serve different models")
+        self.single = single
+        self.batched = batched
+        self.config = single.config
+        names = {p.name for p in batched.config.presets}
+        self._batched_thresholds = {
+            p.threshold: batched.config.preset(p.name).threshold for p in single.config.presets if p.name in names
+        }
+
+    @property
+    def backend(self) -> str:
+        return f"{self.single.backend}+{self.batched.backend}"
+
+    @property
+    def precision(self) -> str:
+        return f"{self.single.precision}+{self.batched.precision}"
+
+    @property
+    def device(self) -> torch.device:
+        return self.single.device
+
+    def _for(self, rows: int) -> ExitModel:
+        return self.single if rows == 1 else self.batched
+
+    def _thresholds(self, rows: int, thresholds: Sequence[float] | torch.Tensor) -> Sequence[float] | torch.Tensor:
+        if rows == 1 or not self._batched_thresholds:
+            return thresholds
+        values = thresholds.reshape(-1).tolist() if isinstance(thresholds, torch.Tensor) else list(thresholds)
+        return [self._batched_thresholds.get(v, v) for v in values]
+
+    def iter_exits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        thresholds: Sequence[float] | torch.Tensor,
+        compact: bool = True,
+        criterion: exit_rule.ExitCriterion | None = None,
+    ) -> Iterator[LayerExits]:
+        rows = input_ids.shape[0]
+        yield from self._for(rows).iter_exits(
+            input_ids, attention_mask, token_type_ids, self._thresholds(rows, thresholds), compact, criterion
+        )
+
+    def infer(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        thresholds: Sequence[float] | torch.Tensor,
+        compact: bool = True,
+        criterion: exit_rule.ExitCriterion | None = None,
+    ) -> ExitResult:
+        rows = input_ids.shape[0]
+        return self._for(rows).infer(
+            input_ids, attention_mask, token_type_ids, self._thresholds(rows, thresholds), compact, criterion
+        )
+
+    def plain_forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self._for(input_ids.shape[0]).plain_forward(input_ids, attention_mask, token_type_ids)
+
+    def all_off_ramp_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        return self._for(input_ids.shape[0]).all_off_ramp_logits(input_ids, attention_mask, token_type_ids)

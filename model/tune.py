@@ -35,7 +35,8 @@ SAMPLE_FILE = "tune_sample.jsonl"
 TUNE_FORMAT = 1
 MIN_AGREEMENT = 0.995  # labels at balanced equal to fp32's at balanced
 MAX_ACCURACY_DROP = 0.005  # balanced accuracy below fp32 full depth (a fraction: 0.5 point)
-OBJECTIVES = ("mixed", "latency", "throughput")
+# split: the fastest eligible runtime alone serves batches of one, the fastest in batches serves the rest.
+OBJECTIVES = ("split", "mixed", "latency", "throughput")
 
 
 class TuneError(ValueError):
@@ -302,8 +303,8 @@ def _percent(value: float | None) -> str:
 
 def choose(measurements: Sequence[Measurement], objective: str = "mixed") -> Measurement | None:
     """The fastest eligible candidate: by batch-1 latency, by batched throughput, or (`mixed`) by the mean of
-    both relative to the best eligible value of each."""
-    if objective not in OBJECTIVES:
+    both relative to the best eligible value of each. (`split` chooses two: `choose_split`.)"""
+    if objective not in OBJECTIVES or objective == "split":
         raise TuneError(f"unknown objective {objective!r}: use {', '.join(OBJECTIVES)}")
     eligible = [m for m in measurements if m.eligible and m.batch1_ms and m.batched_per_s]
     if not eligible:
@@ -319,6 +320,12 @@ def choose(measurements: Sequence[Measurement], objective: str = "mixed") -> Mea
     return min(eligible, key=cost)
 
 
+def choose_split(measurements: Sequence[Measurement]) -> tuple[Measurement, Measurement] | None:
+    """The fastest eligible candidate at batch 1 and the fastest eligible one in batches (maybe the same)."""
+    single, batched = choose(measurements, "latency"), choose(measurements, "throughput")
+    return None if single is None or batched is None else (single, batched)
+
+
 # --- the cached choice ----------------------------------------------------------------------------------
 
 
@@ -328,9 +335,10 @@ class TuneResult:
 
     fingerprint: dict[str, Any]
     objective: str
-    choice: str | None
+    choice: str | None  # the runtime that serves (with a split: batches of one)
     measurements: list[Measurement]
     skipped: dict[str, str] = field(default_factory=dict)
+    batched_choice: str | None = None  # with a split: the runtime that serves batches of two or more
     sample: str = ""
     seconds: float = 0.0
     created: str = ""
@@ -345,9 +353,16 @@ class TuneResult:
         if chosen is None:
             return "tuned: no candidate was eligible"
         measured = sum(1 for m in self.measurements if m.batch1_ms is not None)
+        batch = self.fingerprint["batch_size"]
+        head = f"tuned ({self.objective}): fastest eligible of {measured} measured on {self.fingerprint['cpu']}"
+        batched = next((m for m in self.measurements if m.candidate == self.batched_choice), None)
+        if batched is not None:
+            return (
+                f"{head}: batch 1 on {chosen.candidate} ({chosen.batch1_ms:.2f} ms), batches on "
+                f"{batched.candidate} (batch {batch} {batched.batched_per_s:.0f} texts/s) at balanced"
+            )
         return (
-            f"tuned ({self.objective}): fastest eligible of {measured} measured on {self.fingerprint['cpu']}: "
-            f"batch 1 {chosen.batch1_ms:.2f} ms, batch {self.fingerprint['batch_size']} "
+            f"{head}: {chosen.candidate}, batch 1 {chosen.batch1_ms:.2f} ms, batch {batch} "
             f"{chosen.batched_per_s:.0f} texts/s at balanced ({chosen.reason})"
         )
 
@@ -425,13 +440,15 @@ def run_tune(
     directory: Path,
     cache_dir: Path,
     threads: int | None = None,
-    objective: str = "mixed",
+    objective: str = "split",
     timing: Timing | None = None,
     budget_s: float | None = None,
     candidates: Sequence[Candidate] | None = None,
     progress: bool = False,
 ) -> TuneResult:
     """Measure every runnable candidate on the checkpoint in `directory`, choose, and store the result."""
+    if objective not in OBJECTIVES:
+        raise TuneError(f"unknown objective {objective!r}: use {', '.join(OBJECTIVES)}")
     from model.backends import load_backend, quiet_torch_threads
     from model.checkpoint import load_model
     from model.onnx_export import model_digest
@@ -502,11 +519,19 @@ def run_tune(
             measurement = Measurement(candidate.key, reason=f"failed: {type(err).__name__}: {err}"[:300])
         measurements.append(judge(measurement, reference_accuracy, has_answers))
     torch.set_num_threads(torch_threads)
-    chosen = choose(measurements, objective)
+    batched_choice = None
+    if objective == "split":
+        pair = choose_split(measurements)
+        chosen = pair[0] if pair else None
+        if pair and pair[1].candidate != pair[0].candidate:
+            batched_choice = pair[1].candidate
+    else:
+        chosen = choose(measurements, objective)
     result = TuneResult(
         fingerprint=print_,
         objective=objective,
         choice=chosen.candidate if chosen else None,
+        batched_choice=batched_choice,
         measurements=measurements,
         skipped=skipped,
         sample=sample_name,
@@ -527,7 +552,7 @@ def table_rows(result: TuneResult) -> list[list[str]]:
     for m in result.measurements:
         rows.append(
             [
-                ("* " if m.candidate == result.choice else "  ") + m.candidate,
+                _mark(result, m.candidate) + m.candidate,
                 "-" if m.batch1_ms is None else f"{m.batch1_ms:.2f}",
                 "-" if m.batched_per_s is None else f"{m.batched_per_s:.0f}",
                 _percent(m.balanced_agreement) if m.balanced_agreement is not None else "-",
@@ -540,6 +565,13 @@ def table_rows(result: TuneResult) -> list[list[str]]:
     for key, why in result.skipped.items():
         rows.append([f"  {key}", "-", "-", "-", "-", "-", "no", f"not run: {why}"])
     return rows
+
+
+def _mark(result: TuneResult, candidate: str) -> str:
+    """`* ` for the runtime that serves; with a split `1 ` (batches of one) and `B ` (batches)."""
+    if result.batched_choice is None:
+        return "* " if candidate == result.choice else "  "
+    return "1 " if candidate == result.choice else "B " if candidate == result.batched_choice else "  "
 
 
 TABLE_HEADER = ["runtime", "batch-1 ms", "batched texts/s", "agreement", "accuracy", "saving", "eligible", "why"]
@@ -565,16 +597,16 @@ def resolve_auto(
     threads: int | None,
     batch_size: int,
     budget_s: float,
-) -> tuple[Candidate, str]:
-    """The runtime `--backend auto` serves on this CPU, and why: the cached tune for this fingerprint; else a
-    tune bounded by `budget_s` (0: none, the default candidate with a line saying how to tune)."""
+) -> tuple[Candidate, Candidate | None, str]:
+    """The runtime `--backend auto` serves on this CPU (and, with a split, the one for batches), and why: the
+    cached tune for this fingerprint; else a tune bounded by `budget_s` (0: none, the default candidate with a
+    line saying how to tune)."""
     print_ = fingerprint(checkpoint_digest, threads, batch_size)
     cached = cached_result(cache_dir, print_)
     if cached is not None and cached.choice:
-        logger.info(
-            "backend auto: %s, from the tune of %s (%s)", cached.choice, cached.created, cache_path(cache_dir, print_)
-        )
-        return Candidate.parse(cached.choice), cached.reason()
+        where = cache_path(cache_dir, print_)
+        logger.info("backend auto: %s, from the tune of %s (%s)", _served(cached), cached.created, where)
+        return (*_candidates(cached), cached.reason())
     fallback = default_candidate()
     if budget_s <= 0:
         logger.info(
@@ -583,13 +615,41 @@ def resolve_auto(
             fallback.key,
             directory,
         )
-        return fallback, f"default ({fallback.key}): not tuned on this machine"
+        return fallback, None, f"default ({fallback.key}): not tuned on this machine"
     logger.info("backend auto: no tune for this CPU and checkpoint; a short tune (at most ~%.0f s) first", budget_s)
     timing = Timing(STARTUP_TIMING.batch1_rows, STARTUP_TIMING.batched_rows, batch_size, STARTUP_TIMING.rounds)
-    result = run_tune(directory, cache_dir, threads, "mixed", timing, budget_s=budget_s)
+    result = run_tune(directory, cache_dir, threads, "split", timing, budget_s=budget_s)
     logger.info("tune (%s, %.0f s):", result.sample, result.seconds)
     for row in table_rows(result):
         logger.info("  %s", "; ".join(f"{name} {cell}" for name, cell in zip(TABLE_HEADER, row, strict=True)))
     if result.choice is None:
-        return fallback, f"default ({fallback.key}): the tune found no eligible candidate"
-    return Candidate.parse(result.choice), result.reason()
+        return fallback, None, f"default ({fallback.key}): the tune found no eligible candidate"
+    return (*_candidates(result), result.reason())
+
+
+def _candidates(result: TuneResult) -> tuple[Candidate, Candidate | None]:
+    assert result.choice is not None
+    batched = Candidate.parse(result.batched_choice) if result.batched_choice else None
+    return Candidate.parse(result.choice), batched
+
+
+def _served(result: TuneResult) -> str:
+    if result.batched_choice:
+        return f"{result.choice} for batches of one, {result.batched_choice} for batches"
+    return str(result.choice)
+
+
+def load_served(
+    directory: Path, single: Candidate, batched: Candidate | None, cache_dir: str | Path | None, threads: int | None
+) -> Any:
+    """The model `auto` serves: `single`'s runtime, or with a split `single` for batches of one and `batched`
+    for the rest (`SplitExitModel`)."""
+    from model.backends import SplitExitModel, load_backend
+    from model.checkpoint import load_model
+
+    def load(candidate: Candidate) -> Any:
+        model = load_model(directory, dtype=candidate.dtype)
+        return load_backend(model, candidate.backend, candidate.backend_precision, cache_dir, threads)
+
+    served = load(single)
+    return served if batched is None or batched == single else SplitExitModel(served, load(batched))

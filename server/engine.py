@@ -27,7 +27,7 @@ from model.onnx_backend import default_cache_dir
 from model.onnx_export import ExportError, model_digest
 from model.saving import saving_from_totals
 from model.tokenization import Encoded, TruncationSide, load_tokenizer, pad_batch, tokenize
-from model.tune import TuneError, resolve_auto
+from model.tune import TuneError, load_served, resolve_auto
 from server.controller import LadderEvidence
 from server.errors import DeeBertError, ErrorType
 from server.settings import ServerSettings
@@ -101,26 +101,26 @@ class Engine:
             device = pick_device(settings.device)
             dtype = pick_dtype(settings.dtype, device)
             backend = pick_backend(settings.backend, device, dtype)
-            precision: str = settings.precision
+            precision = settings.precision
             prepare(device)
             directory = resolve_directory(settings.checkpoint)
-            checkpoint = load_model(directory, dtype=dtype)
             reason = "requested" if settings.backend != "auto" else f"auto on {device.type}: {backend}"
             if settings.backend == "auto" and device.type == "cpu" and settings.dtype == "auto":
                 # On the CPU the fastest runtime depends on the CPU: the one `deebert tune` measured here.
                 cache_dir = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
-                candidate, reason = resolve_auto(
+                single, batched, reason = resolve_auto(
                     directory,
-                    model_digest(checkpoint),
+                    model_digest(load_model(directory)),
                     cache_dir,
                     settings.threads,
                     settings.max_batch_size,
                     settings.tune_budget_s,
                 )
-                backend, precision = candidate.backend, candidate.backend_precision
-                if candidate.dtype != dtype:
-                    checkpoint = load_model(directory, dtype=candidate.dtype)
-            model = load_backend(checkpoint, backend, precision, settings.cache_dir, settings.threads)
+                model = load_served(directory, single, batched, settings.cache_dir, settings.threads)
+            else:
+                model = load_backend(
+                    load_model(directory, dtype=dtype), backend, precision, settings.cache_dir, settings.threads
+                )
             tokenizer = load_tokenizer(directory)
         except (BackendError, CheckpointError, ConfigError, DeviceError, ExportError, TuneError, OSError) as err:
             raise EngineLoadError(f"cannot serve {settings.checkpoint}: {err}") from err

@@ -55,6 +55,20 @@ def test_without_answers_to_check_only_fp32_may_serve() -> None:
     assert not not_measured.eligible and not_measured.reason == "failed: boom"
 
 
+def test_split_serves_batches_of_one_and_batches_on_their_fastest() -> None:
+    alone = judge(measured("onnxruntime-fp32", 0.7, 2000), 0.9, True)
+    batches = judge(measured("openvino-bf16", 1.1, 2500), 0.9, True)
+    wrong = judge(measured("onnxruntime-int8", 0.2, 9000, agreement=0.9), 0.9, True)
+    assert tune.choose_split([alone, batches, wrong]) == (alone, batches)
+    assert tune.choose_split([alone]) == (alone, alone)
+    assert tune.choose_split([wrong]) is None
+    result = TuneResult(fingerprint("d" * 64, 2, 32), "split", "onnxruntime-fp32", [alone, batches, wrong])
+    result.batched_choice = "openvino-bf16"
+    assert "batch 1 on onnxruntime-fp32" in result.reason() and "batches on openvino-bf16" in result.reason()
+    marks = {row[0].strip() for row in tune.table_rows(result)}
+    assert marks == {"1 onnxruntime-fp32", "B openvino-bf16", "onnxruntime-int8"}
+
+
 def test_the_objective_decides_between_latency_and_throughput() -> None:
     quick_alone = judge(measured("onnxruntime-fp32", 0.7, 2000), 0.9, True)
     quick_in_batches = judge(measured("openvino-bf16", 1.1, 2500), 0.9, True)
@@ -106,7 +120,7 @@ def test_a_tune_measures_chooses_and_caches(tiny_checkpoint: Path, tmp_path: Pat
     sample = TuneSample.read(checkpoint)
     assert sample is not None and len(sample) == 24 and sample.labels is not None
     candidates = [Candidate("torch", "fp32"), Candidate("onnxruntime", "fp32"), Candidate("openvino", "fp32")]
-    result = run_tune(checkpoint, tmp_path / "cache", threads=1, timing=FAST, candidates=candidates)
+    result = run_tune(checkpoint, tmp_path / "cache", threads=1, objective="mixed", timing=FAST, candidates=candidates)
     assert [m.candidate for m in result.measurements] == ["onnxruntime-fp32", "openvino-fp32", "torch-fp32"]
     for m in result.measurements:
         # fp32 everywhere: the same answers as the reference, so all three may serve
@@ -130,13 +144,13 @@ def test_another_cpu_tunes_again_and_the_same_one_does_not(tiny_checkpoint: Path
         return TuneResult(fingerprint(digest, 1, 8), "mixed", "torch-fp32", [measured("torch-fp32", 2.0, 100)])
 
     monkeypatch.setattr(tune, "run_tune", counting_tune)
-    candidate, reason = resolve_auto(tiny_checkpoint, digest, cache, 1, 8, budget_s=30)
-    assert candidate == Candidate("openvino", "fp32") and "tuned" in reason and tunes == []
+    candidate, batched, reason = resolve_auto(tiny_checkpoint, digest, cache, 1, 8, budget_s=30)
+    assert candidate == Candidate("openvino", "fp32") and batched is None and "tuned" in reason and tunes == []
     # Another CPU (other flags): the stored choice is not for it.
     name, flags = tune.cpu_description()
     monkeypatch.setattr(tune, "cpu_description", lambda: (name, [*flags, "amx_bf16"]))
     assert cache_path(cache, fingerprint(digest, 1, 8)) != cache_path(cache, here)
-    candidate, _ = resolve_auto(tiny_checkpoint, digest, cache, 1, 8, budget_s=30)
+    candidate, _, _ = resolve_auto(tiny_checkpoint, digest, cache, 1, 8, budget_s=30)
     assert tunes == [tiny_checkpoint] and candidate == Candidate("torch", "fp32")
     # Other weights, or another batch size, are other keys too.
     assert cache_path(cache, fingerprint("0" * 64, 1, 8)) != cache_path(cache, here)
@@ -145,8 +159,8 @@ def test_another_cpu_tunes_again_and_the_same_one_does_not(tiny_checkpoint: Path
 
 def test_no_budget_means_no_tune_and_a_line_saying_how(tiny_checkpoint: Path, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
     with caplog.at_level(logging.INFO, logger="deebert.tune"):
-        candidate, reason = resolve_auto(tiny_checkpoint, "f" * 64, tmp_path, None, 32, budget_s=0)
-    assert candidate == tune.default_candidate() and "not tuned" in reason
+        candidate, batched, reason = resolve_auto(tiny_checkpoint, "f" * 64, tmp_path, None, 32, budget_s=0)
+    assert candidate == tune.default_candidate() and batched is None and "not tuned" in reason
     assert "deebert tune --checkpoint" in caplog.text
 
 
@@ -162,6 +176,15 @@ def test_the_server_serves_the_tuned_choice_and_says_why(tiny_checkpoint: Path, 
     )
     assert engine.backend == "openvino" and engine.dtype_name == "float32"
     assert engine.backend_reason.startswith("tuned (mixed)")
+    # A split: batches of one on ONNX Runtime, batches on OpenVINO, each with its own presets.
+    both_measured = [measured("onnxruntime-fp32", 1.0, 500), measured("openvino-fp32", 2.0, 900)]
+    split = TuneResult(print_, "split", "onnxruntime-fp32", both_measured)
+    split.batched_choice = "openvino-fp32"
+    store_result(tmp_path, split)
+    both = Engine.load(
+        settings(checkpoint=str(tiny_checkpoint), device="cpu", cache_dir=str(tmp_path), threads=1, tune_budget_s=0)
+    )
+    assert both.backend == "onnxruntime+openvino" and "batches on openvino-fp32" in both.backend_reason
     requested = Engine.load(
         settings(checkpoint=str(tiny_checkpoint), backend="torch", device="cpu", cache_dir=str(tmp_path))
     )
@@ -181,3 +204,39 @@ def test_a_bounded_tune_at_first_start(tiny_checkpoint: Path, tmp_path: Path) ->
     assert stored.sample.startswith("synthetic")  # the tiny checkpoint ships no sample: fp32 only
     assert Candidate.parse(stored.choice).precision == "fp32"
     assert f"{engine.backend}-" in stored.choice and engine.backend_reason == stored.reason()
+
+
+def test_a_split_model_answers_each_batch_size_on_its_runtime(tiny_checkpoint: Path, tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    from model.backends import SplitExitModel
+    from model.config import Preset
+    from model.tune import load_served
+    from tests.helpers import SENTENCES, encode
+
+    config_path = tiny_checkpoint
+    from model.config import DeeBertConfig
+
+    config = DeeBertConfig.load(config_path)
+    config.with_presets([Preset("balanced", 0.25)], runtime="openvino-fp32").save(config_path)
+    served = load_served(tiny_checkpoint, Candidate("onnxruntime", "fp32"), Candidate("openvino", "fp32"), tmp_path, 1)
+    assert isinstance(served, SplitExitModel) and served.backend == "onnxruntime+openvino"
+    reference = load_model(tiny_checkpoint).eval()
+    batch = encode(tokenizer)
+    balanced = served.config.preset("balanced").threshold
+    assert balanced == 0.2  # the batch-1 runtime's presets are the served ones
+    calls: list[tuple[str, list[float]]] = []
+    for name, part in (("single", served.single), ("batched", served.batched)):
+        original = part.infer
+
+        def spy(*args, _original=original, _name=name, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append((_name, list(args[3])))
+            return _original(*args, **kwargs)
+
+        part.infer = spy  # type: ignore[method-assign]
+    together = served.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, [balanced] * len(SENTENCES))
+    one = encode(tokenizer, [SENTENCES[0]])
+    alone = served.infer(one.input_ids, one.attention_mask, one.token_type_ids, [balanced])
+    # Batches on OpenVINO at its own balanced (0.25); one row on ONNX Runtime at the served balanced (0.2).
+    assert calls == [("batched", [0.25] * len(SENTENCES)), ("single", [0.2])]
+    expected = reference.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, [0.25] * len(SENTENCES))
+    assert together.exit_layer == expected.exit_layer and together.label == expected.label
+    assert alone.exit_layer[0] >= 1
