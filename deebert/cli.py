@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from reports.common import machine_description, percent
+from reports.common import describe_machine, machine_description, markdown_table, percent
 from reports.terminal import table
 
 DEFAULT_CHECKPOINT = "weights/sst2-minilm-l6"
@@ -95,7 +95,19 @@ def _add_calibrate(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--data", required=True, help="labelled dev data")
     _add_criterion(p, "exit rule to calibrate and store as the checkpoint's (default: the checkpoint's)")
-    _add_backend(p, "int8 stores presets of its own, served whenever the checkpoint runs in int8")
+    _add_backend(p, "int8, int8-static and bf16 store presets of their own, served whenever the checkpoint runs so")
+    p.add_argument(
+        "--calibration-data",
+        help="int8-static: first measure the activation ranges on these texts (TSV/CSV/JSONL; labels not needed) "
+        "and store them in the checkpoint, so that serve builds the int8 graphs without this data",
+    )
+    p.add_argument("--calibration-rows", type=int, default=300, help="texts of --calibration-data used (seeded)")
+    p.add_argument(
+        "--quantize",
+        choices=["ffn", "all"],
+        default="ffn",
+        help="int8-static: the feed-forward products (default) or every product with a weight",
+    )
     p.add_argument("--threads", type=int, help="CPU threads of torch or ONNX Runtime")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -110,9 +122,9 @@ def _add_backend(parser: argparse.ArgumentParser, precision_note: str = "") -> N
     )
     parser.add_argument(
         "--precision",
-        choices=["fp32", "bf16", "int8"],
+        choices=["fp32", "bf16", "int8", "int8-static"],
         default="fp32",
-        help="onnxruntime: fp32 or int8 encoder layers; openvino: fp32 or bf16 "
+        help="onnxruntime: fp32, int8 (dynamic) or int8-static; openvino: fp32, bf16 or int8-static "
         + (f"({precision_note})" if precision_note else ""),
     )
     parser.add_argument(
@@ -128,7 +140,7 @@ def _add_export(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         "fusions, quantization, parity against PyTorch. Without --output they go to the cache serve reads.",
     )
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
-    p.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "int8", "int8-static"], default="fp32")
     p.add_argument("--output", help="directory to write (default: the cache entry for this checkpoint)")
     p.add_argument("--cache-dir", help="the cache (DEEBERT_CACHE_DIR; default ~/.cache/deebert)")
     p.add_argument(
@@ -161,7 +173,13 @@ def _add_tune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument(
         "--max-batch-size", type=int, default=32, help="the server's max batch size (DEEBERT_MAX_BATCH_SIZE)"
     )
-    p.add_argument("--objective", choices=OBJECTIVES, default="mixed", help="batch-1 latency, throughput, or both")
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="split",
+        help="split: the fastest alone for batches of one and the fastest in batches for the rest (default); "
+        "or one runtime by batch-1 latency, throughput, or both (mixed)",
+    )
     p.add_argument(
         "--write-sample",
         metavar="DATA",
@@ -171,6 +189,7 @@ def _add_tune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--batch1-rows", type=int, default=100, help="texts timed one at a time")
     p.add_argument("--rounds", type=int, default=2, help="timed rounds after a warm-up round (best kept)")
     p.add_argument("--output-json", help="also write the tune's table and choice here")
+    p.add_argument("--output-md", help="also write the table as a markdown section (machine, command, table)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -196,6 +215,24 @@ def _run_tune(args: argparse.Namespace) -> int:
     print(f"chosen: {result.choice or 'none'} — {result.reason()}")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    if args.output_md:
+        lines = [
+            "## Runtime chosen by measurement (`deebert tune`)",
+            "",
+            f"{describe_machine(machine_description())}.",
+            "",
+            f"`{args.command_line}`, {result.seconds:.0f} s, sample: {result.sample}. Batch-1 ms: mean over "
+            f"{args.batch1_rows} texts alone; batched: texts/s in batches of {args.max_batch_size}; both at each "
+            "runtime's `balanced`, the best of the timed rounds after a warm-up round. Agreement: labels equal to "
+            "fp32's at `balanced`; accuracy against the sample's labels. `1` serves batches of one, `B` batches "
+            "(`*` a single runtime).",
+            "",
+            *markdown_table(TABLE_HEADER, table_rows(result)),
+            "",
+            f"Chosen: {result.reason()}.",
+            "",
+        ]
+        Path(args.output_md).write_text("\n".join(lines))
     return 0 if result.choice else 1
 
 
@@ -243,10 +280,13 @@ def _load(args: argparse.Namespace, device: str = "cpu", dtype: str = "float32")
 
     target = pick_device(device)
     prepare(target)
+    precision = args.precision
+    if args.backend == "torch" and precision == "bf16":  # torch's precision is its dtype
+        dtype, precision = "bfloat16", "fp32"
     torch_dtype = pick_dtype(dtype, target)
     backend = pick_backend(args.backend, target, torch_dtype)
     model = load_model(args.checkpoint, dtype=torch_dtype).to(target)
-    return load_backend(model, backend, args.precision, args.cache_dir, args.threads), load_tokenizer(args.checkpoint)
+    return load_backend(model, backend, precision, args.cache_dir, args.threads), load_tokenizer(args.checkpoint)
 
 
 def _labelled(args: argparse.Namespace, model, tokenizer):  # type: ignore[no-untyped-def]
@@ -314,15 +354,21 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.calibration_data:
+        _store_int8_ranges(args)
     model, tokenizer = _load(args)
     data, encoded = _labelled(args, model, tokenizer)
     probabilities, entropies = all_layer_outputs(model, encoded, tokenizer.pad_token_id, progress=args.progress)
     directory = resolve_directory(args.checkpoint)
     stored = DeeBertConfig.load(directory)  # the file's own presets (the model's may be a runtime's)
     config = _config_for(model.config, args.criterion)
-    presets = calibrate(probabilities, entropies, data.labels, criterion=config.criterion)
-    # fp32 answers are the same on every backend (tested); other precisions keep presets of their own.
+    # fp32 answers are the same on every backend (tested); other precisions keep presets of their own, held to
+    # the fp32 model's full-depth accuracy.
     runtime = None if args.precision == "fp32" else runtime_key(model.backend, args.precision)
+    reference = None if runtime is None else _fp32_full_depth_accuracy(directory, encoded, data.labels, tokenizer)
+    presets = calibrate(
+        probabilities, entropies, data.labels, criterion=config.criterion, reference_accuracy=reference
+    )
     if runtime is None:
         stored = _config_for(stored, args.criterion).with_presets(presets)
     else:
@@ -343,15 +389,57 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fp32_full_depth_accuracy(directory: Path, encoded, labels, tokenizer) -> float:  # type: ignore[no-untyped-def]
+    """The fp32 model's full-depth accuracy on the calibration data (torch, batches of 64)."""
+    import torch
+
+    from model.checkpoint import load_model
+    from model.tokenization import pad_batch
+
+    model = load_model(directory).eval()
+    predicted: list[int] = []
+    with torch.inference_mode():
+        for start in range(0, len(encoded), 64):
+            batch = pad_batch(encoded[start : start + 64], tokenizer.pad_token_id)
+            logits = model.plain_forward(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+            predicted += logits.argmax(dim=-1).tolist()
+    return sum(int(p == g) for p, g in zip(predicted, labels, strict=True)) / max(1, len(labels))
+
+
+def _store_int8_ranges(args: argparse.Namespace) -> None:
+    """Measure static int8's activation ranges on --calibration-data and store them in the checkpoint."""
+    import random
+
+    from model.checkpoint import load_model, resolve_directory
+    from model.config import DeeBertConfig
+    from model.data import read_dataset
+    from model.int8 import calibrate_ranges
+    from model.tokenization import load_tokenizer, tokenize
+
+    directory = resolve_directory(args.checkpoint)
+    model = load_model(directory).eval()
+    dataset = read_dataset(args.calibration_data, label_names=model.config.labels, require_labels=False)
+    rows = sorted(random.Random(0).sample(range(len(dataset)), min(args.calibration_rows, len(dataset))))
+    texts = [dataset.texts[r] for r in rows]
+    pairs = [dataset.text_pairs[r] for r in rows] if dataset.text_pairs is not None else None
+    encoded = tokenize(load_tokenizer(directory), texts, pairs, model.config.max_length)
+    ranges = calibrate_ranges(model, encoded, ops=args.quantize, progress=args.progress)
+    ranges["source"] = f"{Path(args.calibration_data).name}, {len(rows)} rows (seed 0)"
+    stored = DeeBertConfig.load(directory)
+    stored.int8_ranges = ranges
+    stored.save(directory)
+    print(f"stored int8 ranges of {len(ranges['ranges'])} matrix products ({ranges['source']}) in {directory}")
+
+
 def _run_export(args: argparse.Namespace) -> int:
     import json as json_module
 
     from model.checkpoint import load_model
-    from model.onnx_backend import cache_entry, default_cache_dir, export
-    from model.onnx_export import ExportError, Quantization, model_digest
+    from model.onnx_backend import cache_entry, default_cache_dir, export, graph_digest
+    from model.onnx_export import ExportError, Quantization
 
     model = load_model(args.checkpoint)
-    digest = model_digest(model)
+    digest = graph_digest(model, args.precision)
     if args.output:
         directory = Path(args.output)
     else:

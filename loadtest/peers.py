@@ -86,6 +86,20 @@ VARIANTS = (
     Variant("ort-int8-balanced", "deebert, ONNX Runtime int8, balanced", "onnxruntime", "int8", "balanced"),
     Variant("openvino-balanced", "deebert, OpenVINO fp32, balanced", "openvino", "fp32", "balanced"),
     Variant("openvino-bf16-balanced", "deebert, OpenVINO bf16, balanced", "openvino", "bf16", "balanced"),
+    Variant(
+        "ort-int8-static-balanced",
+        "deebert, ONNX Runtime static int8 (QDQ), balanced",
+        "onnxruntime",
+        "int8-static",
+        "balanced",
+    ),
+    Variant(
+        "openvino-int8-static-balanced",
+        "deebert, OpenVINO static int8 (the same QDQ graph), balanced",
+        "openvino",
+        "int8-static",
+        "balanced",
+    ),
     Variant("auto-zero", "deebert, the runtime auto chose, threshold 0", "auto", "auto", "0"),
     Variant("auto-balanced", "deebert, the runtime auto chose, balanced", "auto", "auto", "balanced"),
 )
@@ -99,6 +113,8 @@ BALANCED_CANDIDATES = {
     "ort-int8-balanced": "onnxruntime-int8",
     "openvino-balanced": "openvino-fp32",
     "openvino-bf16-balanced": "openvino-bf16",
+    "ort-int8-static-balanced": "onnxruntime-int8-static",
+    "openvino-int8-static-balanced": "openvino-int8-static",
 }
 VARIANT_KEYS = tuple(v.key for v in VARIANTS)
 
@@ -558,7 +574,7 @@ def runtime_targets(variants: dict[str, Any]) -> list[dict[str, Any]]:
     chosen = variants.get(auto, {}).get("chosen")
     fastest = fastest_eligible(variants)
     t = RUNTIME_TARGETS
-    return [
+    targets = [
         target(f"balanced on auto's runtime ({chosen}) / best plain ({best['batched']}), batch-32 sentences/s",
                _ratio(get(auto, "batched_sentences_per_s"), get(best["batched"], "batched_sentences_per_s")),
                t["throughput_vs_best_plain"], True, "x", missing),
@@ -572,6 +588,14 @@ def runtime_targets(variants: dict[str, Any]) -> list[dict[str, Any]]:
         target(f"auto's choice ({chosen}) is the fastest eligible here ({fastest}): 1 = yes",
                None if chosen is None or fastest is None else float(chosen == fastest), 1.0, True, "", missing),
     ]  # fmt: skip
+    for key, runtime in (("ort-int8-static-balanced", "ONNX Runtime"), ("openvino-int8-static-balanced", "OpenVINO")):
+        int8 = get(key, "accuracy")
+        targets.append(target(f"static int8 balanced on {runtime}: accuracy drop vs fp32 full depth",
+                              (full - int8) * 100 if full is not None and int8 is not None else None,
+                              t["accuracy_drop_points"], False, " points", missing))  # fmt: skip
+        targets.append(target(f"static int8 balanced on {runtime}: share of batch-1 labels equal to batched ones",
+                              get(key, "batch1_vs_batched_label_agreement"), 1.0, True, "", missing))  # fmt: skip
+    return targets
 
 
 def peer_targets(variants: dict[str, Any]) -> list[dict[str, Any]]:

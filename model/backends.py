@@ -22,7 +22,7 @@ logger = logging.getLogger("deebert.backends")
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 # The precisions each CPU runtime computes in (torch's is its dtype).
-RUNTIME_PRECISIONS = {"onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16")}
+RUNTIME_PRECISIONS = {"onnxruntime": ("fp32", "int8", "int8-static"), "openvino": ("fp32", "bf16", "int8-static")}
 
 
 class BackendError(ValueError):
@@ -99,6 +99,8 @@ def load_backend(
     if backend == "torch":
         if precision != "fp32":
             raise BackendError(f"precision {precision} is for the onnxruntime and openvino backends; torch: --dtype")
+        if model.precision == "bfloat16" and "torch-bf16" in model.config.runtime_presets:
+            model.config = model.config.with_presets(model.config.runtime_presets["torch-bf16"])
         return model
     allowed = RUNTIME_PRECISIONS.get(backend, ())
     if precision not in allowed:

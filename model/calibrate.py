@@ -20,16 +20,22 @@ def calibrate(
     labels: Sequence[int],
     tolerances: dict[str, float] | None = None,
     criterion: ExitCriterion | None = None,
+    reference_accuracy: float | None = None,
 ) -> list[Preset]:
     """For each preset, the threshold with the most expected saving whose dev accuracy is within its
-    tolerance of full depth (ties: the most aggressive threshold; for entropy, simply the largest)."""
+    tolerance of full depth (ties: the most aggressive threshold; for entropy, simply the largest).
+
+    `reference_accuracy` replaces these outputs' own full depth as the mark: a reduced-precision runtime's
+    presets are calibrated on its own outputs but held to the fp32 model's full-depth accuracy, so a preset
+    means the same accuracy budget against the model whichever runtime serves it. Where not even full depth
+    meets a preset's mark, the preset is full depth (it exits nowhere early)."""
     tolerances = tolerances or PRESET_TOLERANCES
     rule = criterion or get_criterion(DEFAULT_CRITERION)
     points = simulate(probabilities, entropies, labels, rule.candidates(probabilities, entropies), rule)
-    full = points[0].accuracy  # the first candidate is full depth
+    full = points[0].accuracy if reference_accuracy is None else reference_accuracy  # first candidate: full depth
     presets = []
     for name, tolerance in tolerances.items():
-        allowed = [p for p in points if p.accuracy >= full - tolerance - 1e-12]
+        allowed = [p for p in points if p.accuracy >= full - tolerance - 1e-12] or [points[0]]
         best = max(allowed, key=lambda p: (p.expected_saving, rule.aggressiveness(p.threshold)))
         presets.append(
             Preset(

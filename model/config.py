@@ -56,6 +56,10 @@ class DeeBertConfig:
     # Presets calibrated on another runtime's outputs, by `backends.runtime_key` (e.g. "onnxruntime-int8"):
     # quantized outputs move entropies, so a threshold means what its dev numbers say only where calibrated.
     runtime_presets: dict[str, list[Preset]] = field(default_factory=dict)
+    # Static int8: each quantized matrix product's input range [min, max] over calibration texts, by the traced
+    # graph's tensor name (`model.int8.calibrate_ranges`), with the graph format they were traced in, so that
+    # `deebert serve` can build the int8 graphs on first start without the calibration data.
+    int8_ranges: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:

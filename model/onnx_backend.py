@@ -15,6 +15,7 @@ incomplete, corrupt or made by another version is rebuilt with a warning.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
 import re
@@ -399,6 +400,16 @@ def check_export(directory: Path, digest: str | None, precision: str, runtime: s
     return manifest
 
 
+def graph_digest(model: Any, precision: str) -> str:
+    """What a precision's graphs depend on: the weights, and for static int8 the stored activation ranges."""
+    digest = model_digest(model)
+    if precision != "int8-static":
+        return digest
+    from model.int8 import ranges_digest
+
+    return hashlib.sha256((digest + ranges_digest(model.config.int8_ranges)).encode()).hexdigest()
+
+
 # Opens a runtime's graphs of a directory with its manifest.
 GraphOpener = Callable[[Path, Manifest], StepGraphModel]
 
@@ -426,7 +437,7 @@ def load_cached_graphs(
 ) -> StepGraphModel:
     """`runtime`'s step graphs of `model` from the cache, exported first when missing, stale or corrupt (with a
     warning saying why)."""
-    digest = model_digest(model)
+    digest = graph_digest(model, precision)
     directory = cache_entry(cache_dir or default_cache_dir(), digest, precision, runtime)
     try:
         manifest = check_export(directory, digest, precision, runtime)

@@ -60,7 +60,8 @@ OPSET = 17
 # Bump when the graphs this module writes change in a way an old cache must not be reused for.
 GRAPH_FORMAT = 7
 MANIFEST_NAME = "manifest.json"
-PRECISIONS = ("fp32", "int8")
+# int8: dynamic (ONNX Runtime's fused graphs); int8-static: QDQ from the checkpoint's stored ranges (`model.int8`).
+PRECISIONS = ("fp32", "int8", "int8-static")
 # Which runtime the step graphs are written for: ONNX Runtime's (fused with its `com.microsoft` operators) or
 # standard ONNX that any reader takes (OpenVINO, which fuses on its own when it compiles).
 RUNTIMES = ("onnxruntime", "openvino")
@@ -202,7 +203,8 @@ class _Traced(nn.Module):
         return (*hidden_states, *logits, *pooling)
 
 
-def _trace(model: DeeBert, path: Path) -> None:
+def trace_whole(model: DeeBert, path: Path) -> None:
+    """The whole model traced to ONNX: every hidden state and every off-ramp's logits as outputs."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(EXPORT_ATTENTION, _export_attention)
@@ -304,7 +306,7 @@ def export_plain_unfused(model: DeeBert, path: Path) -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         whole = Path(scratch) / "whole.onnx"
-        _trace(model, whole)
+        trace_whole(model, whole)
         plain = Extractor(onnx.load(str(whole))).extract_model(
             ["input_ids", "attention_mask", "token_type_ids"], [f"logits_{model.num_layers}"]
         )
@@ -393,26 +395,32 @@ def export_graphs(
         raise ExportError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
     if runtime not in RUNTIMES:
         raise ExportError(f"unknown runtime {runtime!r}: use {', '.join(RUNTIMES)}")
-    if runtime == "openvino" and precision != "fp32":
-        raise ExportError("OpenVINO step graphs are exported in fp32 (OpenVINO picks bf16 itself when compiling)")
+    if runtime == "openvino" and precision == "int8":
+        raise ExportError("OpenVINO takes static int8 (int8-static), not ONNX Runtime's dynamic int8")
+    # Static int8 is one standard QDQ graph for both runtimes: cut unfused, like OpenVINO's.
+    fused = runtime == "onnxruntime" and precision != "int8-static"
     started = time.perf_counter()
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
         with tempfile.TemporaryDirectory() as scratch:
             whole = Path(scratch) / "whole.onnx"
-            fused = Path(scratch) / "fused.onnx"
-            _trace(model, whole)
-            if runtime == "onnxruntime":
-                fusions = _optimize(model, whole, fused)
-                layer_mask = _split(fused, staging, model.num_layers)
+            optimized = Path(scratch) / "fused.onnx"
+            trace_whole(model, whole)
+            if fused:
+                fusions = _optimize(model, whole, optimized)
+                layer_mask = _split(optimized, staging, model.num_layers)
             else:
                 fusions = {}
                 layer_mask = _split(whole, staging, model.num_layers)
         settings = None
+        quantized: dict[str, Any] | None = None
         if precision == "int8":
             settings = quantization or Quantization()
             _quantize(staging, model.num_layers, settings)
+            quantized = {**asdict(settings), "method": settings.describe()}
+        elif precision == "int8-static":
+            quantized = _quantize_static(model, staging)
         manifest = Manifest(
             format=GRAPH_FORMAT,
             precision=precision,
@@ -427,7 +435,7 @@ def export_graphs(
             pooling=model.config.pooling,
             layer_mask_input=layer_mask,
             fusions=fusions,
-            quantization=None if settings is None else {**asdict(settings), "method": settings.describe()},
+            quantization=quantized,
         )
         manifest.files = {path.name: file_digest(path) for path in sorted(staging.glob("*.onnx"))}
         manifest.seconds = round(time.perf_counter() - started, 2)
@@ -440,6 +448,26 @@ def export_graphs(
         raise
     logger.info("exported %s graphs to %s in %.1f s (fusions %s)", precision, directory, manifest.seconds, fusions)
     return manifest
+
+
+def _quantize_static(model: DeeBert, directory: Path) -> dict[str, Any]:
+    """QDQ int8 in every step graph from the checkpoint's stored activation ranges (`model.int8`)."""
+    from model.int8 import QuantizationError, check_ranges, quantize_graph, ranges_digest
+
+    try:
+        ranges, ops = check_ranges(model.config.int8_ranges)
+        counts = [
+            quantize_graph(directory / name, ranges, ops)
+            for name in [*(layer_file(i) for i in range(1, model.num_layers + 1)), PLAIN_FILE]
+        ]
+    except QuantizationError as err:
+        raise ExportError(str(err)) from err
+    return {
+        "method": f"static QDQ: {ops} weight products int8 per channel, activations uint8 from stored ranges",
+        "ranges_digest": ranges_digest(model.config.int8_ranges),
+        "texts": model.config.int8_ranges.get("texts"),
+        "quantized_products": counts,
+    }
 
 
 def runtime_version(runtime: str) -> str:

@@ -118,6 +118,9 @@ class OpenVinoDeeBert(StepGraphModel):
             "CACHE_DIR": str(directory / "compiled"),
             # Kernels prepared per input shape: 7 graphs x (rows, tokens) outgrow the default 5,000 and thrash.
             "CPU_RUNTIME_CACHE_CAPACITY": RUNTIME_CACHE_CAPACITY,
+            # OpenVINO pins its threads (and the calling one) to cores by default; in a process where ONNX
+            # Runtime (a split) and the server's own threads run too, that pins them onto one another's cores.
+            "ENABLE_CPU_PINNING": os.environ.get("DEEBERT_OPENVINO_PINNING", "0") == "1",
         }
         if threads:
             self._properties["INFERENCE_NUM_THREADS"] = threads
@@ -133,6 +136,8 @@ class OpenVinoDeeBert(StepGraphModel):
 
     @property
     def precision(self) -> str:
+        if self.manifest.precision == "int8-static":
+            return "int8-static"
         return "float32" if self.inference_precision == "fp32" else "bfloat16"
 
 
@@ -145,10 +150,14 @@ def load_openvino_model(
         raise ExportError("the openvino backend needs the openvino package: pip install openvino")
     if precision == "bf16" and "bf16" not in supported_precisions():
         logger.warning("OpenVINO reports no BF16 capability on this CPU: bf16 runs emulated (slow)")
+    # Static int8: the QDQ graphs, their unquantized rest compiled in f32; otherwise the fp32 graphs compiled
+    # in the precision asked for.
+    graphs = "int8-static" if precision == "int8-static" else "fp32"
+    inference = "fp32" if precision == "int8-static" else precision
 
     def open_graphs(directory: Path, manifest: Manifest) -> StepGraphModel:
-        return OpenVinoDeeBert(model.config, directory, manifest, precision, threads)
+        return OpenVinoDeeBert(model.config, directory, manifest, inference, threads)
 
-    loaded = load_cached_graphs(model, "fp32", cache_dir, "openvino", open_graphs)
+    loaded = load_cached_graphs(model, graphs, cache_dir, "openvino", open_graphs)
     assert isinstance(loaded, OpenVinoDeeBert)
     return loaded

@@ -66,7 +66,7 @@ class Candidate:
 
     @staticmethod
     def parse(key: str) -> Candidate:
-        backend, _, precision = key.rpartition("-")
+        backend, _, precision = key.partition("-")  # backend names have no hyphen; int8-static does
         return Candidate(backend, precision)
 
 
@@ -76,6 +76,8 @@ ALL_CANDIDATES = (
     Candidate("openvino", "bf16"),
     Candidate("openvino", "fp32"),
     Candidate("onnxruntime", "int8"),
+    Candidate("openvino", "int8-static"),
+    Candidate("onnxruntime", "int8-static"),
     Candidate("torch", "fp32"),
     Candidate("torch", "bf16"),
 )
@@ -102,8 +104,11 @@ def has_native_bf16(flags: Sequence[str]) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
-def available_candidates(flags: Sequence[str] | None = None) -> tuple[list[Candidate], dict[str, str]]:
-    """The candidates this machine can run, and why each other one is left out."""
+def available_candidates(
+    flags: Sequence[str] | None = None, has_int8_ranges: bool = True
+) -> tuple[list[Candidate], dict[str, str]]:
+    """The candidates this machine can run (static int8 only for a checkpoint with stored ranges), and why each
+    other one is left out."""
     from model.onnx_backend import onnxruntime_available
     from model.openvino_backend import openvino_available, supported_precisions
 
@@ -115,7 +120,9 @@ def available_candidates(flags: Sequence[str] | None = None) -> tuple[list[Candi
             skipped[candidate.key] = "onnxruntime is not installed"
         elif candidate.backend == "openvino" and not openvino_available():
             skipped[candidate.key] = "openvino is not installed"
-        elif candidate.backend == "openvino" and candidate.precision not in supported_precisions():
+        elif candidate.precision == "int8-static" and not has_int8_ranges:
+            skipped[candidate.key] = "the checkpoint has no int8 ranges (deebert calibrate --calibration-data)"
+        elif candidate.key == "openvino-bf16" and "bf16" not in supported_precisions():
             skipped[candidate.key] = "OpenVINO reports no BF16 capability on this CPU"
         elif candidate.key == "torch-bf16" and not has_native_bf16(flags):
             skipped[candidate.key] = "no native bf16 on this CPU (no avx512_bf16 / amx_bf16)"
@@ -457,14 +464,14 @@ def run_tune(
 
     timing = timing or Timing()
     started = time.perf_counter()
-    runnable, skipped = available_candidates()
+    reference = load_model(directory).eval()
+    runnable, skipped = available_candidates(has_int8_ranges=bool(reference.config.int8_ranges))
     if candidates is not None:
         runnable = [c for c in runnable if c in candidates]
     for key, why in skipped.items():
         logger.info("tune: %s not run: %s", key, why)
     if not runnable:
         raise TuneError("no candidate runtime can run here")
-    reference = load_model(directory).eval()
     tokenizer = load_tokenizer(directory)
     sample = TuneSample.read(directory)
     sample_name = f"{SAMPLE_FILE} ({len(sample)} rows)" if sample else "synthetic texts (no tune sample)"
@@ -647,9 +654,18 @@ def load_served(
     from model.backends import SplitExitModel, load_backend
     from model.checkpoint import load_model
 
+    torch_threads = threads or torch.get_num_threads()
+
     def load(candidate: Candidate) -> Any:
         model = load_model(directory, dtype=candidate.dtype)
         return load_backend(model, candidate.backend, candidate.backend_precision, cache_dir, threads)
 
     served = load(single)
-    return served if batched is None or batched == single else SplitExitModel(served, load(batched))
+    if batched is None or batched == single:
+        return served
+    split = SplitExitModel(served, load(batched))
+    if "torch" in (single.backend, batched.backend):
+        # Loading a CPU runtime leaves torch one thread (`quiet_torch_threads`); a torch half computes with all
+        # of them, as the tune measured it.
+        torch.set_num_threads(torch_threads)
+    return split

@@ -228,3 +228,14 @@ def test_calibration_picks_the_largest_threshold_within_each_tolerance() -> None
             assert point.accuracy < full - preset.max_accuracy_drop  # type: ignore[operator]
     assert presets["fast"].threshold >= presets["lossless"].threshold
     assert presets["fast"].expected_saving > 0
+
+
+def test_a_reduced_precision_runtime_is_held_to_the_fp32_models_accuracy() -> None:
+    probs, entropies, labels = _hand_made()  # its own full depth: 0.75
+    own = {p.name: p for p in calibrate(probs, entropies, labels, {"fast": 0.3})}
+    # Held to a reference of 0.8 (the fp32 model's), only thresholds scoring >= 0.5 may serve "fast"...
+    held = {p.name: p for p in calibrate(probs, entropies, labels, {"fast": 0.3}, reference_accuracy=0.8)}
+    assert held["fast"].accuracy >= 0.5 - 1e-12 and held["fast"].threshold <= own["fast"].threshold
+    # ...and where not even full depth meets the mark, the preset is full depth.
+    strict = calibrate(probs, entropies, labels, {"lossless": 0.0}, reference_accuracy=0.9)[0]
+    assert strict.threshold == 0.0 and strict.expected_saving == 0.0

@@ -41,20 +41,27 @@ class ClassifyBody(BaseModel):
 
 
 def create_app(
-    checkpoint: str, device: str = "auto", dtype: str = "auto", backend: str = "torch", threads: int | None = None
+    checkpoint: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    backend: str = "torch",
+    threads: int | None = None,
+    precision: str = "fp32",
 ) -> FastAPI:
     """The baseline app with the checkpoint loaded in eval mode, on the device and dtype `deebert serve` would
     pick for the same words (auto: CUDA in float16 when available, else CPU in float32); with `backend`
-    onnxruntime, its plain fused fp32 graph on ONNX Runtime (exported on first use into deebert's cache)."""
+    onnxruntime, its plain fused fp32 graph on ONNX Runtime (exported on first use into deebert's cache); with
+    openvino, the plain graph compiled by OpenVINO in `precision` (fp32 or bf16)."""
     target = pick_device(device)
     prepare(target)  # the same attention kernels as `deebert serve`
     torch_model = load_model(checkpoint, dtype=pick_dtype(dtype, target)).to(target)
     model: ExitModel = torch_model
     if backend != "torch":
-        model = load_backend(torch_model, backend, "fp32", threads=threads)
+        model = load_backend(torch_model, backend, precision, threads=threads)
     tokenizer = load_tokenizer(checkpoint)
     config = model.config
-    name = "plain ONNX Runtime baseline" if backend == "onnxruntime" else "plain baseline"
+    runtime = {"onnxruntime": "ONNX Runtime", "openvino": f"OpenVINO {precision}"}.get(backend)
+    name = f"plain {runtime} baseline" if runtime else "plain baseline"
     lock = threading.Lock()
     app = FastAPI(title=f"{name} (not deebert)")
 
@@ -125,12 +132,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, float32 on CPU), float32, ...")
-    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"], help="runtime (torch)")
+    parser.add_argument(
+        "--backend", default="torch", choices=["torch", "onnxruntime", "openvino"], help="runtime (torch)"
+    )
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="openvino: fp32 or bf16")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    app = create_app(args.checkpoint, args.device, args.dtype, args.backend, args.threads)
+    app = create_app(args.checkpoint, args.device, args.dtype, args.backend, args.threads, args.precision)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     return 0
 

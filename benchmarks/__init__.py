@@ -1,0 +1,1 @@
+"""Studies and profilers that are not part of the installed product: each a script with its results beside it."""

@@ -1,0 +1,216 @@
+"""What early exit saves at the paper's model sizes on this CPU: random-weight BERT-base (12 x 768) and
+BERT-large (24 x 1024) shaped DeeBERT models replaying the shipped checkpoint's exit layers.
+
+Timing does not depend on weight values, so each sentence of SST-2 dev leaves at the layer the shipped 6-layer
+checkpoint left at (at `balanced`, on ONNX Runtime fp32), scaled to the depth (layer l of 6 -> round(l * n / 6)).
+A replay criterion makes it leave there: the same per-layer work (layer, off-ramp, one exit decision) as the
+entropy rule. Accuracy is not measured here (random weights). Measured saving = 1 - time(exit loop) /
+time(full depth on the same runtime, its one-call graph), against the expected saving of the replayed layers.
+
+    python -m benchmarks.paper_sizes --threads 2   # about 15 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from model import exit_rule
+from model.saving import expected_saving
+
+SHAPES = {
+    "bert-base": {"num_hidden_layers": 12, "hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072},
+    "bert-large": {"num_hidden_layers": 24, "hidden_size": 1024, "num_attention_heads": 16, "intermediate_size": 4096},
+}
+
+
+class ReplayCriterion(exit_rule.PatienceCriterion):
+    """Leave at the layer given as the threshold (1..n; 0 = full depth): a replay of recorded exits."""
+
+    name: ClassVar[str] = "replay"
+
+    def step(self, probabilities: torch.Tensor, entropy: torch.Tensor, thresholds: torch.Tensor, state: Any) -> Any:
+        layer = torch.ones_like(thresholds) if state is None else state + 1
+        return (thresholds > 0) & (layer >= thresholds), layer
+
+    def leaves(self, probabilities: Sequence[float], entropy: float, threshold: float, state: Any) -> Any:
+        layer = 1 if state is None else state + 1
+        return threshold > 0 and layer >= threshold, layer
+
+    def never_exits_early(self, thresholds: torch.Tensor, num_layers: int) -> torch.Tensor:
+        return (thresholds <= 0) | (thresholds >= num_layers)
+
+    def never_exits_early_at(self, threshold: float, num_layers: int) -> bool:
+        return threshold <= 0 or threshold >= num_layers
+
+
+def shipped_exit_layers(
+    checkpoint: str, data: str, cache_dir: str | None, threads: int
+) -> tuple[list[Any], list[int], int]:
+    """The shipped checkpoint's tokenized dev sentences and their exit layers at balanced (ONNX Runtime fp32)."""
+    from model.backends import load_backend
+    from model.checkpoint import load_model
+    from model.data import read_dataset
+    from model.tokenization import load_tokenizer, pad_batch, tokenize
+
+    model = load_model(checkpoint).eval()
+    served = load_backend(model, "onnxruntime", "fp32", cache_dir, threads)
+    tokenizer = load_tokenizer(checkpoint)
+    dataset = read_dataset(data, label_names=model.config.labels)
+    encoded = tokenize(tokenizer, dataset.texts, dataset.text_pairs, model.config.max_length)
+    threshold, _ = served.config.resolve_threshold("balanced")
+    layers: list[int] = []
+    for start in range(0, len(encoded), 64):
+        batch = pad_batch(encoded[start : start + 64], 0)
+        rows = batch.input_ids.shape[0]
+        layers += served.infer(
+            batch.input_ids, batch.attention_mask, batch.token_type_ids, [threshold] * rows
+        ).exit_layer
+    return encoded, layers, model.num_layers
+
+
+def random_deebert(shape: str, vocab_size: int, seed: int = 0) -> Any:
+    from model.config import DeeBertConfig
+    from model.modeling import DeeBert
+
+    torch.manual_seed(seed)
+    backbone = {
+        "model_type": "bert",
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 512,
+        "type_vocab_size": 2,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-12,
+        **SHAPES[shape],
+    }
+    config = DeeBertConfig(backbone=backbone, labels=["negative", "positive"], max_length=128, name=f"random-{shape}")
+    return DeeBert(config).eval()
+
+
+def measure(
+    served: Any, encoded: Sequence[Any], targets: Sequence[int], rows: Sequence[int], batch_size: int, rounds: int
+) -> dict[str, Any]:
+    """Full depth vs the replayed exits on `served`: batch 1 over `rows` (per sentence the fastest of `rounds`)
+    and in length-sorted batches of `batch_size` over every sentence (the fastest round)."""
+    from model.tokenization import pad_batch
+
+    rule = ReplayCriterion()
+    n = served.num_layers
+
+    def run(batch: Any, thresholds: list[float]) -> None:
+        served.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds, criterion=rule)
+
+    singles = [(pad_batch([encoded[r]], 0), float(targets[r])) for r in rows]
+    full_ns = [math.inf] * len(singles)
+    exit_ns = [math.inf] * len(singles)
+    for _ in range(rounds + 1):  # the first round warms kernels for these shapes
+        for i, (batch, target) in enumerate(singles):
+            for thresholds, times in (([0.0], full_ns), ([target], exit_ns)):
+                started = time.perf_counter_ns()
+                run(batch, thresholds)
+                times[i] = min(times[i], time.perf_counter_ns() - started)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [(pad_batch([encoded[i] for i in g], 0), [float(targets[i]) for i in g]) for g in groups]
+    full_batched, exit_batched = math.inf, math.inf
+    for _ in range(rounds + 1):
+        for which in ("full", "exit"):
+            started = time.perf_counter_ns()
+            for batch, thresholds in batches:
+                run(batch, [0.0] * len(thresholds) if which == "full" else thresholds)
+            elapsed = time.perf_counter_ns() - started
+            if which == "full":
+                full_batched = min(full_batched, elapsed)
+            else:
+                exit_batched = min(exit_batched, elapsed)
+    expected_single = expected_saving([targets[r] for r in rows], n) or 0.0
+    expected_all = expected_saving(targets, n) or 0.0
+    single_saving = 1 - statistics.fmean(exit_ns) / statistics.fmean(full_ns)
+    batched_saving = 1 - exit_batched / full_batched
+    return {
+        "batch1_full_ms": statistics.fmean(full_ns) / 1e6,
+        "batch1_exit_ms": statistics.fmean(exit_ns) / 1e6,
+        "batch1_expected_saving": expected_single,
+        "batch1_measured_saving": single_saving,
+        "batch1_measured_over_expected": single_saving / expected_single if expected_single else None,
+        f"batch{batch_size}_full_per_s": len(encoded) / (full_batched / 1e9),
+        f"batch{batch_size}_exit_per_s": len(encoded) / (exit_batched / 1e9),
+        "batched_expected_saving": expected_all,
+        "batched_measured_saving": batched_saving,
+        "batched_measured_over_expected": batched_saving / expected_all if expected_all else None,
+    }
+
+
+def rows_for_batches(total: int, wanted: int) -> list[int]:
+    """The sentences the passes use: all, or a seeded sample of `wanted` (in dev order)."""
+    if not wanted or wanted >= total:
+        return list(range(total))
+    return sorted(random.Random(1).sample(range(total), wanted))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--checkpoint", default="weights/sst2-minilm-l6")
+    parser.add_argument("--data", default="../shared/data/sst2/dev.tsv")
+    parser.add_argument("--shapes", default="bert-base,bert-large")
+    parser.add_argument("--runtimes", default="onnxruntime-fp32,openvino-bf16", help="backend-precision, each run")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch1-rows", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batched-rows", type=int, default=256, help="sentences in the passes (0 = all)")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--cache-dir")
+    parser.add_argument("--output", default="benchmarks/results/paper_sizes/paper_sizes.json")
+    args = parser.parse_args(argv)
+
+    from model.backends import load_backend
+    from reports.common import machine_description
+
+    torch.set_num_threads(args.threads)
+    encoded, layers, shipped_depth = shipped_exit_layers(args.checkpoint, args.data, args.cache_dir, args.threads)
+    results: dict[str, Any] = {
+        "command": "python -m benchmarks.paper_sizes " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_description(),
+        "shipped_expected_saving": expected_saving(layers, shipped_depth),
+        "accuracy": "not measured: random weights replaying the shipped checkpoint's exit layers",
+        "shapes": {},
+    }
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    vocab = 30522
+    for shape in [s.strip() for s in args.shapes.split(",") if s.strip()]:
+        model = random_deebert(shape, vocab)
+        n = model.num_layers
+        targets = [max(1, min(n, round(layer * n / shipped_depth))) for layer in layers]
+        results["shapes"][shape] = {}
+        for runtime in [r.strip() for r in args.runtimes.split(",") if r.strip()]:
+            backend, _, precision = runtime.rpartition("-")
+            print(f"paper_sizes: {shape} on {runtime}", file=sys.stderr, flush=True)
+            served = load_backend(model, backend, precision, args.cache_dir, args.threads)
+            chosen = rows_for_batches(len(encoded), args.batched_rows)
+            singles = sorted(random.Random(0).sample(range(len(chosen)), min(args.batch1_rows, len(chosen))))
+            sentences, replayed = [encoded[i] for i in chosen], [targets[i] for i in chosen]
+            results["shapes"][shape][runtime] = measure(
+                served, sentences, replayed, singles, args.batch_size, args.rounds
+            )
+            print(json.dumps(results["shapes"][shape][runtime]), file=sys.stderr, flush=True)
+            output.write_text(json.dumps(results, indent=2) + "\n")  # what is measured so far
+            del served
+        del model
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
