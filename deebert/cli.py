@@ -366,9 +366,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     # the fp32 model's full-depth accuracy.
     runtime = None if args.precision == "fp32" else runtime_key(model.backend, args.precision)
     reference = None if runtime is None else _fp32_full_depth_accuracy(directory, encoded, data.labels, tokenizer)
-    presets = calibrate(
-        probabilities, entropies, data.labels, criterion=config.criterion, reference_accuracy=reference
-    )
+    presets = calibrate(probabilities, entropies, data.labels, criterion=config.criterion, reference_accuracy=reference)
     if runtime is None:
         stored = _config_for(stored, args.criterion).with_presets(presets)
     else:

@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -239,7 +240,8 @@ class _Runner:
             path = Path(scratch) / "plain.onnx"
             export_plain_unfused(model, path)
             compiled = core.compile_model(str(path), "CPU", properties)
-        self.precision_used = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # an openvino.Type: its name, e.g. bf16
+        self.precision_used = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         request = compiled.create_infer_request()
         names = [port.get_any_name() for port in compiled.inputs]
         n = self.num_layers
@@ -658,7 +660,8 @@ def markdown_section(results: dict[str, Any], heading: str = "## Peer runtimes, 
         if v.get("chosen"):
             label += f": {v['chosen']}"
         elif v["precision"] == "default" and v.get("precision_used"):
-            label += f" ({v['precision_used'].lower()} here)"
+            used = re.sub(r"^<Type: '(.*)'>$", r"\1", v["precision_used"])  # runs before the type's name was kept
+            label += f" ({used.lower()} here)"
         rows.append(
             [
                 label,

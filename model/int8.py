@@ -59,6 +59,7 @@ def calibrate_ranges(model: Any, encoded: Sequence[Any], ops: str = "ffn", progr
     import onnxruntime as ort
     from tqdm import tqdm
 
+    from model.onnx_backend import session_options
     from model.onnx_export import GRAPH_FORMAT, trace_whole
 
     if not encoded:
@@ -76,9 +77,9 @@ def calibrate_ranges(model: Any, encoded: Sequence[Any], ops: str = "ffn", progr
             if name not in outputs:
                 graph_model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
         onnx.save(graph_model, str(whole))
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(whole), options, providers=["CPUExecutionProvider"])
+        # The process's session options: once a session runs on ONNX Runtime's global thread pool, a session
+        # with threads of its own is refused.
+        session = ort.InferenceSession(str(whole), session_options(None), providers=["CPUExecutionProvider"])
         lowest = dict.fromkeys(names, np.inf)
         highest = dict.fromkeys(names, -np.inf)
         rows = tqdm(encoded, desc="int8 ranges", unit="text", disable=not progress)

@@ -69,7 +69,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "deebert"
 
 
-def _session_options(threads: int | None) -> Any:
+def session_options(threads: int | None) -> Any:
     """Options for every session: one global intra-op pool of `threads` (default: ONNX Runtime's, one per
     physical core), set once per process before the first session."""
     import onnxruntime as ort
@@ -322,7 +322,7 @@ class OnnxDeeBert(StepGraphModel):
     """A DeeBERT model on ONNX Runtime (CPU): `iter_exits`, `infer`, `plain_forward` as `DeeBert` has them."""
 
     def __init__(self, config: DeeBertConfig, directory: Path, manifest: Manifest, threads: int | None) -> None:
-        self._options = _session_options(threads)
+        self._options = session_options(threads)
         super().__init__(config, directory, manifest)
 
     def load_graph(self, path: Path) -> StepGraph:
