@@ -42,7 +42,7 @@ def pick_backend(requested: str, device: torch.device, dtype: torch.dtype) -> st
     """`auto` → onnxruntime on the CPU in float32 when installed, else torch; explicit names are checked.
     (The server resolves `auto` through the tuned choice first: `model.tune.resolve_auto`.)"""
     from model.onnx_backend import onnxruntime_available
-    from model.openvino_backend import openvino_available
+    from model.openvino_backend import openvino_available, openvino_unavailable_reason
 
     if requested not in BACKENDS:
         raise BackendError(f"unknown backend {requested!r}: use {', '.join(BACKENDS)}")
@@ -68,7 +68,7 @@ def pick_backend(requested: str, device: torch.device, dtype: torch.dtype) -> st
         if dtype != torch.float32:
             raise BackendError("the openvino backend takes --precision fp32 or bf16; use --dtype float32")
         if not openvino_available():
-            raise BackendError("--backend openvino needs the openvino package: pip install openvino")
+            raise BackendError(f"--backend openvino cannot run here: {openvino_unavailable_reason()}")
     return requested
 
 

@@ -7,9 +7,9 @@ layer norms itself when it compiles. Everything between the calls (exit rule, co
 is `StepGraphModel`'s, shared with ONNX Runtime.
 
 Precision is OpenVINO's inference precision, chosen at compile time: `bf16` on CPUs whose OpenVINO reports the
-BF16 capability (AVX-512 BF16, AMX), `fp32` everywhere. Compiled blobs are cached by OpenVINO itself
-(`CACHE_DIR` inside the graph cache entry: keyed by the graph, the device, the precision and OpenVINO's
-version), so a restart does not compile again.
+BF16 capability (AVX-512 BF16, AMX), `fp32` everywhere. The graphs are cached; OpenVINO's compiled blobs are
+not (its CACHE_DIR maps blob files that another process sharing the cache may be rewriting: a server started
+beside another one died with SIGBUS), and compiling the graphs takes about a second.
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ logger = logging.getLogger("deebert.openvino")
 
 # Our precision names → OpenVINO's INFERENCE_PRECISION_HINT.
 INFERENCE_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
-# OpenVINO's CPU plugin prepares kernels per input shape and keeps them in two caches: its own runtime cache
-# (a compile property) and oneDNN's primitive cache (read from the environment when the plugin loads, default
-# 1,024). The exit loop's step graphs meet many (rows, tokens) shapes, a plain graph few: at the defaults the
-# loop's kernels were rebuilt over and over (BENCHMARKS.md, "OpenVINO shape caches").
+# OpenVINO's CPU plugin prepares kernels per input shape and keeps them in its runtime cache (a compile
+# property, default 5,000 entries). The exit loop's seven step graphs meet many (rows, tokens) shapes, a plain
+# graph few: at the default the loop's kernels were rebuilt over and over. (oneDNN's own primitive cache is
+# left to the environment: `deebert serve` caps it for flat memory, see server/memory.py.)
 RUNTIME_CACHE_CAPACITY = 100_000
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "50000")
 # Token counts are padded up to a multiple of this (fewer shapes to prepare kernels for; masked, same answers).
 DEFAULT_LENGTH_BUCKET = 8
 
@@ -45,12 +44,27 @@ def length_bucket() -> int:
     return max(1, int(os.environ.get("DEEBERT_OPENVINO_LENGTH_BUCKET", DEFAULT_LENGTH_BUCKET)))
 
 
-def openvino_available() -> bool:
+def preloaded_allocator() -> str | None:
+    """The malloc preloaded into this process (jemalloc, tcmalloc), if any: OpenVINO's CPU plugin aborts under
+    one ("free(): invalid size" compiling even a one-node graph, with jemalloc 5.3 and OpenVINO 2026.4)."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    return next((name for name in ("jemalloc", "tcmalloc") if name in preload), None)
+
+
+def openvino_unavailable_reason() -> str | None:
+    """Why OpenVINO cannot run in this process (not installed, or a preloaded allocator); None when it can."""
     try:
         import openvino  # noqa: F401
     except ImportError:
-        return False
-    return True
+        return "openvino is not installed"
+    allocator = preloaded_allocator()
+    if allocator is not None:
+        return f"OpenVINO aborts under the preloaded {allocator} (DEEBERT_ALLOCATOR=system lets it run)"
+    return None
+
+
+def openvino_available() -> bool:
+    return openvino_unavailable_reason() is None
 
 
 def cpu_capabilities() -> list[str]:
@@ -115,7 +129,6 @@ class OpenVinoDeeBert(StepGraphModel):
             "INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS[inference_precision],
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
-            "CACHE_DIR": str(directory / "compiled"),
             # Kernels prepared per input shape: 7 graphs x (rows, tokens) outgrow the default 5,000 and thrash.
             "CPU_RUNTIME_CACHE_CAPACITY": RUNTIME_CACHE_CAPACITY,
             # OpenVINO pins its threads (and the calling one) to cores by default; in a process where ONNX
@@ -146,8 +159,9 @@ def load_openvino_model(
 ) -> OpenVinoDeeBert:
     """The OpenVINO backend for a loaded PyTorch `DeeBert` in `precision` (`fp32` or `bf16`): its standard-ONNX
     step graphs from the cache (exported first when missing, stale or corrupt), compiled for this CPU."""
-    if not openvino_available():
-        raise ExportError("the openvino backend needs the openvino package: pip install openvino")
+    reason = openvino_unavailable_reason()
+    if reason is not None:
+        raise ExportError(f"the openvino backend cannot run here: {reason}")
     if precision == "bf16" and "bf16" not in supported_precisions():
         logger.warning("OpenVINO reports no BF16 capability on this CPU: bf16 runs emulated (slow)")
     # Static int8: the QDQ graphs, their unquantized rest compiled in f32; otherwise the fp32 graphs compiled

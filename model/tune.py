@@ -110,7 +110,7 @@ def available_candidates(
     """The candidates this machine can run (static int8 only for a checkpoint with stored ranges), and why each
     other one is left out."""
     from model.onnx_backend import onnxruntime_available
-    from model.openvino_backend import openvino_available, supported_precisions
+    from model.openvino_backend import openvino_available, openvino_unavailable_reason, supported_precisions
 
     flags = cpu_description()[1] if flags is None else flags
     runnable: list[Candidate] = []
@@ -119,7 +119,7 @@ def available_candidates(
         if candidate.backend == "onnxruntime" and not onnxruntime_available():
             skipped[candidate.key] = "onnxruntime is not installed"
         elif candidate.backend == "openvino" and not openvino_available():
-            skipped[candidate.key] = "openvino is not installed"
+            skipped[candidate.key] = openvino_unavailable_reason() or "openvino cannot run here"
         elif candidate.precision == "int8-static" and not has_int8_ranges:
             skipped[candidate.key] = "the checkpoint has no int8 ranges (deebert calibrate --calibration-data)"
         elif candidate.key == "openvino-bf16" and "bf16" not in supported_precisions():
@@ -400,9 +400,13 @@ def fingerprint(
 
     name, own_flags = cpu_description()
     cpu_flags = own_flags if flags is None else list(flags)
+    from model.openvino_backend import preloaded_allocator
+
     return {
         "format": TUNE_FORMAT,
         "cpu": name,
+        # What can run differs under a preloaded allocator (OpenVINO cannot): a tune holds for one kind.
+        "allocator": preloaded_allocator() or "system",
         "cpu_flags_digest": hashlib.sha256(" ".join(sorted(cpu_flags)).encode()).hexdigest()[:16],
         "cpus": os.cpu_count(),
         "checkpoint_digest": checkpoint_digest,

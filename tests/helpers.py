@@ -185,3 +185,29 @@ def assert_same_answer(actual: object, expected: object, tolerance: float = ANSW
             assert_same_answer(got, want, tolerance, f"{where}[{index}]")
     else:
         assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+def thresholds_between_layers(model: DeeBert, batch: Batch) -> list[float]:
+    """Per-row thresholds that make rows leave at different layers (and a full-depth first row)."""
+    entropies = all_entropies(model, batch)
+    return [
+        0.0 if row == 0 else float(entropies[row % model.num_layers, row]) + 1e-3
+        for row in range(batch.input_ids.shape[0])
+    ]
+
+
+def assert_matches_torch(model: DeeBert, exported: object, tokenizer: BertTokenizerFast) -> None:
+    """Another backend's exit layers, labels, rows per layer (compaction) and probabilities equal torch's on
+    SENTENCES, at uniform thresholds and at thresholds that spread the rows over the layers."""
+    import pytest
+
+    batch = encode(tokenizer)
+    grids = [[t] * len(SENTENCES) for t in (0.0, 0.05, 0.3, 1e9)] + [thresholds_between_layers(model, batch)]
+    for thresholds in grids:
+        expected = model.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds)
+        got = exported.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds)  # type: ignore[attr-defined]
+        assert got.exit_layer == expected.exit_layer
+        assert got.label == expected.label
+        assert got.rows_per_layer == expected.rows_per_layer  # compaction: the same rows run at each layer
+        torch.testing.assert_close(got.probabilities, expected.probabilities, atol=1e-4, rtol=0)
+        assert got.entropy == pytest.approx(expected.entropy, abs=1e-4)

@@ -13,7 +13,7 @@ from model.backends import BackendError, load_backend, pick_backend
 from model.checkpoint import load_model
 from model.onnx_backend import OnnxDeeBert, cache_entry, check_export, export, load_onnx_model
 from model.onnx_export import ExportError, Quantization, layer_file, model_digest
-from tests.helpers import SENTENCES, all_entropies, encode, tiny_model
+from tests.helpers import SENTENCES, assert_matches_torch, encode, thresholds_between_layers, tiny_model
 
 pytest.importorskip("onnxruntime")
 
@@ -28,16 +28,6 @@ def pair(
     return model, export(model, directory, "fp32", threads=1)
 
 
-def _thresholds_between_layers(model, batch) -> list[float]:  # type: ignore[no-untyped-def]
-    """Per-row thresholds that make rows leave at different layers (and a full-depth row)."""
-    entropies = all_entropies(model, batch)
-    thresholds = []
-    for row in range(batch.input_ids.shape[0]):
-        layer = row % model.num_layers
-        thresholds.append(0.0 if row == 0 else float(entropies[layer, row]) + 1e-3)
-    return thresholds
-
-
 def test_the_manifest_records_fusions_and_parity(pair) -> None:  # type: ignore[no-untyped-def]
     model, exported = pair
     manifest = exported.manifest
@@ -49,23 +39,13 @@ def test_the_manifest_records_fusions_and_parity(pair) -> None:  # type: ignore[
 
 
 def test_exit_layers_labels_and_probabilities_match_torch(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    model, exported = pair
-    batch = encode(tokenizer)
-    grids = [[t] * len(SENTENCES) for t in (0.0, 0.05, 0.3, 1e9)] + [_thresholds_between_layers(model, batch)]
-    for thresholds in grids:
-        expected = model.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds)
-        got = exported.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds)
-        assert got.exit_layer == expected.exit_layer
-        assert got.label == expected.label
-        assert got.rows_per_layer == expected.rows_per_layer  # compaction: the same rows run at each layer
-        torch.testing.assert_close(got.probabilities, expected.probabilities, atol=1e-4, rtol=0)
-        assert got.entropy == pytest.approx(expected.entropy, abs=1e-4)
+    assert_matches_torch(*pair, tokenizer)
 
 
 def test_mixed_thresholds_leave_at_different_layers_with_compaction(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]
     model, exported = pair
     batch = encode(tokenizer)
-    thresholds = _thresholds_between_layers(model, batch)
+    thresholds = thresholds_between_layers(model, batch)
     result = exported.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds)
     assert len(set(result.exit_layer)) > 2  # the thresholds spread the rows over several layers
     # Rows run per layer = the rows that had not left before it.
@@ -80,7 +60,7 @@ def test_mixed_thresholds_leave_at_different_layers_with_compaction(pair, tokeni
 def test_a_row_answers_the_same_alone_or_in_a_batch(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]
     model, exported = pair
     batch = encode(tokenizer)
-    thresholds = _thresholds_between_layers(model, batch)
+    thresholds = thresholds_between_layers(model, batch)
     together = exported.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds)
     for row, text in enumerate(SENTENCES):
         one = encode(tokenizer, [text])

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from model import tune
 from model.checkpoint import load_model
@@ -93,7 +94,7 @@ def test_bf16_candidates_need_native_bf16() -> None:
 def test_without_openvino_the_tune_skips_it_with_a_log_line(  # type: ignore[no-untyped-def]
     monkeypatch, caplog, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr("model.openvino_backend.openvino_available", lambda: False)
+    monkeypatch.setattr("model.openvino_backend.openvino_unavailable_reason", lambda: "openvino is not installed")
     runnable, skipped = tune.available_candidates(PLAIN_CPUS)
     assert all(c.backend != "openvino" for c in runnable)
     assert skipped["openvino-fp32"] == "openvino is not installed"
@@ -240,3 +241,19 @@ def test_a_split_model_answers_each_batch_size_on_its_runtime(tiny_checkpoint: P
     expected = reference.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, [0.25] * len(SENTENCES))
     assert together.exit_layer == expected.exit_layer and together.label == expected.label
     assert alone.exit_layer[0] >= 1
+
+
+def test_under_a_preloaded_allocator_openvino_is_left_out_and_tuned_apart(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from model.backends import BackendError, pick_backend
+    from model.openvino_backend import openvino_unavailable_reason
+
+    system = fingerprint("d" * 64, 2, 32)
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    reason = openvino_unavailable_reason()
+    assert reason is not None and "jemalloc" in reason and "DEEBERT_ALLOCATOR=system" in reason
+    runnable, skipped = tune.available_candidates(PLAIN_CPUS)
+    assert all(c.backend != "openvino" for c in runnable) and "jemalloc" in skipped["openvino-fp32"]
+    with pytest.raises(BackendError, match="DEEBERT_ALLOCATOR=system"):
+        pick_backend("openvino", torch.device("cpu"), torch.float32)
+    # A tune made without the allocator (OpenVINO measured) is not the one a jemalloc server uses.
+    assert fingerprint("d" * 64, 2, 32)["allocator"] == "jemalloc" != system["allocator"]
