@@ -50,7 +50,7 @@ def prepare(device: torch.device, cudnn_attention: bool = False) -> None:
     plan for every new (batch, length) shape, and a server meets new shapes all the time. On an H200 (torch 2.11,
     float16, the shipped 6-layer model) the first forward at a new length took 44 ms at batch 1 and 63 ms at
     batch 8 (medians) against 2.6-3.4 ms once seen; with the flash / memory-efficient kernels 4.3 and 4.7 ms
-    (`python -m loadtest.cold_shapes`, loadtest/results/h200/).
+    (`python -m benchmarks.cold_shapes`, loadtest/results/h200/).
     """
     if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)

@@ -68,7 +68,7 @@ class OffRamp(nn.Module):
 
         At batch 1 the off-ramp is a matrix-vector product bound by reading the dense weight, which each
         encoder layer has just pushed out of cache; x @ W read this way took 40 µs against 56 µs for
-        `F.linear`'s x @ Wᵀ on the 2-core CPU here (384×384, fp32; `python -m loadtest.off_ramp_profile`).
+        `F.linear`'s x @ Wᵀ on the 2-core CPU here (384×384, fp32; `python -m benchmarks.off_ramp_profile`).
         Measured in the exit loop at batch 1 (same run, interleaved; entropy and exit decision then still
         tensor operations), an off-ramp cost 90 µs this way against 99 µs through the submodules.
         """

@@ -18,13 +18,13 @@ Two details make it fuse every layer: attention is traced as `softmax(QKᵀ / �
 additive mask `(1 − mask) · −10000` (transformers 5's eager attention multiplies by the scale, which the
 optimizer then mistakes for the mask's Mul), and mean pooling is a multiply-and-sum (as a batched matrix
 product it becomes a fourth MatMul on the layer's output, which stops attention fusion). Each off-ramp rides
-in its layer's graph: measured inside the batch-1 loop on the 2-core EPYC here (`loadtest/onnx_step_profile.py`),
+in its layer's graph: measured inside the batch-1 loop on the 2-core EPYC here (`benchmarks/onnx_step_profile.py`),
 layer + off-ramp in one call took 1005 µs against 940 + 106 µs as two calls (a separate call pays ONNX
 Runtime's per-call cost and starts on a cold cache).
 
 `int8` quantizes the encoder layers' feed-forward products dynamically (weights int8 per output channel,
 activations quantized per call); attention, embeddings and off-ramps stay fp32 so that the exit decisions see
-fp32 logits. Of the ways tried (`loadtest/int8_tries.py`, SST-2 dev), that one lost the least accuracy: full
+fp32 logits. Of the ways tried (`benchmarks/int8_tries.py`, SST-2 dev), that one lost the least accuracy: full
 depth −0.11 point against −1.49 for every MatMul per-tensor, and as little as static QDQ calibration.
 Dynamic activation scales are computed per call over the whole batch, so an int8 answer can depend on the
 other rows of its batch. A manifest records the opset, versions, fusions, quantization and the parity

@@ -92,7 +92,7 @@ def test_cli_errors_are_clear_and_exit_2(
 def test_cold_shapes_times_first_and_repeated_forwards(
     tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from loadtest.cold_shapes import main as cold_shapes
+    from benchmarks.cold_shapes import main as cold_shapes
 
     out = tmp_path / "cold.json"
     args = ["--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--batch-sizes", "1,2"]
@@ -101,14 +101,14 @@ def test_cold_shapes_times_first_and_repeated_forwards(
     assert [r["batch_size"] for r in report["results"]] == [1, 2]
     assert all(r["lengths"] == [6, 10, 14] and r["variant"] == "default" for r in report["results"])
     assert all(ms > 0 for r in report["results"] for ms in r["first_ms"] + r["repeat_ms"])
-    assert report["command"].startswith("python -m loadtest.cold_shapes --checkpoint")
+    assert report["command"].startswith("python -m benchmarks.cold_shapes --checkpoint")
     assert "batch   2: first" in capsys.readouterr().out
 
 
 def test_off_ramp_profile_times_every_step(
     tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from loadtest.off_ramp_profile import main as profile
+    from benchmarks.off_ramp_profile import main as profile
 
     dev = write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], sentiment_rows(6))
     args = ["--checkpoint", str(tiny_checkpoint), "--data", str(dev), "--samples", "3", "--rounds", "2"]

@@ -2,7 +2,7 @@
 
 The model cards' breakdown of an off-ramp's cost comes from here:
 
-    python -m loadtest.off_ramp_profile --checkpoint weights/sst2-minilm-l6 --data ../shared/data/sst2/dev.tsv
+    python -m benchmarks.off_ramp_profile --checkpoint weights/sst2-minilm-l6 --data ../shared/data/sst2/dev.tsv
 
 Sentence by sentence, the encoder runs layer by layer as the exit loop runs it; after each layer the off-ramp's
 steps are timed one by one as the batch-1 loop runs them (pooling, the dense product, tanh + classifier, reading

@@ -1,6 +1,6 @@
 """What int8 costs in accuracy, and what wins some of it back: one row per way of quantizing the encoder.
 
-    python -m loadtest.int8_tries --checkpoint weights/sst2-minilm-l6 --data ../shared/data/sst2/dev.tsv \\
+    python -m benchmarks.int8_tries --checkpoint weights/sst2-minilm-l6 --data ../shared/data/sst2/dev.tsv \\
         --calibration ../shared/data/sst2/train.tsv --output loadtest/results/int8
 
 Every try keeps the embeddings and every off-ramp in fp32 (the exit decisions read fp32 logits) and quantizes
@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if row["balanced_accuracy"] is not None:
             row["balanced_vs_fp32_full_points"] = 100 * (row["balanced_accuracy"] - reference)
             row["default_bar_met"] = row["balanced_vs_fp32_full_points"] >= -0.5
-    command = "python -m loadtest.int8_tries " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.int8_tries " + " ".join(argv if argv is not None else sys.argv[1:])
     results: dict[str, Any] = {
         "command": command,
         "machine": machine_description(),

@@ -1,6 +1,6 @@
 """Do the PyTorch and ONNX Runtime backends answer the same on a whole dev set, at every preset?
 
-    python -m loadtest.backend_parity --checkpoint weights/sst2-minilm-l6 --data ../shared/data/sst2/dev.tsv
+    python -m benchmarks.backend_parity --checkpoint weights/sst2-minilm-l6 --data ../shared/data/sst2/dev.tsv
 
 For each threshold (full depth and every preset) every row runs through both backends' exit loops, in
 length-sorted batches and alone (batch 1 takes its own path). A row whose exit layer differs is explained
@@ -101,7 +101,7 @@ def compare(
         "tolerance": tolerance,
         "max_entropy_difference": float(difference.max()),
         "machine": machine_description(),
-        "command": "python -m loadtest.backend_parity " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.backend_parity " + " ".join(sys.argv[1:]),
         "results": results,
     }
 

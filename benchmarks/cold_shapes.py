@@ -5,7 +5,7 @@ attention on CUDA) makes every first request of a length slow. This times, for e
 first plain full forward at that length and the median of repeats, at the given batch sizes; on CUDA once with
 cuDNN attention and once without (what `deebert serve` runs), each on lengths the other has not seen.
 
-    python -m loadtest.cold_shapes --checkpoint weights/sst2-minilm-l6
+    python -m benchmarks.cold_shapes --checkpoint weights/sst2-minilm-l6
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     if args.output:
         report: dict[str, Any] = {
-            "command": " ".join(["python -m loadtest.cold_shapes", *words]),
+            "command": " ".join(["python -m benchmarks.cold_shapes", *words]),
             "machine": machine_description(),
             "results": results,
         }

@@ -1,6 +1,6 @@
 """Where the ONNX Runtime exit loop's batch-1 time goes, step by step (the ORT counterpart of off_ramp_profile).
 
-    python -m loadtest.onnx_step_profile --checkpoint weights/sst2-minilm-l6 --data ../shared/data/sst2/dev.tsv
+    python -m benchmarks.onnx_step_profile --checkpoint weights/sst2-minilm-l6 --data ../shared/data/sst2/dev.tsv
 
 Sentence by sentence (random dev sentences, one at a time, as a batch-1 request runs), three things are timed
 in turn, in a fresh random order per sentence:
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     threshold, _ = model.config.resolve_threshold(args.threshold)
     results = profile(model, batches, threshold, args.rounds, args.seed)
     results["machine"] = machine_description()
-    results["command"] = "python -m loadtest.onnx_step_profile " + " ".join(argv or sys.argv[1:])
+    results["command"] = "python -m benchmarks.onnx_step_profile " + " ".join(argv or sys.argv[1:])
     print(describe_machine(results["machine"]))
     print(f"{results['samples']} sentences x {results['rounds']} rounds, threshold {args.threshold} ({threshold:.4g})")
     steps = [[name, f"{value:.1f} µs"] for name, value in results["steps_median_us"].items()]
