@@ -211,3 +211,34 @@ def assert_matches_torch(model: DeeBert, exported: object, tokenizer: BertTokeni
         assert got.rows_per_layer == expected.rows_per_layer  # compaction: the same rows run at each layer
         torch.testing.assert_close(got.probabilities, expected.probabilities, atol=1e-4, rtol=0)
         assert got.entropy == pytest.approx(expected.entropy, abs=1e-4)
+
+
+def assert_compacts_mixed_thresholds(model: DeeBert, exported: object, tokenizer: BertTokenizerFast) -> None:
+    """Per-row thresholds spread the rows over the layers; with compaction each layer runs only the rows still
+    going, without it every row runs until all have left, with the same answers."""
+    batch = encode(tokenizer)
+    thresholds = thresholds_between_layers(model, batch)
+    args = (batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds)
+    result = exported.infer(*args)  # type: ignore[attr-defined]
+    assert len(set(result.exit_layer)) > 2  # the thresholds spread the rows over several layers
+    for layer in range(1, model.num_layers + 1):
+        assert result.rows_per_layer[layer - 1] == sum(1 for e in result.exit_layer if e >= layer)
+    masked = exported.infer(*args, compact=False)  # type: ignore[attr-defined]
+    assert masked.exit_layer == result.exit_layer and masked.label == result.label
+    assert masked.layers_executed > result.layers_executed
+
+
+def assert_alone_equals_batched(model: DeeBert, exported: object, tokenizer: BertTokenizerFast) -> None:
+    """Each sentence alone leaves at the layer, with the label (and probabilities within 1e-4), it has in a
+    batch with the others at mixed thresholds; `iter_exits` yields it once, at that layer."""
+    batch = encode(tokenizer)
+    thresholds = thresholds_between_layers(model, batch)
+    together = exported.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds)  # type: ignore[attr-defined]
+    for row, text in enumerate(SENTENCES):
+        one = encode(tokenizer, [text])
+        args = (one.input_ids, one.attention_mask, one.token_type_ids, [thresholds[row]])
+        alone = exported.infer(*args)  # type: ignore[attr-defined]
+        assert (alone.exit_layer[0], alone.label[0]) == (together.exit_layer[row], together.label[row])
+        torch.testing.assert_close(alone.probabilities[0], together.probabilities[row], atol=1e-4, rtol=0)
+        events = list(exported.iter_exits(*args))  # type: ignore[attr-defined]
+        assert [(e.layer, e.rows) for e in events] == [(alone.exit_layer[0], [0])]

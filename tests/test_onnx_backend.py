@@ -13,7 +13,14 @@ from model.backends import BackendError, load_backend, pick_backend
 from model.checkpoint import load_model
 from model.onnx_backend import OnnxDeeBert, cache_entry, check_export, export, load_onnx_model
 from model.onnx_export import ExportError, Quantization, layer_file, model_digest
-from tests.helpers import SENTENCES, assert_matches_torch, encode, thresholds_between_layers, tiny_model
+from tests.helpers import (
+    SENTENCES,
+    assert_alone_equals_batched,
+    assert_compacts_mixed_thresholds,
+    assert_matches_torch,
+    encode,
+    tiny_model,
+)
 
 pytest.importorskip("onnxruntime")
 
@@ -43,32 +50,11 @@ def test_exit_layers_labels_and_probabilities_match_torch(pair, tokenizer) -> No
 
 
 def test_mixed_thresholds_leave_at_different_layers_with_compaction(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    model, exported = pair
-    batch = encode(tokenizer)
-    thresholds = thresholds_between_layers(model, batch)
-    result = exported.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds)
-    assert len(set(result.exit_layer)) > 2  # the thresholds spread the rows over several layers
-    # Rows run per layer = the rows that had not left before it.
-    for layer in range(1, model.num_layers + 1):
-        still_running = sum(1 for e in result.exit_layer if e >= layer)
-        assert result.rows_per_layer[layer - 1] == still_running
-    masked = exported.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds, compact=False)
-    assert masked.exit_layer == result.exit_layer and masked.label == result.label
-    assert masked.layers_executed > result.layers_executed
+    assert_compacts_mixed_thresholds(*pair, tokenizer)
 
 
 def test_a_row_answers_the_same_alone_or_in_a_batch(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    model, exported = pair
-    batch = encode(tokenizer)
-    thresholds = thresholds_between_layers(model, batch)
-    together = exported.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds)
-    for row, text in enumerate(SENTENCES):
-        one = encode(tokenizer, [text])
-        alone = exported.infer(one.input_ids, one.attention_mask, one.token_type_ids, [thresholds[row]])
-        assert (alone.exit_layer[0], alone.label[0]) == (together.exit_layer[row], together.label[row])
-        torch.testing.assert_close(alone.probabilities[0], together.probabilities[row], atol=1e-4, rtol=0)
-        events = list(exported.iter_exits(one.input_ids, one.attention_mask, one.token_type_ids, [thresholds[row]]))
-        assert [(e.layer, e.rows) for e in events] == [(alone.exit_layer[0], [0])]
+    assert_alone_equals_batched(*pair, tokenizer)
 
 
 def test_a_lone_row_padded_or_not_answers_the_same(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]
