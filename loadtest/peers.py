@@ -170,9 +170,9 @@ class _Runner:
             from model.checkpoint import resolve_directory
             from model.tune import load_served
 
-            single, batched = self.chosen_runtime(settings)
+            single, batched = self.chosen_runtime(settings, model)
             served = load_served(resolve_directory(settings.checkpoint), single, batched, settings.cache_dir,
-                                 settings.threads)  # fmt: skip
+                                 settings.threads, model)  # fmt: skip
             assert variant.threshold is not None
             self.threshold, _ = served.config.resolve_threshold(variant.threshold)
             self.predict = self._exits(served, self.threshold)
@@ -188,17 +188,17 @@ class _Runner:
                 self.predict = self._exits(backend, self.threshold)
         self.load_s = time.perf_counter() - started
 
-    def chosen_runtime(self, settings: PeerSettings) -> tuple[Any, Any]:
+    def chosen_runtime(self, settings: PeerSettings, model: Any) -> tuple[Any, Any]:
         """The runtime and precision `--backend auto` serves here: the tune cached for this CPU, checkpoint,
         threads and batch size (`deebert tune --threads T --max-batch-size B`); the default without one."""
-        from model.checkpoint import load_model, resolve_directory
+        from model.checkpoint import resolve_directory
         from model.onnx_backend import default_cache_dir
         from model.onnx_export import model_digest
         from model.tune import resolve_auto
 
         directory = resolve_directory(settings.checkpoint)
         cache = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
-        digest = model_digest(load_model(directory))
+        digest = model_digest(model)
         single, batched, self.chosen_reason = resolve_auto(
             directory, digest, cache, settings.threads, settings.batch_size, 0
         )

@@ -184,6 +184,7 @@ class StepGraphModel(EarlyExitModel):
         self._masks_by_length = self._layer_mask_input != "attention_mask"
         self._pools_by_mean = any(layer.takes_pool_weights for layer in self.layers)
         self._unpadded_inputs: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        self._bucketed_inputs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]] = {}
 
     def load_graph(self, path: Path) -> StepGraph:
         """The runtime's compiled graph of one step."""
@@ -204,11 +205,7 @@ class StepGraphModel(EarlyExitModel):
     def start(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
     ) -> _OrtState:
-        ids = _numpy(input_ids)
-        types = np.zeros_like(ids) if token_type_ids is None else _numpy(token_type_ids)
-        mask = _numpy(attention_mask)
-        if self.length_bucket > 1 and ids.shape[1] % self.length_bucket:
-            ids, types, mask = _pad_tokens(self.length_bucket, ids, types, mask)
+        ids, types, mask = self._token_arrays(input_ids, attention_mask, token_type_ids)
         lengths, weights = self._mask_inputs(mask)
         return _OrtState(mask, lengths, weights, input_ids=ids, token_type_ids=types)
 
@@ -259,6 +256,17 @@ class StepGraphModel(EarlyExitModel):
         weights = None if state.pool_weights is None else state.pool_weights[rows, :longest]
         return _OrtState(attention_mask, lengths, weights, hidden=state.hidden[rows, :longest])
 
+    def _token_arrays(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Token ids, token types and mask as the graphs take them: int64 numpy, padded to `length_bucket`."""
+        ids = _numpy(input_ids)
+        types = np.zeros_like(ids) if token_type_ids is None else _numpy(token_type_ids)
+        mask = _numpy(attention_mask)
+        if self.length_bucket > 1 and ids.shape[1] % self.length_bucket:
+            ids, types, mask = _pad_tokens(self.length_bucket, ids, types, mask)
+        return ids, types, mask
+
     def _mask_inputs(self, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Each row's length (int32) and, when the off-ramps pool by mean, the pooling weights: what the
         layer graphs take besides the hidden states (the lengths are fused attention's mask).
@@ -272,12 +280,11 @@ class StepGraphModel(EarlyExitModel):
             if unpadded is None:
                 unpadded = self._unpadded_inputs[tokens] = self._compute_mask_inputs(np.ones((1, tokens), np.int64))
             return unpadded
-        if rows == 1 and self.length_bucket > 1:  # one row padded to its bucket: cached by (bucket, length)
-            length = int(attention_mask[0].sum())
-            key = tokens * 100_000 + length
-            cached = self._unpadded_inputs.get(key)
+        if rows == 1 and self.length_bucket > 1:  # one row padded to its bucket: cached by (tokens, length)
+            key = (tokens, int(attention_mask[0].sum()))
+            cached = self._bucketed_inputs.get(key)
             if cached is None:
-                cached = self._unpadded_inputs[key] = self._compute_mask_inputs(attention_mask.copy())
+                cached = self._bucketed_inputs[key] = self._compute_mask_inputs(attention_mask.copy())
             return cached
         return self._compute_mask_inputs(attention_mask)
 
@@ -298,11 +305,7 @@ class StepGraphModel(EarlyExitModel):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The final classifier's logits from one full-depth graph (the plain runtime's baseline)."""
-        ids = _numpy(input_ids)
-        types = np.zeros_like(ids) if token_type_ids is None else _numpy(token_type_ids)
-        mask = _numpy(attention_mask)
-        if self.length_bucket > 1 and ids.shape[1] % self.length_bucket:
-            ids, types, mask = _pad_tokens(self.length_bucket, ids, types, mask)
+        ids, types, mask = self._token_arrays(input_ids, attention_mask, token_type_ids)
         logits = self.plain(input_ids=ids, attention_mask=mask, token_type_ids=types)[0]
         return torch.from_numpy(logits)
 

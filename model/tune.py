@@ -460,7 +460,7 @@ def run_tune(
     """Measure every runnable candidate on the checkpoint in `directory`, choose, and store the result."""
     if objective not in OBJECTIVES:
         raise TuneError(f"unknown objective {objective!r}: use {', '.join(OBJECTIVES)}")
-    from model.backends import load_backend, quiet_torch_threads
+    from model.backends import quiet_torch_threads
     from model.checkpoint import load_model
     from model.onnx_export import model_digest
     from model.saving import expected_saving
@@ -507,8 +507,7 @@ def run_tune(
             continue
         try:
             torch.set_num_threads(torch_threads)
-            model = load_model(directory, dtype=candidate.dtype).eval()
-            served = load_backend(model, candidate.backend, candidate.backend_precision, cache_dir, threads)
+            served = load_candidate(directory, candidate, cache_dir, threads, fp32_model=reference)
             if candidate.backend == "torch":
                 torch.set_num_threads(torch_threads)
             else:
@@ -650,24 +649,38 @@ def _served(result: TuneResult) -> str:
     return str(result.choice)
 
 
+def load_candidate(
+    directory: Path, candidate: Candidate, cache_dir: str | Path | None, threads: int | None, fp32_model: Any = None
+) -> Any:
+    """`candidate`'s runtime for the checkpoint in `directory`. A loaded fp32 model (`fp32_model`) serves every
+    candidate that computes in or exports from fp32, instead of loading the checkpoint again."""
+    from model.backends import load_backend
+    from model.checkpoint import load_model
+
+    if fp32_model is not None and candidate.dtype == torch.float32:
+        model = fp32_model
+    else:
+        model = load_model(directory, dtype=candidate.dtype).eval()
+    return load_backend(model, candidate.backend, candidate.backend_precision, cache_dir, threads)
+
+
 def load_served(
-    directory: Path, single: Candidate, batched: Candidate | None, cache_dir: str | Path | None, threads: int | None
+    directory: Path,
+    single: Candidate,
+    batched: Candidate | None,
+    cache_dir: str | Path | None,
+    threads: int | None,
+    fp32_model: Any = None,
 ) -> Any:
     """The model `auto` serves: `single`'s runtime, or with a split `single` for batches of one and `batched`
     for the rest (`SplitExitModel`)."""
-    from model.backends import SplitExitModel, load_backend
-    from model.checkpoint import load_model
+    from model.backends import SplitExitModel
 
     torch_threads = threads or torch.get_num_threads()
-
-    def load(candidate: Candidate) -> Any:
-        model = load_model(directory, dtype=candidate.dtype)
-        return load_backend(model, candidate.backend, candidate.backend_precision, cache_dir, threads)
-
-    served = load(single)
+    served = load_candidate(directory, single, cache_dir, threads, fp32_model)
     if batched is None or batched == single:
         return served
-    split = SplitExitModel(served, load(batched))
+    split = SplitExitModel(served, load_candidate(directory, batched, cache_dir, threads, fp32_model))
     if "torch" in (single.backend, batched.backend):
         # Loading a CPU runtime leaves torch one thread (`quiet_torch_threads`); a torch half computes with all
         # of them, as the tune measured it.

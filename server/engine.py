@@ -108,15 +108,16 @@ class Engine:
             if settings.backend == "auto" and device.type == "cpu" and settings.dtype == "auto":
                 # On the CPU the fastest runtime depends on the CPU: the one `deebert tune` measured here.
                 cache_dir = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
+                checkpoint = load_model(directory).eval()
                 single, batched, reason = resolve_auto(
                     directory,
-                    model_digest(load_model(directory)),
+                    model_digest(checkpoint),
                     cache_dir,
                     settings.threads,
                     settings.max_batch_size,
                     settings.tune_budget_s,
                 )
-                model = load_served(directory, single, batched, settings.cache_dir, settings.threads)
+                model = load_served(directory, single, batched, settings.cache_dir, settings.threads, checkpoint)
             else:
                 model = load_backend(
                     load_model(directory, dtype=dtype), backend, precision, settings.cache_dir, settings.threads
