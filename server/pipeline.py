@@ -11,10 +11,8 @@ between them, `answer` runs the shared steps, each a small function here:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from fastapi import Request
 
@@ -28,6 +26,8 @@ DEGRADED_HEADER = "X-Exit-Degraded"
 # Requests with more text than this are tokenized in a worker thread; short ones inline (a thread hop
 # costs more than tokenizing them).
 OFF_LOOP_TOKENIZE_CHARS = 20_000
+# A request still unanswered after this long starts watching for its client's disconnect.
+WATCH_DISCONNECT_AFTER_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -151,26 +151,49 @@ async def submit(
 
 
 async def await_answers(request: Request, futures: list[asyncio.Future[RowAnswer]]) -> list[RowAnswer]:
-    """Wait for every row's answer; if the client disconnects first, cancel its rows (batch-mates go on)."""
-    gathered: asyncio.Future[list[RowAnswer]] = asyncio.gather(*futures)
-    disconnect: asyncio.Future[None] = asyncio.ensure_future(_disconnected(request))
-    waiting: set[asyncio.Future[Any]] = {gathered, disconnect}
+    """Wait for every row's answer; if the client disconnects first, cancel its rows (batch-mates go on).
+
+    Most answers come within a batch's time, so the disconnect watch (a task reading the connection) starts
+    only once a request has waited `WATCH_DISCONNECT_AFTER_S`: a client that leaves sooner costs at most the
+    rows it had queued, and a prompt answer costs no task."""
+    loop = asyncio.get_running_loop()
+    all_answered: asyncio.Future[None] = loop.create_future()
+    remaining = len(futures)
+
+    def on_row(_: asyncio.Future[RowAnswer]) -> None:
+        nonlocal remaining
+        remaining -= 1
+        if remaining == 0 and not all_answered.done():
+            all_answered.set_result(None)
+
+    for future in futures:
+        future.add_done_callback(on_row)
+    watcher: asyncio.Task[None] | None = None
+
+    def watch() -> None:
+        nonlocal watcher
+        watcher = loop.create_task(_disconnected(request))
+        watcher.add_done_callback(client_left)
+
+    def client_left(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and not all_answered.done():
+            all_answered.set_exception(
+                DeeBertError(ErrorType.CLIENT_CLOSED_REQUEST, "the client disconnected before its answer")
+            )
+
+    timer = loop.call_later(WATCH_DISCONNECT_AFTER_S, watch)
     try:
-        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
+        await all_answered
+    except BaseException:
+        # The client left (or this request was cancelled): its rows still queued are dropped.
         for future in futures:
             future.cancel()
         raise
     finally:
-        disconnect.cancel()
-    if gathered in done:
-        return list(gathered.result())
-    for future in futures:
-        future.cancel()
-    gathered.cancel()
-    with contextlib.suppress(asyncio.CancelledError, DeeBertError):
-        await gathered
-    raise DeeBertError(ErrorType.CLIENT_CLOSED_REQUEST, "the client disconnected before its answer")
+        timer.cancel()
+        if watcher is not None:
+            watcher.cancel()
+    return [future.result() for future in futures]
 
 
 async def _disconnected(request: Request) -> None:

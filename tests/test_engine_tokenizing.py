@@ -52,13 +52,15 @@ def test_tokenizing_on_both_threads_at_once_truncates_every_text(tmp_path: Path)
 
     async def race() -> list[int]:
         lengths: list[int] = []
-        # Thousands of short calls queued on the tokenizing thread keep it busy while the loop tokenizes.
-        untruncated = [
-            asyncio.ensure_future(engine.encode_off_loop(["a cat sat on the mat"], None, True)) for _ in range(10000)
-        ]
-        while not all(future.done() for future in untruncated):
+        untruncated: list[asyncio.Future[object]] = []
+        # Short calls kept queued on the tokenizing thread keep it busy while the loop tokenizes.
+        for _ in range(300):
+            untruncated += [
+                asyncio.ensure_future(engine.encode_off_loop(["a cat sat on the mat"], None, True)) for _ in range(20)
+            ]
             lengths += [len(item) for item in engine.encode([SHORT], None, True)]
             await asyncio.sleep(0)
+        await asyncio.gather(*untruncated)
         return lengths
 
     lengths = asyncio.run(race())

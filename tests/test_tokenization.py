@@ -67,3 +67,18 @@ def test_short_texts_are_the_same_on_either_side_and_the_tokenizer_keeps_its_own
     assert tokenize(words, short, None, 48, "left") == tokenize(words, short, None, 48, "right")
     tokenize(words, [LONG], None, 7, "left")
     assert words.truncation_side == "right", "left truncation must not flip the shared tokenizer"
+
+
+@pytest.mark.parametrize("count", [1, 3, 12])
+def test_encoding_matches_transformers_own_call_for_texts_and_pairs(words: PreTrainedTokenizerBase, count: int) -> None:
+    """The server's path (the Rust backend directly, serial for a few texts, batched for more) gives exactly the
+    ids transformers' own call gives, also after a truncating call has changed the backend's state."""
+    texts = [" ".join(LONG.split()[: 2 + i % 9]) for i in range(count)]
+    pairs = [LONG.split()[i % 10] for i in range(count)]
+    tokenize(words, [LONG], None, 5)  # leaves truncation set on the backend
+    for pair_list in (None, pairs):
+        ours = tokenize(words, texts, pair_list, 64)
+        theirs = words(texts, pair_list, truncation=False, return_token_type_ids=True)
+        assert [e.input_ids for e in ours] == theirs["input_ids"]
+        assert [e.token_type_ids for e in ours] == theirs["token_type_ids"]
+        assert not any(e.truncated for e in ours)
