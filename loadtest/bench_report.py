@@ -235,20 +235,22 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             "",
             _curve_section(results["plain"]),
         ]
-    if results.get("plain_ort"):
-        point = results.get("plain_ort_batch1") or {}
+    if results.get("plain_best"):
+        point = results.get("plain_best_batch1") or {}
         latency = point.get("latency_ms", {})
+        runtime = results.get("plain_best_runtime") or {}
         out += [
-            "## 3b. Baseline: a plain ONNX Runtime endpoint",
+            "## 3b. Baseline: the plain endpoint on the best plain runtime",
             "",
-            "`loadtest/baselines/plain_server.py --backend onnxruntime`: the same weights as the BERT-fused fp32 "
-            "ONNX graph (the plain graph deebert's ONNX Runtime backend runs at full depth), one request at a time, "
-            "no batching, no early exit: what a user who exports to ONNX Runtime serves.",
+            f"`loadtest/baselines/plain_server.py --backend {runtime.get('backend')} --precision "
+            f"{runtime.get('precision')}`: the same weights as a plain full forward on {runtime.get('label')}, "
+            "the plain variant the peers run (section 6) found fastest at batch 1 on this machine (a plain endpoint "
+            "runs one request at a time, so its speed is its runtime's batch-1 speed); no batching, no early exit.",
             "",
             f"Batch 1 (one client, {s['batch1_duration']:g} s): p50 {number(latency.get('p50'))} ms, mean "
             f"{number(latency.get('mean'))} ms, p99 {number(latency.get('p99'))} ms.",
             "",
-            _curve_section(results["plain_ort"]),
+            _curve_section(results["plain_best"]),
         ]
     if "compaction_supported" in results:
         note = (

@@ -52,11 +52,28 @@ def deebert_server_command(checkpoint: str, port: int) -> list[str]:
     return [sys.executable, "-m", "deebert", "serve", "--checkpoint", checkpoint, "--port", str(port)]
 
 
-def plain_server_command(checkpoint: str, port: int, threads: int | None, backend: str = "torch") -> list[str]:
-    """argv of the plain baseline: transformers (`torch`) or the fused fp32 graph on ONNX Runtime."""
+def plain_server_command(
+    checkpoint: str, port: int, threads: int | None, backend: str = "torch", precision: str = "fp32"
+) -> list[str]:
+    """argv of the plain baseline: transformers (`torch`; `precision` bf16 loads it in bfloat16), or the plain
+    graph on ONNX Runtime (fp32 fused, or dynamic int8) or OpenVINO (fp32 or bf16)."""
     argv = [sys.executable, "-m", "loadtest.baselines.plain_server", "--checkpoint", checkpoint, "--port", str(port)]
     argv += ["--backend", backend]
+    if backend == "torch" and precision == "bf16":
+        argv += ["--dtype", "bfloat16"]
+    elif backend != "torch":
+        argv += ["--precision", precision]
     return argv + (["--threads", str(threads)] if threads else [])
+
+
+def plain_variant_server(variant: dict[str, Any]) -> tuple[str, str]:
+    """(backend, precision) of the plain server that runs a peers-run plain variant as measured (OpenVINO's
+    default precision is the one it used there)."""
+    backend, precision = variant["runtime"], variant["precision"]
+    if precision == "default":
+        used = str(variant.get("precision_used") or "")
+        precision = "bf16" if "bf16" in used or "bfloat16" in used else "fp32"
+    return backend, precision
 
 
 @contextlib.contextmanager

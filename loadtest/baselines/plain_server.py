@@ -135,7 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--backend", default="torch", choices=["torch", "onnxruntime", "openvino"], help="runtime (torch)"
     )
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="openvino: fp32 or bf16")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "int8"],
+        help="onnxruntime: fp32 or int8; openvino: fp32 or bf16",
+    )
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
     if args.threads:
