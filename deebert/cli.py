@@ -64,6 +64,69 @@ def _add_train(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
+def _add_convert(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from model.convert import ConvertSettings
+
+    defaults = ConvertSettings(classifier="", texts="", output="")
+    p = subparsers.add_parser(
+        "convert",
+        help="turn a fine-tuned Hugging Face sequence classifier into an early-exit model (labels optional)",
+        description="Keep a fine-tuned *ForSequenceClassification model's encoder and head unchanged (the head is the "
+        "final off-ramp) and train off-ramps after layers 1..n-1 on your texts: from the head's own outputs "
+        "(default, no labels) or from labels. Presets are calibrated by agreement with full depth.",
+    )
+    p.add_argument("--classifier", required=True, help="fine-tuned classifier directory (or hub id)")
+    p.add_argument("--texts", required=True, help="in-domain texts: one per line, or TSV/CSV/JSONL with a text column")
+    p.add_argument("--output", required=True, help="checkpoint directory to write")
+    p.add_argument(
+        "--objective",
+        choices=["distill", "labels"],
+        default=defaults.objective,
+        help="distill: learn the classifier's own outputs (no labels); labels: the texts' labels",
+    )
+    p.add_argument(
+        "--text-columns", type=_csv_list, help="text column(s) of a TSV/CSV/JSONL file, e.g. question,answer"
+    )
+    p.add_argument("--label-column", default=defaults.label_column)
+    p.add_argument("--max-length", type=int, default=defaults.max_length, help="max tokens per text")
+    p.add_argument("--max-texts", type=int, help="use a random subset of this many texts")
+    p.add_argument("--held-out", type=float, default=defaults.held_out, help="share of texts kept to calibrate")
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="off-ramp training epochs")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="off-ramp learning rate")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--threads", type=int, help="CPU threads of torch")
+    p.add_argument("--name", help="model name (default: the output folder's name)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    import torch
+
+    from model.convert import ConvertError, ConvertSettings, convert
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = {f.name for f in fields(ConvertSettings)}
+    settings = ConvertSettings(**{k: v for k, v in vars(args).items() if k in names})
+    try:
+        log = convert(settings)
+    except ConvertError as err:
+        print(f"deebert convert: error: {err}", file=sys.stderr)
+        return 2
+    summary = {
+        "output": settings.output,
+        "full_depth_max_logit_difference": log.full_depth_max_logit_difference,
+        "per_layer_agreement_with_full_depth": log.per_layer_agreement_with_full_depth,
+        "presets": log.presets,
+        "seconds": round(log.seconds, 1),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _add_evaluate(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("evaluate", help="per-layer accuracy, threshold sweep, timing and figures")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
@@ -552,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deebert", description="DeeBERT early-exit text classification.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_train(subparsers)
+    _add_convert(subparsers)
     _add_calibrate(subparsers)
     _add_evaluate(subparsers)
     _add_results(subparsers)
@@ -566,6 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 RUNNERS = {
     "train": _run_train,
+    "convert": _run_convert,
     "evaluate": _run_evaluate,
     "results": _run_results,
     "export": _run_export,

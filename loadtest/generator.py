@@ -38,12 +38,17 @@ from loadtest.records import (
     parse_metrics,
 )
 from loadtest.report import build_report, format_report, write_json
+from server.protocol import (
+    CLASSIFY_PATH,
+    COMPUTE_TIME_HEADER,
+    METRICS_PATH,
+    MODEL_PATH,
+    QUEUE_TIME_HEADER,
+    THRESHOLD_HEADER,
+    TOTAL_TIME_HEADER,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-CLASSIFY_PATH = "/v1/classify"
-METRICS_PATH = "/metrics"
-MODEL_PATH = "/v1/model"
-THRESHOLD_HEADER = "X-Exit-Threshold"
 DEFAULT_MAX_IN_FLIGHT = 2000
 
 _PRESET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
@@ -259,9 +264,9 @@ async def _post(client: PostClient, body: dict[str, list[str]], threshold: str |
         latency,
         texts,
         threshold,
-        total_ms=_header_ms(response, "X-Total-Time"),
-        compute_ms=_header_ms(response, "X-Compute-Time"),
-        queue_ms=_header_ms(response, "X-Queue-Time"),
+        total_ms=_header_ms(response, TOTAL_TIME_HEADER),
+        compute_ms=_header_ms(response, COMPUTE_TIME_HEADER),
+        queue_ms=_header_ms(response, QUEUE_TIME_HEADER),
         sent_at=started,
     )
     if response.status_code != 200:

@@ -131,6 +131,9 @@ class PeerSettings:
     rounds: int = 3
     seed: int = 0
     cache_dir: str | None = None
+    # `auto` without a tune cached for this machine tunes at load, as `deebert serve` does at first start
+    # (its DEEBERT_TUNE_BUDGET_S default), before any timing; 0 measures the untuned default instead.
+    tune_budget_s: float = 120.0
     variants: tuple[str, ...] = VARIANT_KEYS
     progress: bool = True
 
@@ -190,7 +193,8 @@ class _Runner:
 
     def chosen_runtime(self, settings: PeerSettings, model: Any) -> tuple[Any, Any]:
         """The runtime and precision `--backend auto` serves here: the tune cached for this CPU, checkpoint,
-        threads and batch size (`deebert tune --threads T --max-batch-size B`); the default without one."""
+        threads and batch size (`deebert tune --threads T --max-batch-size B`), or, without one, a tune now
+        within `tune_budget_s`, as `deebert serve` runs at first start."""
         from model.checkpoint import resolve_directory
         from model.onnx_backend import default_cache_dir
         from model.onnx_export import model_digest
@@ -200,7 +204,7 @@ class _Runner:
         cache = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
         digest = model_digest(model)
         single, batched, self.chosen_reason = resolve_auto(
-            directory, digest, cache, settings.threads, settings.batch_size, 0
+            directory, digest, cache, settings.threads, settings.batch_size, settings.tune_budget_s
         )
         self.chosen = single.key if batched is None else f"{single.key}+{batched.key}"
         return single, batched
@@ -722,6 +726,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=d.rounds)
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument(
+        "--tune-budget-s", type=float, default=d.tune_budget_s, help="auto without a cached tune: tune this long"
+    )
     parser.add_argument("--variants", default=",".join(VARIANT_KEYS), help="comma-separated subset")
     parser.add_argument("--output", default="loadtest/results/peers/peers.json")
     args = parser.parse_args(argv)
@@ -742,6 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rounds=args.rounds,
         seed=args.seed,
         cache_dir=args.cache_dir,
+        tune_budget_s=args.tune_budget_s,
         variants=chosen,
     )
     output = Path(args.output)

@@ -4,11 +4,12 @@ samples. The generator (`loadtest.generator`) fills them; the report (`loadtest.
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 if TYPE_CHECKING:
     from loadtest.generator import LoadConfig
@@ -16,49 +17,15 @@ if TYPE_CHECKING:
 DROPPED = "dropped_by_client"
 EXECUTED_COUNTER = "deebert_layers_executed_total"
 POSSIBLE_COUNTER = "deebert_layers_possible_total"
-_SAMPLE_LINE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{.*\})?\s+(\S+)(?:\s+\S+)?$")
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100), interpolating linearly between closest ranks (numpy's default)."""
-    if not values:
-        raise ValueError("percentile of no values")
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile must be within 0..100, got {q}")
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One series of a Prometheus text page."""
-
-    name: str
-    labels: dict[str, str]
-    value: float
 
 
 def parse_metrics(text: str) -> list[Sample]:
-    """Samples of a Prometheus text-format page; comments and lines that are not samples are skipped."""
-    samples = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        match = _SAMPLE_LINE.match(line)
-        if match is None:
-            continue
-        name, label_text, value_text = match.groups()
-        try:
-            value = float(value_text)
-        except ValueError:
-            continue
-        labels = dict(re.findall(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"', label_text or ""))
-        samples.append(Sample(name, labels, value))
-    return samples
+    """Samples of a Prometheus text-format page (prometheus_client's parser); a page that is not valid
+    exposition text (a server without metrics answering something else) gives none."""
+    try:
+        return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+    except ValueError:
+        return []
 
 
 def metric_total(samples: Iterable[Sample], name: str) -> float | None:

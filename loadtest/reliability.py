@@ -43,10 +43,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+import psutil
 
 from loadtest.bench import DEFAULT_CHECKPOINT, DEFAULT_DATA
-from loadtest.generator import CLASSIFY_PATH, THRESHOLD_HEADER, LoadConfig, Workload, run, run_load
-from loadtest.records import metric_total, parse_metrics, percentile
+from loadtest.generator import LoadConfig, Workload, run, run_load
+from loadtest.records import metric_total, parse_metrics
 from loadtest.reliability_checks import (
     BOUND_FORMULA,
     DEFAULT_DURATION,
@@ -61,6 +63,7 @@ from loadtest.reliability_checks import (
 from loadtest.reliability_report import format_summary, write_markdown
 from loadtest.servers import BenchError, deebert_server_command, free_port, server_process
 from reports.common import machine_description
+from server.protocol import CLASSIFY_PATH, COMPUTE_TIME_HEADER, THRESHOLD_HEADER
 
 
 @dataclass
@@ -117,14 +120,11 @@ class ReliabilitySettings:
 
 
 def read_rss(pid: int) -> int | None:
-    """Resident set size of a process in bytes, from /proc/PID/status (None where there is no /proc)."""
+    """Resident set size of a process in bytes (psutil); None once the process is gone."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
+        return int(psutil.Process(pid).memory_info().rss)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-    return None
 
 
 class RssSampler:
@@ -207,14 +207,14 @@ def measure_full_batch_ms(
             response = client.post(CLASSIFY_PATH, json=workload.body(rng, batch_size), headers={THRESHOLD_HEADER: "0"})
             if response.status_code != 200:
                 raise BenchError(f"full-batch probe answered {response.status_code}: {response.text[:300]}")
-            times.append(float(response.headers["X-Compute-Time"]))
+            times.append(float(response.headers[COMPUTE_TIME_HEADER]))
     counted = times[2:]
     return {
         "batch_size": batch_size,
         "threshold": "0",
         "samples": len(counted),
-        "p50_ms": percentile(counted, 50),
-        "p90_ms": percentile(counted, 90),
+        "p50_ms": float(np.percentile(counted, 50)),
+        "p90_ms": float(np.percentile(counted, 90)),
         "max_ms": max(counted),
     }
 

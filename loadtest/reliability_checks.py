@@ -8,7 +8,9 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from loadtest.records import RequestRecord, percentile
+import numpy as np
+
+from loadtest.records import RequestRecord
 from reports.common import number, percent
 
 Mode = Literal["overload", "soak"]
@@ -75,13 +77,17 @@ def latency_summary(ms: Sequence[float]) -> dict[str, float | None]:
     """p50, p90, p99 and max of latencies in ms (all None for none)."""
     if not ms:
         return {"p50": None, "p90": None, "p99": None, "max": None}
-    return {"p50": percentile(ms, 50), "p90": percentile(ms, 90), "p99": percentile(ms, 99), "max": max(ms)}
+    return {
+        "p50": float(np.percentile(ms, 50)),
+        "p90": float(np.percentile(ms, 90)),
+        "p99": float(np.percentile(ms, 99)),
+        "max": max(ms),
+    }
 
 
 def latency_bound_ms(max_queue_size: int, max_batch_size: int, full_batch_ms: float) -> float:
     """The longest an accepted request can take: the batch already running when it is admitted, the Q/B full
-    batches queued ahead of it, and its own batch, T each. (Until 2026-11-26 this counted Q/B + 1 batches,
-    leaving out the request's own batch.)"""
+    batches queued ahead of it, and its own batch, T each."""
     return (max_queue_size / max_batch_size + 2) * full_batch_ms
 
 

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from loadtest.records import (
     DROPPED,
     EXECUTED_COUNTER,
@@ -16,9 +18,8 @@ from loadtest.records import (
     RunResult,
     Sample,
     metric_total,
-    percentile,
 )
-from model.saving import exit_counts, expected_saving_from_counts, saving_from_totals
+from model.saving import exit_counts, saving_from_counts, saving_from_totals
 from reports.common import number, percent
 from reports.terminal import key_values
 
@@ -29,9 +30,9 @@ def latency_summary(seconds: Sequence[float]) -> dict[str, float | None]:
         return {"p50": None, "p90": None, "p99": None, "max": None, "mean": None}
     ms = [1000 * s for s in seconds]
     return {
-        "p50": percentile(ms, 50),
-        "p90": percentile(ms, 90),
-        "p99": percentile(ms, 99),
+        "p50": float(np.percentile(ms, 50)),
+        "p90": float(np.percentile(ms, 90)),
+        "p99": float(np.percentile(ms, 99)),
         "max": max(ms),
         "mean": sum(ms) / len(ms),
     }
@@ -40,7 +41,7 @@ def latency_summary(seconds: Sequence[float]) -> dict[str, float | None]:
 def _mean_p50(values: Sequence[float]) -> dict[str, float | None]:
     if not values:
         return {"mean": None, "p50": None}
-    return {"mean": sum(values) / len(values), "p50": percentile(values, 50)}
+    return {"mean": sum(values) / len(values), "p50": float(np.percentile(values, 50))}
 
 
 def server_timing(records: Sequence[RequestRecord]) -> dict[str, dict[str, float | None]]:
@@ -118,7 +119,7 @@ def build_report(result: RunResult) -> dict[str, Any]:
         per_threshold[str(threshold) if threshold is not None else "server default"] = {
             "requests_ok": len(chosen),
             "latency_ms": latency_summary([r.latency_s for r in chosen]),
-            "expected_saving": expected_saving_from_counts(group_counts),
+            "expected_saving": saving_from_counts(group_counts),
         }
     model = result.model_info or {}
     return {
@@ -149,7 +150,7 @@ def build_report(result: RunResult) -> dict[str, Any]:
         "error_examples": error_examples,
         "num_layers": num_layers or None,
         "exit_counts": counts,
-        "expected_saving": expected_saving_from_counts(counts),
+        "expected_saving": saving_from_counts(counts),
         "metrics_expected_saving": from_metrics["expected_saving"],
         "metrics_layers_executed": from_metrics["layers_executed"],
         "metrics_layers_possible": from_metrics["layers_possible"],

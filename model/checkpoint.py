@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from model.config import ConfigError, DeeBertConfig, is_deebert_config
-from model.modeling import BACKBONES, DeeBert
+from model.modeling import BACKBONES, WITH_OPTIONAL_POOLER, DeeBert
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -53,6 +53,24 @@ def is_deebert_checkpoint(directory: Path) -> bool:
         return is_deebert_config(json.loads(config_path.read_text()))
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{config_path} is not valid JSON: {err}") from err
+
+
+def require_deebert(directory: Path, source: str) -> None:
+    """CheckpointError unless `directory` is a DeeBERT checkpoint, saying in one line what to run instead: a
+    Hugging Face classifier is converted (`deebert convert`), a plain encoder is trained (`deebert train`)."""
+    if is_deebert_checkpoint(directory):
+        return
+    data = json.loads((directory / "config.json").read_text())
+    architectures = [a for a in data.get("architectures") or [] if a.endswith("ForSequenceClassification")]
+    if architectures:
+        raise CheckpointError(
+            f"{source} is a Hugging Face classifier ({architectures[0]}), not a DeeBERT checkpoint: convert it with "
+            f"`deebert convert --classifier {source} --texts YOUR_TEXTS.txt --output DIR`, then serve DIR"
+        )
+    raise CheckpointError(
+        f"{source} is not a DeeBERT checkpoint (a plain {data.get('model_type', 'unknown')!s} model): "
+        f"train one with `deebert train --base {source} --train DATA --output DIR`, then serve DIR"
+    )
 
 
 def load_model(source: str | Path, dtype: torch.dtype = torch.float32, **fresh_settings: Any) -> DeeBert:
@@ -104,7 +122,8 @@ def _load_plain(directory: Path, source: str, dtype: torch.dtype, settings: dict
     config = DeeBertConfig.from_backbone(backbone_config, **settings)
     model = DeeBert(config)
     backbone_class = BACKBONES[backbone_config.model_type]
-    pretrained = backbone_class.from_pretrained(directory, add_pooling_layer=False, attn_implementation="sdpa")
+    options: dict[str, Any] = {"add_pooling_layer": False} if backbone_config.model_type in WITH_OPTIONAL_POOLER else {}
+    pretrained = backbone_class.from_pretrained(directory, attn_implementation="sdpa", **options)
     result = model.backbone.load_state_dict(pretrained.state_dict(), strict=False)
     if result.missing_keys:
         raise CheckpointError(f"{directory} lacks encoder weights: {sorted(result.missing_keys)}")

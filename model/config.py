@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from transformers import AutoConfig, PretrainedConfig
+from transformers.activations import ACT2FN
 
 from model.exit_rule import CRITERIA, DEFAULT_CRITERION, ExitCriterion, get_criterion
 
 Pooling = Literal["first", "mean"]
 POOLINGS: tuple[str, ...] = ("first", "mean")
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("bert", "roberta")
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("bert", "roberta", "xlm-roberta", "electra")
 CONFIG_FORMAT = "deebert"
 
 
@@ -60,10 +61,22 @@ class DeeBertConfig:
     # graph's tensor name (`model.int8.calibrate_ranges`), with the graph format they were traced in, so that
     # `deebert serve` can build the int8 graphs on first start without the calibration data.
     int8_ranges: dict[str, Any] = field(default_factory=dict)
+    # The final off-ramp's activation (a transformers activation name): tanh for ours and for BERT's and
+    # RoBERTa's heads, gelu for ELECTRA's (`deebert convert` keeps a classifier's head as it is).
+    final_activation: str = "tanh"
+    # The final off-ramp's pooling when it differs from the others' (`deebert convert`: the classifier's head
+    # reads the first token; the added off-ramps pool the mean). None: `pooling`, like every other off-ramp.
+    final_pooling: Pooling | None = None
+    # What the presets were calibrated against: "accuracy" (labels) or "agreement" (with full depth, no labels).
+    presets_calibrated_by: str = "accuracy"
+    # Set by `deebert convert`: the classifier (directory or hub id) this model's encoder and final head are.
+    converted_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.final_pooling is not None and self.final_pooling not in POOLINGS:
+            raise ConfigError(f"final_pooling must be one of {POOLINGS}, got {self.final_pooling!r}")
         if len(self.labels) < 2:
             raise ConfigError(f"need at least two labels, got {self.labels!r}")
         if len(set(self.labels)) != len(self.labels):
@@ -71,6 +84,12 @@ class DeeBertConfig:
         model_type = self.backbone.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"backbone model_type must be one of {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
+        if self.final_activation not in ACT2FN:
+            raise ConfigError(f"final_activation must be a transformers activation name, got {self.final_activation!r}")
+        if self.presets_calibrated_by not in ("accuracy", "agreement"):
+            raise ConfigError(
+                f"presets_calibrated_by must be accuracy or agreement, got {self.presets_calibrated_by!r}"
+            )
         if self.exit_criterion not in CRITERIA:
             raise ConfigError(f"exit_criterion must be one of {tuple(CRITERIA)}, got {self.exit_criterion!r}")
         self.presets = [p if isinstance(p, Preset) else Preset(**p) for p in self.presets]
@@ -100,6 +119,17 @@ class DeeBertConfig:
     @property
     def hidden_size(self) -> int:
         return int(self.backbone["hidden_size"])
+
+    def pooling_of(self, layer: int) -> str:
+        """The pooling of off-ramp `layer` (1..n)."""
+        if layer == self.num_layers and self.final_pooling is not None:
+            return self.final_pooling
+        return self.pooling
+
+    @property
+    def uses_mean_pooling(self) -> bool:
+        """Whether any off-ramp pools the mean (the step graphs then take the mean's weights)."""
+        return "mean" in {self.pooling_of(layer) for layer in range(1, self.num_layers + 1)}
 
     @property
     def is_pair_task(self) -> bool:

@@ -22,8 +22,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from model.saving import expected_saving_from_counts
-
 # Per-row state a criterion carries from layer to layer ([..., rows] in the last dimension), or None.
 State = torch.Tensor | None
 # The same for one row as Python values (`ExitCriterion.leaves`), or None.
@@ -312,8 +310,3 @@ def get_criterion(name: str) -> ExitCriterion:
         return CRITERIA[name]
     except KeyError:
         raise ValueError(f"unknown exit criterion {name!r} (known: {', '.join(CRITERIA)})") from None
-
-
-def expected_saving(exit_counts: Sequence[int]) -> float:
-    """The paper's expected saving of exit counts N₁..Nₙ (`model.saving`); 0 when nothing was counted."""
-    return expected_saving_from_counts(exit_counts) or 0.0

@@ -15,22 +15,45 @@ from typing import Any, cast
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import BertModel, PreTrainedModel, RobertaModel
+from transformers import BertModel, ElectraModel, PreTrainedModel, RobertaModel, XLMRobertaModel
+from transformers.activations import ACT2FN
 from transformers.masking_utils import create_bidirectional_mask
 
 from model.config import DeeBertConfig
 from model.device import dtype_name
 from model.early_exit import EarlyExitModel, ExitResult, LayerExits  # noqa: F401 (re-exported)
 
-BACKBONES: dict[str, type[PreTrainedModel]] = {"bert": BertModel, "roberta": RobertaModel}
+# Encoders whose layers the exit loop drives (embeddings → layer(hidden, mask) → ...), by transformers model_type.
+BACKBONES: dict[str, type[PreTrainedModel]] = {
+    "bert": BertModel,
+    "roberta": RobertaModel,
+    "xlm-roberta": XLMRobertaModel,
+    "electra": ElectraModel,
+}
+# Those built without a pooler (the off-ramps pool): the others have no pooler to leave out.
+WITH_OPTIONAL_POOLER = frozenset({"bert", "roberta", "xlm-roberta"})
+
+
+def build_backbone(model_type: str, config: Any) -> Any:
+    """The encoder of `model_type` from its transformers config, without a pooler."""
+    backbone_class = BACKBONES[model_type]
+    if model_type in WITH_OPTIONAL_POOLER:
+        return backbone_class(config, add_pooling_layer=False)
+    return backbone_class(config)
 
 
 class OffRamp(nn.Module):
-    """Pooling of a layer's output, then dense + tanh, dropout, linear (the paper's off-ramp)."""
+    """Pooling of a layer's output, then dense + activation, dropout, linear: the paper's off-ramp (tanh), and
+    the classification heads of BERT (pooler + classifier), RoBERTa / XLM-R (tanh) and ELECTRA (gelu) as they
+    are, so a converted classifier's own head is its final off-ramp."""
 
-    def __init__(self, hidden_size: int, num_labels: int, dropout: float, pooling: str) -> None:
+    def __init__(
+        self, hidden_size: int, num_labels: int, dropout: float, pooling: str, activation: str = "tanh"
+    ) -> None:
         super().__init__()
         self.pooling = pooling
+        self.activation = activation
+        self._act = torch.tanh if activation == "tanh" else ACT2FN[activation]
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, num_labels)
@@ -55,22 +78,27 @@ class OffRamp(nn.Module):
         weights laid out [in, out] (`_inference_weights`); dropout is the identity there.
         """
         if self.training or torch.is_grad_enabled():
-            features = torch.tanh(F.linear(pooled, self.dense.weight, self.dense.bias))
+            features = self._act(F.linear(pooled, self.dense.weight, self.dense.bias))
             features = F.dropout(features, self.dropout.p, self.training)
             return F.linear(features, self.classifier.weight, self.classifier.bias)
         weights = self._inference_weights()
-        features = torch.addmm(weights.dense_bias, pooled, weights.dense).tanh_()
+        features = torch.addmm(weights.dense_bias, pooled, weights.dense)
+        features = features.tanh_() if self.activation == "tanh" else self._act(features)
         return torch.addmm(weights.classifier_bias, features, weights.classifier)
+
+    def train(self, mode: bool = True) -> OffRamp:
+        """Switching modes (`train()` before training, `eval()` after) drops the inference copy of the weights:
+        a fused optimizer step updates them without bumping their version counters."""
+        self._inference = None
+        return super().train(mode)
 
     def _inference_weights(self) -> _InferenceWeights:
         """Both weights transposed into their own contiguous [in, out] tensors, rebuilt whenever a weight
-        changes (its storage, version counter, dtype or device: an optimizer step, load_state_dict, `.to`).
+        changes (its storage, version counter, dtype or device: load_state_dict, `.to`, an unfused optimizer
+        step; a fused one bumps no counter, hence `train`).
 
-        At batch 1 the off-ramp is a matrix-vector product bound by reading the dense weight, which each
-        encoder layer has just pushed out of cache; x @ W read this way took 40 µs against 56 µs for
-        `F.linear`'s x @ Wᵀ on the 2-core CPU here (384×384, fp32; `python -m benchmarks.off_ramp_profile`).
-        Measured in the exit loop at batch 1 (same run, interleaved; entropy and exit decision then still
-        tensor operations), an off-ramp cost 90 µs this way against 99 µs through the submodules.
+        Why: at batch 1 the off-ramp is a matrix-vector product bound by reading the dense weight, and x @ W
+        reads it faster than `F.linear`'s x @ Wᵀ (`python -m benchmarks.off_ramp_profile` measures both).
         """
         dense, classifier = self.dense.weight, self.classifier.weight
         key = (dense.data_ptr(), dense._version, classifier.data_ptr(), classifier._version, dense.dtype, dense.device)
@@ -167,11 +195,16 @@ class DeeBert(nn.Module, EarlyExitModel):
     def __init__(self, config: DeeBertConfig) -> None:
         super().__init__()
         self.config = config
-        backbone_class = BACKBONES[config.backbone["model_type"]]
-        self.backbone = backbone_class(config.backbone_config(), add_pooling_layer=False)
+        self.backbone = build_backbone(config.backbone["model_type"], config.backbone_config())
         self.off_ramps = nn.ModuleList(
-            OffRamp(config.hidden_size, config.num_labels, config.off_ramp_dropout, config.pooling)
-            for _ in range(config.num_layers)
+            OffRamp(
+                config.hidden_size,
+                config.num_labels,
+                config.off_ramp_dropout,
+                config.pooling_of(layer),
+                config.final_activation if layer == config.num_layers else "tanh",
+            )
+            for layer in range(1, config.num_layers + 1)
         )
 
     @property
@@ -189,7 +222,9 @@ class DeeBert(nn.Module, EarlyExitModel):
     # --- building blocks -------------------------------------------------------------------------
 
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
-        return cast(torch.Tensor, self.backbone.embeddings(input_ids=input_ids, token_type_ids=token_type_ids))
+        hidden = self.backbone.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        project = getattr(self.backbone, "embeddings_project", None)  # ELECTRA: embedding size → hidden size
+        return cast(torch.Tensor, project(hidden) if project is not None else hidden)
 
     def attention_bias(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """The mask the backbone itself builds (sdpa: bool, or None when nothing is padded)."""

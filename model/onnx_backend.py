@@ -129,9 +129,8 @@ class _Graph:
         self.takes_pool_weights = POOL_WEIGHTS in self.inputs
         self.takes_token_types = "token_type_ids" in self.inputs
         # The compiled session's own `run`: `InferenceSession.run` first checks in Python that every input is
-        # fed and that no OrtValue is foreign (our feeds are plain numpy arrays naming exactly `inputs`); at
-        # batch 1, right after the previous layer's call, those checks measured ~10 µs per call. The public
-        # method when a future onnxruntime has no `_sess`.
+        # fed and that no OrtValue is foreign (our feeds are plain numpy arrays naming exactly `inputs`), a cost
+        # paid on every layer's call. The public method when a future onnxruntime has no `_sess`.
         compiled = getattr(self.session, "_sess", None)
         self._run = compiled.run if compiled is not None and hasattr(compiled, "run") else self._public_run
 
@@ -271,9 +270,9 @@ class StepGraphModel(EarlyExitModel):
         """Each row's length (int32) and, when the off-ramps pool by mean, the pooling weights: what the
         layer graphs take besides the hidden states (the lengths are fused attention's mask).
 
-        A batch of one unpadded row (every batch-1 request) takes them from a cache by length: right after an
-        ONNX Runtime call the CPU's caches hold the model's weights, not numpy's code, and the few reductions
-        here measured 50-100 µs per request (against a layer's ~550 µs), so at batch 1 they are done once."""
+        A batch of one unpadded row (every batch-1 request) takes them from a cache by length: right after a
+        runtime call the CPU's caches hold the model's weights, not numpy's code, so these few reductions cost
+        a noticeable share of a layer at batch 1."""
         rows, tokens = attention_mask.shape
         if rows == 1 and attention_mask[0, -1]:  # one row, no padding (masks are right-padded): the common case
             unpadded = self._unpadded_inputs.get(tokens)

@@ -18,9 +18,8 @@ Two details make it fuse every layer: attention is traced as `softmax(QKᵀ / �
 additive mask `(1 − mask) · −10000` (transformers 5's eager attention multiplies by the scale, which the
 optimizer then mistakes for the mask's Mul), and mean pooling is a multiply-and-sum (as a batched matrix
 product it becomes a fourth MatMul on the layer's output, which stops attention fusion). Each off-ramp rides
-in its layer's graph: measured inside the batch-1 loop on the 2-core EPYC here (`benchmarks/onnx_step_profile.py`),
-layer + off-ramp in one call took 1005 µs against 940 + 106 µs as two calls (a separate call pays ONNX
-Runtime's per-call cost and starts on a cold cache).
+in its layer's graph: a separate call would pay ONNX Runtime's per-call cost and start on a cold cache
+(`benchmarks/onnx_step_profile.py` measures both).
 
 `int8` quantizes the encoder layers' feed-forward products dynamically (weights int8 per output channel,
 activations quantized per call); attention, embeddings and off-ramps stay fp32 so that the exit decisions see
@@ -150,7 +149,10 @@ def model_digest(model: DeeBert) -> str:
     """A digest of what the graphs depend on: every weight and the architecture (not labels or presets)."""
     digest = hashlib.sha256()
     config = model.config
-    digest.update(json.dumps([config.backbone, config.pooling, config.num_labels], sort_keys=True).encode())
+    shape: list[Any] = [config.backbone, config.pooling, config.num_labels]
+    if config.final_pooling is not None or config.final_activation != "tanh":  # a converted classifier's head
+        shape += [config.final_pooling, config.final_activation]
+    digest.update(json.dumps(shape, sort_keys=True).encode())
     for name, value in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(value.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
@@ -193,13 +195,13 @@ class _Traced(nn.Module):
         hidden_states, logits = [hidden], []
         for layer, ramp in zip(model.layers, model.off_ramps, strict=True):
             hidden = layer(hidden, additive_mask)
-            pooled = hidden[:, 0] if model.config.pooling == "first" else (hidden * weights).sum(dim=1)
-            features = torch.tanh(ramp.dense(pooled))  # type: ignore[operator]
+            pooled = hidden[:, 0] if ramp.pooling == "first" else (hidden * weights).sum(dim=1)
+            features = ramp._act(ramp.dense(pooled))  # type: ignore[operator]
             hidden_states.append(hidden)
             logits.append(ramp.classifier(features))  # type: ignore[operator]
         # Mean pooling's weights as an output of their own: the step graphs take them as an input, computed
         # once per batch by the loop (`pool_weights`) instead of five small operators in every layer's call.
-        pooling = () if model.config.pooling == "first" else (weights,)
+        pooling = (weights,) if model.config.uses_mean_pooling else ()
         return (*hidden_states, *logits, *pooling)
 
 
@@ -213,7 +215,7 @@ def trace_whole(model: DeeBert, path: Path) -> None:
     n = model.num_layers
     hidden_names = [f"hidden_{i}" for i in range(n + 1)]
     logit_names = [f"logits_{i}" for i in range(1, n + 1)]
-    pool_names = [] if model.config.pooling == "first" else [POOL_WEIGHTS]
+    pool_names = [POOL_WEIGHTS] if model.config.uses_mean_pooling else []
     input_names = ["input_ids", "attention_mask", "token_type_ids"]
     dynamic_axes: dict[str, dict[int, str]] = {name: {0: "batch", 1: "sequence"} for name in input_names}
     dynamic_axes |= {name: {0: "batch", 1: "sequence"} for name in pool_names}

@@ -25,7 +25,7 @@ def saving_from_totals(layers_executed: float, layers_possible: float) -> float 
     return 1.0 - layers_executed / layers_possible
 
 
-def expected_saving_from_counts(counts: Sequence[int]) -> float | None:
+def saving_from_counts(counts: Sequence[int]) -> float | None:
     """The expected saving of exit counts N₁..Nₙ; None when no sample was counted."""
     executed = sum(layer * count for layer, count in enumerate(counts, start=1))
     return saving_from_totals(executed, len(counts) * sum(counts))
@@ -33,4 +33,4 @@ def expected_saving_from_counts(counts: Sequence[int]) -> float | None:
 
 def expected_saving(exit_layers: Iterable[int], num_layers: int) -> float | None:
     """The expected saving of a set of exit layers (1..n) on an n-layer model; None for no layers."""
-    return expected_saving_from_counts(exit_counts(exit_layers, num_layers))
+    return saving_from_counts(exit_counts(exit_layers, num_layers))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from model import exit_rule
+from model.saving import saving_from_counts
 
 
 def binary_f1(predicted: torch.Tensor, target: torch.Tensor) -> float | None:
@@ -63,7 +64,7 @@ def simulate(
             SweepPoint(
                 threshold=float(threshold),
                 accuracy=float((predicted == target).float().mean()),
-                expected_saving=exit_rule.expected_saving(counts),
+                expected_saving=saving_from_counts(counts) or 0.0,
                 exit_counts=counts,
                 f1=binary_f1(predicted, target) if probabilities.shape[-1] == 2 else None,
             )
@@ -79,4 +80,4 @@ def oracle(probabilities: torch.Tensor, labels: Sequence[int]) -> dict[str, floa
     first_correct = correct.to(torch.int8).argmax(dim=0)
     exit_layer = torch.where(any_correct, first_correct, torch.full_like(first_correct, num_layers - 1))
     counts = exit_counts(exit_layer, num_layers)
-    return {"accuracy": float(any_correct.float().mean()), "expected_saving": exit_rule.expected_saving(counts)}
+    return {"accuracy": float(any_correct.float().mean()), "expected_saving": saving_from_counts(counts) or 0.0}

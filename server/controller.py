@@ -1,52 +1,7 @@
-"""Targets instead of thresholds: a controller that moves the server's default threshold while it runs.
-
-The default threshold (the one a request gets when it pins none) moves along a *ladder* of thresholds of
-the checkpoint's exit criterion, from full depth (rung 0) to a ceiling (the `fast` preset by default).
-Two targets drive it; either or both may be set:
-
-Agreement (`DEEBERT_TARGET_AGREEMENT`, e.g. 0.99): the share of answers whose label equals the full
-model's. Shadow sampling re-runs a fraction of the served texts at full depth with every off-ramp's output,
-so each sampled text tells, for *every* rung, whether an exit there would have agreed (`LadderEvidence`) —
-all rungs are measured on the same live traffic, whichever threshold served it. Per rung, the agreement
-over the most recent 100, 400 and 2000 samples (`windows`) gets Wilson intervals:
-
-- the default moves toward full depth when, in any window, the current rung is shown below the target
-  (its 99.5 % upper bound is under it; drift shows first in the short window), to the most aggressive rung
-  not shown below it;
-- it moves toward the ceiling only to rungs shown above the target (95 % lower bound at or over it) in a
-  window of at least 400 samples (`min_proof_samples`; the live drift run, tested every tick, climbed on
-  lucky 100-sample windows) and estimated at or above it in every window (and every rung between), on
-  evidence newer than the last move down, and not sooner than `min_dwell_s` after the last move: after a
-  drift the long window still remembers the old traffic, and would otherwise lift the default straight back;
-- otherwise it holds. The dead band between the two conditions is the hysteresis: a handful of samples
-  gives a wide interval and cannot move it, and a rung whose agreement is near the target is left alone.
-
-Latency (`DEEBERT_TARGET_P99_MS`): the p99 of request time (from the route's start to the answer, pinned
-requests too, since all load counts) over the requests since the last move (at most `latency_window_s`).
-While it is above the target, or while texts wait in the queue longer than half of it, the default moves
-toward the ceiling every tick, by a step that doubles while the overload lasts (1, 2, 4, ... rungs: a load
-step fills the queue faster than one rung per tick relieves it, so it reaches the ceiling in a few ticks, not
-in as many ticks as there are rungs) and starts again at one rung once a tick finds the target met. Once
-the p99 of the whole window (`latency_window_s`, moves or not) is below half the target and the queue is
-short, it moves back one rung per `recover_s` until it reaches the agreement's rung (or the configured
-default): fast up, slow down, so a load that lasts is not invited back by a few calm ticks. For
-`latency_memory_s` (30 s) after a push it steps back only if the request rate has fallen below 0.8 of the
-rate at the push (a stabilization window, like the one Kubernetes' autoscaler keeps before scaling down: a
-calm window under the same load says the push worked, not that it is no longer needed). When the
-target breaks again within `latency_memory_s` of a step back, it remembers that rung and, for
-`latency_memory_s` after, comes back no further than the rung above it: in the live load step, coming back
-on a calm window alone walked down the ladder into the rung that could not carry the load, broke the target
-there, was pushed up, and walked down into it again, paying a burst of tail latency each time. Each such
-break under the same load doubles the stabilization window (30, 60, 120, up to 240 s), so a lasting load
-is probed less and less often; a fallen rate or a return all the way back resets it.
-Requests that pin a threshold are never changed; the controller only moves the default.
-
-Both set: the latency push starts from the agreement's rung and may go further toward the ceiling only over
-rungs whose agreement is not shown (interval wholly) below the *floor* (`DEEBERT_AGREEMENT_FLOOR`; unset =
-the agreement target itself, so quality is traded for latency only as far as the user allows).
-
-The controller is pure logic over a clock: the server feeds it evidence and latencies and calls `tick`
-every `interval_s`; tests drive it with a fake clock and a fake evidence stream.
+"""Targets instead of thresholds: moves the server's default threshold along a ladder (full depth at rung 0, the
+ceiling last) to hold an agreement target (Wilson intervals over shadow-sampled evidence), a p99 target, or
+both. Pure logic over a clock: the server feeds it evidence and latencies and calls `tick`; tests drive it with
+a fake clock. How each policy decides, and why: docs/controller.md ("How it decides").
 """
 
 from __future__ import annotations
@@ -305,7 +260,7 @@ class ThresholdController:
         """Agreement at `rung` over the newest `window` samples (default: the whole window)."""
         return self.intervals(rung).get(window or self.windows[-1], Interval.of(0, 0, self.z))
 
-    def expected_saving(self, rung: int) -> float | None:
+    def saving_at(self, rung: int) -> float | None:
         """The paper's expected saving at `rung` over the evidence window (with the `saving` function given);
         None without one, or without evidence."""
         with self._lock:
@@ -327,7 +282,7 @@ class ThresholdController:
             "target_p99_ms": None if self.targets.p99_s is None else self.targets.p99_s * 1000,
             "agreement_floor": self.targets.floor if self.targets.p99_s is not None else None,
             "agreement": agreement,
-            "expected_saving": self.expected_saving(rung),
+            "expected_saving": self.saving_at(rung),
             "samples": self.samples,
             "p99_ms": None if self.p99_s is None else self.p99_s * 1000,
             "latency_rungs": self._push,

@@ -19,7 +19,7 @@ import torch
 
 from model import exit_rule
 from model.backends import BackendError, ExitModel, load_backend, pick_backend
-from model.checkpoint import CheckpointError, load_model, resolve_directory
+from model.checkpoint import CheckpointError, load_model, require_deebert, resolve_directory
 from model.config import ConfigError, UnknownPresetError
 from model.device import DeviceError, pick_device, pick_dtype, prepare
 from model.modeling import DeeBert
@@ -104,6 +104,7 @@ class Engine:
             precision = settings.precision
             prepare(device)
             directory = resolve_directory(settings.checkpoint)
+            require_deebert(directory, settings.checkpoint)
             reason = "requested" if settings.backend != "auto" else f"auto on {device.type}: {backend}"
             if settings.backend == "auto" and device.type == "cpu" and settings.dtype == "auto":
                 # On the CPU the fastest runtime depends on the CPU: the one `deebert tune` measured here.
@@ -206,7 +207,7 @@ class Engine:
             raise DeeBertError(ErrorType.INVALID_THRESHOLD, f"{source}: {err}") from None
         return Threshold(number, preset)
 
-    def encode(
+    def tokenize(
         self,
         texts: Sequence[str],
         text_pairs: Sequence[str] | None,
@@ -217,21 +218,21 @@ class Engine:
         422, and a text the tokenizer refuses is a 422 `invalid_text` (the decoders already refuse lone
         surrogates, the known case). `truncation_side`: which end of a long text is cut ("left" or "right";
         None: the tokenizer's own)."""
-        return self._encode(self.tokenizer, texts, text_pairs, truncate, truncation_side)
+        return self._tokenize(self.tokenizer, texts, text_pairs, truncate, truncation_side)
 
-    async def encode_off_loop(
+    async def tokenize_off_loop(
         self,
         texts: Sequence[str],
         text_pairs: Sequence[str] | None,
         truncate: bool,
         truncation_side: TruncationSide | None = None,
     ) -> list[Encoded]:
-        """`encode` for long inputs (hundreds of ms of tokenizing): on the tokenizing thread, with its own
+        """`tokenize` for long inputs (hundreds of ms of tokenizing): on the tokenizing thread, with its own
         tokenizer, while the event loop goes on."""
-        encode = functools.partial(self._encode, self._off_loop_tokenizer, texts, text_pairs, truncate, truncation_side)
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, encode)
+        call = functools.partial(self._tokenize, self._off_loop_tokenizer, texts, text_pairs, truncate, truncation_side)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, call)
 
-    def _encode(
+    def _tokenize(
         self,
         tokenizer: object,
         texts: Sequence[str],
@@ -331,7 +332,7 @@ class Engine:
         return [Threshold(v, names.get(v)) for v in values]
 
     @staticmethod
-    def expected_saving(layers_executed: float, layers_possible: float) -> float | None:
+    def saving_from_totals(layers_executed: float, layers_possible: float) -> float | None:
         """The paper's expected saving from Σ exit layers and n per text (`model/saving.py`, its one definition),
         for the metrics and the controller; None when nothing ran."""
         return saving_from_totals(layers_executed, layers_possible)
@@ -345,7 +346,7 @@ class Engine:
         """Run the code paths a request takes (batch 1 and full batches, exits early and late)."""
         texts = ["warm up", "a longer warm-up text " * 8]
         pairs = ["warm up"] * len(texts) if self.is_pair_task else None
-        encoded = self.encode(texts, pairs, truncate=True)
+        encoded = self.tokenize(texts, pairs, truncate=True)
         rule = self.config.criterion
         full, earliest = rule.full_depth, rule.exits_at_first_layer(len(self.labels))
         for thresholds in ([full, full], [earliest, full], [earliest, earliest]):

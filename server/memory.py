@@ -187,8 +187,8 @@ def limit_malloc_arenas(count: int) -> bool:
     """Cap glibc's malloc arenas (`mallopt(M_ARENA_MAX, count)`), before the server starts its threads.
 
     glibc gives busy threads arenas of their own, up to 8 per core, and each keeps the memory it freed.
-    Capping them is the usual first remedy for resident memory that creeps up under load; in the soaks
-    measured here it did not stop the creep (trimming, below, is what brought memory back). True when applied.
+    Capping them is the usual first remedy for resident memory that creeps up under load; on its own it did
+    not stop the creep in RELIABILITY.md's soaks (trimming, below, does). True when applied.
     """
     mallopt = _libc("mallopt") if count > 0 else None
     if mallopt is None:

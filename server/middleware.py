@@ -13,6 +13,7 @@ from typing import Any
 
 from server.error_handlers import error_response
 from server.errors import DeeBertError, ErrorType
+from server.protocol import INFERENCE_PATHS
 from server.state import ServerState
 
 logger = logging.getLogger("deebert.server")
@@ -22,9 +23,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-# POSTs to these paths run the model: they count in deebert_inflight_requests (what the autoscaler reads).
-INFERENCE_PATHS = frozenset({"/v1/classify", "/predict", "/", "/invocations"})
 
 
 class ServingMiddleware:

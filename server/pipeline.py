@@ -19,10 +19,9 @@ from fastapi import Request
 from server.batcher import Batcher, RowAnswer
 from server.engine import Engine, RowOutcome, Threshold, TruncationSide
 from server.errors import DeeBertError, ErrorType
+from server.protocol import DEGRADED_HEADER, EXIT_LAYER_HEADER, LAYERS_EXECUTED_HEADER, THRESHOLD_HEADER
 from server.state import ServerState
 
-THRESHOLD_HEADER = "X-Exit-Threshold"
-DEGRADED_HEADER = "X-Exit-Degraded"
 # Requests with more text than this are tokenized in a worker thread; short ones inline (a thread hop
 # costs more than tokenizing them).
 OFF_LOOP_TOKENIZE_CHARS = 20_000
@@ -136,9 +135,9 @@ async def submit(
     tokenizing = time.perf_counter()
     if job.characters > OFF_LOOP_TOKENIZE_CHARS:
         # Long inputs take the tokenizer (which releases the GIL) hundreds of ms: not on the event loop.
-        encoded = await engine.encode_off_loop(job.texts, job.pairs, job.truncate, job.truncation_side)
+        encoded = await engine.tokenize_off_loop(job.texts, job.pairs, job.truncate, job.truncation_side)
     else:
-        encoded = engine.encode(job.texts, job.pairs, job.truncate, job.truncation_side)
+        encoded = engine.tokenize(job.texts, job.pairs, job.truncate, job.truncation_side)
     tokenization_s = time.perf_counter() - tokenizing
     degraded = None
     if state.brownout is not None:
@@ -205,7 +204,7 @@ async def _disconnected(request: Request) -> None:
 
 def early_exit_headers(answer: Answer) -> dict[str, str]:
     """What early exit did, for either API: the deepest exit layer, Σ exit layers, and brownout."""
-    headers = {"X-Exit-Layer": str(answer.exit_layer), "X-Layers-Executed": str(answer.layers_executed)}
+    headers = {EXIT_LAYER_HEADER: str(answer.exit_layer), LAYERS_EXECUTED_HEADER: str(answer.layers_executed)}
     if answer.degraded:
         headers[DEGRADED_HEADER] = "true"
     return headers

@@ -50,7 +50,7 @@ class ServerState:
             "backend_reason": engine.backend_reason,
             "allocator": loaded_allocator(),
         }
-        metrics = Metrics(engine.num_layers, engine.name, engine.labels, engine.expected_saving, runtime)
+        metrics = Metrics(engine.num_layers, engine.name, engine.labels, engine.saving_from_totals, runtime)
         self.metrics = metrics
 
         self.brownout = make_brownout(self.settings, engine, metrics)
@@ -179,7 +179,7 @@ def make_controller(
         engine.num_layers,
         min_dwell_s=DWELL_INTERVALS * interval,
         recover_s=RECOVER_INTERVALS * interval,
-        saving=engine.expected_saving,
+        saving=engine.saving_from_totals,
         on_change=on_change,
     )
     metrics.record_controller_targets(

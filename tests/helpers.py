@@ -60,11 +60,12 @@ LAYERS = 4
 
 
 def write_vocab(directory: Path) -> BertTokenizerFast:
-    """A WordPiece tokenizer over a few dozen words, saved into `directory`."""
+    """A WordPiece tokenizer over a few dozen words (`WORDS`, one id each), saved into `directory`.
+
+    The vocabulary is given as a dict: transformers 5's `BertTokenizerFast(vocab_file=...)` left every word [UNK]."""
     directory.mkdir(parents=True, exist_ok=True)
-    vocab = directory / "vocab.txt"
-    vocab.write_text("\n".join(SPECIAL + sorted(set(WORDS))) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    vocab = {word: i for i, word in enumerate(SPECIAL + sorted(set(WORDS)))}
+    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True)
     tokenizer.save_pretrained(str(directory))
     return tokenizer
 

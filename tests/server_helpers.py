@@ -14,14 +14,13 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 from hypothesis import strategies as st
-from transformers import BertTokenizerFast
 
 from model.config import Preset
 from model.tokenization import load_tokenizer
 from server.app import create_app
 from server.engine import Engine
 from server.settings import ServerSettings
-from tests.helpers import SPECIAL, WORDS, tiny_model
+from tests.helpers import tiny_model, write_vocab
 
 # Characters of every Unicode category, lone surrogates (Cs) included: hypothesis' default text leaves them
 # out, though a JSON body can spell one (`"\\ud800"`). Send them with json.dumps (ASCII, so escaped).
@@ -83,6 +82,5 @@ def uvicorn_serving(app: FastAPI) -> Iterator[str]:
 def write_word_vocab(directory: Path) -> Path:
     """A tokenizer directory whose vocabulary holds every word of `tests.helpers.WORDS`, one id each (so that
     which words a truncation keeps is visible in the ids)."""
-    vocab = {word: i for i, word in enumerate(SPECIAL + sorted(set(WORDS)))}
-    BertTokenizerFast(vocab=vocab, do_lower_case=True).save_pretrained(str(directory))
+    write_vocab(directory)
     return directory

@@ -101,14 +101,17 @@ def metric(page: str, name: str) -> float:
 
 
 @pytest.mark.anyio
-async def test_brownout_raises_throughput_under_overload_flags_and_counts_it(
+async def test_brownout_under_overload_answers_at_the_ceiling_flags_and_counts_it(
     tokenizer_dir: Path, one_thread: None
 ) -> None:
+    """Sixteen callers overload a one-thread engine: unpinned requests are answered at the ceiling (one layer
+    instead of eight: that is where brownout's throughput comes from; BENCHMARKS-style timing claims stay out
+    of the suite), flagged, counted, and the gauge falls once the queue drains."""
     engine = heavier_engine(tokenizer_dir)
     engine.warmup()
-    seconds = 2.0
+    seconds = 1.5
     async with serving(make_app(engine)) as client:
-        normal, _ = await closed_loop(client, seconds)
+        normal, _ = await closed_loop(client, 0.5)
     brownout_app = make_app(engine, brownout_queue_wait_ms=5, brownout_threshold=HUGE)
     async with serving(brownout_app) as client:
         gauge_during: list[float] = []
@@ -130,13 +133,7 @@ async def test_brownout_raises_throughput_under_overload_flags_and_counts_it(
     assert {r.json()["threshold"] for r in normal} == {0.0}
     degraded = [r for r in overloaded if r.headers.get("X-Exit-Degraded") == "true"]
     share = len(degraded) / len(overloaded)
-    gain = len(overloaded) / len(normal)
-    print(
-        f"throughput {len(normal) / seconds:.0f} -> {len(overloaded) / seconds:.0f} req/s ({gain:.2f}x), "
-        f"{share:.0%} degraded"
-    )
     assert share > 0.5, f"only {share:.0%} of the overload was degraded"
-    assert gain > 1.1, f"brownout should raise throughput: {len(normal)} vs {len(overloaded)} requests in {seconds} s"
     for response in degraded:
         body = response.json()
         assert body["threshold"] == float(HUGE) and {r["exit_layer"] for r in body["results"]} == {1}

@@ -1,4 +1,4 @@
-"""loadtest/controller_run.py's bookkeeping on synthetic runs: phases, bins, reaction times, scraped metrics."""
+"""benchmarks/controller_run.py's bookkeeping on synthetic runs: phases, bins, reaction times, scraped metrics."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from loadtest.controller_run import Phase, bins, controller_metrics, first_move_after, phase_summary
+from benchmarks.controller_run import Phase, bins, controller_metrics, first_move_after, phase_summary
 
 PHASES = [Phase("a", "sst2", 10, 10.0), Phase("b", "other", 10, 10.0)]
 

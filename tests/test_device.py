@@ -135,7 +135,7 @@ def test_the_engine_serves_from_cuda(tiny_checkpoint: Path, tokenizer_dir: Path)
     assert engine.device.type == "cuda" and engine.dtype_name == "float16"  # auto dtype on CUDA
     assert not torch.backends.cuda.cudnn_sdp_enabled()
     reference = Engine(tiny_model("bert"), load_tokenizer(tokenizer_dir), torch.device("cpu"))  # the same weights
-    items = engine.encode(SENTENCES, None, truncate=True)
+    items = engine.tokenize(SENTENCES, None, truncate=True)
     for threshold, layer in ((0.0, engine.num_layers), (1e9, 1)):
         gpu = served(engine, items, [threshold] * len(items))
         cpu = served(reference, items, [threshold] * len(items))

@@ -36,7 +36,7 @@ def test_long_inputs_are_tokenized_on_their_own_thread_with_their_own_tokenizer(
     engine.tokenizer, engine._off_loop_tokenizer = on_loop, off_loop
 
     async def both() -> tuple[Any, Any]:
-        return engine.encode([LONG, SHORT], None, True), await engine.encode_off_loop([LONG, SHORT], None, True)
+        return engine.tokenize([LONG, SHORT], None, True), await engine.tokenize_off_loop([LONG, SHORT], None, True)
 
     inline, threaded = asyncio.run(both())
     assert inline == threaded, "the copy encodes exactly as the original"
@@ -56,9 +56,9 @@ def test_tokenizing_on_both_threads_at_once_truncates_every_text(tmp_path: Path)
         # Short calls kept queued on the tokenizing thread keep it busy while the loop tokenizes.
         for _ in range(300):
             untruncated += [
-                asyncio.ensure_future(engine.encode_off_loop(["a cat sat on the mat"], None, True)) for _ in range(20)
+                asyncio.ensure_future(engine.tokenize_off_loop(["a cat sat on the mat"], None, True)) for _ in range(20)
             ]
-            lengths += [len(item) for item in engine.encode([SHORT], None, True)]
+            lengths += [len(item) for item in engine.tokenize([SHORT], None, True)]
             await asyncio.sleep(0)
         await asyncio.gather(*untruncated)
         return lengths

@@ -10,14 +10,15 @@ import torch
 from model import exit_rule
 from model.calibrate import calibrate
 from model.evaluate import _snap, fit_exit_costs, oracle, per_layer_accuracy, simulate
+from model.saving import saving_from_counts
 
 
 def test_expected_saving_matches_the_paper_formula() -> None:
     # 3 layers: 2 samples leave at 1, 1 at 2, 1 at 3 → 1 - (1·2 + 2·1 + 3·1) / (3·4) = 1 - 7/12
-    assert exit_rule.expected_saving([2, 1, 1]) == pytest.approx(5 / 12)
-    assert exit_rule.expected_saving([0, 0, 5]) == 0.0
-    assert exit_rule.expected_saving([4, 0, 0]) == pytest.approx(2 / 3)
-    assert exit_rule.expected_saving([0, 0, 0]) == 0.0
+    assert saving_from_counts([2, 1, 1]) == pytest.approx(5 / 12)
+    assert saving_from_counts([0, 0, 5]) == 0.0
+    assert saving_from_counts([4, 0, 0]) == pytest.approx(2 / 3)
+    assert saving_from_counts([0, 0, 0]) is None
 
 
 def test_entropy_is_stable_and_in_nats() -> None:

@@ -22,15 +22,15 @@ BOOM = "boom"  # a text the failing engine below cannot encode, the way no real 
 
 
 def failing_on_boom(engine: Engine) -> Engine:
-    """The engine, except that encoding a text that says BOOM raises an exception nothing handles."""
-    encode = engine.encode
+    """The engine, except that tokenizing a text that says BOOM raises an exception nothing handles."""
+    tokenize = engine.tokenize
 
-    def encode_or_fail(texts: Sequence[str], *args: Any) -> Any:
+    def tokenize_or_fail(texts: Sequence[str], *args: Any) -> Any:
         if BOOM in texts:
             raise RuntimeError("an unexpected failure")
-        return encode(texts, *args)
+        return tokenize(texts, *args)
 
-    engine.encode = encode_or_fail  # type: ignore[method-assign]
+    engine.tokenize = tokenize_or_fail  # type: ignore[method-assign]
     return engine
 
 

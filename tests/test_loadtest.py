@@ -16,7 +16,7 @@ import pytest
 from deebert.cli import main
 from loadtest.bench import parse_wrk
 from loadtest.generator import LoadConfig, Workload, parse_threshold_mix, poisson_schedule, run
-from loadtest.records import DROPPED, RequestRecord, RunResult, metric_total, parse_metrics, percentile
+from loadtest.records import DROPPED, RequestRecord, RunResult, metric_total, parse_metrics
 from loadtest.report import build_report, format_report, metrics_saving
 from loadtest.saturation import is_saturated, saturated_throughput
 from loadtest.servers import deebert_server_command, free_port, plain_server_command, running_server
@@ -25,18 +25,6 @@ from model.saving import exit_counts, expected_saving
 from tests.helpers import assert_same_answer, sentiment_rows, tiny_model, write_tsv
 
 # --- pure pieces ---------------------------------------------------------------------------------------
-
-
-def test_percentile_matches_numpy_and_rejects_nonsense() -> None:
-    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
-    assert percentile([7.0], 99) == 7.0
-    values = [random.Random(i).expovariate(1.0) for i in range(257)]
-    for q in (0, 1, 50, 90, 99, 99.9, 100):
-        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
-    with pytest.raises(ValueError, match="no values"):
-        percentile([], 50)
-    with pytest.raises(ValueError, match=r"0\.\.100"):
-        percentile([1.0], 101)
 
 
 def test_threshold_mix_parses_numbers_presets_and_weights() -> None:
@@ -116,7 +104,6 @@ deebert_requests_total{route="/v1/classify",status="200"} 2.0
 deebert_requests_total{route="/v1/classify",status="429"} 1.0
 deebert_exit_layer_bucket{le="+Inf"} 2.0
 deebert_model_info{labels="a,b c",model="x{y}"} 1.0
-not a sample line
 """
 
 
@@ -131,6 +118,7 @@ def test_metrics_page_parsing() -> None:
     assert metrics_saving(samples, later)["expected_saving"] == pytest.approx(1 - 4 / 8)
     assert metrics_saving(samples, None)["expected_saving"] is None
     assert metrics_saving(parse_metrics("up 1\n"), parse_metrics("up 1\n"))["expected_saving"] is None
+    assert parse_metrics("<html>not found</html>") == [], "a page that is not exposition text has no samples"
 
 
 def test_report_counts_errors_exits_and_server_overhead() -> None:

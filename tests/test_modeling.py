@@ -276,6 +276,17 @@ def test_inference_reads_the_weights_by_column_and_follows_weight_changes() -> N
         moved = ramp.classifier(torch.tanh(ramp.dense(pooled)))
         assert not torch.allclose(moved, reference)
         assert torch.allclose(ramp.classify(pooled), moved, atol=1e-6)
+    # A fused optimizer step bumps no version counter (what stage 2 and `deebert convert` use): the cache is
+    # dropped when training starts and ends.
+    ramp.train()
+    fused = torch.optim.AdamW(ramp.parameters(), lr=0.5, fused=True)
+    ramp.classify(pooled).sum().backward()
+    fused.step()
+    ramp.eval()
+    with torch.no_grad():
+        again = ramp.classifier(torch.tanh(ramp.dense(pooled)))
+        assert not torch.allclose(again, moved)
+        assert torch.allclose(ramp.classify(pooled), again, atol=1e-6)
     # So does loading other weights, and a change of dtype.
     other = OffRamp(hidden_size=16, num_labels=3, dropout=0.1, pooling="first").eval()
     ramp.load_state_dict(other.state_dict())

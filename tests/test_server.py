@@ -68,7 +68,7 @@ async def test_results_match_the_model_and_keep_input_order(engine: Engine) -> N
             "/v1/classify", json={"texts": texts, "return_probabilities": True, "threshold": 0.3}
         )
     results = response.json()["results"]
-    encoded = engine.encode(texts, None, truncate=True)
+    encoded = engine.tokenize(texts, None, truncate=True)
     outcomes: dict[int, Any] = {}
     engine.run_batch(encoded, [0.3] * len(texts), lambda row, outcome: outcomes.__setitem__(row, outcome))
     for row, result in enumerate(results):

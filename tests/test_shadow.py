@@ -57,7 +57,7 @@ def labels_at(engine: Engine, threshold: float) -> list[int]:
     """Each text's label when run alone at `threshold` (the reference to compare the server with)."""
     found: list[RowOutcome] = []
     for text in TEXTS:
-        engine.run_batch(engine.encode([text], None, True), [threshold], lambda row, outcome: found.append(outcome))
+        engine.run_batch(engine.tokenize([text], None, True), [threshold], lambda row, outcome: found.append(outcome))
     return [outcome.label_id for outcome in found]
 
 

@@ -227,7 +227,7 @@ async def test_truncate_null_means_auto_truncate_and_direction_is_validated(engi
 async def test_truncation_direction_reaches_the_tokenizer(tmp_path: Path) -> None:
     engine = tiny_engine(write_word_vocab(tmp_path))
     text = " ".join(["i love this cat"] + ["and the movie was very dull"] * 10)  # 66 tokens, over 48
-    right, left = (engine.encode([text], None, True, side)[0] for side in ("right", "left"))
+    right, left = (engine.tokenize([text], None, True, side)[0] for side in ("right", "left"))
     assert right.input_ids[1:5] == engine.tokenizer.convert_tokens_to_ids(["i", "love", "this", "cat"])  # type: ignore[attr-defined]
     assert left.input_ids[-3:-1] == engine.tokenizer.convert_tokens_to_ids(["very", "dull"])  # type: ignore[attr-defined]
     assert left.input_ids != right.input_ids
@@ -252,7 +252,7 @@ async def test_tei_headers_in_whole_milliseconds_and_early_exit_headers(engine: 
         assert headers[name].isdigit(), (name, headers[name])
     assert int(headers["x-total-time"]) >= int(headers["x-inference-time"])
     assert int(headers["x-compute-characters"]) == sum(map(len, texts))
-    assert int(headers["x-compute-tokens"]) == sum(map(len, engine.encode(texts, None, True)))
+    assert int(headers["x-compute-tokens"]) == sum(map(len, engine.tokenize(texts, None, True)))
     assert headers["X-Exit-Layer"] == "1" and headers["X-Layers-Executed"] == "2"
 
 

@@ -31,6 +31,7 @@ from model.backends import ExitModel, load_backend
 from model.checkpoint import load_model
 from model.device import pick_device, pick_dtype, prepare
 from model.tokenization import load_tokenizer, pad_batch, tokenize
+from server.protocol import CLASSIFY_PATH, COMPUTE_TIME_HEADER, LIVE_PATH, MODEL_PATH, READY_PATH, TOTAL_TIME_HEADER
 
 
 class ClassifyBody(BaseModel):
@@ -67,7 +68,7 @@ def create_app(
 
     # A sync endpoint runs in FastAPI's thread pool; the lock makes it one forward at a time, as a plain
     # endpoint without a batcher is.
-    @app.post("/v1/classify")
+    @app.post(CLASSIFY_PATH)
     def classify(body: ClassifyBody) -> JSONResponse:
         started = time.perf_counter()
         if body.text_pairs is not None and len(body.text_pairs) != len(body.texts):
@@ -93,12 +94,12 @@ def create_app(
             )
         content = {"model": f"{config.name} ({name})", "num_layers": config.num_layers, "results": results}
         headers = {
-            "X-Compute-Time": f"{compute_ms:.3f}",
-            "X-Total-Time": f"{1000 * (time.perf_counter() - started):.3f}",
+            COMPUTE_TIME_HEADER: f"{compute_ms:.3f}",
+            TOTAL_TIME_HEADER: f"{1000 * (time.perf_counter() - started):.3f}",
         }
         return JSONResponse(content, headers=headers)
 
-    @app.get("/v1/model")
+    @app.get(MODEL_PATH)
     def model_info() -> dict[str, Any]:
         return {
             "model": f"{config.name} ({name})",
@@ -112,11 +113,11 @@ def create_app(
             "dtype": model.precision,
         }
 
-    @app.get("/health/live")
+    @app.get(LIVE_PATH)
     def live() -> dict[str, str]:
         return {"status": "alive"}
 
-    @app.get("/health/ready")
+    @app.get(READY_PATH)
     def ready() -> dict[str, str]:
         return {"status": "ready"}
 

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from server import pipeline
 from server.engine import Engine
 from server.errors import DeeBertError, ErrorType
+from server.protocol import CLASSIFY_PATH, COMPUTE_TIME_HEADER, QUEUE_TIME_HEADER, TOTAL_TIME_HEADER
 from server.routes.dependencies import INFERENCE_ERRORS, State, ThresholdHeader, require_api_key
 from server.schemas import ClassifyRequest, ClassifyResponse
 from server.strict_json import StrictJsonRoute
@@ -19,7 +20,7 @@ router = APIRouter(route_class=StrictJsonRoute, tags=["inference"])
 
 
 @router.post(
-    "/v1/classify",
+    CLASSIFY_PATH,
     response_model=ClassifyResponse,
     responses=INFERENCE_ERRORS,
     dependencies=[Depends(require_api_key)],
@@ -74,7 +75,7 @@ def headers(answer: pipeline.Answer) -> dict[str, str]:
     resolution)."""
     return {
         **pipeline.early_exit_headers(answer),
-        "X-Queue-Time": f"{1000 * max(answer.queue_s):.3f}",
-        "X-Compute-Time": f"{1000 * max(answer.inference_s):.3f}",
-        "X-Total-Time": f"{1000 * answer.total_s():.3f}",
+        QUEUE_TIME_HEADER: f"{1000 * max(answer.queue_s):.3f}",
+        COMPUTE_TIME_HEADER: f"{1000 * max(answer.inference_s):.3f}",
+        TOTAL_TIME_HEADER: f"{1000 * answer.total_s():.3f}",
     }

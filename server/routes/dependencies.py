@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from server.errors import DeeBertError, ErrorType, openapi_errors
-from server.pipeline import THRESHOLD_HEADER
+from server.protocol import THRESHOLD_HEADER
 from server.state import ServerState
 
 # async on purpose, every dependency here: FastAPI runs a plain `def` dependency in a worker thread.

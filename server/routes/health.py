@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
 from server.errors import ErrorType, openapi_errors
+from server.protocol import LIVE_PATH, METRICS_PATH, READY_PATH
 from server.routes.dependencies import State, require_api_key_for_health, require_api_key_for_metrics
 from server.schemas import HealthStatus
 from server.strict_json import StrictJsonRoute
@@ -17,7 +18,7 @@ router = APIRouter(route_class=StrictJsonRoute, tags=["health"])
 
 
 @router.get(
-    "/health/live",
+    LIVE_PATH,
     response_model=HealthStatus,
     dependencies=[Depends(require_api_key_for_health)],
     responses=openapi_errors(ErrorType.UNAUTHORIZED),
@@ -27,7 +28,7 @@ async def live() -> HealthStatus:
 
 
 @router.get(
-    "/health/ready",
+    READY_PATH,
     response_model=HealthStatus,
     dependencies=[Depends(require_api_key_for_health)],
     responses=openapi_errors(ErrorType.UNAUTHORIZED, ErrorType.NOT_READY, ErrorType.SHUTTING_DOWN),
@@ -38,7 +39,7 @@ async def ready(state: State) -> HealthStatus:
 
 
 @router.get(
-    "/metrics",
+    METRICS_PATH,
     response_class=Response,
     dependencies=[Depends(require_api_key_for_metrics)],
     responses=openapi_errors(ErrorType.UNAUTHORIZED),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from server.errors import ErrorType, openapi_errors
+from server.protocol import MODEL_PATH
 from server.routes.dependencies import State
 from server.schemas import ControllerInfo, ModelInfo
 from server.strict_json import StrictJsonRoute
@@ -12,7 +13,7 @@ from server.strict_json import StrictJsonRoute
 router = APIRouter(route_class=StrictJsonRoute, tags=["model"])
 
 
-@router.get("/v1/model", response_model=ModelInfo, responses=openapi_errors(ErrorType.NOT_READY))
+@router.get(MODEL_PATH, response_model=ModelInfo, responses=openapi_errors(ErrorType.NOT_READY))
 async def model_info(state: State) -> ModelInfo:
     engine, _ = state.serving()
     default = state.default_threshold(engine)

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from server import pipeline
 from server.engine import Engine, TruncationSide
 from server.errors import ErrorType, openapi_errors
+from server.protocol import TEI_HEALTH_PATHS, TEI_INFO_PATH, TEI_PREDICT_PATHS
 from server.routes.dependencies import (
     INFERENCE_ERRORS,
     State,
@@ -68,7 +69,7 @@ async def predict(
     return JSONResponse(encode(answer, engine.labels, reply), headers=headers(answer, engine))
 
 
-for path, operation in (("/predict", "predict"), ("/", "predict_root"), ("/invocations", "invocations")):
+for path, operation in zip(TEI_PREDICT_PATHS, ("predict", "predict_root", "invocations"), strict=True):
     router.add_api_route(
         path,
         predict,
@@ -126,7 +127,7 @@ def _ms(seconds: float) -> str:
 
 
 @router.get(
-    "/info",
+    TEI_INFO_PATH,
     response_model=TeiInfo,
     responses=openapi_errors(ErrorType.NOT_READY),
     summary="The served model and the server's limits, in text-embeddings-inference's Info shape",
@@ -167,7 +168,7 @@ async def health(state: State) -> HealthStatus:
     return HealthStatus(status="ready")
 
 
-for path, operation in (("/health", "health"), ("/", "health_root"), ("/ping", "ping")):
+for path, operation in zip(TEI_HEALTH_PATHS, ("health", "health_root", "ping"), strict=True):
     router.add_api_route(
         path,
         health,

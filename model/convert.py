@@ -1,0 +1,354 @@
+"""`deebert convert`: a fine-tuned Hugging Face sequence classifier → an early-exit model, its own weights frozen.
+
+The classifier's encoder and its classification head stay exactly as they are: the head becomes the final
+off-ramp (BERT's pooler + classifier, RoBERTa's and XLM-R's dense-tanh-out_proj on `<s>`, ELECTRA's dense-GELU
+head), so at threshold 0 the converted model answers what the classifier answers. Off-ramps after layers
+1..n-1 are added and trained alone, on features of the frozen encoder computed once (the paper's stage 2):
+
+- without labels (the default), they learn the final head's own distribution on the user's in-domain texts
+  (summed KL divergence: soft targets from the frozen model);
+- with `--objective labels`, the texts' labels (summed cross-entropy, the paper's stage 2 as such).
+
+Presets are calibrated on held-out texts by **agreement with full depth**, which needs no labels: `lossless`
+answers as full depth on >= 99.5 % of them with the most saving, `balanced` >= 98.5 %, `fast` >= 97 %.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from model.calibrate import calibrate
+from model.checkpoint import CheckpointError, is_deebert_checkpoint, resolve_directory, save_model
+from model.config import DeeBertConfig
+from model.data import FORMATS, DataError, Dataset, read_dataset
+from model.evaluate import all_layer_outputs, per_layer_accuracy
+from model.modeling import WITH_OPTIONAL_POOLER, DeeBert, OffRamp
+from model.tokenization import tokenize
+from model.train import TrainSettings, extract_features, frozen_fingerprint, seed_everything, train_stage2
+
+logger = logging.getLogger("deebert.convert")
+
+Objective = Literal["distill", "labels"]
+# model_type → (the classifier's encoder attribute, where its head's dense and output layers are, head activation)
+HEADS: dict[str, tuple[str, str, str, str]] = {
+    "bert": ("bert", "bert.pooler.dense", "classifier", "tanh"),
+    "roberta": ("roberta", "classifier.dense", "classifier.out_proj", "tanh"),
+    "xlm-roberta": ("roberta", "classifier.dense", "classifier.out_proj", "tanh"),
+    "electra": ("electra", "classifier.dense", "classifier.out_proj", "gelu"),
+}
+SUPPORTED = tuple(HEADS)
+# Agreement with full depth each preset keeps on the held-out texts (as a fraction it may lose).
+AGREEMENT_TOLERANCES: dict[str, float] = {"lossless": 0.005, "balanced": 0.015, "fast": 0.03}
+
+
+class ConvertError(ValueError):
+    """Input `deebert convert` cannot use: said in one line."""
+
+
+@dataclass
+class ConvertSettings:
+    """Every knob of a conversion; saved in `conversion_log.json`."""
+
+    classifier: str
+    texts: str
+    output: str
+    objective: Objective = "distill"
+    text_columns: list[str] | None = None
+    label_column: str = "label"
+    max_length: int = 128
+    max_texts: int | None = None
+    held_out: float = 0.1
+    max_held_out: int = 2000
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 128
+    seed: int = 42
+    name: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class ConversionLog:
+    """What a conversion did and measured."""
+
+    settings: dict[str, Any]
+    model_type: str = ""
+    num_layers: int = 0
+    train_texts: int = 0
+    held_out_texts: int = 0
+    full_depth_max_logit_difference: float = 0.0
+    per_layer_agreement_with_full_depth: list[float] = field(default_factory=list)
+    per_layer_accuracy: list[float] | None = None
+    stage2: dict[str, Any] = field(default_factory=dict)
+    presets: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def classifier_config(source: str) -> tuple[Any, Path]:
+    """The classifier's transformers config and directory, checked without loading its weights; ConvertError
+    when the source is not a sequence classifier this converter supports."""
+    try:
+        directory = resolve_directory(source)
+    except CheckpointError as err:
+        raise ConvertError(str(err)) from None
+    if not (directory / "config.json").is_file():
+        raise ConvertError(f"{source} has no config.json: not a Hugging Face model directory")
+    if is_deebert_checkpoint(directory):
+        raise ConvertError(f"{source} is already a DeeBERT checkpoint: serve it (deebert serve --checkpoint ...)")
+    config = AutoConfig.from_pretrained(directory)
+    architectures = getattr(config, "architectures", None) or []
+    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+        found = ", ".join(architectures) or "no architecture named"
+        raise ConvertError(f"{source} is not a sequence classifier ({found}); convert takes *ForSequenceClassification")
+    if config.model_type not in HEADS:
+        raise ConvertError(
+            f"{source} is a {config.model_type!r} classifier; deebert convert supports {', '.join(SUPPORTED)}"
+        )
+    if getattr(config, "problem_type", None) == "multi_label_classification":
+        raise ConvertError(f"{source} is a multi-label classifier; deebert convert supports single-label ones")
+    if config.num_labels < 2:
+        raise ConvertError(f"{source} has {config.num_labels} output (regression); convert needs 2 or more labels")
+    return config, directory
+
+
+def load_classifier(source: str) -> tuple[PreTrainedModel, Any, Path]:
+    """The classifier (fp32, eval, sdpa attention), its tokenizer and its directory (`classifier_config`'s
+    checks first)."""
+    _, directory = classifier_config(source)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        directory, attn_implementation="sdpa", dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(directory, use_fast=True)
+    tokenizer.padding_side = "right"
+    return model.eval(), tokenizer, directory
+
+
+def label_names(config: Any) -> list[str]:
+    """A classifier config's label names in label-id order (its `id2label`)."""
+    id2label: dict[Any, Any] = dict(config.id2label or {})
+    count = int(config.num_labels or 0)
+    return [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(count)]
+
+
+def _module(root: nn.Module, dotted: str) -> nn.Linear:
+    module: Any = root
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return cast(nn.Linear, module)
+
+
+def deebert_from_classifier(
+    classifier: PreTrainedModel,
+    source: str,
+    max_length: int,
+    text_columns: list[str],
+    name: str,
+) -> DeeBert:
+    """A DeeBert whose encoder and final off-ramp are the classifier's own weights (copied, not retrained);
+    off-ramps 1..n-1 initialised as BERT initialises its heads."""
+    config = classifier.config
+    model_type = config.model_type
+    encoder_name, dense_name, out_name, activation = HEADS[model_type]
+    labels = label_names(config)
+    deebert_config = DeeBertConfig.from_backbone(
+        config,
+        labels=labels,
+        pooling="mean",  # the added off-ramps (measured: see ConvertSettings.pooling)
+        final_pooling="first",  # the classifier's own head reads the first token
+        max_length=max_length,
+        text_columns=text_columns,
+        name=name,
+        base_model=source,
+        final_activation=activation,
+        presets_calibrated_by="agreement",
+        converted_from=source,
+    )
+    model = DeeBert(deebert_config)
+    encoder = getattr(classifier, encoder_name)
+    state = {k: v for k, v in encoder.state_dict().items() if not k.startswith("pooler.")}
+    result = model.backbone.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ConvertError(
+            f"{source}: the encoder's weights do not map onto a {model_type} encoder "
+            f"(missing {sorted(result.missing_keys)}, unexpected {sorted(result.unexpected_keys)})"
+        )
+    final = model.final_classifier
+    with torch.no_grad():
+        for ours, theirs in (
+            (final.dense, _module(classifier, dense_name)),
+            (final.classifier, _module(classifier, out_name)),
+        ):
+            ours.weight.copy_(theirs.weight)
+            ours.bias.copy_(theirs.bias)
+    generator = torch.Generator().manual_seed(0)
+    for ramp in cast(list[OffRamp], list(model.off_ramps)[:-1]):
+        for linear in (ramp.dense, ramp.classifier):
+            with torch.no_grad():
+                linear.weight.normal_(0.0, 0.02, generator=generator)
+                linear.bias.zero_()
+    if model_type not in WITH_OPTIONAL_POOLER and hasattr(model.backbone, "pooler"):
+        raise ConvertError(f"{source}: unexpected pooler on a {model_type} encoder")
+    return model.eval()
+
+
+def read_texts(path: str, text_columns: list[str] | None, label_column: str, label_names: list[str]) -> Dataset:
+    """Texts to convert on: a TSV/CSV/JSONL file with a text column (two for pairs; labels optional), or any
+    other file as plain text, one text per line. ConvertError naming the problem otherwise."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConvertError(f"{path}: no such file")
+    if file.suffix.lower() in FORMATS:
+        try:
+            return read_dataset(
+                file,
+                label_names=label_names,
+                text_columns=text_columns,
+                label_column=label_column,
+                require_labels=False,
+            )
+        except DataError as err:
+            raise ConvertError(str(err)) from None
+    if text_columns:
+        raise ConvertError(f"{path} is plain text (one text per line): --text-column applies to TSV/CSV/JSONL files")
+    texts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise ConvertError(f"{path} has no texts")
+    return Dataset(texts, None, None, label_names, ["sentence"], str(file))
+
+
+def _max_length(classifier: PreTrainedModel, tokenizer: Any, requested: int) -> int:
+    positions = int(getattr(classifier.config, "max_position_embeddings", requested))
+    offset = 0
+    if classifier.config.model_type in ("roberta", "xlm-roberta"):  # positions start after the padding index
+        offset = int(getattr(classifier.config, "pad_token_id", 1) or 1) + 1
+    limit = min(positions - offset, int(getattr(tokenizer, "model_max_length", positions) or positions))
+    return max(2, min(requested, limit))
+
+
+def convert(settings: ConvertSettings) -> ConversionLog:
+    """Convert `settings.classifier` with `settings.texts`; write the checkpoint and `conversion_log.json`."""
+    started = time.perf_counter()
+    seed_everything(settings.seed)
+    log = ConversionLog(settings=asdict(settings))
+    config, _ = classifier_config(settings.classifier)
+    data = read_texts(settings.texts, settings.text_columns, settings.label_column, label_names(config))
+    if settings.objective == "labels" and data.labels is None:
+        raise ConvertError(f"--objective labels needs a {settings.label_column!r} column in {settings.texts}")
+    if settings.max_texts is not None and settings.max_texts < len(data):
+        picked = torch.randperm(len(data), generator=torch.Generator().manual_seed(settings.seed))
+        data = data.subset(sorted(picked[: settings.max_texts].tolist()))
+    if len(data) < 20:
+        raise ConvertError(f"{settings.texts} has {len(data)} texts; convert needs at least 20 (hundreds or more)")
+    classifier, tokenizer, _ = load_classifier(settings.classifier)
+    max_length = _max_length(classifier, tokenizer, settings.max_length)
+    name = settings.name or Path(settings.output).name
+    model = deebert_from_classifier(classifier, settings.classifier, max_length, data.text_columns, name)
+    log.model_type, log.num_layers = classifier.config.model_type, model.num_layers
+
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(settings.seed + 1)).tolist()
+    held = max(1, min(settings.max_held_out, round(settings.held_out * len(data))))
+    held_out, train = data.subset(sorted(order[:held])), data.subset(sorted(order[held:]))
+    log.train_texts, log.held_out_texts = len(train), len(held_out)
+    pad_id = int(tokenizer.pad_token_id)
+    encoded = tokenize(tokenizer, train.texts, train.text_pairs, max_length)
+    log.full_depth_max_logit_difference = _full_depth_difference(model, classifier, tokenizer, encoded, pad_id)
+
+    before = frozen_fingerprint(model)
+    features = extract_features(model, encoded, pad_id, batch_size=64, progress=settings.progress, last=True)
+    with torch.no_grad():
+        teacher = model.final_classifier.classify(features[-1])
+    train_settings = TrainSettings(
+        base=settings.classifier,
+        train_file=settings.texts,
+        output=settings.output,
+        scheme="distill" if settings.objective == "distill" else "two-stage",
+        stage2_epochs=settings.epochs,
+        stage2_lr=settings.lr,
+        stage2_batch_size=settings.batch_size,
+        seed=settings.seed,
+        progress=settings.progress,
+    )
+    targets = train.labels if settings.objective == "labels" else [0] * len(train)
+    assert targets is not None
+    log.stage2 = train_stage2(
+        model,
+        features[:-1],
+        targets,
+        train_settings,
+        teacher_logits=teacher if settings.objective == "distill" else None,
+    )
+    if frozen_fingerprint(model) != before:
+        raise RuntimeError("conversion changed the classifier's own weights; they must stay frozen")
+    log.stage2["frozen_weights_bit_identical"] = True
+
+    held_encoded = tokenize(tokenizer, held_out.texts, held_out.text_pairs, max_length)
+    probabilities, entropies = all_layer_outputs(model, held_encoded, pad_id, progress=settings.progress)
+    full_depth = probabilities[-1].argmax(dim=-1).tolist()
+    log.per_layer_agreement_with_full_depth = per_layer_accuracy(probabilities, full_depth)
+    if held_out.labels is not None:
+        log.per_layer_accuracy = per_layer_accuracy(probabilities, held_out.labels)
+    presets = calibrate(probabilities, entropies, full_depth, AGREEMENT_TOLERANCES, model.config.criterion)
+    model.config = model.config.with_presets(presets)
+    log.presets = [asdict(p) | {"agreement": p.accuracy} for p in presets]
+
+    output = Path(settings.output)
+    save_model(model, output, tokenizer=tokenizer, dtype=torch.float32)
+    log.seconds = time.perf_counter() - started
+    (output / "conversion_log.json").write_text(json.dumps(asdict(log), indent=2) + "\n")
+    _write_card(output, log, model)
+    return log
+
+
+def _full_depth_difference(
+    model: DeeBert, classifier: PreTrainedModel, tokenizer: Any, encoded: list[Any], pad_id: int
+) -> float:
+    """The largest |logit difference| between the converted model at full depth and the classifier itself, on
+    up to 64 of the texts (padded together): the conversion's own check that the final off-ramp is the head."""
+    from model.tokenization import pad_batch
+
+    batch = pad_batch(encoded[:64], pad_id)
+    with torch.inference_mode():
+        ours = model.all_off_ramp_logits(batch.input_ids, batch.attention_mask, batch.token_type_ids)[-1]
+        theirs = classifier(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, token_type_ids=batch.token_type_ids
+        ).logits
+    difference = float((ours - theirs).abs().max())
+    if difference > 1e-4:
+        raise RuntimeError(f"the converted model's full depth differs from the classifier by {difference:.2e}")
+    return difference
+
+
+def _write_card(output: Path, log: ConversionLog, model: DeeBert) -> None:
+    """MODEL_CARD.md: where the model came from, how its presets were calibrated, what they measured."""
+    rows = "\n".join(
+        f"| `{p['name']}` | {p['threshold']:.4f} | {100 * p['agreement']:.2f} % | "
+        f"{100 * (p['expected_saving'] or 0):.1f} % |"
+        for p in log.presets
+    )
+    per_layer = ", ".join(f"{100 * a:.1f}" for a in log.per_layer_agreement_with_full_depth)
+    text = f"""# {model.config.name}
+
+Converted by `deebert convert` from the classifier `{log.settings["classifier"]}` ({log.model_type}, {log.num_layers}
+layers) on {log.train_texts} texts of `{log.settings["texts"]}` (objective: {log.settings["objective"]}). The
+classifier's encoder and head are unchanged (its head is the final off-ramp): at threshold 0 this model answers
+as the classifier (largest |logit difference| on 64 of the texts: {log.full_depth_max_logit_difference:.1e}).
+
+Presets are calibrated **by agreement with full depth** on {log.held_out_texts} held-out texts (no labels needed):
+
+| preset | entropy threshold | agreement with full depth | expected saving |
+| --- | ---: | ---: | ---: |
+{rows}
+
+Per-layer agreement with full depth (held out): {per_layer} %.
+Conversion took {log.seconds:.0f} s; `conversion_log.json` has every number.
+"""
+    (output / "MODEL_CARD.md").write_text(text)

@@ -1,0 +1,218 @@
+"""`deebert convert`: tiny random classifiers of every supported architecture, built from a config (no download),
+converted in seconds: full depth equals the classifier on every backend, off-ramps learn, bad input is one line."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, BertModel
+
+from deebert.cli import main
+from model.backends import load_backend
+from model.checkpoint import CheckpointError, load_model, require_deebert
+from model.convert import SUPPORTED, ConvertError, ConvertSettings, convert, load_classifier
+from model.tokenization import load_tokenizer, pad_batch, tokenize
+from tests.helpers import HIDDEN, LAYERS, assert_compacts_mixed_thresholds, write_vocab
+
+GOOD = ["great", "good", "fun", "love", "brilliant"]
+BAD = ["awful", "bad", "dull", "boring", "terrible"]
+FILLER = ["the", "movie", "was", "a", "film", "plot", "it", "i", "this", "very", "story", "cast", "and"]
+PARITY_TOLERANCE = 1e-5
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+
+
+def toy_texts(count: int, seed: int = 0) -> tuple[list[str], list[int]]:
+    """Texts whose label is set by one word anywhere in them: the first layer can already tell."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for _ in range(count):
+        label = rng.randrange(2)
+        words = rng.choices(FILLER, k=rng.randint(2, 8))
+        words.insert(rng.randrange(len(words) + 1), rng.choice(GOOD if label else BAD))
+        texts.append(" ".join(words))
+        labels.append(label)
+    return texts, labels
+
+
+def classifier_config(model_type: str, vocab_size: int) -> Any:
+    values: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": HIDDEN,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 80,
+        "pad_token_id": 0,
+        "id2label": {0: "negative", 1: "positive"},
+        "label2id": {"negative": 0, "positive": 1},
+        "architectures": [],
+    }
+    if model_type in ("roberta", "xlm-roberta"):
+        values["type_vocab_size"] = 1
+    if model_type == "electra":
+        values["embedding_size"] = 16  # ELECTRA projects its embeddings up to the hidden size
+    return AutoConfig.for_model(model_type, **values)
+
+
+def write_classifier(directory: Path, model_type: str, fine_tune_steps: int = 0) -> Path:
+    """A tiny random `{model_type}ForSequenceClassification` saved with a tokenizer; with `fine_tune_steps`,
+    first fine-tuned a little on the toy task by a plain loop over the transformers model (not our code)."""
+    tokenizer = write_vocab(directory)
+    torch.manual_seed(3)
+    model = AutoModelForSequenceClassification.from_config(classifier_config(model_type, tokenizer.vocab_size))
+    if fine_tune_steps:
+        texts, labels = toy_texts(256, seed=1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model.train()
+        for step in range(fine_tune_steps):
+            rows = [(step * 32 + i) % len(texts) for i in range(32)]
+            batch = tokenizer([texts[i] for i in rows], padding=True, return_tensors="pt")
+            inputs = {k: v for k, v in batch.items() if k != "token_type_ids" or model_type == "bert"}
+            loss = model(**inputs, labels=torch.tensor([labels[i] for i in rows])).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval().save_pretrained(str(directory))
+    return directory
+
+
+def write_lines(path: Path, texts: list[str]) -> Path:
+    path.write_text("\n".join(texts) + "\n")
+    return path
+
+
+def classifier_logits(directory: Path, texts: list[str]) -> torch.Tensor:
+    classifier, tokenizer, _ = load_classifier(str(directory))
+    batch = pad_batch(tokenize(tokenizer, texts, None, 64), int(tokenizer.pad_token_id))
+    with torch.inference_mode():
+        return classifier(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+
+def quick(directory: Path, texts: Path, output: Path, **overrides: Any) -> ConvertSettings:
+    values: dict[str, Any] = {"epochs": 4, "progress": False, "max_length": 48} | overrides
+    return ConvertSettings(classifier=str(directory), texts=str(texts), output=str(output), **values)
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_full_depth_equals_the_classifier_on_every_backend(tmp_path: Path, model_type: str) -> None:
+    source = write_classifier(tmp_path / "classifier", model_type)
+    texts, _ = toy_texts(120)
+    log = convert(quick(source, write_lines(tmp_path / "texts.txt", texts), tmp_path / "out"))
+    assert log.full_depth_max_logit_difference <= PARITY_TOLERANCE
+    assert log.stage2["frozen_weights_bit_identical"]
+
+    model = load_model(tmp_path / "out")
+    assert model.config.converted_from == str(source) and model.config.presets_calibrated_by == "agreement"
+    assert [p.name for p in model.config.presets] == ["lossless", "balanced", "fast"]
+    probe = texts[:9]  # padded together: lengths differ
+    expected = classifier_logits(source, probe)
+    tokenizer = load_tokenizer(tmp_path / "out")
+    batch = pad_batch(tokenize(tokenizer, probe, None, 48), int(tokenizer.pad_token_id))
+    backends = [("torch", model), ("onnxruntime", load_backend(model, "onnxruntime", cache_dir=tmp_path / "cache"))]
+    if HAS_OPENVINO:
+        backends.append(("openvino", load_backend(model, "openvino", cache_dir=tmp_path / "cache")))
+    for name, served in backends:
+        with torch.inference_mode():
+            logits = served.plain_forward(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        difference = float((torch.as_tensor(logits).float() - expected).abs().max())
+        assert difference <= PARITY_TOLERANCE, f"{model_type} on {name}: full depth differs by {difference:.2e}"
+        result = served.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, [0.0] * len(probe))
+        assert result.exit_layer == [LAYERS] * len(probe)
+        assert result.label == expected.argmax(dim=-1).tolist()
+
+
+def test_label_free_off_ramps_learn_the_classifier_where_early_layers_suffice(tmp_path: Path) -> None:
+    source = write_classifier(tmp_path / "classifier", "bert", fine_tune_steps=60)
+    texts, _ = toy_texts(600, seed=2)
+    log = convert(quick(source, write_lines(tmp_path / "texts.txt", texts), tmp_path / "out", epochs=30))
+    full = log.per_layer_agreement_with_full_depth
+    assert full[-1] == 1.0
+    # A single word decides the toy task: the first off-ramp already agrees with the classifier far above the
+    # share of its majority answer (what an off-ramp that learned nothing would score at best).
+    model = load_model(tmp_path / "out")
+    tokenizer = load_tokenizer(tmp_path / "out")
+    held_texts, _ = toy_texts(200, seed=9)
+    answers = classifier_logits(source, held_texts).argmax(dim=-1)
+    majority = max(float(answers.float().mean()), 1 - float(answers.float().mean()))
+    assert full[0] > max(0.9, majority), f"layer 1 agrees {full[0]:.2f}, majority share {majority:.2f}"
+    balanced = model.config.preset("balanced")
+    assert balanced.accuracy is not None and balanced.accuracy >= 0.985
+    assert balanced.expected_saving is not None and balanced.expected_saving > 0.3
+    assert_compacts_mixed_thresholds(model, model, tokenizer)
+    card = (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    assert "agreement with full depth" in card and str(source) in card
+
+
+def test_labels_objective_trains_on_the_labels_of_a_tsv(tmp_path: Path) -> None:
+    source = write_classifier(tmp_path / "classifier", "bert", fine_tune_steps=60)
+    texts, labels = toy_texts(300, seed=4)
+    tsv = tmp_path / "train.tsv"
+    tsv.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in zip(texts, labels, strict=True)))
+    log = convert(quick(source, tsv, tmp_path / "out", objective="labels", epochs=20))
+    assert log.stage2["objective"] == "cross-entropy"
+    assert log.per_layer_accuracy is not None and log.per_layer_accuracy[0] > 0.8
+
+
+def one_error_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    capsys.readouterr()  # what building the fixtures printed
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_bad_input_gets_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = write_classifier(tmp_path / "classifier", "bert")
+    out = str(tmp_path / "out")
+    empty = write_lines(tmp_path / "empty.txt", [])
+    assert "no texts" in one_error_line(
+        ["convert", "--classifier", str(source), "--texts", str(empty), "--output", out], capsys
+    )
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("sentence\tlabel\nfun\t1\n")
+    err = one_error_line(
+        ["convert", "--classifier", str(source), "--texts", str(tsv), "--text-columns", "review", "--output", out],
+        capsys,
+    )
+    assert "review" in err
+    encoder = tmp_path / "encoder"
+    write_vocab(encoder)
+    BertModel(
+        BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(str(encoder))
+    texts = write_lines(tmp_path / "texts.txt", toy_texts(40)[0])
+    err = one_error_line(["convert", "--classifier", str(encoder), "--texts", str(texts), "--output", out], capsys)
+    assert "not a sequence classifier" in err
+    missing = one_error_line(
+        ["convert", "--classifier", str(source), "--texts", str(tmp_path / "nope.txt"), "--output", out], capsys
+    )
+    assert "no such file" in missing
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path: Path) -> None:
+    config = AutoConfig.for_model(
+        "distilbert",
+        vocab_size=64,
+        dim=32,
+        n_layers=2,
+        n_heads=2,
+        hidden_dim=64,
+        architectures=["DistilBertForSequenceClassification"],
+    )
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(str(tmp_path / "d"))
+    with pytest.raises(ConvertError, match="supports bert, roberta, xlm-roberta, electra"):
+        load_classifier(str(tmp_path / "d"))
+
+
+def test_serving_a_plain_classifier_says_how_to_convert_it(tmp_path: Path) -> None:
+    source = write_classifier(tmp_path / "classifier", "bert")
+    with pytest.raises(CheckpointError, match="deebert convert --classifier"):
+        require_deebert(source, str(source))
+    config = json.loads((source / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"]
