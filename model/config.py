@@ -14,7 +14,13 @@ from model.exit_rule import CRITERIA, DEFAULT_CRITERION, ExitCriterion, get_crit
 
 Pooling = Literal["first", "mean"]
 POOLINGS: tuple[str, ...] = ("first", "mean")
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("bert", "roberta", "xlm-roberta", "electra")
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("bert", "roberta", "xlm-roberta", "electra", "distilbert")
+# A backbone setting under the names transformers' configs give it (DistilBERT: n_layers, dim, n_heads).
+BACKBONE_NAMES: dict[str, tuple[str, ...]] = {
+    "num_hidden_layers": ("num_hidden_layers", "n_layers"),
+    "hidden_size": ("hidden_size", "dim"),
+    "num_attention_heads": ("num_attention_heads", "n_heads"),
+}
 CONFIG_FORMAT = "deebert"
 
 
@@ -114,11 +120,18 @@ class DeeBertConfig:
 
     @property
     def num_layers(self) -> int:
-        return int(self.backbone["num_hidden_layers"])
+        return int(self.backbone_value("num_hidden_layers"))
 
     @property
     def hidden_size(self) -> int:
-        return int(self.backbone["hidden_size"])
+        return int(self.backbone_value("hidden_size"))
+
+    def backbone_value(self, name: str) -> Any:
+        """A backbone setting by its usual name, whatever the architecture calls it (KeyError when absent)."""
+        for key in BACKBONE_NAMES.get(name, (name,)):
+            if key in self.backbone:
+                return self.backbone[key]
+        raise KeyError(f"the backbone config has no {name}")
 
     def pooling_of(self, layer: int) -> str:
         """The pooling of off-ramp `layer` (1..n)."""

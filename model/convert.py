@@ -2,7 +2,7 @@
 
 The classifier's encoder and its classification head stay exactly as they are: the head becomes the final
 off-ramp (BERT's pooler + classifier, RoBERTa's and XLM-R's dense-tanh-out_proj on `<s>`, ELECTRA's dense-GELU
-head), so at threshold 0 the converted model answers what the classifier answers. Off-ramps after layers
+head, DistilBERT's pre_classifier-ReLU-classifier), so at threshold 0 the converted model answers what the classifier answers. Off-ramps after layers
 1..n-1 are added and trained alone, on features of the frozen encoder computed once (the paper's stage 2):
 
 - without labels (the default), they learn the final head's own distribution on the user's in-domain texts
@@ -31,7 +31,7 @@ from model.checkpoint import CheckpointError, is_deebert_checkpoint, resolve_dir
 from model.config import DeeBertConfig
 from model.data import FORMATS, DataError, Dataset, read_dataset
 from model.evaluate import all_layer_outputs, per_layer_accuracy
-from model.modeling import WITH_OPTIONAL_POOLER, DeeBert, OffRamp
+from model.modeling import WITH_OPTIONAL_POOLER, WITHOUT_TOKEN_TYPES, DeeBert, OffRamp
 from model.tokenization import tokenize
 from model.train import TrainSettings, extract_features, frozen_fingerprint, seed_everything, train_stage2
 
@@ -44,6 +44,7 @@ HEADS: dict[str, tuple[str, str, str, str]] = {
     "roberta": ("roberta", "classifier.dense", "classifier.out_proj", "tanh"),
     "xlm-roberta": ("roberta", "classifier.dense", "classifier.out_proj", "tanh"),
     "electra": ("electra", "classifier.dense", "classifier.out_proj", "gelu"),
+    "distilbert": ("distilbert", "pre_classifier", "classifier", "relu"),
 }
 SUPPORTED = tuple(HEADS)
 # Agreement with full depth each preset keeps on the held-out texts (as a fraction it may lose).
@@ -316,11 +317,12 @@ def _full_depth_difference(
     from model.tokenization import pad_batch
 
     batch = pad_batch(encoded[:64], pad_id)
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    if classifier.config.model_type not in WITHOUT_TOKEN_TYPES:
+        inputs["token_type_ids"] = batch.token_type_ids
     with torch.inference_mode():
         ours = model.all_off_ramp_logits(batch.input_ids, batch.attention_mask, batch.token_type_ids)[-1]
-        theirs = classifier(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, token_type_ids=batch.token_type_ids
-        ).logits
+        theirs = classifier(**inputs).logits
     difference = float((ours - theirs).abs().max())
     if difference > 1e-4:
         raise RuntimeError(f"the converted model's full depth differs from the classifier by {difference:.2e}")

@@ -15,7 +15,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import BertModel, ElectraModel, PreTrainedModel, RobertaModel, XLMRobertaModel
+from transformers import BertModel, DistilBertModel, ElectraModel, PreTrainedModel, RobertaModel, XLMRobertaModel
 from transformers.activations import ACT2FN
 from transformers.masking_utils import create_bidirectional_mask
 
@@ -29,7 +29,10 @@ BACKBONES: dict[str, type[PreTrainedModel]] = {
     "roberta": RobertaModel,
     "xlm-roberta": XLMRobertaModel,
     "electra": ElectraModel,
+    "distilbert": DistilBertModel,
 }
+# Backbones without token type embeddings: their embeddings take the token ids alone.
+WITHOUT_TOKEN_TYPES = frozenset({"distilbert"})
 # Those built without a pooler (the off-ramps pool): the others have no pooler to leave out.
 WITH_OPTIONAL_POOLER = frozenset({"bert", "roberta", "xlm-roberta"})
 
@@ -44,8 +47,8 @@ def build_backbone(model_type: str, config: Any) -> Any:
 
 class OffRamp(nn.Module):
     """Pooling of a layer's output, then dense + activation, dropout, linear: the paper's off-ramp (tanh), and
-    the classification heads of BERT (pooler + classifier), RoBERTa / XLM-R (tanh) and ELECTRA (gelu) as they
-    are, so a converted classifier's own head is its final off-ramp."""
+    the classification heads of BERT (pooler + classifier), RoBERTa / XLM-R (tanh), ELECTRA (gelu) and
+    DistilBERT (relu) as they are, so a converted classifier's own head is its final off-ramp."""
 
     def __init__(
         self, hidden_size: int, num_labels: int, dropout: float, pooling: str, activation: str = "tanh"
@@ -213,7 +216,9 @@ class DeeBert(nn.Module, EarlyExitModel):
 
     @property
     def layers(self) -> nn.ModuleList:
-        return cast(nn.ModuleList, self.backbone.encoder.layer)
+        # DistilBERT keeps its layers in `transformer`, the others in `encoder`.
+        stack = self.backbone.transformer if hasattr(self.backbone, "transformer") else self.backbone.encoder
+        return cast(nn.ModuleList, stack.layer)
 
     @property
     def final_classifier(self) -> OffRamp:
@@ -222,6 +227,8 @@ class DeeBert(nn.Module, EarlyExitModel):
     # --- building blocks -------------------------------------------------------------------------
 
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        if self.config.backbone["model_type"] in WITHOUT_TOKEN_TYPES:
+            return cast(torch.Tensor, self.backbone.embeddings(input_ids))
         hidden = self.backbone.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         project = getattr(self.backbone, "embeddings_project", None)  # ELECTRA: embedding size → hidden size
         return cast(torch.Tensor, project(hidden) if project is not None else hidden)

@@ -250,7 +250,7 @@ def _optimize(model: DeeBert, source: Path, target: Path) -> dict[str, int]:
     optimized = optimize_model(
         str(source),
         model_type="bert",
-        num_heads=int(model.config.backbone["num_attention_heads"]),
+        num_heads=int(model.config.backbone_value("num_attention_heads")),
         hidden_size=model.config.hidden_size,
         opt_level=0,
         optimization_options=options,
@@ -283,9 +283,12 @@ def _split(whole: Path, directory: Path, num_layers: int) -> str:
                 onnx.helper.make_tensor_value_info(layer_mask, onnx.TensorProto.INT32, ["batch"])
             )
     extractor = Extractor(model)
+    # A graph input the trace dropped (token types, for encoders without them: DistilBERT) is left out.
+    graph_inputs = {i.name for i in model.graph.input}
 
     def cut(inputs: list[str], outputs: list[str], name: str) -> None:
-        onnx.save(extractor.extract_model(inputs, outputs), str(directory / name))
+        kept = [i for i in inputs if i in graph_inputs or not i.startswith(("input_ids", "token_type_ids"))]
+        onnx.save(extractor.extract_model(kept, outputs), str(directory / name))
 
     # The off-ramps pool with the mean-pooling weights (or, pooling the first token, need no mask).
     pooling = [POOL_WEIGHTS] if any(o.name == POOL_WEIGHTS for o in model.graph.output) else []
@@ -309,9 +312,10 @@ def export_plain_unfused(model: DeeBert, path: Path) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         whole = Path(scratch) / "whole.onnx"
         trace_whole(model, whole)
-        plain = Extractor(onnx.load(str(whole))).extract_model(
-            ["input_ids", "attention_mask", "token_type_ids"], [f"logits_{model.num_layers}"]
-        )
+        graph = onnx.load(str(whole))
+        names = {i.name for i in graph.graph.input}
+        inputs = [i for i in ("input_ids", "attention_mask", "token_type_ids") if i in names]
+        plain = Extractor(graph).extract_model(inputs, [f"logits_{model.num_layers}"])
     onnx.save(plain, str(path))
 
 

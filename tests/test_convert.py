@@ -18,7 +18,7 @@ from model.backends import load_backend
 from model.checkpoint import CheckpointError, load_model, require_deebert
 from model.convert import SUPPORTED, ConvertError, ConvertSettings, convert, load_classifier
 from model.tokenization import load_tokenizer, pad_batch, tokenize
-from tests.helpers import HIDDEN, LAYERS, assert_compacts_mixed_thresholds, write_vocab
+from tests.helpers import HIDDEN, LAYERS, assert_compacts_mixed_thresholds, backbone_values, write_vocab
 
 GOOD = ["great", "good", "fun", "love", "brilliant"]
 BAD = ["awful", "bad", "dull", "boring", "terrible"]
@@ -41,22 +41,15 @@ def toy_texts(count: int, seed: int = 0) -> tuple[list[str], list[int]]:
 
 
 def classifier_config(model_type: str, vocab_size: int) -> Any:
-    values: dict[str, Any] = {
-        "vocab_size": vocab_size,
-        "hidden_size": HIDDEN,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": 2,
-        "intermediate_size": 64,
-        "max_position_embeddings": 80,
-        "pad_token_id": 0,
-        "id2label": {0: "negative", 1: "positive"},
-        "label2id": {"negative": 0, "positive": 1},
-        "architectures": [],
-    }
+    values: dict[str, Any] = backbone_values(model_type, vocab_size)
+    values.pop("model_type")
+    values |= {"id2label": {0: "negative", 1: "positive"}, "label2id": {"negative": 0, "positive": 1}}
     if model_type in ("roberta", "xlm-roberta"):
         values["type_vocab_size"] = 1
     if model_type == "electra":
         values["embedding_size"] = 16  # ELECTRA projects its embeddings up to the hidden size
+    if model_type == "distilbert":  # its own names for the same settings
+        values |= {"dim": HIDDEN, "n_layers": LAYERS, "n_heads": 2, "hidden_dim": 64}
     return AutoConfig.for_model(model_type, **values)
 
 
@@ -197,17 +190,17 @@ def test_bad_input_gets_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path: Path) -> None:
     config = AutoConfig.for_model(
-        "distilbert",
+        "mpnet",
         vocab_size=64,
-        dim=32,
-        n_layers=2,
-        n_heads=2,
-        hidden_dim=64,
-        architectures=["DistilBertForSequenceClassification"],
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        architectures=["MPNetForSequenceClassification"],
     )
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(str(tmp_path / "d"))
-    with pytest.raises(ConvertError, match="supports bert, roberta, xlm-roberta, electra"):
-        load_classifier(str(tmp_path / "d"))
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(str(tmp_path / "m"))
+    with pytest.raises(ConvertError, match="supports bert, roberta, xlm-roberta, electra, distilbert"):
+        load_classifier(str(tmp_path / "m"))
 
 
 def test_serving_a_plain_classifier_says_how_to_convert_it(tmp_path: Path) -> None:

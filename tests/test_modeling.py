@@ -266,27 +266,24 @@ def test_inference_reads_the_weights_by_column_and_follows_weight_changes() -> N
     cached = ramp._inference
     assert cached is not None and cached.dense.is_contiguous() and cached.dense.shape == (16, 16)
     assert cached.classifier.is_contiguous() and cached.classifier.shape == (16, 3)
-    # Training moves the weight in place (an optimizer step): the next inference pass sees the new weight.
-    ramp.train()
-    optimizer = torch.optim.SGD(ramp.parameters(), lr=0.5)
-    ramp.classify(pooled).sum().backward()
-    optimizer.step()
-    ramp.eval()
-    with torch.no_grad():
-        moved = ramp.classifier(torch.tanh(ramp.dense(pooled)))
-        assert not torch.allclose(moved, reference)
-        assert torch.allclose(ramp.classify(pooled), moved, atol=1e-6)
-    # A fused optimizer step bumps no version counter (what stage 2 and `deebert convert` use): the cache is
-    # dropped when training starts and ends.
-    ramp.train()
-    fused = torch.optim.AdamW(ramp.parameters(), lr=0.5, fused=True)
-    ramp.classify(pooled).sum().backward()
-    fused.step()
-    ramp.eval()
-    with torch.no_grad():
-        again = ramp.classifier(torch.tanh(ramp.dense(pooled)))
-        assert not torch.allclose(again, moved)
-        assert torch.allclose(ramp.classify(pooled), again, atol=1e-6)
+    # Training moves the weight in place (an optimizer step): the next inference pass sees the new weight. A
+    # fused step bumps no version counter (what stage 2 and `deebert convert` use): the cache is dropped when
+    # training starts and ends.
+    before = reference
+    for optimizer in (
+        torch.optim.SGD(ramp.parameters(), lr=0.5),
+        torch.optim.AdamW(ramp.parameters(), lr=0.5, fused=True),
+    ):
+        ramp.train()
+        ramp.classify(pooled).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ramp.eval()
+        with torch.no_grad():
+            moved = ramp.classifier(torch.tanh(ramp.dense(pooled)))
+            assert not torch.allclose(moved, before)
+            assert torch.allclose(ramp.classify(pooled), moved, atol=1e-6)
+        before = moved
     # So does loading other weights, and a change of dtype.
     other = OffRamp(hidden_size=16, num_labels=3, dropout=0.1, pooling="first").eval()
     ramp.load_state_dict(other.state_dict())
