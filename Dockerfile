@@ -6,8 +6,10 @@ FROM ${BASE_IMAGE}
 
 ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_INDEX=""
+# PIP_BREAK_SYSTEM_PACKAGES: a base whose Python is the distribution's (Debian, Ubuntu CUDA images) refuses
+# system-wide pip installs without it (PEP 668); an image holds one application, so that is where it goes.
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    HF_HUB_OFFLINE=1 DEEBERT_CHECKPOINT=/app/weights/sst2-minilm-l6
+    PIP_BREAK_SYSTEM_PACKAGES=1 HF_HUB_OFFLINE=1 DEEBERT_CHECKPOINT=/app/weights/sst2-minilm-l6
 
 # jemalloc keeps the server's resident memory flat under sustained load (`deebert serve` preloads it when
 # installed: DEEBERT_ALLOCATOR=auto); CUDA base images also come without Python, python:3.11-slim has it.
@@ -37,6 +39,7 @@ USER deebert
 ENV DEEBERT_CACHE_DIR=/app/.cache/deebert
 RUN deebert export --checkpoint /app/weights/sst2-minilm-l6 > /dev/null
 EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+# start-period: loading, plus the bounded runtime tune of a first start (DEEBERT_TUNE_BUDGET_S, 120 s).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=240s --retries=3 \
   CMD python3 -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=2).status == 200 else 1)"
 CMD ["deebert", "serve", "--host", "0.0.0.0"]

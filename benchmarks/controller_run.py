@@ -192,9 +192,9 @@ def ladder_table(texts: dict[str, list[str]], ceiling: str) -> dict[str, Any]:
     for name, corpus in texts.items():
         evidence = []
         for start in range(0, len(corpus), 64):
-            evidence += engine.ladder_evidence(engine.tokenize(corpus[start : start + 64], None, True), ladder)
-        agrees = np.array([proof.agrees for _, proof in evidence], dtype=float)
-        layers = np.array([proof.exit_layers for _, proof in evidence], dtype=float)
+            evidence += engine.ladder_exits(engine.tokenize(corpus[start : start + 64], None, True), ladder)
+        agrees = np.array([proof.agrees for proof in evidence], dtype=float)
+        layers = np.array([proof.exit_layers for proof in evidence], dtype=float)
         table[name] = {
             "texts": len(corpus),
             "agreement": agrees.mean(axis=0).tolist(),

@@ -2,8 +2,9 @@
 
 The classifier's encoder and its classification head stay exactly as they are: the head becomes the final
 off-ramp (BERT's pooler + classifier, RoBERTa's and XLM-R's dense-tanh-out_proj on `<s>`, ELECTRA's dense-GELU
-head, DistilBERT's pre_classifier-ReLU-classifier), so at threshold 0 the converted model answers what the classifier answers. Off-ramps after layers
-1..n-1 are added and trained alone, on features of the frozen encoder computed once (the paper's stage 2):
+head, DistilBERT's pre_classifier-ReLU-classifier), so at threshold 0 the converted model answers what the
+classifier answers. Off-ramps after layers 1..n-1 are added and trained alone, on features of the frozen
+encoder computed once (the paper's stage 2):
 
 - without labels (the default), they learn the final head's own distribution on the user's in-domain texts
   (summed KL divergence: soft targets from the frozen model);

@@ -28,7 +28,6 @@ from model.onnx_export import ExportError, model_digest
 from model.saving import saving_from_totals
 from model.tokenization import Encoded, TruncationSide, load_tokenizer, pad_batch, tokenize
 from model.tune import TuneError, load_served, resolve_auto
-from server.controller import LadderEvidence
 from server.errors import DeeBertError, ErrorType
 from server.settings import ServerSettings
 
@@ -53,6 +52,16 @@ class Threshold:
 
     value: float
     preset: str | None = None
+
+
+@dataclass(frozen=True)
+class LadderExits:
+    """One text run to full depth, read at every rung of a threshold ladder: its full-depth label, whether an
+    exit at each rung gives that label, and the layer (1..n) it would leave at."""
+
+    full_label: int
+    agrees: tuple[bool, ...]
+    exit_layers: tuple[int, ...]
 
 
 class EngineLoadError(RuntimeError):
@@ -288,9 +297,10 @@ class Engine:
         self.run_batch(items, [self.config.criterion.full_depth] * len(items), keep)
         return labels
 
-    def ladder_evidence(self, items: list[Encoded], ladder: Sequence[float]) -> list[tuple[int, LadderEvidence]]:
-        """Each text run to full depth with every off-ramp's output (the controller's shadow samples): its
-        full-depth label, and for each threshold of `ladder` whether an exit there agrees and where it leaves."""
+    def ladder_exits(self, items: list[Encoded], ladder: Sequence[float]) -> list[LadderExits]:
+        """Each text run to full depth with every off-ramp's output (what the controller's shadow samples read):
+        its full-depth label, and for each threshold of `ladder` whether an exit there agrees and where it
+        leaves. Plain data: what the controller concludes from it is the controller's business."""
         batch = pad_batch(items, self.pad_token_id).to(self.device)
         with torch.inference_mode():
             logits = self.model.all_off_ramp_logits(batch.input_ids, batch.attention_mask, batch.token_type_ids)
@@ -303,7 +313,7 @@ class Engine:
             agrees = (at_exit == full.unsqueeze(0)).T.tolist()
             layers = (exit_layers + 1).T.tolist()
         return [
-            (label, LadderEvidence(tuple(agree), tuple(layer)))
+            LadderExits(label, tuple(agree), tuple(layer))
             for label, agree, layer in zip(full.tolist(), agrees, layers, strict=True)
         ]
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from server.controller import LadderEvidence
+from server.engine import LadderExits
 
 # One sampled text waiting for its full-depth run: (tokenized item, early-exit label id).
 ShadowJob = tuple[Any, int]
@@ -33,7 +34,7 @@ class ShadowSampler:
         full_depth_labels: Callable[[list[Any]], list[int]],
         on_compared: Callable[[bool], None],
         rng: random.Random | None = None,
-        ladder_evidence: Callable[[list[Any]], list[tuple[int, LadderEvidence]]] | None = None,
+        ladder_evidence: Callable[[list[Any]], list[LadderExits]] | None = None,
         on_evidence: Callable[[LadderEvidence], None] | None = None,
     ) -> None:
         if not 0.0 <= fraction <= 1.0:
@@ -65,8 +66,8 @@ class ShadowSampler:
         else:
             assert self._on_evidence is not None
             outcomes = self._ladder_evidence(items)
-            full = [label for label, _ in outcomes]
-            for _, evidence in outcomes:
-                self._on_evidence(evidence)
+            full = [outcome.full_label for outcome in outcomes]
+            for outcome in outcomes:
+                self._on_evidence(LadderEvidence(outcome.agrees, outcome.exit_layers))
         for (_, early), label in zip(jobs, full, strict=True):
             self._on_compared(early == label)

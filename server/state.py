@@ -66,7 +66,7 @@ class ServerState:
                 engine.num_layers,
                 engine.full_depth_labels,
                 metrics.record_agreement,
-                ladder_evidence=functools.partial(engine.ladder_evidence, ladder=controller.ladder)
+                ladder_evidence=functools.partial(engine.ladder_exits, ladder=controller.ladder)
                 if controller is not None
                 else None,
                 on_evidence=controller.record_evidence if controller is not None else None,

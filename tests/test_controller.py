@@ -278,20 +278,20 @@ def test_ladder_evidence_matches_what_each_rung_would_have_served(tokenizer_dir:
     _, entropies = exit_rule.entropy_from_logits(logits)
     # Thresholds between the observed entropies, so the rungs exit the texts at different layers.
     ladder = [0.0, *sorted(set(torch.quantile(entropies.flatten(), torch.linspace(0.1, 0.9, 6)).tolist()))]
-    evidence = engine.ladder_evidence(items, ladder)
+    evidence = engine.ladder_exits(items, ladder)
     full = [0] * len(items)
     engine.run_batch(items, [0.0] * len(items), lambda row, outcome: full.__setitem__(row, outcome.label_id))
-    assert [label for label, _ in evidence] == full
+    assert [proof.full_label for proof in evidence] == full
     layers_seen = set()
     for rung, threshold in enumerate(ladder):
         served = served_at(engine, items, threshold)
-        for row, (_, proof) in enumerate(evidence):
+        for row, proof in enumerate(evidence):
             exit_layer, label = served[row]
             assert proof.exit_layers[rung] == exit_layer
             assert proof.agrees[rung] == (label == full[row])
             layers_seen.add(exit_layer)
     assert len(layers_seen) >= 2, "the test's thresholds should exit texts at several layers"
-    flags = {agree for _, proof in evidence for agree in proof.agrees}
+    flags = {agree for proof in evidence for agree in proof.agrees}
     assert flags == {True, False}, "some rungs should disagree with full depth, for the test to mean something"
 
 

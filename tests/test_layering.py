@@ -35,3 +35,20 @@ def test_model_code_imports_no_web_code() -> None:
         for path in sorted((ROOT / "model").rglob("*.py"))
     }
     assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_the_wheel_holds_every_package_of_the_product() -> None:
+    """`pip install .` (the Docker image) installs what `pyproject.toml` finds: every folder with an
+    `__init__.py` under the product's packages, and not the experiments (`benchmarks/`) or the tests."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packaged = set(find_packages(str(ROOT), include=found["include"]))
+    roots = ("deebert", "model", "reports", "server", "loadtest")
+    on_disk = {
+        ".".join(init.parent.relative_to(ROOT).parts) for root in roots for init in (ROOT / root).rglob("__init__.py")
+    }
+    assert packaged == on_disk
+    assert "server.routes" in packaged and not any(p.startswith(("benchmarks", "tests")) for p in packaged)
