@@ -27,12 +27,12 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from model.calibrate import calibrate
 from model.checkpoint import CheckpointError, is_deebert_checkpoint, resolve_directory, save_model
-from model.config import DeeBertConfig
+from model.config import DeeBertConfig, Preset
 from model.data import FORMATS, DataError, Dataset, read_dataset
 from model.evaluate import all_layer_outputs, per_layer_accuracy
 from model.modeling import WITH_OPTIONAL_POOLER, WITHOUT_TOKEN_TYPES, DeeBert, OffRamp
+from model.saving import expected_saving
 from model.tokenization import tokenize
 from model.train import TrainSettings, extract_features, frozen_fingerprint, seed_everything, train_stage2
 
@@ -115,8 +115,6 @@ def classifier_config(source: str) -> tuple[Any, Path]:
         raise ConvertError(
             f"{source} is a {config.model_type!r} classifier; deebert convert supports {', '.join(SUPPORTED)}"
         )
-    if getattr(config, "problem_type", None) == "multi_label_classification":
-        raise ConvertError(f"{source} is a multi-label classifier; deebert convert supports single-label ones")
     if config.num_labels < 2:
         raise ConvertError(f"{source} has {config.num_labels} output (regression); convert needs 2 or more labels")
     return config, directory
@@ -132,6 +130,47 @@ def load_classifier(source: str) -> tuple[PreTrainedModel, Any, Path]:
     tokenizer = AutoTokenizer.from_pretrained(directory, use_fast=True)
     tokenizer.padding_side = "right"
     return model.eval(), tokenizer, directory
+
+
+def is_multi_label(config: Any) -> bool:
+    """A classifier with one sigmoid per label (transformers' `problem_type`)."""
+    return getattr(config, "problem_type", None) == "multi_label_classification"
+
+
+def answers(probabilities: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """What a classifier answers from probabilities [..., samples, labels]: the top label, or (multi-label)
+    which labels are on (sigmoid >= 0.5)."""
+    return probabilities >= 0.5 if multi_label else probabilities.argmax(dim=-1)
+
+
+def same_answer(a: torch.Tensor, b: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """Per sample: whether two answers (from `answers`) are the same (multi-label: every label)."""
+    return (a == b).all(dim=-1) if multi_label else a == b
+
+
+def agreement_presets(
+    probabilities: torch.Tensor, entropies: torch.Tensor, criterion: Any, multi_label: bool
+) -> list[Preset]:
+    """For each preset, the threshold with the most expected saving whose answers on held-out texts agree with
+    full depth on at least 1 − its tolerance of them (AGREEMENT_TOLERANCES); labels are not needed."""
+    full = answers(probabilities[-1], multi_label)
+    candidates = criterion.candidates(probabilities, entropies)
+    thresholds = torch.tensor(candidates, dtype=torch.float32).unsqueeze(1)
+    exit_layers = criterion.first_exit_layers(probabilities, entropies, thresholds)  # [candidates, samples]
+    samples = torch.arange(probabilities.shape[1])
+    num_layers = probabilities.shape[0]
+    scored = []
+    for threshold, layers in zip(candidates, exit_layers, strict=True):
+        at_exit = answers(probabilities[layers, samples], multi_label)
+        agreement = float(same_answer(at_exit, full, multi_label).float().mean())
+        saving = expected_saving((layers + 1).tolist(), num_layers) or 0.0
+        scored.append((threshold, agreement, saving))
+    presets = []
+    for name, tolerance in AGREEMENT_TOLERANCES.items():
+        allowed = [s for s in scored if s[1] >= 1 - tolerance - 1e-12] or [scored[0]]
+        threshold, agreement, saving = max(allowed, key=lambda s: (s[2], criterion.aggressiveness(s[0])))
+        presets.append(Preset(name, threshold, agreement, saving, tolerance))
+    return presets
 
 
 def label_names(config: Any) -> list[str]:
@@ -173,6 +212,7 @@ def deebert_from_classifier(
         final_activation=activation,
         presets_calibrated_by="agreement",
         converted_from=source,
+        exit_criterion="label-entropy" if is_multi_label(config) else "entropy",
     )
     model = DeeBert(deebert_config)
     encoder = getattr(classifier, encoder_name)
@@ -245,6 +285,9 @@ def convert(settings: ConvertSettings) -> ConversionLog:
     data = read_texts(settings.texts, settings.text_columns, settings.label_column, label_names(config))
     if settings.objective == "labels" and data.labels is None:
         raise ConvertError(f"--objective labels needs a {settings.label_column!r} column in {settings.texts}")
+    multi_label = is_multi_label(config)
+    if settings.objective == "labels" and multi_label:
+        raise ConvertError("--objective labels takes single-label classifiers; a multi-label one converts with distill")
     if settings.max_texts is not None and settings.max_texts < len(data):
         picked = torch.randperm(len(data), generator=torch.Generator().manual_seed(settings.seed))
         data = data.subset(sorted(picked[: settings.max_texts].tolist()))
@@ -281,12 +324,9 @@ def convert(settings: ConvertSettings) -> ConversionLog:
     )
     targets = train.labels if settings.objective == "labels" else [0] * len(train)
     assert targets is not None
+    soft_targets = teacher if settings.objective == "distill" else None
     log.stage2 = train_stage2(
-        model,
-        features[:-1],
-        targets,
-        train_settings,
-        teacher_logits=teacher if settings.objective == "distill" else None,
+        model, features[:-1], targets, train_settings, teacher_logits=soft_targets, multi_label=multi_label
     )
     if frozen_fingerprint(model) != before:
         raise RuntimeError("conversion changed the classifier's own weights; they must stay frozen")
@@ -294,11 +334,14 @@ def convert(settings: ConvertSettings) -> ConversionLog:
 
     held_encoded = tokenize(tokenizer, held_out.texts, held_out.text_pairs, max_length)
     probabilities, entropies = all_layer_outputs(model, held_encoded, pad_id, progress=settings.progress)
-    full_depth = probabilities[-1].argmax(dim=-1).tolist()
-    log.per_layer_agreement_with_full_depth = per_layer_accuracy(probabilities, full_depth)
-    if held_out.labels is not None:
+    full_depth = answers(probabilities[-1], multi_label)
+    log.per_layer_agreement_with_full_depth = [
+        float(same_answer(answers(layer, multi_label), full_depth, multi_label).float().mean())
+        for layer in probabilities
+    ]
+    if held_out.labels is not None and not multi_label:
         log.per_layer_accuracy = per_layer_accuracy(probabilities, held_out.labels)
-    presets = calibrate(probabilities, entropies, full_depth, AGREEMENT_TOLERANCES, model.config.criterion)
+    presets = agreement_presets(probabilities, entropies, model.config.criterion, multi_label)
     model.config = model.config.with_presets(presets)
     log.presets = [asdict(p) | {"agreement": p.accuracy} for p in presets]
 

@@ -117,7 +117,7 @@ def iter_exits(
     if not may_exit_early:
         logits = steps.full_depth_logits(input_ids, attention_mask, token_type_ids)
         if logits is not None:
-            probabilities, entropy = exit_rule.entropy_from_logits(logits)
+            probabilities, entropy = rule.outputs(logits)
             yield LayerExits(
                 layer=num_layers,
                 rows=list(range(batch_size)),
@@ -137,7 +137,7 @@ def iter_exits(
         state = steps.run_layer(state, layer_number)
         if layer_number < num_layers and not may_exit_early:
             continue
-        probabilities, entropy = exit_rule.entropy_from_logits(steps.off_ramp_logits(state, layer_number))
+        probabilities, entropy = rule.outputs(steps.off_ramp_logits(state, layer_number))
         if layer_number == num_layers:
             leaving = ~done
         else:
@@ -205,7 +205,7 @@ def exit_one(
             if layer_number < num_layers and not may_exit_early:
                 continue
             logits = steps.off_ramp_logits(state, layer_number).tolist()[0]
-        probabilities, entropy = exit_rule.entropy_of(logits)
+        probabilities, entropy = rule.outputs_of(logits)
         if layer_number < num_layers:
             leaving, row_state = rule.leaves(probabilities, entropy, threshold, row_state)
             if not leaving:

@@ -40,7 +40,7 @@ def all_layer_outputs(
         rows = order[start : start + batch_size]
         batch = pad_batch([encoded[i] for i in rows], pad_id).to(device)
         logits = model.all_off_ramp_logits(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-        layer_probabilities, layer_entropy = exit_rule.entropy_from_logits(logits)
+        layer_probabilities, layer_entropy = model.config.criterion.outputs(logits)
         probabilities[:, rows] = layer_probabilities.cpu()
         entropies[:, rows] = layer_entropy.cpu()
     return probabilities, entropies

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
+from torch.nn import functional as F
 
 # Per-row state a criterion carries from layer to layer ([..., rows] in the last dimension), or None.
 State = torch.Tensor | None
@@ -49,6 +50,27 @@ def entropy_of(logits: Sequence[float]) -> tuple[list[float], float]:
     return probabilities, math.log(total) - sum(p * value for p, value in zip(probabilities, shifted, strict=True))
 
 
+def label_entropy_from_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-label outputs: each label's sigmoid, and the largest of the labels' binary entropies (nats), in
+    fp32. H(σ(x)) = σ(x)·softplus(−x) + σ(−x)·softplus(x), stable for any x."""
+    x = logits if logits.dtype == torch.float32 else logits.float()
+    probabilities = torch.sigmoid(x)
+    entropies = probabilities * F.softplus(-x) + (1 - probabilities) * F.softplus(x)
+    return probabilities, entropies.amax(dim=-1)
+
+
+def label_entropy_of(logits: Sequence[float]) -> tuple[list[float], float]:
+    """`label_entropy_from_logits` for one row as Python numbers (the batch-1 path)."""
+    probabilities, worst = [], 0.0
+    for x in logits:
+        p = 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+        softplus_neg = math.log1p(math.exp(-abs(x))) + max(-x, 0.0)
+        softplus_pos = math.log1p(math.exp(-abs(x))) + max(x, 0.0)
+        probabilities.append(p)
+        worst = max(worst, p * softplus_neg + (1 - p) * softplus_pos)
+    return probabilities, worst
+
+
 def argmax(values: Sequence[float]) -> int:
     """The index of the largest value, the first one on ties (as `torch.argmax`)."""
     return max(range(len(values)), key=values.__getitem__)
@@ -73,6 +95,16 @@ class ExitCriterion(ABC):
     name: ClassVar[str]
     full_depth: ClassVar[float]  # the threshold that never exits before the last layer
     meaning: ClassVar[str]  # what the threshold is, for help texts and error messages
+    # True for classifiers with one sigmoid per label (any number of labels on); False: one softmax.
+    multi_label: ClassVar[bool] = False
+
+    def outputs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """An off-ramp's probabilities [..., labels] and the entropy [...] its exit decision reads."""
+        return entropy_from_logits(logits)
+
+    def outputs_of(self, logits: Sequence[float]) -> tuple[list[float], float]:
+        """`outputs` for one row as Python numbers (the batch-1 path)."""
+        return entropy_of(logits)
 
     @abstractmethod
     def validate(self, value: object) -> float:
@@ -198,6 +230,28 @@ class EntropyCriterion(ExitCriterion):
         return math.log(num_labels) + 1.0  # above the largest possible entropy, ln(C)
 
 
+class LabelEntropyCriterion(EntropyCriterion):
+    """Multi-label classifiers (one sigmoid per label): leave when every label's binary entropy (nats) is below
+    S, i.e. the off-ramp is sure of each label being on or off; S = 0 is full depth. The largest possible
+    entropy is ln 2 whatever the number of labels."""
+
+    name = "label-entropy"
+    meaning = "largest per-label binary entropy in nats (a number >= 0, 0 = full depth)"
+    multi_label = True
+
+    def outputs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return label_entropy_from_logits(logits)
+
+    def outputs_of(self, logits: Sequence[float]) -> tuple[list[float], float]:
+        return label_entropy_of(logits)
+
+    def default_grid(self, num_labels: int, num_layers: int) -> list[float]:
+        return [round(f, 4) for f in self.SWEEP_FRACTIONS]
+
+    def exits_at_first_layer(self, num_labels: int) -> float:
+        return math.log(2) + 1.0
+
+
 class MaxProbCriterion(ExitCriterion):
     """Leave when the top class probability is >= t; t = 1 is full depth (never leaves early)."""
 
@@ -300,7 +354,9 @@ class PatienceCriterion(ExitCriterion):
         return 1.0
 
 
-CRITERIA: dict[str, ExitCriterion] = {c.name: c for c in (EntropyCriterion(), MaxProbCriterion(), PatienceCriterion())}
+CRITERIA: dict[str, ExitCriterion] = {
+    c.name: c for c in (EntropyCriterion(), MaxProbCriterion(), PatienceCriterion(), LabelEntropyCriterion())
+}
 DEFAULT_CRITERION = "entropy"
 
 

@@ -262,10 +262,12 @@ def train_stage2(
     labels: Sequence[int],
     settings: TrainSettings,
     teacher_logits: torch.Tensor | None = None,
+    multi_label: bool = False,
 ) -> dict[str, Any]:
     """Train off-ramps 1..n-1, encoder and final classifier frozen, on `features` [n-1, samples, hidden]:
     the sum of their cross-entropies against the labels, or, given the final classifier's `teacher_logits`
-    [samples, labels] (distill), the sum of their KL divergences from its distribution."""
+    [samples, labels] (distill), the sum of their KL divergences from its distribution (`multi_label`: of
+    their binary cross-entropies against its per-label sigmoids)."""
     for p in model.parameters():
         p.requires_grad_(False)
     params = list(stage2_parameters(model))
@@ -293,6 +295,12 @@ def train_stage2(
             if teacher_logits is None:
                 target = label_tensor[rows]
                 losses = (loss_fn(ramp.classify(features[i, rows]), target) for i, ramp in enumerate(ramps))
+            elif multi_label:
+                soft = torch.sigmoid(teacher_logits[rows])
+                losses = (
+                    nn.functional.binary_cross_entropy_with_logits(ramp.classify(features[i, rows]), soft)
+                    for i, ramp in enumerate(ramps)
+                )
             else:
                 teacher = torch.log_softmax(teacher_logits[rows], dim=-1)
                 losses = (
@@ -320,7 +328,9 @@ def train_stage2(
         "steps": total,
         "seconds": time.perf_counter() - started,
         "epoch_loss_sum_over_ramps": epoch_losses,
-        "objective": "cross-entropy" if teacher_logits is None else "kl-from-final-classifier",
+        "objective": "cross-entropy"
+        if teacher_logits is None
+        else ("bce-from-final-sigmoids" if multi_label else "kl-from-final-classifier"),
     }
 
 

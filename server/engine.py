@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from model import exit_rule
 from model.backends import BackendError, ExitModel, load_backend, pick_backend
 from model.checkpoint import CheckpointError, load_model, require_deebert, resolve_directory
 from model.config import ConfigError, UnknownPresetError
@@ -179,6 +178,11 @@ class Engine:
         return self.config.is_pair_task
 
     @property
+    def is_multi_label(self) -> bool:
+        """One sigmoid per label (the label-entropy exit rule), not one softmax."""
+        return self.config.criterion.multi_label
+
+    @property
     def model_max_positions(self) -> int:
         positions = int(self.config.backbone.get("max_position_embeddings", 512))
         # RoBERTa reserves padding_idx + 1 positions.
@@ -304,7 +308,7 @@ class Engine:
         batch = pad_batch(items, self.pad_token_id).to(self.device)
         with torch.inference_mode():
             logits = self.model.all_off_ramp_logits(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-            probabilities, entropies = exit_rule.entropy_from_logits(logits.float().cpu())
+            probabilities, entropies = self.config.criterion.outputs(logits.float().cpu())
             thresholds = torch.tensor(list(ladder), dtype=torch.float32).unsqueeze(1)  # [rungs, 1]
             exit_layers = self.config.criterion.first_exit_layers(probabilities, entropies, thresholds)  # [rungs, rows]
             labels = probabilities.argmax(dim=-1)  # [layers, rows]

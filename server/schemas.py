@@ -60,10 +60,17 @@ class ClassifyRequest(BaseModel):
 class ClassifyResult(BaseModel):
     label: str
     label_id: int
-    score: float = Field(description="probability of the predicted label")
+    score: float = Field(description="probability of the predicted label (multi-label: the highest label's sigmoid)")
     exit_layer: int = Field(description="layer (1..n) whose off-ramp answered")
-    entropy: float = Field(description="entropy (nats) of that off-ramp's prediction")
-    probabilities: dict[str, float] | None = None
+    entropy: float = Field(
+        description="entropy (nats) of that off-ramp's prediction (multi-label: the largest per-label binary entropy)"
+    )
+    probabilities: dict[str, float] | None = Field(
+        None, description="every label's probability (multi-label: each label's sigmoid; always given)"
+    )
+    labels_on: list[str] | None = Field(
+        None, description="multi-label models only: the labels whose sigmoid is >= 0.5, in label order"
+    )
 
 
 class ClassifyResponse(BaseModel):
@@ -156,19 +163,26 @@ class PredictRequest(BaseModel):
             )
         return (*check_texts([e[0] for e in entries], None), batched)
 
-    def log_probabilities(self) -> bool:
-        """Whether scores are log-probabilities (`raw_scores`, or `parameters.function_to_apply` "none");
-        422 for what cannot be honoured."""
+    def log_probabilities(self, multi_label: bool = False) -> bool:
+        """Whether scores are raw (`raw_scores`, or `parameters.function_to_apply` "none"): log-probabilities, or
+        for a multi-label model its sigmoids' logits; 422 for what cannot be honoured."""
         function = self.parameters.function_to_apply if self.parameters is not None else None
-        if function == "sigmoid":
+        expected = "sigmoid" if multi_label else "softmax"
+        if multi_label and function == "softmax":
+            raise DeeBertError(
+                ErrorType.VALIDATION,
+                'parameters.function_to_apply "softmax" is not available: this multi-label model scores each label '
+                'with its own sigmoid; send "sigmoid" (the default) or "none" (logits)',
+            )
+        if function == "sigmoid" and not multi_label:
             raise DeeBertError(
                 ErrorType.VALIDATION,
                 'parameters.function_to_apply "sigmoid" is not available: the early-exit loop keeps each '
                 'off-ramp\'s softmax; send "softmax" (probabilities) or "none" (log-probabilities)',
             )
-        if function == "softmax" and self.raw_scores:
+        if function == expected and self.raw_scores:
             raise DeeBertError(
-                ErrorType.VALIDATION, 'raw_scores: true contradicts parameters.function_to_apply "softmax"'
+                ErrorType.VALIDATION, f'raw_scores: true contradicts parameters.function_to_apply "{expected}"'
             )
         return self.raw_scores or function == "none"
 
@@ -244,7 +258,10 @@ class ModelInfo(BaseModel):
     num_layers: int
     max_length: int
     pooling: str
-    exit_criterion: str = Field(description="what thresholds mean: entropy (DeeBERT), max-prob or patience")
+    exit_criterion: str = Field(
+        description="what thresholds mean: entropy (DeeBERT), max-prob, patience, or label-entropy (multi-label)"
+    )
+    multi_label: bool = Field(False, description="one sigmoid per label (any number of labels on) instead of a softmax")
     default_threshold: float
     default_threshold_name: str | None
     presets: list[PresetInfo]

@@ -3,8 +3,10 @@ converted in seconds: full depth equals the classifier on every backend, off-ram
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,9 @@ from model.backends import load_backend
 from model.checkpoint import CheckpointError, load_model, require_deebert
 from model.convert import SUPPORTED, ConvertError, ConvertSettings, convert, load_classifier
 from model.tokenization import load_tokenizer, pad_batch, tokenize
+from server.engine import Engine
 from tests.helpers import HIDDEN, LAYERS, assert_compacts_mixed_thresholds, backbone_values, write_vocab
+from tests.server_helpers import make_app, serving
 
 GOOD = ["great", "good", "fun", "love", "brilliant"]
 BAD = ["awful", "bad", "dull", "boring", "terrible"]
@@ -40,10 +44,10 @@ def toy_texts(count: int, seed: int = 0) -> tuple[list[str], list[int]]:
     return texts, labels
 
 
-def classifier_config(model_type: str, vocab_size: int) -> Any:
+def classifier_config(model_type: str, vocab_size: int, labels: tuple[str, ...] = ("negative", "positive")) -> Any:
     values: dict[str, Any] = backbone_values(model_type, vocab_size)
     values.pop("model_type")
-    values |= {"id2label": {0: "negative", 1: "positive"}, "label2id": {"negative": 0, "positive": 1}}
+    values |= {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
     if model_type in ("roberta", "xlm-roberta"):
         values["type_vocab_size"] = 1
     if model_type == "electra":
@@ -53,12 +57,17 @@ def classifier_config(model_type: str, vocab_size: int) -> Any:
     return AutoConfig.for_model(model_type, **values)
 
 
-def write_classifier(directory: Path, model_type: str, fine_tune_steps: int = 0) -> Path:
+def write_classifier(
+    directory: Path, model_type: str, fine_tune_steps: int = 0, labels: tuple[str, ...] | None = None
+) -> Path:
     """A tiny random `{model_type}ForSequenceClassification` saved with a tokenizer; with `fine_tune_steps`,
     first fine-tuned a little on the toy task by a plain loop over the transformers model (not our code)."""
     tokenizer = write_vocab(directory)
     torch.manual_seed(3)
-    model = AutoModelForSequenceClassification.from_config(classifier_config(model_type, tokenizer.vocab_size))
+    config = classifier_config(model_type, tokenizer.vocab_size, *([labels] if labels else []))
+    if labels:  # one sigmoid per label
+        config.problem_type = "multi_label_classification"
+    model = AutoModelForSequenceClassification.from_config(config)
     if fine_tune_steps:
         texts, labels = toy_texts(256, seed=1)
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -209,3 +218,41 @@ def test_serving_a_plain_classifier_says_how_to_convert_it(tmp_path: Path) -> No
         require_deebert(source, str(source))
     config = json.loads((source / "config.json").read_text())
     assert config["architectures"] == ["BertForSequenceClassification"]
+
+
+def test_a_multi_label_classifier_converts_and_serves_every_label_on_both_apis(tmp_path: Path) -> None:
+    emotions = ("joy", "anger", "fear")
+    source = write_classifier(tmp_path / "classifier", "bert", labels=emotions)
+    texts, _ = toy_texts(160)
+    log = convert(quick(source, write_lines(tmp_path / "texts.txt", texts), tmp_path / "out"))
+    assert log.full_depth_max_logit_difference <= PARITY_TOLERANCE
+    assert log.stage2["objective"] == "bce-from-final-sigmoids" and log.per_layer_agreement_with_full_depth[-1] == 1.0
+    model = load_model(tmp_path / "out")
+    assert model.config.exit_criterion == "label-entropy" and model.config.labels == list(emotions)
+    logits = classifier_logits(source, texts[:4])
+    expected = torch.sigmoid(logits)
+
+    async def ask() -> tuple[dict[str, Any], list[Any], dict[str, Any], list[Any]]:
+        engine = Engine(model, load_tokenizer(tmp_path / "out"), torch.device("cpu"))
+        async with serving(make_app(engine)) as client:
+            ours = await client.post("/v1/classify", json={"texts": texts[:4]}, headers={"X-Exit-Threshold": "0"})
+            tei = await client.post(
+                "/predict", json={"inputs": [[t] for t in texts[:4]]}, headers={"X-Exit-Threshold": "0"}
+            )
+            info = await client.get("/v1/model")
+            raw = await client.post("/predict", json={"inputs": texts[0], "raw_scores": True})
+        return ours.json(), tei.json(), info.json(), raw.json()
+
+    ours, tei, info, raw = asyncio.run(ask())
+    # TEI's raw scores of a multi-label model are its logits; the default threshold may exit early, so they
+    # come from whichever off-ramp answered: at full depth they would be the classifier's.
+    assert len(raw) == len(emotions) and all(math.isfinite(item["score"]) for item in raw)
+    assert info["multi_label"] is True and info["exit_criterion"] == "label-entropy"
+    for row, result in enumerate(ours["results"]):
+        scores = [result["probabilities"][name] for name in emotions]
+        assert scores == pytest.approx(expected[row].tolist(), abs=1e-5)
+        assert result["labels_on"] == [name for name, p in zip(emotions, scores, strict=True) if p >= 0.5]
+        assert 0.0 <= result["entropy"] <= math.log(2) + 1e-6 and result["exit_layer"] == LAYERS
+        assert {item["label"]: item["score"] for item in tei[row]} == pytest.approx(
+            dict(zip(emotions, scores, strict=True)), abs=1e-5
+        )

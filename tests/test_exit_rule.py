@@ -240,3 +240,22 @@ def test_a_reduced_precision_runtime_is_held_to_the_fp32_models_accuracy() -> No
     # ...and where not even full depth meets the mark, the preset is full depth.
     strict = calibrate(probs, entropies, labels, {"lossless": 0.0}, reference_accuracy=0.9)[0]
     assert strict.threshold == 0.0 and strict.expected_saving == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(exit_rule.CRITERIA))
+def test_batch1_outputs_equal_the_tensor_outputs(name: str) -> None:
+    """Each criterion's probabilities and entropy from one row's logits as Python numbers (the batch-1 path)
+    match its tensor version; for the multi-label rule they are the sigmoids and the largest binary entropy."""
+    criterion = exit_rule.CRITERIA[name]
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 4, generator=generator) * 6
+    probabilities, entropies = criterion.outputs(logits)
+    for row in range(logits.shape[0]):
+        one_probabilities, one_entropy = criterion.outputs_of(logits[row].tolist())
+        assert one_probabilities == pytest.approx(probabilities[row].tolist(), abs=1e-6)
+        assert one_entropy == pytest.approx(float(entropies[row]), abs=1e-5)
+    if criterion.multi_label:
+        assert torch.allclose(probabilities, torch.sigmoid(logits))
+        assert float(entropies.max()) <= math.log(2) + 1e-6
+        sure = criterion.outputs(torch.tensor([[20.0, -20.0, 20.0]]))[1]
+        assert float(sure[0]) < 1e-6, "every label certain: the row may leave at any threshold > 0"

@@ -17,6 +17,8 @@ from server.schemas import ClassifyRequest, ClassifyResponse
 from server.strict_json import StrictJsonRoute
 
 router = APIRouter(route_class=StrictJsonRoute, tags=["inference"])
+# A multi-label model's label is on when its sigmoid reaches this (transformers' own rule for such heads).
+ON_THRESHOLD = 0.5
 
 
 @router.post(
@@ -59,8 +61,10 @@ def encode(answer: pipeline.Answer, engine: Engine, return_probabilities: bool) 
             "exit_layer": o.exit_layer,
             "entropy": o.entropy,
         }
-        if return_probabilities:
+        if return_probabilities or engine.is_multi_label:
             result["probabilities"] = dict(zip(labels, o.probabilities, strict=True))
+        if engine.is_multi_label:
+            result["labels_on"] = [name for name, p in zip(labels, o.probabilities, strict=True) if p >= ON_THRESHOLD]
         results.append(result)
     return {
         "model": engine.name,

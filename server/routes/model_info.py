@@ -21,6 +21,7 @@ async def model_info(state: State) -> ModelInfo:
     return ModelInfo(
         model=engine.name,
         task="text-pair-classification" if engine.is_pair_task else "text-classification",
+        multi_label=engine.is_multi_label,
         labels=engine.labels,
         num_layers=engine.num_layers,
         max_length=engine.max_length,

@@ -56,6 +56,7 @@ class Reply:
     batched: bool
     log_probabilities: bool
     top_k: int | None
+    multi_label: bool = False  # scores are per-label sigmoids; raw scores are then the logits
 
 
 async def predict(
@@ -85,7 +86,12 @@ for path, operation in zip(TEI_PREDICT_PATHS, ("predict", "predict_root", "invoc
 def decode(body: PredictRequest, x_exit_threshold: str | None, engine: Engine) -> tuple[pipeline.Job, Reply]:
     """TEI's `inputs` read for this model (texts, or pairs on a pair model), and how to reply."""
     texts, pairs, batched = body.normalized(pair_model=engine.is_pair_task)
-    reply = Reply(batched, body.log_probabilities(), body.parameters.top_k if body.parameters is not None else None)
+    reply = Reply(
+        batched,
+        body.log_probabilities(engine.is_multi_label),
+        body.parameters.top_k if body.parameters is not None else None,
+        engine.is_multi_label,
+    )
     truncate = body.truncate if body.truncate is not None else AUTO_TRUNCATE
     side: TruncationSide = "left" if body.truncation_direction.lower() == "left" else "right"
     return pipeline.Job(texts, pairs, None, x_exit_threshold, truncate, side), reply
@@ -99,9 +105,13 @@ def encode(answer: pipeline.Answer, labels: list[str], reply: Reply) -> list[Any
 
 def predictions(probabilities: list[float], labels: list[str], reply: Reply) -> list[dict[str, Any]]:
     """One input's labels and scores, sorted by score descending (ties keep the labels' order)."""
-    scores = (
-        [math.log(max(p, SMALLEST_PROBABILITY)) for p in probabilities] if reply.log_probabilities else probabilities
-    )
+    scores = probabilities
+    if reply.log_probabilities and reply.multi_label:  # the sigmoids' logits, log(p / (1 - p))
+        scores = [
+            math.log(max(p, SMALLEST_PROBABILITY)) - math.log(max(1 - p, SMALLEST_PROBABILITY)) for p in probabilities
+        ]
+    elif reply.log_probabilities:
+        scores = [math.log(max(p, SMALLEST_PROBABILITY)) for p in probabilities]
     ranked = sorted(zip(scores, labels, strict=True), key=lambda pair: -pair[0])
     return [{"score": score, "label": label} for score, label in ranked[: reply.top_k]]
 
