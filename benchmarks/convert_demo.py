@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default="runs/convert_demo")
     parser.add_argument("--output-dir", default="benchmarks/results/convert_demo")
     parser.add_argument("--objectives", default="distill,labels")
+    parser.add_argument("--epochs", type=int, default=10, help="deebert convert --epochs")
+    parser.add_argument("--reuse-classifier", action="store_true", help="skip fine-tuning: the work dir's classifier")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -204,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["python", "-m", "benchmarks.convert_demo", *(argv or sys.argv[1:])]),
         "machine": describe_machine(machine_description()),
     }
-    result["fine_tune"] = fine_tune(args.task, data_dir, classifier, args.train_rows, args.seed)
+    if args.reuse_classifier and (classifier / "config.json").is_file():
+        previous = Path(args.output_dir) / f"{args.task}.json"
+        result["fine_tune"] = json.loads(previous.read_text())["fine_tune"] | {"reused": True}
+    else:
+        result["fine_tune"] = fine_tune(args.task, data_dir, classifier, args.train_rows, args.seed)
     dev = read_dataset(data_dir / "dev.tsv")
     max_length = TASKS[args.task].max_length
     original = original_logits(classifier, dev.texts, dev.text_pairs, max_length)
@@ -220,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 objective=objective,  # type: ignore[arg-type]
                 max_length=max_length,
                 max_texts=args.train_texts,
+                epochs=args.epochs,
                 seed=args.seed,
             )
         )
