@@ -151,3 +151,19 @@ def test_allocator_library_found_without_the_linker_cache(monkeypatch: pytest.Mo
     monkeypatch.setattr(memory, "LIBRARY_DIRECTORIES", (str(tmp_path / "missing"), str(tmp_path)))
     assert memory.find_allocator_library("jemalloc") == str(tmp_path / "libjemalloc.so.2")
     assert memory.find_allocator_library("tcmalloc") is None
+
+
+def test_openvino_backend_runs_on_the_system_allocator() -> None:
+    """OpenVINO aborts under a preloaded jemalloc: with it asked for, `auto` becomes the system allocator (and
+    says why), a preloading allocator asked for by name is refused at start, and other backends are untouched."""
+    from server.serve import allocator_for
+    from server.settings import ServerSettings
+
+    assert allocator_for(ServerSettings(backend="openvino")) == (
+        "system",
+        "DEEBERT_BACKEND=openvino: the system allocator (OpenVINO aborts under a preloaded jemalloc)",
+    )
+    assert allocator_for(ServerSettings(backend="openvino", allocator="system")) == ("system", "")
+    assert allocator_for(ServerSettings(backend="onnxruntime")) == ("auto", "")
+    with pytest.raises(memory.AllocatorError, match="DEEBERT_ALLOCATOR=jemalloc cannot serve"):
+        allocator_for(ServerSettings(backend="openvino", allocator="jemalloc"))
