@@ -1,8 +1,4 @@
-"""Targets instead of thresholds: moves the server's default threshold along a ladder (full depth at rung 0, the
-ceiling last) to hold an agreement target (Wilson intervals over shadow-sampled evidence), a p99 target, or
-both. Pure logic over a clock: the server feeds it evidence and latencies and calls `tick`; tests drive it with
-a fake clock. How each policy decides, and why: docs/controller.md ("How it decides").
-"""
+"""The threshold controller: both policies (agreement, latency) over one ladder, its clock, and its state file."""
 
 from __future__ import annotations
 
@@ -14,25 +10,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from server.controller.evidence import EvidenceWindow, LadderEvidence
+from server.controller.statistics import DEFAULT_Z, DEFAULT_Z_BELOW, Interval
+from server.controller.targets import Adjustment, Reason, Targets
+
 logger = logging.getLogger("deebert.controller")
 
 STATE_VERSION = 1
-# z of a 90 % two-sided interval: each side is a 95 % one-sided bound.
-DEFAULT_Z = 1.645
-# z of the test that a rung is *below* a level: stricter (99.5 % one-sided), since it runs on three windows
-# at every tick and a false alarm moves the default for nothing. Simulated (tests/test_controller.py's
-# streams, 20 000 samples at agreement 0.995 against a target of 0.99, 5 seeds): z = 1.645 moved the default
-# 9-32 times; 2.576 moved it twice in 2 seeds (one false alarm, and back), never in 3; 3.09 never, but it
-# missed the shipped model's drift from SST-2 to MRPC/RTE text at `fast` (0.953 -> 0.91 against 0.95) for
-# over 400 samples. A drop to 0.85 was acted on within 10-110 samples with 2.576.
-DEFAULT_Z_BELOW = 2.576
 DEFAULT_WINDOWS = (100, 400, 2000)
 # Latency: "threatened" while the queue wait exceeds this share of the target; "recovered" below LOW_WATER.
 QUEUE_SHARE = 0.5
@@ -44,121 +33,6 @@ RATE_FALLEN = 0.8
 # Each probe that breaks the target again under the same load doubles that window, up to this many times
 # `latency_memory_s`.
 MAX_BACKOFF = 8
-
-
-class Reason(StrEnum):
-    """Why the default threshold moved (the `reason` label of `deebert_controller_adjustments_total`)."""
-
-    AGREEMENT_LOW = "agreement_low"
-    AGREEMENT_ROOM = "agreement_room"
-    LATENCY_HIGH = "latency_high"
-    LATENCY_RECOVERED = "latency_recovered"
-    FLOOR = "agreement_floor"
-    RESUMED = "resumed"
-
-
-@dataclass(frozen=True)
-class LadderEvidence:
-    """One shadow-sampled text, run to full depth: for every rung, whether an exit there would give the full
-    model's label, and the layer (1..n) it would leave at."""
-
-    agrees: tuple[bool, ...]
-    exit_layers: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Targets:
-    """What the controller holds. `agreement_floor` only matters when both targets are set."""
-
-    agreement: float | None = None
-    p99_s: float | None = None
-    agreement_floor: float | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("agreement", "agreement_floor"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 < value < 1.0:
-                raise ValueError(f"{name} must be within (0, 1), got {value}")
-        if self.p99_s is not None and self.p99_s <= 0:
-            raise ValueError(f"the p99 target must be > 0, got {self.p99_s}")
-        if self.agreement_floor is not None and self.agreement is not None and self.agreement_floor > self.agreement:
-            raise ValueError(
-                f"the agreement floor ({self.agreement_floor}) is above the agreement target ({self.agreement}): "
-                "the floor is how far latency may trade agreement below the target"
-            )
-
-    @property
-    def any(self) -> bool:
-        return self.agreement is not None or self.p99_s is not None
-
-    @property
-    def floor(self) -> float | None:
-        """The agreement latency may not push below: the floor if set, else the agreement target (if set)."""
-        return self.agreement_floor if self.agreement_floor is not None else self.agreement
-
-
-@dataclass(frozen=True)
-class Interval:
-    """Agreement at one rung over one window: agreeing samples of `samples`, and its Wilson interval."""
-
-    agreeing: int
-    samples: int
-    lower: float
-    upper: float
-
-    @classmethod
-    def of(cls, agreeing: int, samples: int, z: float) -> Interval:
-        """`agreeing` of `samples` with its Wilson interval at `z`."""
-        return cls(agreeing, samples, *wilson_interval(agreeing, samples, z))
-
-    @property
-    def estimate(self) -> float:
-        return self.agreeing / self.samples if self.samples else math.nan
-
-    def describe(self) -> str:
-        return f"{self.estimate:.4f} [{self.lower:.4f}, {self.upper:.4f}] over {self.samples}"
-
-
-@dataclass(frozen=True)
-class Adjustment:
-    """One move of the default threshold, with the evidence behind it."""
-
-    reason: Reason
-    from_rung: int
-    to_rung: int
-    from_threshold: float
-    to_threshold: float
-    evidence: str
-
-
-def wilson_interval(agreeing: int, samples: int, z: float = DEFAULT_Z) -> tuple[float, float]:
-    """The Wilson score interval of a proportion (agreeing of samples); (0, 1) without samples."""
-    if samples <= 0:
-        return 0.0, 1.0
-    p = agreeing / samples
-    z2 = z * z
-    centre = (p + z2 / (2 * samples)) / (1 + z2 / samples)
-    half = z * math.sqrt(p * (1 - p) / samples + z2 / (4 * samples * samples)) / (1 + z2 / samples)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-@dataclass
-class _Evidence:
-    """The evidence window: rows of per-rung agreement (bool) and exit layers, newest last."""
-
-    capacity: int
-    agrees: deque[np.ndarray] = field(default_factory=deque)
-    exit_layers: deque[np.ndarray] = field(default_factory=deque)
-
-    def add(self, evidence: LadderEvidence) -> None:
-        self.agrees.append(np.asarray(evidence.agrees, dtype=bool))
-        self.exit_layers.append(np.asarray(evidence.exit_layers, dtype=np.int16))
-        while len(self.agrees) > self.capacity:
-            self.agrees.popleft()
-            self.exit_layers.popleft()
-
-    def __len__(self) -> int:
-        return len(self.agrees)
 
 
 class ThresholdController:
@@ -212,7 +86,7 @@ class ThresholdController:
         self._stepped_back_at: float | None = None  # when latency last moved the default back
         self._pushed: tuple[float, float] | None = None  # when latency last pushed, and the request rate then
         self._lock = threading.Lock()
-        self._evidence = _Evidence(self.windows[-1])
+        self._evidence = EvidenceWindow(self.windows[-1])
         self._received = 0  # evidence ever recorded
         self._low_at = 0  # `_received` when agreement last moved the default down: older evidence cannot raise it
         self._latencies: deque[tuple[float, float]] = deque()
