@@ -23,7 +23,7 @@ from server.memory import release_freed_memory
 from server.middleware import ServingMiddleware, UnexpectedErrorMiddleware
 from server.routes import classify, health, model_info, tei
 from server.settings import ServerSettings
-from server.state import ServerState, save_controller_state, steer_default_threshold
+from server.state import ServerState, build_state, save_controller_state, steer_default_threshold
 from server.strict_json import StrictJsonRoute
 
 logger = logging.getLogger("deebert.server")
@@ -80,7 +80,7 @@ async def prepare(state: ServerState) -> None:
     """Load (if needed) and warm up the engine off the event loop, then start batching and report ready."""
     try:
         engine = state.engine if state.engine is not None else await asyncio.to_thread(Engine.load, state.settings)
-        state.attach(engine)
+        build_state(state.settings, engine, state)
         assert state.batcher is not None
         if state.settings.warmup:
             # On the batch thread itself: a first forward on a fresh thread costs ~200 ms of one-off setup.

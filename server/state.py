@@ -1,4 +1,5 @@
-"""What every route shares (`ServerState`, kept in `app.state.deebert`), and how its parts are wired together."""
+"""What every route shares (`ServerState`, kept in `app.state.deebert`), and `build_state`, which wires a loaded
+engine into it: metrics, brownout, the controller and its shadow sampling, the batcher."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from server.batcher import Batcher, Row, RowAnswer
 from server.brownout import Brownout
@@ -40,61 +43,6 @@ class ServerState:
     housekeeping: asyncio.Task[None] | None = field(default=None, repr=False)
     steering: asyncio.Task[None] | None = field(default=None, repr=False)
 
-    def attach(self, engine: Engine) -> None:
-        """Wire the metrics and the batcher to a loaded engine."""
-        self.engine = engine
-        runtime = {
-            "device": str(engine.device),
-            "dtype": engine.dtype_name,
-            "backend": engine.backend,
-            "backend_reason": engine.backend_reason,
-            "allocator": loaded_allocator(),
-        }
-        metrics = Metrics(engine.num_layers, engine.name, engine.labels, engine.saving_from_totals, runtime)
-        self.metrics = metrics
-
-        self.brownout = make_brownout(self.settings, engine, metrics)
-        made = make_controller(self.settings, engine, metrics)
-        if made is not None:
-            self.controller, self.ladder = made
-        controller = self.controller
-        metrics.record_controller(self.default_threshold(engine).value, {}, None)
-        fraction = self.settings.effective_shadow_fraction
-        shadow = (
-            ShadowSampler(
-                fraction,
-                engine.num_layers,
-                engine.full_depth_labels,
-                metrics.record_agreement,
-                ladder_evidence=functools.partial(engine.ladder_exits, ladder=controller.ladder)
-                if controller is not None
-                else None,
-                on_evidence=controller.record_evidence if controller is not None else None,
-            )
-            if fraction > 0
-            else None
-        )
-
-        def on_answer(row: Row, answer: RowAnswer) -> None:
-            outcome: RowOutcome = answer.value
-            metrics.record_exit(outcome.exit_layer, outcome.entropy, row.threshold, answer.queue_s, answer.compute_s)
-            if shadow is not None:
-                job = shadow.sample(row.item, outcome.exit_layer, outcome.label_id)
-                if job is not None and not batcher.submit_idle([job]):
-                    metrics.record_shadow_dropped()
-
-        batcher = self.batcher = Batcher(
-            engine.run_batch,
-            max_batch_size=self.settings.max_batch_size,
-            max_wait_s=self.settings.max_wait_ms / 1000,
-            max_queue_size=self.settings.max_queue_size,
-            on_depth=metrics.record_queue_depth,
-            on_batch=metrics.record_batch,
-            on_answer=on_answer,
-            idle_runner=shadow.compare if shadow is not None else None,
-            max_idle_items=self.settings.max_queue_size,
-        )
-
     def default_threshold(self, engine: Engine) -> Threshold:
         """The threshold of a request that pins none: the controller's rung now, else the configured default."""
         if self.controller is None:
@@ -109,6 +57,79 @@ class ServerState:
             detail = f": {self.load_error}" if self.load_error else "; retry shortly"
             raise DeeBertError(ErrorType.NOT_READY, f"the model is not ready yet{detail}", {"Retry-After": "1"})
         return self.engine, self.batcher
+
+
+def build_state(settings: ServerSettings, engine: Engine, state: ServerState | None = None) -> ServerState:
+    """Wire a loaded engine into what the routes share (vLLM's `init_app_state` is the model): the metrics, brownout,
+    the controller with its ladder and shadow sampling, and the batcher that feeds the engine. `state` is filled
+    in when given (the app keeps one from its start, to answer 503 while the model loads), else made."""
+    state = state if state is not None else ServerState(settings)
+    runtime = {
+        "device": str(engine.device),
+        "dtype": engine.dtype_name,
+        "backend": engine.backend,
+        "backend_reason": engine.backend_reason,
+        "allocator": loaded_allocator(),
+    }
+    metrics = Metrics(engine.num_layers, engine.name, engine.labels, engine.saving_from_totals, runtime)
+    brownout = make_brownout(settings, engine, metrics)
+    controller, ladder = make_controller(settings, engine, metrics) or (None, [])
+    shadow = make_shadow(settings, engine, metrics, controller)
+    recorder = AnswerRecorder(metrics, shadow)
+    batcher = Batcher(
+        engine.run_batch,
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_wait_ms / 1000,
+        max_queue_size=settings.max_queue_size,
+        on_depth=metrics.record_queue_depth,
+        on_batch=metrics.record_batch,
+        on_answer=recorder,
+        idle_runner=shadow.compare if shadow is not None else None,
+        max_idle_items=settings.max_queue_size,
+    )
+    recorder.queue_idle = batcher.submit_idle  # the shadow's re-runs go to the batcher's idle queue
+    state.engine, state.metrics, state.brownout, state.batcher = engine, metrics, brownout, batcher
+    state.controller, state.ladder = controller, ladder
+    metrics.record_controller(state.default_threshold(engine).value, {}, None)
+    return state
+
+
+@dataclass
+class AnswerRecorder:
+    """What happens as each text is answered: its metrics, and with shadow sampling, a full-depth re-run of a
+    sample of them queued for the batcher's idle time (`queue_idle`, set once the batcher exists)."""
+
+    metrics: Metrics
+    shadow: ShadowSampler | None
+    queue_idle: Callable[[list[Any]], bool] = field(default=lambda items: False)
+
+    def __call__(self, row: Row, answer: RowAnswer) -> None:
+        outcome: RowOutcome = answer.value
+        self.metrics.record_exit(outcome.exit_layer, outcome.entropy, row.threshold, answer.queue_s, answer.compute_s)
+        if self.shadow is not None:
+            job = self.shadow.sample(row.item, outcome.exit_layer, outcome.label_id)
+            if job is not None and not self.queue_idle([job]):
+                self.metrics.record_shadow_dropped()
+
+
+def make_shadow(
+    settings: ServerSettings, engine: Engine, metrics: Metrics, controller: ThresholdController | None
+) -> ShadowSampler | None:
+    """Shadow sampling (full-depth re-runs of a share of the answered texts) when the settings ask for it; with a
+    controller, each re-run also reads every rung of its ladder."""
+    fraction = settings.effective_shadow_fraction
+    if fraction <= 0:
+        return None
+    return ShadowSampler(
+        fraction,
+        engine.num_layers,
+        engine.full_depth_labels,
+        metrics.record_agreement,
+        ladder_evidence=functools.partial(engine.ladder_exits, ladder=controller.ladder)
+        if controller is not None
+        else None,
+        on_evidence=controller.record_evidence if controller is not None else None,
+    )
 
 
 def make_brownout(
