@@ -27,12 +27,14 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from model.calibrate import choose_presets
 from model.checkpoint import CheckpointError, is_deebert_checkpoint, resolve_directory, save_model
 from model.config import DeeBertConfig, Preset
 from model.data import FORMATS, DataError, Dataset, read_dataset
 from model.evaluate import all_layer_outputs, per_layer_accuracy
 from model.modeling import WITH_OPTIONAL_POOLER, WITHOUT_TOKEN_TYPES, DeeBert, OffRamp
-from model.saving import expected_saving
+from model.saving import saving_from_counts
+from model.sweep import SweepPoint, exit_counts
 from model.tokenization import tokenize
 from model.train import TrainSettings, extract_features, frozen_fingerprint, seed_everything, train_stage2
 
@@ -159,18 +161,13 @@ def agreement_presets(
     exit_layers = criterion.first_exit_layers(probabilities, entropies, thresholds)  # [candidates, samples]
     samples = torch.arange(probabilities.shape[1])
     num_layers = probabilities.shape[0]
-    scored = []
+    points = []
     for threshold, layers in zip(candidates, exit_layers, strict=True):
         at_exit = answers(probabilities[layers, samples], multi_label)
         agreement = float(same_answer(at_exit, full, multi_label).float().mean())
-        saving = expected_saving((layers + 1).tolist(), num_layers) or 0.0
-        scored.append((threshold, agreement, saving))
-    presets = []
-    for name, tolerance in AGREEMENT_TOLERANCES.items():
-        allowed = [s for s in scored if s[1] >= 1 - tolerance - 1e-12] or [scored[0]]
-        threshold, agreement, saving = max(allowed, key=lambda s: (s[2], criterion.aggressiveness(s[0])))
-        presets.append(Preset(name, threshold, agreement, saving, tolerance))
-    return presets
+        counts = exit_counts(layers, num_layers)
+        points.append(SweepPoint(threshold, agreement, saving_from_counts(counts) or 0.0, counts))
+    return choose_presets(points, 1.0, AGREEMENT_TOLERANCES, criterion)
 
 
 def label_names(config: Any) -> list[str]:
