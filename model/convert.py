@@ -32,6 +32,7 @@ from model.checkpoint import CheckpointError, is_deebert_checkpoint, resolve_dir
 from model.config import DeeBertConfig, Preset
 from model.data import FORMATS, DataError, Dataset, read_dataset
 from model.evaluate import all_layer_outputs, per_layer_accuracy
+from model.exit_rule import LABEL_ON_PROBABILITY
 from model.modeling import WITH_OPTIONAL_POOLER, WITHOUT_TOKEN_TYPES, DeeBert, OffRamp
 from model.saving import saving_from_counts
 from model.sweep import SweepPoint, exit_counts
@@ -142,7 +143,7 @@ def is_multi_label(config: Any) -> bool:
 def answers(probabilities: torch.Tensor, multi_label: bool) -> torch.Tensor:
     """What a classifier answers from probabilities [..., samples, labels]: the top label, or (multi-label)
     which labels are on (sigmoid >= 0.5)."""
-    return probabilities >= 0.5 if multi_label else probabilities.argmax(dim=-1)
+    return probabilities >= LABEL_ON_PROBABILITY if multi_label else probabilities.argmax(dim=-1)
 
 
 def same_answer(a: torch.Tensor, b: torch.Tensor, multi_label: bool) -> torch.Tensor:

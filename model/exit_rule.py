@@ -50,6 +50,10 @@ def entropy_of(logits: Sequence[float]) -> tuple[list[float], float]:
     return probabilities, math.log(total) - sum(p * value for p, value in zip(probabilities, shifted, strict=True))
 
 
+# A multi-label classifier's label is on when its sigmoid reaches this (transformers' own rule for such heads).
+LABEL_ON_PROBABILITY = 0.5
+
+
 def label_entropy_from_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-label outputs: each label's sigmoid, and the largest of the labels' binary entropies (nats), in
     fp32. H(σ(x)) = σ(x)·softplus(−x) + σ(−x)·softplus(x), stable for any x."""

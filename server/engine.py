@@ -21,6 +21,7 @@ from model.backends import BackendError, ExitModel, load_backend, pick_backend
 from model.checkpoint import CheckpointError, load_model, require_deebert, resolve_directory
 from model.config import ConfigError, UnknownPresetError
 from model.device import DeviceError, pick_device, pick_dtype, prepare
+from model.exit_rule import LABEL_ON_PROBABILITY
 from model.modeling import DeeBert
 from model.onnx_backend import default_cache_dir
 from model.onnx_export import ExportError, model_digest
@@ -181,6 +182,10 @@ class Engine:
     def is_multi_label(self) -> bool:
         """One sigmoid per label (the label-entropy exit rule), not one softmax."""
         return self.config.criterion.multi_label
+
+    def labels_on(self, probabilities: Sequence[float]) -> list[str]:
+        """A multi-label answer's labels that are on, in label order."""
+        return [name for name, p in zip(self.labels, probabilities, strict=True) if p >= LABEL_ON_PROBABILITY]
 
     @property
     def model_max_positions(self) -> int:

@@ -17,8 +17,6 @@ from server.schemas import ClassifyRequest, ClassifyResponse
 from server.strict_json import StrictJsonRoute
 
 router = APIRouter(route_class=StrictJsonRoute, tags=["inference"])
-# A multi-label model's label is on when its sigmoid reaches this (transformers' own rule for such heads).
-ON_THRESHOLD = 0.5
 
 
 @router.post(
@@ -64,7 +62,7 @@ def encode(answer: pipeline.Answer, engine: Engine, return_probabilities: bool) 
         if return_probabilities or engine.is_multi_label:
             result["probabilities"] = dict(zip(labels, o.probabilities, strict=True))
         if engine.is_multi_label:
-            result["labels_on"] = [name for name, p in zip(labels, o.probabilities, strict=True) if p >= ON_THRESHOLD]
+            result["labels_on"] = engine.labels_on(o.probabilities)
         results.append(result)
     return {
         "model": engine.name,
