@@ -33,10 +33,10 @@ from model.config import DeeBertConfig, Preset
 from model.data import FORMATS, DataError, Dataset, read_dataset
 from model.evaluate import all_layer_outputs, per_layer_accuracy
 from model.exit_rule import LABEL_ON_PROBABILITY
-from model.modeling import WITH_OPTIONAL_POOLER, WITHOUT_TOKEN_TYPES, DeeBert, OffRamp
+from model.modeling import WITHOUT_TOKEN_TYPES, DeeBert, OffRamp
 from model.saving import saving_from_counts
 from model.sweep import SweepPoint, exit_counts
-from model.tokenization import tokenize
+from model.tokenization import pad_batch, tokenize
 from model.train import TrainSettings, extract_features, frozen_fingerprint, seed_everything, train_stage2
 
 logger = logging.getLogger("deebert.convert")
@@ -235,8 +235,6 @@ def deebert_from_classifier(
             with torch.no_grad():
                 linear.weight.normal_(0.0, 0.02, generator=generator)
                 linear.bias.zero_()
-    if model_type not in WITH_OPTIONAL_POOLER and hasattr(model.backbone, "pooler"):
-        raise ConvertError(f"{source}: unexpected pooler on a {model_type} encoder")
     return model.eval()
 
 
@@ -303,7 +301,7 @@ def convert(settings: ConvertSettings) -> ConversionLog:
     log.train_texts, log.held_out_texts = len(train), len(held_out)
     pad_id = int(tokenizer.pad_token_id)
     encoded = tokenize(tokenizer, train.texts, train.text_pairs, max_length)
-    log.full_depth_max_logit_difference = _full_depth_difference(model, classifier, tokenizer, encoded, pad_id)
+    log.full_depth_max_logit_difference = _full_depth_difference(model, classifier, encoded, pad_id)
 
     before = frozen_fingerprint(model)
     features = extract_features(model, encoded, pad_id, batch_size=64, progress=settings.progress, last=True)
@@ -351,13 +349,9 @@ def convert(settings: ConvertSettings) -> ConversionLog:
     return log
 
 
-def _full_depth_difference(
-    model: DeeBert, classifier: PreTrainedModel, tokenizer: Any, encoded: list[Any], pad_id: int
-) -> float:
+def _full_depth_difference(model: DeeBert, classifier: PreTrainedModel, encoded: list[Any], pad_id: int) -> float:
     """The largest |logit difference| between the converted model at full depth and the classifier itself, on
     up to 64 of the texts (padded together): the conversion's own check that the final off-ramp is the head."""
-    from model.tokenization import pad_batch
-
     batch = pad_batch(encoded[:64], pad_id)
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     if classifier.config.model_type not in WITHOUT_TOKEN_TYPES:
