@@ -249,6 +249,9 @@ class ControllerInfo(BaseModel):
     samples: int = Field(description="shadow samples in the evidence window")
     p99_ms: float | None = Field(description="p99 request time the latency target is judged on")
     latency_rungs: int = Field(description="rungs beyond the agreement's that the latency target asks for")
+    latency_state: str | None = Field(
+        default=None, description="the latency policy's state (steady, pushed, recovering); null without a p99 target"
+    )
 
 
 class ModelInfo(BaseModel):

@@ -419,6 +419,36 @@ def test_a_push_that_empties_the_queue_is_not_undone_while_the_window_remembers_
     assert tick_with(0.010, 12, per_tick=10)[-1] < pushed_to
 
 
+def test_the_latency_state_machine_goes_steady_pushed_recovering_steady() -> None:
+    clock = FakeClock()
+    ctl = controller(4, clock, p99_s=0.050)
+    states: list[str] = []
+
+    def tick_with(seconds: float, ticks: int, per_tick: int = 30) -> None:
+        for _ in range(ticks):
+            for _ in range(per_tick):
+                ctl.record_latency(seconds)
+            clock.now += 0.5
+            ctl.tick()
+            state = ctl.snapshot()["latency_state"]
+            if not states or states[-1] != state:
+                states.append(state)
+
+    tick_with(0.010, 4)
+    assert states == ["steady"] and ctl.rung == 4
+    tick_with(0.080, 2)  # one rung, then two: the step doubles while the overload lasts
+    assert states[-1] == "pushed" and ctl.rung == 7
+    tick_with(0.010, 40, per_tick=2)  # the load fell: the rate is under 0.8 of the push's
+    assert states == ["steady", "pushed", "recovering", "steady"], states
+    assert ctl.rung == 4 and ctl.snapshot()["latency_rungs"] == 0
+    reasons = [adjustment.reason for adjustment in ctl.adjustments]
+    assert reasons == [Reason.LATENCY_HIGH] * 2 + [Reason.LATENCY_RECOVERED] * 3, reasons
+
+
+def test_without_a_latency_target_there_is_no_latency_state() -> None:
+    assert controller(4, FakeClock(), agreement=0.99).snapshot()["latency_state"] is None
+
+
 def test_under_a_lasting_load_it_does_not_walk_back_into_the_rung_that_broke() -> None:
     """Rungs below 7 cannot carry the load (80 ms against a 50 ms target), rungs from 7 can (5 ms). Coming
     back on calm windows alone would step into rung 6 every ~10 s; after the first time, the controller

@@ -3,12 +3,15 @@ ceiling last) to hold an agreement target (Wilson intervals over shadow-sampled 
 both. Pure logic over a clock: the server feeds it evidence and latencies and calls `tick`; tests drive it with
 a fake clock. How each policy decides, and why: docs/controller.md ("How it decides").
 
-The package: `targets` (what it holds, why it moves), `statistics` (Wilson intervals), `evidence` (the shadow
-samples' window), `controller` (`ThresholdController`: both policies, the clock, the state file).
+The package: `targets` (what it holds, why it moves), `statistics` (Wilson intervals and the windowed tests),
+`evidence` (the shadow samples' window), `agreement` (the agreement policy: the base rung), `latency` (the
+latency policy, a state machine: rungs pushed beyond the base), `persistence` (the state file), `controller`
+(`ThresholdController`: the two policies over one ladder, fed by the server, on a clock).
 """
 
 from server.controller.controller import ThresholdController
 from server.controller.evidence import EvidenceWindow, LadderEvidence
+from server.controller.latency import LatencyState
 from server.controller.statistics import DEFAULT_Z, DEFAULT_Z_BELOW, Interval, wilson_interval
 from server.controller.targets import Adjustment, Reason, Targets
 
@@ -19,6 +22,7 @@ __all__ = [
     "EvidenceWindow",
     "Interval",
     "LadderEvidence",
+    "LatencyState",
     "Reason",
     "Targets",
     "ThresholdController",
