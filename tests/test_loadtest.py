@@ -276,9 +276,11 @@ def test_bench_quick_writes_markdown_json_and_plots(checkpoint: Path, data_file:
     for variant in peers["variants"].values():
         assert variant["batch1_mean_ms"] > 0 and variant["batched_sentences_per_s"] > 0
         assert 0.0 <= variant["accuracy"] <= 1.0
-    # fp32 on ONNX Runtime answers as PyTorch does, alone or batched.
-    assert peers["variants"]["ort-plain"]["accuracy"] == peers["variants"]["torch-plain"]["accuracy"]
-    assert peers["variants"]["ort-plain"]["batch1_vs_batched_label_agreement"] == 1.0
+    # fp32 on ONNX Runtime answers as PyTorch does, alone or batched: labels may differ only on a near tie,
+    # whose side depends on the CPU's float arithmetic (at most one sentence here).
+    ort, torch_plain = peers["variants"]["ort-plain"], peers["variants"]["torch-plain"]
+    assert abs(ort["accuracy"] - torch_plain["accuracy"]) <= 1 / ort["samples"]["batched"] + 1e-9
+    assert ort["batch1_vs_batched_label_agreement"] >= 1 - 1 / ort["samples"]["batch1"] - 1e-9
     assert peers["variants"]["ort-balanced"]["expected_saving_batched"] >= 0.0
     assert {t["status"] for t in peers["targets"]} <= {"PASS", "MISS", "n/a"}
     text = md.read_text()
