@@ -75,15 +75,15 @@ def _static(model: Any, fp32_directory: Path, directory: Path, calibration: Sequ
                 manifest.layer_mask_input: mask.sum(axis=1, dtype=np.int32),
                 POOL_WEIGHTS: pool_weights(mask),
             }
-            hidden = model.embed(batch.input_ids, batch.token_type_ids)
-            bias = model.attention_bias(hidden, batch.attention_mask)
-            for index, layer in enumerate(model.layers):
+            hidden = model.embed(batch.input_ids, batch.token_type_ids, batch.attention_mask)
+            inputs = model.layer_inputs(hidden, batch.attention_mask)
+            for index in range(model.num_layers):
                 if index == 0:
                     step = {"input_ids": batch.input_ids.numpy(), "token_type_ids": batch.token_type_ids.numpy()}
                 else:
                     step = {f"hidden_{index}": hidden.numpy().copy()}
                 feeds[index].append({**common, **step})
-                hidden = layer(hidden, bias)
+                hidden = model.run_layer(index + 1, hidden, inputs)
 
     class Reader(CalibrationDataReader):  # type: ignore[misc]
         def __init__(self, rows: list[dict[str, np.ndarray]], names: set[str]) -> None:

@@ -48,11 +48,11 @@ def profile_loop(model: DeeBert, batches: Sequence[Any], rounds: int) -> dict[st
     with torch.inference_mode():
         for _ in range(rounds):
             for batch in batches:
-                hidden = model.embed(batch.input_ids, batch.token_type_ids)
-                mask = model.attention_bias(hidden, batch.attention_mask)
+                hidden = model.embed(batch.input_ids, batch.token_type_ids, batch.attention_mask)
+                inputs = model.layer_inputs(hidden, batch.attention_mask)
                 pool_weights = model.pool_weights(batch.attention_mask, hidden.dtype)
-                for index, layer in enumerate(model.layers[:-1]):
-                    hidden = layer(hidden, mask)
+                for index in range(model.num_layers - 1):
+                    hidden = model.run_layer(index + 1, hidden, inputs)
                     ramp = ramps[index]
                     weights = ramp._inference_weights()
                     if index % 2:  # every other layer: the dense weight read into cache first

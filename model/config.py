@@ -14,7 +14,9 @@ from model.exit_rule import CRITERIA, DEFAULT_CRITERION, ExitCriterion, get_crit
 
 Pooling = Literal["first", "mean"]
 POOLINGS: tuple[str, ...] = ("first", "mean")
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("bert", "roberta", "xlm-roberta", "electra", "distilbert")
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "deberta-v2")
+# Backbones with their own attention (no sdpa path in transformers): DeBERTa-v2/v3's disentangled attention.
+EAGER_ONLY: frozenset[str] = frozenset({"deberta-v2"})
 # A backbone setting under the names transformers' configs give it (DistilBERT: n_layers, dim, n_heads).
 BACKBONE_NAMES: dict[str, tuple[str, ...]] = {
     "num_hidden_layers": ("num_hidden_layers", "n_layers"),
@@ -149,11 +151,12 @@ class DeeBertConfig:
         return len(self.text_columns) == 2
 
     def backbone_config(self) -> PretrainedConfig:
-        """The transformers config of the encoder, with sdpa attention (a mask we can rebuild per layer)."""
+        """The transformers config of the encoder, with sdpa attention (a mask we can rebuild per layer) where
+        the architecture has it."""
         values = dict(self.backbone)
         model_type = values.pop("model_type")
         config = AutoConfig.for_model(model_type, **values)
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = "eager" if model_type in EAGER_ONLY else "sdpa"
         return config
 
     def preset(self, name: str) -> Preset:

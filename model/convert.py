@@ -2,9 +2,9 @@
 
 The classifier's encoder and its classification head stay exactly as they are: the head becomes the final
 off-ramp (BERT's pooler + classifier, RoBERTa's and XLM-R's dense-tanh-out_proj on `<s>`, ELECTRA's dense-GELU
-head, DistilBERT's pre_classifier-ReLU-classifier), so at threshold 0 the converted model answers what the
-classifier answers. Off-ramps after layers 1..n-1 are added and trained alone, on features of the frozen
-encoder computed once (the paper's stage 2):
+head, DistilBERT's pre_classifier-ReLU-classifier, DeBERTa-v2/v3's ContextPooler), so at threshold 0 the
+converted model answers what the classifier answers. Off-ramps after layers 1..n-1 are added and trained
+alone, on features of the frozen encoder computed once (the paper's stage 2):
 
 - without labels (the default), they learn the final head's own distribution on the user's in-domain texts
   (summed KL divergence: soft targets from the frozen model);
@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from model.calibrate import choose_presets
 from model.checkpoint import CheckpointError, is_deebert_checkpoint, resolve_directory, save_model
-from model.config import DeeBertConfig, Preset
+from model.config import EAGER_ONLY, DeeBertConfig, Preset
 from model.data import FORMATS, DataError, Dataset, read_dataset
 from model.evaluate import all_layer_outputs, per_layer_accuracy
 from model.exit_rule import LABEL_ON_PROBABILITY
@@ -42,13 +42,15 @@ from model.train import TrainSettings, extract_features, frozen_fingerprint, see
 logger = logging.getLogger("deebert.convert")
 
 Objective = Literal["distill", "labels"]
-# model_type → (the classifier's encoder attribute, where its head's dense and output layers are, head activation)
-HEADS: dict[str, tuple[str, str, str, str]] = {
+# model_type → (the classifier's encoder attribute, where its head's dense and output layers are, head activation;
+# None: the config's `pooler_hidden_act`)
+HEADS: dict[str, tuple[str, str, str, str | None]] = {
     "bert": ("bert", "bert.pooler.dense", "classifier", "tanh"),
     "roberta": ("roberta", "classifier.dense", "classifier.out_proj", "tanh"),
     "xlm-roberta": ("roberta", "classifier.dense", "classifier.out_proj", "tanh"),
     "electra": ("electra", "classifier.dense", "classifier.out_proj", "gelu"),
     "distilbert": ("distilbert", "pre_classifier", "classifier", "relu"),
+    "deberta-v2": ("deberta", "pooler.dense", "classifier", None),  # ContextPooler on [CLS], v2 and v3
 }
 SUPPORTED = tuple(HEADS)
 # Agreement with full depth each preset keeps on the held-out texts (as a fraction it may lose).
@@ -120,15 +122,22 @@ def classifier_config(source: str) -> tuple[Any, Path]:
         )
     if config.num_labels < 2:
         raise ConvertError(f"{source} has {config.num_labels} output (regression); convert needs 2 or more labels")
+    pooler_size = getattr(config, "pooler_hidden_size", None)
+    if pooler_size is not None and pooler_size != config.hidden_size:
+        raise ConvertError(
+            f"{source}: its head's pooler is {pooler_size} wide and its encoder {config.hidden_size}; "
+            "deebert convert keeps heads as wide as the encoder"
+        )
     return config, directory
 
 
 def load_classifier(source: str) -> tuple[PreTrainedModel, Any, Path]:
-    """The classifier (fp32, eval, sdpa attention), its tokenizer and its directory (`classifier_config`'s
-    checks first)."""
-    _, directory = classifier_config(source)
+    """The classifier (fp32, eval, sdpa attention where the architecture has it), its tokenizer and its
+    directory (`classifier_config`'s checks first)."""
+    config, directory = classifier_config(source)
+    attention = "eager" if config.model_type in EAGER_ONLY else "sdpa"
     model = AutoModelForSequenceClassification.from_pretrained(
-        directory, attn_implementation="sdpa", dtype=torch.float32
+        directory, attn_implementation=attention, dtype=torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(directory, use_fast=True)
     tokenizer.padding_side = "right"
@@ -196,7 +205,8 @@ def deebert_from_classifier(
     off-ramps 1..n-1 initialised as BERT initialises its heads."""
     config = classifier.config
     model_type = config.model_type
-    encoder_name, dense_name, out_name, activation = HEADS[model_type]
+    encoder_name, dense_name, out_name, head_activation = HEADS[model_type]
+    activation = head_activation or str(config.pooler_hidden_act)
     labels = label_names(config)
     deebert_config = DeeBertConfig.from_backbone(
         config,

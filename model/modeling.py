@@ -1,4 +1,5 @@
-"""DeeBERT: a BERT/RoBERTa encoder with an off-ramp after every layer, and early-exit inference.
+"""DeeBERT: an encoder (BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT, DeBERTa-v2/v3) with an off-ramp after every
+layer, and early-exit inference.
 
 Reads top to bottom like the paper: embeddings → layer i → off-ramp i → exit? The last off-ramp is the
 final classifier. Layers are numbered 1..n in everything this module returns. Saving and loading a
@@ -15,7 +16,15 @@ from typing import Any, cast
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import BertModel, DistilBertModel, ElectraModel, PreTrainedModel, RobertaModel, XLMRobertaModel
+from transformers import (
+    BertModel,
+    DebertaV2Model,
+    DistilBertModel,
+    ElectraModel,
+    PreTrainedModel,
+    RobertaModel,
+    XLMRobertaModel,
+)
 from transformers.activations import ACT2FN
 from transformers.masking_utils import create_bidirectional_mask
 
@@ -30,11 +39,14 @@ BACKBONES: dict[str, type[PreTrainedModel]] = {
     "xlm-roberta": XLMRobertaModel,
     "electra": ElectraModel,
     "distilbert": DistilBertModel,
+    "deberta-v2": DebertaV2Model,  # DeBERTa-v2 and v3 (v3 is a v2 config)
 }
 # Backbones without token type embeddings: their embeddings take the token ids alone.
 WITHOUT_TOKEN_TYPES = frozenset({"distilbert"})
 # Those built without a pooler (the off-ramps pool): the others have no pooler to leave out.
 WITH_OPTIONAL_POOLER = frozenset({"bert", "roberta", "xlm-roberta"})
+# Backbones whose layers read relative positions (DeBERTa's disentangled attention) and a [batch, 1, t, t] mask.
+WITH_RELATIVE_POSITIONS = frozenset({"deberta-v2"})
 
 
 def build_backbone(model_type: str, config: Any) -> Any:
@@ -132,12 +144,25 @@ class _InferenceWeights:
 
 
 @dataclass
+class LayerInputs:
+    """What every layer of a batch reads besides the hidden states, built once per batch (and again after
+    compaction): the attention mask in the form the backbone's layers take; for DeBERTa, also its relative
+    positions, its (normalised) relative position embeddings, and the token mask its convolution after
+    layer 1 reads."""
+
+    mask: torch.Tensor | None
+    relative_positions: torch.Tensor | None = None
+    relative_embeddings: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
+
+
+@dataclass
 class _TorchState:
     """The rows still going through the encoder (compacted as rows leave)."""
 
     hidden: torch.Tensor
     attention_mask: torch.Tensor
-    mask: torch.Tensor | None
+    inputs: LayerInputs
     pool_weights: torch.Tensor
 
 
@@ -156,19 +181,22 @@ class _TorchSteps:
     def start(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
     ) -> _TorchState:
-        return self._state(self.model.embed(input_ids, token_type_ids), attention_mask)
+        return self._state(self.model.embed(input_ids, token_type_ids, attention_mask), attention_mask)
 
     def _state(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> _TorchState:
-        """The rows' hidden states with the attention bias and pooling weights their mask implies."""
+        """The rows' hidden states with the layer inputs and pooling weights their mask implies."""
         return _TorchState(
             hidden=hidden,
             attention_mask=attention_mask,
-            mask=self.model.attention_bias(hidden, attention_mask),
+            inputs=self.model.layer_inputs(hidden, attention_mask),
             pool_weights=self.model.pool_weights(attention_mask, hidden.dtype),
         )
 
     def run_layer(self, state: _TorchState, layer_number: int) -> _TorchState:
-        state.hidden = self.layers[layer_number - 1](state.hidden, state.mask)
+        if self.model.relative_positions:
+            state.hidden = self.model.run_layer(layer_number, state.hidden, state.inputs)
+        else:  # the common case without the call: a microsecond per layer at batch 1
+            state.hidden = self.layers[layer_number - 1](state.hidden, state.inputs.mask)
         return state
 
     def off_ramp_logits(self, state: _TorchState, layer_number: int) -> torch.Tensor:
@@ -199,6 +227,7 @@ class DeeBert(nn.Module, EarlyExitModel):
         super().__init__()
         self.config = config
         self.backbone = build_backbone(config.backbone["model_type"], config.backbone_config())
+        self.relative_positions = config.backbone["model_type"] in WITH_RELATIVE_POSITIONS
         self.off_ramps = nn.ModuleList(
             OffRamp(
                 config.hidden_size,
@@ -226,18 +255,53 @@ class DeeBert(nn.Module, EarlyExitModel):
 
     # --- building blocks -------------------------------------------------------------------------
 
-    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+    def embed(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The embeddings layer's output: layer 1's input."""
         if self.config.backbone["model_type"] in WITHOUT_TOKEN_TYPES:
             return cast(torch.Tensor, self.backbone.embeddings(input_ids))
+        if self.relative_positions:  # DeBERTa zeroes the padding's embeddings
+            embeddings = self.backbone.embeddings(
+                input_ids=input_ids, token_type_ids=token_type_ids, mask=attention_mask
+            )
+            return cast(torch.Tensor, embeddings)
         hidden = self.backbone.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         project = getattr(self.backbone, "embeddings_project", None)  # ELECTRA: embedding size → hidden size
         return cast(torch.Tensor, project(hidden) if project is not None else hidden)
 
-    def attention_bias(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
-        """The mask the backbone itself builds (sdpa: bool, or None when nothing is padded)."""
-        return create_bidirectional_mask(  # type: ignore[return-value]
+    def layer_inputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> LayerInputs:
+        """What the layers read besides the hidden states, as the backbone itself builds it: the sdpa mask
+        (bool, or None when nothing is padded); for DeBERTa its [batch, 1, t, t] mask, relative positions and
+        relative embeddings, computed here once for every layer."""
+        if self.relative_positions:
+            encoder = self.backbone.encoder
+            return LayerInputs(
+                mask=encoder.get_attention_mask(attention_mask),
+                relative_positions=encoder.get_rel_pos(hidden),
+                relative_embeddings=encoder.get_rel_embedding(),
+                token_mask=attention_mask,
+            )
+        mask = create_bidirectional_mask(
             config=self.backbone.config, inputs_embeds=hidden, attention_mask=attention_mask
         )
+        return LayerInputs(mask=cast(torch.Tensor | None, mask))
+
+    def run_layer(self, layer_number: int, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
+        """Layer `layer_number` (1..n) on `hidden`."""
+        layer = self.layers[layer_number - 1]
+        if not self.relative_positions:
+            return cast(torch.Tensor, layer(hidden, inputs.mask))
+        output = layer(
+            hidden,
+            inputs.mask,
+            relative_pos=inputs.relative_positions,
+            rel_embeddings=inputs.relative_embeddings,
+        )[0]
+        convolution = self.backbone.encoder.conv  # DeBERTa-v2 (not v3): a convolution beside layer 1
+        if layer_number == 1 and convolution is not None:
+            output = convolution(hidden, output, inputs.token_mask)
+        return cast(torch.Tensor, output)
 
     @staticmethod
     def pool_weights(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -277,11 +341,11 @@ class DeeBert(nn.Module, EarlyExitModel):
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Each encoder layer's output in turn, with the batch's mean-pooling weights: the embed → mask →
         layer loop of training and feature caching, written once (serving steps through `_TorchSteps`)."""
-        hidden = self.embed(input_ids, token_type_ids)
-        mask = self.attention_bias(hidden, attention_mask)
+        hidden = self.embed(input_ids, token_type_ids, attention_mask)
+        inputs = self.layer_inputs(hidden, attention_mask)
         pool_weights = self.pool_weights(attention_mask, hidden.dtype)
-        for layer in self.layers:
-            hidden = layer(hidden, mask)
+        for number in range(1, self.num_layers + 1):
+            hidden = self.run_layer(number, hidden, inputs)
             yield hidden, pool_weights
 
     def plain_forward(

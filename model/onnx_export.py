@@ -188,13 +188,18 @@ class _Traced(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         model = self.model
-        hidden = model.embed(input_ids, token_type_ids)
+        hidden = model.embed(input_ids, token_type_ids, attention_mask)
         additive_mask = (1.0 - attention_mask.unsqueeze(1).unsqueeze(2).to(hidden.dtype)) * -10000.0
         weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
         weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
         hidden_states, logits = [hidden], []
-        for layer, ramp in zip(model.layers, model.off_ramps, strict=True):
-            hidden = layer(hidden, additive_mask)
+        for number, ramp in enumerate(model.off_ramps, start=1):
+            if model.relative_positions:
+                # DeBERTa: each layer's graph builds its own mask and relative positions from its input (a
+                # step graph starts from the previous layer's output, not from the embeddings).
+                hidden = model.run_layer(number, hidden, model.layer_inputs(hidden, attention_mask))
+            else:
+                hidden = model.layers[number - 1](hidden, additive_mask)
             pooled = hidden[:, 0] if ramp.pooling == "first" else (hidden * weights).sum(dim=1)
             features = ramp._act(ramp.dense(pooled))  # type: ignore[operator]
             hidden_states.append(hidden)

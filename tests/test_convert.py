@@ -21,7 +21,15 @@ from model.checkpoint import CheckpointError, load_model, require_deebert
 from model.convert import SUPPORTED, ConvertError, ConvertSettings, convert, load_classifier
 from model.tokenization import load_tokenizer, pad_batch, tokenize
 from server.engine import Engine
-from tests.helpers import HIDDEN, LAYERS, assert_compacts_mixed_thresholds, backbone_values, write_vocab
+from tests.helpers import (
+    HIDDEN,
+    LAYERS,
+    assert_alone_equals_batched,
+    assert_compacts_mixed_thresholds,
+    assert_matches_torch,
+    backbone_values,
+    write_vocab,
+)
 from tests.server_helpers import make_app, serving
 
 GOOD = ["great", "good", "fun", "love", "brilliant"]
@@ -54,17 +62,27 @@ def classifier_config(model_type: str, vocab_size: int, labels: tuple[str, ...] 
         values["embedding_size"] = 16  # ELECTRA projects its embeddings up to the hidden size
     if model_type == "distilbert":  # its own names for the same settings
         values |= {"dim": HIDDEN, "n_layers": LAYERS, "n_heads": 2, "hidden_dim": 64}
+    if model_type == "deberta-v2":  # as DeBERTa-v3 is configured: log-bucketed relative positions, no absolute ones
+        values |= {"relative_attention": True, "position_buckets": 16, "max_relative_positions": -1,
+                   "pos_att_type": ["p2c", "c2p"], "norm_rel_ebd": "layer_norm", "position_biased_input": False,
+                   "type_vocab_size": 0, "pooler_hidden_act": "gelu"}  # fmt: skip
     return AutoConfig.for_model(model_type, **values)
 
 
 def write_classifier(
-    directory: Path, model_type: str, fine_tune_steps: int = 0, labels: tuple[str, ...] | None = None
+    directory: Path,
+    model_type: str,
+    fine_tune_steps: int = 0,
+    labels: tuple[str, ...] | None = None,
+    **overrides: Any,
 ) -> Path:
     """A tiny random `{model_type}ForSequenceClassification` saved with a tokenizer; with `fine_tune_steps`,
     first fine-tuned a little on the toy task by a plain loop over the transformers model (not our code)."""
     tokenizer = write_vocab(directory)
     torch.manual_seed(3)
     config = classifier_config(model_type, tokenizer.vocab_size, *([labels] if labels else []))
+    for name, value in overrides.items():
+        setattr(config, name, value)
     if labels:  # one sigmoid per label
         config.problem_type = "multi_label_classification"
     model = AutoModelForSequenceClassification.from_config(config)
@@ -129,8 +147,37 @@ def test_full_depth_equals_the_classifier_on_every_backend(tmp_path: Path, model
         assert result.label == expected.argmax(dim=-1).tolist()
 
 
-def test_label_free_off_ramps_learn_the_classifier_where_early_layers_suffice(tmp_path: Path) -> None:
-    source = write_classifier(tmp_path / "classifier", "bert", fine_tune_steps=60)
+def test_deberta_v2_with_its_convolution_after_layer_1_and_absolute_positions(tmp_path: Path) -> None:
+    """DeBERTa-v2 (not v3): a convolution beside layer 1, absolute positions and token types as well."""
+    source = write_classifier(
+        tmp_path / "classifier",
+        "deberta-v2",
+        conv_kernel_size=3,
+        conv_act="gelu",
+        position_biased_input=True,
+        type_vocab_size=2,
+        position_buckets=-1,
+        norm_rel_ebd="none",
+    )
+    texts, _ = toy_texts(120)
+    log = convert(quick(source, write_lines(tmp_path / "texts.txt", texts), tmp_path / "out"))
+    assert log.full_depth_max_logit_difference <= PARITY_TOLERANCE
+    model = load_model(tmp_path / "out")
+    assert model.backbone.encoder.conv is not None
+    probe = texts[:9]
+    expected = classifier_logits(source, probe)
+    tokenizer = load_tokenizer(tmp_path / "out")
+    batch = pad_batch(tokenize(tokenizer, probe, None, 48), int(tokenizer.pad_token_id))
+    for served in (model, load_backend(model, "onnxruntime", cache_dir=tmp_path / "cache")):
+        with torch.inference_mode():
+            logits = served.plain_forward(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        assert float((torch.as_tensor(logits).float() - expected).abs().max()) <= PARITY_TOLERANCE
+        assert_alone_equals_batched(model, served, tokenizer)
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_label_free_off_ramps_learn_the_classifier_where_early_layers_suffice(tmp_path: Path, model_type: str) -> None:
+    source = write_classifier(tmp_path / "classifier", model_type, fine_tune_steps=60)
     texts, _ = toy_texts(600, seed=2)
     log = convert(quick(source, write_lines(tmp_path / "texts.txt", texts), tmp_path / "out", epochs=30))
     full = log.per_layer_agreement_with_full_depth
@@ -146,7 +193,11 @@ def test_label_free_off_ramps_learn_the_classifier_where_early_layers_suffice(tm
     balanced = model.config.preset("balanced")
     assert balanced.accuracy is not None and balanced.accuracy >= 0.985
     assert balanced.expected_saving is not None and balanced.expected_saving > 0.3
+    # The exit loop on this architecture: rows leaving at mixed layers, compacted or not, each row alone (the
+    # batch-1 path) as in the batch, and ONNX Runtime's step graphs leaving where torch leaves.
     assert_compacts_mixed_thresholds(model, model, tokenizer)
+    assert_alone_equals_batched(model, model, tokenizer)
+    assert_matches_torch(model, load_backend(model, "onnxruntime", cache_dir=tmp_path / "cache"), tokenizer)
     card = (tmp_path / "out" / "MODEL_CARD.md").read_text()
     assert "agreement with full depth" in card and str(source) in card
 
