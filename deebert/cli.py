@@ -44,6 +44,12 @@ def _add_train(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="two-stage (paper), joint, weighted-joint (PABEE), distill (FastBERT), alternating (BERxiT)",
     )
     p.add_argument("--label-names", type=_csv_list, help="names for integer labels 0..k-1, comma-separated")
+    p.add_argument(
+        "--multi-label",
+        action="store_true",
+        help="a set of labels per text (the label column: comma-separated names or ids, or a JSON list): one "
+        "sigmoid per label, binary cross-entropy, and the label-entropy exit rule",
+    )
     p.add_argument("--text-columns", type=_csv_list, help="text column(s), e.g. sentence1,sentence2")
     p.add_argument("--pooling", choices=["first", "mean"], default=defaults.pooling, help="off-ramp pooling")
     p.add_argument("--off-ramp-dropout", type=float, default=defaults.off_ramp_dropout)
@@ -356,10 +362,11 @@ def _labelled(args: argparse.Namespace, model, tokenizer):  # type: ignore[no-un
     from model.data import DataError, read_dataset
     from model.tokenization import tokenize
 
-    data = read_dataset(args.data, label_names=model.config.labels)
+    multi_label = model.config.criterion.multi_label  # a set of labels per text
+    data = read_dataset(args.data, label_names=model.config.labels, multi_label=multi_label)
     if getattr(args, "max_samples", None):
         data = data.subset(range(min(args.max_samples, len(data))))
-    if data.labels is None:
+    if not data.has_labels:
         raise DataError(f"{args.data} has no labels")
     if model.config.is_pair_task != (data.text_pairs is not None):
         kind = "sentence pairs" if model.config.is_pair_task else "single sentences"
@@ -388,7 +395,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     report = evaluate(
         model,
         encoded,
-        data.labels,
+        data.targets(),
         tokenizer.pad_token_id,
         thresholds,
         args.timing_samples,
@@ -428,8 +435,9 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     # fp32 answers are the same on every backend (tested); other precisions keep presets of their own, held to
     # the fp32 model's full-depth accuracy.
     runtime = None if args.precision == "fp32" else runtime_key(model.backend, args.precision)
-    reference = None if runtime is None else _fp32_full_depth_accuracy(directory, encoded, data.labels, tokenizer)
-    presets = calibrate(probabilities, entropies, data.labels, criterion=config.criterion, reference_accuracy=reference)
+    targets = data.targets()
+    reference = None if runtime is None else _fp32_full_depth_accuracy(directory, encoded, targets, tokenizer)
+    presets = calibrate(probabilities, entropies, targets, criterion=config.criterion, reference_accuracy=reference)
     if runtime is None:
         stored = _config_for(stored, args.criterion).with_presets(presets)
     else:
@@ -455,16 +463,17 @@ def _fp32_full_depth_accuracy(directory: Path, encoded, labels, tokenizer) -> fl
     import torch
 
     from model.checkpoint import load_model
+    from model.sweep import correct
     from model.tokenization import pad_batch
 
     model = load_model(directory).eval()
-    predicted: list[int] = []
+    probabilities = []
     with torch.inference_mode():
         for start in range(0, len(encoded), 64):
             batch = pad_batch(encoded[start : start + 64], tokenizer.pad_token_id)
             logits = model.plain_forward(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-            predicted += logits.argmax(dim=-1).tolist()
-    return sum(int(p == g) for p, g in zip(predicted, labels, strict=True)) / max(1, len(labels))
+            probabilities.append(model.config.criterion.outputs(logits.unsqueeze(0))[0][0])
+    return float(correct(torch.cat(probabilities), torch.tensor(labels)).float().mean())
 
 
 def _store_int8_ranges(args: argparse.Namespace) -> None:

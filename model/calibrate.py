@@ -8,7 +8,7 @@ import torch
 
 from model.config import Preset
 from model.exit_rule import DEFAULT_CRITERION, ExitCriterion, get_criterion
-from model.sweep import SweepPoint, simulate
+from model.sweep import SweepPoint, Targets, simulate
 
 # name → the most accuracy (as a fraction) it may lose against full depth on the dev set.
 PRESET_TOLERANCES: dict[str, float] = {"lossless": 0.001, "balanced": 0.005, "fast": 0.02}
@@ -17,7 +17,7 @@ PRESET_TOLERANCES: dict[str, float] = {"lossless": 0.001, "balanced": 0.005, "fa
 def calibrate(
     probabilities: torch.Tensor,
     entropies: torch.Tensor,
-    labels: Sequence[int],
+    labels: Targets,
     tolerances: dict[str, float] | None = None,
     criterion: ExitCriterion | None = None,
     reference_accuracy: float | None = None,

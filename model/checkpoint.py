@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
-from model.config import ConfigError, DeeBertConfig, is_deebert_config
+from model.config import EAGER_ONLY, ConfigError, DeeBertConfig, is_deebert_config
 from model.modeling import BACKBONES, WITH_OPTIONAL_POOLER, DeeBert
 
 WEIGHTS_NAME = "model.safetensors"
@@ -123,7 +123,8 @@ def _load_plain(directory: Path, source: str, dtype: torch.dtype, settings: dict
     model = DeeBert(config)
     backbone_class = BACKBONES[backbone_config.model_type]
     options: dict[str, Any] = {"add_pooling_layer": False} if backbone_config.model_type in WITH_OPTIONAL_POOLER else {}
-    pretrained = backbone_class.from_pretrained(directory, attn_implementation="sdpa", **options)
+    attention = "eager" if backbone_config.model_type in EAGER_ONLY else "sdpa"
+    pretrained = backbone_class.from_pretrained(directory, attn_implementation=attention, **options)
     result = model.backbone.load_state_dict(pretrained.state_dict(), strict=False)
     if result.missing_keys:
         raise CheckpointError(f"{directory} lacks encoder weights: {sorted(result.missing_keys)}")

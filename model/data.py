@@ -1,4 +1,7 @@
-"""Data readers: TSV, CSV and JSONL with `sentence` (single) or `sentence1`+`sentence2` (pairs) and `label`."""
+"""Data readers: TSV, CSV and JSONL with `sentence` (single) or `sentence1`+`sentence2` (pairs) and `label`.
+
+Multi-label data (`multi_label=True`): the label column holds each text's set of labels, comma-separated names
+or ids (empty: none on), or a JSON list in JSONL."""
 
 from __future__ import annotations
 
@@ -32,9 +35,23 @@ class Dataset:
     label_names: list[str]
     text_columns: list[str]
     source: str
+    label_sets: list[list[int]] | None = None  # multi-label data: each text's labels on (ids), instead of `labels`
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None or self.label_sets is not None
+
+    def targets(self) -> list[int] | list[list[float]]:
+        """What training and scoring compare with: label ids, or for multi-label data one 0/1 per label."""
+        if self.label_sets is not None:
+            width = len(self.label_names)
+            return [[1.0 if i in on else 0.0 for i in range(width)] for on in map(set, self.label_sets)]
+        if self.labels is None:
+            raise DataError(f"{self.source} has no labels")
+        return self.labels
 
     def subset(self, indices: Sequence[int]) -> Dataset:
         return Dataset(
@@ -44,6 +61,7 @@ class Dataset:
             label_names=self.label_names,
             text_columns=self.text_columns,
             source=self.source,
+            label_sets=[self.label_sets[i] for i in indices] if self.label_sets is not None else None,
         )
 
 
@@ -119,6 +137,37 @@ def map_labels(raw: Sequence[str], label_names: Sequence[str] | None, source: st
     return [index[value] for value in raw], names
 
 
+def map_label_sets(
+    raw: Sequence[Any], label_names: Sequence[str] | None, source: str
+) -> tuple[list[list[int]], list[str]]:
+    """Multi-label: each row's labels (a list, or comma-separated text; empty for none) → ids, and the names."""
+    rows = [
+        [str(v).strip() for v in value] if isinstance(value, list) else [v.strip() for v in str(value).split(",")]
+        for value in raw
+    ]
+    rows = [[v for v in row if v] for row in rows]
+    flat = [v for row in rows for v in row]
+    if label_names is None:
+        if flat and all(_is_int(v) for v in flat):
+            names = [str(i) for i in range(max(int(v) for v in flat) + 1)]
+        else:
+            names = sorted(set(flat))
+    else:
+        names = list(label_names)
+    if len(names) < 2:
+        raise DataError(f"{source}: multi-label data needs at least two labels, found {names}")
+    index = {name: i for i, name in enumerate(names)}
+
+    def label_id(value: str) -> int:
+        if value in index:
+            return index[value]
+        if _is_int(value) and 0 <= int(value) < len(names):
+            return int(value)
+        raise DataError(f"{source}: label {value!r} is not among the labels {names[:20]}")
+
+    return [sorted({label_id(v) for v in row}) for row in rows], names
+
+
 def _is_int(value: str) -> bool:
     try:
         int(value)
@@ -133,8 +182,10 @@ def read_dataset(
     text_columns: Sequence[str] | None = None,
     label_column: str = "label",
     require_labels: bool = True,
+    multi_label: bool = False,
 ) -> Dataset:
-    """Read a TSV/CSV/JSONL file into a Dataset; clear DataError on any problem."""
+    """Read a TSV/CSV/JSONL file into a Dataset (`multi_label`: a set of labels per text); clear DataError on any
+    problem."""
     path = Path(path)
     rows = _read_rows(path)
     if not rows:
@@ -148,8 +199,11 @@ def read_dataset(
             if not isinstance(row.get(column), str):
                 raise DataError(f"{path}: row {number} has no text in column {column!r}")
     labels: list[int] | None = None
+    label_sets: list[list[int]] | None = None
     names = list(label_names) if label_names is not None else []
-    if label_column in columns:
+    if label_column in columns and multi_label:
+        label_sets, names = map_label_sets([row.get(label_column, "") for row in rows], label_names, str(path))
+    elif label_column in columns:
         raw = [str(row.get(label_column, "")).strip() for row in rows]
         labels, names = map_labels(raw, label_names, str(path))
     elif require_labels:
@@ -161,4 +215,5 @@ def read_dataset(
         label_names=names,
         text_columns=chosen,
         source=str(path),
+        label_sets=label_sets,
     )

@@ -21,7 +21,7 @@ from model.backends import ExitModel
 from model.calibrate import calibrate
 from model.device import describe_device, synchronize
 from model.saving import saving_from_totals
-from model.sweep import binary_f1, oracle, simulate
+from model.sweep import Targets, binary_f1, correct, oracle, simulate
 from model.tokenization import Encoded, pad_batch
 
 
@@ -46,15 +46,16 @@ def all_layer_outputs(
     return probabilities, entropies
 
 
-def per_layer_accuracy(probabilities: torch.Tensor, labels: Sequence[int]) -> list[float]:
-    """Accuracy when every sample is forced to leave at layer i (paper Fig. 4)."""
-    target = torch.tensor(labels)
-    return [float((probabilities[i].argmax(-1) == target).float().mean()) for i in range(probabilities.shape[0])]
+def per_layer_accuracy(probabilities: torch.Tensor, labels: Targets) -> list[float]:
+    """Accuracy when every sample is forced to leave at layer i (paper Fig. 4); multi-label: subset accuracy."""
+    return [float(v) for v in correct(probabilities, torch.tensor(labels)).float().mean(dim=1)]
 
 
-def per_layer_f1(probabilities: torch.Tensor, labels: Sequence[int]) -> list[float | None]:
-    """F1 of label 1 when every sample leaves at layer i (two-class tasks)."""
+def per_layer_f1(probabilities: torch.Tensor, labels: Targets) -> list[float | None]:
+    """F1 of label 1 when every sample leaves at layer i (two-class single-label tasks)."""
     target = torch.tensor(labels)
+    if target.dim() == 2:
+        return [None] * probabilities.shape[0]
     return [binary_f1(probabilities[i].argmax(-1), target) for i in range(probabilities.shape[0])]
 
 
@@ -185,7 +186,7 @@ def _snap(threshold: float, known: Sequence[float], tolerance: float = 1e-6) -> 
 def evaluate(
     model: ExitModel,
     encoded: Sequence[Encoded],
-    labels: Sequence[int],
+    labels: Targets,
     pad_id: int,
     thresholds: Sequence[float] | None = None,
     timing_samples: int = 1000,

@@ -11,6 +11,8 @@ Schemes (`TrainSettings.scheme`):
   (odd epochs) and the summed loss of every off-ramp (even epochs), the encoder trained throughout.
 Where the encoder is frozen (stage 2 of two-stage and distill), each layer's pooled output is fixed in eval
 mode, so those features are computed once and the off-ramps train on them: many epochs cost seconds.
+Multi-label data (`multi_label`: a set of labels per text) trains every loss as binary cross-entropy, one
+sigmoid per label, and the checkpoint exits by the `label-entropy` rule.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from tqdm import tqdm
 from model.checkpoint import load_model, resolve_directory, save_model
 from model.data import Dataset, read_dataset
 from model.evaluate import all_layer_outputs, per_layer_accuracy
+from model.exit_rule import DEFAULT_CRITERION
 from model.modeling import DeeBert, OffRamp
+from model.sweep import Targets
 from model.tokenization import Encoded, load_tokenizer, pad_batch, tokenize
 
 Precision = Literal["fp32", "bf16"]
@@ -52,6 +56,8 @@ class TrainSettings:
     dev_file: str | None = None
     label_names: list[str] | None = None
     text_columns: list[str] | None = None
+    # One sigmoid per label (a set of labels per text): binary cross-entropies, and the `label-entropy` exit rule.
+    multi_label: bool = False
     pooling: str = "first"
     off_ramp_dropout: float = 0.1
     max_length: int = 128
@@ -158,10 +164,19 @@ def layer_loss_weights(scheme: Scheme, epoch: int, num_layers: int) -> list[floa
     raise ValueError(f"unknown scheme {scheme!r} (known: {', '.join(SCHEMES)})")
 
 
+def _target_tensor(labels: Targets) -> tuple[torch.Tensor, nn.Module]:
+    """Labels as a tensor with their loss: label ids and cross-entropy, or multi-hot rows and binary
+    cross-entropy (one sigmoid per label)."""
+    target = torch.tensor(labels)
+    if target.dim() == 2:
+        return target.float(), nn.BCEWithLogitsLoss()
+    return target.long(), nn.CrossEntropyLoss()
+
+
 def train_stage1(
     model: DeeBert,
     encoded: Sequence[Encoded],
-    labels: Sequence[int],
+    labels: Targets,
     settings: TrainSettings,
     pad_id: int,
     dev_accuracy: Callable[[], float] | None = None,
@@ -187,8 +202,7 @@ def train_stage1(
     steps_per_epoch = math.ceil(len(encoded) / settings.batch_size)
     total = steps_per_epoch * settings.stage1_epochs
     scheduler = linear_warmup_decay(optimizer, int(settings.warmup_ratio * total), total)
-    label_tensor = torch.tensor(labels, dtype=torch.long)
-    loss_fn = nn.CrossEntropyLoss()
+    label_tensor, loss_fn = _target_tensor(labels)
     epoch_losses: list[float] = []
     curve: list[dict[str, float]] = []
     dev_by_epoch: list[float] = []
@@ -259,15 +273,15 @@ def extract_features(
 def train_stage2(
     model: DeeBert,
     features: torch.Tensor,
-    labels: Sequence[int],
+    labels: Targets,
     settings: TrainSettings,
     teacher_logits: torch.Tensor | None = None,
     multi_label: bool = False,
 ) -> dict[str, Any]:
     """Train off-ramps 1..n-1, encoder and final classifier frozen, on `features` [n-1, samples, hidden]:
-    the sum of their cross-entropies against the labels, or, given the final classifier's `teacher_logits`
-    [samples, labels] (distill), the sum of their KL divergences from its distribution (`multi_label`: of
-    their binary cross-entropies against its per-label sigmoids)."""
+    the sum of their cross-entropies against the labels (binary ones against multi-hot labels), or, given the
+    final classifier's `teacher_logits` [samples, labels] (distill), the sum of their KL divergences from its
+    distribution (`multi_label`: of their binary cross-entropies against its per-label sigmoids)."""
     for p in model.parameters():
         p.requires_grad_(False)
     params = list(stage2_parameters(model))
@@ -280,8 +294,7 @@ def train_stage2(
     steps_per_epoch = math.ceil(num_samples / settings.stage2_batch_size)
     total = steps_per_epoch * settings.stage2_epochs
     scheduler = linear_warmup_decay(optimizer, int(settings.warmup_ratio * total), total)
-    label_tensor = torch.tensor(labels, dtype=torch.long)
-    loss_fn = nn.CrossEntropyLoss()
+    label_tensor, loss_fn = _target_tensor(labels)
     epoch_losses: list[float] = []
     started = time.perf_counter()
     for ramp in ramps:
@@ -328,17 +341,17 @@ def train_stage2(
         "steps": total,
         "seconds": time.perf_counter() - started,
         "epoch_loss_sum_over_ramps": epoch_losses,
-        "objective": "cross-entropy"
+        "objective": ("binary-cross-entropy" if label_tensor.dim() == 2 else "cross-entropy")
         if teacher_logits is None
         else ("bce-from-final-sigmoids" if multi_label else "kl-from-final-classifier"),
     }
 
 
 def _dev_accuracy(model: DeeBert, dev: Dataset, tokenizer: Any, settings: TrainSettings) -> list[float]:
+    """Per-layer dev accuracy (multi-label: subset accuracy, every label right)."""
     encoded = tokenize(tokenizer, dev.texts, dev.text_pairs, settings.max_length)
     probabilities, _ = all_layer_outputs(model, encoded, tokenizer.pad_token_id, progress=False)
-    assert dev.labels is not None
-    return per_layer_accuracy(probabilities, dev.labels)
+    return per_layer_accuracy(probabilities, dev.targets())
 
 
 def train(settings: TrainSettings) -> TrainingLog:
@@ -348,15 +361,21 @@ def train(settings: TrainSettings) -> TrainingLog:
     started = time.perf_counter()
     seed_everything(settings.seed)
     log = TrainingLog(settings=asdict(settings))
-    data = read_dataset(settings.train_file, label_names=settings.label_names, text_columns=settings.text_columns)
-    assert data.labels is not None
+    data = read_dataset(
+        settings.train_file,
+        label_names=settings.label_names,
+        text_columns=settings.text_columns,
+        multi_label=settings.multi_label,
+    )
     if settings.max_train_samples is not None and settings.max_train_samples < len(data):
         picked = torch.randperm(len(data), generator=torch.Generator().manual_seed(settings.seed))
         data = data.subset(sorted(picked[: settings.max_train_samples].tolist()))
     label_names = settings.label_names or data.label_names
     dev = None
     if settings.dev_file:
-        dev = read_dataset(settings.dev_file, label_names=label_names, text_columns=data.text_columns)
+        dev = read_dataset(
+            settings.dev_file, label_names=label_names, text_columns=data.text_columns, multi_label=settings.multi_label
+        )
     base = resolve_directory(settings.base)  # once: a hub id would otherwise be resolved twice
     tokenizer = load_tokenizer(base)
     model = load_model(
@@ -368,12 +387,12 @@ def train(settings: TrainSettings) -> TrainingLog:
         max_length=settings.max_length,
         text_columns=data.text_columns,
         name=settings.name or Path(settings.output).name,
+        exit_criterion="label-entropy" if settings.multi_label else DEFAULT_CRITERION,
     )
     seed_everything(settings.seed)
     model.off_ramps.apply(_init_off_ramp)
     encoded = tokenize(tokenizer, data.texts, data.text_pairs, settings.max_length)
-    labels = data.labels
-    assert labels is not None
+    labels = data.targets()
     log.num_train_samples = len(encoded)
     pad_id = int(tokenizer.pad_token_id)
 
@@ -396,7 +415,9 @@ def train(settings: TrainSettings) -> TrainingLog:
                 teacher = model.final_classifier.classify(features[-1])
             features = features[:-1]
         feature_seconds = time.perf_counter() - feature_started
-        log.stage2 = train_stage2(model, features, labels, settings, teacher_logits=teacher)
+        log.stage2 = train_stage2(
+            model, features, labels, settings, teacher_logits=teacher, multi_label=settings.multi_label
+        )
         log.stage2["feature_seconds"] = feature_seconds
         after = frozen_fingerprint(model)
         if before != after:

@@ -81,3 +81,21 @@ def test_tokenize_truncates_and_keeps_the_full_length(tokenizer) -> None:  # typ
     assert len(long) == 10 and long.num_tokens_before_truncation == 32 and long.truncated
     pair = tokenize(tokenizer, ["the cat"], ["the dog"], 16)[0]
     assert pair.token_type_ids == [0, 0, 0, 0, 1, 1, 1]
+
+
+def test_multi_label_data_reads_sets_of_labels_as_names_ids_or_json_lists(tmp_path: Path) -> None:
+    tsv = tmp_path / "topics.tsv"
+    tsv.write_text("sentence\tlabel\na cat\tanimals\na cat in a film\tanimals,films\nnothing\t\n")
+    data = read_dataset(tsv, multi_label=True)
+    assert data.labels is None and data.label_names == ["animals", "films"]
+    assert data.label_sets == [[0], [0, 1], []]
+    assert data.targets() == [[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]
+    assert data.subset([1]).label_sets == [[0, 1]]
+    jsonl = tmp_path / "topics.jsonl"
+    jsonl.write_text('{"text": "a", "label": [2, 0]}\n{"text": "b", "label": []}\n')
+    by_id = read_dataset(jsonl, label_names=["x", "y", "z"], multi_label=True)
+    assert by_id.label_sets == [[0, 2], []]
+    unknown = tmp_path / "unknown.jsonl"
+    unknown.write_text('{"text": "a", "label": ["w"]}\n')
+    with pytest.raises(DataError, match="'w' is not among the labels"):
+        read_dataset(unknown, label_names=["x", "y"], multi_label=True)

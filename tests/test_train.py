@@ -179,3 +179,68 @@ def test_train_runs_each_scheme_end_to_end(tmp_path: Path, scheme: str) -> None:
 def test_unknown_scheme_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="two-stage"):
         train(_settings(tmp_path, tmp_path / "train.tsv", tmp_path / "out", scheme="magic"))
+
+
+def topic_rows(count: int, seed: int = 0) -> list[list[str]]:
+    """Multi-label toy data: each text mentions any subset of three topics (by one word each), label column
+    'comma-separated names' (empty: none)."""
+    generator = torch.Generator().manual_seed(seed)
+    topics = {"animals": "cat", "people": "woman", "films": "movie"}  # words of the test vocabulary
+    fillers = ["the story was", "i said that it is", "this was really", "a plot and"]
+    rows = []
+    for i in range(count):
+        on = [name for name in topics if int(torch.randint(2, (1,), generator=generator))]
+        rows.append([" ".join([fillers[i % 4], *[topics[name] for name in on]]), ",".join(on)])
+    return rows
+
+
+def test_multi_label_training_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`deebert train --multi-label`: a set of labels per text, binary cross-entropies in both stages, the
+    label-entropy exit rule; `deebert calibrate` scores presets by subset accuracy; the server answers every
+    label's sigmoid and which are on."""
+    import asyncio
+
+    from deebert.cli import main
+    from server.engine import Engine
+    from tests.server_helpers import make_app, serving
+
+    base = save_plain_backbone(tmp_path / "base")
+    train_file = write_tsv(tmp_path / "train.tsv", ["sentence", "label"], topic_rows(160))
+    dev_file = write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], topic_rows(48, seed=1))
+    settings = _settings(
+        base,
+        train_file,
+        tmp_path / "out",
+        dev_file=str(dev_file),
+        multi_label=True,
+        pooling="mean",
+        stage1_epochs=10,
+        stage1_lr=1e-3,
+        stage2_epochs=8,
+    )
+    log = train(settings)
+    assert log.stage1["epoch_loss"][-1] < 0.8 * log.stage1["epoch_loss"][0]
+    assert log.stage2["objective"] == "binary-cross-entropy"
+    model = load_model(tmp_path / "out")
+    assert model.config.exit_criterion == "label-entropy" and model.config.labels == ["animals", "films", "people"]
+    # Subset accuracy (all three labels right): guessing three coin flips scores 1/8.
+    after = log.dev_per_layer_accuracy["after_stage2"]
+    assert after[-1] > 0.3 and max(after) > 0.5, after
+
+    assert main(["calibrate", "--checkpoint", str(tmp_path / "out"), "--data", str(dev_file), "--no-progress"]) == 0
+    capsys.readouterr()
+    calibrated = load_model(tmp_path / "out")
+    assert [p.name for p in calibrated.config.presets] == ["lossless", "balanced", "fast"]
+    assert all(p.accuracy is not None and 0.0 <= p.accuracy <= 1.0 for p in calibrated.config.presets)
+
+    async def ask() -> dict[str, object]:
+        engine = Engine(calibrated, load_tokenizer(tmp_path / "out"), torch.device("cpu"))
+        async with serving(make_app(engine)) as client:
+            text = "the story was cat and movie"
+            response = await client.post("/v1/classify", json={"texts": [text]}, headers={"X-Exit-Threshold": "0"})
+        return response.json()  # type: ignore[no-any-return]
+
+    answer = asyncio.run(ask())
+    result = answer["results"][0]  # type: ignore[index]
+    assert set(result["probabilities"]) == {"animals", "films", "people"}
+    assert result["labels_on"] == [name for name, p in result["probabilities"].items() if p >= 0.5]
