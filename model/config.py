@@ -14,7 +14,15 @@ from model.exit_rule import CRITERIA, DEFAULT_CRITERION, ExitCriterion, get_crit
 
 Pooling = Literal["first", "mean"]
 POOLINGS: tuple[str, ...] = ("first", "mean")
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "deberta-v2")
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = (
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "electra",
+    "distilbert",
+    "deberta-v2",
+    "modernbert",
+)
 # Backbones with their own attention (no sdpa path in transformers): DeBERTa-v2/v3's disentangled attention.
 EAGER_ONLY: frozenset[str] = frozenset({"deberta-v2"})
 # A backbone setting under the names transformers' configs give it (DistilBERT: n_layers, dim, n_heads).
@@ -75,6 +83,10 @@ class DeeBertConfig:
     # The final off-ramp's pooling when it differs from the others' (`deebert convert`: the classifier's head
     # reads the first token; the added off-ramps pool the mean). None: `pooling`, like every other off-ramp.
     final_pooling: Pooling | None = None
+    # A LayerNorm after the final off-ramp's activation (ModernBERT's head: dense, activation, norm), with its
+    # epsilon and whether it has a bias; None: no norm (every other head).
+    final_norm_eps: float | None = None
+    final_norm_bias: bool = True
     # What the presets were calibrated against: "accuracy" (labels) or "agreement" (with full depth, no labels).
     presets_calibrated_by: str = "accuracy"
     # Set by `deebert convert`: the classifier (directory or hub id) this model's encoder and final head are.

@@ -2,9 +2,10 @@
 
 The classifier's encoder and its classification head stay exactly as they are: the head becomes the final
 off-ramp (BERT's pooler + classifier, RoBERTa's and XLM-R's dense-tanh-out_proj on `<s>`, ELECTRA's dense-GELU
-head, DistilBERT's pre_classifier-ReLU-classifier, DeBERTa-v2/v3's ContextPooler), so at threshold 0 the
-converted model answers what the classifier answers. Off-ramps after layers 1..n-1 are added and trained
-alone, on features of the frozen encoder computed once (the paper's stage 2):
+head, DistilBERT's pre_classifier-ReLU-classifier, DeBERTa-v2/v3's ContextPooler, ModernBERT's
+dense-activation-norm head), so at threshold 0 the converted model answers what the classifier answers.
+Off-ramps after layers 1..n-1 are added and trained alone, on features of the frozen encoder computed once (the
+paper's stage 2):
 
 - without labels (the default), they learn the final head's own distribution on the user's in-domain texts
   (summed KL divergence: soft targets from the frozen model);
@@ -51,6 +52,7 @@ HEADS: dict[str, tuple[str, str, str, str | None]] = {
     "electra": ("electra", "classifier.dense", "classifier.out_proj", "gelu"),
     "distilbert": ("distilbert", "pre_classifier", "classifier", "relu"),
     "deberta-v2": ("deberta", "pooler.dense", "classifier", None),  # ContextPooler on [CLS], v2 and v3
+    "modernbert": ("model", "head.dense", "classifier", None),  # dense, activation, norm; CLS or mean pooling
 }
 SUPPORTED = tuple(HEADS)
 # Agreement with full depth each preset keeps on the held-out texts (as a fraction it may lose). `balanced`
@@ -209,13 +211,17 @@ def deebert_from_classifier(
     config = classifier.config
     model_type = config.model_type
     encoder_name, dense_name, out_name, head_activation = HEADS[model_type]
-    activation = head_activation or str(config.pooler_hidden_act)
+    modernbert = model_type == "modernbert"
+    activation = head_activation or str(config.classifier_activation if modernbert else config.pooler_hidden_act)
     labels = label_names(config)
     deebert_config = DeeBertConfig.from_backbone(
         config,
         labels=labels,
         pooling="mean",  # the added off-ramps (measured: see ConvertSettings.pooling)
-        final_pooling="first",  # the classifier's own head reads the first token
+        # the classifier's own head reads the first token (ModernBERT: or pools the mean, as configured)
+        final_pooling="mean" if modernbert and config.classifier_pooling == "mean" else "first",
+        final_norm_eps=float(config.norm_eps) if modernbert else None,
+        final_norm_bias=bool(config.norm_bias) if modernbert else True,
         max_length=max_length,
         text_columns=text_columns,
         name=name,
@@ -235,13 +241,17 @@ def deebert_from_classifier(
             f"(missing {sorted(result.missing_keys)}, unexpected {sorted(result.unexpected_keys)})"
         )
     final = model.final_classifier
+    pairs: list[tuple[Any, Any]] = [
+        (final.dense, _module(classifier, dense_name)),
+        (final.classifier, _module(classifier, out_name)),
+    ]
+    if final.norm is not None:
+        pairs.append((final.norm, _module(classifier, "head.norm")))
     with torch.no_grad():
-        for ours, theirs in (
-            (final.dense, _module(classifier, dense_name)),
-            (final.classifier, _module(classifier, out_name)),
-        ):
+        for ours, theirs in pairs:
             ours.weight.copy_(theirs.weight)
-            ours.bias.copy_(theirs.bias)
+            if ours.bias is not None:  # a head without a bias (ModernBERT's may have none) adds zero
+                ours.bias.copy_(theirs.bias) if theirs.bias is not None else ours.bias.zero_()
     generator = torch.Generator().manual_seed(0)
     for ramp in cast(list[OffRamp], list(model.off_ramps)[:-1]):
         for linear in (ramp.dense, ramp.classifier):

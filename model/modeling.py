@@ -21,12 +21,13 @@ from transformers import (
     DebertaV2Model,
     DistilBertModel,
     ElectraModel,
+    ModernBertModel,
     PreTrainedModel,
     RobertaModel,
     XLMRobertaModel,
 )
 from transformers.activations import ACT2FN
-from transformers.masking_utils import create_bidirectional_mask
+from transformers.masking_utils import create_bidirectional_mask, create_bidirectional_sliding_window_mask
 
 from model.config import DeeBertConfig
 from model.device import dtype_name
@@ -40,13 +41,17 @@ BACKBONES: dict[str, type[PreTrainedModel]] = {
     "electra": ElectraModel,
     "distilbert": DistilBertModel,
     "deberta-v2": DebertaV2Model,  # DeBERTa-v2 and v3 (v3 is a v2 config)
+    "modernbert": ModernBertModel,
 }
 # Backbones without token type embeddings: their embeddings take the token ids alone.
-WITHOUT_TOKEN_TYPES = frozenset({"distilbert"})
+WITHOUT_TOKEN_TYPES = frozenset({"distilbert", "modernbert"})
 # Those built without a pooler (the off-ramps pool): the others have no pooler to leave out.
 WITH_OPTIONAL_POOLER = frozenset({"bert", "roberta", "xlm-roberta"})
 # Backbones whose layers read relative positions (DeBERTa's disentangled attention) and a [batch, 1, t, t] mask.
 WITH_RELATIVE_POSITIONS = frozenset({"deberta-v2"})
+# Backbones with rotary positions and two kinds of layers (global and sliding-window attention): ModernBERT. Its
+# final norm (after the last layer) runs as part of layer n, which only the final off-ramp reads.
+WITH_ROTARY_POSITIONS = frozenset({"modernbert"})
 
 
 def build_backbone(model_type: str, config: Any) -> Any:
@@ -63,13 +68,21 @@ class OffRamp(nn.Module):
     DistilBERT (relu) as they are, so a converted classifier's own head is its final off-ramp."""
 
     def __init__(
-        self, hidden_size: int, num_labels: int, dropout: float, pooling: str, activation: str = "tanh"
+        self,
+        hidden_size: int,
+        num_labels: int,
+        dropout: float,
+        pooling: str,
+        activation: str = "tanh",
+        norm: tuple[float, bool] | None = None,
     ) -> None:
         super().__init__()
         self.pooling = pooling
         self.activation = activation
         self._act = torch.tanh if activation == "tanh" else ACT2FN[activation]
         self.dense = nn.Linear(hidden_size, hidden_size)
+        # ModernBERT's head: a LayerNorm (epsilon, bias or not) after the activation.
+        self.norm = nn.LayerNorm(hidden_size, eps=norm[0], bias=norm[1]) if norm is not None else None
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, num_labels)
         # The weights laid out [in, out] for inference (not parameters, not saved): see `_inference_weights`.
@@ -94,11 +107,15 @@ class OffRamp(nn.Module):
         """
         if self.training or torch.is_grad_enabled():
             features = self._act(F.linear(pooled, self.dense.weight, self.dense.bias))
+            if self.norm is not None:
+                features = self.norm(features)
             features = F.dropout(features, self.dropout.p, self.training)
             return F.linear(features, self.classifier.weight, self.classifier.bias)
         weights = self._inference_weights()
         features = torch.addmm(weights.dense_bias, pooled, weights.dense)
         features = features.tanh_() if self.activation == "tanh" else self._act(features)
+        if self.norm is not None:
+            features = self.norm(features)
         return torch.addmm(weights.classifier_bias, features, weights.classifier)
 
     def train(self, mode: bool = True) -> OffRamp:
@@ -154,6 +171,9 @@ class LayerInputs:
     relative_positions: torch.Tensor | None = None
     relative_embeddings: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
+    # ModernBERT: the mask and the rotary (cos, sin) of each kind of layer ("full_attention", "sliding_attention").
+    masks_by_type: dict[str, torch.Tensor | None] | None = None
+    rotary_by_type: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -193,7 +213,7 @@ class _TorchSteps:
         )
 
     def run_layer(self, state: _TorchState, layer_number: int) -> _TorchState:
-        if self.model.relative_positions:
+        if self.model.own_layer_calls:
             state.hidden = self.model.run_layer(layer_number, state.hidden, state.inputs)
         else:  # the common case without the call: a microsecond per layer at batch 1
             state.hidden = self.layers[layer_number - 1](state.hidden, state.inputs.mask)
@@ -228,6 +248,9 @@ class DeeBert(nn.Module, EarlyExitModel):
         self.config = config
         self.backbone = build_backbone(config.backbone["model_type"], config.backbone_config())
         self.relative_positions = config.backbone["model_type"] in WITH_RELATIVE_POSITIONS
+        self.rotary_positions = config.backbone["model_type"] in WITH_ROTARY_POSITIONS
+        # Layers called with inputs of their own (not `layer(hidden, mask)`): see `run_layer`.
+        self.own_layer_calls = self.relative_positions or self.rotary_positions
         self.off_ramps = nn.ModuleList(
             OffRamp(
                 config.hidden_size,
@@ -235,6 +258,9 @@ class DeeBert(nn.Module, EarlyExitModel):
                 config.off_ramp_dropout,
                 config.pooling_of(layer),
                 config.final_activation if layer == config.num_layers else "tanh",
+                (config.final_norm_eps, config.final_norm_bias)
+                if layer == config.num_layers and config.final_norm_eps is not None
+                else None,
             )
             for layer in range(1, config.num_layers + 1)
         )
@@ -245,7 +271,9 @@ class DeeBert(nn.Module, EarlyExitModel):
 
     @property
     def layers(self) -> nn.ModuleList:
-        # DistilBERT keeps its layers in `transformer`, the others in `encoder`.
+        # DistilBERT keeps its layers in `transformer`, ModernBERT in `layers`, the others in `encoder`.
+        if self.rotary_positions:
+            return cast(nn.ModuleList, self.backbone.layers)
         stack = self.backbone.transformer if hasattr(self.backbone, "transformer") else self.backbone.encoder
         return cast(nn.ModuleList, stack.layer)
 
@@ -270,10 +298,13 @@ class DeeBert(nn.Module, EarlyExitModel):
         project = getattr(self.backbone, "embeddings_project", None)  # ELECTRA: embedding size → hidden size
         return cast(torch.Tensor, project(hidden) if project is not None else hidden)
 
-    def layer_inputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> LayerInputs:
+    def layer_inputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor, additive: bool = False) -> LayerInputs:
         """What the layers read besides the hidden states, as the backbone itself builds it: the sdpa mask
         (bool, or None when nothing is padded); for DeBERTa its [batch, 1, t, t] mask, relative positions and
-        relative embeddings, computed here once for every layer."""
+        relative embeddings; for ModernBERT a mask and rotary positions per kind of layer: computed here once
+        for every layer. `additive`: ModernBERT's masks as additive float masks (the ONNX export's attention)."""
+        if self.rotary_positions:
+            return self._rotary_inputs(hidden, attention_mask, additive)
         if self.relative_positions:
             encoder = self.backbone.encoder
             return LayerInputs(
@@ -287,11 +318,41 @@ class DeeBert(nn.Module, EarlyExitModel):
         )
         return LayerInputs(mask=cast(torch.Tensor | None, mask))
 
+    def _rotary_inputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor, additive: bool) -> LayerInputs:
+        config = self.backbone.config
+        if additive:
+            length = hidden.shape[1]
+            padding = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * -10000.0
+            positions = torch.arange(length, device=hidden.device)
+            outside = (positions[:, None] - positions[None, :]).abs() > config.sliding_window
+            masks: dict[str, torch.Tensor | None] = {
+                "full_attention": padding,
+                "sliding_attention": padding + outside.to(hidden.dtype) * -10000.0,
+            }
+        else:
+            kwargs = {"config": config, "inputs_embeds": hidden, "attention_mask": attention_mask}
+            masks = {
+                "full_attention": create_bidirectional_mask(**kwargs),
+                "sliding_attention": create_bidirectional_sliding_window_mask(**kwargs),
+            }
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        rotary = {kind: self.backbone.rotary_emb(hidden, position_ids, kind) for kind in set(config.layer_types)}
+        return LayerInputs(mask=None, masks_by_type=masks, rotary_by_type=rotary)
+
     def run_layer(self, layer_number: int, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
         """Layer `layer_number` (1..n) on `hidden`."""
         layer = self.layers[layer_number - 1]
-        if not self.relative_positions:
+        if not self.own_layer_calls:
             return cast(torch.Tensor, layer(hidden, inputs.mask))
+        if self.rotary_positions:
+            assert inputs.masks_by_type is not None and inputs.rotary_by_type is not None
+            kind = str(layer.attention_type)
+            output = layer(
+                hidden, attention_mask=inputs.masks_by_type[kind], position_embeddings=inputs.rotary_by_type[kind]
+            )
+            if layer_number == self.num_layers:  # the backbone's final norm: only the final off-ramp reads it
+                output = self.backbone.final_norm(output)
+            return cast(torch.Tensor, output)
         output = layer(
             hidden,
             inputs.mask,

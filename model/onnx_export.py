@@ -152,6 +152,8 @@ def model_digest(model: DeeBert) -> str:
     shape: list[Any] = [config.backbone, config.pooling, config.num_labels]
     if config.final_pooling is not None or config.final_activation != "tanh":  # a converted classifier's head
         shape += [config.final_pooling, config.final_activation]
+    if config.final_norm_eps is not None:
+        shape += [config.final_norm_eps, config.final_norm_bias]
     digest.update(json.dumps(shape, sort_keys=True).encode())
     for name, value in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -194,14 +196,17 @@ class _Traced(nn.Module):
         weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
         hidden_states, logits = [hidden], []
         for number, ramp in enumerate(model.off_ramps, start=1):
-            if model.relative_positions:
-                # DeBERTa: each layer's graph builds its own mask and relative positions from its input (a
-                # step graph starts from the previous layer's output, not from the embeddings).
-                hidden = model.run_layer(number, hidden, model.layer_inputs(hidden, attention_mask))
+            if model.own_layer_calls:
+                # DeBERTa and ModernBERT: each layer's graph builds its own masks and positions from its input
+                # (a step graph starts from the previous layer's output, not from the embeddings).
+                inputs = model.layer_inputs(hidden, attention_mask, additive=True)
+                hidden = model.run_layer(number, hidden, inputs)
             else:
                 hidden = model.layers[number - 1](hidden, additive_mask)
             pooled = hidden[:, 0] if ramp.pooling == "first" else (hidden * weights).sum(dim=1)
             features = ramp._act(ramp.dense(pooled))  # type: ignore[operator]
+            if ramp.norm is not None:
+                features = ramp.norm(features)  # type: ignore[operator]
             hidden_states.append(hidden)
             logits.append(ramp.classifier(features))  # type: ignore[operator]
         # Mean pooling's weights as an output of their own: the step graphs take them as an input, computed
@@ -252,6 +257,10 @@ def _optimize(model: DeeBert, source: Path, target: Path) -> dict[str, int]:
     # EmbedLayerNormalization would hand the layers a mask index computed inside the embeddings graph;
     # the layers take the attention mask itself, so that compaction only has to slice it.
     options.enable_embed_layer_norm = False
+    if model.rotary_positions:
+        # ModernBERT normalises before each layer (pre-LN): fusing a layer's residual sum into the next layer's
+        # LayerNorm would put both layers' work in one node, and the step graphs are cut between them.
+        options.enable_skip_layer_norm = False
     optimized = optimize_model(
         str(source),
         model_type="bert",

@@ -66,6 +66,9 @@ def classifier_config(model_type: str, vocab_size: int, labels: tuple[str, ...] 
         values |= {"relative_attention": True, "position_buckets": 16, "max_relative_positions": -1,
                    "pos_att_type": ["p2c", "c2p"], "norm_rel_ebd": "layer_norm", "position_biased_input": False,
                    "type_vocab_size": 0, "pooler_hidden_act": "gelu"}  # fmt: skip
+    if model_type == "modernbert":  # every other layer global, the rest a 2-token sliding window (rotary both)
+        values |= {"global_attn_every_n_layers": 2, "local_attention": 4, "classifier_pooling": "cls",
+                   "bos_token_id": 2, "eos_token_id": 3, "cls_token_id": 2, "sep_token_id": 3}  # fmt: skip
     return AutoConfig.for_model(model_type, **values)
 
 
@@ -147,23 +150,27 @@ def test_full_depth_equals_the_classifier_on_every_backend(tmp_path: Path, model
         assert result.label == expected.argmax(dim=-1).tolist()
 
 
-def test_deberta_v2_with_its_convolution_after_layer_1_and_absolute_positions(tmp_path: Path) -> None:
-    """DeBERTa-v2 (not v3): a convolution beside layer 1, absolute positions and token types as well."""
-    source = write_classifier(
-        tmp_path / "classifier",
-        "deberta-v2",
-        conv_kernel_size=3,
-        conv_act="gelu",
-        position_biased_input=True,
-        type_vocab_size=2,
-        position_buckets=-1,
-        norm_rel_ebd="none",
-    )
+@pytest.mark.parametrize(
+    ("model_type", "overrides"),
+    [
+        # DeBERTa-v2 (not v3): a convolution beside layer 1, absolute positions and token types as well.
+        ("deberta-v2", {"conv_kernel_size": 3, "conv_act": "gelu", "position_biased_input": True,
+                        "type_vocab_size": 2, "position_buckets": -1, "norm_rel_ebd": "none"}),
+        # ModernBERT pooling the mean for its head, with biases in its head's dense and norm.
+        ("modernbert", {"classifier_pooling": "mean", "classifier_bias": True, "norm_bias": True}),
+    ],
+    ids=["deberta-v2-convolution", "modernbert-mean-pooling"],
+)  # fmt: skip
+def test_architecture_variants_answer_as_the_classifier(tmp_path: Path, model_type: str, overrides: Any) -> None:
+    source = write_classifier(tmp_path / "classifier", model_type, **overrides)
     texts, _ = toy_texts(120)
     log = convert(quick(source, write_lines(tmp_path / "texts.txt", texts), tmp_path / "out"))
     assert log.full_depth_max_logit_difference <= PARITY_TOLERANCE
     model = load_model(tmp_path / "out")
-    assert model.backbone.encoder.conv is not None
+    if model_type == "deberta-v2":
+        assert model.backbone.encoder.conv is not None
+    else:
+        assert model.config.final_pooling == "mean" and model.final_classifier.norm is not None
     probe = texts[:9]
     expected = classifier_logits(source, probe)
     tokenizer = load_tokenizer(tmp_path / "out")
