@@ -10,7 +10,8 @@
     python -m benchmarks.convert_demo --task sst2 --train-texts 20000      # ~15 min on 2 cores
     python -m benchmarks.convert_demo --task mrpc                           # sentence pairs
 
-Writes `benchmarks/results/convert_demo/<task>.json` and `<task>.md` (the run's command, machine and numbers).
+Writes `benchmarks/results/convert_demo/<task>.json` and `<task>.md` (the run's command, machine and numbers),
+and each converted model's `MODEL_CARD.md` as `<task>-<objective>-MODEL_CARD.md`.
 """
 
 from __future__ import annotations
@@ -233,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         result["conversions"][objective] = measure(output, data_dir / "dev.tsv", original, max_length)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for objective in result["conversions"]:  # the model cards `deebert convert` wrote, beside the results
+        card = work / f"converted-{objective}" / "MODEL_CARD.md"
+        (out_dir / f"{args.task}-{objective}-MODEL_CARD.md").write_text(card.read_text())
     (out_dir / f"{args.task}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / f"{args.task}.md").write_text(markdown(result))
     print(markdown(result))
