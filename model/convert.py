@@ -12,7 +12,7 @@ paper's stage 2):
 - with `--objective labels`, the texts' labels (summed cross-entropy, the paper's stage 2 as such).
 
 Presets are calibrated on held-out texts by **agreement with full depth**, which needs no labels: `lossless`
-answers as full depth on >= 99.5 % of them with the most saving, `balanced` >= 98.5 %, `fast` >= 97 %.
+answers as full depth on >= 99.5 % of them with the most saving, `balanced` >= 99 %, `fast` >= 97 %.
 """
 
 from __future__ import annotations
@@ -55,8 +55,11 @@ HEADS: dict[str, tuple[str, str, str, str | None]] = {
     "modernbert": ("model", "head.dense", "classifier", None),  # dense, activation, norm; CLS or mean pooling
 }
 SUPPORTED = tuple(HEADS)
-# Agreement with full depth each preset keeps on the held-out texts (as a fraction it may lose).
-AGREEMENT_TOLERANCES: dict[str, float] = {"lossless": 0.005, "balanced": 0.015, "fast": 0.03}
+# Agreement with full depth each preset keeps on the held-out texts (as a fraction it may lose). `balanced`
+# keeps 99 %: at 98.5 % the demonstration (benchmarks/convert_demo.py) lost 0.57 point of SST-2 dev accuracy
+# and 0.98 of MRPC's, more than the 0.5 point `balanced` stands for when calibrated with labels; a text that
+# changes its answer costs at most one point per 1 % and about half of that in those runs.
+AGREEMENT_TOLERANCES: dict[str, float] = {"lossless": 0.005, "balanced": 0.01, "fast": 0.03}
 
 
 class ConvertError(ValueError):
