@@ -10,7 +10,7 @@ import argparse
 import json
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from reports.common import describe_machine, machine_description, markdown_table, percent
@@ -620,20 +620,31 @@ def _run_reliability(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = {
+    "train": _add_train,
+    "convert": _add_convert,
+    "calibrate": _add_calibrate,
+    "evaluate": _add_evaluate,
+    "results": _add_results,
+    "export": _add_export,
+    "serve": _add_serve,
+    "tune": _add_tune,
+    "loadtest": _add_loadtest,
+    "bench": _add_bench,
+    "reliability": _add_reliability,
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The `deebert` parser; with `only`, that subcommand's flags alone are built (the others by name), so a
+    command imports only what it runs: `deebert serve` re-runs itself on jemalloc before torch is imported."""
     parser = argparse.ArgumentParser(prog="deebert", description="DeeBERT early-exit text classification.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_train(subparsers)
-    _add_convert(subparsers)
-    _add_calibrate(subparsers)
-    _add_evaluate(subparsers)
-    _add_results(subparsers)
-    _add_export(subparsers)
-    _add_serve(subparsers)
-    _add_tune(subparsers)
-    _add_loadtest(subparsers)
-    _add_bench(subparsers)
-    _add_reliability(subparsers)
+    for name, add in SUBCOMMANDS.items():
+        if only is None or name == only:
+            add(subparsers)
+        else:
+            subparsers.add_parser(name)
     return parser
 
 
@@ -652,7 +663,8 @@ RUNNERS = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The model package's errors that mean bad input or setup: one line, exit status 2, no traceback."""
     from model.backends import BackendError
     from model.checkpoint import CheckpointError
     from model.config import ConfigError
@@ -661,12 +673,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from model.onnx_export import ExportError
     from model.tune import TuneError
 
+    return (BackendError, CheckpointError, ConfigError, DataError, DeviceError, ExportError, TuneError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(words)
+    only = words[0] if words and words[0] in SUBCOMMANDS else None
+    args = build_parser(only).parse_args(words)
     args.command_line = shlex.join(["deebert", *words])  # recorded in reports
     try:
         return RUNNERS[args.command](args)
-    except (BackendError, CheckpointError, ConfigError, DataError, DeviceError, ExportError, TuneError) as err:
+    except Exception as err:
+        if not isinstance(err, _user_errors()):
+            raise
         print(f"deebert {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -12,8 +12,6 @@ from typing import Any
 
 import uvicorn
 
-from server.app import create_app
-from server.engine import Engine, EngineLoadError
 from server.memory import (
     AllocatorError,
     bound_kernel_cache,
@@ -23,7 +21,6 @@ from server.memory import (
     reexec,
 )
 from server.settings import ServerSettings
-from server.state import make_brownout
 
 logger = logging.getLogger("deebert.serve")
 
@@ -60,6 +57,12 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(settings: ServerSettings, allocator_note: str = "") -> int:
+    # The model and web stack are imported here, not at the top: `run_from_args` switches the allocator by
+    # re-running the process, which should happen before torch and transformers are imported (seconds).
+    from server.app import create_app
+    from server.engine import Engine, EngineLoadError
+    from server.state import make_brownout
+
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     allocator = loaded_allocator()
     if allocator_note:

@@ -52,3 +52,18 @@ def test_the_wheel_holds_every_package_of_the_product() -> None:
     }
     assert packaged == on_disk
     assert "server.routes" in packaged and not any(p.startswith(("benchmarks", "tests")) for p in packaged)
+
+
+def test_serve_parses_its_flags_and_picks_its_allocator_before_importing_torch() -> None:
+    """`deebert serve` re-runs itself on jemalloc: everything up to that point must stay light, or a start pays
+    for importing torch and transformers twice."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from deebert.cli import build_parser; from server.serve import settings_from; "
+        "args = build_parser('serve').parse_args(['serve', '--checkpoint', 'x']); settings_from(args); "
+        "print(sorted(m for m in ('torch', 'transformers', 'onnxruntime', 'model') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
