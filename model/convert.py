@@ -33,10 +33,9 @@ from model.checkpoint import CheckpointError, is_deebert_checkpoint, resolve_dir
 from model.config import EAGER_ONLY, DeeBertConfig, Preset
 from model.data import FORMATS, DataError, Dataset, read_dataset
 from model.evaluate import all_layer_outputs, per_layer_accuracy
-from model.exit_rule import LABEL_ON_PROBABILITY
 from model.modeling import WITHOUT_TOKEN_TYPES, DeeBert, OffRamp
 from model.saving import saving_from_counts
-from model.sweep import SweepPoint, exit_counts
+from model.sweep import SweepPoint, answers, exit_counts, same_answer
 from model.tokenization import pad_batch, tokenize
 from model.train import TrainSettings, extract_features, frozen_fingerprint, seed_everything, train_stage2
 
@@ -152,17 +151,6 @@ def load_classifier(source: str) -> tuple[PreTrainedModel, Any, Path]:
 def is_multi_label(config: Any) -> bool:
     """A classifier with one sigmoid per label (transformers' `problem_type`)."""
     return getattr(config, "problem_type", None) == "multi_label_classification"
-
-
-def answers(probabilities: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    """What a classifier answers from probabilities [..., samples, labels]: the top label, or (multi-label)
-    which labels are on (sigmoid >= 0.5)."""
-    return probabilities >= LABEL_ON_PROBABILITY if multi_label else probabilities.argmax(dim=-1)
-
-
-def same_answer(a: torch.Tensor, b: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    """Per sample: whether two answers (from `answers`) are the same (multi-label: every label)."""
-    return (a == b).all(dim=-1) if multi_label else a == b
 
 
 def agreement_presets(

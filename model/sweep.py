@@ -29,12 +29,23 @@ def binary_f1(predicted: torch.Tensor, target: torch.Tensor) -> float | None:
 Targets = Sequence[int] | Sequence[Sequence[float]]
 
 
+def answers(probabilities: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """What a classifier answers from probabilities [..., samples, labels]: the top label, or (multi-label)
+    which labels are on (sigmoid >= 0.5)."""
+    return probabilities >= exit_rule.LABEL_ON_PROBABILITY if multi_label else probabilities.argmax(dim=-1)
+
+
+def same_answer(a: torch.Tensor, b: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """Per sample: whether two answers (from `answers`, or label ids / multi-hot targets) are the same
+    (multi-label: every label)."""
+    return (a == b.to(a.dtype)).all(dim=-1) if multi_label else a == b
+
+
 def correct(probabilities: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Whether each answer is right, [..., samples] from probabilities [..., samples, labels]: the label ids'
     argmax, or (a 2-D multi-hot `target`) exactly the set of labels on (subset accuracy)."""
-    if target.dim() == 2:
-        return ((probabilities >= exit_rule.LABEL_ON_PROBABILITY) == target.bool()).all(dim=-1)
-    return probabilities.argmax(-1) == target
+    multi_label = target.dim() == 2
+    return same_answer(answers(probabilities, multi_label), target, multi_label)
 
 
 def exit_counts(exit_layers: torch.Tensor, num_layers: int) -> list[int]:
