@@ -36,20 +36,19 @@ class QuantizationError(RuntimeError):
 
 
 OPS = ("ffn", "all")
+# The feed-forward pair's traced module names: BERT, RoBERTa, XLM-R, ELECTRA and DeBERTa (`intermediate.dense`,
+# then the layer's own `output.dense`, not the attention's), DistilBERT (`ffn.lin1/2`), ModernBERT (`mlp.Wi/Wo`).
+FFN_MODULES = ("/intermediate/dense/", "/output/dense/", "/ffn/lin1/", "/ffn/lin2/", "/mlp/Wi/", "/mlp/Wo/")
 
 
 def weight_matmuls(graph: Any, ops: str = "all") -> list[Any]:
-    """The MatMul nodes of `graph` that multiply an activation by a weight (an initializer); with `ffn` only the
-    feed-forward pair (the traced modules `intermediate.dense` and the layer's `output.dense`)."""
+    """The MatMul nodes of `graph` that multiply an activation by a weight (an initializer); with `ffn` only each
+    layer's feed-forward pair (FFN_MODULES: the traced module names of every supported architecture)."""
     initializers = {i.name for i in graph.initializer}
     nodes = [n for n in graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in initializers]
     if ops == "all":
         return nodes
-    return [
-        n
-        for n in nodes
-        if "/intermediate/dense/" in n.name or ("/output/dense/" in n.name and "/attention/" not in n.name)
-    ]
+    return [n for n in nodes if any(module in n.name for module in FFN_MODULES) and "/attention/" not in n.name]
 
 
 def calibrate_ranges(model: Any, encoded: Sequence[Any], ops: str = "ffn", progress: bool = False) -> dict[str, Any]:
@@ -80,6 +79,7 @@ def calibrate_ranges(model: Any, encoded: Sequence[Any], ops: str = "ffn", progr
         # The process's session options: once a session runs on ONNX Runtime's global thread pool, a session
         # with threads of its own is refused.
         session = ort.InferenceSession(str(whole), session_options(None), providers=["CPUExecutionProvider"])
+        accepted = {i.name for i in session.get_inputs()}  # token types are traced away where a model has none
         lowest = dict.fromkeys(names, np.inf)
         highest = dict.fromkeys(names, -np.inf)
         rows = tqdm(encoded, desc="int8 ranges", unit="text", disable=not progress)
@@ -90,6 +90,7 @@ def calibrate_ranges(model: Any, encoded: Sequence[Any], ops: str = "ffn", progr
                 "attention_mask": np.ones_like(ids),
                 "token_type_ids": np.array([item.token_type_ids], dtype=np.int64),
             }
+            feeds = {name: value for name, value in feeds.items() if name in accepted}
             for name, value in zip(names, session.run(names, feeds), strict=True):
                 lowest[name] = min(lowest[name], float(value.min()))
                 highest[name] = max(highest[name], float(value.max()))

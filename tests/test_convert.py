@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import onnx
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, BertModel
@@ -19,6 +20,8 @@ from deebert.cli import main
 from model.backends import load_backend
 from model.checkpoint import CheckpointError, load_model, require_deebert
 from model.convert import SUPPORTED, ConvertError, ConvertSettings, convert, load_classifier
+from model.int8 import calibrate_ranges
+from model.onnx_export import layer_file
 from model.tokenization import load_tokenizer, pad_batch, tokenize
 from server.engine import Engine
 from tests.helpers import (
@@ -314,3 +317,33 @@ def test_a_multi_label_classifier_converts_and_serves_every_label_on_both_apis(t
         assert {item["label"]: item["score"] for item in tei[row]} == pytest.approx(
             dict(zip(emotions, scores, strict=True)), abs=1e-5
         )
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed")
+# One of each layer naming (RoBERTa, XLM-R and ELECTRA trace as BERT does): the feed-forward pair is found by name.
+@pytest.mark.parametrize("model_type", ["bert", "distilbert", "deberta-v2", "modernbert"])
+def test_static_int8_serves_every_architecture_on_both_runtimes(tmp_path: Path, model_type: str) -> None:
+    """Activation ranges from the converted model's texts; one QDQ graph per step on ONNX Runtime and OpenVINO,
+    each row answered alone as in the batch, and close to fp32 (not equal: that is int8)."""
+    source = write_classifier(tmp_path / "classifier", model_type)
+    texts, _ = toy_texts(120)
+    convert(quick(source, write_lines(tmp_path / "texts.txt", texts), tmp_path / "out"))
+    model = load_model(tmp_path / "out")
+    tokenizer = load_tokenizer(tmp_path / "out")
+    model.config.int8_ranges = calibrate_ranges(model, tokenize(tokenizer, texts[:40], None, 48))
+    probe = texts[:6]
+    batch = pad_batch(tokenize(tokenizer, probe, None, 48), int(tokenizer.pad_token_id))
+    with torch.inference_mode():
+        fp32 = model.plain_forward(batch.input_ids, batch.attention_mask, batch.token_type_ids).softmax(-1)
+    for backend in ("onnxruntime", "openvino"):
+        served = load_backend(model, backend, "int8-static", tmp_path / "cache", threads=1)
+        ops = {node.op_type for node in onnx.load(str(served.directory / layer_file(2))).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops, f"{model_type} on {backend}: no QDQ nodes"
+        thresholds = [0.3] * len(probe)
+        together = served.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds)
+        for row, text in enumerate(probe):
+            one = pad_batch(tokenize(tokenizer, [text], None, 48), int(tokenizer.pad_token_id))
+            alone = served.infer(one.input_ids, one.attention_mask, one.token_type_ids, [0.3])
+            assert (alone.label[0], alone.exit_layer[0]) == (together.label[row], together.exit_layer[row])
+        int8 = torch.as_tensor(served.plain_forward(batch.input_ids, batch.attention_mask, batch.token_type_ids))
+        torch.testing.assert_close(int8.float().softmax(-1), fp32, atol=0.1, rtol=0)
