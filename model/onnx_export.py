@@ -334,26 +334,14 @@ def export_plain_unfused(model: DeeBert, path: Path) -> None:
 
 
 def _ffn_matmuls(path: Path) -> list[str]:
-    """The feed-forward MatMuls of a layer graph: the one feeding the GELU and the one after it."""
+    """The feed-forward MatMuls of a layer graph (`int8.weight_matmuls`: found by module name, fused or not)."""
     import onnx
 
-    graph = onnx.load(str(path)).graph
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    chosen = []
-    for node in graph.node:
-        if node.op_type != "MatMul":
-            continue
-        after = [c.op_type for c in consumers.get(node.output[0], [])]
-        before_gelu = any(op in ("BiasGelu", "Gelu", "FastGelu") for op in after)
-        after_gelu = any(
-            producer.op_type in ("BiasGelu", "Gelu", "FastGelu") and node.input[0] in producer.output
-            for producer in graph.node
-        )
-        if before_gelu or after_gelu:
-            chosen.append(node.name)
+    from model.int8 import weight_matmuls
+
+    chosen = [node.name for node in weight_matmuls(onnx.load(str(path)).graph, "ffn")]
+    if not chosen:  # an empty list would make the quantizer take every MatMul
+        raise ExportError(f"no feed-forward products found in {path.name} to quantize")
     return chosen
 
 

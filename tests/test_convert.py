@@ -324,7 +324,7 @@ def test_a_multi_label_classifier_converts_and_serves_every_label_on_both_apis(t
 @pytest.mark.parametrize("model_type", ["bert", "distilbert", "deberta-v2", "modernbert"])
 def test_static_int8_serves_every_architecture_on_both_runtimes(tmp_path: Path, model_type: str) -> None:
     """Activation ranges from the converted model's texts; one QDQ graph per step on ONNX Runtime and OpenVINO,
-    each row answered alone as in the batch, and close to fp32 (not equal: that is int8)."""
+    each row answered alone as in the batch, and close to fp32 (not equal: that is int8); dynamic int8 too."""
     source = write_classifier(tmp_path / "classifier", model_type)
     texts, _ = toy_texts(120)
     convert(quick(source, write_lines(tmp_path / "texts.txt", texts), tmp_path / "out"))
@@ -347,3 +347,9 @@ def test_static_int8_serves_every_architecture_on_both_runtimes(tmp_path: Path, 
             assert (alone.label[0], alone.exit_layer[0]) == (together.label[row], together.exit_layer[row])
         int8 = torch.as_tensor(served.plain_forward(batch.input_ids, batch.attention_mask, batch.token_type_ids))
         torch.testing.assert_close(int8.float().softmax(-1), fp32, atol=0.1, rtol=0)
+    # Dynamic int8 (ONNX Runtime) quantizes the same feed-forward pair, and nothing else, in each layer graph.
+    dynamic = load_backend(model, "onnxruntime", "int8", tmp_path / "cache", threads=1)
+    ops = [node.op_type for node in onnx.load(str(dynamic.directory / layer_file(2))).graph.node]
+    assert ops.count("MatMulInteger") == 2, f"{model_type}: {ops.count('MatMulInteger')} products quantized"
+    int8 = torch.as_tensor(dynamic.plain_forward(batch.input_ids, batch.attention_mask, batch.token_type_ids))
+    torch.testing.assert_close(int8.float().softmax(-1), fp32, atol=0.1, rtol=0)
