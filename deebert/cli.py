@@ -439,7 +439,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     reference = None if runtime is None else _fp32_full_depth_accuracy(directory, encoded, targets, tokenizer)
     presets = calibrate(probabilities, entropies, targets, criterion=config.criterion, reference_accuracy=reference)
     if runtime is None:
-        stored = _config_for(stored, args.criterion).with_presets(presets)
+        stored = _config_for(stored, args.criterion).with_presets(presets, calibrated_by="accuracy")
     else:
         stored = stored.with_presets(presets, runtime=runtime)
     stored.save(directory)

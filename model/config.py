@@ -198,15 +198,22 @@ class DeeBertConfig:
         return self.criterion.validate(number), None
 
     def with_presets(
-        self, presets: list[Preset], exit_criterion: str | None = None, runtime: str | None = None
+        self,
+        presets: list[Preset],
+        exit_criterion: str | None = None,
+        runtime: str | None = None,
+        calibrated_by: str | None = None,
     ) -> DeeBertConfig:
         """A copy whose presets (and, if given, exit criterion) are replaced; with `runtime`, the presets of
-        that runtime (`runtime_presets[runtime]`) instead of the default ones."""
+        that runtime (`runtime_presets[runtime]`) instead of the default ones; with `calibrated_by`, what the
+        default presets were calibrated by (accuracy or agreement)."""
         data = self.to_dict()
         if runtime is not None:
             data["runtime_presets"] = {**data["runtime_presets"], runtime: [asdict(p) for p in presets]}
         else:
             data["presets"] = [asdict(p) for p in presets]
+            if calibrated_by is not None:
+                data["presets_calibrated_by"] = calibrated_by
         if exit_criterion is not None:
             data["exit_criterion"] = exit_criterion
             data["runtime_presets"] = {}  # calibrated for another criterion

@@ -12,7 +12,8 @@ paper's stage 2):
 - with `--objective labels`, the texts' labels (summed cross-entropy, the paper's stage 2 as such).
 
 Presets are calibrated on held-out texts by **agreement with full depth**, which needs no labels: `lossless`
-answers as full depth on >= 99.5 % of them with the most saving, `balanced` >= 99 %, `fast` >= 97 %.
+answers as full depth on >= 99.5 % of them with the most saving, `balanced` >= 99 %, `fast` >= 97 %. With
+`--objective labels` they are calibrated by held-out accuracy instead, as `deebert calibrate` does.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from model.calibrate import choose_presets
+from model.calibrate import PRESET_TOLERANCES, calibrate, choose_presets
 from model.checkpoint import CheckpointError, is_deebert_checkpoint, resolve_directory, save_model
 from model.config import EAGER_ONLY, DeeBertConfig, Preset
 from model.data import FORMATS, DataError, Dataset, read_dataset
@@ -98,6 +99,7 @@ class ConversionLog:
     held_out_texts: int = 0
     full_depth_max_logit_difference: float = 0.0
     per_layer_agreement_with_full_depth: list[float] = field(default_factory=list)
+    presets_calibrated_by: str = "agreement"
     per_layer_accuracy: list[float] | None = None
     stage2: dict[str, Any] = field(default_factory=dict)
     presets: list[dict[str, Any]] = field(default_factory=list)
@@ -158,6 +160,14 @@ def agreement_presets(
 ) -> list[Preset]:
     """For each preset, the threshold with the most expected saving whose answers on held-out texts agree with
     full depth on at least 1 − its tolerance of them (AGREEMENT_TOLERANCES); labels are not needed."""
+    points = agreement_points(probabilities, entropies, criterion, multi_label)
+    return choose_presets(points, 1.0, AGREEMENT_TOLERANCES, criterion)
+
+
+def agreement_points(
+    probabilities: torch.Tensor, entropies: torch.Tensor, criterion: Any, multi_label: bool
+) -> list[SweepPoint]:
+    """Each candidate threshold's agreement with full depth (as `accuracy`) and expected saving."""
     full = answers(probabilities[-1], multi_label)
     candidates = criterion.candidates(probabilities, entropies)
     thresholds = torch.tensor(candidates, dtype=torch.float32).unsqueeze(1)
@@ -170,7 +180,7 @@ def agreement_presets(
         agreement = float(same_answer(at_exit, full, multi_label).float().mean())
         counts = exit_counts(layers, num_layers)
         points.append(SweepPoint(threshold, agreement, saving_from_counts(counts) or 0.0, counts))
-    return choose_presets(points, 1.0, AGREEMENT_TOLERANCES, criterion)
+    return points
 
 
 def label_names(config: Any) -> list[str]:
@@ -348,9 +358,18 @@ def convert(settings: ConvertSettings) -> ConversionLog:
     ]
     if held_out.labels is not None and not multi_label:
         log.per_layer_accuracy = per_layer_accuracy(probabilities, held_out.labels)
-    presets = agreement_presets(probabilities, entropies, model.config.criterion, multi_label)
-    model.config = model.config.with_presets(presets)
-    log.presets = [asdict(p) | {"agreement": p.accuracy} for p in presets]
+    # Without labels, presets by agreement with full depth; trained on labels, by held-out accuracy (as
+    # `deebert calibrate` does), each preset's agreement recorded beside it.
+    criterion = model.config.criterion
+    agreement = {p.threshold: p.accuracy for p in agreement_points(probabilities, entropies, criterion, multi_label)}
+    if settings.objective == "labels":
+        presets = calibrate(probabilities, entropies, held_out.targets(), criterion=criterion)
+        log.presets = [asdict(p) | {"agreement": agreement[p.threshold]} for p in presets]
+    else:
+        presets = agreement_presets(probabilities, entropies, criterion, multi_label)
+        log.presets = [asdict(p) | {"agreement": p.accuracy} for p in presets]
+    log.presets_calibrated_by = "accuracy" if settings.objective == "labels" else "agreement"
+    model.config = model.config.with_presets(presets, calibrated_by=log.presets_calibrated_by)
 
     output = Path(settings.output)
     save_model(model, output, tokenizer=tokenizer, dtype=torch.float32)
@@ -384,6 +403,18 @@ def _write_card(output: Path, log: ConversionLog, model: DeeBert) -> None:
         for p in log.presets
     )
     per_layer = ", ".join(f"{100 * a:.1f}" for a in log.per_layer_agreement_with_full_depth)
+    if log.presets_calibrated_by == "accuracy":
+        budgets = ", ".join(f"`{name}` {100 * drop:g}" for name, drop in PRESET_TOLERANCES.items())
+        calibration = (
+            f"Presets are calibrated **by accuracy** on {log.held_out_texts} held-out labelled texts (as "
+            f"`deebert calibrate`: the most saving within these points of full depth's accuracy: {budgets}):"
+        )
+    else:
+        floors = ", ".join(f"`{name}` {100 * (1 - lost):g} %" for name, lost in AGREEMENT_TOLERANCES.items())
+        calibration = (
+            f"Presets are calibrated **by agreement with full depth** on {log.held_out_texts} held-out texts (no "
+            f"labels needed: the most saving at this agreement or more: {floors}):"
+        )
     text = f"""# {model.config.name}
 
 Converted by `deebert convert` from the classifier `{log.settings["classifier"]}` ({log.model_type}, {log.num_layers}
@@ -391,7 +422,7 @@ layers) on {log.train_texts} texts of `{log.settings["texts"]}` (objective: {log
 classifier's encoder and head are unchanged (its head is the final off-ramp): at threshold 0 this model answers
 as the classifier (largest |logit difference| on 64 of the texts: {log.full_depth_max_logit_difference:.1e}).
 
-Presets are calibrated **by agreement with full depth** on {log.held_out_texts} held-out texts (no labels needed):
+{calibration}
 
 | preset | entropy threshold | agreement with full depth | expected saving |
 | --- | ---: | ---: | ---: |

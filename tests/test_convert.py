@@ -220,6 +220,14 @@ def test_labels_objective_trains_on_the_labels_of_a_tsv(tmp_path: Path) -> None:
     log = convert(quick(source, tsv, tmp_path / "out", objective="labels", epochs=20))
     assert log.stage2["objective"] == "cross-entropy"
     assert log.per_layer_accuracy is not None and log.per_layer_accuracy[0] > 0.8
+    # Trained on labels, the presets are calibrated by held-out accuracy (as `deebert calibrate`), and say so.
+    model = load_model(tmp_path / "out")
+    assert log.presets_calibrated_by == model.config.presets_calibrated_by == "accuracy"
+    full_depth_accuracy = log.per_layer_accuracy[-1]
+    for preset, logged in zip(model.config.presets, log.presets, strict=True):
+        assert preset.accuracy >= full_depth_accuracy - preset.max_accuracy_drop - 1e-9
+        assert 0.0 <= logged["agreement"] <= 1.0
+    assert "calibrated **by accuracy**" in (tmp_path / "out" / "MODEL_CARD.md").read_text()
 
 
 def one_error_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
