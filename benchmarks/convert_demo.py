@@ -152,7 +152,14 @@ def measure(converted: Path, dev_path: Path, original: torch.Tensor, max_length:
     }
 
 
+CALIBRATED_BY = {
+    "agreement": "agreement with full depth on the held-out texts (their labels unused)",
+    "accuracy": "accuracy on the held-out texts' labels",
+}
+
+
 def markdown(result: dict[str, Any]) -> str:
+    reused = "; this classifier reused from the run before" if result["fine_tune"].get("reused") else ""
     out = [
         f"# `deebert convert` on a transformers-trained {result['task']} classifier",
         "",
@@ -160,7 +167,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"The classifier: `BertForSequenceClassification` from the MiniLM-L6 base, fine-tuned by a plain PyTorch loop "
         f"({result['fine_tune']['train_rows']} train rows, {result['fine_tune']['epochs']} epoch(s), "
-        f"{result['fine_tune']['seconds']:.0f} s); its dev accuracy **{100 * result['original_accuracy']:.2f} %**.",
+        f"{result['fine_tune']['seconds']:.0f} s{reused}); its dev accuracy "
+        f"**{100 * result['original_accuracy']:.2f} %**.",
         "",
     ]
     for objective, measured in result["conversions"].items():
@@ -169,6 +177,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"## Converted with `--objective {objective}` ({log['train_texts']} texts, "
             f"{log['held_out_texts']} held out to calibrate; {log['seconds']:.0f} s)",
             "",
+            f"Presets calibrated by {CALIBRATED_BY[log.get('presets_calibrated_by', 'agreement')]}. "
             f"Full depth vs the original on dev: largest |logit difference| "
             f"{measured['max_abs_logit_difference_full_depth']:.1e}.",
             "",
