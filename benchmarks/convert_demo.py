@@ -3,7 +3,8 @@
 1. Fine-tune `BertForSequenceClassification` from the offline MiniLM-L6 base with a plain PyTorch loop over the
    transformers model (no deebert code), save it as a Hugging Face classifier directory.
 2. Convert it with `deebert convert` from the task's train texts **without labels** (`--objective distill`), and
-   again with labels (`--objective labels`).
+   again with labels (`--objective labels`), the presets calibrated by agreement with full depth (the default);
+   `labels-by-accuracy` converts with labels and calibrates by held-out accuracy (`--calibrate-by accuracy`).
 3. On the dev set: the original's accuracy; each converted model's accuracy, agreement with the original and
    expected saving at every preset, and its largest |logit difference| from the original at full depth.
 
@@ -152,6 +153,7 @@ def measure(converted: Path, dev_path: Path, original: torch.Tensor, max_length:
     }
 
 
+FLAGS = {"labels-by-accuracy": "--objective labels --calibrate-by accuracy"}
 CALIBRATED_BY = {
     "agreement": "agreement with full depth on the held-out texts (their labels unused)",
     "accuracy": "accuracy on the held-out texts' labels",
@@ -174,7 +176,7 @@ def markdown(result: dict[str, Any]) -> str:
     for objective, measured in result["conversions"].items():
         log = measured["conversion_log"]
         out += [
-            f"## Converted with `--objective {objective}` ({log['train_texts']} texts, "
+            f"## Converted with `{FLAGS.get(objective, '--objective ' + objective)}` ({log['train_texts']} texts, "
             f"{log['held_out_texts']} held out to calibrate; {log['seconds']:.0f} s)",
             "",
             f"Presets calibrated by {CALIBRATED_BY[log.get('presets_calibrated_by', 'agreement')]}. "
@@ -202,7 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-texts", type=int, default=20000, help="texts deebert convert reads (labels unused)")
     parser.add_argument("--work-dir", default="runs/convert_demo")
     parser.add_argument("--output-dir", default="benchmarks/results/convert_demo")
-    parser.add_argument("--objectives", default="distill,labels")
+    parser.add_argument(
+        "--objectives",
+        default="distill,labels,labels-by-accuracy",
+        help="conversions: distill, labels, and labels-by-accuracy (--objective labels --calibrate-by accuracy)",
+    )
     parser.add_argument("--epochs", type=int, default=10, help="deebert convert --epochs")
     parser.add_argument("--reuse-classifier", action="store_true", help="skip fine-tuning: the work dir's classifier")
     parser.add_argument("--seed", type=int, default=0)
@@ -233,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                 classifier=str(classifier),
                 texts=str(data_dir / "train.tsv"),
                 output=str(output),
-                objective=objective,  # type: ignore[arg-type]
+                objective=objective.removesuffix("-by-accuracy"),  # type: ignore[arg-type]
+                calibrate_by="accuracy" if objective.endswith("-by-accuracy") else "agreement",
                 max_length=max_length,
                 max_texts=args.train_texts,
                 epochs=args.epochs,

@@ -91,6 +91,13 @@ def _add_convert(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="distill: learn the classifier's own outputs (no labels); labels: the texts' labels",
     )
     p.add_argument(
+        "--calibrate-by",
+        choices=["agreement", "accuracy"],
+        default=defaults.calibrate_by,
+        help="presets by agreement with full depth on held-out texts (default, no labels needed), or by held-out "
+        "accuracy (labelled texts the classifier never saw; on its own training texts accuracy flatters early exits)",
+    )
+    p.add_argument(
         "--text-columns", type=_csv_list, help="text column(s) of a TSV/CSV/JSONL file, e.g. question,answer"
     )
     p.add_argument("--label-column", default=defaults.label_column)

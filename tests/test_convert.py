@@ -217,10 +217,10 @@ def test_labels_objective_trains_on_the_labels_of_a_tsv(tmp_path: Path) -> None:
     texts, labels = toy_texts(300, seed=4)
     tsv = tmp_path / "train.tsv"
     tsv.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in zip(texts, labels, strict=True)))
-    log = convert(quick(source, tsv, tmp_path / "out", objective="labels", epochs=20))
+    log = convert(quick(source, tsv, tmp_path / "out", objective="labels", epochs=20, calibrate_by="accuracy"))
     assert log.stage2["objective"] == "cross-entropy"
     assert log.per_layer_accuracy is not None and log.per_layer_accuracy[0] > 0.8
-    # Trained on labels, the presets are calibrated by held-out accuracy (as `deebert calibrate`), and say so.
+    # Asked to, the presets are calibrated by held-out accuracy (as `deebert calibrate`), and say so.
     model = load_model(tmp_path / "out")
     assert log.presets_calibrated_by == model.config.presets_calibrated_by == "accuracy"
     full_depth_accuracy = log.per_layer_accuracy[-1]
@@ -264,6 +264,11 @@ def test_bad_input_gets_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFix
         ["convert", "--classifier", str(source), "--texts", str(tmp_path / "nope.txt"), "--output", out], capsys
     )
     assert "no such file" in missing
+    unlabelled = one_error_line(
+        ["convert", "--classifier", str(source), "--texts", str(texts), "--output", out, "--calibrate-by", "accuracy"],
+        capsys,
+    )
+    assert "--calibrate-by accuracy needs a 'label' column" in unlabelled
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path: Path) -> None:
