@@ -2,9 +2,10 @@
 
 1. Fine-tune `BertForSequenceClassification` from the offline MiniLM-L6 base with a plain PyTorch loop over the
    transformers model (no deebert code), save it as a Hugging Face classifier directory.
-2. Convert it with `deebert convert` from the task's train texts **without labels** (`--objective distill`), and
-   again with labels (`--objective labels`), the presets calibrated by agreement with full depth (the default);
-   `labels-by-accuracy` converts with labels and calibrates by held-out accuracy (`--calibrate-by accuracy`).
+2. Convert it with `deebert convert` from the task's train texts **without labels** (`--objective distill`),
+   again with labels (`--objective labels`) and with both (`--objective mixed`), the presets calibrated by
+   agreement with full depth (the default); `labels-by-accuracy` converts with labels and calibrates by
+   held-out accuracy (`--calibrate-by accuracy`).
 3. On the dev set: the original's accuracy; each converted model's accuracy, agreement with the original and
    expected saving at every preset, and its largest |logit difference| from the original at full depth.
 
@@ -206,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default="benchmarks/results/convert_demo")
     parser.add_argument(
         "--objectives",
-        default="distill,labels,labels-by-accuracy",
-        help="conversions: distill, labels, and labels-by-accuracy (--objective labels --calibrate-by accuracy)",
+        default="distill,labels,mixed,labels-by-accuracy",
+        help="conversions: distill, labels, mixed, and labels-by-accuracy (--objective labels --calibrate-by accuracy)",
     )
     parser.add_argument("--epochs", type=int, default=10, help="deebert convert --epochs")
     parser.add_argument("--reuse-classifier", action="store_true", help="skip fine-tuning: the work dir's classifier")

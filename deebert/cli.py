@@ -86,9 +86,9 @@ def _add_convert(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--output", required=True, help="checkpoint directory to write")
     p.add_argument(
         "--objective",
-        choices=["distill", "labels"],
+        choices=["distill", "labels", "mixed"],
         default=defaults.objective,
-        help="distill: learn the classifier's own outputs (no labels); labels: the texts' labels",
+        help="distill: learn the classifier's own outputs (no labels); labels: the texts' labels; mixed: both",
     )
     p.add_argument(
         "--calibrate-by",

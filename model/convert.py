@@ -9,7 +9,8 @@ paper's stage 2):
 
 - without labels (the default), they learn the final head's own distribution on the user's in-domain texts
   (summed KL divergence: soft targets from the frozen model);
-- with `--objective labels`, the texts' labels (summed cross-entropy, the paper's stage 2 as such).
+- with `--objective labels`, the texts' labels (summed cross-entropy, the paper's stage 2 as such);
+- with `--objective mixed`, both: each off-ramp's KL divergence from the head plus its cross-entropy.
 
 Presets are calibrated on held-out texts by **agreement with full depth**, which needs no labels: `lossless`
 answers as full depth on >= 99.5 % of them with the most saving, `balanced` >= 99 %, `fast` >= 97 %. With
@@ -43,7 +44,7 @@ from model.train import TrainSettings, extract_features, frozen_fingerprint, see
 
 logger = logging.getLogger("deebert.convert")
 
-Objective = Literal["distill", "labels"]
+Objective = Literal["distill", "labels", "mixed"]
 CalibrateBy = Literal["agreement", "accuracy"]
 # model_type → (the classifier's encoder attribute, where its head's dense and output layers are, head activation;
 # None: the config's `pooler_hidden_act`)
@@ -307,13 +308,17 @@ def convert(settings: ConvertSettings) -> ConversionLog:
     log = ConversionLog(settings=asdict(settings))
     config, _ = classifier_config(settings.classifier)
     data = read_texts(settings.texts, settings.text_columns, settings.label_column, label_names(config))
-    if settings.objective == "labels" and data.labels is None:
-        raise ConvertError(f"--objective labels needs a {settings.label_column!r} column in {settings.texts}")
+    if settings.objective in ("labels", "mixed") and data.labels is None:
+        raise ConvertError(
+            f"--objective {settings.objective} needs a {settings.label_column!r} column in {settings.texts}"
+        )
     if settings.calibrate_by == "accuracy" and not data.has_labels:
         raise ConvertError(f"--calibrate-by accuracy needs a {settings.label_column!r} column in {settings.texts}")
     multi_label = is_multi_label(config)
-    if settings.objective == "labels" and multi_label:
-        raise ConvertError("--objective labels takes single-label classifiers; a multi-label one converts with distill")
+    if settings.objective in ("labels", "mixed") and multi_label:
+        raise ConvertError(
+            f"--objective {settings.objective} takes single-label classifiers; a multi-label one converts with distill"
+        )
     if settings.max_texts is not None and settings.max_texts < len(data):
         picked = torch.randperm(len(data), generator=torch.Generator().manual_seed(settings.seed))
         data = data.subset(sorted(picked[: settings.max_texts].tolist()))
@@ -341,18 +346,24 @@ def convert(settings: ConvertSettings) -> ConversionLog:
         base=settings.classifier,
         train_file=settings.texts,
         output=settings.output,
-        scheme="distill" if settings.objective == "distill" else "two-stage",
+        scheme="two-stage" if settings.objective == "labels" else "distill",
         stage2_epochs=settings.epochs,
         stage2_lr=settings.lr,
         stage2_batch_size=settings.batch_size,
         seed=settings.seed,
         progress=settings.progress,
     )
-    targets = train.labels if settings.objective == "labels" else [0] * len(train)
+    targets = train.labels if settings.objective in ("labels", "mixed") else [0] * len(train)
     assert targets is not None
-    soft_targets = teacher if settings.objective == "distill" else None
+    soft_targets = None if settings.objective == "labels" else teacher
     log.stage2 = train_stage2(
-        model, features[:-1], targets, train_settings, teacher_logits=soft_targets, multi_label=multi_label
+        model,
+        features[:-1],
+        targets,
+        train_settings,
+        teacher_logits=soft_targets,
+        multi_label=multi_label,
+        with_labels=settings.objective == "mixed",
     )
     if frozen_fingerprint(model) != before:
         raise RuntimeError("conversion changed the classifier's own weights; they must stay frozen")

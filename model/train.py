@@ -277,11 +277,13 @@ def train_stage2(
     settings: TrainSettings,
     teacher_logits: torch.Tensor | None = None,
     multi_label: bool = False,
+    with_labels: bool = False,
 ) -> dict[str, Any]:
     """Train off-ramps 1..n-1, encoder and final classifier frozen, on `features` [n-1, samples, hidden]:
     the sum of their cross-entropies against the labels (binary ones against multi-hot labels), or, given the
     final classifier's `teacher_logits` [samples, labels] (distill), the sum of their KL divergences from its
-    distribution (`multi_label`: of their binary cross-entropies against its per-label sigmoids)."""
+    distribution (`multi_label`: of their binary cross-entropies against its per-label sigmoids); with
+    `with_labels` too, each off-ramp's cross-entropy against the labels is added to its KL divergence."""
     for p in model.parameters():
         p.requires_grad_(False)
     params = list(stage2_parameters(model))
@@ -326,6 +328,12 @@ def train_stage2(
                     for i, ramp in enumerate(ramps)
                 )
             loss = sum(losses, torch.zeros(()))
+            if teacher_logits is not None and with_labels:
+                target = label_tensor[rows]
+                loss = loss + sum(
+                    (loss_fn(ramp.classify(features[i, rows]), target) for i, ramp in enumerate(ramps)),
+                    torch.zeros(()),
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -343,7 +351,8 @@ def train_stage2(
         "epoch_loss_sum_over_ramps": epoch_losses,
         "objective": ("binary-cross-entropy" if label_tensor.dim() == 2 else "cross-entropy")
         if teacher_logits is None
-        else ("bce-from-final-sigmoids" if multi_label else "kl-from-final-classifier"),
+        else ("bce-from-final-sigmoids" if multi_label else "kl-from-final-classifier")
+        + ("+cross-entropy" if teacher_logits is not None and with_labels else ""),
     }
 
 

@@ -228,6 +228,11 @@ def test_labels_objective_trains_on_the_labels_of_a_tsv(tmp_path: Path) -> None:
         assert preset.accuracy >= full_depth_accuracy - preset.max_accuracy_drop - 1e-9
         assert 0.0 <= logged["agreement"] <= 1.0
     assert "calibrated **by accuracy**" in (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    # Both at once: the head's distribution and the labels, summed per off-ramp.
+    mixed = convert(quick(source, tsv, tmp_path / "mixed", objective="mixed", epochs=20))
+    assert mixed.stage2["objective"] == "kl-from-final-classifier+cross-entropy"
+    assert mixed.per_layer_accuracy is not None and mixed.per_layer_accuracy[0] > 0.8
+    assert mixed.presets_calibrated_by == "agreement"
 
 
 def one_error_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
