@@ -33,7 +33,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from model.calibrate import PRESET_TOLERANCES, calibrate, choose_presets
 from model.checkpoint import CheckpointError, is_deebert_checkpoint, resolve_directory, save_model
-from model.config import EAGER_ONLY, DeeBertConfig, Preset
+from model.config import EAGER_ONLY, DeeBertConfig
 from model.data import FORMATS, DataError, Dataset, read_dataset
 from model.evaluate import all_layer_outputs, per_layer_accuracy
 from model.modeling import WITHOUT_TOKEN_TYPES, DeeBert, OffRamp
@@ -161,15 +161,6 @@ def load_classifier(source: str) -> tuple[PreTrainedModel, Any, Path]:
 def is_multi_label(config: Any) -> bool:
     """A classifier with one sigmoid per label (transformers' `problem_type`)."""
     return getattr(config, "problem_type", None) == "multi_label_classification"
-
-
-def agreement_presets(
-    probabilities: torch.Tensor, entropies: torch.Tensor, criterion: Any, multi_label: bool
-) -> list[Preset]:
-    """For each preset, the threshold with the most expected saving whose answers on held-out texts agree with
-    full depth on at least 1 − its tolerance of them (AGREEMENT_TOLERANCES); labels are not needed."""
-    points = agreement_points(probabilities, entropies, criterion, multi_label)
-    return choose_presets(points, 1.0, AGREEMENT_TOLERANCES, criterion)
 
 
 def agreement_points(
@@ -308,14 +299,15 @@ def convert(settings: ConvertSettings) -> ConversionLog:
     log = ConversionLog(settings=asdict(settings))
     config, _ = classifier_config(settings.classifier)
     data = read_texts(settings.texts, settings.text_columns, settings.label_column, label_names(config))
-    if settings.objective in ("labels", "mixed") and data.labels is None:
+    uses_labels = settings.objective != "distill"
+    if uses_labels and data.labels is None:
         raise ConvertError(
             f"--objective {settings.objective} needs a {settings.label_column!r} column in {settings.texts}"
         )
     if settings.calibrate_by == "accuracy" and not data.has_labels:
         raise ConvertError(f"--calibrate-by accuracy needs a {settings.label_column!r} column in {settings.texts}")
     multi_label = is_multi_label(config)
-    if settings.objective in ("labels", "mixed") and multi_label:
+    if uses_labels and multi_label:
         raise ConvertError(
             f"--objective {settings.objective} takes single-label classifiers; a multi-label one converts with distill"
         )
@@ -353,7 +345,7 @@ def convert(settings: ConvertSettings) -> ConversionLog:
         seed=settings.seed,
         progress=settings.progress,
     )
-    targets = train.labels if settings.objective in ("labels", "mixed") else [0] * len(train)
+    targets = train.labels if uses_labels else [0] * len(train)
     assert targets is not None
     soft_targets = None if settings.objective == "labels" else teacher
     log.stage2 = train_stage2(
@@ -378,16 +370,18 @@ def convert(settings: ConvertSettings) -> ConversionLog:
     ]
     if held_out.labels is not None and not multi_label:
         log.per_layer_accuracy = per_layer_accuracy(probabilities, held_out.labels)
-    # Presets by agreement with full depth, or (`--calibrate-by accuracy`) by held-out accuracy as `deebert
-    # calibrate` does, each preset's agreement recorded beside it.
+    # Presets by agreement with full depth: for each, the most expected saving whose answers agree with full
+    # depth on at least 1 − its tolerance of the held-out texts (AGREEMENT_TOLERANCES), no labels needed; or
+    # (`--calibrate-by accuracy`) by held-out accuracy as `deebert calibrate` does. Each preset's agreement is
+    # recorded beside it.
     criterion = model.config.criterion
-    agreement = {p.threshold: p.accuracy for p in agreement_points(probabilities, entropies, criterion, multi_label)}
+    points = agreement_points(probabilities, entropies, criterion, multi_label)
     if settings.calibrate_by == "accuracy":
         presets = calibrate(probabilities, entropies, held_out.targets(), criterion=criterion)
-        log.presets = [asdict(p) | {"agreement": agreement[p.threshold]} for p in presets]
     else:
-        presets = agreement_presets(probabilities, entropies, criterion, multi_label)
-        log.presets = [asdict(p) | {"agreement": p.accuracy} for p in presets]
+        presets = choose_presets(points, 1.0, AGREEMENT_TOLERANCES, criterion)
+    agreement = {p.threshold: p.accuracy for p in points}
+    log.presets = [asdict(p) | {"agreement": agreement[p.threshold]} for p in presets]
     log.presets_calibrated_by = settings.calibrate_by
     model.config = model.config.with_presets(presets, calibrated_by=log.presets_calibrated_by)
 

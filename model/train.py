@@ -307,33 +307,25 @@ def train_stage2(
         running = 0.0
         for start in range(0, num_samples, settings.stage2_batch_size):
             rows = order[start : start + settings.stage2_batch_size]
+            logits = [ramp.classify(features[i, rows]) for i, ramp in enumerate(ramps)]  # once per step
             if teacher_logits is None:
                 target = label_tensor[rows]
-                losses = (loss_fn(ramp.classify(features[i, rows]), target) for i, ramp in enumerate(ramps))
+                losses = (loss_fn(each, target) for each in logits)
             elif multi_label:
                 soft = torch.sigmoid(teacher_logits[rows])
-                losses = (
-                    nn.functional.binary_cross_entropy_with_logits(ramp.classify(features[i, rows]), soft)
-                    for i, ramp in enumerate(ramps)
-                )
+                losses = (nn.functional.binary_cross_entropy_with_logits(each, soft) for each in logits)
             else:
                 teacher = torch.log_softmax(teacher_logits[rows], dim=-1)
                 losses = (
                     nn.functional.kl_div(
-                        torch.log_softmax(ramp.classify(features[i, rows]), dim=-1),
-                        teacher,
-                        reduction="batchmean",
-                        log_target=True,
+                        torch.log_softmax(each, dim=-1), teacher, reduction="batchmean", log_target=True
                     )
-                    for i, ramp in enumerate(ramps)
+                    for each in logits
                 )
             loss = sum(losses, torch.zeros(()))
             if teacher_logits is not None and with_labels:
                 target = label_tensor[rows]
-                loss = loss + sum(
-                    (loss_fn(ramp.classify(features[i, rows]), target) for i, ramp in enumerate(ramps)),
-                    torch.zeros(()),
-                )
+                loss = loss + sum((loss_fn(each, target) for each in logits), torch.zeros(()))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -352,7 +344,7 @@ def train_stage2(
         "objective": ("binary-cross-entropy" if label_tensor.dim() == 2 else "cross-entropy")
         if teacher_logits is None
         else ("bce-from-final-sigmoids" if multi_label else "kl-from-final-classifier")
-        + ("+cross-entropy" if teacher_logits is not None and with_labels else ""),
+        + ("+cross-entropy" if with_labels else ""),
     }
 
 
