@@ -528,14 +528,20 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
             )
             results["plain_best"] = measure_curve(url, workload, settings, None, f"plain {backend} {precision}")
 
-    results["targets"] = evaluate_targets(results)
     results["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     results["elapsed_s"] = time.time() - started
     results["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return write_results(results, results_dir, Path(settings.output_md))
+
+
+def write_results(results: dict[str, Any], results_dir: Path, output_md: Path) -> dict[str, Any]:
+    """Judge the targets of a run's measurements, then write bench.json, the plots and the markdown."""
+    results["targets"] = evaluate_targets(results)
+    results_dir.mkdir(parents=True, exist_ok=True)
     json_path = results_dir / "bench.json"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     results["files"] = {"json": str(json_path), **write_plots(results, results_dir)}
-    write_markdown(results, Path(settings.output_md))
+    write_markdown(results, output_md)
     return results
 
 

@@ -25,7 +25,7 @@ def test_overload_gets_only_2xx_and_429_and_the_server_recovers(tmp_path: Path, 
     port = free_port()
     with running_server(deebert_server_command(str(checkpoint), port), env, port, startup_timeout=60) as url:
         report = run(
-            LoadConfig(url=url, rate=300, duration=2.0, texts_per_request=6, threshold="0", progress=False),
+            LoadConfig(url=url, rate=300, duration=1.0, texts_per_request=6, threshold="0", progress=False),
             Workload.from_file(data),
         )
         ready = httpx.get(f"{url}/health/ready", timeout=5)

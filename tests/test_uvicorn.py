@@ -24,8 +24,12 @@ def server(tiny_checkpoint: Path) -> Iterator[tuple[subprocess.Popen[bytes], str
         yield started
 
 
-def test_real_server_answers_with_exit_layers_and_metrics(server: tuple[subprocess.Popen[bytes], str]) -> None:
-    _, url = server
+def test_real_server_answers_with_exit_layers_and_metrics_on_jemalloc(
+    server: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    """HTTP semantics of a real process; and DEEBERT_ALLOCATOR=auto re-ran the command itself (same PID) with
+    jemalloc preloaded, when there is one (one server start for both: each costs seconds)."""
+    process, url = server
     full = httpx.post(f"{url}/v1/classify", json={"text": "good"}, headers={"X-Exit-Threshold": "0"}, timeout=10)
     early = httpx.post(f"{url}/v1/classify", json={"text": "good"}, headers={"X-Exit-Threshold": "1000"}, timeout=10)
     bad = httpx.post(f"{url}/v1/classify", content=b"{oops", headers={"content-type": "application/json"}, timeout=10)
@@ -33,14 +37,9 @@ def test_real_server_answers_with_exit_layers_and_metrics(server: tuple[subproce
     assert bad.status_code == 400 and bad.json()["error_type"] == "malformed_json"
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
     assert "deebert_layers_executed_total 5.0" in metrics and "deebert_layers_possible_total 8.0" in metrics
-
-
-def test_serve_runs_on_jemalloc_when_installed(server: tuple[subprocess.Popen[bytes], str]) -> None:
-    """DEEBERT_ALLOCATOR=auto: the command re-ran itself (same PID) with jemalloc preloaded, when there is one."""
-    process, url = server
     expected = "jemalloc" if find_allocator_library("jemalloc") else "system"
     assert loaded_allocator(Path(f"/proc/{process.pid}/maps")) == expected
-    assert f'allocator="{expected}"' in httpx.get(f"{url}/metrics", timeout=10).text
+    assert f'allocator="{expected}"' in metrics
 
 
 def test_serve_on_the_system_allocator_when_asked(tiny_checkpoint: Path) -> None:
