@@ -37,8 +37,6 @@ INFERENCE_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 RUNTIME_CACHE_CAPACITY = 100_000
 # Token counts are padded up to a multiple of this (fewer shapes to prepare kernels for; masked, same answers).
 DEFAULT_LENGTH_BUCKET = 8
-# The step graphs' hidden-state inputs and outputs are named hidden_<layer> (`onnx_export`).
-HIDDEN_PREFIX = "hidden_"
 
 
 def length_bucket() -> int:
@@ -86,40 +84,12 @@ def supported_precisions() -> list[str]:
     return ["fp32", "bf16"] if "BF16" in capabilities else ["fp32"]
 
 
-def _is_hidden(port: Any) -> bool:
-    return any(name.startswith(HIDDEN_PREFIX) for name in port.get_names())
-
-
 class _OpenVinoGraph:
     """One compiled step graph: an infer request per calling thread (a request is not thread-safe), inputs
-    shared without a copy, outputs copied out (the next call reuses the request's buffers).
+    shared without a copy, outputs copied out (the next call reuses the request's buffers)."""
 
-    With `bf16_hidden`, the hidden states a layer graph takes and returns are bfloat16 tensors, passed between
-    the calls as their raw 16-bit payload (numpy has no bfloat16; rows and padding are cut from it as from
-    any array): the graphs compute in bf16 anyway, and f32 at their edges cost a conversion each way per call,
-    which the plain graph (all layers in one call) does not pay."""
-
-    def __init__(self, core: Any, path: Path, properties: dict[str, Any], bf16_hidden: bool = False) -> None:
-        import openvino
-        from openvino.preprocess import PrePostProcessor
-
-        model = core.read_model(str(path))
-        self._bf16_inputs: set[str] = set()
-        self._bf16_outputs: set[int] = set()
-        if bf16_hidden:
-            steps = PrePostProcessor(model)
-            for port in model.inputs:
-                if _is_hidden(port):
-                    steps.input(port.get_any_name()).tensor().set_element_type(openvino.Type.bf16)
-                    self._bf16_inputs.add(port.get_any_name())
-            for index, port in enumerate(model.outputs):
-                if _is_hidden(port):
-                    steps.output(index).tensor().set_element_type(openvino.Type.bf16)
-                    self._bf16_outputs.add(index)
-            model = steps.build()
-        self._bf16 = openvino.Type.bf16
-        self._tensor = openvino.Tensor
-        self.compiled = core.compile_model(model, "CPU", properties)
+    def __init__(self, core: Any, path: Path, properties: dict[str, Any]) -> None:
+        self.compiled = core.compile_model(str(path), "CPU", properties)
         self.inputs = [port.get_any_name() for port in self.compiled.inputs]
         self._num_outputs = len(self.compiled.outputs)
         self.takes_pool_weights = POOL_WEIGHTS in self.inputs
@@ -139,17 +109,8 @@ class _OpenVinoGraph:
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Every output, from feeds that name exactly the graph's inputs."""
         request = self._request()
-        payloads = []  # alive until the call returns: the tensors share their memory
-        for name in self._bf16_inputs.intersection(feeds):
-            payloads.append(np.ascontiguousarray(feeds[name]))
-            feeds = {**feeds, name: self._tensor(payloads[-1], payloads[-1].shape, self._bf16)}
         request.infer(feeds, share_inputs=True)
-        outputs = []
-        for index in range(self._num_outputs):
-            data = request.get_output_tensor(index).data
-            # A bfloat16 tensor's `data` is its payload seen as float16: keep the bits, as uint16.
-            outputs.append(np.array(data.view(np.uint16) if index in self._bf16_outputs else data, copy=True))
-        return outputs
+        return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(self._num_outputs)]
 
 
 class OpenVinoDeeBert(StepGraphModel):
@@ -180,7 +141,7 @@ class OpenVinoDeeBert(StepGraphModel):
         super().__init__(config, directory, manifest)
 
     def load_graph(self, path: Path) -> StepGraph:
-        return _OpenVinoGraph(self._core, path, self._properties, bf16_hidden=self.inference_precision == "bf16")
+        return _OpenVinoGraph(self._core, path, self._properties)
 
     @property
     def backend(self) -> str:

@@ -1,0 +1,278 @@
+"""Where the OpenVINO exit loop's batch time goes: its step graphs against the plain graph, in one process.
+
+    python -m benchmarks.openvino_batch_profile --checkpoint weights/sst2-minilm-l6 \\
+        --data ../shared/data/sst2/dev.tsv --output loadtest/results/openvino/batch_profile.json
+
+The data set sorted by length in batches of 32 (dynamic padding), as the peers run's batched pass. Interleaved
+in one process, `--rounds` times each (a shared VM's speed drifts over seconds; pairs measured side by side
+compare, separate runs do not):
+
+- `plain`: the plain full-depth graph, one call per batch (what plain OpenVINO runs);
+- `chain`: the loop's step graphs one after another on every row, no exit (the loop's cost of full depth);
+- `balanced`: the exit loop at the threshold given, with compaction;
+- `balanced, bf16 hand-over` (bf16 only): the same on step graphs that pass their hidden states to one
+  another as bfloat16 instead of converting them to f32 and back at every call (tried, not adopted), with
+  its accuracy and its labels against the backend's.
+
+Then, per graph at fixed shapes with OpenVINO's per-node counters (PERF_COUNT), the plain graph's time per
+layer against one layer graph's, by node type; and the cost of a shape change between calls of one graph
+(two shapes alternating against each repeated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loadtest.report import write_json
+from model.backends import load_backend
+from model.checkpoint import load_model
+from model.data import read_dataset
+from model.onnx_backend import POOL_WEIGHTS
+from model.onnx_export import PLAIN_FILE, layer_file
+from model.openvino_backend import OpenVinoDeeBert, _OpenVinoGraph
+from model.tokenization import load_tokenizer, pad_batch, tokenize
+from reports.common import describe_machine, machine_description
+from reports.terminal import table
+
+
+class _Bf16HandOverGraph(_OpenVinoGraph):
+    """A step graph that takes and returns its hidden states as bfloat16, passed between the calls as their raw
+    16-bit payload (numpy has no bfloat16; rows and padding are cut from it as from any array), instead of
+    converting them to f32 and back at its edges as the backend's graphs do."""
+
+    def __init__(self, core: Any, path: Path, properties: dict[str, Any]) -> None:
+        import openvino
+        from openvino.preprocess import PrePostProcessor
+
+        model = core.read_model(str(path))
+        steps = PrePostProcessor(model)
+        self._bf16_inputs = {p.get_any_name() for p in model.inputs if p.get_any_name().startswith("hidden_")}
+        self._bf16_outputs = {i for i, p in enumerate(model.outputs) if p.get_any_name().startswith("hidden_")}
+        for name in self._bf16_inputs:
+            steps.input(name).tensor().set_element_type(openvino.Type.bf16)
+        for index in self._bf16_outputs:
+            steps.output(index).tensor().set_element_type(openvino.Type.bf16)
+        self._bf16, self._tensor = openvino.Type.bf16, openvino.Tensor
+        self.compiled = core.compile_model(steps.build(), "CPU", properties)
+        self.inputs = [port.get_any_name() for port in self.compiled.inputs]
+        self._num_outputs = len(self.compiled.outputs)
+        self.takes_pool_weights = POOL_WEIGHTS in self.inputs
+        self.takes_token_types = "token_type_ids" in self.inputs
+        self._local = threading.local()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        request = self._request()
+        payloads, shared = [], {}  # the payloads stay alive until the call returns: the tensors share them
+        for name in self._bf16_inputs & feeds.keys():
+            payloads.append(np.ascontiguousarray(feeds[name]))
+            shared[name] = self._tensor(payloads[-1], payloads[-1].shape, self._bf16)
+        request.infer({**feeds, **shared}, share_inputs=True)
+        outputs = []
+        for index in range(self._num_outputs):
+            data = request.get_output_tensor(index).data  # a bfloat16 tensor's payload, seen as float16
+            outputs.append(np.array(data.view(np.uint16) if index in self._bf16_outputs else data, copy=True))
+        return outputs
+
+
+class _Bf16HandOver(OpenVinoDeeBert):
+    """The exit loop on `_Bf16HandOverGraph`s (tried, not adopted: BENCHMARKS.md §10)."""
+
+    def load_graph(self, path: Path) -> Any:
+        return _Bf16HandOverGraph(self._core, path, self._properties)
+
+
+def _interleaved(candidates: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+    for run in candidates.values():  # warm-up: every shape's kernels prepared once
+        run()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, run in candidates.items():
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
+def _node_times(model: OpenVinoDeeBert, rows: int, tokens: int, hidden_size: int, repeats: int) -> dict[str, Any]:
+    """Per node type, ms per call, of the plain graph (divided by the layer count) and of layer graph 2."""
+    import openvino
+
+    core = openvino.Core()
+    properties = {**model._properties, "PERF_COUNT": True}
+    rng = np.random.default_rng(0)
+    arrays = {
+        "input_ids": rng.integers(1000, 2000, (rows, tokens)),
+        "attention_mask": np.ones((rows, tokens), np.int64),
+        "token_type_ids": np.zeros((rows, tokens), np.int64),
+        "hidden_1": rng.standard_normal((rows, tokens, hidden_size), dtype=np.float32),
+        POOL_WEIGHTS: np.full((rows, tokens, 1), 1 / tokens, np.float32),
+    }
+    out: dict[str, Any] = {"shape": [rows, tokens]}
+    for name, file, divide in (("plain, per layer", PLAIN_FILE, model.num_layers), ("layer graph", layer_file(2), 1)):
+        compiled = core.compile_model(str(model.directory / file), "CPU", properties)
+        request = compiled.create_infer_request()
+        feeds = {port.get_any_name(): arrays[port.get_any_name()] for port in compiled.inputs}
+        for _ in range(5):
+            request.infer(feeds, share_inputs=True)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            request.infer(feeds, share_inputs=True)
+        wall = (time.perf_counter() - started) / repeats
+        nodes: dict[str, float] = defaultdict(float)
+        for info in request.profiling_info:
+            nodes[info.node_type] += info.real_time.total_seconds() * 1e3 / divide
+        out[name] = {"wall_ms": wall * 1e3 / divide, "nodes_ms": dict(sorted(nodes.items(), key=lambda kv: -kv[1]))}
+    return out
+
+
+def _shape_change(model: OpenVinoDeeBert, hidden_size: int, repeats: int) -> list[dict[str, Any]]:
+    """ms per call of layer graph 2: shape A repeated, B repeated, and A, B alternating."""
+    graph = model.layers[1]
+    rng = np.random.default_rng(0)
+
+    def feeds(rows: int, tokens: int) -> dict[str, np.ndarray]:
+        hidden = rng.standard_normal((rows, tokens, hidden_size), dtype=np.float32)
+        values: dict[str, np.ndarray] = {"hidden_1": hidden, "attention_mask": np.ones((rows, tokens), np.int64)}
+        values[POOL_WEIGHTS] = np.full((rows, tokens, 1), 1 / tokens, np.float32)
+        return {name: values[name] for name in graph.inputs}
+
+    def per_call(sequence: list[dict[str, np.ndarray]]) -> float:
+        for f in sequence:
+            graph.run(f)
+        best = []
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(repeats):
+                for f in sequence:
+                    graph.run(f)
+            best.append((time.perf_counter() - started) / (repeats * len(sequence)))
+        return min(best) * 1e3
+
+    rows_out = []
+    for a, b in (((1, 24), (2, 24)), ((4, 24), (5, 24)), ((20, 16), (21, 16)), ((20, 32), (20, 40))):
+        fa, fb = feeds(*a), feeds(*b)
+        alone_a, alone_b, alternating = per_call([fa]), per_call([fb]), per_call([fa, fb])
+        rows_out.append({"a": list(a), "b": list(b), "a_ms": alone_a, "b_ms": alone_b, "alternating_ms": alternating,
+                         "extra_per_call_ms": alternating - (alone_a + alone_b) / 2})  # fmt: skip
+    return rows_out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--checkpoint", default="weights/sst2-minilm-l6")
+    parser.add_argument("--data", default="../shared/data/sst2/dev.tsv")
+    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--threshold", default="balanced", help="a number or preset (default balanced)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    torch_model = load_model(args.checkpoint)
+    tokenizer = load_tokenizer(args.checkpoint)
+    model = load_backend(torch_model, "openvino", args.precision, None, threads=args.threads)
+    assert isinstance(model, OpenVinoDeeBert)
+    threshold, _ = model.config.resolve_threshold(args.threshold)
+    data = read_dataset(args.data, label_names=model.config.labels)
+    encoded = tokenize(tokenizer, data.texts, data.text_pairs, model.config.max_length)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    pad = int(tokenizer.pad_token_id or 0)
+    batches = [
+        pad_batch([encoded[i] for i in order[k : k + args.batch_size]], pad)
+        for k in range(0, len(order), args.batch_size)
+    ]
+
+    def loop(backend: OpenVinoDeeBert, value: float) -> Callable[[], list[int]]:
+        def run() -> list[int]:
+            labels = [0] * len(order)
+            for k, b in enumerate(batches):
+                result = backend.infer(b.input_ids, b.attention_mask, b.token_type_ids, [value] * len(b.input_ids))
+                for position, label in enumerate(result.label):
+                    labels[order[k * args.batch_size + position]] = label
+            return labels
+
+        return run
+
+    def plain() -> None:
+        for b in batches:
+            model.plain_forward(b.input_ids, b.attention_mask, b.token_type_ids)
+
+    def chain() -> None:
+        for b in batches:
+            model.all_off_ramp_logits(b.input_ids, b.attention_mask, b.token_type_ids)
+
+    ours_run = loop(model, threshold)
+    candidates: dict[str, Callable[[], Any]] = {"plain": plain, "chain": chain, args.threshold: ours_run}
+    hand_over = f"{args.threshold}, bf16 hand-over"
+    if args.precision == "bf16":
+        tried = _Bf16HandOver(model.config, model.directory, model.manifest, "bf16", args.threads)
+        tried_run = candidates[hand_over] = loop(tried, threshold)
+    print(f"timing {len(candidates)} candidates x {args.rounds} rounds, interleaved", file=sys.stderr)
+    times = _interleaved(candidates, args.rounds)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    rows = [
+        [name, f"{len(order) / seconds:.0f}", f"{seconds / medians['plain']:.2f}"] for name, seconds in medians.items()
+    ]
+    hidden_size = torch_model.config.hidden_size
+    results: dict[str, Any] = {
+        "command": "python -m benchmarks.openvino_batch_profile "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_description(),
+        "precision": args.precision,
+        "threshold": threshold,
+        "sentences": len(order),
+        "seconds": times,
+        "sentences_per_s": {name: len(order) / s for name, s in medians.items()},
+        "node_times": [_node_times(model, 32, tokens, hidden_size, 20) for tokens in (16, 32)],
+        "shape_change": _shape_change(model, hidden_size, 20),
+    }
+    if args.precision == "bf16":
+        ratios = [a / b for a, b in zip(times[args.threshold], times[hand_over], strict=True)]
+        ours, tried_labels = ours_run(), tried_run()
+        gold = data.labels or []
+
+        def accuracy(labels: list[int]) -> float:
+            return sum(a == g for a, g in zip(labels, gold, strict=True)) / len(gold) if gold else float("nan")
+
+        results["bf16_hand_over"] = {
+            "speedup": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
+            "labels_equal": sum(a == b for a, b in zip(ours, tried_labels, strict=True)),
+            "accuracy": accuracy(ours),
+            "accuracy_bf16_hand_over": accuracy(tried_labels),
+        }
+    print(describe_machine(results["machine"]))
+    print(table(["pass", "sentences/s", "time vs plain"], rows))
+    for entry in results["node_times"]:
+        plain_layer, layer = entry["plain, per layer"], entry["layer graph"]
+        wall = plain_layer["wall_ms"], layer["wall_ms"]
+        print(f"shape {entry['shape']}: plain {wall[0]:.2f} ms per layer, layer graph {wall[1]:.2f} ms")
+        for node in list(layer["nodes_ms"])[:6]:
+            plain_ms, layer_ms = plain_layer["nodes_ms"].get(node, 0.0), layer["nodes_ms"][node]
+            print(f"  {node}: plain {plain_ms:.3f} ms, layer graph {layer_ms:.3f}")
+    for entry in results["shape_change"]:
+        print(f"shape change {entry['a']} <-> {entry['b']}: +{entry['extra_per_call_ms']:.3f} ms per call")
+    if "bf16_hand_over" in results:
+        tried_result = results["bf16_hand_over"]
+        print(
+            f"bf16 hand-over: {tried_result['speedup']['median']:.3f}x (median of pairs), labels equal on "
+            f"{tried_result['labels_equal']} of {len(order)}, accuracy {tried_result['accuracy_bf16_hand_over']:.2%} "
+            f"against {tried_result['accuracy']:.2%}"
+        )
+    if args.output:
+        write_json(results, Path(args.output))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
