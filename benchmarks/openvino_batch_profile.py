@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -63,12 +62,7 @@ class _Bf16HandOverGraph(_OpenVinoGraph):
         for index in self._bf16_outputs:
             steps.output(index).tensor().set_element_type(openvino.Type.bf16)
         self._bf16, self._tensor = openvino.Type.bf16, openvino.Tensor
-        self.compiled = core.compile_model(steps.build(), "CPU", properties)
-        self.inputs = [port.get_any_name() for port in self.compiled.inputs]
-        self._num_outputs = len(self.compiled.outputs)
-        self.takes_pool_weights = POOL_WEIGHTS in self.inputs
-        self.takes_token_types = "token_type_ids" in self.inputs
-        self._local = threading.local()
+        super().__init__(core, steps.build(), properties)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         request = self._request()

@@ -627,18 +627,20 @@ def _run_reliability(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
-SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = {
-    "train": _add_train,
-    "convert": _add_convert,
-    "calibrate": _add_calibrate,
-    "evaluate": _add_evaluate,
-    "results": _add_results,
-    "export": _add_export,
-    "serve": _add_serve,
-    "tune": _add_tune,
-    "loadtest": _add_loadtest,
-    "bench": _add_bench,
-    "reliability": _add_reliability,
+AddFlags = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+# Each subcommand: the function that adds its flags, and the one that runs it.
+SUBCOMMANDS: dict[str, tuple[AddFlags, Callable[[argparse.Namespace], int]]] = {
+    "train": (_add_train, _run_train),
+    "convert": (_add_convert, _run_convert),
+    "calibrate": (_add_calibrate, _run_calibrate),
+    "evaluate": (_add_evaluate, _run_evaluate),
+    "results": (_add_results, _run_results),
+    "export": (_add_export, _run_export),
+    "serve": (_add_serve, _run_serve),
+    "tune": (_add_tune, _run_tune),
+    "loadtest": (_add_loadtest, _run_loadtest),
+    "bench": (_add_bench, _run_bench),
+    "reliability": (_add_reliability, _run_reliability),
 }
 
 
@@ -647,27 +649,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     command imports only what it runs: `deebert serve` re-runs itself on jemalloc before torch is imported."""
     parser = argparse.ArgumentParser(prog="deebert", description="DeeBERT early-exit text classification.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name, add in SUBCOMMANDS.items():
+    for name, (add_flags, _) in SUBCOMMANDS.items():
         if only is None or name == only:
-            add(subparsers)
+            add_flags(subparsers)
         else:
             subparsers.add_parser(name)
     return parser
-
-
-RUNNERS = {
-    "train": _run_train,
-    "convert": _run_convert,
-    "evaluate": _run_evaluate,
-    "results": _run_results,
-    "export": _run_export,
-    "tune": _run_tune,
-    "calibrate": _run_calibrate,
-    "serve": _run_serve,
-    "loadtest": _run_loadtest,
-    "bench": _run_bench,
-    "reliability": _run_reliability,
-}
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -689,7 +676,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(only).parse_args(words)
     args.command_line = shlex.join(["deebert", *words])  # recorded in reports
     try:
-        return RUNNERS[args.command](args)
+        return SUBCOMMANDS[args.command][1](args)
     except Exception as err:
         if not isinstance(err, _user_errors()):
             raise

@@ -88,8 +88,9 @@ class _OpenVinoGraph:
     """One compiled step graph: an infer request per calling thread (a request is not thread-safe), inputs
     shared without a copy, outputs copied out (the next call reuses the request's buffers)."""
 
-    def __init__(self, core: Any, path: Path, properties: dict[str, Any]) -> None:
-        self.compiled = core.compile_model(str(path), "CPU", properties)
+    def __init__(self, core: Any, graph: Path | Any, properties: dict[str, Any]) -> None:
+        """`graph`: the ONNX file, or an `openvino.Model` read from it (and changed before compiling)."""
+        self.compiled = core.compile_model(str(graph) if isinstance(graph, Path) else graph, "CPU", properties)
         self.inputs = [port.get_any_name() for port in self.compiled.inputs]
         self._num_outputs = len(self.compiled.outputs)
         self.takes_pool_weights = POOL_WEIGHTS in self.inputs
