@@ -240,6 +240,10 @@ def measure_batch1(url: str, workload: Workload, settings: BenchSettings, preset
                 "p50_latency_ms": report["latency_ms"]["p50"],
                 "mean_compute_ms": timing["compute_ms"]["mean"],
                 "overhead_p50_ms": timing["overhead_ms"]["p50"],
+                # Where the overhead goes: tokenizing, waiting for the model's thread, and the rest.
+                "tokenization_p50_ms": timing["tokenization_ms"]["p50"],
+                "queue_p50_ms": timing["queue_ms"]["p50"],
+                "overhead_rest_p50_ms": timing["overhead_rest_ms"]["p50"],
                 "expected_saving": report["expected_saving"],
                 "metrics_expected_saving": report["metrics_expected_saving"],
                 "measured_latency_saving": _saving(report["latency_ms"]["mean"], full["latency_ms"]["mean"]),

@@ -191,6 +191,10 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                 number(r["p50_latency_ms"]),
                 number(r["mean_compute_ms"]),
                 number(r["overhead_p50_ms"], 3),
+                " / ".join(
+                    number(r.get(key), 3, missing="n/a")  # n/a: a run recorded before the server sent these
+                    for key in ("tokenization_p50_ms", "queue_p50_ms", "overhead_rest_p50_ms")
+                ),
                 _pct(r["expected_saving"]),
                 _pct(r["metrics_expected_saving"]),
                 _pct(r["measured_latency_saving"]),
@@ -198,16 +202,18 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             ]
             for r in batch1["rows"]
         ]
-        header = ["threshold", "requests", "mean ms", "p50 ms", "compute ms", "overhead p50 ms", "expected saving",
-                  "/metrics saving", "measured (latency)", "measured (compute)"]  # fmt: skip
+        header = ["threshold", "requests", "mean ms", "p50 ms", "compute ms", "overhead p50 ms",
+                  "of which tokenizing / queue / rest p50 ms", "expected saving", "/metrics saving",
+                  "measured (latency)", "measured (compute)"]  # fmt: skip
         out += [
             "## 1. Batch-1 latency",
             "",
             f"Closed loop, one client, one text per request, {s['batch1_duration']:g} s per threshold. Measured saving "
             "= 1 - mean latency / mean latency at threshold 0 (client-side; the compute column uses X-Compute-Time). "
             "Expected saving = 1 - Σ i·N_i / (n·Σ N_i) from the responses' exit layers; the /metrics column is the "
-            "same from the server's counters. Overhead = X-Total-Time - X-Compute-Time (tokenizing, queueing, "
-            "scheduling), per request.",
+            "same from the server's counters. Overhead = X-Total-Time - X-Compute-Time, per request; of which "
+            "X-Tokenization-Time, X-Queue-Time (from queueing to the batch's start on the model's thread) and the rest "
+            "(the answer's way back to the event loop, metrics, the JSON), each a p50 of its own.",
             "",
             _md_table(header, rows),
             "",

@@ -45,6 +45,7 @@ from server.protocol import (
     MODEL_PATH,
     QUEUE_TIME_HEADER,
     THRESHOLD_HEADER,
+    TOKENIZATION_TIME_HEADER,
     TOTAL_TIME_HEADER,
 )
 
@@ -267,6 +268,7 @@ async def _post(client: PostClient, body: dict[str, list[str]], threshold: str |
         total_ms=_header_ms(response, TOTAL_TIME_HEADER),
         compute_ms=_header_ms(response, COMPUTE_TIME_HEADER),
         queue_ms=_header_ms(response, QUEUE_TIME_HEADER),
+        tokenization_ms=_header_ms(response, TOKENIZATION_TIME_HEADER),
         sent_at=started,
     )
     if response.status_code != 200:

@@ -47,6 +47,7 @@ class RequestRecord:
     total_ms: float | None = None
     compute_ms: float | None = None
     queue_ms: float | None = None
+    tokenization_ms: float | None = None
     error_detail: str | None = None
     sent_at: float | None = None  # perf_counter() of the (scheduled) send: per-window statistics of long runs
     retry_after: str | None = None  # the Retry-After header of a refusal

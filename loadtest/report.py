@@ -45,17 +45,30 @@ def _mean_p50(values: Sequence[float]) -> dict[str, float | None]:
 
 
 def server_timing(records: Sequence[RequestRecord]) -> dict[str, dict[str, float | None]]:
-    """Mean and p50 of the server's X-Total-Time, X-Compute-Time, X-Queue-Time and total minus compute (ms)."""
+    """Mean and p50 of the server's X-Total-Time, X-Compute-Time, X-Queue-Time, X-Tokenization-Time, total minus
+    compute (the overhead), and what the overhead has besides tokenizing and queueing (ms): the hand-offs between
+    the event loop and the model's thread, metrics, the threshold and the JSON answer."""
     total = [r.total_ms for r in records if r.total_ms is not None]
     compute = [r.compute_ms for r in records if r.compute_ms is not None]
     queue = [r.queue_ms for r in records if r.queue_ms is not None]
+    tokenization = [r.tokenization_ms for r in records if r.tokenization_ms is not None]
     # Overhead per request, not difference of means: a p50 of differences is what "overhead at p50" means.
     overhead = [r.total_ms - r.compute_ms for r in records if r.total_ms is not None and r.compute_ms is not None]
+    rest = [
+        r.total_ms - r.compute_ms - r.tokenization_ms - r.queue_ms
+        for r in records
+        if r.total_ms is not None
+        and r.compute_ms is not None
+        and r.tokenization_ms is not None
+        and r.queue_ms is not None
+    ]
     return {
         "total_ms": _mean_p50(total),
         "compute_ms": _mean_p50(compute),
         "queue_ms": _mean_p50(queue),
+        "tokenization_ms": _mean_p50(tokenization),
         "overhead_ms": _mean_p50(overhead),
+        "overhead_rest_ms": _mean_p50(rest),
     }
 
 
@@ -182,6 +195,13 @@ def format_report(report: dict[str, Any]) -> str:
         (
             "server total / compute / overhead (p50)",
             " / ".join(number(timing[k]["p50"], 3) for k in ("total_ms", "compute_ms", "overhead_ms")) + " ms",
+        ),
+        (
+            "overhead: tokenizing / queue / rest (p50)",
+            " / ".join(
+                number(timing.get(k, {}).get("p50"), 3) for k in ("tokenization_ms", "queue_ms", "overhead_rest_ms")
+            )
+            + " ms",
         ),
         ("errors", ", ".join(f"{k}: {v}" for k, v in report["errors"].items()) or "none"),
         ("exit layers (1..n)", " ".join(str(c) for c in report["exit_counts"]) or "-"),

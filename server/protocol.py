@@ -23,6 +23,7 @@ THRESHOLD_HEADER = "X-Exit-Threshold"
 EXIT_LAYER_HEADER = "X-Exit-Layer"  # the deepest exit layer among the request's texts (1..n)
 LAYERS_EXECUTED_HEADER = "X-Layers-Executed"  # Σ exit layer over the request's texts
 DEGRADED_HEADER = "X-Exit-Degraded"  # "true" when brownout answered at a cheaper threshold
+TOKENIZATION_TIME_HEADER = "X-Tokenization-Time"  # ms
 QUEUE_TIME_HEADER = "X-Queue-Time"  # ms
 COMPUTE_TIME_HEADER = "X-Compute-Time"  # ms
 TOTAL_TIME_HEADER = "X-Total-Time"  # ms

@@ -124,8 +124,10 @@ def test_metrics_page_parsing() -> None:
 
 def test_report_counts_errors_exits_and_server_overhead() -> None:
     records = [
-        RequestRecord("200", 0.010, 2, "0", [4, 4], 4, total_ms=5.0, compute_ms=4.5),
-        RequestRecord("200", 0.020, 2, "fast", [1, 2], 4, total_ms=3.0, compute_ms=2.0),
+        RequestRecord("200", 0.010, 2, "0", [4, 4], 4, total_ms=5.0, compute_ms=4.5, queue_ms=0.1, tokenization_ms=0.2),
+        RequestRecord(
+            "200", 0.020, 2, "fast", [1, 2], 4, total_ms=3.0, compute_ms=2.0, queue_ms=0.3, tokenization_ms=0.4
+        ),
         RequestRecord("429", 0.001, 2, "fast"),
         RequestRecord("connect_error", 0.001, 2, "0"),
     ]
@@ -136,7 +138,12 @@ def test_report_counts_errors_exits_and_server_overhead() -> None:
     assert report["exit_counts"] == [1, 1, 0, 2] and report["expected_saving"] == pytest.approx(1 - 11 / 16)
     assert report["metrics_expected_saving"] is None
     assert report["throughput_rps"] == 1.0 and report["texts_per_s"] == 2.0 and report["arrival_rps"] == 5.0
-    assert report["server_timing"]["overhead_ms"] == {"mean": 0.75, "p50": 0.75}
+    timing = report["server_timing"]
+    assert timing["overhead_ms"] == {"mean": 0.75, "p50": 0.75}
+    # The overhead's parts, each request's own: tokenizing, queueing, and the rest (0.5-0.2-0.1, 1.0-0.4-0.3).
+    assert timing["tokenization_ms"]["mean"] == pytest.approx(0.3) and timing["queue_ms"]["mean"] == pytest.approx(0.2)
+    assert timing["overhead_rest_ms"]["mean"] == pytest.approx(0.25)
+    assert "overhead: tokenizing / queue / rest (p50)" in format_report(report)
     assert report["per_threshold"]["fast"]["expected_saving"] == pytest.approx(1 - 3 / 8)
     assert "connect_error: 1" in format_report(report)
 
@@ -264,6 +271,8 @@ def test_bench_measures_a_live_server_and_writes_its_report(checkpoint: Path, da
     assert [r["threshold"] for r in raw["batch1"]["rows"]] == ["0", "lossless", "balanced", "fast"]
     for row in raw["batch1"]["rows"]:
         assert row["requests"] > 0 and row["mean_latency_ms"] >= row["mean_compute_ms"] > 0
+        # Where the overhead goes, from the server's own headers.
+        assert row["tokenization_p50_ms"] > 0 and row["queue_p50_ms"] >= 0 and row["overhead_rest_p50_ms"] is not None
     assert set(raw["curves"]) == {"full", "balanced"} and "plain" not in raw and "peers" not in raw
     for curve in raw["curves"].values():
         assert curve["points"] and curve["closed_loop"]["requests_ok"] > 0
@@ -295,6 +304,7 @@ def test_bench_report_of_a_recorded_full_run(tmp_path: Path) -> None:
                 "## 5. Cross-check", "## 6. Peer runtimes", "deebert bench --checkpoint"]  # fmt: skip
     for heading in headings:
         assert heading in text
+    assert "| 0.699 | n/a / n/a / n/a |" in text, "a run recorded before the overhead's parts were sent: n/a"
     for name in ("latency_throughput.png", "batch1_saving.png"):
         assert (results_dir / name).stat().st_size > 1000
         assert f"results/{name}" in text

@@ -11,7 +11,13 @@ from fastapi.responses import JSONResponse, Response
 from server import pipeline
 from server.engine import Engine
 from server.errors import DeeBertError, ErrorType
-from server.protocol import CLASSIFY_PATH, COMPUTE_TIME_HEADER, QUEUE_TIME_HEADER, TOTAL_TIME_HEADER
+from server.protocol import (
+    CLASSIFY_PATH,
+    COMPUTE_TIME_HEADER,
+    QUEUE_TIME_HEADER,
+    TOKENIZATION_TIME_HEADER,
+    TOTAL_TIME_HEADER,
+)
 from server.routes.dependencies import INFERENCE_ERRORS, State, ThresholdHeader, require_api_key
 from server.schemas import ClassifyRequest, ClassifyResponse
 from server.strict_json import StrictJsonRoute
@@ -73,10 +79,11 @@ def encode(answer: pipeline.Answer, engine: Engine, return_probabilities: bool) 
 
 
 def headers(answer: pipeline.Answer) -> dict[str, str]:
-    """Early exit's headers, and the slowest text's queue and model time and the request's total (ms, µs
-    resolution)."""
+    """Early exit's headers, and where the request's time went (ms, µs resolution): tokenizing its texts, the
+    slowest text's queue and model time, and the total since the route began."""
     return {
         **pipeline.early_exit_headers(answer),
+        TOKENIZATION_TIME_HEADER: f"{1000 * answer.tokenization_s:.3f}",
         QUEUE_TIME_HEADER: f"{1000 * max(answer.queue_s):.3f}",
         COMPUTE_TIME_HEADER: f"{1000 * max(answer.inference_s):.3f}",
         TOTAL_TIME_HEADER: f"{1000 * answer.total_s():.3f}",
