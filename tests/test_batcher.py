@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from server.batcher import Batcher
+from server.batcher import Batcher, WorkerThread
 from server.errors import DeeBertError, ErrorType
 
 pytestmark = pytest.mark.anyio
@@ -233,3 +233,32 @@ async def test_queue_wait_is_the_oldest_wait_and_zero_once_drained() -> None:
         await asyncio.sleep(0.01)
     assert batcher.queue_wait_s == 0.0
     await batcher.stop()
+
+
+async def test_the_worker_thread_runs_jobs_in_order_passes_errors_and_outlives_a_cancelled_caller() -> None:
+    worker = WorkerThread("deebert-batch-test")
+    assert await worker.run(threading.current_thread) is not threading.current_thread()
+    assert (await worker.run(threading.current_thread)).name == "deebert-batch-test", "one named thread, reused"
+
+    def explode() -> None:
+        raise ValueError("bad batch")
+
+    with pytest.raises(ValueError, match="bad batch"):
+        await worker.run(explode)
+    # A caller cancelled mid-job: the job finishes on the thread, its answer is dropped, the next job runs.
+    release, finished = threading.Event(), threading.Event()
+
+    def slow() -> str:
+        assert release.wait(10)
+        finished.set()
+        return "late"
+
+    waiting = asyncio.ensure_future(worker.run(slow))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    release.set()
+    assert await worker.run(lambda: "next") == "next"
+    assert finished.is_set() and waiting.cancelled()
+    thread = await worker.run(threading.current_thread)
+    worker.shutdown()
+    assert not thread.is_alive(), "shutdown ends the thread"
