@@ -235,7 +235,9 @@ class _Runner:
         import openvino
 
         from model.onnx_export import export_plain_unfused
+        from model.openvino_backend import allow_under_preloaded_allocator
 
+        allow_under_preloaded_allocator()  # before the first compile, should the peers run under jemalloc
         properties: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
         if precision == "fp32":
             properties["INFERENCE_PRECISION_HINT"] = "f32"

@@ -45,21 +45,42 @@ def length_bucket() -> int:
 
 
 def preloaded_allocator() -> str | None:
-    """The malloc preloaded into this process (jemalloc, tcmalloc), if any: OpenVINO's CPU plugin aborts under
-    one ("free(): invalid size" compiling even a one-node graph, with jemalloc 5.3 and OpenVINO 2026.4)."""
+    """The malloc preloaded into this process (jemalloc, tcmalloc), if any."""
     preload = os.environ.get("LD_PRELOAD", "")
     return next((name for name in ("jemalloc", "tcmalloc") if name in preload), None)
 
 
+# Under a preloaded malloc, OpenVINO's CPU plugin aborted ("free(): invalid size" / "munmap_chunk(): invalid
+# pointer", compiling even a one-node graph; jemalloc 5.3, OpenVINO 2026.4). The cause is oneTBB, OpenVINO's
+# threading: it opens its topology library (tbbbind, and with it hwloc) with RTLD_DEEPBIND, so hwloc frees with
+# glibc's own `free` what glibc's functions allocated through the preloaded malloc (oneTBB issues #1636, #1645).
+# `TBB_ENABLE_SANITIZERS=1` makes oneTBB open it without RTLD_DEEPBIND (oneTBB pull request #1065): with it,
+# OpenVINO runs under jemalloc. oneTBB reads it when it first looks at the topology (OpenVINO's first compile).
+TBB_WITHOUT_DEEPBIND = {"TBB_ENABLE_SANITIZERS": "1"}
+
+
+def allow_under_preloaded_allocator() -> None:
+    """Set `TBB_WITHOUT_DEEPBIND` in this process when a malloc is preloaded (before OpenVINO's first compile;
+    `deebert serve` also puts it in the environment it re-runs itself with)."""
+    if preloaded_allocator() is not None:
+        for name, value in TBB_WITHOUT_DEEPBIND.items():
+            os.environ.setdefault(name, value)
+
+
 def openvino_unavailable_reason() -> str | None:
-    """Why OpenVINO cannot run in this process (not installed, or a preloaded allocator); None when it can."""
+    """Why OpenVINO cannot run in this process (not installed, or a preloaded allocator oneTBB would clash
+    with); None when it can."""
+    allow_under_preloaded_allocator()
     try:
         import openvino  # noqa: F401
     except ImportError:
         return "openvino is not installed"
     allocator = preloaded_allocator()
-    if allocator is not None:
-        return f"OpenVINO aborts under the preloaded {allocator} (DEEBERT_ALLOCATOR=system lets it run)"
+    if allocator is not None and os.environ.get("TBB_ENABLE_SANITIZERS") != "1":
+        return (
+            f"OpenVINO aborts under the preloaded {allocator} with TBB_ENABLE_SANITIZERS="
+            f"{os.environ.get('TBB_ENABLE_SANITIZERS')} (oneTBB's RTLD_DEEPBIND; unset it, or set it to 1)"
+        )
     return None
 
 

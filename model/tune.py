@@ -32,7 +32,7 @@ import torch
 logger = logging.getLogger("deebert.tune")
 
 SAMPLE_FILE = "tune_sample.jsonl"
-TUNE_FORMAT = 1
+TUNE_FORMAT = 2  # 2: OpenVINO is measured under a preloaded jemalloc too
 MIN_AGREEMENT = 0.995  # labels at balanced equal to fp32's at balanced
 MAX_ACCURACY_DROP = 0.005  # balanced accuracy below fp32 full depth (a fraction: 0.5 point)
 # split: the fastest eligible runtime alone serves batches of one, the fastest in batches serves the rest.
@@ -405,7 +405,7 @@ def fingerprint(
     return {
         "format": TUNE_FORMAT,
         "cpu": name,
-        # What can run differs under a preloaded allocator (OpenVINO cannot): a tune holds for one kind.
+        # Timings differ by allocator: a tune holds for one kind.
         "allocator": preloaded_allocator() or "system",
         "cpu_flags_digest": hashlib.sha256(" ".join(sorted(cpu_flags)).encode()).hexdigest()[:16],
         "cpus": os.cpu_count(),

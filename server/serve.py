@@ -116,25 +116,10 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
     # The allocator has to be in place before anything is allocated: switching means running again.
     try:
-        requested, why = allocator_for(settings)
-        plan = plan_allocator(requested, os.environ)
+        plan = plan_allocator(settings.allocator, os.environ)
     except AllocatorError as err:
         print(f"deebert serve: {err}", file=sys.stderr)
         return 2
     if plan.needs_reexec:
         reexec(plan.environment)
-    return serve(settings, "; ".join(note for note in (why, plan.note) if note))
-
-
-def allocator_for(settings: ServerSettings) -> tuple[str, str]:
-    """The allocator to ask for, and why when it is not the setting itself: OpenVINO's CPU plugin aborts in a
-    process with jemalloc or tcmalloc preloaded, so `DEEBERT_BACKEND=openvino` with the `auto` allocator runs on
-    the system's, and with a preloading one asked for explicitly it is refused at start."""
-    if settings.backend != "openvino" or settings.allocator == "system":
-        return settings.allocator, ""
-    if settings.allocator == "auto":
-        return "system", "DEEBERT_BACKEND=openvino: the system allocator (OpenVINO aborts under a preloaded jemalloc)"
-    raise AllocatorError(
-        f"DEEBERT_ALLOCATOR={settings.allocator} cannot serve DEEBERT_BACKEND=openvino: OpenVINO's CPU plugin "
-        "aborts in a process with it preloaded; use DEEBERT_ALLOCATOR=system (or auto)"
-    )
+    return serve(settings, plan.note)
