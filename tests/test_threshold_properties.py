@@ -46,7 +46,9 @@ def test_any_string_is_a_preset_a_number_or_a_clear_refusal(text: str) -> None:
     assert preset is None or preset == text.strip()
 
 
-_TOKENIZER_DIR = Path(tempfile.mkdtemp(prefix="deebert-tokenizer-"))
+# Built at import (hypothesis tests take no function-scoped fixtures); removed when the test process exits.
+_TOKENIZER_DIRECTORY = tempfile.TemporaryDirectory(prefix="deebert-tokenizer-")
+_TOKENIZER_DIR = Path(_TOKENIZER_DIRECTORY.name)
 write_vocab(_TOKENIZER_DIR)
 ENGINE = tiny_engine(_TOKENIZER_DIR)  # a real engine on a tiny model; its presets: lossless, balanced, fast
 
