@@ -304,7 +304,14 @@ def test_bench_report_of_a_recorded_full_run(tmp_path: Path) -> None:
                 "## 5. Cross-check", "## 6. Peer runtimes", "deebert bench --checkpoint"]  # fmt: skip
     for heading in headings:
         assert heading in text
-    assert "| 0.699 | n/a / n/a / n/a |" in text, "a run recorded before the overhead's parts were sent: n/a"
+    balanced = next(r for r in recorded["batch1"]["rows"] if r["threshold"] == "balanced")
+    parts = " / ".join(f"{balanced[k]:.3f}" for k in ("tokenization_p50_ms", "queue_p50_ms", "overhead_rest_p50_ms"))
+    assert f"| {balanced['overhead_p50_ms']:.3f} | {parts} |" in text, "the overhead and its parts, per threshold"
+    # A run recorded before the server sent X-Tokenization-Time: its parts read n/a.
+    for row in recorded["batch1"]["rows"]:
+        del row["tokenization_p50_ms"], row["queue_p50_ms"], row["overhead_rest_p50_ms"]
+    write_results(recorded, results_dir, md)
+    assert "| n/a / n/a / n/a |" in md.read_text()
     for name in ("latency_throughput.png", "batch1_saving.png"):
         assert (results_dir / name).stat().st_size > 1000
         assert f"results/{name}" in text
