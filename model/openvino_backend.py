@@ -60,8 +60,9 @@ TBB_WITHOUT_DEEPBIND = {"TBB_ENABLE_SANITIZERS": "1"}
 
 
 def allow_under_preloaded_allocator() -> None:
-    """Set `TBB_WITHOUT_DEEPBIND` in this process when a malloc is preloaded (before OpenVINO's first compile;
-    `deebert serve` also puts it in the environment it re-runs itself with)."""
+    """Set `TBB_WITHOUT_DEEPBIND` in this process when a malloc is preloaded, before OpenVINO's first compile
+    (every way into OpenVINO here checks `openvino_unavailable_reason` first). Checked with jemalloc, which
+    `deebert serve` preloads; tcmalloc (the other one it can preload) was not installed to check."""
     if preloaded_allocator() is not None:
         for name, value in TBB_WITHOUT_DEEPBIND.items():
             os.environ.setdefault(name, value)
