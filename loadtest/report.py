@@ -198,9 +198,7 @@ def format_report(report: dict[str, Any]) -> str:
         ),
         (
             "overhead: tokenizing / queue / rest (p50)",
-            " / ".join(
-                number(timing.get(k, {}).get("p50"), 3) for k in ("tokenization_ms", "queue_ms", "overhead_rest_ms")
-            )
+            " / ".join(number(timing[k]["p50"], 3) for k in ("tokenization_ms", "queue_ms", "overhead_rest_ms"))
             + " ms",
         ),
         ("errors", ", ".join(f"{k}: {v}" for k, v in report["errors"].items()) or "none"),

@@ -56,16 +56,15 @@ def preloaded_allocator() -> str | None:
 # glibc's own `free` what glibc's functions allocated through the preloaded malloc (oneTBB issues #1636, #1645).
 # `TBB_ENABLE_SANITIZERS=1` makes oneTBB open it without RTLD_DEEPBIND (oneTBB pull request #1065): with it,
 # OpenVINO runs under jemalloc. oneTBB reads it when it first looks at the topology (OpenVINO's first compile).
-TBB_WITHOUT_DEEPBIND = {"TBB_ENABLE_SANITIZERS": "1"}
+TBB_DEEPBIND_SWITCH = "TBB_ENABLE_SANITIZERS"
 
 
 def allow_under_preloaded_allocator() -> None:
-    """Set `TBB_WITHOUT_DEEPBIND` in this process when a malloc is preloaded, before OpenVINO's first compile
+    """Set `TBB_ENABLE_SANITIZERS=1` in this process when a malloc is preloaded, before OpenVINO's first compile
     (every way into OpenVINO here checks `openvino_unavailable_reason` first). Checked with jemalloc, which
     `deebert serve` preloads; tcmalloc (the other one it can preload) was not installed to check."""
     if preloaded_allocator() is not None:
-        for name, value in TBB_WITHOUT_DEEPBIND.items():
-            os.environ.setdefault(name, value)
+        os.environ.setdefault(TBB_DEEPBIND_SWITCH, "1")
 
 
 def openvino_unavailable_reason() -> str | None:
@@ -77,10 +76,11 @@ def openvino_unavailable_reason() -> str | None:
     except ImportError:
         return "openvino is not installed"
     allocator = preloaded_allocator()
-    if allocator is not None and os.environ.get("TBB_ENABLE_SANITIZERS") != "1":
+    switch = os.environ.get(TBB_DEEPBIND_SWITCH)
+    if allocator is not None and switch != "1":
         return (
-            f"OpenVINO aborts under the preloaded {allocator} with TBB_ENABLE_SANITIZERS="
-            f"{os.environ.get('TBB_ENABLE_SANITIZERS')} (oneTBB's RTLD_DEEPBIND; unset it, or set it to 1)"
+            f"OpenVINO aborts under the preloaded {allocator} with {TBB_DEEPBIND_SWITCH}={switch} "
+            "(oneTBB's RTLD_DEEPBIND; unset it, or set it to 1)"
         )
     return None
 
