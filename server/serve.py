@@ -71,7 +71,6 @@ def serve(settings: ServerSettings, allocator_note: str = "") -> int:
     if allocator == "system" and settings.malloc_arenas:
         limit_malloc_arenas(settings.malloc_arenas)  # before the model and the threads allocate
     logger.debug("oneDNN kernel cache capacity %s", bound_kernel_cache())
-    use_switch_interval(settings.switch_interval_ms)
     try:
         engine = Engine.load(settings)
     except EngineLoadError as err:
@@ -100,18 +99,6 @@ def serve(settings: ServerSettings, allocator_note: str = "") -> int:
     server = DrainingServer(config, start_draining)
     server.run()
     return 0
-
-
-def use_switch_interval(milliseconds: float) -> None:
-    """Let a thread keep the GIL at most `milliseconds` while another waits for it.
-
-    The model's thread needs the GIL between runtime calls (each layer's exit decision and compaction), and
-    the event loop holds it for the HTTP work of other requests: at Python's default 5 ms the model's thread
-    (and the runtime's threads behind it) may wait for the loop up to 5 ms at a time. A trial:
-    `python -m benchmarks.server_ab` compares this default with 5 ms
-    (loadtest/results/overhead/switch_interval_ab.json)."""
-    sys.setswitchinterval(milliseconds / 1000)
-    logger.info("Python switch interval %.3g ms", milliseconds)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,14 +58,6 @@ class ServerSettings(BaseSettings):
         0.0, ge=0, description="how long the batcher waits to fill a batch; 0 = batch what queued while busy"
     )
     max_queue_size: int = Field(1024, ge=1, description="most texts waiting; beyond it requests get 429")
-    switch_interval_ms: float = Field(
-        0.1,
-        gt=0,
-        le=100,
-        description="how long a Python thread may keep the GIL while another waits for it (sys.setswitchinterval; "
-        "Python's default 5): short, so the model's thread gets it back promptly between runtime calls while the "
-        "event loop serves HTTP",
-    )
     max_texts_per_request: int = Field(64, ge=1, description="more texts in one request get 413")
     max_length: int | None = Field(None, ge=2, description="max tokens per text (default: the checkpoint's)")
     default_threshold: str | None = Field(

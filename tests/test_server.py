@@ -541,29 +541,3 @@ async def test_long_texts_are_tokenized_off_the_loop_and_still_answered(engine: 
     assert refused.status_code == 422 and refused.json()["error_type"] == "input_too_long"
     assert "5402 tokens" in refused.json()["error"]
     assert small.status_code == 200
-
-
-def test_serve_shortens_the_python_switch_interval_before_loading_the_model(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """The model's thread waits for the GIL at most this long while the event loop holds it (default 0.1 ms,
-    `DEEBERT_SWITCH_INTERVAL_MS`); set before the model loads, so a failed load has already applied it."""
-    import sys
-
-    from pydantic import ValidationError
-
-    from server.serve import serve
-    from server.settings import ServerSettings
-
-    assert ServerSettings().switch_interval_ms == 0.1
-    with pytest.raises(ValidationError, match="switch_interval_ms"):
-        ServerSettings(switch_interval_ms=0)
-    monkeypatch.setenv("DEEBERT_SWITCH_INTERVAL_MS", "0.25")
-    settings = ServerSettings(checkpoint=str(tmp_path / "missing"))
-    assert settings.switch_interval_ms == 0.25
-    before = sys.getswitchinterval()
-    try:
-        assert serve(settings) == 2  # no checkpoint there: refused before listening
-        assert sys.getswitchinterval() == pytest.approx(0.00025)
-    finally:
-        sys.setswitchinterval(before)
