@@ -11,7 +11,8 @@ timed one) on one text per request: random sentences of `--data`, at the server'
 bench`.
 
 A shared VM's speed drifts by ±15-30 % between processes and over minutes: a single pair says little; the
-pairs, side by side, and their ratios do. The JSON keeps every run, the machine and the commands.
+pairs, side by side, and their ratios do. An untimed server run of A comes first (the first server of a run
+often measured slow). The JSON keeps every run, the machine and the commands.
 """
 
 from __future__ import annotations
@@ -82,9 +83,20 @@ def run_wrk(url: str, connections: int, seconds: int, bodies: Path, threshold: s
     return parse_wrk(done.stdout)
 
 
+def warm_up_machine(args: argparse.Namespace, configuration: Configuration, bodies: Path) -> None:
+    """One untimed server run first: the first server of a run often measured slow (page cache, CPU clocks)."""
+    port = free_port()
+    env = {"DEEBERT_LOG_LEVEL": "warning", **configuration.settings}
+    with server_process(deebert_server_command(args.checkpoint, port), env, port, args.startup_timeout) as (_, url):
+        for connections in args.connections:
+            run_wrk(url, connections, args.warmup, bodies, args.threshold)
+
+
 def run_pairs(args: argparse.Namespace, configurations: Sequence[Configuration], bodies: Path) -> list[dict[str, Any]]:
     runs: list[dict[str, Any]] = []
     steps = args.pairs * len(configurations)
+    if not args.no_warmup_server:
+        warm_up_machine(args, configurations[0], bodies)
     with tqdm(total=steps, desc="server runs", disable=args.no_progress) as progress:
         for pair in range(1, args.pairs + 1):
             order = configurations if pair % 2 else list(reversed(configurations))
@@ -171,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=10, help="seconds of each timed wrk run (10)")
     parser.add_argument("--warmup", type=int, default=3, help="seconds of wrk before each timed run (3)")
     parser.add_argument("--threshold", help="X-Exit-Threshold of every request (default: the server's default)")
+    parser.add_argument("--no-warmup-server", action="store_true", help="skip the untimed server run before the pairs")
     parser.add_argument("--texts", type=int, default=500, help="distinct request bodies wrk cycles through (500)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--startup-timeout", type=float, default=300)
