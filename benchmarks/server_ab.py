@@ -18,6 +18,7 @@ often measured slow). The JSON keeps every run, the machine and the commands.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -26,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,11 +84,18 @@ def run_wrk(url: str, connections: int, seconds: int, bodies: Path, threshold: s
     return parse_wrk(done.stdout)
 
 
-def warm_up_machine(args: argparse.Namespace, configuration: Configuration, bodies: Path) -> None:
-    """One untimed server run first: the first server of a run often measured slow (page cache, CPU clocks)."""
+@contextlib.contextmanager
+def serving(args: argparse.Namespace, configuration: Configuration) -> Iterator[str]:
+    """`deebert serve` on the checkpoint with the configuration's settings; its URL while it runs."""
     port = free_port()
     env = {"DEEBERT_LOG_LEVEL": "warning", **configuration.settings}
     with server_process(deebert_server_command(args.checkpoint, port), env, port, args.startup_timeout) as (_, url):
+        yield url
+
+
+def warm_up_machine(args: argparse.Namespace, configuration: Configuration, bodies: Path) -> None:
+    """One untimed server run first: the first server of a run often measured slow (page cache, CPU clocks)."""
+    with serving(args, configuration) as url:
         for connections in args.connections:
             run_wrk(url, connections, args.warmup, bodies, args.threshold)
 
@@ -101,10 +109,7 @@ def run_pairs(args: argparse.Namespace, configurations: Sequence[Configuration],
         for pair in range(1, args.pairs + 1):
             order = configurations if pair % 2 else list(reversed(configurations))
             for configuration in order:
-                port = free_port()
-                argv = deebert_server_command(args.checkpoint, port)
-                env = {"DEEBERT_LOG_LEVEL": "warning", **configuration.settings}
-                with server_process(argv, env, port, args.startup_timeout) as (_, url):
+                with serving(args, configuration) as url:
                     served = model_info(url)
                     for connections in args.connections:
                         run_wrk(url, connections, args.warmup, bodies, args.threshold)
@@ -115,7 +120,7 @@ def run_pairs(args: argparse.Namespace, configurations: Sequence[Configuration],
                                 "configuration": configuration.name,
                                 "connections": connections,
                                 "backend": served.get("backend"),
-                                "precision": served.get("precision"),
+                                "dtype": served.get("dtype"),
                                 **result,
                             }
                         )
