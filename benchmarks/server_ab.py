@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -34,10 +31,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from loadtest.bench import WRK_SCRIPT, parse_wrk
+from loadtest.bench import parse_wrk, write_wrk_bodies, wrk_command
+from loadtest.generator import Workload
 from loadtest.report import write_json
 from loadtest.servers import BenchError, deebert_server_command, free_port, model_info, server_process
-from model.data import read_dataset
 from reports.common import describe_machine, machine_description
 
 
@@ -61,23 +58,8 @@ class Configuration:
         return cls(name, settings)
 
 
-def write_bodies(data: Path, path: Path, count: int, seed: int) -> None:
-    """`count` random texts of `data`, one JSON request body (one text) per line, as wrk_post.lua reads them."""
-    dataset = read_dataset(data, require_labels=False)
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(count):
-        index = rng.randrange(len(dataset.texts))
-        body: dict[str, Any] = {"texts": [dataset.texts[index]]}
-        if dataset.text_pairs is not None:
-            body["text_pairs"] = [dataset.text_pairs[index]]
-        lines.append(json.dumps(body))
-    path.write_text("\n".join(lines) + "\n")
-
-
 def run_wrk(url: str, connections: int, seconds: int, bodies: Path, threshold: str | None) -> dict[str, Any]:
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(WRK_SCRIPT), f"{url}/v1/classify"]
-    env = {**os.environ, "DEEBERT_WRK_BODIES": str(bodies), "DEEBERT_WRK_THRESHOLD": threshold or ""}
+    argv, env = wrk_command(f"{url}/v1/classify", connections, seconds, bodies, threshold or "")
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 60, check=False)
     if done.returncode != 0:
         raise BenchError(f"wrk failed ({done.returncode}): {done.stderr[-500:]}")
@@ -210,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = machine_description()
     with tempfile.TemporaryDirectory() as scratch:
         bodies = Path(scratch) / "bodies.jsonl"
-        write_bodies(args.data, bodies, args.texts, args.seed)
+        write_wrk_bodies(Workload.from_file(args.data), bodies, args.texts, args.seed)
         runs = run_pairs(args, configurations, bodies)
     report = {
         "command": "python -m benchmarks.server_ab " + " ".join(sys.argv[1:] if argv is None else argv),

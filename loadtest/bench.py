@@ -292,6 +292,21 @@ def parse_hey(output: str) -> dict[str, Any]:
     return result
 
 
+def write_wrk_bodies(workload: Workload, path: Path, count: int, seed: int) -> None:
+    """`count` one-text request bodies drawn from `workload`, one JSON object per line (what wrk_post.lua sends)."""
+    rng = random.Random(seed)
+    path.write_text("".join(json.dumps(workload.body(rng, 1)) + "\n" for _ in range(count)))
+
+
+def wrk_command(
+    endpoint: str, connections: int, seconds: int, bodies: Path, threshold: str
+) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of `wrk -t1 --latency` with wrk_post.lua posting `bodies` to `endpoint`; `threshold`
+    goes in the X-Exit-Threshold header ("" leaves it out)."""
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(WRK_SCRIPT), endpoint]
+    return argv, {**os.environ, "DEEBERT_WRK_BODIES": str(bodies), "DEEBERT_WRK_THRESHOLD": threshold}
+
+
 def external_crosscheck(
     url: str, workload: Workload, settings: BenchSettings, threshold: str, results_dir: Path
 ) -> dict[str, Any]:
@@ -311,13 +326,11 @@ def external_crosscheck(
         duration=seconds,
     )
     endpoint = f"{url}/v1/classify"
-    rng = random.Random(settings.seed)
     with tempfile.TemporaryDirectory() as scratch:
         bodies = Path(scratch) / "bodies.jsonl"
-        bodies.write_text("".join(json.dumps(workload.body(rng, 1)) + "\n" for _ in range(500)))
+        write_wrk_bodies(workload, bodies, 500, settings.seed)
         if tool == "wrk":
-            argv = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s", str(WRK_SCRIPT), endpoint]
-            env = {**os.environ, "DEEBERT_WRK_BODIES": str(bodies), "DEEBERT_WRK_THRESHOLD": threshold}
+            argv, env = wrk_command(endpoint, concurrency, seconds, bodies, threshold)
         else:
             first = bodies.read_text().splitlines()[0]
             body_file = Path(scratch) / "body.json"
