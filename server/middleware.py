@@ -40,8 +40,10 @@ class ServingMiddleware:
         status = 500  # what an exception escaping the app becomes (UnexpectedErrorMiddleware answers it)
         metrics = self.state.metrics
         inference = scope["method"] == "POST" and scope.get("path", "") in INFERENCE_PATHS
-        if inference and metrics is not None:
-            metrics.record_inflight(+1)
+        if inference:
+            self.state.inference_in_flight += 1
+            if metrics is not None:
+                metrics.record_inflight(+1)
 
         async def send_recording(message: Message) -> None:
             nonlocal status
@@ -61,6 +63,8 @@ class ServingMiddleware:
                 receive = _replay(body, receive)
             await self.app(scope, receive, send_recording)
         finally:
+            if inference:
+                self.state.inference_in_flight -= 1
             if metrics is not None:
                 if inference:
                     metrics.record_inflight(-1)

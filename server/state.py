@@ -38,6 +38,7 @@ class ServerState:
     ladder: list[Threshold] = field(default_factory=list)  # the controller's rungs
     ready: bool = False
     draining: bool = False
+    inference_in_flight: int = 0  # inference requests between the middleware's start and end
     load_error: str | None = None
     preparing: asyncio.Task[None] | None = field(default=None, repr=False)
     housekeeping: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -86,6 +87,7 @@ def build_state(settings: ServerSettings, engine: Engine, state: ServerState | N
         on_answer=recorder,
         idle_runner=shadow.compare if shadow is not None else None,
         max_idle_items=settings.max_queue_size,
+        alone=(lambda: state.inference_in_flight <= 1) if settings.inline_alone else None,
     )
     recorder.queue_idle = batcher.submit_idle  # the shadow's re-runs go to the batcher's idle queue
     state.engine, state.metrics, state.brownout, state.batcher = engine, metrics, brownout, batcher

@@ -262,3 +262,74 @@ async def test_the_worker_thread_runs_jobs_in_order_passes_errors_and_outlives_a
     thread = await worker.run(threading.current_thread)
     worker.shutdown()
     assert not thread.is_alive(), "shutdown ends the thread"
+
+
+class ThreadRecordingRunner(FakeRunner):
+    """A FakeRunner that records which thread ran each batch."""
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        super().__init__(fail_on=fail_on)
+        self.threads: list[int] = []
+
+    def __call__(self, items: list[Any], thresholds: list[float], on_exit: Callable[[int, Any], None]) -> None:
+        self.threads.append(threading.get_ident())
+        super().__call__(items, thresholds, on_exit)
+
+
+async def test_a_lone_text_runs_on_the_event_loop_once_batches_of_one_are_known_to_be_quick() -> None:
+    runner = ThreadRecordingRunner(fail_on="boom")
+    in_flight = [1]
+    batcher = Batcher(
+        runner, max_batch_size=8, max_wait_s=0.0, max_queue_size=100, alone=lambda: in_flight[0] <= 1, alone_max_s=60
+    )
+    batcher.start()
+    loop_thread = threading.get_ident()
+    for text in ("a", "b"):  # the first batch of one is measured on the worker thread; the second runs here
+        (answer,) = await asyncio.gather(*batcher.submit([Text(text)], [0.5]))
+        assert answer.value == (text, 0.5) and answer.batch_size == 1 and answer.queue_s >= 0
+    assert runner.threads[0] != loop_thread and runner.threads[1] == loop_thread
+    in_flight[0] = 2  # another request is in the server: its text may join, so the worker thread runs it
+    await asyncio.gather(*batcher.submit([Text("c")], [0.5]))
+    in_flight[0] = 1
+    await asyncio.gather(*batcher.submit([Text("d"), Text("e")], [0.5, 0.5]))  # two texts: a batch
+    await asyncio.gather(*batcher.submit([Text("f")], [0.5]))  # after a batch of two, not alone yet
+    await asyncio.gather(*batcher.submit([Text("g")], [0.5]))
+    on_loop = [thread == loop_thread for thread in runner.threads]
+    assert on_loop == [False, True, False, False, False, True]
+    with pytest.raises(DeeBertError) as failed:  # a model error on the loop fails its text, and only it
+        await asyncio.gather(*batcher.submit([Text("boom")], [0.5]))
+    assert failed.value.error_type is ErrorType.INTERNAL and runner.threads[-1] == loop_thread
+    (after,) = await asyncio.gather(*batcher.submit([Text("h")], [0.5]))
+    assert after.value == ("h", 0.5) and not batcher.busy
+    await batcher.stop()
+
+
+async def test_a_slow_model_or_no_alone_check_keeps_every_text_off_the_event_loop() -> None:
+    loop_thread = threading.get_ident()
+    for alone, alone_max_s in ((lambda: True, 0.0), (None, 60.0)):
+        runner = ThreadRecordingRunner()
+        batcher = Batcher(
+            runner, max_batch_size=8, max_wait_s=0.0, max_queue_size=100, alone=alone, alone_max_s=alone_max_s
+        )
+        batcher.start()
+        for text in "abc":
+            await asyncio.gather(*batcher.submit([Text(text)], [0.5]))
+        assert len(runner.threads) == 3 and loop_thread not in runner.threads
+        await batcher.stop()
+
+
+async def test_a_lone_text_waits_while_the_worker_thread_has_a_job() -> None:
+    runner = ThreadRecordingRunner()
+    batcher = Batcher(runner, max_batch_size=8, max_wait_s=0.0, max_queue_size=100, alone=lambda: True)
+    batcher.start()
+    await asyncio.gather(*batcher.submit([Text("a")], [0.5]))  # measured: batches of one are quick
+    release = threading.Event()
+    housekeeping = asyncio.ensure_future(batcher.run_in_worker(lambda: release.wait(5)))
+    await asyncio.sleep(0.01)
+    answer = batcher.submit([Text("b")], [0.5])
+    await asyncio.sleep(0.01)
+    assert len(runner.threads) == 1, "the worker thread is busy with another job: the text waits its turn"
+    release.set()
+    await asyncio.gather(housekeeping, *answer)
+    assert runner.threads[1] != threading.get_ident()
+    await batcher.stop()

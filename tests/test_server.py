@@ -541,3 +541,23 @@ async def test_long_texts_are_tokenized_off_the_loop_and_still_answered(engine: 
     assert refused.status_code == 422 and refused.json()["error_type"] == "input_too_long"
     assert "5402 tokens" in refused.json()["error"]
     assert small.status_code == 200
+
+
+@pytest.mark.parametrize("inline_alone", [True, False])
+async def test_a_request_alone_in_the_server_runs_its_text_on_the_event_loop(
+    tokenizer_dir: Path, inline_alone: bool
+) -> None:
+    engine = tiny_engine(tokenizer_dir)
+    seen: list[tuple[int, int]] = []  # (requests in flight, thread) at each forward
+    app = make_app(engine, inline_alone=inline_alone)
+    engine.model.layers[0].register_forward_pre_hook(
+        lambda _m, _a: seen.append((app.state.deebert.inference_in_flight, threading.get_ident())) and None
+    )
+    async with serving(app) as client:
+        answers = [await client.post("/v1/classify", json={"text": text}) for text in ("good", "bad", "fine")]
+        assert [a.status_code for a in answers] == [200, 200, 200]
+        assert app.state.deebert.inference_in_flight == 0
+    loop_thread = threading.get_ident()
+    assert [count for count, _ in seen] == [1, 1, 1]
+    # The first text measures a batch of one on the batch thread; then, alone, texts run on the loop.
+    assert [thread == loop_thread for _, thread in seen] == [False, inline_alone, inline_alone]
