@@ -5,9 +5,10 @@ thresholds and reports each row as it finishes (`on_exit`), from a worker thread
 the moment the runner reports them, not when their batch ends.
 
 A text that is alone in the server (a batch of one, nothing else queued, and `alone()` says no other request
-is in flight) runs on the event loop itself when batches of one recently took at most `ALONE_MAX_S`: the
-crossings to the worker thread and back are ~0.1 ms of a batch-1 request's ~0.5 ms of overhead, and no other
-request needs the loop meanwhile. A slower model keeps the loop free (its request could not gain much).
+is in flight) runs on the event loop itself when batches of one recently took at most `ALONE_MAX_S`: without
+the crossings to the worker thread and back, a batch-1 request's queueing fell by 0.025-0.06 ms of its
+~0.3-0.5 ms overhead (BENCHMARKS.md §11), and no other request needs the loop meanwhile. A slower model keeps
+the loop free (its request could not gain much).
 
 A second, low-priority queue (`submit_idle`) holds background items for `idle_runner` (shadow
 full-depth runs): they go to the same worker thread only while no text waits, so they never hold an
