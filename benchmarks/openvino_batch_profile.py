@@ -10,6 +10,11 @@ compare, separate runs do not):
 - `plain`: the plain full-depth graph, one call per batch (what plain OpenVINO runs);
 - `chain`: the loop's step graphs one after another on every row, no exit (the loop's cost of full depth);
 - `balanced`: the exit loop at the threshold given, with compaction;
+- `balanced, each batch twice (the second timed)`: every layer graph's call sees the shape its previous call
+  had, so OpenVINO prepares no graph again (what shape changes cost the loop);
+- `plain, random batches` and `balanced, random batches`: the same sentences in random batches of 32, lengths
+  mixed as in a server's batches; `balanced, random batches in two halves`: each of those batches run as two,
+  its shorter and its longer half (less padding, twice the calls);
 - `balanced, bf16 hand-over` (bf16 only): the same on step graphs that pass their hidden states to one
   another as bfloat16 instead of converting them to f32 and back at every call (tried, not adopted), with
   its accuracy and its labels against the backend's.
@@ -22,6 +27,7 @@ layer against one layer graph's, by node type; and the cost of a shape change be
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import time
@@ -86,14 +92,15 @@ class _Bf16HandOver(OpenVinoDeeBert):
 
 
 def _interleaved(candidates: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+    """Seconds per round of each candidate: its wall time, or the float it returns (the part it timed itself)."""
     for run in candidates.values():  # warm-up: every shape's kernels prepared once
         run()
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, run in candidates.items():
             started = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - started)
+            timed = run()
+            times[name].append(timed if isinstance(timed, float) else time.perf_counter() - started)
     return times
 
 
@@ -170,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="of the random batches")
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -185,6 +193,17 @@ def main(argv: list[str] | None = None) -> int:
     batches = [
         pad_batch([encoded[i] for i in order[k : k + args.batch_size]], pad)
         for k in range(0, len(order), args.batch_size)
+    ]
+    shuffled = list(range(len(encoded)))
+    random.Random(args.seed).shuffle(shuffled)
+    mixed = [[encoded[i] for i in shuffled[k : k + args.batch_size]] for k in range(0, len(shuffled), args.batch_size)]
+    mixed_batches = [pad_batch(group, pad) for group in mixed]
+    halves = [
+        pad_batch(half, pad)
+        for group in mixed
+        for ordered in [sorted(group, key=len)]
+        for half in (ordered[: len(ordered) // 2], ordered[len(ordered) // 2 :])
+        if half
     ]
 
     def loop(backend: OpenVinoDeeBert, value: float) -> Callable[[], list[int]]:
@@ -202,12 +221,41 @@ def main(argv: list[str] | None = None) -> int:
         for b in batches:
             model.plain_forward(b.input_ids, b.attention_mask, b.token_type_ids)
 
+    def plain_mixed() -> None:
+        for b in mixed_batches:
+            model.plain_forward(b.input_ids, b.attention_mask, b.token_type_ids)
+
+    def exits_on(chosen: list[Any]) -> Callable[[], None]:
+        def run() -> None:
+            for b in chosen:
+                model.infer(b.input_ids, b.attention_mask, b.token_type_ids, [threshold] * len(b.input_ids))
+
+        return run
+
+    def each_batch_twice() -> float:
+        seconds = 0.0
+        for b in batches:
+            thresholds = [threshold] * len(b.input_ids)
+            model.infer(b.input_ids, b.attention_mask, b.token_type_ids, thresholds)
+            started = time.perf_counter()
+            model.infer(b.input_ids, b.attention_mask, b.token_type_ids, thresholds)
+            seconds += time.perf_counter() - started
+        return seconds
+
     def chain() -> None:
         for b in batches:
             model.all_off_ramp_logits(b.input_ids, b.attention_mask, b.token_type_ids)
 
     ours_run = loop(model, threshold)
-    candidates: dict[str, Callable[[], Any]] = {"plain": plain, "chain": chain, args.threshold: ours_run}
+    candidates: dict[str, Callable[[], Any]] = {
+        "plain": plain,
+        "chain": chain,
+        args.threshold: ours_run,
+        f"{args.threshold}, each batch twice (the second timed)": each_batch_twice,
+        "plain, random batches": plain_mixed,
+        f"{args.threshold}, random batches": exits_on(mixed_batches),
+        f"{args.threshold}, random batches in two halves": exits_on(halves),
+    }
     hand_over = f"{args.threshold}, bf16 hand-over"
     if args.precision == "bf16":
         tried = _Bf16HandOver(model.config, model.directory, model.manifest, "bf16", args.threads)
