@@ -19,9 +19,10 @@ compare, separate runs do not):
   another as bfloat16 instead of converting them to f32 and back at every call (tried, not adopted), with
   its accuracy and its labels against the backend's.
 
-Then, per graph at fixed shapes with OpenVINO's per-node counters (PERF_COUNT), the plain graph's time per
-layer against one layer graph's, by node type; and the cost of a shape change between calls of one graph
-(two shapes alternating against each repeated).
+The expected saving at the threshold, per sentence and per token. Then, per graph at fixed shapes with
+OpenVINO's per-node counters (PERF_COUNT), the plain graph's time per layer against one layer graph's, by node
+type; and the cost of a shape change between calls of one graph (two shapes alternating against each
+repeated).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from model.data import read_dataset
 from model.onnx_backend import POOL_WEIGHTS
 from model.onnx_export import PLAIN_FILE, layer_file
 from model.openvino_backend import OpenVinoDeeBert, _OpenVinoGraph
+from model.saving import expected_saving, saving_from_totals
 from model.tokenization import load_tokenizer, pad_batch, tokenize
 from reports.common import describe_machine, machine_description
 from reports.terminal import table
@@ -168,6 +170,23 @@ def _shape_change(model: OpenVinoDeeBert, hidden_size: int, repeats: int) -> lis
     return rows_out
 
 
+def _savings(
+    model: OpenVinoDeeBert, batches: list[Any], order: list[int], lengths: list[int], threshold: float, size: int
+) -> dict[str, float | None]:
+    """`balanced`'s expected saving counted per sentence (the paper's) and per token (Σ tokens · exit layer over
+    n · Σ tokens): a layer's cost grows with a row's tokens, and long sentences tend to leave later."""
+    exit_layers = [0] * len(order)
+    for k, b in enumerate(batches):
+        result = model.infer(b.input_ids, b.attention_mask, b.token_type_ids, [threshold] * len(b.input_ids))
+        for position, layer in enumerate(result.exit_layer):
+            exit_layers[order[k * size + position]] = layer
+    n = model.num_layers
+    return {
+        "sentences": expected_saving(exit_layers, n),
+        "tokens": saving_from_totals(sum(t * e for t, e in zip(lengths, exit_layers, strict=True)), n * sum(lengths)),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--checkpoint", default="weights/sst2-minilm-l6")
@@ -281,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         "sentences_per_s": {name: len(order) / s for name, s in medians.items()},
         "node_times": [_node_times(model, 32, tokens, hidden_size, 20) for tokens in (16, 32)],
         "shape_change": _shape_change(model, hidden_size, 20),
+        "expected_saving": _savings(model, batches, order, [len(e) for e in encoded], threshold, args.batch_size),
     }
     if args.precision == "bf16":
         ratios = [a / b for a, b in zip(times[args.threshold], times[hand_over], strict=True)]
@@ -305,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         for node in list(layer["nodes_ms"])[:6]:
             plain_ms, layer_ms = plain_layer["nodes_ms"].get(node, 0.0), layer["nodes_ms"][node]
             print(f"  {node}: plain {plain_ms:.3f} ms, layer graph {layer_ms:.3f}")
+    savings = results["expected_saving"]
+    print(f"expected saving at {args.threshold}: {savings['sentences']:.1%} of sentence-layers, "
+          f"{savings['tokens']:.1%} of token-layers")  # fmt: skip
     for entry in results["shape_change"]:
         print(f"shape change {entry['a']} <-> {entry['b']}: +{entry['extra_per_call_ms']:.3f} ms per call")
     if "bf16_hand_over" in results:
