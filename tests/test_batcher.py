@@ -320,7 +320,7 @@ async def test_a_slow_model_or_no_alone_check_keeps_every_text_off_the_event_loo
 
 async def test_a_lone_text_waits_while_the_worker_thread_has_a_job() -> None:
     runner = ThreadRecordingRunner()
-    batcher = Batcher(runner, max_batch_size=8, max_wait_s=0.0, max_queue_size=100, alone=lambda: True)
+    batcher = Batcher(runner, max_batch_size=8, max_wait_s=0.0, max_queue_size=100, alone=lambda: True, alone_max_s=60)
     batcher.start()
     await asyncio.gather(*batcher.submit([Text("a")], [0.5]))  # measured: batches of one are quick
     release = threading.Event()
