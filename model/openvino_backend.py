@@ -108,7 +108,7 @@ def supported_precisions() -> list[str]:
 
 class _OpenVinoGraph:
     """One compiled step graph: an infer request per calling thread (a request is not thread-safe), inputs
-    shared without a copy, outputs copied out (the next call reuses the request's buffers)."""
+    shared without a copy, outputs copied out once (the next call reuses the request's buffers)."""
 
     def __init__(self, core: Any, graph: Path | Any, properties: dict[str, Any]) -> None:
         """`graph`: the ONNX file, or an `openvino.Model` read from it (and changed before compiling)."""
@@ -131,9 +131,9 @@ class _OpenVinoGraph:
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Every output, from feeds that name exactly the graph's inputs."""
-        request = self._request()
-        request.infer(feeds, share_inputs=True)
-        return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(self._num_outputs)]
+        # `infer` copies every output into an array of its own (share_outputs=False): those are the answer.
+        # (Copying them again from the request's tensors cost ~4 % of a batch-32 pass: the hidden states.)
+        return list(self._request().infer(feeds, share_inputs=True).to_tuple())
 
 
 class OpenVinoDeeBert(StepGraphModel):
