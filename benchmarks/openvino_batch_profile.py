@@ -80,7 +80,7 @@ class _Bf16HandOverGraph(_OpenVinoGraph):
             shared[name] = self._tensor(payloads[-1], payloads[-1].shape, self._bf16)
         request.infer({**feeds, **shared}, share_inputs=True)
         outputs = []
-        for index in range(self._num_outputs):
+        for index in range(len(self.compiled.outputs)):
             data = request.get_output_tensor(index).data  # a bfloat16 tensor's payload, seen as float16
             outputs.append(np.array(data.view(np.uint16) if index in self._bf16_outputs else data, copy=True))
         return outputs

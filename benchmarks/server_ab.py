@@ -1,7 +1,7 @@
 """Two `deebert serve` configurations against each other under wrk, in interleaved pairs of server runs.
 
-    python -m benchmarks.server_ab --a default: --b gil-5ms:DEEBERT_SWITCH_INTERVAL_MS=5 \\
-        --pairs 4 --connections 1,32 --output loadtest/results/overhead/switch_interval_ab.json
+    python -m benchmarks.server_ab --a thread:DEEBERT_INLINE_ALONE=false --b inline: \\
+        --pairs 3 --connections 1,4,32 --duration 8 --output loadtest/results/overhead/inline_alone_ab.json
 
 A configuration is `NAME:` followed by `DEEBERT_*` settings (`NAME:KEY=VALUE,KEY=VALUE`; `NAME:` alone is the
 defaults). Each pair starts a server per configuration, A first in odd pairs and B first in even ones; each
@@ -48,7 +48,7 @@ class Configuration:
         """`NAME:KEY=VALUE,KEY=VALUE` (`NAME:` alone: the defaults); every key a `DEEBERT_*` setting."""
         name, _, rest = text.partition(":")
         if not name:
-            raise ValueError(f"{text!r}: a configuration starts with its name, e.g. default: or gil-5ms:KEY=VALUE")
+            raise ValueError(f"{text!r}: a configuration starts with its name, e.g. default: or thread:KEY=VALUE")
         settings: dict[str, str] = {}
         for item in filter(None, rest.split(",")):
             key, equals, value = item.partition("=")

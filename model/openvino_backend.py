@@ -114,7 +114,6 @@ class _OpenVinoGraph:
         """`graph`: the ONNX file, or an `openvino.Model` read from it (and changed before compiling)."""
         self.compiled = core.compile_model(str(graph) if isinstance(graph, Path) else graph, "CPU", properties)
         self.inputs = [port.get_any_name() for port in self.compiled.inputs]
-        self._num_outputs = len(self.compiled.outputs)
         self.takes_pool_weights = POOL_WEIGHTS in self.inputs
         self.takes_token_types = "token_type_ids" in self.inputs
         self._local = threading.local()

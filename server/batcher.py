@@ -124,6 +124,10 @@ class WorkerThread:
             done.set_result(value)
 
 
+def _call_now(function: Callable[..., Any], *args: Any) -> None:
+    function(*args)
+
+
 class Batcher:
     """A bounded queue plus the one loop that turns it into batches."""
 
@@ -286,10 +290,10 @@ class Batcher:
             self._on_batch(len(batch))
             started = time.perf_counter()
             try:
-                if self._runs_alone(batch):
-                    self._run_alone(batch[0])
-                else:
-                    await self._worker.run(functools.partial(self._run, batch, loop))
+                if self._runs_alone(batch):  # here, on the event loop: each answer is given at once
+                    self._run(batch, _call_now)
+                else:  # on the worker thread: each answer goes through the event loop
+                    await self._worker.run(functools.partial(self._run, batch, loop.call_soon_threadsafe))
             finally:
                 self._finish_batch(len(batch), time.perf_counter() - started)
 
@@ -362,32 +366,20 @@ class Batcher:
             and self._alone()
         )
 
-    def _run_alone(self, row: Row) -> None:
-        """Run a lone text here, on the event loop, answering it at once: a batch of one without the crossings
-        to the worker thread and back."""
-        row.started_at = time.perf_counter()
-
-        def on_exit(index: int, value: Any) -> None:
-            self._resolve(row, value, time.perf_counter(), 1)
-
-        try:
-            self._runner([row.item], [row.threshold], on_exit)
-        except Exception as err:  # the model failed: fail this text, keep serving
-            self._fail([row], err)
-
-    def _run(self, batch: list[Row], loop: asyncio.AbstractEventLoop) -> None:
-        """Worker thread: run the batch, answering each row through the event loop as it exits."""
+    def _run(self, batch: list[Row], deliver: Callable[..., Any]) -> None:
+        """Run the batch, answering each row as it exits through `deliver(function, *args)`: the event loop's
+        `call_soon_threadsafe` from the worker thread, `_call_now` on the loop itself."""
         started = time.perf_counter()
         for row in batch:
             row.started_at = started
 
         def on_exit(index: int, value: Any) -> None:
-            loop.call_soon_threadsafe(self._resolve, batch[index], value, time.perf_counter(), len(batch))
+            deliver(self._resolve, batch[index], value, time.perf_counter(), len(batch))
 
         try:
             self._runner([row.item for row in batch], [row.threshold for row in batch], on_exit)
         except Exception as err:  # the model failed: fail this batch's rows, keep serving
-            loop.call_soon_threadsafe(self._fail, batch, err)
+            deliver(self._fail, batch, err)
 
     def _resolve(self, row: Row, value: Any, finished: float, batch_size: int) -> None:
         answer = RowAnswer(value, row.started_at - row.enqueued_at, finished - row.started_at, batch_size)
