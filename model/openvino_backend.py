@@ -131,7 +131,7 @@ class _OpenVinoGraph:
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Every output, from feeds that name exactly the graph's inputs."""
         # `infer` copies every output into an array of its own (share_outputs=False): those are the answer.
-        # (Copying them again from the request's tensors cost ~4 % of a batch-32 pass: the hidden states.)
+        # (Copying them again from the request's tensors cost ~2-3 % of a batch-32 pass: BENCHMARKS.md §10.)
         return list(self._request().infer(feeds, share_inputs=True).to_tuple())
 
 
