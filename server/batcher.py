@@ -146,7 +146,8 @@ class Batcher:
         alone: Callable[[], bool] | None = None,
         alone_max_s: float = ALONE_MAX_S,
     ) -> None:
-        """`alone()`: True when no request but the submitting one is in flight; it lets a lone text run on the
+        """`on_answer(row, answer)`: called on the event loop just after each text's answer is handed over.
+        `alone()`: True when no request but the submitting one is in flight; it lets a lone text run on the
         event loop while batches of one take at most `alone_max_s` (None: every text goes to the worker thread)."""
         self._runner = runner
         self.max_batch_size = max_batch_size
@@ -383,9 +384,11 @@ class Batcher:
 
     def _resolve(self, row: Row, value: Any, finished: float, batch_size: int) -> None:
         answer = RowAnswer(value, row.started_at - row.enqueued_at, finished - row.started_at, batch_size)
-        self._on_answer(row, answer)
         if not row.future.done():
             row.future.set_result(answer)
+        # The answer's bookkeeping (metrics, shadow sampling) comes after the waiting request's own turn of the
+        # loop (which the answer scheduled first), so that the response does not wait for it.
+        asyncio.get_running_loop().call_soon(self._on_answer, row, answer)
 
     @staticmethod
     def _fail(batch: list[Row], err: Exception) -> None:

@@ -333,3 +333,31 @@ async def test_a_lone_text_waits_while_the_worker_thread_has_a_job() -> None:
     await asyncio.gather(housekeeping, *answer)
     assert runner.threads[1] != threading.get_ident()
     await batcher.stop()
+
+
+async def test_a_texts_bookkeeping_runs_after_its_request_resumes() -> None:
+    """`on_answer` (metrics, shadow sampling) comes after the waiting request's turn, on either path, with the
+    answer the request got."""
+    events: list[tuple[str, Any]] = []
+    for alone in (None, lambda: True):
+        events.clear()
+        batcher = Batcher(
+            FakeRunner(),
+            max_batch_size=4,
+            max_wait_s=0.0,
+            max_queue_size=10,
+            on_answer=lambda row, answer: events.append(("bookkeeping", answer.value)),
+            alone=alone,
+        )
+        batcher.start()
+        for text in ("a", "b"):  # the second one runs on the loop when `alone` allows it
+            (future,) = batcher.submit([Text(text)], [0.5])
+            events.append(("request", (await future).value))
+            await asyncio.sleep(0)
+        assert events == [
+            ("request", ("a", 0.5)),
+            ("bookkeeping", ("a", 0.5)),
+            ("request", ("b", 0.5)),
+            ("bookkeeping", ("b", 0.5)),
+        ]
+        await batcher.stop()
