@@ -10,20 +10,35 @@ timed one) on one text per request: random sentences of `--data`, at the server'
 `--threshold` sets the `X-Exit-Threshold` header. wrk runs on the same CPUs as the server, as in `deebert
 bench`.
 
+`--overhead-requests N` also measures, before wrk, where one request's time goes in the server: N requests on one
+keep-alive connection (after N/4 untimed ones), one at a time, and the p50s of the server's own timing headers:
+its overhead (`X-Total-Time` − `X-Compute-Time`), split into tokenizing, queueing and the rest, with the model's
+time and the client's round trip beside them. `--connections 0` skips wrk.
+
+`--a-source DIR` (`--b-source DIR`) runs that configuration's server from another source tree, e.g. a `git
+worktree add /tmp/before HEAD~1` of the commit before a change, so that two versions of the code compare:
+
+    python -m benchmarks.server_ab --a before: --a-source /tmp/before --b after: --pairs 4 --connections 0 \
+        --overhead-requests 200
+
 A shared VM's speed drifts by ±15-30 % between processes and over minutes: a single pair says little; the
-pairs, side by side, and their ratios do. An untimed server run of A comes first (the first server of a run
-often measured slow). The JSON keeps every run, the machine and the commands.
+pairs, side by side, and their ratios do (for the overhead, also as a share of the model's time in the same run,
+which moves with the VM's speed as the overhead does). An untimed server run of A comes first (the first server
+of a run often measured slow). The JSON keeps every run, the machine and the commands.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import http.client
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +57,7 @@ from reports.common import describe_machine, machine_description
 class Configuration:
     name: str
     settings: dict[str, str]
+    source: Path | None = None  # another source tree to serve from (None: this checkout)
 
     @classmethod
     def parse(cls, text: str) -> Configuration:
@@ -66,24 +82,87 @@ def run_wrk(url: str, connections: int, seconds: int, bodies: Path, threshold: s
     return parse_wrk(done.stdout)
 
 
+# The server's timing headers (ms) that `measure_overhead` reads.
+TIMING_HEADERS = {
+    "total": "x-total-time",
+    "compute": "x-compute-time",
+    "tokenization": "x-tokenization-time",
+    "queue": "x-queue-time",
+}
+
+
+def measure_overhead(url: str, bodies: Sequence[bytes], requests: int, threshold: str | None) -> dict[str, Any]:
+    """`requests` one-text requests on one keep-alive connection, one at a time (after a quarter as many untimed):
+    the p50 (ms) of the server's overhead (total − compute) and of its parts, the model's time and the client's
+    round trip, and the overhead and its rest as shares of the model's time."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    headers = {"Content-Type": "application/json"} | ({"X-Exit-Threshold": threshold} if threshold else {})
+    samples: dict[str, list[float]] = {name: [] for name in ("overhead", "tokenization", "queue", "rest", "compute")}
+    samples["round_trip"] = []
+    warmup = max(1, requests // 4)
+    try:
+        for index in range(warmup + requests):
+            started = time.perf_counter()
+            connection.request("POST", "/v1/classify", bodies[index % len(bodies)], headers)
+            response = connection.getresponse()
+            response.read()
+            round_trip = 1000 * (time.perf_counter() - started)
+            if response.status != 200:
+                raise BenchError(f"POST /v1/classify answered {response.status}")
+            if index < warmup:
+                continue
+            timing = {name: float(response.getheader(header) or "nan") for name, header in TIMING_HEADERS.items()}
+            overhead = timing["total"] - timing["compute"]
+            samples["overhead"].append(overhead)
+            samples["tokenization"].append(timing["tokenization"])
+            samples["queue"].append(timing["queue"])
+            samples["rest"].append(overhead - timing["tokenization"] - timing["queue"])
+            samples["compute"].append(timing["compute"])
+            samples["round_trip"].append(round_trip)
+    finally:
+        connection.close()
+    p50 = {f"{name}_p50_ms": statistics.median(values) for name, values in samples.items()}
+    compute = p50["compute_p50_ms"]
+    return {
+        "requests": requests,
+        **p50,
+        "overhead_per_compute": p50["overhead_p50_ms"] / compute if compute > 0 else None,
+        "rest_per_compute": p50["rest_p50_ms"] / compute if compute > 0 else None,
+    }
+
+
 @contextlib.contextmanager
 def serving(args: argparse.Namespace, configuration: Configuration) -> Iterator[str]:
-    """`deebert serve` on the checkpoint with the configuration's settings; its URL while it runs."""
+    """`deebert serve` on the checkpoint with the configuration's settings (from its source tree); its URL while it
+    runs."""
     port = free_port()
     env = {"DEEBERT_LOG_LEVEL": "warning", **configuration.settings}
-    with server_process(deebert_server_command(args.checkpoint, port), env, port, args.startup_timeout) as (_, url):
+    command = deebert_server_command(str(Path(args.checkpoint).resolve()), port)
+    with server_process(command, env, port, args.startup_timeout, source=configuration.source) as (_, url):
         yield url
 
 
 def warm_up_machine(args: argparse.Namespace, configuration: Configuration, bodies: Path) -> None:
     """One untimed server run first: the first server of a run often measured slow (page cache, CPU clocks)."""
     with serving(args, configuration) as url:
+        if args.overhead_requests:
+            measure_overhead(url, read_bodies(bodies), args.overhead_requests, args.threshold)
         for connections in args.connections:
             run_wrk(url, connections, args.warmup, bodies, args.threshold)
 
 
-def run_pairs(args: argparse.Namespace, configurations: Sequence[Configuration], bodies: Path) -> list[dict[str, Any]]:
+def read_bodies(path: Path) -> list[bytes]:
+    return [line.encode() for line in path.read_text().splitlines() if line]
+
+
+def run_pairs(
+    args: argparse.Namespace, configurations: Sequence[Configuration], bodies: Path
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """wrk's runs and the overhead runs, each tagged with its pair and configuration."""
     runs: list[dict[str, Any]] = []
+    overheads: list[dict[str, Any]] = []
+    request_bodies = read_bodies(bodies)
     steps = args.pairs * len(configurations)
     if not args.no_warmup_server:
         warm_up_machine(args, configurations[0], bodies)
@@ -93,6 +172,9 @@ def run_pairs(args: argparse.Namespace, configurations: Sequence[Configuration],
             for configuration in order:
                 with serving(args, configuration) as url:
                     served = model_info(url)
+                    if args.overhead_requests:
+                        measured = measure_overhead(url, request_bodies, args.overhead_requests, args.threshold)
+                        overheads.append({"pair": pair, "configuration": configuration.name, **measured})
                     for connections in args.connections:
                         run_wrk(url, connections, args.warmup, bodies, args.threshold)
                         result = run_wrk(url, connections, args.duration, bodies, args.threshold)
@@ -107,7 +189,7 @@ def run_pairs(args: argparse.Namespace, configurations: Sequence[Configuration],
                             }
                         )
                 progress.update()
-    return runs
+    return runs, overheads
 
 
 def summarize(runs: Sequence[dict[str, Any]], configurations: Sequence[Configuration]) -> list[dict[str, Any]]:
@@ -140,6 +222,28 @@ def summarize(runs: Sequence[dict[str, Any]], configurations: Sequence[Configura
     return rows
 
 
+OVERHEAD_FIELDS = ("overhead_p50_ms", "tokenization_p50_ms", "queue_p50_ms", "rest_p50_ms", "compute_p50_ms",
+                   "round_trip_p50_ms", "overhead_per_compute", "rest_per_compute")  # fmt: skip
+
+
+def summarize_overhead(overheads: Sequence[dict[str, Any]], configurations: Sequence[Configuration]) -> dict[str, Any]:
+    """Per configuration, each field's values per pair and their median; B / A of each field per pair."""
+    first, second = configurations
+    per = {c.name: {run["pair"]: run for run in overheads if run["configuration"] == c.name} for c in configurations}
+    pairs = sorted(set(per[first.name]) & set(per[second.name]))
+    summary: dict[str, Any] = {"pairs": pairs}
+    for c in configurations:
+        summary[c.name] = {
+            field: {"values": values, "median": statistics.median(values)}
+            for field in OVERHEAD_FIELDS
+            for values in [[per[c.name][p][field] for p in pairs]]
+        }
+    summary["b_over_a"] = {
+        field: [per[second.name][p][field] / per[first.name][p][field] for p in pairs] for field in OVERHEAD_FIELDS
+    }
+    return summary
+
+
 def format_summary(report: dict[str, Any]) -> str:
     a, b = (c["name"] for c in report["configurations"])
     lines = [
@@ -156,6 +260,23 @@ def format_summary(report: dict[str, Any]) -> str:
             f"| {', '.join(f'{x:.0f}' for x in row[b]['rps'])} | {', '.join(f'{x:.2f}' for x in row['b_over_a'])} "
             f"| {row['median_b_over_a']:.2f} |"
         )
+    overhead = report.get("overhead")
+    if overhead and overhead["pairs"]:
+        lines += [
+            "",
+            f"One request at a time ({report['overhead_requests']} per server run), p50s in ms "
+            "(`_per_compute`: as a share of the model's time):",
+            "",
+            f"| | {a} (per pair) | {b} (per pair) | {b} / {a} per pair | median |",
+            "| --- | --- | --- | --- | ---: |",
+        ]
+        for field in OVERHEAD_FIELDS:
+            ratios = overhead["b_over_a"][field]
+            lines.append(
+                f"| {field} | {', '.join(f'{x:.3f}' for x in overhead[a][field]['values'])} "
+                f"| {', '.join(f'{x:.3f}' for x in overhead[b][field]['values'])} "
+                f"| {', '.join(f'{x:.2f}' for x in ratios)} | {statistics.median(ratios):.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -166,7 +287,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="weights/sst2-minilm-l6")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/sst2/dev.tsv"))
     parser.add_argument("--pairs", type=int, default=4)
-    parser.add_argument("--connections", default="32", help="wrk concurrencies, comma-separated (32)")
+    parser.add_argument("--a-source", type=Path, help="serve A from this source tree (default: this checkout)")
+    parser.add_argument("--b-source", type=Path, help="serve B from this source tree (default: this checkout)")
+    parser.add_argument("--connections", default="32", help="wrk concurrencies, comma-separated (32; 0: no wrk)")
+    parser.add_argument(
+        "--overhead-requests", type=int, default=0, help="requests one at a time per server run for the overhead (0)"
+    )
     parser.add_argument("--duration", type=int, default=10, help="seconds of each timed wrk run (10)")
     parser.add_argument("--warmup", type=int, default=3, help="seconds of wrk before each timed run (3)")
     parser.add_argument("--threshold", help="X-Exit-Threshold of every request (default: the server's default)")
@@ -177,14 +303,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="JSON with every run, the summary and the machine")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if shutil.which("wrk") is None:
-        print("wrk is not on PATH (Debian: apt-get install -y wrk)", file=sys.stderr)
-        return 2
     try:
-        configurations = [Configuration.parse(args.a), Configuration.parse(args.b)]
-        args.connections = [int(c) for c in args.connections.split(",")]
+        configurations = [
+            dataclasses.replace(Configuration.parse(args.a), source=args.a_source),
+            dataclasses.replace(Configuration.parse(args.b), source=args.b_source),
+        ]
+        args.connections = [c for c in (int(c) for c in args.connections.split(",")) if c > 0]
     except ValueError as err:
         print(err, file=sys.stderr)
+        return 2
+    for source in (args.a_source, args.b_source):
+        if source is not None and not (source / "deebert" / "__main__.py").is_file():
+            print(f"{source} is not a deebert source tree", file=sys.stderr)
+            return 2
+    if args.connections and shutil.which("wrk") is None:
+        print("wrk is not on PATH (Debian: apt-get install -y wrk)", file=sys.stderr)
+        return 2
+    if not args.connections and not args.overhead_requests:
+        print("nothing to measure: give wrk connections or --overhead-requests", file=sys.stderr)
         return 2
     if configurations[0].name == configurations[1].name:
         print("the two configurations need different names", file=sys.stderr)
@@ -193,19 +329,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         bodies = Path(scratch) / "bodies.jsonl"
         write_wrk_bodies(Workload.from_file(args.data), bodies, args.texts, args.seed)
-        runs = run_pairs(args, configurations, bodies)
+        runs, overheads = run_pairs(args, configurations, bodies)
     report = {
         "command": "python -m benchmarks.server_ab " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine,
-        "configurations": [{"name": c.name, "settings": c.settings} for c in configurations],
+        "configurations": [
+            {"name": c.name, "settings": c.settings, "source": str(c.source) if c.source else None, **_commit(c.source)}
+            for c in configurations
+        ],
         "wrk": f"wrk -t1 -cC -d{args.duration}s --latency -s loadtest/wrk_post.lua (after {args.warmup} s of warm-up)",
         "runs": runs,
         "summary": summarize(runs, configurations),
+        "overhead_requests": args.overhead_requests,
+        "overhead_runs": overheads,
+        "overhead": summarize_overhead(overheads, configurations) if overheads else None,
     }
     if args.output:
         write_json(report, args.output)
     print(format_summary(report))
     return 0
+
+
+def _commit(source: Path | None) -> dict[str, str]:
+    """The commit a source tree (None: this checkout) has checked out, and whether it has changes beside it."""
+    where = str(source or Path(__file__).resolve().parent.parent)
+    try:
+        commit = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, check=True)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"commit": commit.stdout.strip(), "uncommitted_changes": "yes" if status.stdout.strip() else "no"}
 
 
 if __name__ == "__main__":

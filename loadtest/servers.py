@@ -78,14 +78,22 @@ def plain_variant_server(variant: dict[str, Any]) -> tuple[str, str]:
 
 @contextlib.contextmanager
 def server_process(
-    argv: list[str], env: dict[str, str], port: int, startup_timeout: float, log_path: Path | None = None
+    argv: list[str],
+    env: dict[str, str],
+    port: int,
+    startup_timeout: float,
+    log_path: Path | None = None,
+    source: Path | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """Start a server subprocess, wait for /health/ready, yield it and its URL; SIGTERM it afterwards. Its output
-    goes to `log_path` when given (kept), else to a temporary file."""
+    goes to `log_path` when given (kept), else to a temporary file. `source`: run this source tree's code (a
+    `git worktree` of another commit) instead of this checkout's."""
     url = f"http://127.0.0.1:{port}"
     opened = open(log_path, "w+b") if log_path is not None else tempfile.TemporaryFile()  # noqa: SIM115
+    root = source.resolve() if source is not None else REPO_ROOT
+    environment = _server_env(env) | ({"PYTHONPATH": str(root)} if source is not None else {})
     with opened as log:
-        process = subprocess.Popen(argv, env=_server_env(env), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(argv, env=environment, cwd=root, stdout=log, stderr=subprocess.STDOUT)
         try:
             _wait_ready(process, url, startup_timeout, log)
             yield process, url

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
 import pytest
 
-from benchmarks.server_ab import Configuration, format_summary, summarize
+from benchmarks.server_ab import (
+    Configuration,
+    format_summary,
+    main,
+    measure_overhead,
+    summarize,
+    summarize_overhead,
+)
 
 
 def test_a_configuration_is_a_name_and_deebert_settings() -> None:
@@ -43,3 +56,72 @@ def test_the_summary_compares_the_two_within_each_pair() -> None:
     table = format_summary({"command": "cmd", "machine": machine, "configurations": [
         {"name": "a"}, {"name": "b"}], "summary": summarize(runs, configurations)})  # fmt: skip
     assert "| 32 | 400, 200, 400 | 500, 300, 360 | 1.25, 1.50, 0.90 | 1.25 |" in table
+
+
+class _TimedHandler(http.server.BaseHTTPRequestHandler):
+    """Answers every POST with fixed timing headers: total 1.5, compute 1.0, tokenizing 0.2, queue 0.1 (ms)."""
+
+    protocol_version = "HTTP/1.1"
+    bodies: ClassVar[list[bytes]] = []
+
+    def do_POST(self) -> None:
+        self.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+        self.send_response(200)
+        for name, value in (("X-Total-Time", "1.500"), ("X-Compute-Time", "1.000"), ("X-Tokenization-Time", "0.200"),
+                            ("X-Queue-Time", "0.100"), ("Content-Length", "2")):  # fmt: skip
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def timed_server() -> Iterator[str]:
+    _TimedHandler.bodies = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TimedHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_overhead_is_read_from_the_timing_headers_after_untimed_requests(timed_server: str) -> None:
+    measured = measure_overhead(timed_server, [b'{"text": "a"}', b'{"text": "b"}'], 8, None)
+    assert len(_TimedHandler.bodies) == 8 + 2, "a quarter as many untimed requests first"
+    assert _TimedHandler.bodies[:3] == [b'{"text": "a"}', b'{"text": "b"}', b'{"text": "a"}']
+    assert measured["overhead_p50_ms"] == pytest.approx(0.5) and measured["rest_p50_ms"] == pytest.approx(0.2)
+    assert measured["overhead_per_compute"] == pytest.approx(0.5) and measured["rest_per_compute"] == pytest.approx(0.2)
+    assert measured["round_trip_p50_ms"] > 0 and measured["requests"] == 8
+
+
+def test_the_overhead_summary_compares_within_each_pair() -> None:
+    configurations = [Configuration("before", {}), Configuration("after", {})]
+    fields = {"tokenization_p50_ms": 0.1, "queue_p50_ms": 0.05, "compute_p50_ms": 1.0, "round_trip_p50_ms": 2.0}
+
+    def run(pair: int, name: str, overhead: float) -> dict[str, object]:
+        rest = overhead - 0.15
+        return {"pair": pair, "configuration": name, "overhead_p50_ms": overhead, "rest_p50_ms": rest,
+                "overhead_per_compute": overhead, "rest_per_compute": rest, **fields}  # fmt: skip
+
+    runs = [run(1, "before", 0.4), run(1, "after", 0.3), run(2, "after", 0.35), run(2, "before", 0.35)]
+    runs.append(run(3, "before", 0.5))  # a pair without its other half is left out
+    summary = summarize_overhead(runs, configurations)
+    assert summary["pairs"] == [1, 2]
+    assert summary["before"]["overhead_p50_ms"] == {"values": [0.4, 0.35], "median": pytest.approx(0.375)}
+    assert summary["b_over_a"]["overhead_p50_ms"] == pytest.approx([0.75, 1.0])
+    machine = {"cpu": "test CPU", "cpu_count": 2, "versions": {}}
+    report = {"command": "cmd", "machine": machine, "configurations": [{"name": "before"}, {"name": "after"}],
+              "summary": [], "overhead": summary, "overhead_requests": 100}  # fmt: skip
+    assert "| overhead_p50_ms | 0.400, 0.350 | 0.300, 0.350 | 0.75, 1.00 | 0.88 |" in format_summary(report)
+
+
+def test_a_source_tree_must_be_a_deebert_checkout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--a", "a:", "--b", "b:", "--b-source", str(tmp_path), "--overhead-requests", "10"]) == 2
+    assert "not a deebert source tree" in capsys.readouterr().err
+    assert main(["--a", "a:", "--b", "b:", "--connections", "0"]) == 2
+    assert "nothing to measure" in capsys.readouterr().err
