@@ -33,6 +33,7 @@ from model.config import DeeBertConfig
 from model.early_exit import EarlyExitModel
 from model.onnx_export import (
     GRAPH_FORMAT,
+    INT8_SELECTION,
     PLAIN_FILE,
     POOL_WEIGHTS,
     ExportError,
@@ -391,6 +392,8 @@ def check_export(directory: Path, digest: str | None, precision: str, runtime: s
         held = manifest.quantization or {}
         if (held.get("ops"), held.get("per_channel")) != (wanted.ops, wanted.per_channel):
             raise ExportError(f"quantized as {held.get('method', 'unknown')}, not {wanted.describe()}")
+        if held.get("selection") != INT8_SELECTION:
+            raise ExportError("quantized by an older rule for which products to quantize")
     if not manifest.files:
         raise ExportError("the manifest lists no graphs")
     for name, expected in manifest.files.items():

@@ -58,6 +58,11 @@ logger = logging.getLogger("deebert.onnx")
 OPSET = 17
 # Bump when the graphs this module writes change in a way an old cache must not be reused for.
 GRAPH_FORMAT = 7
+# Dynamic int8's rule for which products it quantizes, recorded in the manifest: 2 finds the feed-forward pair by
+# module name too (2a5968c). Rule 1 found it by its Gelu node only, and on graphs without one (DeBERTa, ModernBERT)
+# quantized every product; a cache without this record is exported again. (Not in GRAPH_FORMAT: that would also
+# void the int8 ranges stored in checkpoints, which do not depend on it.)
+INT8_SELECTION = 2
 MANIFEST_NAME = "manifest.json"
 # int8: dynamic (ONNX Runtime's fused graphs); int8-static: QDQ from the checkpoint's stored ranges (`model.int8`).
 PRECISIONS = ("fp32", "int8", "int8-static")
@@ -426,7 +431,7 @@ def export_graphs(
         if precision == "int8":
             settings = quantization or Quantization()
             _quantize(staging, model.num_layers, settings)
-            quantized = {**asdict(settings), "method": settings.describe()}
+            quantized = {**asdict(settings), "method": settings.describe(), "selection": INT8_SELECTION}
         elif precision == "int8-static":
             quantized = _quantize_static(model, staging)
         manifest = Manifest(

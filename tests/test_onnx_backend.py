@@ -12,7 +12,7 @@ from model import exit_rule
 from model.backends import BackendError, load_backend, pick_backend
 from model.checkpoint import load_model
 from model.onnx_backend import OnnxDeeBert, cache_entry, check_export, export, load_onnx_model
-from model.onnx_export import ExportError, Quantization, layer_file, model_digest
+from model.onnx_export import INT8_SELECTION, ExportError, Manifest, Quantization, layer_file, model_digest
 from tests.helpers import (
     SENTENCES,
     assert_alone_equals_batched,
@@ -152,6 +152,7 @@ def test_int8_exports_and_answers(tmp_path: Path, tokenizer) -> None:  # type: i
         "ops": "ffn",
         "per_channel": True,
         "method": Quantization("ffn", True).describe(),
+        "selection": INT8_SELECTION,
     }
     # Attention stays fp32 by default; `all` quantizes it too. The cache serves only the default quantization.
     assert "QAttention" not in layer_ops and "Attention" in layer_ops
@@ -212,3 +213,22 @@ def encode_ids(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # typ
     from model.onnx_export import parity_batch
 
     return parity_batch(model, batch_size=3, length=9, seed=1)
+
+
+def test_a_dynamic_int8_cache_from_an_older_selection_rule_is_exported_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Caches written before the feed-forward pair was found by module name (where graphs without a Gelu node had
+    every product quantized) carry no selection record: they are rebuilt, with a warning saying why."""
+    model = tiny_model("bert")
+    directory = load_onnx_model(model, "int8", tmp_path, threads=1).directory
+    manifest = Manifest.read(directory)
+    assert manifest.quantization is not None
+    del manifest.quantization["selection"]
+    manifest.write(directory)
+    with pytest.raises(ExportError, match="older rule"):
+        check_export(directory, model_digest(model), "int8")
+    with caplog.at_level(logging.WARNING, logger="deebert.onnx"):
+        again = load_onnx_model(model, "int8", tmp_path, threads=1)
+    assert again.directory == directory and again.manifest.quantization["selection"] == INT8_SELECTION
+    assert "older rule" in caplog.text
