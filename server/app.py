@@ -85,8 +85,8 @@ async def prepare(state: ServerState) -> None:
         if state.settings.warmup:
             # On the batch thread itself: a first forward on a fresh thread costs ~200 ms of one-off setup.
             await state.batcher.run_in_worker(engine.warmup)
-            if state.settings.inline_alone:
-                engine.warmup_lone()  # lone texts run on this thread (the event loop's): its first forward too
+            if state.settings.batches_on_loop != "none":
+                engine.warmup()  # batches run on this thread (the event loop's) too: its first forwards as well
         # Everything loaded so far lives as long as the process: move it out of the collector's sight, so
         # no request pays for a full collection over millions of long-lived objects (~200 ms here).
         gc.collect()

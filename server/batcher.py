@@ -4,11 +4,22 @@ No web framework and no model here: the runner is any function that takes the ba
 thresholds and reports each row as it finishes (`on_exit`), from a worker thread. Rows are answered
 the moment the runner reports them, not when their batch ends.
 
-A text that is alone in the server (a batch of one, nothing else queued, and `alone()` says no other request
-is in flight) runs on the event loop itself when batches of one recently took at most `ALONE_MAX_S`: without
-the crossings to the worker thread and back, a batch-1 request's queueing fell by 0.025-0.06 ms of its
-~0.3-0.5 ms overhead (BENCHMARKS.md §11), and no other request needs the loop meanwhile. A slower model keeps
-the loop free (its request could not gain much).
+Batches can run on the event loop itself instead of on the worker thread (`loop_batches`):
+
+- `alone` (the server's default): a text alone in the server (a batch of one, nothing else queued, the last batch
+  one text too, and `in_flight()` says no other request is in flight) runs there when batches of one recently
+  took at most `ALONE_MAX_S`: without the crossings to the worker thread and back, a batch-1 request's queueing
+  fell by 0.025-0.06 ms of its ~0.3-0.5 ms overhead (BENCHMARKS.md §11), and no other request needs the loop.
+- `all`: every batch runs there while batches of its kind (one text, or more) recently took at most
+  `LOOP_BATCH_MAX_S`. On a CPU whose cores the model's own threads fill, the loop's HTTP work beside a batch only
+  competes with it (for the cores, and for the GIL the model's thread needs between runtime calls): served at
+  32 and 4 connections it did 1.30x and 1.38x the requests/s (BENCHMARKS.md §12). Before such a batch the loop
+  gets a few turns to queue the requests it has accepted and not queued yet, so that a wave of requests makes
+  one batch. The cost: while a batch holds the loop, arriving requests wait unread instead of in the queue, so
+  the queue's wait (brownout's signal) and depth understate the load.
+- `none`: every batch on the worker thread.
+
+The first batch of each kind, and any while the worker thread has another job, runs on the worker thread.
 
 A second, low-priority queue (`submit_idle`) holds background items for `idle_runner` (shadow
 full-depth runs): they go to the same worker thread only while no text waits, so they never hold an
@@ -27,16 +38,21 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from server.errors import DeeBertError, ErrorType
 
 logger = logging.getLogger("deebert.batcher")
 
 
-# The longest a batch of one may recently have taken for a lone text to run on the event loop: it holds the
-# loop (new connections, health checks) for that long.
+# The longest a batch of one may recently have taken for a lone text to run on the event loop (`alone`), and
+# batches of a kind for them to run there (`all`): a batch there holds the loop (new connections, health
+# checks) for its length.
 ALONE_MAX_S = 0.010
+LOOP_BATCH_MAX_S = 0.25
+LoopBatches = Literal["none", "alone", "all"]
+# At most this many turns of the loop let accepted requests join the queue before a batch that will hold it.
+ARRIVAL_TURNS_MAX = 64
 
 
 class Sized(Protocol):
@@ -143,12 +159,15 @@ class Batcher:
         idle_runner: IdleRunner | None = None,
         max_idle_items: int = 256,
         idle_chunk_size: int = 8,
-        alone: Callable[[], bool] | None = None,
+        loop_batches: LoopBatches = "none",
+        in_flight: Callable[[], int] = lambda: 0,
         alone_max_s: float = ALONE_MAX_S,
+        loop_max_s: float = LOOP_BATCH_MAX_S,
     ) -> None:
         """`on_answer(row, answer)`: called on the event loop just after each text's answer is handed over.
-        `alone()`: True when no request but the submitting one is in flight; it lets a lone text run on the
-        event loop while batches of one take at most `alone_max_s` (None: every text goes to the worker thread)."""
+        `loop_batches`: which batches run on the event loop (see the module's docstring), while batches of one
+        take at most `alone_max_s` (`alone`) or batches of their kind at most `loop_max_s` (`all`);
+        `in_flight()`: requests in the server now (queued, being read or tokenized, or being answered)."""
         self._runner = runner
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -171,10 +190,13 @@ class Batcher:
         self.max_idle_items = max_idle_items
         self.idle_chunk_size = idle_chunk_size
         self._idle_items: list[Any] = []
-        self._alone = alone
+        self.loop_batches = loop_batches
+        self._in_flight = in_flight
         self.alone_max_s = alone_max_s
+        self.loop_max_s = loop_max_s
         self._last_batch_size = 0
-        self._single_s: float | None = None  # recent time of a batch of one (moving average), once measured
+        # Recent time of a batch of one (False) and of more texts (True): moving averages, once measured.
+        self._recent_s: dict[bool, float] = {}
 
     # --- producer side ---------------------------------------------------------------------------
 
@@ -243,8 +265,8 @@ class Batcher:
         """Bookkeeping after a batch of `size` texts ran for `elapsed` seconds (either path)."""
         self._running_rows = 0
         self._last_batch_size = size
-        if size == 1:
-            self._single_s = elapsed if self._single_s is None else 0.8 * self._single_s + 0.2 * elapsed
+        recent = self._recent_s.get(size > 1)
+        self._recent_s[size > 1] = elapsed if recent is None else 0.8 * recent + 0.2 * elapsed
         if elapsed > 0:
             rate = size / elapsed
             self._rows_per_s = rate if self._rows_per_s == 0 else 0.8 * self._rows_per_s + 0.2 * rate
@@ -284,6 +306,8 @@ class Batcher:
                 await self._wakeup.wait()
                 continue
             await self._wait_to_fill()
+            if self.loop_batches == "all" and self._worker.pending == 0:
+                await self._let_arrivals_queue()
             batch = self._take_batch()
             if not batch:
                 continue
@@ -291,7 +315,7 @@ class Batcher:
             self._on_batch(len(batch))
             started = time.perf_counter()
             try:
-                if self._runs_alone(batch):  # here, on the event loop: each answer is given at once
+                if self._runs_on_loop(batch):  # here, on the event loop: each answer is given at once
                     self._run(batch, _call_now)
                 else:  # on the worker thread: each answer goes through the event loop
                     await self._worker.run(functools.partial(self._run, batch, loop.call_soon_threadsafe))
@@ -352,20 +376,35 @@ class Batcher:
         self._on_depth(len(self._queue))
         return batch
 
-    def _runs_alone(self, batch: list[Row]) -> bool:
-        """One text, nothing else queued or on the worker thread, the last batch one text too (under load a lone
-        text is the first of a wave the loop has not read yet), batches of one quick, and no other request in
-        flight."""
+    def _runs_on_loop(self, batch: list[Row]) -> bool:
+        """Whether this batch runs on the event loop (`loop_batches`); never while the worker thread has another
+        job (a memory trim or a shadow re-run may hold it), nor before batches of its kind have been timed."""
+        recent = self._recent_s.get(len(batch) > 1)
+        if self.loop_batches == "none" or self._worker.pending or recent is None:
+            return False
+        if self.loop_batches == "all":
+            return recent <= self.loop_max_s
+        # alone: under load a lone text is usually the first of a wave the loop has not read yet, so after a
+        # bigger batch, or with another request in flight, it goes to the worker thread.
         return (
-            self._alone is not None
-            and len(batch) == 1
-            and self._single_s is not None
-            and self._single_s <= self.alone_max_s
+            len(batch) == 1
+            and recent <= self.alone_max_s
             and not self._queue
-            and self._worker.pending == 0
             and self._last_batch_size <= 1
-            and self._alone()
+            and self._in_flight() <= 1
         )
+
+    async def _let_arrivals_queue(self) -> None:
+        """Turns of the loop for requests it has accepted but not queued yet (bodies still arriving, tokenizing,
+        answers going out before the next requests come in) to join the batch: until the batch is full, every
+        request in flight is queued, or three turns bring nothing (at most `ARRIVAL_TURNS_MAX`)."""
+        quiet = 0
+        for _ in range(ARRIVAL_TURNS_MAX):
+            queued = len(self._queue)
+            if queued >= self.max_batch_size or self._in_flight() <= queued or quiet >= 3:
+                return
+            await asyncio.sleep(0)
+            quiet = quiet + 1 if len(self._queue) == queued else 0
 
     def _run(self, batch: list[Row], deliver: Callable[..., Any]) -> None:
         """Run the batch, answering each row as it exits through `deliver(function, *args)`: the event loop's

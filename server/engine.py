@@ -362,20 +362,13 @@ class Engine:
         return rule.aggressiveness(first.value) > rule.aggressiveness(second.value)
 
     def warmup(self) -> None:
-        """Run the code paths a request takes (batch 1 and full batches, exits early and late)."""
-        self._warm_up(batches=True)
-
-    def warmup_lone(self) -> None:
-        """Run batch 1's code paths only: on the event loop, which runs texts alone in the server."""
-        self._warm_up(batches=False)
-
-    def _warm_up(self, batches: bool) -> None:
+        """Run the code paths a request takes (batch 1 and full batches, exits early and late) on the calling
+        thread (a first forward on a fresh thread costs ~200 ms of one-off setup)."""
         texts = ["warm up", "a longer warm-up text " * 8]
         pairs = ["warm up"] * len(texts) if self.is_pair_task else None
         encoded = self.tokenize(texts, pairs, truncate=True)
         rule = self.config.criterion
         full, earliest = rule.full_depth, rule.exits_at_first_layer(len(self.labels))
         for thresholds in ([full, full], [earliest, full], [earliest, earliest]):
-            if batches:
-                self.run_batch(encoded, thresholds, lambda row, outcome: None)
+            self.run_batch(encoded, thresholds, lambda row, outcome: None)
             self.run_batch(encoded[:1], thresholds[:1], lambda row, outcome: None)

@@ -75,10 +75,12 @@ class ServerSettings(BaseSettings):
         True, description="remove exited rows from the batch; false keeps them in (masked), for benchmarks only"
     )
     warmup: bool = Field(True, description="run warm-up batches before reporting ready")
-    inline_alone: bool = Field(
-        True,
-        description="run a text alone in the server (one text, no other request in flight) at once on the event "
-        "loop, without the hand-off to the batch thread (0.025-0.06 ms less per request); off: always that thread",
+    batches_on_loop: Literal["none", "alone", "all"] = Field(
+        "alone",
+        description="which batches run on the event loop instead of the batch thread: alone = a text alone in the "
+        "server (0.025-0.06 ms less per request); all = every batch while quick, after the loop has queued the "
+        "requests it accepted (more throughput where the model's threads fill the CPU, but requests then wait "
+        "unread during a batch, which weakens brownout's and the queue's view of the load); none = the thread",
     )
     drain_timeout_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for accepted work")
     allocator: Literal["auto", "jemalloc", "tcmalloc", "system"] = Field(

@@ -87,7 +87,8 @@ def build_state(settings: ServerSettings, engine: Engine, state: ServerState | N
         on_answer=recorder,
         idle_runner=shadow.compare if shadow is not None else None,
         max_idle_items=settings.max_queue_size,
-        alone=(lambda: state.inference_in_flight <= 1) if settings.inline_alone else None,
+        loop_batches=settings.batches_on_loop,
+        in_flight=lambda: state.inference_in_flight,
     )
     recorder.queue_idle = batcher.submit_idle  # the shadow's re-runs go to the batcher's idle queue
     state.engine, state.metrics, state.brownout, state.batcher = engine, metrics, brownout, batcher

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from server.batcher import Batcher, WorkerThread
+from server.batcher import Batcher, LoopBatches, RowAnswer, WorkerThread
 from server.errors import DeeBertError, ErrorType
 
 pytestmark = pytest.mark.anyio
@@ -280,7 +281,13 @@ async def test_a_lone_text_runs_on_the_event_loop_once_batches_of_one_are_known_
     runner = ThreadRecordingRunner(fail_on="boom")
     in_flight = [1]
     batcher = Batcher(
-        runner, max_batch_size=8, max_wait_s=0.0, max_queue_size=100, alone=lambda: in_flight[0] <= 1, alone_max_s=60
+        runner,
+        max_batch_size=8,
+        max_wait_s=0.0,
+        max_queue_size=100,
+        loop_batches="alone",
+        in_flight=lambda: in_flight[0],
+        alone_max_s=60,
     )
     batcher.start()
     loop_thread = threading.get_ident()
@@ -304,34 +311,98 @@ async def test_a_lone_text_runs_on_the_event_loop_once_batches_of_one_are_known_
     await batcher.stop()
 
 
-async def test_a_slow_model_or_no_alone_check_keeps_every_text_off_the_event_loop() -> None:
+async def test_all_batches_run_on_the_event_loop_once_their_kind_is_known_to_be_quick() -> None:
+    runner = ThreadRecordingRunner(fail_on="boom")
+    batcher = Batcher(
+        runner, max_batch_size=8, max_wait_s=0.0, max_queue_size=100, loop_batches="all", in_flight=lambda: 5,
+        loop_max_s=60,
+    )  # fmt: skip
+    batcher.start()
     loop_thread = threading.get_ident()
-    for alone, alone_max_s in ((lambda: True, 0.0), (None, 60.0)):
+    # The first batch of one and the first of more texts are measured on the worker thread; then both kinds run
+    # here, on the loop, whatever else is in flight.
+    for texts in (["a"], ["b"], ["c", "d"], ["e", "f"], ["g"]):
+        answers = await asyncio.gather(*batcher.submit([Text(t) for t in texts], [0.5] * len(texts)))
+        assert [a.value for a in answers] == [(t, 0.5) for t in texts]
+        assert all(a.batch_size == len(texts) and a.queue_s >= 0 for a in answers)
+    assert [thread == loop_thread for thread in runner.threads] == [False, True, False, True, True]
+    with pytest.raises(DeeBertError) as failed:  # a model error on the loop fails its batch, and only it
+        await asyncio.gather(*batcher.submit([Text("boom"), Text("x")], [0.5, 0.5]))
+    assert failed.value.error_type is ErrorType.INTERNAL and runner.threads[-1] == loop_thread
+    (after,) = await asyncio.gather(*batcher.submit([Text("h")], [0.5]))
+    assert after.value == ("h", 0.5) and not batcher.busy
+    await batcher.stop()
+
+
+async def test_a_slow_model_or_none_keeps_every_batch_off_the_event_loop() -> None:
+    loop_thread = threading.get_ident()
+    cases: list[tuple[LoopBatches, float]] = [("alone", 0.0), ("all", 0.0), ("none", 60.0)]
+    for loop_batches, max_s in cases:
         runner = ThreadRecordingRunner()
         batcher = Batcher(
-            runner, max_batch_size=8, max_wait_s=0.0, max_queue_size=100, alone=alone, alone_max_s=alone_max_s
-        )
+            runner, max_batch_size=8, max_wait_s=0.0, max_queue_size=100, loop_batches=loop_batches,
+            in_flight=lambda: 1, alone_max_s=max_s, loop_max_s=max_s,
+        )  # fmt: skip
         batcher.start()
-        for text in "abc":
-            await asyncio.gather(*batcher.submit([Text(text)], [0.5]))
-        assert len(runner.threads) == 3 and loop_thread not in runner.threads
+        for texts in (["a"], ["b"], ["c", "d"], ["e", "f"], ["g"]):
+            await asyncio.gather(*batcher.submit([Text(t) for t in texts], [0.5] * len(texts)))
+        assert len(runner.threads) == 5 and loop_thread not in runner.threads, loop_batches
         await batcher.stop()
 
 
-async def test_a_lone_text_waits_while_the_worker_thread_has_a_job() -> None:
+async def test_a_batch_waits_while_the_worker_thread_has_a_job() -> None:
+    for loop_batches in ("alone", "all"):
+        runner = ThreadRecordingRunner()
+        batcher = Batcher(
+            runner, max_batch_size=8, max_wait_s=0.0, max_queue_size=100, loop_batches=loop_batches,
+            in_flight=lambda: 1, alone_max_s=60, loop_max_s=60,
+        )  # fmt: skip
+        batcher.start()
+        await asyncio.gather(*batcher.submit([Text("a")], [0.5]))  # measured: batches of one are quick
+        release = threading.Event()
+        housekeeping = asyncio.ensure_future(batcher.run_in_worker(functools.partial(release.wait, 5)))
+        await asyncio.sleep(0.01)
+        answer = batcher.submit([Text("b")], [0.5])
+        await asyncio.sleep(0.01)
+        assert len(runner.threads) == 1, "the worker thread is busy with another job: the text waits its turn"
+        release.set()
+        await asyncio.gather(housekeeping, *answer)
+        assert runner.threads[1] != threading.get_ident()
+        await batcher.stop()
+
+
+async def test_before_a_batch_holds_the_loop_the_requests_it_accepted_join_it() -> None:
+    """Requests in flight but not yet queued (still being read or tokenized) get turns of the loop to join the
+    batch; requests the server counts that never come hold it up for three quiet turns only."""
     runner = ThreadRecordingRunner()
-    batcher = Batcher(runner, max_batch_size=8, max_wait_s=0.0, max_queue_size=100, alone=lambda: True, alone_max_s=60)
+    in_flight = [1]
+    batcher = Batcher(
+        runner,
+        max_batch_size=8,
+        max_wait_s=0.0,
+        max_queue_size=100,
+        loop_batches="all",
+        in_flight=lambda: in_flight[0],
+        loop_max_s=60,
+    )
     batcher.start()
-    await asyncio.gather(*batcher.submit([Text("a")], [0.5]))  # measured: batches of one are quick
-    release = threading.Event()
-    housekeeping = asyncio.ensure_future(batcher.run_in_worker(lambda: release.wait(5)))
-    await asyncio.sleep(0.01)
-    answer = batcher.submit([Text("b")], [0.5])
-    await asyncio.sleep(0.01)
-    assert len(runner.threads) == 1, "the worker thread is busy with another job: the text waits its turn"
-    release.set()
-    await asyncio.gather(housekeeping, *answer)
-    assert runner.threads[1] != threading.get_ident()
+    for texts in (["a"], ["b", "c"]):  # both kinds measured on the worker thread
+        await asyncio.gather(*batcher.submit([Text(t) for t in texts], [0.5] * len(texts)))
+
+    async def arriving(text: str, turns: int) -> RowAnswer:
+        for _ in range(turns):  # a request the loop is still reading
+            await asyncio.sleep(0)
+        (future,) = batcher.submit([Text(text)], [0.5])
+        return await future
+
+    in_flight[0] = 3
+    late = [asyncio.ensure_future(arriving("y", 1)), asyncio.ensure_future(arriving("z", 2))]
+    first = await asyncio.gather(*batcher.submit([Text("x")], [0.5]))
+    await asyncio.gather(*late)
+    assert runner.batches[-1] == ["x", "y", "z"] and first[0].batch_size == 3
+    in_flight[0] = 5  # two more counted that never arrive: the batch goes after three quiet turns
+    (alone,) = await asyncio.wait_for(asyncio.gather(*batcher.submit([Text("w")], [0.5])), 5)
+    assert runner.batches[-1] == ["w"] and alone.batch_size == 1
     await batcher.stop()
 
 
@@ -339,7 +410,7 @@ async def test_a_texts_bookkeeping_runs_after_its_request_resumes() -> None:
     """`on_answer` (metrics, shadow sampling) comes after the waiting request's turn, on either path, with the
     answer the request got."""
     events: list[tuple[str, Any]] = []
-    for alone in (None, lambda: True):
+    for loop_batches in ("none", "all"):
         events.clear()
         batcher = Batcher(
             FakeRunner(),
@@ -347,10 +418,11 @@ async def test_a_texts_bookkeeping_runs_after_its_request_resumes() -> None:
             max_wait_s=0.0,
             max_queue_size=10,
             on_answer=lambda row, answer: events.append(("bookkeeping", answer.value)),
-            alone=alone,
+            loop_batches=loop_batches,
+            loop_max_s=60,
         )
         batcher.start()
-        for text in ("a", "b"):  # the second one runs on the loop when `alone` allows it
+        for text in ("a", "b"):  # the second one runs on the loop with `all`
             (future,) = batcher.submit([Text(text)], [0.5])
             events.append(("request", (await future).value))
             await asyncio.sleep(0)

@@ -512,7 +512,10 @@ async def test_a_vanished_client_does_not_disturb_its_batch_mates(tokenizer_dir:
     assert values["deebert_queue_depth"] == 0 and values["deebert_inflight_requests"] == 0
 
 
-async def test_warm_up_runs_on_the_batch_thread_and_long_lived_objects_are_frozen(tokenizer_dir: Path) -> None:
+@pytest.mark.parametrize("batches_on_loop", ["alone", "none"])
+async def test_warm_up_runs_where_batches_run_and_long_lived_objects_are_frozen(
+    tokenizer_dir: Path, batches_on_loop: str
+) -> None:
     import gc
 
     engine = tiny_engine(tokenizer_dir)
@@ -524,10 +527,12 @@ async def test_warm_up_runs_on_the_batch_thread_and_long_lived_objects_are_froze
         real_warmup()
 
     engine.warmup = recording_warmup  # type: ignore[method-assign]
-    async with serving(make_app(engine, warmup=True)) as client:
+    async with serving(make_app(engine, warmup=True, batches_on_loop=batches_on_loop)) as client:
         response = await client.post("/v1/classify", json={"text": "good"})
-    # Requests run on the batch thread; warming any other thread leaves the first requests cold (~200 ms).
-    assert len(threads) == 1 and threads[0].startswith("deebert-batch")
+    # Batches run on the batch thread, and unless `none` on the event loop's too; warming any other thread would
+    # leave the first requests cold (~200 ms).
+    assert threads[0].startswith("deebert-batch")
+    assert threads[1:] == ([] if batches_on_loop == "none" else [threading.current_thread().name])
     # The model and everything loaded with it sit outside the garbage collector's generations, so no
     # request pays for a full collection over them.
     assert gc.get_freeze_count() > 0
@@ -546,22 +551,36 @@ async def test_long_texts_are_tokenized_off_the_loop_and_still_answered(engine: 
     assert small.status_code == 200
 
 
-@pytest.mark.parametrize("inline_alone", [True, False])
-async def test_a_request_alone_in_the_server_runs_its_text_on_the_event_loop(
-    tokenizer_dir: Path, inline_alone: bool
+@pytest.mark.parametrize("batches_on_loop", ["alone", "all", "none"])
+async def test_which_batches_run_on_the_event_loop_and_a_wave_of_requests_makes_one_batch(
+    tokenizer_dir: Path, batches_on_loop: str
 ) -> None:
     engine = tiny_engine(tokenizer_dir)
-    seen: list[tuple[int, int]] = []  # (requests in flight, thread) at each forward
-    app = make_app(engine, inline_alone=inline_alone)
+    seen: list[tuple[int, int, int]] = []  # (requests in flight, rows, thread) at each forward
+    app = make_app(engine, batches_on_loop=batches_on_loop, max_wait_ms=0.0)
     engine.model.layers[0].register_forward_pre_hook(
-        lambda _m, _a: seen.append((app.state.deebert.inference_in_flight, threading.get_ident())) and None
+        lambda _m, args: (
+            seen.append((app.state.deebert.inference_in_flight, args[0].shape[0], threading.get_ident())) and None
+        )
     )
     async with serving(app) as client:
-        app.state.deebert.batcher.alone_max_s = 60.0  # a slow CI machine's batch of one still counts as quick
-        answers = [await client.post("/v1/classify", json={"text": text}) for text in ("good", "bad", "fine")]
-        assert [a.status_code for a in answers] == [200, 200, 200]
+        batcher = app.state.deebert.batcher
+        batcher.alone_max_s = batcher.loop_max_s = 60.0  # a slow CI machine's batches still count as quick
+        answers = [await client.post("/v1/classify", json={"text": text}) for text in ("good", "bad")]
+        wave = [client.post("/v1/classify", json={"text": text}) for text in ("fine", "dull", "great")]
+        pair = await client.post("/v1/classify", json={"texts": ["one", "two"]})  # times a batch of two
+        answers += [pair, *await asyncio.gather(*wave)]
+        assert [a.status_code for a in answers] == [200] * 6
         assert app.state.deebert.inference_in_flight == 0
     loop_thread = threading.get_ident()
-    assert [count for count, _ in seen] == [1, 1, 1]
-    # The first text measures a batch of one on the batch thread; then, alone, texts run on the loop.
-    assert [thread == loop_thread for _, thread in seen] == [False, inline_alone, inline_alone]
+    runs = [(rows, thread == loop_thread) for _, rows, thread in seen]
+    # The first text times a batch of one on the batch thread, the pair a batch of two. Then, alone in the server,
+    # the second text runs on the loop (`alone`, `all`). Of three requests sent together, `all` runs one batch on
+    # the loop (it lets the requests in flight queue first); with `alone` they are not alone: the batch thread.
+    if batches_on_loop == "all":
+        assert runs == [(1, False), (1, True), (2, False), (3, True)]
+    elif batches_on_loop == "alone":
+        assert runs[:3] == [(1, False), (1, True), (2, False)] and not any(here for _, here in runs[3:])
+    else:
+        assert not any(here for _, here in runs) and sum(rows for rows, _ in runs) == 7
+    assert [count for count, _, _ in seen[:3]] == [1, 1, 1]
