@@ -1,7 +1,7 @@
 """Two `deebert serve` configurations against each other under wrk, in interleaved pairs of server runs.
 
-    python -m benchmarks.server_ab --a thread:DEEBERT_INLINE_ALONE=false --b inline: \\
-        --pairs 3 --connections 1,4,32 --duration 8 --output loadtest/results/overhead/inline_alone_ab.json
+    python -m benchmarks.server_ab --a alone: --b all:DEEBERT_BATCHES_ON_LOOP=all \\
+        --pairs 4 --connections 32,4,1 --duration 8 --output loadtest/results/overhead/batches_on_loop_ab.json
 
 A configuration is `NAME:` followed by `DEEBERT_*` settings (`NAME:KEY=VALUE,KEY=VALUE`; `NAME:` alone is the
 defaults). Each pair starts a server per configuration, A first in odd pairs and B first in even ones; each
