@@ -277,18 +277,23 @@ class ThreadRecordingRunner(FakeRunner):
         super().__call__(items, thresholds, on_exit)
 
 
+def loop_batcher(
+    runner: ThreadRecordingRunner,
+    loop_batches: LoopBatches,
+    in_flight: Callable[[], int] = lambda: 1,
+    max_s: float = 60,
+) -> Batcher:
+    """A batcher whose batches may run on the event loop (`loop_batches`), timed as quick unless `max_s` says not."""
+    return Batcher(
+        runner, max_batch_size=8, max_wait_s=0.0, max_queue_size=100, loop_batches=loop_batches,
+        in_flight=in_flight, alone_max_s=max_s, loop_max_s=max_s,
+    )  # fmt: skip
+
+
 async def test_a_lone_text_runs_on_the_event_loop_once_batches_of_one_are_known_to_be_quick() -> None:
     runner = ThreadRecordingRunner(fail_on="boom")
     in_flight = [1]
-    batcher = Batcher(
-        runner,
-        max_batch_size=8,
-        max_wait_s=0.0,
-        max_queue_size=100,
-        loop_batches="alone",
-        in_flight=lambda: in_flight[0],
-        alone_max_s=60,
-    )
+    batcher = loop_batcher(runner, "alone", lambda: in_flight[0])
     batcher.start()
     loop_thread = threading.get_ident()
     for text in ("a", "b"):  # the first batch of one is measured on the worker thread; the second runs here
@@ -313,10 +318,7 @@ async def test_a_lone_text_runs_on_the_event_loop_once_batches_of_one_are_known_
 
 async def test_all_batches_run_on_the_event_loop_once_their_kind_is_known_to_be_quick() -> None:
     runner = ThreadRecordingRunner(fail_on="boom")
-    batcher = Batcher(
-        runner, max_batch_size=8, max_wait_s=0.0, max_queue_size=100, loop_batches="all", in_flight=lambda: 5,
-        loop_max_s=60,
-    )  # fmt: skip
+    batcher = loop_batcher(runner, "all", lambda: 5)
     batcher.start()
     loop_thread = threading.get_ident()
     # The first batch of one and the first of more texts are measured on the worker thread; then both kinds run
@@ -339,10 +341,7 @@ async def test_a_slow_model_or_none_keeps_every_batch_off_the_event_loop() -> No
     cases: list[tuple[LoopBatches, float]] = [("alone", 0.0), ("all", 0.0), ("none", 60.0)]
     for loop_batches, max_s in cases:
         runner = ThreadRecordingRunner()
-        batcher = Batcher(
-            runner, max_batch_size=8, max_wait_s=0.0, max_queue_size=100, loop_batches=loop_batches,
-            in_flight=lambda: 1, alone_max_s=max_s, loop_max_s=max_s,
-        )  # fmt: skip
+        batcher = loop_batcher(runner, loop_batches, max_s=max_s)
         batcher.start()
         for texts in (["a"], ["b"], ["c", "d"], ["e", "f"], ["g"]):
             await asyncio.gather(*batcher.submit([Text(t) for t in texts], [0.5] * len(texts)))
@@ -353,10 +352,7 @@ async def test_a_slow_model_or_none_keeps_every_batch_off_the_event_loop() -> No
 async def test_a_batch_waits_while_the_worker_thread_has_a_job() -> None:
     for loop_batches in ("alone", "all"):
         runner = ThreadRecordingRunner()
-        batcher = Batcher(
-            runner, max_batch_size=8, max_wait_s=0.0, max_queue_size=100, loop_batches=loop_batches,
-            in_flight=lambda: 1, alone_max_s=60, loop_max_s=60,
-        )  # fmt: skip
+        batcher = loop_batcher(runner, loop_batches)
         batcher.start()
         await asyncio.gather(*batcher.submit([Text("a")], [0.5]))  # measured: batches of one are quick
         release = threading.Event()
@@ -376,15 +372,7 @@ async def test_before_a_batch_holds_the_loop_the_requests_it_accepted_join_it() 
     batch; requests the server counts that never come hold it up for three quiet turns only."""
     runner = ThreadRecordingRunner()
     in_flight = [1]
-    batcher = Batcher(
-        runner,
-        max_batch_size=8,
-        max_wait_s=0.0,
-        max_queue_size=100,
-        loop_batches="all",
-        in_flight=lambda: in_flight[0],
-        loop_max_s=60,
-    )
+    batcher = loop_batcher(runner, "all", lambda: in_flight[0])
     batcher.start()
     for texts in (["a"], ["b", "c"]):  # both kinds measured on the worker thread
         await asyncio.gather(*batcher.submit([Text(t) for t in texts], [0.5] * len(texts)))
