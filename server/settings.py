@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+logger = logging.getLogger("deebert.server")
 
 # Shadow sampling's fraction when an agreement target turns it on (DEEBERT_SHADOW_FRACTION unset).
 AGREEMENT_SHADOW_FRACTION = 0.1
@@ -141,6 +145,20 @@ class ServerSettings(BaseSettings):
         None, description="file the controller saves its state to and resumes from on start; unset = nothing kept"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @model_validator(mode="after")
+    def _renamed_settings(self) -> ServerSettings:
+        """DEEBERT_INLINE_ALONE (until 3bab6be) still works, with a warning: true is DEEBERT_BATCHES_ON_LOOP=alone,
+        false is none (the new name wins when both are set)."""
+        old = os.environ.get("DEEBERT_INLINE_ALONE")
+        if old is None or "batches_on_loop" in self.model_fields_set:
+            return self
+        value = old.strip().lower()
+        if value not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise ValueError(f"DEEBERT_INLINE_ALONE={old!r} is not a boolean (it is now DEEBERT_BATCHES_ON_LOOP)")
+        self.batches_on_loop = "alone" if value in ("true", "1", "yes", "on") else "none"
+        logger.warning("DEEBERT_INLINE_ALONE is now DEEBERT_BATCHES_ON_LOOP; read as %s", self.batches_on_loop)
+        return self
 
     @model_validator(mode="after")
     def _scope_needs_a_key(self) -> ServerSettings:

@@ -584,3 +584,23 @@ async def test_which_batches_run_on_the_event_loop_and_a_wave_of_requests_makes_
     else:
         assert not any(here for _, here in runs) and sum(rows for rows, _ in runs) == 7
     assert [count for count, _, _ in seen[:3]] == [1, 1, 1]
+
+
+def test_the_renamed_inline_alone_setting_still_works_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from server.settings import ServerSettings
+
+    for old, read_as in (("false", "none"), ("true", "alone")):
+        monkeypatch.setenv("DEEBERT_INLINE_ALONE", old)
+        with caplog.at_level(logging.WARNING, logger="deebert.server"):
+            assert ServerSettings().batches_on_loop == read_as
+        assert "DEEBERT_BATCHES_ON_LOOP" in caplog.text
+    monkeypatch.setenv("DEEBERT_BATCHES_ON_LOOP", "all")  # the new name wins
+    assert ServerSettings().batches_on_loop == "all"
+    monkeypatch.delenv("DEEBERT_BATCHES_ON_LOOP")
+    monkeypatch.setenv("DEEBERT_INLINE_ALONE", "sometimes")
+    with pytest.raises(ValueError, match="not a boolean"):
+        ServerSettings()
