@@ -47,10 +47,12 @@ from typing import Any
 from tqdm import tqdm
 
 from loadtest.bench import parse_wrk, write_wrk_bodies, wrk_command
-from loadtest.generator import Workload
-from loadtest.report import write_json
+from loadtest.generator import Workload, timing_headers
+from loadtest.records import RequestRecord
+from loadtest.report import server_timing, write_json
 from loadtest.servers import BenchError, deebert_server_command, free_port, model_info, server_process
 from reports.common import describe_machine, machine_description
+from server.protocol import CLASSIFY_PATH, THRESHOLD_HEADER
 
 
 @dataclass(frozen=True)
@@ -82,53 +84,39 @@ def run_wrk(url: str, connections: int, seconds: int, bodies: Path, threshold: s
     return parse_wrk(done.stdout)
 
 
-# The server's timing headers (ms) that `measure_overhead` reads.
-TIMING_HEADERS = {
-    "total": "x-total-time",
-    "compute": "x-compute-time",
-    "tokenization": "x-tokenization-time",
-    "queue": "x-queue-time",
-}
-
-
 def measure_overhead(url: str, bodies: Sequence[bytes], requests: int, threshold: str | None) -> dict[str, Any]:
     """`requests` one-text requests on one keep-alive connection, one at a time (after a quarter as many untimed):
-    the p50 (ms) of the server's overhead (total − compute) and of its parts, the model's time and the client's
-    round trip, and the overhead and its rest as shares of the model's time."""
+    the p50 (ms) of the server's overhead (total − compute) and of its parts, split as the load generator's report
+    splits them (`loadtest.report.server_timing`), the model's time and the client's round trip, and the overhead
+    and its rest as shares of the model's time."""
     host, _, port = url.removeprefix("http://").partition(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=60)
-    headers = {"Content-Type": "application/json"} | ({"X-Exit-Threshold": threshold} if threshold else {})
-    samples: dict[str, list[float]] = {name: [] for name in ("overhead", "tokenization", "queue", "rest", "compute")}
-    samples["round_trip"] = []
+    headers = {"Content-Type": "application/json"} | ({THRESHOLD_HEADER: threshold} if threshold else {})
+    records: list[RequestRecord] = []
     warmup = max(1, requests // 4)
     try:
         for index in range(warmup + requests):
             started = time.perf_counter()
-            connection.request("POST", "/v1/classify", bodies[index % len(bodies)], headers)
+            connection.request("POST", CLASSIFY_PATH, bodies[index % len(bodies)], headers)
             response = connection.getresponse()
             response.read()
-            round_trip = 1000 * (time.perf_counter() - started)
+            latency = time.perf_counter() - started
             if response.status != 200:
-                raise BenchError(f"POST /v1/classify answered {response.status}")
-            if index < warmup:
-                continue
-            timing = {name: float(response.getheader(header) or "nan") for name, header in TIMING_HEADERS.items()}
-            overhead = timing["total"] - timing["compute"]
-            samples["overhead"].append(overhead)
-            samples["tokenization"].append(timing["tokenization"])
-            samples["queue"].append(timing["queue"])
-            samples["rest"].append(overhead - timing["tokenization"] - timing["queue"])
-            samples["compute"].append(timing["compute"])
-            samples["round_trip"].append(round_trip)
+                raise BenchError(f"POST {CLASSIFY_PATH} answered {response.status}")
+            if index >= warmup:
+                records.append(RequestRecord("200", latency, 1, threshold, **timing_headers(response)))
     finally:
         connection.close()
-    p50 = {f"{name}_p50_ms": statistics.median(values) for name, values in samples.items()}
-    compute = p50["compute_p50_ms"]
+    timing = server_timing(records)
+    p50 = {f"{name}_p50_ms": timing[f"{name}_ms"]["p50"] for name in ("overhead", "tokenization", "queue", "compute")}
+    p50["rest_p50_ms"] = timing["overhead_rest_ms"]["p50"]
+    p50["round_trip_p50_ms"] = 1000 * statistics.median(record.latency_s for record in records)
+    overhead, rest, compute = p50["overhead_p50_ms"], p50["rest_p50_ms"], p50["compute_p50_ms"]
     return {
         "requests": requests,
         **p50,
-        "overhead_per_compute": p50["overhead_p50_ms"] / compute if compute > 0 else None,
-        "rest_per_compute": p50["rest_p50_ms"] / compute if compute > 0 else None,
+        "overhead_per_compute": overhead / compute if overhead is not None and compute else None,
+        "rest_per_compute": rest / compute if rest is not None and compute else None,
     }
 
 

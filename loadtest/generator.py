@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypedDict
 
 import httpx
 
@@ -241,7 +241,29 @@ class PostClient(Protocol):
     async def post(self, url: str, *, json: Any, headers: dict[str, str]) -> Any: ...
 
 
-def _header_ms(response: PostResponse, name: str) -> float | None:
+class HasHeaders(Protocol):
+    @property
+    def headers(self) -> Any: ...  # httpx.Headers, http.client.HTTPMessage: a case-insensitive `get`
+
+
+class TimingHeaders(TypedDict):
+    total_ms: float | None
+    compute_ms: float | None
+    queue_ms: float | None
+    tokenization_ms: float | None
+
+
+def timing_headers(response: HasHeaders) -> TimingHeaders:
+    """The server's timing headers (ms) as `RequestRecord` fields; None where one is missing or not a number."""
+    return TimingHeaders(
+        total_ms=_header_ms(response, TOTAL_TIME_HEADER),
+        compute_ms=_header_ms(response, COMPUTE_TIME_HEADER),
+        queue_ms=_header_ms(response, QUEUE_TIME_HEADER),
+        tokenization_ms=_header_ms(response, TOKENIZATION_TIME_HEADER),
+    )
+
+
+def _header_ms(response: HasHeaders, name: str) -> float | None:
     value = response.headers.get(name)
     try:
         return float(value) if value is not None else None
@@ -265,10 +287,7 @@ async def _post(client: PostClient, body: dict[str, list[str]], threshold: str |
         latency,
         texts,
         threshold,
-        total_ms=_header_ms(response, TOTAL_TIME_HEADER),
-        compute_ms=_header_ms(response, COMPUTE_TIME_HEADER),
-        queue_ms=_header_ms(response, QUEUE_TIME_HEADER),
-        tokenization_ms=_header_ms(response, TOKENIZATION_TIME_HEADER),
+        **timing_headers(response),
         sent_at=started,
     )
     if response.status_code != 200:
