@@ -50,7 +50,7 @@ from loadtest.bench import parse_wrk, write_wrk_bodies, wrk_command
 from loadtest.generator import Workload, timing_headers
 from loadtest.records import RequestRecord
 from loadtest.report import server_timing, write_json
-from loadtest.servers import BenchError, deebert_server_command, free_port, model_info, server_process
+from loadtest.servers import REPO_ROOT, BenchError, deebert_server_command, free_port, model_info, server_process
 from reports.common import describe_machine, machine_description
 from server.protocol import CLASSIFY_PATH, THRESHOLD_HEADER
 
@@ -340,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _commit(source: Path | None) -> dict[str, str]:
     """The commit a source tree (None: this checkout) has checked out, and whether it has changes beside it."""
-    where = str(source or Path(__file__).resolve().parent.parent)
+    where = str(source or REPO_ROOT)
     try:
         commit = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
         status = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],

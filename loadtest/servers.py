@@ -40,9 +40,10 @@ def free_port() -> int:
 INHERITED_SETTINGS = ("DEEBERT_CACHE_DIR", "DEEBERT_TUNE_BUDGET_S")
 
 
-def _server_env(extra: dict[str, str]) -> dict[str, str]:
+def _server_env(extra: dict[str, str], root: Path = REPO_ROOT) -> dict[str, str]:
+    """The environment of a server run from the source tree `root`: its code first on the path."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEEBERT_") or k in INHERITED_SETTINGS}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     env.update(extra)
     return env
 
@@ -91,9 +92,8 @@ def server_process(
     url = f"http://127.0.0.1:{port}"
     opened = open(log_path, "w+b") if log_path is not None else tempfile.TemporaryFile()  # noqa: SIM115
     root = source.resolve() if source is not None else REPO_ROOT
-    environment = _server_env(env) | ({"PYTHONPATH": str(root)} if source is not None else {})
     with opened as log:
-        process = subprocess.Popen(argv, env=environment, cwd=root, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(argv, env=_server_env(env, root), cwd=root, stdout=log, stderr=subprocess.STDOUT)
         try:
             _wait_ready(process, url, startup_timeout, log)
             yield process, url
