@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, TypeAdapter, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 logger = logging.getLogger("deebert.server")
@@ -153,10 +153,13 @@ class ServerSettings(BaseSettings):
         old = os.environ.get("DEEBERT_INLINE_ALONE")
         if old is None or "batches_on_loop" in self.model_fields_set:
             return self
-        value = old.strip().lower()
-        if value not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-            raise ValueError(f"DEEBERT_INLINE_ALONE={old!r} is not a boolean (it is now DEEBERT_BATCHES_ON_LOOP)")
-        self.batches_on_loop = "alone" if value in ("true", "1", "yes", "on") else "none"
+        try:
+            inline_alone = TypeAdapter(bool).validate_python(old.strip())  # booleans as any other setting reads them
+        except ValidationError:
+            raise ValueError(
+                f"DEEBERT_INLINE_ALONE={old!r} is not a boolean (it is now DEEBERT_BATCHES_ON_LOOP)"
+            ) from None
+        self.batches_on_loop = "alone" if inline_alone else "none"
         logger.warning("DEEBERT_INLINE_ALONE is now DEEBERT_BATCHES_ON_LOOP; read as %s", self.batches_on_loop)
         return self
 
