@@ -86,7 +86,8 @@ async def prepare(state: ServerState) -> None:
             # On the batch thread itself: a first forward on a fresh thread costs ~200 ms of one-off setup.
             await state.batcher.run_in_worker(engine.warmup)
             if state.settings.batches_on_loop != "none":
-                engine.warmup()  # batches run on this thread (the event loop's) too: its first forwards as well
+                # This thread (the event loop's) runs batches too: lone texts only (`alone`), or every kind (`all`).
+                engine.warmup(batches=state.settings.batches_on_loop == "all")
         # Everything loaded so far lives as long as the process: move it out of the collector's sight, so
         # no request pays for a full collection over millions of long-lived objects (~200 ms here).
         gc.collect()

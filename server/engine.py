@@ -361,14 +361,15 @@ class Engine:
         rule = self.config.criterion
         return rule.aggressiveness(first.value) > rule.aggressiveness(second.value)
 
-    def warmup(self) -> None:
-        """Run the code paths a request takes (batch 1 and full batches, exits early and late) on the calling
-        thread (a first forward on a fresh thread costs ~200 ms of one-off setup)."""
+    def warmup(self, batches: bool = True) -> None:
+        """Run the code paths a request takes (batch 1 and, with `batches`, full batches; exits early and late) on
+        the calling thread (a first forward on a fresh thread costs ~200 ms of one-off setup)."""
         texts = ["warm up", "a longer warm-up text " * 8]
         pairs = ["warm up"] * len(texts) if self.is_pair_task else None
         encoded = self.tokenize(texts, pairs, truncate=True)
         rule = self.config.criterion
         full, earliest = rule.full_depth, rule.exits_at_first_layer(len(self.labels))
         for thresholds in ([full, full], [earliest, full], [earliest, earliest]):
-            self.run_batch(encoded, thresholds, lambda row, outcome: None)
+            if batches:
+                self.run_batch(encoded, thresholds, lambda row, outcome: None)
             self.run_batch(encoded[:1], thresholds[:1], lambda row, outcome: None)

@@ -345,9 +345,9 @@ async def test_readiness_is_503_until_warm_up_ends_and_during_drain(tokenizer_di
     warmed = threading.Event()
     real_warmup = engine.warmup
 
-    def slow_warmup() -> None:
+    def slow_warmup(batches: bool = True) -> None:
         assert warmed.wait(10)
-        real_warmup()
+        real_warmup(batches)
 
     engine.warmup = slow_warmup  # type: ignore[method-assign]
     app = make_app(engine, warmup=True)
@@ -512,7 +512,7 @@ async def test_a_vanished_client_does_not_disturb_its_batch_mates(tokenizer_dir:
     assert values["deebert_queue_depth"] == 0 and values["deebert_inflight_requests"] == 0
 
 
-@pytest.mark.parametrize("batches_on_loop", ["alone", "none"])
+@pytest.mark.parametrize("batches_on_loop", ["alone", "all", "none"])
 async def test_warm_up_runs_where_batches_run_and_long_lived_objects_are_frozen(
     tokenizer_dir: Path, batches_on_loop: str
 ) -> None:
@@ -520,11 +520,13 @@ async def test_warm_up_runs_where_batches_run_and_long_lived_objects_are_frozen(
 
     engine = tiny_engine(tokenizer_dir)
     threads: list[str] = []
+    with_batches: list[bool] = []
     real_warmup = engine.warmup
 
-    def recording_warmup() -> None:
+    def recording_warmup(batches: bool = True) -> None:
         threads.append(threading.current_thread().name)
-        real_warmup()
+        with_batches.append(batches)
+        real_warmup(batches)
 
     engine.warmup = recording_warmup  # type: ignore[method-assign]
     async with serving(make_app(engine, warmup=True, batches_on_loop=batches_on_loop)) as client:
@@ -533,6 +535,8 @@ async def test_warm_up_runs_where_batches_run_and_long_lived_objects_are_frozen(
     # leave the first requests cold (~200 ms).
     assert threads[0].startswith("deebert-batch")
     assert threads[1:] == ([] if batches_on_loop == "none" else [threading.current_thread().name])
+    # The batch thread warms every path; the loop's only those it runs (lone texts with `alone`).
+    assert with_batches == [True, *([batches_on_loop == "all"] if batches_on_loop != "none" else [])]
     # The model and everything loaded with it sit outside the garbage collector's generations, so no
     # request pays for a full collection over them.
     assert gc.get_freeze_count() > 0
