@@ -274,9 +274,9 @@ async def test_health_routes_are_503_until_ready_and_while_draining(tokenizer_di
     warmed = threading.Event()
     real_warmup = engine.warmup
 
-    def slow_warmup() -> None:
+    def slow_warmup(batches: bool = True) -> None:
         assert warmed.wait(10)
-        real_warmup()
+        real_warmup(batches)
 
     engine.warmup = slow_warmup  # type: ignore[method-assign]
     app = make_app(engine, warmup=True)
