@@ -144,6 +144,11 @@ def _call_now(function: Callable[..., Any], *args: Any) -> None:
     function(*args)
 
 
+def _moving_average(previous: float | None, value: float) -> float:
+    """The batcher's recent figures: a fifth of each new value (the value itself at first)."""
+    return value if previous is None else 0.8 * previous + 0.2 * value
+
+
 class Batcher:
     """A bounded queue plus the one loop that turns it into batches."""
 
@@ -265,11 +270,9 @@ class Batcher:
         """Bookkeeping after a batch of `size` texts ran for `elapsed` seconds (either path)."""
         self._running_rows = 0
         self._last_batch_size = size
-        recent = self._recent_s.get(size > 1)
-        self._recent_s[size > 1] = elapsed if recent is None else 0.8 * recent + 0.2 * elapsed
+        self._recent_s[size > 1] = _moving_average(self._recent_s.get(size > 1), elapsed)
         if elapsed > 0:
-            rate = size / elapsed
-            self._rows_per_s = rate if self._rows_per_s == 0 else 0.8 * self._rows_per_s + 0.2 * rate
+            self._rows_per_s = _moving_average(self._rows_per_s or None, size / elapsed)
         self._update_idle()
 
     def retry_after_s(self, extra: int = 0) -> int:
