@@ -85,9 +85,9 @@ async def prepare(state: ServerState) -> None:
         if state.settings.warmup:
             # On the batch thread itself: a first forward on a fresh thread costs ~200 ms of one-off setup.
             await state.batcher.run_in_worker(engine.warmup)
-            if state.settings.batches_on_loop != "none":
+            if state.batcher.loop_batches != "none":
                 # This thread (the event loop's) runs batches too: lone texts only (`alone`), or every kind (`all`).
-                engine.warmup(batches=state.settings.batches_on_loop == "all")
+                engine.warmup(batches=state.batcher.loop_batches == "all")
         # Everything loaded so far lives as long as the process: move it out of the collector's sight, so
         # no request pays for a full collection over millions of long-lived objects (~200 ms here).
         gc.collect()

@@ -6,7 +6,7 @@ the moment the runner reports them, not when their batch ends.
 
 Batches can run on the event loop itself instead of on the worker thread (`loop_batches`):
 
-- `alone` (the server's default): a text alone in the server (a batch of one, nothing else queued, the last batch
+- `alone`: a text alone in the server (a batch of one, nothing else queued, the last batch
   one text too, and `in_flight()` says no other request is in flight) runs there when batches of one recently
   took at most `ALONE_MAX_S`: without the crossings to the worker thread and back, a batch-1 request's queueing
   fell by 0.025-0.06 ms of its ~0.3-0.5 ms overhead (BENCHMARKS.md §11), and no other request needs the loop.
@@ -16,10 +16,14 @@ Batches can run on the event loop itself instead of on the worker thread (`loop_
   32 and 4 connections it did a median 1.09x and 1.26x the requests/s of `alone` (BENCHMARKS.md §12, noisy
   pairs). Before such a batch the loop gets a few turns to queue the requests it has accepted and not queued
   yet, so that a wave of requests makes one batch. The cost: while a batch holds the loop, arriving requests
-  wait unread instead of in the queue, so the queue's wait (brownout's signal) and depth understate the load.
+  wait unread instead of in the queue, so the queue's wait and depth understate the load. (After such a batch
+  the batcher counts as busy until those requests have had their turns to be queued, so that brownout, which
+  ends when the queue drains, does not end after every batch; the time they waited unread is in no figure.)
 - `none`: every batch on the worker thread.
 
-The first batch of each kind, and any while the worker thread has another job, runs on the worker thread.
+The server's default, `auto`, is `all` where the model computes on the CPU with a thread on every usable core,
+else `alone` (`choose_loop_batches`). The first batch of each kind, and any while the worker thread has another
+job, runs on the worker thread.
 
 A second, low-priority queue (`submit_idle`) holds background items for `idle_runner` (shadow
 full-depth runs): they go to the same worker thread only while no text waits, so they never hold an
@@ -51,8 +55,18 @@ logger = logging.getLogger("deebert.batcher")
 ALONE_MAX_S = 0.010
 LOOP_BATCH_MAX_S = 0.25
 LoopBatches = Literal["none", "alone", "all"]
+LoopBatchesSetting = Literal["auto", "none", "alone", "all"]
 # At most this many turns of the loop let accepted requests join the queue before a batch that will hold it.
 ARRIVAL_TURNS_MAX = 64
+
+
+def choose_loop_batches(setting: LoopBatchesSetting, model_fills_the_cpu: bool) -> LoopBatches:
+    """`auto`: `all` where the model computes on the CPU with a thread on every usable core, since the loop's work
+    beside a batch then only competes with it (measured on 2 cores: BENCHMARKS.md §12); `alone` elsewhere (on a
+    GPU, or with a core to spare, the loop's work runs beside the batch at no cost to it). Others as given."""
+    if setting != "auto":
+        return setting
+    return "all" if model_fills_the_cpu else "alone"
 
 
 class Sized(Protocol):
@@ -202,6 +216,9 @@ class Batcher:
         self._last_batch_size = 0
         # Recent time of a batch of one (False) and of more texts (True): moving averages, once measured.
         self._recent_s: dict[bool, float] = {}
+        # A batch just held the event loop (`all`), and the requests that arrived meanwhile, unread until it
+        # ended, have not all had their turns to be queued yet.
+        self._arrivals_unsettled = False
 
     # --- producer side ---------------------------------------------------------------------------
 
@@ -212,7 +229,9 @@ class Batcher:
 
     @property
     def busy(self) -> bool:
-        return bool(self._queue) or self._running_rows > 0
+        """Texts queued or running, or a batch just held the event loop and the requests that arrived during it
+        may not be queued yet (so that brownout does not see a drained queue after every such batch)."""
+        return bool(self._queue) or self._running_rows > 0 or self._arrivals_unsettled
 
     @property
     def queue_wait_s(self) -> float:
@@ -302,6 +321,9 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
+                if self._arrivals_unsettled:
+                    await self._let_arrivals_settle()
+                    continue
                 if self._idle_items and not self._closed:
                     await self._run_idle()
                     continue
@@ -317,12 +339,15 @@ class Batcher:
             self._running_rows = len(batch)
             self._on_batch(len(batch))
             started = time.perf_counter()
+            on_loop = self._runs_on_loop(batch)
             try:
-                if self._runs_on_loop(batch):  # here, on the event loop: each answer is given at once
+                if on_loop:  # here, on the event loop: each answer is given at once
                     self._run(batch, _call_now)
                 else:  # on the worker thread: each answer goes through the event loop
                     await self._worker.run(functools.partial(self._run, batch, loop.call_soon_threadsafe))
             finally:
+                # (`alone` holds the loop only while no other request is in flight: nothing to settle after it.)
+                self._arrivals_unsettled = on_loop and self.loop_batches == "all"
                 self._finish_batch(len(batch), time.perf_counter() - started)
 
     async def _run_idle(self) -> None:
@@ -376,6 +401,7 @@ class Batcher:
         if batch:
             self._last_wait_s = time.perf_counter() - min(row.enqueued_at for row in batch)
             self.batches_taken += 1
+            self._arrivals_unsettled = False  # they are queued, or in this batch
         self._on_depth(len(self._queue))
         return batch
 
@@ -408,6 +434,22 @@ class Batcher:
                 return
             await asyncio.sleep(0)
             quiet = quiet + 1 if len(self._queue) == queued else 0
+
+    async def _let_arrivals_settle(self) -> None:
+        """After a batch held the event loop (`all`) with nothing queued behind it: turns of the loop for the
+        requests that arrived meanwhile to be read and queued. Until one is queued (its batch is then taken as
+        usual), or for three turns with no request in flight (at most `ARRIVAL_TURNS_MAX`); then the batcher is
+        idle, and brownout may see the queue drained."""
+        quiet = 0
+        for _ in range(ARRIVAL_TURNS_MAX):
+            if self._queue:
+                return
+            if quiet >= 3:
+                break
+            await asyncio.sleep(0)
+            quiet = quiet + 1 if self._in_flight() == 0 else 0
+        self._arrivals_unsettled = False
+        self._update_idle()
 
     def _run(self, batch: list[Row], deliver: Callable[..., Any]) -> None:
         """Run the batch, answering each row as it exits through `deliver(function, *args)`: the event loop's

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from server.batcher import Batcher, LoopBatches, RowAnswer, WorkerThread
+from server.batcher import ARRIVAL_TURNS_MAX, Batcher, LoopBatches, RowAnswer, WorkerThread, choose_loop_batches
 from server.errors import DeeBertError, ErrorType
 
 pytestmark = pytest.mark.anyio
@@ -332,8 +333,61 @@ async def test_all_batches_run_on_the_event_loop_once_their_kind_is_known_to_be_
         await asyncio.gather(*batcher.submit([Text("boom"), Text("x")], [0.5, 0.5]))
     assert failed.value.error_type is ErrorType.INTERNAL and runner.threads[-1] == loop_thread
     (after,) = await asyncio.gather(*batcher.submit([Text("h")], [0.5]))
-    assert after.value == ("h", 0.5) and not batcher.busy
+    assert after.value == ("h", 0.5) and batcher.busy, "requests may still arrive from the batch's time on the loop"
+    assert await turns_until_idle(batcher) <= ARRIVAL_TURNS_MAX + 1, "five counted in flight that never come"
     await batcher.stop()
+
+
+async def turns_until_idle(batcher: Batcher, most: int = 1000) -> int:
+    """Turns of the event loop until the batcher is no longer busy (at most `most`)."""
+    for turn in range(most):
+        if not batcher.busy:
+            return turn
+        await asyncio.sleep(0)
+    return most
+
+
+class SlowRunner(ThreadRecordingRunner):
+    """Each batch takes at least `seconds`."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def __call__(self, items: list[Any], thresholds: list[float], on_exit: Callable[[int, Any], None]) -> None:
+        time.sleep(self.seconds)
+        super().__call__(items, thresholds, on_exit)
+
+
+async def test_after_a_batch_held_the_loop_the_batcher_stays_busy_until_arrivals_are_queued() -> None:
+    """With `all`, requests that arrive while a batch holds the event loop wait unread: the batcher counts as busy
+    (brownout does not see a drained queue) until they have had their turns to be queued, and only then idles.
+    The old way, idle at the batch's end, let brownout end after every batch (37-47 % of tests/test_brownout.py's
+    overload degraded, against 99 % now, by hand)."""
+    runner = SlowRunner(0.02)
+    in_flight = [1]
+    batcher = loop_batcher(runner, "all", lambda: in_flight[0])
+    batcher.start()
+    loop_thread = threading.get_ident()
+    for text in ("a", "b"):  # the first is timed on the worker thread, the second holds the loop
+        await asyncio.gather(*batcher.submit([Text(text)], [0.5]))
+    assert runner.threads[-1] == loop_thread
+    assert batcher.busy and batcher.depth == 0, "just after it, the requests that came meanwhile are still unread"
+    (queued,) = batcher.submit([Text("c")], [0.5])  # one is read and queued: its batch is taken as usual
+    await queued
+    assert runner.batches[-1] == ["c"] and batcher.busy
+    in_flight[0] = 0  # idle once nothing more comes: nobody in flight for three turns
+    assert 3 <= await turns_until_idle(batcher) <= 5
+    assert batcher.queue_wait_s == 0.0
+    await batcher.stop()
+
+
+def test_auto_runs_every_batch_on_the_loop_only_where_the_model_fills_the_cpu() -> None:
+    assert choose_loop_batches("auto", model_fills_the_cpu=True) == "all"
+    assert choose_loop_batches("auto", model_fills_the_cpu=False) == "alone"
+    for setting in ("none", "alone", "all"):
+        assert choose_loop_batches(setting, model_fills_the_cpu=True) == setting  # type: ignore[arg-type]
+        assert choose_loop_batches(setting, model_fills_the_cpu=False) == setting  # type: ignore[arg-type]
 
 
 async def test_a_slow_model_or_none_keeps_every_batch_off_the_event_loop() -> None:

@@ -113,18 +113,23 @@ async def scrape_until(client: httpx.AsyncClient, settled: Callable[[str], bool]
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("batches_on_loop", ["alone", "all"])
 async def test_brownout_under_overload_answers_at_the_ceiling_flags_and_counts_it(
-    tokenizer_dir: Path, one_thread: None
+    tokenizer_dir: Path, one_thread: None, batches_on_loop: str
 ) -> None:
     """Sixteen callers overload a one-thread engine: unpinned requests are answered at the ceiling (one layer
     instead of eight: that is where brownout's throughput comes from; BENCHMARKS-style timing claims stay out
-    of the suite), flagged, counted, and the gauge falls once the queue drains."""
+    of the suite), flagged, counted, and the gauge falls once the queue drains. With every batch on the event loop
+    (`all`) too, where the requests wait unread during a batch rather than in the queue (before the batcher
+    counted that wait, 37-47 % of this overload was degraded there)."""
     engine = heavier_engine(tokenizer_dir)
     engine.warmup()
     seconds = 1.5
     async with serving(make_app(engine)) as client:
         normal, _ = await closed_loop(client, 0.5)
-    brownout_app = make_app(engine, brownout_queue_wait_ms=5, brownout_threshold=HUGE)
+    brownout_app = make_app(
+        engine, brownout_queue_wait_ms=5, brownout_threshold=HUGE, batches_on_loop=batches_on_loop
+    )
     async with serving(brownout_app) as client:
         gauge_during: list[float] = []
 
@@ -146,7 +151,7 @@ async def test_brownout_under_overload_answers_at_the_ceiling_flags_and_counts_i
     assert {r.json()["threshold"] for r in normal} == {0.0}
     degraded = [r for r in overloaded if r.headers.get("X-Exit-Degraded") == "true"]
     share = len(degraded) / len(overloaded)
-    assert share > 0.5, f"only {share:.0%} of the overload was degraded"
+    assert share > 0.75, f"only {share:.0%} of the overload was degraded"
     for response in degraded:
         body = response.json()
         assert body["threshold"] == float(HUGE) and {r["exit_layer"] for r in body["results"]} == {1}

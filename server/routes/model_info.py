@@ -15,7 +15,7 @@ router = APIRouter(route_class=StrictJsonRoute, tags=["model"])
 
 @router.get(MODEL_PATH, response_model=ModelInfo, responses=openapi_errors(ErrorType.NOT_READY))
 async def model_info(state: State) -> ModelInfo:
-    engine, _ = state.serving()
+    engine, batcher = state.serving()
     default = state.default_threshold(engine)
     controller = state.controller
     return ModelInfo(
@@ -36,5 +36,6 @@ async def model_info(state: State) -> ModelInfo:
         backend_reason=engine.backend_reason,
         max_batch_size=state.settings.max_batch_size,
         max_texts_per_request=state.settings.max_texts_per_request,
+        batches_on_loop=batcher.loop_batches,
         controller=ControllerInfo.model_validate(controller.snapshot()) if controller is not None else None,
     )
