@@ -173,6 +173,7 @@ def run_pairs(
                                 "connections": connections,
                                 "backend": served.get("backend"),
                                 "dtype": served.get("dtype"),
+                                "batches_on_loop": served.get("batches_on_loop"),
                                 **result,
                             }
                         )

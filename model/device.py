@@ -7,11 +7,6 @@ on CPU.
 
 from __future__ import annotations
 
-import contextlib
-import math
-import os
-from pathlib import Path
-
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,14 +78,3 @@ def describe_device(device: torch.device) -> str:
         return device.type
     index = device.index if device.index is not None else torch.cuda.current_device()
     return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-
-
-def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
-    """The CPUs this process may use: those it is allowed to run on, capped by a cgroup v2 CPU quota (`cpu.max`,
-    as a container's CPU limit sets it; a fraction of a CPU counts as one)."""
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    with contextlib.suppress(OSError, ValueError):
-        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
-        if quota != "max":
-            return max(1, min(allowed, math.ceil(int(quota) / int(period))))
-    return allowed

@@ -6,7 +6,7 @@ the moment the runner reports them, not when their batch ends.
 
 Batches can run on the event loop itself instead of on the worker thread (`loop_batches`):
 
-- `alone`: a text alone in the server (a batch of one, nothing else queued, the last batch
+- `alone` (the server's default): a text alone in the server (a batch of one, nothing else queued, the last batch
   one text too, and `in_flight()` says no other request is in flight) runs there when batches of one recently
   took at most `ALONE_MAX_S`: without the crossings to the worker thread and back, a batch-1 request's queueing
   fell by 0.025-0.06 ms of its ~0.3-0.5 ms overhead (BENCHMARKS.md §11), and no other request needs the loop.
@@ -21,9 +21,7 @@ Batches can run on the event loop itself instead of on the worker thread (`loop_
   ends when the queue drains, does not end after every batch; the time they waited unread is in no figure.)
 - `none`: every batch on the worker thread.
 
-The server's default, `auto`, is `all` where the model computes on the CPU with a thread on every usable core,
-else `alone` (`choose_loop_batches`). The first batch of each kind, and any while the worker thread has another
-job, runs on the worker thread.
+The first batch of each kind, and any while the worker thread has another job, runs on the worker thread.
 
 A second, low-priority queue (`submit_idle`) holds background items for `idle_runner` (shadow
 full-depth runs): they go to the same worker thread only while no text waits, so they never hold an
@@ -55,18 +53,8 @@ logger = logging.getLogger("deebert.batcher")
 ALONE_MAX_S = 0.010
 LOOP_BATCH_MAX_S = 0.25
 LoopBatches = Literal["none", "alone", "all"]
-LoopBatchesSetting = Literal["auto", "none", "alone", "all"]
 # At most this many turns of the loop let accepted requests join the queue before a batch that will hold it.
 ARRIVAL_TURNS_MAX = 64
-
-
-def choose_loop_batches(setting: LoopBatchesSetting, model_fills_the_cpu: bool) -> LoopBatches:
-    """`auto`: `all` where the model computes on the CPU with a thread on every usable core, since the loop's work
-    beside a batch then only competes with it (measured on 2 cores: BENCHMARKS.md §12); `alone` elsewhere (on a
-    GPU, or with a core to spare, the loop's work runs beside the batch at no cost to it). Others as given."""
-    if setting != "auto":
-        return setting
-    return "all" if model_fills_the_cpu else "alone"
 
 
 class Sized(Protocol):

@@ -20,7 +20,7 @@ import torch
 from model.backends import BackendError, ExitModel, load_backend, pick_backend
 from model.checkpoint import CheckpointError, load_model, require_deebert, resolve_directory
 from model.config import ConfigError, UnknownPresetError
-from model.device import DeviceError, pick_device, pick_dtype, prepare, usable_cpus
+from model.device import DeviceError, pick_device, pick_dtype, prepare
 from model.exit_rule import LABEL_ON_PROBABILITY
 from model.modeling import DeeBert
 from model.onnx_backend import default_cache_dir
@@ -165,11 +165,6 @@ class Engine:
     def backend(self) -> str:
         """`torch`, `onnxruntime` or `openvino`."""
         return self.model.backend
-
-    def fills_the_cpu(self, threads: int | None) -> bool:
-        """Whether the model computes on the CPU with a thread on every CPU this process may use (`threads`
-        unset: the runtime's default, which takes every core)."""
-        return self.device.type == "cpu" and (threads is None or threads >= usable_cpus())
 
     @property
     def num_layers(self) -> int:

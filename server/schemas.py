@@ -278,7 +278,8 @@ class ModelInfo(BaseModel):
     max_texts_per_request: int
     batches_on_loop: str = Field(
         "alone",
-        description="which batches run on the event loop (DEEBERT_BATCHES_ON_LOOP, auto resolved): none, alone or all",
+        description="which batches run on the event loop instead of the batch thread (DEEBERT_BATCHES_ON_LOOP): none, "
+        "alone or all",
     )
     controller: ControllerInfo | None = Field(
         None, description="the threshold controller, when a target is set; default_threshold is then its live value"

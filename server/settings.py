@@ -79,13 +79,12 @@ class ServerSettings(BaseSettings):
         True, description="remove exited rows from the batch; false keeps them in (masked), for benchmarks only"
     )
     warmup: bool = Field(True, description="run warm-up batches before reporting ready")
-    batches_on_loop: Literal["auto", "none", "alone", "all"] = Field(
-        "auto",
+    batches_on_loop: Literal["none", "alone", "all"] = Field(
+        "alone",
         description="which batches run on the event loop instead of the batch thread: alone = a text alone in the "
         "server (0.025-0.06 ms less per request); all = every batch while quick, after the loop has queued the "
-        "requests it accepted (more throughput where the model's threads fill the CPU; requests arriving during a "
-        "batch wait unread, and brownout and the latency target count that wait); none = the thread; auto = all "
-        "when the model computes on the CPU with a thread on every usable core, else alone",
+        "requests it accepted (more throughput on some CPUs whose cores the model's threads fill, none on others; "
+        "requests arriving during a batch wait unread, unseen by the queue-depth metric); none = the thread",
     )
     drain_timeout_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for accepted work")
     allocator: Literal["auto", "jemalloc", "tcmalloc", "system"] = Field(

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.batcher import Batcher, Row, RowAnswer, choose_loop_batches
+from server.batcher import Batcher, Row, RowAnswer
 from server.brownout import Brownout
 from server.controller import Adjustment, Reason, Targets, ThresholdController
 from server.engine import Engine, RowOutcome, Threshold
@@ -65,14 +65,13 @@ def build_state(settings: ServerSettings, engine: Engine, state: ServerState | N
     the controller with its ladder and shadow sampling, and the batcher that feeds the engine. `state` is filled
     in when given (the app keeps one from its start, to answer 503 while the model loads), else made."""
     state = state if state is not None else ServerState(settings)
-    loop_batches = choose_loop_batches(settings.batches_on_loop, engine.fills_the_cpu(settings.threads))
     runtime = {
         "device": str(engine.device),
         "dtype": engine.dtype_name,
         "backend": engine.backend,
         "backend_reason": engine.backend_reason,
         "allocator": loaded_allocator(),
-        "batches_on_loop": loop_batches,
+        "batches_on_loop": settings.batches_on_loop,
     }
     metrics = Metrics(engine.num_layers, engine.name, engine.labels, engine.saving_from_totals, runtime)
     brownout = make_brownout(settings, engine, metrics)
@@ -89,7 +88,7 @@ def build_state(settings: ServerSettings, engine: Engine, state: ServerState | N
         on_answer=recorder,
         idle_runner=shadow.compare if shadow is not None else None,
         max_idle_items=settings.max_queue_size,
-        loop_batches=loop_batches,
+        loop_batches=settings.batches_on_loop,
         in_flight=lambda: state.inference_in_flight,
     )
     recorder.queue_idle = batcher.submit_idle  # the shadow's re-runs go to the batcher's idle queue

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from server.batcher import ARRIVAL_TURNS_MAX, Batcher, LoopBatches, RowAnswer, WorkerThread, choose_loop_batches
+from server.batcher import ARRIVAL_TURNS_MAX, Batcher, LoopBatches, RowAnswer, WorkerThread
 from server.errors import DeeBertError, ErrorType
 
 pytestmark = pytest.mark.anyio
@@ -380,14 +380,6 @@ async def test_after_a_batch_held_the_loop_the_batcher_stays_busy_until_arrivals
     assert 3 <= await turns_until_idle(batcher) <= 5
     assert batcher.queue_wait_s == 0.0
     await batcher.stop()
-
-
-def test_auto_runs_every_batch_on_the_loop_only_where_the_model_fills_the_cpu() -> None:
-    assert choose_loop_batches("auto", model_fills_the_cpu=True) == "all"
-    assert choose_loop_batches("auto", model_fills_the_cpu=False) == "alone"
-    for setting in ("none", "alone", "all"):
-        assert choose_loop_batches(setting, model_fills_the_cpu=True) == setting  # type: ignore[arg-type]
-        assert choose_loop_batches(setting, model_fills_the_cpu=False) == setting  # type: ignore[arg-type]
 
 
 async def test_a_slow_model_or_none_keeps_every_batch_off_the_event_loop() -> None:

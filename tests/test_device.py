@@ -14,15 +14,7 @@ import pytest
 import torch
 
 from deebert.cli import main
-from model.device import (
-    DeviceError,
-    describe_device,
-    model_device,
-    pick_device,
-    pick_dtype,
-    prepare,
-    usable_cpus,
-)
+from model.device import DeviceError, describe_device, model_device, pick_device, pick_dtype, prepare
 from model.evaluate import time_batch1
 from model.modeling import DeeBert
 from model.tokenization import Batch, load_tokenizer, tokenize
@@ -175,20 +167,3 @@ def test_evaluate_runs_on_cuda_and_says_so(tiny_checkpoint: Path, tmp_path: Path
     assert report["timing"]["device"].startswith("cuda:0 (") and report["timing"]["dtype"] == "float16"
     assert report["machine"]["accelerators"]
     assert len(report["per_layer_accuracy"]) == report["num_layers"]
-
-
-def test_usable_cpus_are_the_allowed_ones_capped_by_a_cgroup_quota(tmp_path: Path) -> None:
-    import os
-
-    allowed = len(os.sched_getaffinity(0))
-    assert usable_cpus(tmp_path) == allowed, "no cgroup file: the CPUs this process may run on"
-    quota = tmp_path / "cpu.max"
-    for text, expected in (
-        ("max 100000", allowed),
-        ("150000 100000", min(allowed, 2)),  # 1.5 CPUs: a part counts as one
-        ("50000 100000", 1),
-        (f"{100000 * (allowed + 8)} 100000", allowed),  # a quota above the CPUs allowed
-        ("garbage", allowed),
-    ):
-        quota.write_text(text + "\n")
-        assert usable_cpus(tmp_path) == expected, text

@@ -590,30 +590,15 @@ async def test_which_batches_run_on_the_event_loop_and_a_wave_of_requests_makes_
     assert [count for count, _, _ in seen[:3]] == [1, 1, 1]
 
 
-@pytest.mark.parametrize(
-    ("threads", "cpus", "expected"), [(None, 2, "all"), (2, 2, "all"), (4, 2, "all"), (1, 2, "alone"), (3, 4, "alone")]
-)
-async def test_auto_runs_every_batch_on_the_loop_where_the_model_fills_the_cpu_and_says_so(
-    tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch, threads: int | None, cpus: int, expected: str
+@pytest.mark.parametrize("batches_on_loop", ["alone", "all", "none"])
+async def test_the_model_endpoint_and_runtime_info_say_which_batches_run_on_the_loop(
+    tokenizer_dir: Path, batches_on_loop: str
 ) -> None:
-    """The default (`auto`): every batch on the event loop where the model's threads take every usable CPU (unset:
-    the runtime's default, all of them), lone texts only where a CPU is left over; GET /v1/model and
-    deebert_runtime_info say which."""
-    import types
-
-    import torch
-
-    monkeypatch.setattr("server.engine.usable_cpus", lambda: cpus)
-    engine = tiny_engine(tokenizer_dir)
-    app = make_app(engine, threads=threads)
-    assert app.state.deebert.settings.batches_on_loop == "auto"
+    app = make_app(tiny_engine(tokenizer_dir), batches_on_loop=batches_on_loop)
     async with serving(app) as client:
         info = (await client.get("/v1/model")).json()
         page = (await client.get("/metrics")).text
-    assert app.state.deebert.batcher.loop_batches == expected == info["batches_on_loop"]
-    assert f'batches_on_loop="{expected}"' in page
-    # On a GPU the loop's work runs beside the batch at no cost to it: lone texts only.
-    assert not Engine.fills_the_cpu(types.SimpleNamespace(device=torch.device("cuda")), None)  # type: ignore[arg-type]
+    assert info["batches_on_loop"] == batches_on_loop and f'batches_on_loop="{batches_on_loop}"' in page
 
 
 def test_the_renamed_inline_alone_setting_still_works_with_a_warning(
