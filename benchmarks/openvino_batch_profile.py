@@ -17,9 +17,9 @@ compare, separate runs do not):
   its shorter and its longer half (less padding, twice the calls);
 - `balanced, outputs copied twice`: the loop as the backend ran it before c41f7d1 (every output copied again
   after `infer` had copied it), with its speed against the backend's;
-- `balanced, bf16 hand-over` (bf16 only): the same on step graphs that pass their hidden states to one
-  another as bfloat16 instead of converting them to f32 and back at every call (tried, not adopted), with
-  its accuracy and its labels against the backend's.
+- `balanced, f32 edges` (bf16 only): the same on step graphs that take and return their hidden states as f32,
+  converting them at every call (the backend before its bf16 hand-over), with its accuracy and its labels
+  against the backend's.
 
 The expected saving at the threshold, per sentence and per token. Then, per graph at fixed shapes with
 OpenVINO's per-node counters (PERF_COUNT), the plain graph's time per layer against one layer graph's, by node
@@ -47,52 +47,20 @@ from model.checkpoint import load_model
 from model.data import read_dataset
 from model.onnx_backend import POOL_WEIGHTS
 from model.onnx_export import PLAIN_FILE, layer_file
-from model.openvino_backend import OpenVinoDeeBert, _OpenVinoGraph
+from model.openvino_backend import OpenVinoDeeBert, _bf16_hidden_ports, _OpenVinoGraph
 from model.saving import expected_saving, saving_from_totals
 from model.tokenization import load_tokenizer, pad_batch, tokenize
 from reports.common import describe_machine, machine_description
 from reports.terminal import table
 
 
-class _Bf16HandOverGraph(_OpenVinoGraph):
-    """A step graph that takes and returns its hidden states as bfloat16, passed between the calls as their raw
-    16-bit payload (numpy has no bfloat16; rows and padding are cut from it as from any array), instead of
-    converting them to f32 and back at its edges as the backend's graphs do."""
+class _F32Edges(OpenVinoDeeBert):
+    """The exit loop in bf16 on step graphs that take and return their hidden states as f32, converting them at
+    every call, as the backend's did before the bf16 hand-over (BENCHMARKS.md §10, §13)."""
 
-    def __init__(self, core: Any, path: Path, properties: dict[str, Any]) -> None:
-        import openvino
-        from openvino.preprocess import PrePostProcessor
-
-        model = core.read_model(str(path))
-        steps = PrePostProcessor(model)
-        self._bf16_inputs = {p.get_any_name() for p in model.inputs if p.get_any_name().startswith("hidden_")}
-        self._bf16_outputs = {i for i, p in enumerate(model.outputs) if p.get_any_name().startswith("hidden_")}
-        for name in self._bf16_inputs:
-            steps.input(name).tensor().set_element_type(openvino.Type.bf16)
-        for index in self._bf16_outputs:
-            steps.output(index).tensor().set_element_type(openvino.Type.bf16)
-        self._bf16, self._tensor = openvino.Type.bf16, openvino.Tensor
-        super().__init__(core, steps.build(), properties)
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        request = self._request()
-        payloads, shared = [], {}  # the payloads stay alive until the call returns: the tensors share them
-        for name in self._bf16_inputs & feeds.keys():
-            payloads.append(np.ascontiguousarray(feeds[name]))
-            shared[name] = self._tensor(payloads[-1], payloads[-1].shape, self._bf16)
-        request.infer({**feeds, **shared}, share_inputs=True)
-        outputs = []
-        for index in range(len(self.compiled.outputs)):
-            data = request.get_output_tensor(index).data  # a bfloat16 tensor's payload, seen as float16
-            outputs.append(np.array(data.view(np.uint16) if index in self._bf16_outputs else data, copy=True))
-        return outputs
-
-
-class _Bf16HandOver(OpenVinoDeeBert):
-    """The exit loop on `_Bf16HandOverGraph`s (tried, not adopted: BENCHMARKS.md §10)."""
-
-    def load_graph(self, path: Path) -> Any:
-        return _Bf16HandOverGraph(self._core, path, self._properties)
+    @property
+    def bf16_hidden(self) -> bool:
+        return False
 
 
 class _CopyTwiceGraph(_OpenVinoGraph):
@@ -101,15 +69,16 @@ class _CopyTwiceGraph(_OpenVinoGraph):
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         request = self._request()
-        request.infer(feeds, share_inputs=True)
-        return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(len(self.compiled.outputs))]
+        request.infer(self.typed(feeds), share_inputs=True)
+        outputs = [np.array(request.get_output_tensor(i).data, copy=True) for i in range(len(self.compiled.outputs))]
+        return self.payloads(outputs)
 
 
 class _CopyTwice(OpenVinoDeeBert):
     """The exit loop on `_CopyTwiceGraph`s (what one output copy instead of two gained: BENCHMARKS.md §10)."""
 
     def load_graph(self, path: Path) -> Any:
-        return _CopyTwiceGraph(self._core, path, self._properties)
+        return _CopyTwiceGraph(self._core, path, self._properties, bf16_hidden=self.bf16_hidden)
 
 
 def _pair_ratios(times: dict[str, list[float]], slower: str, faster: str) -> dict[str, float]:
@@ -131,8 +100,14 @@ def _interleaved(candidates: dict[str, Callable[[], Any]], rounds: int) -> dict[
     return times
 
 
+def _hidden(model: OpenVinoDeeBert, values: np.ndarray) -> np.ndarray:
+    """Hidden states as `model`'s layer graphs take them: f32, or (bf16 hand-over) the bfloat16 payload."""
+    return (values.view(np.uint32) >> 16).astype(np.uint16) if model.bf16_hidden else values
+
+
 def _node_times(model: OpenVinoDeeBert, rows: int, tokens: int, hidden_size: int, repeats: int) -> dict[str, Any]:
-    """Per node type, ms per call, of the plain graph (divided by the layer count) and of layer graph 2."""
+    """Per node type, ms per call, of the plain graph (divided by the layer count) and of layer graph 2 (with the
+    backend's edges: bf16 hand-over in bf16)."""
     import openvino
 
     core = openvino.Core()
@@ -142,14 +117,20 @@ def _node_times(model: OpenVinoDeeBert, rows: int, tokens: int, hidden_size: int
         "input_ids": rng.integers(1000, 2000, (rows, tokens)),
         "attention_mask": np.ones((rows, tokens), np.int64),
         "token_type_ids": np.zeros((rows, tokens), np.int64),
-        "hidden_1": rng.standard_normal((rows, tokens, hidden_size), dtype=np.float32),
+        "hidden_1": _hidden(model, rng.standard_normal((rows, tokens, hidden_size), dtype=np.float32)),
         POOL_WEIGHTS: np.full((rows, tokens, 1), 1 / tokens, np.float32),
     }
     out: dict[str, Any] = {"shape": [rows, tokens]}
     for name, file, divide in (("plain, per layer", PLAIN_FILE, model.num_layers), ("layer graph", layer_file(2), 1)):
-        compiled = core.compile_model(str(model.directory / file), "CPU", properties)
+        graph = core.read_model(str(model.directory / file))
+        bf16_inputs: frozenset[str] = frozenset()
+        if model.bf16_hidden:
+            graph, bf16_inputs, _ = _bf16_hidden_ports(graph)
+        compiled = core.compile_model(graph, "CPU", properties)
         request = compiled.create_infer_request()
         feeds = {port.get_any_name(): arrays[port.get_any_name()] for port in compiled.inputs}
+        for port in bf16_inputs:
+            feeds[port] = openvino.Tensor(feeds[port], feeds[port].shape, openvino.Type.bf16)
         for _ in range(5):
             request.infer(feeds, share_inputs=True)
         started = time.perf_counter()
@@ -169,7 +150,7 @@ def _shape_change(model: OpenVinoDeeBert, hidden_size: int, repeats: int) -> lis
     rng = np.random.default_rng(0)
 
     def feeds(rows: int, tokens: int) -> dict[str, np.ndarray]:
-        hidden = rng.standard_normal((rows, tokens, hidden_size), dtype=np.float32)
+        hidden = _hidden(model, rng.standard_normal((rows, tokens, hidden_size), dtype=np.float32))
         values: dict[str, np.ndarray] = {"hidden_1": hidden, "attention_mask": np.ones((rows, tokens), np.int64)}
         values[POOL_WEIGHTS] = np.full((rows, tokens, 1), 1 / tokens, np.float32)
         return {name: values[name] for name in graph.inputs}
@@ -303,10 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     copy_twice = f"{args.threshold}, outputs copied twice (before c41f7d1)"
     copying = _CopyTwice(model.config, model.directory, model.manifest, model.inference_precision, args.threads)
     candidates[copy_twice] = loop(copying, threshold)
-    hand_over = f"{args.threshold}, bf16 hand-over"
+    f32_edges = f"{args.threshold}, f32 edges (before the bf16 hand-over)"
     if args.precision == "bf16":
-        tried = _Bf16HandOver(model.config, model.directory, model.manifest, "bf16", args.threads)
-        tried_run = candidates[hand_over] = loop(tried, threshold)
+        tried = _F32Edges(model.config, model.directory, model.manifest, "bf16", args.threads)
+        tried_run = candidates[f32_edges] = loop(tried, threshold)
     print(f"timing {len(candidates)} candidates x {args.rounds} rounds, interleaved", file=sys.stderr)
     times = _interleaved(candidates, args.rounds)
     medians = {name: statistics.median(values) for name, values in times.items()}
@@ -338,11 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         def accuracy(labels: list[int]) -> float:
             return sum(a == g for a, g in zip(labels, gold, strict=True)) / len(gold) if gold else float("nan")
 
-        results["bf16_hand_over"] = {
-            "speedup": _pair_ratios(times, args.threshold, hand_over),
+        results["bf16_hand_over"] = {  # what the backend's bf16 hand-over gains over f32 edges
+            "speedup": _pair_ratios(times, f32_edges, args.threshold),
             "labels_equal": sum(a == b for a, b in zip(ours, tried_labels, strict=True)),
             "accuracy": accuracy(ours),
-            "accuracy_bf16_hand_over": accuracy(tried_labels),
+            "accuracy_f32_edges": accuracy(tried_labels),
         }
     print(describe_machine(results["machine"]))
     print(table(["pass", "sentences/s", "time vs plain (on the same batches)"], rows))
@@ -363,9 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     if "bf16_hand_over" in results:
         tried_result = results["bf16_hand_over"]
         print(
-            f"bf16 hand-over: {tried_result['speedup']['median']:.3f}x (median of pairs), labels equal on "
-            f"{tried_result['labels_equal']} of {len(order)}, accuracy {tried_result['accuracy_bf16_hand_over']:.2%} "
-            f"against {tried_result['accuracy']:.2%}"
+            f"bf16 hand-over over f32 edges: {tried_result['speedup']['median']:.3f}x (median of pairs), labels "
+            f"equal on {tried_result['labels_equal']} of {len(order)}, accuracy {tried_result['accuracy']:.2%} "
+            f"against {tried_result['accuracy_f32_edges']:.2%} with f32 edges"
         )
     if args.output:
         write_json(results, Path(args.output))

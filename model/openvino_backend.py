@@ -7,7 +7,11 @@ layer norms itself when it compiles. Everything between the calls (exit rule, co
 is `StepGraphModel`'s, shared with ONNX Runtime.
 
 Precision is OpenVINO's inference precision, chosen at compile time: `bf16` on CPUs whose OpenVINO reports the
-BF16 capability (AVX-512 BF16, AMX), `fp32` everywhere. The graphs are cached; OpenVINO's compiled blobs are
+BF16 capability (AVX-512 BF16, AMX), `fp32` everywhere. In bf16 the layer graphs take and return their hidden
+states as bfloat16 (`HIDDEN_PREFIX` ports), passed from one call to the next as their raw 16-bit payload (numpy
+has no bfloat16; compaction cuts rows and padding from it as from any array): as in one bf16 graph, with no
+conversion to f32 and back at every edge (those reorders were 1.12x of a batch-32 `balanced` pass on an Intel
+Xeon with AMX, 1.05x on an AMD EPYC: BENCHMARKS.md §10, §13). The graphs are cached; OpenVINO's compiled blobs are
 not (its CACHE_DIR maps blob files that another process sharing the cache may be rewriting: a server started
 beside another one died with SIGBUS), and compiling the graphs takes about a second.
 """
@@ -35,6 +39,8 @@ INFERENCE_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 # graph few: at the default the loop's kernels were rebuilt over and over. (oneDNN's own primitive cache is
 # left to the environment: `deebert serve` caps it for flat memory, see server/memory.py.)
 RUNTIME_CACHE_CAPACITY = 100_000
+# The step graphs' hidden-state inputs and outputs (`hidden_0` .. `hidden_n`): bfloat16 at the edges in bf16.
+HIDDEN_PREFIX = "hidden_"
 # Token counts are padded up to a multiple of this (fewer shapes to prepare kernels for; masked, same answers).
 DEFAULT_LENGTH_BUCKET = 8
 
@@ -108,15 +114,24 @@ def supported_precisions() -> list[str]:
 
 class _OpenVinoGraph:
     """One compiled step graph: an infer request per calling thread (a request is not thread-safe), inputs
-    shared without a copy, outputs copied out once (the next call reuses the request's buffers)."""
+    shared without a copy, outputs copied out once (the next call reuses the request's buffers). With
+    `bf16_hidden`, its hidden-state ports are bfloat16, fed and returned as uint16 arrays of their payload."""
 
-    def __init__(self, core: Any, graph: Path | Any, properties: dict[str, Any]) -> None:
+    def __init__(self, core: Any, graph: Path | Any, properties: dict[str, Any], bf16_hidden: bool = False) -> None:
         """`graph`: the ONNX file, or an `openvino.Model` read from it (and changed before compiling)."""
+        import openvino
+
+        self._bf16_inputs: frozenset[str] = frozenset()
+        self._bf16_outputs: frozenset[int] = frozenset()
+        if bf16_hidden:
+            graph = core.read_model(str(graph)) if isinstance(graph, Path) else graph
+            graph, self._bf16_inputs, self._bf16_outputs = _bf16_hidden_ports(graph)
         self.compiled = core.compile_model(str(graph) if isinstance(graph, Path) else graph, "CPU", properties)
         self.inputs = [port.get_any_name() for port in self.compiled.inputs]
         self.takes_pool_weights = POOL_WEIGHTS in self.inputs
         self.takes_token_types = "token_type_ids" in self.inputs
         self._local = threading.local()
+        self._bf16, self._tensor = openvino.Type.bf16, openvino.Tensor
 
     def _request(self) -> Any:
         request = getattr(self._local, "request", None)
@@ -129,10 +144,44 @@ class _OpenVinoGraph:
         return self.run({name: feeds[name] for name in self.inputs})
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Every output, from feeds that name exactly the graph's inputs."""
+        """Every output, from feeds that name exactly the graph's inputs (bfloat16 ports: uint16 payloads)."""
         # `infer` copies every output into an array of its own (share_outputs=False): those are the answer.
         # (Copying them again from the request's tensors cost ~2-3 % of a batch-32 pass: BENCHMARKS.md §10.)
-        return list(self._request().infer(feeds, share_inputs=True).to_tuple())
+        return self.payloads(list(self._request().infer(self.typed(feeds), share_inputs=True).to_tuple()))
+
+    def typed(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+        """`feeds` with each bfloat16 input's payload as a tensor typed bfloat16 (shared, not copied)."""
+        if not self._bf16_inputs:
+            return feeds
+        typed: dict[str, Any] = dict(feeds)
+        for name in self._bf16_inputs & feeds.keys():
+            payload = np.ascontiguousarray(feeds[name])  # kept alive by the tensor while the call runs
+            typed[name] = self._tensor(payload, payload.shape, self._bf16)
+        return typed
+
+    def payloads(self, outputs: list[np.ndarray]) -> list[np.ndarray]:
+        """`outputs` with each bfloat16 one (numpy sees it as float16) as its uint16 payload (a view, no copy)."""
+        for index in self._bf16_outputs:
+            outputs[index] = outputs[index].view(np.uint16)
+        return outputs
+
+
+def _bf16_hidden_ports(model: Any) -> tuple[Any, frozenset[str], frozenset[int]]:
+    """`model` with its hidden-state inputs and outputs made bfloat16 at the edge (OpenVINO's preprocessing), the
+    names of those inputs and the positions of those outputs."""
+    import openvino
+    from openvino.preprocess import PrePostProcessor
+
+    inputs = frozenset(p.get_any_name() for p in model.inputs if p.get_any_name().startswith(HIDDEN_PREFIX))
+    outputs = frozenset(i for i, p in enumerate(model.outputs) if p.get_any_name().startswith(HIDDEN_PREFIX))
+    if not inputs and not outputs:
+        return model, inputs, outputs
+    steps = PrePostProcessor(model)
+    for name in inputs:
+        steps.input(name).tensor().set_element_type(openvino.Type.bf16)
+    for index in outputs:
+        steps.output(index).tensor().set_element_type(openvino.Type.bf16)
+    return steps.build(), inputs, outputs
 
 
 class OpenVinoDeeBert(StepGraphModel):
@@ -163,7 +212,12 @@ class OpenVinoDeeBert(StepGraphModel):
         super().__init__(config, directory, manifest)
 
     def load_graph(self, path: Path) -> StepGraph:
-        return _OpenVinoGraph(self._core, path, self._properties)
+        return _OpenVinoGraph(self._core, path, self._properties, bf16_hidden=self.bf16_hidden)
+
+    @property
+    def bf16_hidden(self) -> bool:
+        """Whether the layer graphs hand their hidden states to one another as bfloat16 (in bf16)."""
+        return self.inference_precision == "bf16"
 
     @property
     def backend(self) -> str:

@@ -91,6 +91,8 @@ def test_bf16_stays_close_to_fp32(tmp_path: Path, tokenizer) -> None:  # type: i
         expected = model.plain_forward(*args)
     # bf16 keeps 8 bits of mantissa: logits of a tiny random model stay within a few hundredths.
     torch.testing.assert_close(bf16.plain_forward(*args), expected, atol=0.05, rtol=0.05)
+    state = bf16.run_layer(bf16.start(*args), 1)  # hidden states handed over as their bfloat16 payload
+    assert bf16.bf16_hidden and state.hidden is not None and state.hidden.dtype.name == "uint16"
     # The step graphs in bf16: every off-ramp stays as close, and the exit loop with compaction and mixed
     # per-row thresholds answers from the same graphs.
     with torch.inference_mode():
@@ -99,6 +101,41 @@ def test_bf16_stays_close_to_fp32(tmp_path: Path, tokenizer) -> None:  # type: i
     mixed = bf16.infer(*args, [0.0, 1000.0] * (len(batch.input_ids) // 2) + [0.0] * (len(batch.input_ids) % 2))
     assert mixed.exit_layer[1::2] == [1] * (len(batch.input_ids) // 2)
     assert set(mixed.exit_layer[::2]) == {model.config.num_layers}
+
+
+def test_bf16_hands_hidden_states_to_the_next_layer_as_their_bfloat16_payload(pair) -> None:  # type: ignore[no-untyped-def]
+    """In bf16 the layer graphs take and return hidden states as bfloat16 (uint16 payloads between the calls,
+    compacted as any array); checked here on the f32-compiled graphs with bf16 edges, which any CPU runs: the
+    same hidden states and logits as with f32 edges, to bfloat16's precision."""
+    import numpy as np
+    import openvino
+
+    from model.openvino_backend import _OpenVinoGraph
+
+    model, exported = pair
+    assert not exported.bf16_hidden, "f32 keeps f32 edges"
+    core, properties = openvino.Core(), {"INFERENCE_PRECISION_HINT": "f32"}
+    rng = np.random.default_rng(0)
+    rows, tokens, width = 3, 7, model.config.backbone["hidden_size"]
+    hidden = rng.standard_normal((rows, tokens, width), dtype=np.float32)
+    feeds = {"hidden_1": hidden, "attention_mask": np.ones((rows, tokens), np.int64)}
+    feeds["pool_weights"] = np.full((rows, tokens, 1), 1 / tokens, np.float32)
+    f32_edges = _OpenVinoGraph(core, exported.directory / layer_file(2), properties)
+    bf16_edges = _OpenVinoGraph(core, exported.directory / layer_file(2), properties, bf16_hidden=True)
+    payload = (hidden.view(np.uint32) >> 16).astype(np.uint16)  # hidden states rounded down to bfloat16
+    rounded = (payload.astype(np.uint32) << 16).view(np.float32)
+    expected_hidden, expected_logits = f32_edges.run({**feeds, "hidden_1": rounded})
+    got_hidden, got_logits = bf16_edges.run({**feeds, "hidden_1": payload})
+    assert got_hidden.dtype == np.uint16 and got_hidden.shape == (rows, tokens, width)
+    decoded = (got_hidden.astype(np.uint32) << 16).view(np.float32)
+    np.testing.assert_allclose(decoded, expected_hidden, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(got_logits, expected_logits, rtol=1e-5, atol=1e-5)
+    # A compacted payload (rows and padding cut: not contiguous) is fed as well.
+    cut_hidden, _ = bf16_edges.run({**{k: v[1:, :5] for k, v in feeds.items()}, "hidden_1": payload[1:, :5]})
+    assert cut_hidden.shape == (rows - 1, 5, width)
+    # The last layer graph returns logits only; the plain graph takes no hidden states: no bf16 ports there.
+    last = _OpenVinoGraph(core, exported.directory / layer_file(model.config.num_layers), properties, True)
+    assert last._bf16_outputs == frozenset() and last._bf16_inputs == {f"hidden_{model.config.num_layers - 1}"}
 
 
 def test_the_cache_compiles_once_and_rebuilds_a_corrupt_file(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
