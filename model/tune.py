@@ -32,7 +32,7 @@ import torch
 logger = logging.getLogger("deebert.tune")
 
 SAMPLE_FILE = "tune_sample.jsonl"
-TUNE_FORMAT = 2  # 2: OpenVINO is measured under a preloaded jemalloc too
+TUNE_FORMAT = 3  # 2: OpenVINO is measured under a preloaded jemalloc too; 3: OpenVINO bf16 hands over bf16
 MIN_AGREEMENT = 0.995  # labels at balanced equal to fp32's at balanced
 MAX_ACCURACY_DROP = 0.005  # balanced accuracy below fp32 full depth (a fraction: 0.5 point)
 # split: the fastest eligible runtime alone serves batches of one, the fastest in batches serves the rest.
