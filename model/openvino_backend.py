@@ -10,7 +10,7 @@ Precision is OpenVINO's inference precision, chosen at compile time: `bf16` on C
 BF16 capability (AVX-512 BF16, AMX), `fp32` everywhere. In bf16 the layer graphs take and return their hidden
 states as bfloat16 (`HIDDEN_PREFIX` ports), passed from one call to the next as their raw 16-bit payload (numpy
 has no bfloat16; compaction cuts rows and padding from it as from any array): as in one bf16 graph, with no
-conversion to f32 and back at every edge (those reorders were 1.12x of a batch-32 `balanced` pass on an Intel
+conversion to f32 and back at every edge (those reorders were 1.09-1.12x of a batch-32 `balanced` pass on an Intel
 Xeon with AMX, 1.05x on an AMD EPYC: BENCHMARKS.md §10, §13). The graphs are cached; OpenVINO's compiled blobs are
 not (its CACHE_DIR maps blob files that another process sharing the cache may be rewriting: a server started
 beside another one died with SIGBUS), and compiling the graphs takes about a second.
