@@ -13,12 +13,14 @@ Batches can run on the event loop itself instead of on the worker thread (`loop_
 - `all`: every batch runs there while batches of its kind (one text, or more) recently took at most
   `LOOP_BATCH_MAX_S`. On a CPU whose cores the model's own threads fill, the loop's HTTP work beside a batch only
   competes with it (for the cores, and for the GIL the model's thread needs between runtime calls): served at
-  32 and 4 connections it did a median 1.09x and 1.26x the requests/s of `alone` (BENCHMARKS.md §12, noisy
-  pairs). Before such a batch the loop gets a few turns to queue the requests it has accepted and not queued
-  yet, so that a wave of requests makes one batch. The cost: while a batch holds the loop, arriving requests
-  wait unread instead of in the queue, so the queue's wait and depth understate the load. (After such a batch
-  the batcher counts as busy until those requests have had their turns to be queued, so that brownout, which
-  ends when the queue drains, does not end after every batch; the time they waited unread is in no figure.)
+  32 and 4 connections it did a median 1.09x and 1.26x the requests/s of `alone` on an AMD EPYC, but 1.00x and
+  0.89x on an Intel Xeon with AMX, whose shorter batches leave the serialized HTTP work a larger share
+  (BENCHMARKS.md §12, noisy pairs). Before such a batch the loop gets a few turns to queue the requests it
+  has accepted and not queued yet, so that a wave of requests makes one batch. The cost: while a batch holds
+  the loop, arriving requests wait unread instead of in the queue, so the queue's wait and depth understate the
+  load. (After such a batch the batcher counts as busy until those requests have had their turns to be queued,
+  so that brownout, which ends when the queue drains, does not end after every batch; the time they waited
+  unread is in no figure.)
 - `none`: every batch on the worker thread.
 
 The first batch of each kind, and any while the worker thread has another job, runs on the worker thread.
