@@ -71,6 +71,32 @@ def test_split_serves_batches_of_one_and_batches_on_their_fastest() -> None:
     assert marks == {"1 onnxruntime-fp32", "B openvino-bf16", "onnxruntime-int8"}
 
 
+def test_a_close_call_at_batch_1_is_timed_again_side_by_side_and_decides() -> None:
+    """The two fastest eligible candidates within 25 % at batch 1 are timed again in alternating order; each gets
+    the median of its passes, and the choice follows them. Ineligible ones and clear winners are left alone."""
+    quick = judge(measured("onnxruntime-fp32", 2.43, 500), 0.9, True)  # timed in a slow spell
+    bf16 = judge(measured("openvino-bf16", 2.08, 1800), 0.9, True)
+    wrong = judge(measured("onnxruntime-int8", 1.0, 600, agreement=0.96), 0.9, True)
+    slow = judge(measured("torch-fp32", 4.4, 600), 0.9, True)
+    passes = {"onnxruntime-fp32": iter([1.9, 1.8, 5.0, 1.85]), "openvino-bf16": iter([2.1, 2.0, 2.05, 9.0])}
+    calls: list[str] = []
+
+    def time_one(key: str) -> float:
+        calls.append(key)
+        return next(passes[key])
+
+    measurements = [quick, bf16, wrong, slow]
+    assert tune.settle_close_call(measurements, time_one, rounds=4) == ("openvino-bf16", "onnxruntime-fp32")
+    assert calls == ["openvino-bf16", "onnxruntime-fp32", "onnxruntime-fp32", "openvino-bf16"] * 2
+    assert quick.batch1_ms == pytest.approx(1.875) and bf16.batch1_ms == pytest.approx(2.075)  # medians
+    assert quick.batch1_retimed and bf16.batch1_retimed and not slow.batch1_retimed and wrong.batch1_ms == 1.0
+    assert tune.choose_split(measurements) == (quick, bf16)
+    # A clear winner (the second over 1.25x the first) is not timed again.
+    clear = [judge(measured("onnxruntime-fp32", 1.0, 500), 0.9, True)]
+    clear.append(judge(measured("openvino-bf16", 1.3, 900), 0.9, True))
+    assert tune.settle_close_call(clear, time_one) is None and not any(m.batch1_retimed for m in clear)
+
+
 def test_the_objective_decides_between_latency_and_throughput() -> None:
     quick_alone = judge(measured("onnxruntime-fp32", 0.7, 2000), 0.9, True)
     quick_in_batches = judge(measured("openvino-bf16", 1.1, 2500), 0.9, True)
@@ -132,6 +158,19 @@ def test_a_tune_measures_chooses_and_caches(tiny_checkpoint: Path, tmp_path: Pat
     assert result.choice == choose(result.measurements, "mixed").candidate  # type: ignore[union-attr]
     stored = cached_result(tmp_path / "cache", result.fingerprint)
     assert stored is not None and stored.choice == result.choice and stored.to_json() == result.to_json()
+
+
+def test_a_tune_times_a_close_call_again_with_the_real_runtimes(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoint = _sampled_checkpoint(tiny_checkpoint, tmp_path)
+    monkeypatch.setattr(tune, "CLOSE_CALL", 1e9)  # every pair counts as close
+    candidates = [Candidate("torch", "fp32"), Candidate("onnxruntime", "fp32")]
+    result = run_tune(checkpoint, tmp_path / "cache", threads=1, objective="split", timing=FAST, candidates=candidates)
+    assert all(m.batch1_retimed and m.batch1_ms and m.batch1_ms > 0 for m in result.measurements)
+    assert result.choice == min(result.measurements, key=lambda m: m.batch1_ms or 0).candidate
+    stored = cached_result(tmp_path / "cache", result.fingerprint)
+    assert stored is not None and all(m.batch1_retimed for m in stored.measurements)
 
 
 def test_another_cpu_tunes_again_and_the_same_one_does_not(tiny_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
