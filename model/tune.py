@@ -33,7 +33,8 @@ import torch
 logger = logging.getLogger("deebert.tune")
 
 SAMPLE_FILE = "tune_sample.jsonl"
-TUNE_FORMAT = 3  # 2: OpenVINO is measured under a preloaded jemalloc too; 3: OpenVINO bf16 hands over bf16
+# 2: OpenVINO is measured under a preloaded jemalloc too; 3: OpenVINO bf16 hands over bf16, close calls retimed
+TUNE_FORMAT = 3
 MIN_AGREEMENT = 0.995  # labels at balanced equal to fp32's at balanced
 MAX_ACCURACY_DROP = 0.005  # balanced accuracy below fp32 full depth (a fraction: 0.5 point)
 # Two eligible candidates this close at batch 1 (the slower's ms at most this times the faster's) are timed again
