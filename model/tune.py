@@ -270,31 +270,33 @@ def time_candidate(
     """(batch-1 mean ms, batched texts/s) at `threshold`: a warm-up pass, then the best of `timing.rounds`."""
     from model.tokenization import pad_batch
 
-    singles = [pad_batch([item], pad_id) for item in encoded[: timing.batch1_rows]]
+    singles = batch1_inputs(encoded, pad_id, timing)
     order = sorted(range(min(len(encoded), timing.batched_rows)), key=lambda i: len(encoded[i]))
     groups = [order[i : i + timing.batch_size] for i in range(0, len(order), timing.batch_size)]
     batches = [pad_batch([encoded[i] for i in group], pad_id) for group in groups]
     best_single, best_batched = float("inf"), float("inf")
     for round_number in range(timing.rounds + 1):  # round 0 warms the runtime's kernels for these shapes
-        started = timing.clock()
-        _answers(model, singles, threshold)
-        single = (timing.clock() - started) / max(1, len(singles))
+        single = batch1_pass_ms(model, singles, threshold, timing.clock)
         started = timing.clock()
         _answers(model, batches, threshold)
         batched = timing.clock() - started
         if round_number:
             best_single, best_batched = min(best_single, single), min(best_batched, batched)
-    return best_single * 1000, len(order) / best_batched
+    return best_single, len(order) / best_batched
 
 
-def time_batch1(model: Any, encoded: Sequence[Any], pad_id: int, threshold: float, timing: Timing) -> float:
-    """Batch-1 mean ms at `threshold` over the first `timing.batch1_rows` texts, one pass."""
+def batch1_inputs(encoded: Sequence[Any], pad_id: int, timing: Timing) -> list[Any]:
+    """The first `timing.batch1_rows` texts, each a batch of one."""
     from model.tokenization import pad_batch
 
-    singles = [pad_batch([item], pad_id) for item in encoded[: timing.batch1_rows]]
-    started = timing.clock()
+    return [pad_batch([item], pad_id) for item in encoded[: timing.batch1_rows]]
+
+
+def batch1_pass_ms(model: Any, singles: Sequence[Any], threshold: float, clock: Callable[[], float]) -> float:
+    """Batch-1 mean ms at `threshold` over `singles` (batches of one), one pass."""
+    started = clock()
     _answers(model, singles, threshold)
-    return (timing.clock() - started) / max(1, len(singles)) * 1000
+    return (clock() - started) / max(1, len(singles)) * 1000
 
 
 def settle_close_call(
@@ -302,11 +304,11 @@ def settle_close_call(
     time_one: Callable[[str], float],
     rounds: int | None = None,
     ratio: float | None = None,
-) -> tuple[str, str] | None:
+) -> tuple[Measurement, Measurement] | None:
     """When the two fastest eligible candidates at batch 1 are within `ratio` (default `CLOSE_CALL`): time them
     again side by side, `rounds` (default `CLOSE_CALL_ROUNDS`) times in alternating order (`time_one(key)`: one
-    batch-1 pass, ms), and give each the median as its batch-1 ms. The two keys, fastest first before the
-    retiming; None when there was no close call."""
+    batch-1 pass, ms), and give each the median as its batch-1 ms. The two, fastest first before the retiming;
+    None when there was no close call."""
     ratio = CLOSE_CALL if ratio is None else ratio
     rounds = CLOSE_CALL_ROUNDS if rounds is None else rounds
     ranked = sorted((m for m in measurements if m.eligible and m.batch1_ms is not None), key=lambda m: m.batch1_ms or 0)
@@ -320,7 +322,7 @@ def settle_close_call(
     for measurement in pair:
         measurement.batch1_ms = statistics.median(times[measurement.candidate])
         measurement.batch1_retimed = True
-    return pair[0].candidate, pair[1].candidate
+    return pair[0], pair[1]
 
 
 def judge(measurement: Measurement, reference_accuracy: float | None, has_answers: bool) -> Measurement:
@@ -574,6 +576,7 @@ def run_tune(
         measurements.append(judge(measurement, reference_accuracy, has_answers))
     if budget_s is None or time.perf_counter() - started <= budget_s:
         loaded: dict[str, tuple[Any, float]] = {}
+        singles = batch1_inputs(encoded, pad_id, timing)
 
         def time_one(key: str) -> float:
             """One batch-1 pass of candidate `key`, loaded again and warmed by one untimed pass on first use."""
@@ -589,8 +592,8 @@ def run_tune(
             served, threshold = loaded[key]
             with torch.inference_mode():
                 if first_use:
-                    time_batch1(served, encoded, pad_id, threshold, timing)
-                return time_batch1(served, encoded, pad_id, threshold, timing)
+                    batch1_pass_ms(served, singles, threshold, timing.clock)
+                return batch1_pass_ms(served, singles, threshold, timing.clock)
 
         try:
             close_call = settle_close_call(measurements, time_one)
@@ -598,7 +601,7 @@ def run_tune(
             logger.warning("tune: retiming a close call failed: %s", err)
             close_call = None
         if close_call is not None:
-            first, second = (next(m for m in measurements if m.candidate == key) for key in close_call)
+            first, second = close_call
             logger.info(
                 "tune: %s and %s were within %.0f%% at batch 1; side by side (median of %d rounds): %.2f and %.2f ms",
                 first.candidate, second.candidate, (CLOSE_CALL - 1) * 100, CLOSE_CALL_ROUNDS,

@@ -86,7 +86,7 @@ def test_a_close_call_at_batch_1_is_timed_again_side_by_side_and_decides() -> No
         return next(passes[key])
 
     measurements = [quick, bf16, wrong, slow]
-    assert tune.settle_close_call(measurements, time_one, rounds=4) == ("openvino-bf16", "onnxruntime-fp32")
+    assert tune.settle_close_call(measurements, time_one, rounds=4) == (bf16, quick)  # fastest first, before
     assert calls == ["openvino-bf16", "onnxruntime-fp32", "onnxruntime-fp32", "openvino-bf16"] * 2
     assert quick.batch1_ms == pytest.approx(1.875) and bf16.batch1_ms == pytest.approx(2.075)  # medians
     assert quick.batch1_retimed and bf16.batch1_retimed and not slow.batch1_retimed and wrong.batch1_ms == 1.0
