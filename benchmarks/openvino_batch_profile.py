@@ -15,8 +15,9 @@ compare, separate runs do not):
 - `plain, random batches` and `balanced, random batches`: the same sentences in random batches of 32, lengths
   mixed as in a server's batches; `balanced, random batches in two halves`: each of those batches run as two,
   its shorter and its longer half (less padding, twice the calls);
-- `balanced, outputs copied twice`: the loop as the backend ran it before c41f7d1 (every output copied again
-  after `infer` had copied it), with its speed against the backend's;
+- `balanced, hidden states copied out`: the loop as the backend ran it before its layer graphs' hidden states
+  were read from the request's buffer (every output copied out of every call), with its speed against the
+  backend's;
 - `balanced, f32 edges` (bf16 only): the same on step graphs that take and return their hidden states as f32,
   converting them at every call (the backend before its bf16 hand-over), with its accuracy and its labels
   against the backend's.
@@ -63,22 +64,20 @@ class _F32Edges(OpenVinoDeeBert):
         return False
 
 
-class _CopyTwiceGraph(_OpenVinoGraph):
-    """A step graph as the backend ran it before c41f7d1: `infer`'s own output arrays dropped and every output
-    copied again from the request's tensors."""
+class _CopiedOutputsGraph(_OpenVinoGraph):
+    """A step graph as the backend ran it before its hidden states were shared: `infer` copies every output
+    into an array of its own."""
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        request = self._request()
-        request.infer(self.typed(feeds), share_inputs=True)
-        outputs = [np.array(request.get_output_tensor(i).data, copy=True) for i in range(len(self.compiled.outputs))]
-        return self.payloads(outputs)
+        return self.payloads(list(self._request().infer(self.typed(feeds), share_inputs=True).to_tuple()))
 
 
-class _CopyTwice(OpenVinoDeeBert):
-    """The exit loop on `_CopyTwiceGraph`s (what one output copy instead of two gained: BENCHMARKS.md §10)."""
+class _CopiedOutputs(OpenVinoDeeBert):
+    """The exit loop on `_CopiedOutputsGraph`s (what reading the hidden states from the request's buffer gained:
+    BENCHMARKS.md §14)."""
 
     def load_graph(self, path: Path) -> Any:
-        return _CopyTwiceGraph(self._core, path, self._properties, bf16_hidden=self.bf16_hidden)
+        return _CopiedOutputsGraph(self._core, path, self._properties, bf16_hidden=self.bf16_hidden)
 
 
 def _pair_ratios(times: dict[str, list[float]], slower: str, faster: str) -> dict[str, float]:
@@ -281,9 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.threshold}, random batches": exits_on(mixed_batches),
         f"{args.threshold}, random batches in two halves": exits_on(halves),
     }
-    copy_twice = f"{args.threshold}, outputs copied twice (before c41f7d1)"
-    copying = _CopyTwice(model.config, model.directory, model.manifest, model.inference_precision, args.threads)
-    candidates[copy_twice] = loop(copying, threshold)
+    copied = f"{args.threshold}, hidden states copied out (before they were shared)"
+    copying = _CopiedOutputs(model.config, model.directory, model.manifest, model.inference_precision, args.threads)
+    candidates[copied] = loop(copying, threshold)
     f32_edges = f"{args.threshold}, f32 edges (before the bf16 hand-over)"
     if args.precision == "bf16":
         tried = _F32Edges(model.config, model.directory, model.manifest, "bf16", args.threads)
@@ -310,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "node_times": [_node_times(model, 32, tokens, hidden_size, 20) for tokens in (16, 32)],
         "shape_change": _shape_change(model, hidden_size, 20),
         "expected_saving": _savings(model, batches, order, [len(e) for e in encoded], threshold, args.batch_size),
-        "one_output_copy": {"speedup": _pair_ratios(times, copy_twice, args.threshold)},
+        "shared_hidden_states": {"speedup": _pair_ratios(times, copied, args.threshold)},
     }
     if args.precision == "bf16":
         ours, tried_labels = ours_run(), tried_run()
@@ -334,8 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         for node in list(layer["nodes_ms"])[:6]:
             plain_ms, layer_ms = plain_layer["nodes_ms"].get(node, 0.0), layer["nodes_ms"][node]
             print(f"  {node}: plain {plain_ms:.3f} ms, layer graph {layer_ms:.3f}")
-    one_copy = results["one_output_copy"]["speedup"]
-    print(f"one output copy instead of two: {one_copy['median']:.3f}x (median of pairs)")
+    shared = results["shared_hidden_states"]["speedup"]
+    print(f"hidden states shared instead of copied out: {shared['median']:.3f}x (median of pairs)")
     savings = results["expected_saving"]
     print(f"expected saving at {args.threshold}: {savings['sentences']:.1%} of sentence-layers, "
           f"{savings['tokens']:.1%} of token-layers")  # fmt: skip

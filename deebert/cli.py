@@ -208,6 +208,115 @@ def _add_backend(parser: argparse.ArgumentParser, precision_note: str = "") -> N
     )
 
 
+def _add_classify(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "classify",
+        help="classify every text of a file (TSV/CSV/JSONL) into JSON lines, early exit refilled in batches",
+        description="Offline bulk classification: the texts sorted by length, in batches whose calls are "
+        "refilled between layers (rows that leave free their places for rows of later batches), one JSON line "
+        "per text in input order, as the server answers it. Labels in the file, if any, are scored.",
+    )
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    p.add_argument("--input", required=True, help="texts (TSV/CSV/JSONL with the checkpoint's text columns)")
+    p.add_argument("--output", required=True, help="JSON lines, one per text: label, score, exit layer, entropy")
+    p.add_argument("--threshold", default="balanced", help="a number or preset name (default: balanced)")
+    p.add_argument("--batch-size", type=int, default=32, help="most rows in one runtime call (32)")
+    p.add_argument("--threads", type=int, help="CPU threads of the runtime (default: its own)")
+    _add_backend(p)
+    p.add_argument("--summary", help="also write the run's summary (counts, speed, saving, accuracy) as JSON here")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _run_classify(args: argparse.Namespace) -> int:
+    import logging
+
+    from tqdm import tqdm
+
+    from model.bulk import classify_all
+    from model.checkpoint import require_deebert, resolve_directory
+    from model.config import ConfigError
+    from model.data import read_dataset
+    from model.exit_rule import LABEL_ON_PROBABILITY
+    from model.tokenization import load_tokenizer, tokenize
+    from model.tune import load_auto
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    # Which runtime `auto` took, and why (or how to tune), on stderr beside the progress bar.
+    project_log = logging.getLogger("deebert")
+    if not project_log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("deebert classify: %(message)s"))
+        project_log.addHandler(handler)
+        project_log.setLevel(logging.INFO)
+    directory = resolve_directory(args.checkpoint)
+    require_deebert(directory, args.checkpoint)
+    if args.backend == "auto":  # as `deebert serve` runs it: the runtime `deebert tune` chose on this CPU
+        model, reason = load_auto(directory, args.cache_dir, args.threads, args.batch_size, budget_s=0.0)
+        tokenizer = load_tokenizer(directory)
+    else:
+        model, tokenizer = _load(args)
+        reason = "requested"
+    config = model.config
+    try:
+        threshold, preset = config.resolve_threshold(args.threshold)
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"--threshold: {err}") from None
+    data = read_dataset(args.input, label_names=config.labels, text_columns=config.text_columns, require_labels=False)
+    if config.is_pair_task != (data.text_pairs is not None):
+        kind = "sentence pairs" if config.is_pair_task else "single sentences"
+        raise ConfigError(f"{args.input}: the model classifies {kind}; the file's text columns are {data.text_columns}")
+    encoded = tokenize(tokenizer, data.texts, data.text_pairs, config.max_length)
+    with tqdm(total=len(encoded), desc="classify", unit="text", disable=not args.progress) as bar:
+        run = classify_all(model, encoded, threshold, tokenizer.pad_token_id, args.batch_size, bar.update)
+    multi_label = config.criterion.multi_label
+    with Path(args.output).open("w", encoding="utf-8") as out:
+        for answer in run.answers:
+            record: dict[str, object] = {
+                "label": config.labels[answer.label_id],
+                "label_id": answer.label_id,
+                "score": max(answer.probabilities),
+                "exit_layer": answer.exit_layer,
+                "entropy": answer.entropy,
+                "probabilities": dict(zip(config.labels, answer.probabilities, strict=True)),
+            }
+            if multi_label:
+                on = zip(config.labels, answer.probabilities, strict=True)
+                record["labels_on"] = [name for name, p in on if p >= LABEL_ON_PROBABILITY]
+            out.write(json.dumps(record) + "\n")
+    summary: dict[str, object] = {
+        "command": args.command_line,
+        "machine": machine_description(),
+        "checkpoint": str(args.checkpoint),
+        "input": str(args.input),
+        "texts": len(run.answers),
+        "backend": model.backend,
+        "precision": model.precision,
+        "backend_reason": reason,
+        "threshold": threshold,
+        "preset": preset,
+        "batch_size": args.batch_size,
+        "seconds": run.seconds,
+        "texts_per_s": run.texts_per_s,
+        "exit_counts": run.exit_counts,
+        "expected_saving": run.expected_saving,
+    }
+    if data.labels is not None and not multi_label:
+        correct = sum(answer.label_id == gold for answer, gold in zip(run.answers, data.labels, strict=True))
+        summary["accuracy"] = correct / len(data.labels)
+    if args.summary:
+        Path(args.summary).write_text(json.dumps(summary, indent=2) + "\n")
+    saving = run.expected_saving
+    accuracy = f", accuracy {percent(summary['accuracy'])}" if "accuracy" in summary else ""  # type: ignore[arg-type]
+    print(
+        f"{len(run.answers)} texts in {run.seconds:.2f} s ({run.texts_per_s:.0f}/s) on {model.backend} "
+        f"{model.precision} at {preset or threshold}; exits by layer {run.exit_counts}, expected saving "
+        f"{percent(saving)}{accuracy}; wrote {args.output}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _add_export(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "export",
@@ -634,6 +743,7 @@ SUBCOMMANDS: dict[str, tuple[AddFlags, Callable[[argparse.Namespace], int]]] = {
     "convert": (_add_convert, _run_convert),
     "calibrate": (_add_calibrate, _run_calibrate),
     "evaluate": (_add_evaluate, _run_evaluate),
+    "classify": (_add_classify, _run_classify),
     "results": (_add_results, _run_results),
     "export": (_add_export, _run_export),
     "serve": (_add_serve, _run_serve),

@@ -9,13 +9,13 @@ fp32 on the CPU when installed and torch everywhere else.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from model import exit_rule
-from model.early_exit import EarlyExitModel, ExitResult, LayerExits
+from model.early_exit import EarlyExitModel, ExitResult, LayerExits, RefillBatch
 from model.modeling import DeeBert
 
 logger = logging.getLogger("deebert.backends")
@@ -201,6 +201,28 @@ class SplitExitModel(EarlyExitModel):
         return self._for(rows).infer(
             input_ids, attention_mask, token_type_ids, self._thresholds(rows, thresholds), compact, criterion
         )
+
+    def _batched_refills(self, batches: Iterable[RefillBatch]) -> Iterator[RefillBatch]:
+        for input_ids, attention_mask, token_type_ids, thresholds in batches:
+            yield input_ids, attention_mask, token_type_ids, self._thresholds(2, thresholds)
+
+    def iter_exits_refilled(
+        self,
+        batches: Iterable[RefillBatch],
+        max_rows: int,
+        criterion: exit_rule.ExitCriterion | None = None,
+    ) -> Iterator[LayerExits]:
+        """On the batched runtime: its calls hold many rows."""
+        yield from self.batched.iter_exits_refilled(self._batched_refills(batches), max_rows, criterion)
+
+    def infer_refilled(
+        self,
+        batches: Sequence[RefillBatch],
+        max_rows: int,
+        criterion: exit_rule.ExitCriterion | None = None,
+    ) -> ExitResult:
+        """On the batched runtime: its calls hold many rows."""
+        return self.batched.infer_refilled(list(self._batched_refills(batches)), max_rows, criterion)
 
     def plain_forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None

@@ -12,7 +12,7 @@ path on Python numbers — lives here, so both backends answer with the same sem
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -71,6 +71,10 @@ class ExitSteps(Protocol):
 
     def keep_rows(self, state: Any, keep_index: torch.Tensor) -> Any:
         """The state of only the rows at `keep_index` (ascending), without padding none of them needs."""
+
+    def join(self, states: Sequence[Any]) -> Any:
+        """The rows of several states after the same layer as one state, in the order given (each padded to
+        the longest one's tokens; padding is masked): what refilling a batch between layers runs."""
 
     def full_depth_logits(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
@@ -171,6 +175,165 @@ def iter_exits(
             done |= leaving
             if bool(done.all()):
                 return
+
+
+# A batch of rows to refill with: token ids, attention mask, token types (or None) and one threshold per row.
+RefillBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Sequence[float] | torch.Tensor]
+
+
+@dataclass
+class _Waiting:
+    """Rows that ran the layers before one layer and wait for it: their state, their numbers across every
+    batch, their thresholds and the exit criterion's per-row state."""
+
+    state: Any
+    rows: torch.Tensor
+    thresholds: torch.Tensor
+    criterion_state: exit_rule.State
+
+    @property
+    def size(self) -> int:
+        return int(self.rows.shape[0])
+
+    def select(self, steps: ExitSteps, index: torch.Tensor) -> _Waiting:
+        criterion_state = None if self.criterion_state is None else self.criterion_state[..., index]
+        return _Waiting(steps.keep_rows(self.state, index), self.rows[index], self.thresholds[index], criterion_state)
+
+
+def _join(steps: ExitSteps, groups: Sequence[_Waiting]) -> _Waiting:
+    if len(groups) == 1:
+        return groups[0]
+    states = [group.criterion_state for group in groups]
+    return _Waiting(
+        steps.join([group.state for group in groups]),
+        torch.cat([group.rows for group in groups]),
+        torch.cat([group.thresholds for group in groups]),
+        None if any(state is None for state in states) else torch.cat(states, dim=-1),  # type: ignore[arg-type]
+    )
+
+
+def iter_exits_refilled(
+    steps: ExitSteps, batches: Iterable[RefillBatch], rule: exit_rule.ExitCriterion, max_rows: int
+) -> Iterator[LayerExits]:
+    """Many batches through the exit loop with every layer's call kept full: the rows that leave free their
+    places, and the next layer's call fills them with rows of later batches that reached the same layer.
+
+    Per batch (`iter_exits`), a batch of 32 that loses half its rows at layer 1 runs its later layers on 16
+    rows or fewer, and small calls use a CPU's matrix units poorly and pay a call's fixed costs for few rows.
+    Here rows that reach layer k wait there until `max_rows` of them (from any batches) have, and run it
+    together; the deepest such layer runs first, and a new batch starts at layer 1 only when no layer has a
+    full call waiting; when the batches run out the rest drains, deepest first. Every row takes the same
+    layers and off-ramps and the same exit rule as in `iter_exits` (its own threshold and criterion state);
+    only which rows share a call changes (and their padding: answers agree to float precision).
+
+    Rows are numbered across the batches in the order given (the first batch's 0..b-1, then on); exits come
+    out layer by layer as calls finish, not in row order. Each batch has at most `max_rows` rows. Sort the
+    rows by length first for little padding: rows that share a call are padded to the longest of them.
+    """
+    for exits in _refilled_calls(steps, batches, rule, max_rows):
+        if exits.rows:
+            yield exits
+
+
+def _refilled_calls(
+    steps: ExitSteps, batches: Iterable[RefillBatch], rule: exit_rule.ExitCriterion, max_rows: int
+) -> Iterator[LayerExits]:
+    """`iter_exits_refilled`, with one `LayerExits` per call (its rows empty when none left there)."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+    num_layers = steps.num_layers
+    waiting: dict[int, list[_Waiting]] = {layer: [] for layer in range(2, num_layers + 1)}
+    counts = dict.fromkeys(waiting, 0)
+    source = iter(batches)
+    next_row = 0
+    more = True
+    while True:
+        layer = next((depth for depth in range(num_layers, 1, -1) if counts[depth] >= max_rows), None)
+        group: _Waiting | None = None
+        if layer is None and more:
+            batch = next(source, None)
+            if batch is None:
+                more = False
+            else:
+                input_ids, attention_mask, token_type_ids, thresholds = batch
+                size = input_ids.shape[0]
+                if not 1 <= size <= max_rows:
+                    raise ValueError(f"a batch to refill with has 1 to {max_rows} rows, got {size}")
+                device = input_ids.device
+                row_thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device=device).reshape(size)
+                rows = torch.arange(next_row, next_row + size, device=device)
+                group = _Waiting(steps.start(input_ids, attention_mask, token_type_ids), rows, row_thresholds, None)
+                next_row += size
+                layer = 1
+        if group is None:
+            if layer is None:  # no full call waits and no batch is left: drain, deepest first
+                layer = next((depth for depth in range(num_layers, 1, -1) if counts[depth]), None)
+                if layer is None:
+                    return
+            group = _join(steps, waiting[layer])
+            waiting[layer], counts[layer] = [], 0
+            if group.size > max_rows:
+                rest = group.select(steps, torch.arange(max_rows, group.size, device=group.rows.device))
+                waiting[layer], counts[layer] = [rest], rest.size
+                group = group.select(steps, torch.arange(max_rows, device=group.rows.device))
+        assert layer is not None
+        rows_run = group.size
+        state = steps.run_layer(group.state, layer)
+        probabilities, entropy = rule.outputs(steps.off_ramp_logits(state, layer))
+        criterion_state: exit_rule.State = None
+        if layer == num_layers:
+            leaving = torch.ones(rows_run, dtype=torch.bool, device=group.rows.device)
+        else:
+            leaving, criterion_state = rule.step(probabilities, entropy, group.thresholds, group.criterion_state)
+        leaving_index = leaving.nonzero().squeeze(1)  # the one host sync per call
+        num_leaving = leaving_index.numel()
+        yield LayerExits(
+            layer=layer,
+            rows=group.rows[leaving_index].tolist(),
+            labels=probabilities[leaving_index].argmax(dim=-1).tolist(),
+            entropies=entropy[leaving_index].tolist(),
+            probabilities=probabilities[leaving_index],
+            rows_run=rows_run,
+        )
+        if num_leaving < rows_run:
+            going = _Waiting(state, group.rows, group.thresholds, criterion_state)
+            going = going.select(steps, (~leaving).nonzero().squeeze(1))
+            waiting[layer + 1].append(going)
+            counts[layer + 1] += going.size
+
+
+def infer_refilled(
+    steps: ExitSteps,
+    batches: Sequence[RefillBatch],
+    rule: exit_rule.ExitCriterion,
+    num_labels: int,
+    max_rows: int,
+) -> ExitResult:
+    """Early-exit answers for every row of `batches`, numbered across them in order (`iter_exits_refilled`).
+    `rows_per_layer` counts every call's rows at each layer. Batches whose rows can none leave early gain
+    nothing from refilling: when no row of any batch can, each batch takes `infer` (one full-depth call)."""
+    if not any(rule.can_exit_early(torch.as_tensor(b[3], dtype=torch.float32).reshape(-1), steps.num_layers)
+               for b in batches):  # fmt: skip
+        results = [infer(steps, *batch, rule, num_labels) for batch in batches]
+        return ExitResult(
+            [layer for r in results for layer in r.exit_layer],
+            [value for r in results for value in r.entropy],
+            [label for r in results for label in r.label],
+            torch.cat([r.probabilities for r in results]) if results else torch.zeros(0, num_labels),
+            [sum(r.rows_per_layer[i] for r in results if i < len(r.rows_per_layer)) for i in range(steps.num_layers)],
+        )
+    total = sum(int(batch[0].shape[0]) for batch in batches)
+    exit_layer, entropy, label = [0] * total, [0.0] * total, [0] * total
+    probabilities = torch.zeros(total, num_labels)
+    rows_per_layer = [0] * steps.num_layers
+    for exits in _refilled_calls(steps, batches, rule, max_rows):
+        rows_per_layer[exits.layer - 1] += exits.rows_run
+        for position, row in enumerate(exits.rows):
+            exit_layer[row] = exits.layer
+            entropy[row] = exits.entropies[position]
+            label[row] = exits.labels[position]
+        probabilities[exits.rows] = exits.probabilities.float().cpu()
+    return ExitResult(exit_layer, entropy, label, probabilities, rows_per_layer)
 
 
 def exit_one(
@@ -336,3 +499,27 @@ class EarlyExitModel:
             return infer(
                 steps, input_ids, attention_mask, token_type_ids, thresholds, rule, self.config.num_labels, compact
             )
+
+    def iter_exits_refilled(
+        self,
+        batches: Iterable[RefillBatch],
+        max_rows: int,
+        criterion: exit_rule.ExitCriterion | None = None,
+    ) -> Iterator[LayerExits]:
+        """Many batches with every layer's call refilled up to `max_rows` rows (`iter_exits_refilled`)."""
+        rule = criterion or self.config.criterion
+        steps = self.exit_steps()
+        with self._inference_mode():
+            yield from iter_exits_refilled(steps, batches, rule, max_rows)
+
+    def infer_refilled(
+        self,
+        batches: Sequence[RefillBatch],
+        max_rows: int,
+        criterion: exit_rule.ExitCriterion | None = None,
+    ) -> ExitResult:
+        """Early-exit answers for every row of `batches`, numbered across them (`infer_refilled`)."""
+        rule = criterion or self.config.criterion
+        steps = self.exit_steps()
+        with self._inference_mode():
+            return infer_refilled(steps, batches, rule, self.config.num_labels, max_rows)

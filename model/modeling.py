@@ -9,7 +9,7 @@ never the other way round.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -234,6 +234,12 @@ class _TorchSteps:
         attention_mask = state.attention_mask[keep_index]
         longest = int(attention_mask.sum(dim=1).max())
         return self._state(state.hidden[keep_index, :longest], attention_mask[:, :longest])
+
+    def join(self, states: Sequence[_TorchState]) -> _TorchState:
+        tokens = max(state.hidden.shape[1] for state in states)
+        hidden = torch.cat([F.pad(state.hidden, (0, 0, 0, tokens - state.hidden.shape[1])) for state in states])
+        mask = torch.cat([F.pad(state.attention_mask, (0, tokens - state.attention_mask.shape[1])) for state in states])
+        return self._state(hidden, mask)
 
 
 class DeeBert(nn.Module, EarlyExitModel):

@@ -21,7 +21,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -256,6 +256,19 @@ class StepGraphModel(EarlyExitModel):
         weights = None if state.pool_weights is None else state.pool_weights[rows, :longest]
         return _OrtState(attention_mask, lengths, weights, hidden=state.hidden[rows, :longest])
 
+    def join(self, states: Sequence[_OrtState]) -> _OrtState:
+        """Their rows in one state, each padded with masked tokens to the longest one's (hidden states of zeros)."""
+        hidden = [state.hidden for state in states if state.hidden is not None]
+        assert len(hidden) == len(states)  # rows join after a layer, never before the first
+        tokens = max(state.attention_mask.shape[1] for state in states)
+        weights = [state.pool_weights for state in states if state.pool_weights is not None]
+        return _OrtState(
+            np.concatenate([_pad_to(state.attention_mask, tokens) for state in states]),
+            np.concatenate([state.lengths for state in states]),
+            np.concatenate([_pad_to(w, tokens) for w in weights]) if weights else None,
+            hidden=np.concatenate([_pad_to(h, tokens) for h in hidden]),
+        )
+
     def _token_arrays(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -355,6 +368,14 @@ def _pad_tokens(multiple: int, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     tokens = arrays[0].shape[1]
     extra = _round_up(tokens, multiple) - tokens
     return tuple(np.pad(array, ((0, 0), (0, extra))) for array in arrays)
+
+
+def _pad_to(array: np.ndarray, tokens: int) -> np.ndarray:
+    """`array` ([rows, tokens, ...]) right-padded with zeros to `tokens` tokens (itself when it has them)."""
+    extra = tokens - array.shape[1]
+    if not extra:
+        return array
+    return np.pad(array, [(0, 0), (0, extra)] + [(0, 0)] * (array.ndim - 2))
 
 
 def _numpy(tensor: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -128,6 +128,12 @@ class _OpenVinoGraph:
             graph, self._bf16_inputs, self._bf16_outputs = _bf16_hidden_ports(graph)
         self.compiled = core.compile_model(str(graph) if isinstance(graph, Path) else graph, "CPU", properties)
         self.inputs = [port.get_any_name() for port in self.compiled.inputs]
+        outputs = [port.get_any_name() for port in self.compiled.outputs]
+        # The hidden states a layer graph returns are read from the request's own buffer (no copy, see `run`);
+        # its other outputs (the off-ramp's few logits) are copied, and a graph without hidden-state outputs
+        # (the plain graph: its logits are the answer a caller may keep) copies every output.
+        self._shared_outputs = frozenset(i for i, name in enumerate(outputs) if name.startswith(HIDDEN_PREFIX))
+        self._copied_outputs = [i for i in range(len(outputs)) if i not in self._shared_outputs]
         self.takes_pool_weights = POOL_WEIGHTS in self.inputs
         self.takes_token_types = "token_type_ids" in self.inputs
         self._local = threading.local()
@@ -144,10 +150,20 @@ class _OpenVinoGraph:
         return self.run({name: feeds[name] for name in self.inputs})
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Every output, from feeds that name exactly the graph's inputs (bfloat16 ports: uint16 payloads)."""
-        # `infer` copies every output into an array of its own (share_outputs=False): those are the answer.
-        # (Copying them again from the request's tensors cost ~2-3 % of a batch-32 pass: BENCHMARKS.md §10.)
-        return self.payloads(list(self._request().infer(self.typed(feeds), share_inputs=True).to_tuple()))
+        """Every output, from feeds that name exactly the graph's inputs (bfloat16 ports: uint16 payloads).
+
+        A hidden-state output is a view of this thread's request buffer, valid until this graph runs again on
+        this thread: the exit loop feeds it to the next layer's graph (or cuts rows from it into a new array)
+        before then. Copying it out of every layer's call took 4-9 % of the step graphs' time in batches on an
+        Intel Xeon with AMX (BENCHMARKS.md §14); the other outputs are copied (tiny), so that what a caller
+        keeps (logits) stays its own."""
+        if not self._shared_outputs:
+            # `infer` copies every output into an array of its own (share_outputs=False).
+            return list(self._request().infer(self.typed(feeds), share_inputs=True).to_tuple())
+        outputs = list(self._request().infer(self.typed(feeds), share_inputs=True, share_outputs=True).to_tuple())
+        for index in self._copied_outputs:
+            outputs[index] = outputs[index].copy()
+        return self.payloads(outputs)
 
     def typed(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
         """`feeds` with each bfloat16 input's payload as a tensor typed bfloat16 (shared, not copied)."""

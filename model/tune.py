@@ -765,3 +765,17 @@ def load_served(
         # of them, as the tune measured it.
         torch.set_num_threads(torch_threads)
     return split
+
+
+def load_auto(
+    directory: Path, cache_dir: str | Path | None, threads: int | None, batch_size: int, budget_s: float
+) -> tuple[Any, str]:
+    """What `--backend auto` serves on this CPU (`resolve_auto`, then `load_served`), loaded, and why."""
+    from model.checkpoint import load_model
+    from model.onnx_backend import default_cache_dir
+    from model.onnx_export import model_digest
+
+    checkpoint = load_model(directory).eval()
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    single, batched, reason = resolve_auto(directory, model_digest(checkpoint), cache, threads, batch_size, budget_s)
+    return load_served(directory, single, batched, cache_dir, threads, checkpoint), reason

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -23,11 +22,10 @@ from model.config import ConfigError, UnknownPresetError
 from model.device import DeviceError, pick_device, pick_dtype, prepare
 from model.exit_rule import LABEL_ON_PROBABILITY
 from model.modeling import DeeBert
-from model.onnx_backend import default_cache_dir
-from model.onnx_export import ExportError, model_digest
+from model.onnx_export import ExportError
 from model.saving import saving_from_totals
 from model.tokenization import Encoded, TruncationSide, load_tokenizer, pad_batch, tokenize
-from model.tune import TuneError, load_served, resolve_auto
+from model.tune import TuneError, load_auto
 from server.errors import DeeBertError, ErrorType
 from server.settings import ServerSettings
 
@@ -117,17 +115,9 @@ class Engine:
             reason = "requested" if settings.backend != "auto" else f"auto on {device.type}: {backend}"
             if settings.backend == "auto" and device.type == "cpu" and settings.dtype == "auto":
                 # On the CPU the fastest runtime depends on the CPU: the one `deebert tune` measured here.
-                cache_dir = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
-                checkpoint = load_model(directory).eval()
-                single, batched, reason = resolve_auto(
-                    directory,
-                    model_digest(checkpoint),
-                    cache_dir,
-                    settings.threads,
-                    settings.max_batch_size,
-                    settings.tune_budget_s,
+                model, reason = load_auto(
+                    directory, settings.cache_dir, settings.threads, settings.max_batch_size, settings.tune_budget_s
                 )
-                model = load_served(directory, single, batched, settings.cache_dir, settings.threads, checkpoint)
             else:
                 model = load_backend(
                     load_model(directory, dtype=dtype), backend, precision, settings.cache_dir, settings.threads

@@ -243,3 +243,41 @@ def assert_alone_equals_batched(model: DeeBert, exported: object, tokenizer: Ber
         torch.testing.assert_close(alone.probabilities[0], together.probabilities[row], atol=1e-4, rtol=0)
         events = list(exported.iter_exits(*args))  # type: ignore[attr-defined]
         assert [(e.layer, e.rows) for e in events] == [(alone.exit_layer[0], [0])]
+
+
+def refill_batches(tokenizer: BertTokenizerFast, thresholds: list[float], size: int) -> list[tuple]:  # type: ignore[type-arg]
+    """SENTENCES (twice, so that rows of several batches meet at a layer) in batches of `size`, each row with
+    its threshold from `thresholds` (cycled): what `infer_refilled` takes."""
+    texts = SENTENCES * 2
+    batches = []
+    for start in range(0, len(texts), size):
+        chunk = encode(tokenizer, texts[start : start + size])
+        row_thresholds = [thresholds[(start + i) % len(thresholds)] for i in range(chunk.input_ids.shape[0])]
+        batches.append((chunk.input_ids, chunk.attention_mask, chunk.token_type_ids, row_thresholds))
+    return batches
+
+
+def assert_refilled_matches_per_batch(
+    model: DeeBert, exported: object, tokenizer: BertTokenizerFast, criterion: exit_rule.ExitCriterion | None = None
+) -> None:
+    """Refilled between layers (`infer_refilled`), every row leaves at the layer, with the label (probabilities
+    within 1e-4), it has when its batch runs alone; no call holds more than its rows; every row exits once."""
+    import pytest
+
+    spread = thresholds_between_layers(model, encode(tokenizer))
+    if criterion is not None:
+        spread = [criterion.full_depth if t == 0.0 else float(1 + i % 2) for i, t in enumerate(spread)]
+    for size in (3, 5):
+        batches = refill_batches(tokenizer, spread, size)
+        per_batch = [exported.infer(*batch, criterion=criterion) for batch in batches]  # type: ignore[attr-defined]
+        refilled = exported.infer_refilled(batches, size, criterion=criterion)  # type: ignore[attr-defined]
+        assert refilled.exit_layer == [layer for r in per_batch for layer in r.exit_layer]
+        assert refilled.label == [label for r in per_batch for label in r.label]
+        expected = torch.cat([r.probabilities for r in per_batch])
+        torch.testing.assert_close(refilled.probabilities, expected, atol=1e-4, rtol=0)
+        assert refilled.entropy == pytest.approx([e for r in per_batch for e in r.entropy], abs=1e-4)
+        events = list(exported.iter_exits_refilled(batches, size, criterion=criterion))  # type: ignore[attr-defined]
+        assert all(len(e.rows) > 0 and e.rows_run <= size for e in events)
+        assert sorted(row for e in events for row in e.rows) == list(range(len(refilled.exit_layer)))
+        # Refilling runs no more row-layers than the batches alone: each row runs exactly to its exit.
+        assert sum(refilled.rows_per_layer) == sum(refilled.exit_layer)

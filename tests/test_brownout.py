@@ -127,9 +127,7 @@ async def test_brownout_under_overload_answers_at_the_ceiling_flags_and_counts_i
     seconds = 1.5
     async with serving(make_app(engine)) as client:
         normal, _ = await closed_loop(client, 0.5)
-    brownout_app = make_app(
-        engine, brownout_queue_wait_ms=5, brownout_threshold=HUGE, batches_on_loop=batches_on_loop
-    )
+    brownout_app = make_app(engine, brownout_queue_wait_ms=5, brownout_threshold=HUGE, batches_on_loop=batches_on_loop)
     async with serving(brownout_app) as client:
         gauge_during: list[float] = []
 

@@ -120,3 +120,52 @@ def test_off_ramp_profile_times_every_step(
         timed = [line for line in lines if line.startswith(f"  {step} ")]
         assert timed and all(" µs  (" in line for line in timed), step
     assert "3 samples × 2 rounds" in out
+
+
+def test_classify_answers_every_text_in_input_order_as_one_batch_would(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """`deebert classify`: one JSON line per text, in input order, each the answer its text gets alone at the
+    threshold; the summary counts exits, the saving and the accuracy of the file's labels."""
+    from model.tokenization import load_tokenizer, pad_batch, tokenize
+
+    rows = sentiment_rows(23)
+    data = write_tsv(tmp_path / "texts.tsv", ["sentence", "label"], rows)
+    output, summary_path = tmp_path / "answers.jsonl", tmp_path / "summary.json"
+    args = ["classify", "--checkpoint", str(tiny_checkpoint), "--input", str(data), "--output", str(output),
+            "--threshold", "balanced", "--batch-size", "4", "--backend", "torch", "--summary", str(summary_path),
+            "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    answers = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(answers) == 23
+    model, tokenizer = load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint)
+    threshold = model.config.preset("balanced").threshold
+    for (text, _), answer in zip(rows, answers, strict=True):
+        one = pad_batch(tokenize(tokenizer, [text], None, model.config.max_length), tokenizer.pad_token_id)
+        alone = model.infer(one.input_ids, one.attention_mask, one.token_type_ids, [threshold])
+        assert (answer["label_id"], answer["exit_layer"]) == (alone.label[0], alone.exit_layer[0])
+        assert answer["label"] == model.config.labels[alone.label[0]]
+        assert answer["entropy"] == pytest.approx(alone.entropy[0], abs=1e-4)
+        assert answer["score"] == pytest.approx(max(answer["probabilities"].values()))
+    summary = json.loads(summary_path.read_text())
+    assert summary["texts"] == 23 and summary["preset"] == "balanced" and summary["batch_size"] == 4
+    assert summary["exit_counts"] == [sum(1 for a in answers if a["exit_layer"] == layer) for layer in range(1, 5)]
+    gold = [model.config.labels.index(label) if label in model.config.labels else int(label) for _, label in rows]
+    correct = sum(answer["label_id"] == label for answer, label in zip(answers, gold, strict=True))
+    assert summary["accuracy"] == pytest.approx(correct / 23)
+    assert 0.0 <= summary["expected_saving"] <= 0.75 and summary["backend"] == "torch"
+
+
+def test_classify_refuses_bad_input_clearly(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_tsv(tmp_path / "texts.tsv", ["sentence"], [["a good film"], ["dull"]])
+    base = ["classify", "--checkpoint", str(tiny_checkpoint), "--input", str(data), "--output", str(tmp_path / "o"),
+            "--backend", "torch", "--no-progress"]  # fmt: skip
+    assert main([*base, "--threshold", "warp"]) == 2
+    assert "neither a number nor a preset" in capsys.readouterr().err
+    assert main([*base, "--batch-size", "0"]) == 2
+    assert "--batch-size must be at least 1" in capsys.readouterr().err
+    pairs = write_tsv(tmp_path / "pairs.tsv", ["sentence1", "sentence2"], [["a", "b"]])
+    assert main([*base[:4], str(pairs), *base[5:]]) == 2
+    assert "unknown column(s) ['sentence']" in capsys.readouterr().err  # the checkpoint's text column
+    assert main([*base, "--threshold", "0"]) == 0  # full depth, and no labels in the file: no accuracy
+    assert [json.loads(line)["exit_layer"] for line in (tmp_path / "o").read_text().splitlines()] == [4, 4]

@@ -18,6 +18,7 @@ from tests.helpers import (
     assert_alone_equals_batched,
     assert_compacts_mixed_thresholds,
     assert_matches_torch,
+    assert_refilled_matches_per_batch,
     encode,
     tiny_model,
 )
@@ -47,6 +48,10 @@ def test_the_manifest_records_fusions_and_parity(pair) -> None:  # type: ignore[
 
 def test_exit_layers_labels_and_probabilities_match_torch(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]
     assert_matches_torch(*pair, tokenizer)
+
+
+def test_refilled_between_layers_rows_answer_as_in_their_own_batches(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    assert_refilled_matches_per_batch(*pair, tokenizer)
 
 
 def test_mixed_thresholds_leave_at_different_layers_with_compaction(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]

@@ -17,6 +17,7 @@ from tests.helpers import (
     assert_alone_equals_batched,
     assert_compacts_mixed_thresholds,
     assert_matches_torch,
+    assert_refilled_matches_per_batch,
     encode,
     tiny_model,
 )
@@ -49,6 +50,27 @@ def test_the_graphs_are_standard_onnx_with_a_manifest(pair) -> None:  # type: ig
 
 def test_exit_layers_labels_and_probabilities_match_torch(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]
     assert_matches_torch(*pair, tokenizer)
+
+
+def test_refilled_between_layers_rows_answer_as_in_their_own_batches(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    assert_refilled_matches_per_batch(*pair, tokenizer)
+
+
+def test_what_a_caller_keeps_survives_the_next_call(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """A layer graph's hidden states are read from its request's buffer (no copy), valid until it runs again;
+    the plain graph's logits and an off-ramp's logits are the caller's own, unchanged by later calls."""
+    _, exported = pair
+    first, second = encode(tokenizer, SENTENCES[:2]), encode(tokenizer, SENTENCES[2:5])
+    kept = exported.plain_forward(first.input_ids, first.attention_mask, first.token_type_ids)
+    copy = kept.clone()
+    exported.plain_forward(second.input_ids, second.attention_mask, second.token_type_ids)
+    assert torch.equal(kept, copy)
+    state = exported.run_layer(exported.start(first.input_ids, first.attention_mask, first.token_type_ids), 1)
+    logits = exported.off_ramp_logits(state, 1)
+    logits_copy = logits.clone()
+    assert not state.hidden.flags.owndata  # a view of the request's output, not a copy
+    exported.run_layer(exported.start(second.input_ids, second.attention_mask, second.token_type_ids), 1)
+    assert torch.equal(logits, logits_copy)
 
 
 def test_mixed_thresholds_with_and_without_compaction(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]

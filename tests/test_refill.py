@@ -1,0 +1,134 @@
+"""Refilling calls between layers (`early_exit.iter_exits_refilled`): rows of later batches fill the places
+that rows leaving free, with each row's answer as in its own batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from model import exit_rule
+from model.backends import SplitExitModel
+from model.early_exit import infer_refilled, iter_exits_refilled
+from tests.helpers import assert_refilled_matches_per_batch, refill_batches, tiny_model
+
+NUM_LAYERS = 3
+SURE, UNSURE = [20.0, 0.0], [0.0, 0.0]  # entropy ~0 and ln 2
+
+
+@dataclass
+class _Rows:
+    plan: torch.Tensor  # each row's planned exit layer
+
+
+class PlannedSteps:
+    """Exit steps whose rows leave at planned layers (their off-ramp sure there, unsure before), recording
+    the rows of every call by layer."""
+
+    num_layers = NUM_LAYERS
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def start(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
+    ) -> _Rows:
+        return _Rows(input_ids[:, 0].clone())
+
+    def run_layer(self, state: _Rows, layer_number: int) -> _Rows:
+        self.calls.append((layer_number, int(state.plan.shape[0])))
+        return state
+
+    def off_ramp_logits(self, state: _Rows, layer_number: int) -> torch.Tensor:
+        return torch.tensor([SURE if int(p) <= layer_number else UNSURE for p in state.plan])
+
+    def keep_rows(self, state: _Rows, keep_index: torch.Tensor) -> _Rows:
+        return _Rows(state.plan[keep_index])
+
+    def join(self, states: Sequence[_Rows]) -> _Rows:
+        return _Rows(torch.cat([s.plan for s in states]))
+
+    def full_depth_logits(self, *args: object) -> None:
+        return None
+
+
+def planned_batches(plans: list[list[int]]) -> list[tuple]:  # type: ignore[type-arg]
+    """One batch per list of planned exit layers (the plan rides in the token ids)."""
+    return [
+        (torch.tensor([[p, 0] for p in plan]), torch.ones(len(plan), 2, dtype=torch.long), None, [0.1] * len(plan))
+        for plan in plans
+    ]
+
+
+def test_rows_leaving_free_places_that_later_batches_fill() -> None:
+    """Eight batches of four, half leaving at layer 1: alone each would run layers 2 and 3 on two rows (16
+    calls of two); refilled, layers 2 and 3 run full calls of four (8 calls)."""
+    steps = PlannedSteps()
+    batches = planned_batches([[1, 3, 1, 3]] * 8)
+    exits = list(iter_exits_refilled(steps, batches, exit_rule.get_criterion("entropy"), max_rows=4))
+    assert [rows for layer, rows in steps.calls if layer == 1] == [4] * 8
+    assert [rows for layer, rows in steps.calls if layer > 1] == [4] * 8
+    assert sorted(row for e in exits for row in e.rows) == list(range(32))
+    assert {row: e.layer for e in exits for row in e.rows} == {row: 1 if row % 2 == 0 else 3 for row in range(32)}
+
+
+def test_the_deepest_full_layer_runs_first_and_the_rest_drains_deepest_first() -> None:
+    steps = PlannedSteps()
+    # Batch 1's rows all go on; batch 2's too: layer 2 then holds a full call and runs before batch 3 starts.
+    batches = planned_batches([[3, 3], [2, 3], [1, 1], [3, 2]])
+    result = infer_refilled(steps, batches, exit_rule.get_criterion("entropy"), num_labels=2, max_rows=4)
+    assert steps.calls[:3] == [(1, 2), (1, 2), (2, 4)]
+    assert result.exit_layer == [3, 3, 2, 3, 1, 1, 3, 2]
+    assert sum(result.rows_per_layer) == sum(result.exit_layer)
+    assert all(rows <= 4 for _, rows in steps.calls)
+
+
+def test_a_layer_holding_more_than_a_call_runs_it_and_keeps_the_rest() -> None:
+    steps = PlannedSteps()
+    batches = planned_batches([[3, 3, 3], [3, 3, 3], [3, 3, 3]])
+    result = infer_refilled(steps, batches, exit_rule.get_criterion("entropy"), num_labels=2, max_rows=4)
+    assert result.exit_layer == [3] * 9
+    assert max(rows for _, rows in steps.calls) == 4
+    assert sum(rows for layer, rows in steps.calls if layer == 2) == 9
+
+
+def test_when_no_row_can_leave_early_each_batch_takes_its_full_depth_path(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model()
+    batches = refill_batches(tokenizer, [0.0], 4)
+    refilled = model.infer_refilled(batches, 4)
+    per_batch = [model.infer(*batch) for batch in batches]
+    assert refilled.exit_layer == [model.num_layers] * sum(len(r.exit_layer) for r in per_batch)
+    assert refilled.label == [label for r in per_batch for label in r.label]
+    assert refilled.rows_per_layer == [len(refilled.exit_layer)] * model.num_layers
+
+
+def test_a_batch_larger_than_a_call_is_refused(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model()
+    with pytest.raises(ValueError, match="1 to 2 rows"):
+        model.infer_refilled(refill_batches(tokenizer, [0.3], 4), 2)
+    with pytest.raises(ValueError, match="at least 1"):
+        model.infer_refilled(refill_batches(tokenizer, [0.3], 4), 0)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_torch_rows_refilled_answer_as_in_their_own_batches(model_type: str, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model(model_type, pooling="mean")
+    assert_refilled_matches_per_batch(model, model, tokenizer)
+
+
+def test_a_criterion_with_per_row_state_travels_with_its_rows(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Patience counts each row's streak of equal labels: joined and split calls carry it row by row."""
+    model = tiny_model(pooling="mean")
+    assert_refilled_matches_per_batch(model, model, tokenizer, exit_rule.get_criterion("patience"))
+
+
+def test_a_split_refills_on_its_batched_runtime(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    single, batched = tiny_model(seed=1), tiny_model(seed=0)
+    split = SplitExitModel(single, batched)
+    batches = refill_batches(tokenizer, [0.3], 4)
+    assert split.infer_refilled(batches, 4).label == batched.infer_refilled(batches, 4).label
+    assert [e.rows for e in split.iter_exits_refilled(batches, 4)] == [
+        e.rows for e in batched.iter_exits_refilled(batches, 4)
+    ]
