@@ -297,18 +297,19 @@ class _Runner:
 
     def refilled(self, batch_size: int) -> dict[str, Any]:
         """Every sentence as `deebert classify` runs them: sorted by length, in batches of `batch_size` whose
-        calls are refilled between layers (at most `batch_size` rows per call); padding inside the timing."""
-        from model.bulk import classify_all
+        calls are refilled between layers (at most `batch_size` rows per call); the batches are padded before
+        the timing, as `batched`'s are."""
+        from model.bulk import length_sorted_batches
 
         assert self.exit_model is not None and self.threshold is not None
+        order, batches = length_sorted_batches(self.encoded, self.threshold, self.pad_id, batch_size)
         started = time.perf_counter_ns()
-        run = classify_all(self.exit_model, self.encoded, self.threshold, self.pad_id, batch_size)
+        result = self.exit_model.infer_refilled(batches, batch_size)
         elapsed = time.perf_counter_ns() - started
-        return {
-            "ns": elapsed,
-            "labels": [answer.label_id for answer in run.answers],
-            "layers": [answer.exit_layer for answer in run.answers],
-        }
+        labels, layers = [0] * len(order), [0] * len(order)
+        for position, row in enumerate(order):
+            labels[row], layers[row] = result.label[position], result.exit_layer[position]
+        return {"ns": elapsed, "labels": labels, "layers": layers}
 
     def warm_up(self, batch_size: int) -> None:
         self.batch1(range(min(10, len(self.encoded))))
@@ -738,7 +739,7 @@ def markdown_section(results: dict[str, Any], heading: str = "## Peer runtimes, 
         "over rounds. Model call only (tokenizing is left out, the same for all). Accuracy from the "
         "batched pass. Refilled (deebert variants): the same sorted batches run as `deebert classify` runs them, "
         f"rows that leave freeing their places in each layer's call for rows of later batches (at most "
-        f"{s['batch_size']} rows per call; padding inside the timing), median over rounds.",
+        f"{s['batch_size']} rows per call), median over rounds.",
         "",
         *markdown_table(header, rows),
         "",

@@ -72,9 +72,14 @@ class ExitSteps(Protocol):
     def keep_rows(self, state: Any, keep_index: torch.Tensor) -> Any:
         """The state of only the rows at `keep_index` (ascending), without padding none of them needs."""
 
-    def join(self, states: Sequence[Any]) -> Any:
-        """The rows of several states after the same layer as one state, in the order given (each padded to
-        the longest one's tokens; padding is masked): what refilling a batch between layers runs."""
+    # True when a state's arrays are the runtime's own output buffers, which the same layer's next call
+    # overwrites (OpenVINO's): rows that wait across calls are copied out before that call.
+    borrows_outputs: bool
+
+    def join(self, parts: Sequence[tuple[Any, torch.Tensor]]) -> Any:
+        """The rows at each part's index (ascending) of its state, all after the same layer, as one state in
+        the order given, padded to the longest row (masked): what a call refilled between layers runs. One
+        copy of each row; without padding no row needs."""
 
     def full_depth_logits(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
@@ -183,32 +188,70 @@ RefillBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Sequence[fl
 
 @dataclass
 class _Waiting:
-    """Rows that ran the layers before one layer and wait for it: their state, their numbers across every
-    batch, their thresholds and the exit criterion's per-row state."""
+    """Rows that ran the layers before one layer and wait for it: the rows at `index` of `state` (the state of
+    the call they came from, shared with the other rows that went on from it: cut out only when they run, in
+    one copy with the rows they run with; `whole` when they are all of its rows, in order; copied out first
+    where the runtime would overwrite them), their numbers
+    across every batch, their thresholds and the exit criterion's per-row state."""
 
     state: Any
+    index: torch.Tensor
+    whole: bool
     rows: torch.Tensor
     thresholds: torch.Tensor
     criterion_state: exit_rule.State
+    copied: bool = False  # `state` is these rows' own copy (see `ExitSteps.borrows_outputs`)
 
     @property
     def size(self) -> int:
         return int(self.rows.shape[0])
 
-    def select(self, steps: ExitSteps, index: torch.Tensor) -> _Waiting:
-        criterion_state = None if self.criterion_state is None else self.criterion_state[..., index]
-        return _Waiting(steps.keep_rows(self.state, index), self.rows[index], self.thresholds[index], criterion_state)
+    def copied_out(self, steps: ExitSteps) -> _Waiting:
+        """These rows in a state of their own, no longer in their call's (a runtime's buffer)."""
+        if self.copied:
+            return self
+        state = steps.keep_rows(self.state, self.index)
+        index = torch.arange(self.size, device=self.rows.device)
+        return _Waiting(state, index, True, self.rows, self.thresholds, self.criterion_state, copied=True)
+
+    def split(self, count: int) -> tuple[_Waiting, _Waiting]:
+        """The first `count` rows, and the rest."""
+        parts = []
+        for part in (slice(None, count), slice(count, None)):
+            state = None if self.criterion_state is None else self.criterion_state[..., part]
+            group = _Waiting(self.state, self.index[part], False, self.rows[part], self.thresholds[part], state)
+            group.copied = self.copied
+            parts.append(group)
+        return parts[0], parts[1]
 
 
-def _join(steps: ExitSteps, groups: Sequence[_Waiting]) -> _Waiting:
-    if len(groups) == 1:
-        return groups[0]
-    states = [group.criterion_state for group in groups]
-    return _Waiting(
-        steps.join([group.state for group in groups]),
+def _take(waiting: list[_Waiting], max_rows: int) -> tuple[list[_Waiting], list[_Waiting]]:
+    """At most `max_rows` of the waiting rows, oldest first, and the rest."""
+    taken: list[_Waiting] = []
+    count = 0
+    for position, group in enumerate(waiting):
+        room = max_rows - count
+        if group.size > room:
+            head, tail = group.split(room)
+            return [*taken, head], [tail, *waiting[position + 1 :]]
+        taken.append(group)
+        count += group.size
+        if count == max_rows:
+            return taken, waiting[position + 1 :]
+    return taken, []
+
+
+def _gather(steps: ExitSteps, groups: Sequence[_Waiting]) -> tuple[Any, torch.Tensor, torch.Tensor, exit_rule.State]:
+    """The rows of `groups` as one call's state, rows, thresholds and criterion state."""
+    if len(groups) == 1 and groups[0].whole:  # every row of its call went on: its state as it is
+        group = groups[0]
+        return group.state, group.rows, group.thresholds, group.criterion_state
+    criterion_states = [group.criterion_state for group in groups]
+    return (
+        steps.join([(group.state, group.index) for group in groups]),
         torch.cat([group.rows for group in groups]),
         torch.cat([group.thresholds for group in groups]),
-        None if any(state is None for state in states) else torch.cat(states, dim=-1),  # type: ignore[arg-type]
+        None if any(s is None for s in criterion_states) else torch.cat(criterion_states, dim=-1),  # type: ignore[arg-type]
     )
 
 
@@ -249,7 +292,6 @@ def _refilled_calls(
     more = True
     while True:
         layer = next((depth for depth in range(num_layers, 1, -1) if counts[depth] >= max_rows), None)
-        group: _Waiting | None = None
         if layer is None and more:
             batch = next(source, None)
             if batch is None:
@@ -260,46 +302,45 @@ def _refilled_calls(
                 if not 1 <= size <= max_rows:
                     raise ValueError(f"a batch to refill with has 1 to {max_rows} rows, got {size}")
                 device = input_ids.device
-                row_thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device=device).reshape(size)
+                state: Any = steps.start(input_ids, attention_mask, token_type_ids)
                 rows = torch.arange(next_row, next_row + size, device=device)
-                group = _Waiting(steps.start(input_ids, attention_mask, token_type_ids), rows, row_thresholds, None)
+                row_thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device=device).reshape(size)
+                criterion_state: exit_rule.State = None
                 next_row += size
                 layer = 1
-        if group is None:
-            if layer is None:  # no full call waits and no batch is left: drain, deepest first
-                layer = next((depth for depth in range(num_layers, 1, -1) if counts[depth]), None)
-                if layer is None:
-                    return
-            group = _join(steps, waiting[layer])
-            waiting[layer], counts[layer] = [], 0
-            if group.size > max_rows:
-                rest = group.select(steps, torch.arange(max_rows, group.size, device=group.rows.device))
-                waiting[layer], counts[layer] = [rest], rest.size
-                group = group.select(steps, torch.arange(max_rows, device=group.rows.device))
-        assert layer is not None
-        rows_run = group.size
-        state = steps.run_layer(group.state, layer)
+        if layer is None:  # no full call waits and no batch is left: drain, deepest first
+            layer = next((depth for depth in range(num_layers, 1, -1) if counts[depth]), None)
+            if layer is None:
+                return
+        if steps.borrows_outputs and layer < num_layers:
+            # This call overwrites the buffers the rows waiting for the next layer may still be in.
+            waiting[layer + 1] = [group.copied_out(steps) for group in waiting[layer + 1]]
+        if layer > 1:
+            groups, waiting[layer] = _take(waiting[layer], max_rows)
+            counts[layer] = sum(group.size for group in waiting[layer])
+            state, rows, row_thresholds, criterion_state = _gather(steps, groups)
+        rows_run = int(rows.shape[0])
+        state = steps.run_layer(state, layer)
         probabilities, entropy = rule.outputs(steps.off_ramp_logits(state, layer))
-        criterion_state: exit_rule.State = None
         if layer == num_layers:
-            leaving = torch.ones(rows_run, dtype=torch.bool, device=group.rows.device)
+            leaving = torch.ones(rows_run, dtype=torch.bool, device=rows.device)
         else:
-            leaving, criterion_state = rule.step(probabilities, entropy, group.thresholds, group.criterion_state)
+            leaving, criterion_state = rule.step(probabilities, entropy, row_thresholds, criterion_state)
         leaving_index = leaving.nonzero().squeeze(1)  # the one host sync per call
         num_leaving = leaving_index.numel()
         yield LayerExits(
             layer=layer,
-            rows=group.rows[leaving_index].tolist(),
+            rows=rows[leaving_index].tolist(),
             labels=probabilities[leaving_index].argmax(dim=-1).tolist(),
             entropies=entropy[leaving_index].tolist(),
             probabilities=probabilities[leaving_index],
             rows_run=rows_run,
         )
         if num_leaving < rows_run:
-            going = _Waiting(state, group.rows, group.thresholds, criterion_state)
-            going = going.select(steps, (~leaving).nonzero().squeeze(1))
-            waiting[layer + 1].append(going)
-            counts[layer + 1] += going.size
+            keep = (~leaving).nonzero().squeeze(1)
+            going = criterion_state if criterion_state is None else criterion_state[..., keep]
+            waiting[layer + 1].append(_Waiting(state, keep, num_leaving == 0, rows[keep], row_thresholds[keep], going))
+            counts[layer + 1] += rows_run - num_leaving
 
 
 def infer_refilled(

@@ -189,6 +189,8 @@ class _TorchState:
 class _TorchSteps:
     """`early_exit.ExitSteps` on a PyTorch DeeBert: its embeddings, layers and off-ramps."""
 
+    borrows_outputs = False
+
     def __init__(self, model: DeeBert) -> None:
         self.model = model
         self.layers = list(model.layers)  # indexing a ModuleList costs a microsecond per layer
@@ -235,11 +237,15 @@ class _TorchSteps:
         longest = int(attention_mask.sum(dim=1).max())
         return self._state(state.hidden[keep_index, :longest], attention_mask[:, :longest])
 
-    def join(self, states: Sequence[_TorchState]) -> _TorchState:
-        tokens = max(state.hidden.shape[1] for state in states)
-        hidden = torch.cat([F.pad(state.hidden, (0, 0, 0, tokens - state.hidden.shape[1])) for state in states])
-        mask = torch.cat([F.pad(state.attention_mask, (0, tokens - state.attention_mask.shape[1])) for state in states])
-        return self._state(hidden, mask)
+    def join(self, parts: Sequence[tuple[_TorchState, torch.Tensor]]) -> _TorchState:
+        masks = [state.attention_mask[index] for state, index in parts]
+        tokens = max(int(mask.sum(dim=1).max()) for mask in masks)
+        hidden, mask_parts = [], []
+        for (state, index), mask in zip(parts, masks, strict=True):
+            extra = max(0, tokens - mask.shape[1])
+            hidden.append(F.pad(state.hidden[index, :tokens], (0, 0, 0, extra)))
+            mask_parts.append(F.pad(mask[:, :tokens], (0, extra)))
+        return self._state(torch.cat(hidden), torch.cat(mask_parts))
 
 
 class DeeBert(nn.Module, EarlyExitModel):

@@ -164,6 +164,8 @@ class StepGraphModel(EarlyExitModel):
     steps (`ExitSteps`), compaction and the batch-1 inputs, written once; a runtime supplies `load_graph`."""
 
     computes_in_torch = False
+    # Whether a layer's outputs are the runtime's own buffers, overwritten by its next call (`ExitSteps`).
+    borrows_outputs = False
     # Token counts are padded up to a multiple of this before the graphs see them (1: not at all). A runtime that
     # compiles kernels per input shape (OpenVINO) then meets a few shapes instead of every length.
     length_bucket = 1
@@ -256,18 +258,29 @@ class StepGraphModel(EarlyExitModel):
         weights = None if state.pool_weights is None else state.pool_weights[rows, :longest]
         return _OrtState(attention_mask, lengths, weights, hidden=state.hidden[rows, :longest])
 
-    def join(self, states: Sequence[_OrtState]) -> _OrtState:
-        """Their rows in one state, each padded with masked tokens to the longest one's (hidden states of zeros)."""
-        hidden = [state.hidden for state in states if state.hidden is not None]
-        assert len(hidden) == len(states)  # rows join after a layer, never before the first
-        tokens = max(state.attention_mask.shape[1] for state in states)
-        weights = [state.pool_weights for state in states if state.pool_weights is not None]
-        return _OrtState(
-            np.concatenate([_pad_to(state.attention_mask, tokens) for state in states]),
-            np.concatenate([state.lengths for state in states]),
-            np.concatenate([_pad_to(w, tokens) for w in weights]) if weights else None,
-            hidden=np.concatenate([_pad_to(h, tokens) for h in hidden]),
-        )
+    def join(self, parts: Sequence[tuple[_OrtState, torch.Tensor]]) -> _OrtState:
+        """The rows at each part's index of its state in one state: each row's hidden states copied once, into
+        an array as wide as the longest row needs (bucketed); the masks follow from the rows' lengths."""
+        selected = []
+        for state, index in parts:
+            assert state.hidden is not None  # rows join after a layer, never before the first
+            selected.append((state.hidden, index.numpy()))
+        lengths = np.concatenate([state.lengths[rows] for (state, _), (_, rows) in zip(parts, selected, strict=True)])
+        tokens = _round_up(int(lengths.max()), self.length_bucket)
+        width = selected[0][0].shape[2]
+        hidden = np.empty((len(lengths), tokens, width), selected[0][0].dtype)
+        at = 0
+        for source, rows in selected:
+            block = hidden[at : at + len(rows)]
+            if source.shape[1] >= tokens:
+                np.take(source[:, :tokens], rows, axis=0, out=block)
+            else:  # a narrower call's rows: their own tokens, then masked zeros
+                block[:, : source.shape[1]] = source[rows]
+                block[:, source.shape[1] :] = 0
+            at += len(rows)
+        attention_mask = (np.arange(tokens) < lengths[:, None]).astype(np.int64)
+        weights = pool_weights(attention_mask, lengths) if self._pools_by_mean else None
+        return _OrtState(attention_mask, lengths, weights, hidden=hidden)
 
     def _token_arrays(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
@@ -368,14 +381,6 @@ def _pad_tokens(multiple: int, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     tokens = arrays[0].shape[1]
     extra = _round_up(tokens, multiple) - tokens
     return tuple(np.pad(array, ((0, 0), (0, extra))) for array in arrays)
-
-
-def _pad_to(array: np.ndarray, tokens: int) -> np.ndarray:
-    """`array` ([rows, tokens, ...]) right-padded with zeros to `tokens` tokens (itself when it has them)."""
-    extra = tokens - array.shape[1]
-    if not extra:
-        return array
-    return np.pad(array, [(0, 0), (0, extra)] + [(0, 0)] * (array.ndim - 2))
 
 
 def _numpy(tensor: torch.Tensor | np.ndarray) -> np.ndarray:

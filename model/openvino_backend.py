@@ -203,6 +203,8 @@ def _bf16_hidden_ports(model: Any) -> tuple[Any, frozenset[str], frozenset[int]]
 class OpenVinoDeeBert(StepGraphModel):
     """A DeeBERT model on OpenVINO (CPU): `iter_exits`, `infer`, `plain_forward` as `DeeBert` has them."""
 
+    borrows_outputs = True  # the layer graphs' hidden states are their requests' buffers (`_OpenVinoGraph.run`)
+
     def __init__(
         self, config: DeeBertConfig, directory: Path, manifest: Manifest, inference_precision: str, threads: int | None
     ) -> None:

@@ -28,9 +28,11 @@ class PlannedSteps:
     the rows of every call by layer."""
 
     num_layers = NUM_LAYERS
+    borrows_outputs = False
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, int]] = []
+        self.joins: list[list[int]] = []
 
     def start(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
@@ -47,8 +49,9 @@ class PlannedSteps:
     def keep_rows(self, state: _Rows, keep_index: torch.Tensor) -> _Rows:
         return _Rows(state.plan[keep_index])
 
-    def join(self, states: Sequence[_Rows]) -> _Rows:
-        return _Rows(torch.cat([s.plan for s in states]))
+    def join(self, parts: Sequence[tuple[_Rows, torch.Tensor]]) -> _Rows:
+        self.joins.append([int(index.numel()) for _, index in parts])
+        return _Rows(torch.cat([state.plan[index] for state, index in parts]))
 
     def full_depth_logits(self, *args: object) -> None:
         return None
@@ -132,3 +135,30 @@ def test_a_split_refills_on_its_batched_runtime(tokenizer) -> None:  # type: ign
     assert [e.rows for e in split.iter_exits_refilled(batches, 4)] == [
         e.rows for e in batched.iter_exits_refilled(batches, 4)
     ]
+
+
+class BorrowingSteps(PlannedSteps):
+    """Planned steps whose layers answer in one buffer per layer that their next call overwrites, as OpenVINO's
+    requests do (`borrows_outputs`)."""
+
+    borrows_outputs = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    def run_layer(self, state: _Rows, layer_number: int) -> _Rows:
+        super().run_layer(state, layer_number)
+        buffer = self.buffers.setdefault(layer_number, torch.zeros(64, dtype=torch.long))
+        buffer.fill_(-1)  # what an overwritten buffer holds for rows that are not this call's
+        buffer[: state.plan.shape[0]] = state.plan
+        return _Rows(buffer[: state.plan.shape[0]])
+
+
+def test_rows_waiting_across_calls_are_copied_out_of_a_borrowed_buffer() -> None:
+    """Rows that wait at a layer while the layer before runs again (its buffer overwritten) keep their own
+    states: every row leaves where it was planned to."""
+    steps = BorrowingSteps()
+    plans = [[1, 3, 2, 3], [3, 1, 1, 2], [2, 2, 3, 1], [3, 3, 3, 3], [1, 2, 3, 1]]
+    result = infer_refilled(steps, planned_batches(plans), exit_rule.get_criterion("entropy"), 2, max_rows=4)
+    assert result.exit_layer == [layer for plan in plans for layer in plan]
