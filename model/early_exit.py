@@ -96,6 +96,25 @@ def _only(thresholds: Sequence[float] | torch.Tensor) -> float:
     return float(values[0])
 
 
+def _leaving(
+    layer: int,
+    rows: torch.Tensor,
+    leaving_index: torch.Tensor,
+    probabilities: torch.Tensor,
+    entropy: torch.Tensor,
+    rows_run: int,
+) -> LayerExits:
+    """The rows at `leaving_index` of a call at `layer` (their numbers in `rows`), with their answers."""
+    return LayerExits(
+        layer=layer,
+        rows=rows[leaving_index].tolist(),
+        labels=probabilities[leaving_index].argmax(dim=-1).tolist(),
+        entropies=entropy[leaving_index].tolist(),
+        probabilities=probabilities[leaving_index],
+        rows_run=rows_run,
+    )
+
+
 def iter_exits(
     steps: ExitSteps,
     input_ids: torch.Tensor,
@@ -158,14 +177,7 @@ def iter_exits(
         num_leaving = leaving_index.numel()
         if num_leaving == 0:
             continue
-        yield LayerExits(
-            layer=layer_number,
-            rows=rows[leaving_index].tolist(),
-            labels=probabilities[leaving_index].argmax(dim=-1).tolist(),
-            entropies=entropy[leaving_index].tolist(),
-            probabilities=probabilities[leaving_index],
-            rows_run=rows_run,
-        )
+        yield _leaving(layer_number, rows, leaving_index, probabilities, entropy, rows_run)
         if compact:
             if num_leaving == rows_run:
                 return
@@ -188,11 +200,12 @@ RefillBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Sequence[fl
 
 @dataclass
 class _Waiting:
-    """Rows that ran the layers before one layer and wait for it: the rows at `index` of `state` (the state of
-    the call they came from, shared with the other rows that went on from it: cut out only when they run, in
-    one copy with the rows they run with; `whole` when they are all of its rows, in order; copied out first
-    where the runtime would overwrite them), their numbers
-    across every batch, their thresholds and the exit criterion's per-row state."""
+    """Rows that ran the layers before one layer and wait for it: the rows at `index` of `state`, their numbers
+    across every batch, their thresholds and the exit criterion's per-row state.
+
+    `state` is the state of the call they came from, shared with the other rows that went on from it: they are
+    cut out of it only when they run, in one copy with the rows they run with (`whole`: they are all of its
+    rows, in order, and run in it as it is), or copied out first where the runtime would overwrite it."""
 
     state: Any
     index: torch.Tensor
@@ -328,14 +341,7 @@ def _refilled_calls(
             leaving, criterion_state = rule.step(probabilities, entropy, row_thresholds, criterion_state)
         leaving_index = leaving.nonzero().squeeze(1)  # the one host sync per call
         num_leaving = leaving_index.numel()
-        yield LayerExits(
-            layer=layer,
-            rows=rows[leaving_index].tolist(),
-            labels=probabilities[leaving_index].argmax(dim=-1).tolist(),
-            entropies=entropy[leaving_index].tolist(),
-            probabilities=probabilities[leaving_index],
-            rows_run=rows_run,
-        )
+        yield _leaving(layer, rows, leaving_index, probabilities, entropy, rows_run)
         if num_leaving < rows_run:
             keep = (~leaving).nonzero().squeeze(1)
             going = criterion_state if criterion_state is None else criterion_state[..., keep]
@@ -363,18 +369,12 @@ def infer_refilled(
             torch.cat([r.probabilities for r in results]) if results else torch.zeros(0, num_labels),
             [sum(r.rows_per_layer[i] for r in results if i < len(r.rows_per_layer)) for i in range(steps.num_layers)],
         )
-    total = sum(int(batch[0].shape[0]) for batch in batches)
-    exit_layer, entropy, label = [0] * total, [0.0] * total, [0] * total
-    probabilities = torch.zeros(total, num_labels)
+    answers = _Answers(sum(int(batch[0].shape[0]) for batch in batches), num_labels)
     rows_per_layer = [0] * steps.num_layers
     for exits in _refilled_calls(steps, batches, rule, max_rows):
         rows_per_layer[exits.layer - 1] += exits.rows_run
-        for position, row in enumerate(exits.rows):
-            exit_layer[row] = exits.layer
-            entropy[row] = exits.entropies[position]
-            label[row] = exits.labels[position]
-        probabilities[exits.rows] = exits.probabilities.float().cpu()
-    return ExitResult(exit_layer, entropy, label, probabilities, rows_per_layer)
+        answers.record(exits)
+    return answers.result(rows_per_layer)
 
 
 def exit_one(
@@ -426,6 +426,24 @@ def exit_one(
     raise ValueError("a DeeBERT model needs at least one layer")
 
 
+class _Answers:
+    """Each row's answer as its exit comes in (rows numbered 0..rows-1), then the `ExitResult`."""
+
+    def __init__(self, rows: int, num_labels: int) -> None:
+        self.exit_layer, self.entropy, self.label = [0] * rows, [0.0] * rows, [0] * rows
+        self.probabilities = torch.zeros(rows, num_labels)
+
+    def record(self, exits: LayerExits) -> None:
+        for position, row in enumerate(exits.rows):
+            self.exit_layer[row] = exits.layer
+            self.entropy[row] = exits.entropies[position]
+            self.label[row] = exits.labels[position]
+        self.probabilities[exits.rows] = exits.probabilities.float().cpu()
+
+    def result(self, rows_per_layer: list[int]) -> ExitResult:
+        return ExitResult(self.exit_layer, self.entropy, self.label, self.probabilities, rows_per_layer)
+
+
 def infer(
     steps: ExitSteps,
     input_ids: torch.Tensor,
@@ -441,19 +459,12 @@ def infer(
     if batch_size == 1:
         one = exit_one(steps, input_ids, attention_mask, token_type_ids, _only(thresholds), rule)
         return ExitResult([one.layer], one.entropies, one.labels, one.probabilities, [1] * one.layer)
-    exit_layer = [0] * batch_size
-    entropy = [0.0] * batch_size
-    label = [0] * batch_size
-    probabilities = torch.zeros(batch_size, num_labels)
+    answers = _Answers(batch_size, num_labels)
     rows_per_layer: list[int] = []
     for exits in iter_exits(steps, input_ids, attention_mask, token_type_ids, thresholds, rule, compact):
         rows_per_layer.extend([exits.rows_run] * (exits.layer - len(rows_per_layer)))
-        for position, row in enumerate(exits.rows):
-            exit_layer[row] = exits.layer
-            entropy[row] = exits.entropies[position]
-            label[row] = exits.labels[position]
-        probabilities[exits.rows] = exits.probabilities.float().cpu()
-    return ExitResult(exit_layer, entropy, label, probabilities, rows_per_layer)
+        answers.record(exits)
+    return answers.result(rows_per_layer)
 
 
 class EarlyExitModel:
