@@ -252,7 +252,7 @@ def _run_classify(args: argparse.Namespace) -> int:
     directory = resolve_directory(args.checkpoint)
     require_deebert(directory, args.checkpoint)
     if args.backend == "auto":  # as `deebert serve` runs it: the runtime `deebert tune` chose on this CPU
-        model, reason = load_auto(directory, args.cache_dir, args.threads, args.batch_size, budget_s=0.0)
+        model, _, reason = load_auto(directory, args.cache_dir, args.threads, args.batch_size, budget_s=0.0)
         tokenizer = load_tokenizer(directory)
     else:
         model, tokenizer = _load(args)
@@ -263,9 +263,7 @@ def _run_classify(args: argparse.Namespace) -> int:
     except (KeyError, ValueError) as err:
         raise ConfigError(f"--threshold: {err}") from None
     data = read_dataset(args.input, label_names=config.labels, text_columns=config.text_columns, require_labels=False)
-    if config.is_pair_task != (data.text_pairs is not None):
-        kind = "sentence pairs" if config.is_pair_task else "single sentences"
-        raise ConfigError(f"{args.input}: the model classifies {kind}; the file's text columns are {data.text_columns}")
+    _check_pairs(config, data, args.input)
     encoded = tokenize(tokenizer, data.texts, data.text_pairs, config.max_length)
     with tqdm(total=len(encoded), desc="classify", unit="text", disable=not args.progress) as bar:
         run = classify_all(model, encoded, threshold, tokenizer.pad_token_id, args.batch_size, bar.update)
@@ -474,6 +472,15 @@ def _load(args: argparse.Namespace, device: str = "cpu", dtype: str = "float32")
     return load_backend(model, backend, precision, args.cache_dir, args.threads), load_tokenizer(args.checkpoint)
 
 
+def _check_pairs(config, data, path: str) -> None:  # type: ignore[no-untyped-def]
+    """DataError unless the file's texts are what the model classifies: sentence pairs or single sentences."""
+    from model.data import DataError
+
+    if config.is_pair_task != (data.text_pairs is not None):
+        kind = "sentence pairs" if config.is_pair_task else "single sentences"
+        raise DataError(f"{path}: the model classifies {kind}; the file's text columns are {data.text_columns}")
+
+
 def _labelled(args: argparse.Namespace, model, tokenizer):  # type: ignore[no-untyped-def]
     from model.data import DataError, read_dataset
     from model.tokenization import tokenize
@@ -484,9 +491,7 @@ def _labelled(args: argparse.Namespace, model, tokenizer):  # type: ignore[no-un
         data = data.subset(range(min(args.max_samples, len(data))))
     if not data.has_labels:
         raise DataError(f"{args.data} has no labels")
-    if model.config.is_pair_task != (data.text_pairs is not None):
-        kind = "sentence pairs" if model.config.is_pair_task else "single sentences"
-        raise DataError(f"{args.data}: the model classifies {kind}; the file's text columns are {data.text_columns}")
+    _check_pairs(model.config, data, args.data)
     return data, tokenize(tokenizer, data.texts, data.text_pairs, model.config.max_length)
 
 

@@ -172,11 +172,15 @@ class _Runner:
         self.precision_used = precision
         if runtime == "auto":
             from model.checkpoint import resolve_directory
-            from model.tune import load_served
+            from model.tune import load_auto
 
-            single, batched = self.chosen_runtime(settings, model)
-            served = load_served(resolve_directory(settings.checkpoint), single, batched, settings.cache_dir,
-                                 settings.threads, model)  # fmt: skip
+            # What `--backend auto` serves here: the tune cached for this CPU, checkpoint, threads and batch size
+            # (`deebert tune --threads T --max-batch-size B`), or, without one, a tune now within `tune_budget_s`,
+            # as `deebert serve` runs at first start.
+            served, self.chosen, self.chosen_reason = load_auto(
+                resolve_directory(settings.checkpoint), settings.cache_dir, settings.threads, settings.batch_size,
+                settings.tune_budget_s, model,
+            )  # fmt: skip
             assert variant.threshold is not None
             self.threshold, _ = served.config.resolve_threshold(variant.threshold)
             self.predict = self._exits(served, self.threshold)
@@ -193,24 +197,6 @@ class _Runner:
                 self.predict = self._exits(backend, self.threshold)
                 self.exit_model = backend
         self.load_s = time.perf_counter() - started
-
-    def chosen_runtime(self, settings: PeerSettings, model: Any) -> tuple[Any, Any]:
-        """The runtime and precision `--backend auto` serves here: the tune cached for this CPU, checkpoint,
-        threads and batch size (`deebert tune --threads T --max-batch-size B`), or, without one, a tune now
-        within `tune_budget_s`, as `deebert serve` runs at first start."""
-        from model.checkpoint import resolve_directory
-        from model.onnx_backend import default_cache_dir
-        from model.onnx_export import model_digest
-        from model.tune import resolve_auto
-
-        directory = resolve_directory(settings.checkpoint)
-        cache = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
-        digest = model_digest(model)
-        single, batched, self.chosen_reason = resolve_auto(
-            directory, digest, cache, settings.threads, settings.batch_size, settings.tune_budget_s
-        )
-        self.chosen = single.key if batched is None else f"{single.key}+{batched.key}"
-        return single, batched
 
     def _plain(self, model: Any) -> Callable[[Any], tuple[list[int], list[int]]]:
         import torch
@@ -281,13 +267,12 @@ class _Runner:
 
     def batched(self, batch_size: int) -> dict[str, Any]:
         """Every sentence, sorted by length, in batches padded to their longest member."""
-        from model.tokenization import pad_batch
+        from model.tokenization import groups_by_length, pad_batch
 
-        order = sorted(range(len(self.encoded)), key=lambda i: len(self.encoded[i]))
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        batches = groups_by_length(self.encoded, batch_size)
         padded = [pad_batch([self.encoded[i] for i in rows], self.pad_id) for rows in batches]
-        labels = [0] * len(order)
-        layers = [0] * len(order)
+        labels = [0] * len(self.encoded)
+        layers = [0] * len(self.encoded)
         started = time.perf_counter_ns()
         for rows, batch in zip(batches, padded, strict=True):
             label, layer = self.predict(batch)

@@ -1,6 +1,6 @@
 """Classifying many texts at once (`deebert classify`): sorted by length, batched, and run with every layer's
-call refilled (`early_exit.iter_exits_refilled`), the fastest way through the exit loop when nobody waits
-for one answer.
+call refilled (`early_exit.iter_exits_refilled`; at full depth, batch by batch), the fastest way through the
+exit loop when nobody waits for one answer.
 
 Answers come back in input order, each with the layer it left at (1..n), its entropy and probabilities: the
 same as the server gives for the text at the same threshold (its batch's padding aside, which moves floats in
@@ -10,14 +10,12 @@ their last digits).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
-
-from model.early_exit import EarlyExitModel, LayerExits, RefillBatch
+from model.early_exit import EarlyExitModel, RefillBatch
 from model.saving import exit_counts, expected_saving
-from model.tokenization import Encoded, pad_batch
+from model.tokenization import Encoded, groups_by_length, pad_batch
 
 
 @dataclass
@@ -57,30 +55,12 @@ def length_sorted_batches(
     encoded: Sequence[Encoded], threshold: float, pad_token_id: int, batch_size: int
 ) -> tuple[list[int], list[RefillBatch]]:
     """The texts' order by length (shortest first; ties in input order) and their batches in that order."""
-    order = sorted(range(len(encoded)), key=lambda index: len(encoded[index]))
+    groups = groups_by_length(encoded, batch_size)
     batches: list[RefillBatch] = []
-    for start in range(0, len(order), batch_size):
-        batch = pad_batch([encoded[index] for index in order[start : start + batch_size]], pad_token_id)
-        rows = batch.input_ids.shape[0]
-        batches.append((batch.input_ids, batch.attention_mask, batch.token_type_ids, [threshold] * rows))
-    return order, batches
-
-
-def _exits(
-    model: EarlyExitModel, batches: Sequence[RefillBatch], threshold: float, batch_size: int
-) -> Iterator[LayerExits]:
-    """The exits of every batch, rows numbered across them: refilled between layers, or where no row can
-    leave early, batch by batch (each then one full-depth call where the runtime has one)."""
-    rule = model.config.criterion
-    if rule.can_exit_early(torch.tensor([threshold]), model.num_layers):
-        yield from model.iter_exits_refilled(batches, batch_size)
-        return
-    first_row = 0
-    for batch in batches:
-        for exits in model.iter_exits(*batch):
-            exits.rows = [first_row + row for row in exits.rows]
-            yield exits
-        first_row += batch[0].shape[0]
+    for group in groups:
+        batch = pad_batch([encoded[index] for index in group], pad_token_id)
+        batches.append((batch.input_ids, batch.attention_mask, batch.token_type_ids, [threshold] * len(group)))
+    return [index for group in groups for index in group], batches
 
 
 def classify_all(
@@ -100,7 +80,7 @@ def classify_all(
     order, batches = length_sorted_batches(encoded, threshold, pad_token_id, batch_size)
     answers: list[BulkAnswer | None] = [None] * len(encoded)
     started = clock()
-    for exits in _exits(model, batches, threshold, batch_size):
+    for exits in model.iter_exits_refilled(batches, batch_size):
         probabilities = exits.probabilities.float().cpu().tolist()
         for position, row in enumerate(exits.rows):
             answers[order[row]] = BulkAnswer(

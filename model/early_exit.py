@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -285,16 +285,10 @@ def iter_exits_refilled(
     Rows are numbered across the batches in the order given (the first batch's 0..b-1, then on); exits come
     out layer by layer as calls finish, not in row order. Each batch has at most `max_rows` rows. Sort the
     rows by length first for little padding: rows that share a call are padded to the longest of them.
+
+    A batch none of whose rows can leave early gains nothing from sharing calls: it runs on its own, as
+    `iter_exits` runs it (one full-depth call where the backend has one).
     """
-    for exits in _refilled_calls(steps, batches, rule, max_rows):
-        if exits.rows:
-            yield exits
-
-
-def _refilled_calls(
-    steps: ExitSteps, batches: Iterable[RefillBatch], rule: exit_rule.ExitCriterion, max_rows: int
-) -> Iterator[LayerExits]:
-    """`iter_exits_refilled`, with one `LayerExits` per call (its rows empty when none left there)."""
     if max_rows < 1:
         raise ValueError(f"max_rows must be at least 1, got {max_rows}")
     num_layers = steps.num_layers
@@ -315,11 +309,15 @@ def _refilled_calls(
                 if not 1 <= size <= max_rows:
                     raise ValueError(f"a batch to refill with has 1 to {max_rows} rows, got {size}")
                 device = input_ids.device
-                state: Any = steps.start(input_ids, attention_mask, token_type_ids)
-                rows = torch.arange(next_row, next_row + size, device=device)
                 row_thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device=device).reshape(size)
+                first_row, next_row = next_row, next_row + size
+                if not rule.can_exit_early(row_thresholds, num_layers):
+                    for exits in iter_exits(steps, input_ids, attention_mask, token_type_ids, row_thresholds, rule):
+                        yield replace(exits, rows=[first_row + row for row in exits.rows])
+                    continue
+                state: Any = steps.start(input_ids, attention_mask, token_type_ids)
+                rows = torch.arange(first_row, next_row, device=device)
                 criterion_state: exit_rule.State = None
-                next_row += size
                 layer = 1
         if layer is None:  # no full call waits and no batch is left: drain, deepest first
             layer = next((depth for depth in range(num_layers, 1, -1) if counts[depth]), None)
@@ -341,7 +339,8 @@ def _refilled_calls(
             leaving, criterion_state = rule.step(probabilities, entropy, row_thresholds, criterion_state)
         leaving_index = leaving.nonzero().squeeze(1)  # the one host sync per call
         num_leaving = leaving_index.numel()
-        yield _leaving(layer, rows, leaving_index, probabilities, entropy, rows_run)
+        if num_leaving:
+            yield _leaving(layer, rows, leaving_index, probabilities, entropy, rows_run)
         if num_leaving < rows_run:
             keep = (~leaving).nonzero().squeeze(1)
             going = criterion_state if criterion_state is None else criterion_state[..., keep]
@@ -357,23 +356,12 @@ def infer_refilled(
     max_rows: int,
 ) -> ExitResult:
     """Early-exit answers for every row of `batches`, numbered across them in order (`iter_exits_refilled`).
-    `rows_per_layer` counts every call's rows at each layer. Batches whose rows can none leave early gain
-    nothing from refilling: when no row of any batch can, each batch takes `infer` (one full-depth call)."""
-    if not any(rule.can_exit_early(torch.as_tensor(b[3], dtype=torch.float32).reshape(-1), steps.num_layers)
-               for b in batches):  # fmt: skip
-        results = [infer(steps, *batch, rule, num_labels) for batch in batches]
-        return ExitResult(
-            [layer for r in results for layer in r.exit_layer],
-            [value for r in results for value in r.entropy],
-            [label for r in results for label in r.label],
-            torch.cat([r.probabilities for r in results]) if results else torch.zeros(0, num_labels),
-            [sum(r.rows_per_layer[i] for r in results if i < len(r.rows_per_layer)) for i in range(steps.num_layers)],
-        )
+    `rows_per_layer`: every row runs each layer up to the one it leaves at, and no further."""
     answers = _Answers(sum(int(batch[0].shape[0]) for batch in batches), num_labels)
-    rows_per_layer = [0] * steps.num_layers
-    for exits in _refilled_calls(steps, batches, rule, max_rows):
-        rows_per_layer[exits.layer - 1] += exits.rows_run
+    for exits in iter_exits_refilled(steps, batches, rule, max_rows):
         answers.record(exits)
+    rows_per_layer = [sum(1 for exit_layer in answers.exit_layer if exit_layer >= depth)
+                      for depth in range(1, steps.num_layers + 1)]  # fmt: skip
     return answers.result(rows_per_layer)
 
 

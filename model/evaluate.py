@@ -22,7 +22,7 @@ from model.calibrate import calibrate
 from model.device import describe_device, synchronize
 from model.saving import saving_from_totals
 from model.sweep import Targets, binary_f1, correct, oracle, simulate
-from model.tokenization import Encoded, pad_batch
+from model.tokenization import Encoded, groups_by_length, pad_batch
 
 
 @torch.inference_mode()
@@ -32,12 +32,10 @@ def all_layer_outputs(
     """Every off-ramp's probabilities [layers, samples, labels] and entropies [layers, samples], on the CPU."""
     model.eval()
     device = model.device
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     num_layers, num_labels = model.num_layers, model.config.num_labels
     probabilities = torch.empty(num_layers, len(encoded), num_labels)
     entropies = torch.empty(num_layers, len(encoded))
-    for start in tqdm(range(0, len(order), batch_size), desc="all off-ramps", disable=not progress):
-        rows = order[start : start + batch_size]
+    for rows in tqdm(groups_by_length(encoded, batch_size), desc="all off-ramps", disable=not progress):
         batch = pad_batch([encoded[i] for i in rows], pad_id).to(device)
         logits = model.all_off_ramp_logits(batch.input_ids, batch.attention_mask, batch.token_type_ids)
         layer_probabilities, layer_entropy = model.config.criterion.outputs(logits)

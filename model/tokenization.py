@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -139,6 +139,13 @@ def _truncating_on(tokenizer: PreTrainedTokenizerBase, side: str) -> PreTrainedT
             other.truncation_side = side
             _other_side[tokenizer] = other
     return other
+
+
+def groups_by_length(items: Sequence[Sized], size: int) -> list[list[int]]:
+    """The indices of `items`, shortest first (ties in input order), in groups of `size`: batches padded to
+    their longest member waste little on padding."""
+    order = sorted(range(len(items)), key=lambda index: len(items[index]))
+    return [order[start : start + size] for start in range(0, len(order), size)]
 
 
 def pad_batch(items: Sequence[Encoded], pad_token_id: int) -> Batch:

@@ -38,7 +38,7 @@ from model.evaluate import all_layer_outputs, per_layer_accuracy
 from model.exit_rule import DEFAULT_CRITERION
 from model.modeling import DeeBert, OffRamp
 from model.sweep import Targets
-from model.tokenization import Encoded, load_tokenizer, pad_batch, tokenize
+from model.tokenization import Encoded, groups_by_length, load_tokenizer, pad_batch, tokenize
 
 Precision = Literal["fp32", "bf16"]
 Scheme = Literal["two-stage", "joint", "weighted-joint", "distill", "alternating"]
@@ -259,11 +259,9 @@ def extract_features(
     """Pooled outputs of layers 1..n-1 (1..n with `last`) for every sample, [layers, samples, hidden],
     in eval mode (fp32)."""
     model.eval()
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     kept = model.num_layers if last else model.num_layers - 1
     features = torch.empty(kept, len(encoded), model.config.hidden_size)
-    for start in tqdm(range(0, len(order), batch_size), desc="stage 2 features", disable=not progress):
-        rows = order[start : start + batch_size]
+    for rows in tqdm(groups_by_length(encoded, batch_size), desc="stage 2 features", disable=not progress):
         batch = pad_batch([encoded[i] for i in rows], pad_id)
         pooled = model.pooled_features(batch.input_ids, batch.attention_mask, batch.token_type_ids)
         features[:, rows] = pooled[:kept].float()

@@ -268,12 +268,11 @@ def time_candidate(
     model: Any, encoded: Sequence[Any], pad_id: int, threshold: float, timing: Timing
 ) -> tuple[float, float]:
     """(batch-1 mean ms, batched texts/s) at `threshold`: a warm-up pass, then the best of `timing.rounds`."""
-    from model.tokenization import pad_batch
+    from model.tokenization import groups_by_length, pad_batch
 
     singles = batch1_inputs(encoded, pad_id, timing)
-    order = sorted(range(min(len(encoded), timing.batched_rows)), key=lambda i: len(encoded[i]))
-    groups = [order[i : i + timing.batch_size] for i in range(0, len(order), timing.batch_size)]
-    batches = [pad_batch([encoded[i] for i in group], pad_id) for group in groups]
+    timed = encoded[: timing.batched_rows]
+    batches = [pad_batch([timed[i] for i in group], pad_id) for group in groups_by_length(timed, timing.batch_size)]
     best_single, best_batched = float("inf"), float("inf")
     for round_number in range(timing.rounds + 1):  # round 0 warms the runtime's kernels for these shapes
         single = batch1_pass_ms(model, singles, threshold, timing.clock)
@@ -282,7 +281,7 @@ def time_candidate(
         batched = timing.clock() - started
         if round_number:
             best_single, best_batched = min(best_single, single), min(best_batched, batched)
-    return best_single, len(order) / best_batched
+    return best_single, len(timed) / best_batched
 
 
 def batch1_inputs(encoded: Sequence[Any], pad_id: int, timing: Timing) -> list[Any]:
@@ -768,14 +767,21 @@ def load_served(
 
 
 def load_auto(
-    directory: Path, cache_dir: str | Path | None, threads: int | None, batch_size: int, budget_s: float
-) -> tuple[Any, str]:
-    """What `--backend auto` serves on this CPU (`resolve_auto`, then `load_served`), loaded, and why."""
+    directory: Path,
+    cache_dir: str | Path | None,
+    threads: int | None,
+    batch_size: int,
+    budget_s: float,
+    checkpoint: Any = None,
+) -> tuple[Any, str, str]:
+    """What `--backend auto` serves on this CPU (`resolve_auto`, then `load_served`), loaded; the candidate
+    key(s) it serves (`single+batched` for a split) and why. `checkpoint`: the fp32 model, if already loaded."""
     from model.checkpoint import load_model
     from model.onnx_backend import default_cache_dir
     from model.onnx_export import model_digest
 
-    checkpoint = load_model(directory).eval()
+    checkpoint = load_model(directory).eval() if checkpoint is None else checkpoint
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     single, batched, reason = resolve_auto(directory, model_digest(checkpoint), cache, threads, batch_size, budget_s)
-    return load_served(directory, single, batched, cache_dir, threads, checkpoint), reason
+    served = single.key if batched is None else f"{single.key}+{batched.key}"
+    return load_served(directory, single, batched, cache_dir, threads, checkpoint), served, reason

@@ -115,7 +115,7 @@ class Engine:
             reason = "requested" if settings.backend != "auto" else f"auto on {device.type}: {backend}"
             if settings.backend == "auto" and device.type == "cpu" and settings.dtype == "auto":
                 # On the CPU the fastest runtime depends on the CPU: the one `deebert tune` measured here.
-                model, reason = load_auto(
+                model, _, reason = load_auto(
                     directory, settings.cache_dir, settings.threads, settings.max_batch_size, settings.tune_budget_s
                 )
             else:
