@@ -23,7 +23,7 @@ from model import exit_rule
 from model.backends import load_backend
 from model.checkpoint import load_model
 from model.data import read_dataset
-from model.tokenization import load_tokenizer, pad_batch, tokenize
+from model.tokenization import groups_by_length, load_tokenizer, pad_batch, tokenize
 from reports.common import machine_description
 from reports.terminal import table
 
@@ -36,15 +36,13 @@ def compare(
     tokenizer = load_tokenizer(checkpoint)
     dataset = read_dataset(data, label_names=torch_model.config.labels)
     encoded = tokenize(tokenizer, dataset.texts, dataset.text_pairs, torch_model.config.max_length)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     thresholds = [("full depth", torch_model.config.criterion.full_depth)]
     thresholds += [(p.name, p.threshold) for p in onnx_model.config.presets]
     # Every off-ramp's entropy on both backends, to tell float-error differences from real ones.
     entropies: dict[str, torch.Tensor] = {}
     for name, model in (("torch", torch_model), ("onnxruntime", onnx_model)):
         rows = torch.empty(torch_model.num_layers, len(encoded))
-        for start in range(0, len(order), 64):
-            chunk = order[start : start + 64]
+        for chunk in groups_by_length(encoded, 64):
             batch = pad_batch([encoded[i] for i in chunk], tokenizer.pad_token_id)
             with torch.inference_mode():
                 logits = model.all_off_ramp_logits(batch.input_ids, batch.attention_mask, batch.token_type_ids)
@@ -57,8 +55,7 @@ def compare(
             for mode in ("batched", "alone"):
                 layers, labels = [0] * len(encoded), [0] * len(encoded)
                 size = batch_size if mode == "batched" else 1
-                for start in range(0, len(order), size):
-                    chunk = order[start : start + size]
+                for chunk in groups_by_length(encoded, size):
                     batch = pad_batch([encoded[i] for i in chunk], tokenizer.pad_token_id)
                     result = model.infer(
                         batch.input_ids, batch.attention_mask, batch.token_type_ids, [threshold] * len(chunk)

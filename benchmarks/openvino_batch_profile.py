@@ -50,7 +50,7 @@ from model.onnx_backend import POOL_WEIGHTS
 from model.onnx_export import PLAIN_FILE, layer_file
 from model.openvino_backend import OpenVinoDeeBert, _bf16_hidden_ports, _OpenVinoGraph
 from model.saving import expected_saving, saving_from_totals
-from model.tokenization import load_tokenizer, pad_batch, tokenize
+from model.tokenization import groups_by_length, load_tokenizer, pad_batch, tokenize
 from reports.common import describe_machine, machine_description
 from reports.terminal import table
 
@@ -176,15 +176,15 @@ def _shape_change(model: OpenVinoDeeBert, hidden_size: int, repeats: int) -> lis
 
 
 def _savings(
-    model: OpenVinoDeeBert, batches: list[Any], order: list[int], lengths: list[int], threshold: float, size: int
+    model: OpenVinoDeeBert, batches: list[Any], groups: list[list[int]], lengths: list[int], threshold: float
 ) -> dict[str, float | None]:
     """`balanced`'s expected saving counted per sentence (the paper's) and per token (Σ tokens · exit layer over
     n · Σ tokens): a layer's cost grows with a row's tokens, and long sentences tend to leave later."""
-    exit_layers = [0] * len(order)
-    for k, b in enumerate(batches):
+    exit_layers = [0] * len(lengths)
+    for group, b in zip(groups, batches, strict=True):
         result = model.infer(b.input_ids, b.attention_mask, b.token_type_ids, [threshold] * len(b.input_ids))
-        for position, layer in enumerate(result.exit_layer):
-            exit_layers[order[k * size + position]] = layer
+        for row, layer in zip(group, result.exit_layer, strict=True):
+            exit_layers[row] = layer
     n = model.num_layers
     return {
         "sentences": expected_saving(exit_layers, n),
@@ -212,12 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     threshold, _ = model.config.resolve_threshold(args.threshold)
     data = read_dataset(args.data, label_names=model.config.labels)
     encoded = tokenize(tokenizer, data.texts, data.text_pairs, model.config.max_length)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    groups = groups_by_length(encoded, args.batch_size)
     pad = int(tokenizer.pad_token_id or 0)
-    batches = [
-        pad_batch([encoded[i] for i in order[k : k + args.batch_size]], pad)
-        for k in range(0, len(order), args.batch_size)
-    ]
+    batches = [pad_batch([encoded[i] for i in group], pad) for group in groups]
     shuffled = list(range(len(encoded)))
     random.Random(args.seed).shuffle(shuffled)
     mixed = [[encoded[i] for i in shuffled[k : k + args.batch_size]] for k in range(0, len(shuffled), args.batch_size)]
@@ -232,11 +229,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def loop(backend: OpenVinoDeeBert, value: float) -> Callable[[], list[int]]:
         def run() -> list[int]:
-            labels = [0] * len(order)
-            for k, b in enumerate(batches):
+            labels = [0] * len(encoded)
+            for group, b in zip(groups, batches, strict=True):
                 result = backend.infer(b.input_ids, b.attention_mask, b.token_type_ids, [value] * len(b.input_ids))
-                for position, label in enumerate(result.label):
-                    labels[order[k * args.batch_size + position]] = label
+                for row, label in zip(group, result.label, strict=True):
+                    labels[row] = label
             return labels
 
         return run
@@ -295,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         """The median time over plain's on the same batches (sorted, or random)."""
         return medians[name] / medians["plain, random batches" if "random batches" in name else "plain"]
 
-    rows = [[name, f"{len(order) / seconds:.0f}", f"{versus_plain(name):.2f}"] for name, seconds in medians.items()]
+    rows = [[name, f"{len(encoded) / seconds:.0f}", f"{versus_plain(name):.2f}"] for name, seconds in medians.items()]
     hidden_size = torch_model.config.hidden_size
     results: dict[str, Any] = {
         "command": "python -m benchmarks.openvino_batch_profile "
@@ -303,12 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_description(),
         "precision": args.precision,
         "threshold": threshold,
-        "sentences": len(order),
+        "sentences": len(encoded),
         "seconds": times,
-        "sentences_per_s": {name: len(order) / s for name, s in medians.items()},
+        "sentences_per_s": {name: len(encoded) / s for name, s in medians.items()},
         "node_times": [_node_times(model, 32, tokens, hidden_size, 20) for tokens in (16, 32)],
         "shape_change": _shape_change(model, hidden_size, 20),
-        "expected_saving": _savings(model, batches, order, [len(e) for e in encoded], threshold, args.batch_size),
+        "expected_saving": _savings(model, batches, groups, [len(e) for e in encoded], threshold),
         "shared_hidden_states": {"speedup": _pair_ratios(times, copied, args.threshold)},
     }
     if args.precision == "bf16":
@@ -344,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         tried_result = results["bf16_hand_over"]
         print(
             f"bf16 hand-over over f32 edges: {tried_result['speedup']['median']:.3f}x (median of pairs), labels "
-            f"equal on {tried_result['labels_equal']} of {len(order)}, accuracy {tried_result['accuracy']:.2%} "
+            f"equal on {tried_result['labels_equal']} of {len(encoded)}, accuracy {tried_result['accuracy']:.2%} "
             f"against {tried_result['accuracy_f32_edges']:.2%} with f32 edges"
         )
     if args.output:

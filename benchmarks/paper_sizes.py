@@ -102,7 +102,7 @@ def measure(
 ) -> dict[str, Any]:
     """Full depth vs the replayed exits on `served`: batch 1 over `rows` (per sentence the fastest of `rounds`)
     and in length-sorted batches of `batch_size` over every sentence (the fastest round)."""
-    from model.tokenization import pad_batch
+    from model.tokenization import groups_by_length, pad_batch
 
     rule = ReplayCriterion()
     n = served.num_layers
@@ -119,8 +119,7 @@ def measure(
                 started = time.perf_counter_ns()
                 run(batch, thresholds)
                 times[i] = min(times[i], time.perf_counter_ns() - started)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    groups = groups_by_length(encoded, batch_size)
     batches = [(pad_batch([encoded[i] for i in g], 0), [float(targets[i]) for i in g]) for g in groups]
     full_batched, exit_batched = math.inf, math.inf
     for _ in range(rounds + 1):
