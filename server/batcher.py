@@ -443,13 +443,31 @@ class Batcher:
 
     def _run(self, batch: list[Row], deliver: Callable[..., Any]) -> None:
         """Run the batch, answering each row as it exits through `deliver(function, *args)`: the event loop's
-        `call_soon_threadsafe` from the worker thread, `_call_now` on the loop itself."""
+        `call_soon_threadsafe` from the worker thread, `_call_now` on the loop itself.
+
+        The rows that leave together (a layer's exits, reported one after another) reach the loop in one
+        hand-over: the first schedules it, the others join it while it has not run. One wake-up of the loop per
+        layer instead of one per row."""
         started = time.perf_counter()
         for row in batch:
             row.started_at = started
+        size = len(batch)
+        lock = threading.Lock()
+        exited: list[tuple[Row, Any, float]] = []
+
+        def hand_over() -> None:
+            nonlocal exited
+            with lock:
+                rows, exited = exited, []
+            for row, value, finished in rows:
+                self._resolve(row, value, finished, size)
 
         def on_exit(index: int, value: Any) -> None:
-            deliver(self._resolve, batch[index], value, time.perf_counter(), len(batch))
+            with lock:
+                exited.append((batch[index], value, time.perf_counter()))
+                first = len(exited) == 1
+            if first:
+                deliver(hand_over)
 
         try:
             self._runner([row.item for row in batch], [row.threshold for row in batch], on_exit)

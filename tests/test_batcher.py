@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from server.batcher import ARRIVAL_TURNS_MAX, Batcher, LoopBatches, RowAnswer, WorkerThread
+from server.batcher import ARRIVAL_TURNS_MAX, Batcher, LoopBatches, Row, RowAnswer, WorkerThread
 from server.errors import DeeBertError, ErrorType
 
 pytestmark = pytest.mark.anyio
@@ -467,3 +467,33 @@ async def test_a_texts_bookkeeping_runs_after_its_request_resumes() -> None:
             ("bookkeeping", ("b", 0.5)),
         ]
         await batcher.stop()
+
+
+async def test_rows_leaving_together_reach_the_event_loop_in_one_hand_over() -> None:
+    """A layer's exits, reported one after another from the worker thread, wake the loop once: the first
+    schedules the hand-over and the rest join it until it runs; a row reported after it ran schedules another."""
+    scheduled: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+
+    def run_scheduled() -> None:
+        while scheduled:
+            function, args = scheduled.pop(0)
+            function(*args)
+
+    def runner(items: list[Any], thresholds: list[float], on_exit: Callable[[int, Any], None]) -> None:
+        for index in (0, 1, 2):  # one layer's exits
+            on_exit(index, items[index])
+        assert len(scheduled) == 1, "three rows leaving together: one hand-over"
+        run_scheduled()  # the loop takes them
+        for index in (3, 4):
+            on_exit(index, items[index])
+
+    batcher = Batcher(runner, max_batch_size=8, max_wait_s=0.05, max_queue_size=100)
+    loop = asyncio.get_running_loop()
+    rows = [Row(Text(text), 0.0, loop.create_future(), time.perf_counter()) for text in "abcde"]
+    batcher._run(rows, lambda function, *args: scheduled.append((function, args)))
+    assert [row.future.done() for row in rows] == [True, True, True, False, False]
+    assert len(scheduled) == 1, "the second layer's two rows: one more hand-over"
+    run_scheduled()
+    answers = [row.future.result() for row in rows]
+    assert [answer.value for answer in answers] == list("abcde")
+    assert all(answer.batch_size == 5 and answer.compute_s >= 0 for answer in answers)
