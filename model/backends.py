@@ -73,14 +73,17 @@ def pick_backend(requested: str, device: torch.device, dtype: torch.dtype) -> st
 
 
 def quiet_torch_threads() -> None:
-    """One torch intra-op thread in a process that computes on ONNX Runtime.
+    """One torch intra-op thread in a process that computes on ONNX Runtime or OpenVINO.
 
-    Between ONNX Runtime calls the exit loop does a handful of small torch operations (softmax, entropy, which
+    Between the runtime's calls the exit loop does a handful of small torch operations (softmax, entropy, which
     rows leave); with torch's own pool of workers beside ONNX Runtime's, the two pools' spinning threads took
     each other's cores: on the 2-core EPYC here the batch-32 loop at `balanced` ran 1.7x slower
     (2.67 s vs 1.58 s for SST-2 dev). Torch's operations there are too small to gain from threads."""
     if torch.get_num_threads() != 1:
-        logger.info("onnxruntime backend: torch keeps 1 intra-op thread (was %d)", torch.get_num_threads())
+        logger.info(
+            "torch keeps 1 intra-op thread (was %d): the layers run on ONNX Runtime or OpenVINO",
+            torch.get_num_threads(),
+        )
         torch.set_num_threads(1)
 
 
