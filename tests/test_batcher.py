@@ -497,3 +497,26 @@ async def test_rows_leaving_together_reach_the_event_loop_in_one_hand_over() -> 
     answers = [row.future.result() for row in rows]
     assert [answer.value for answer in answers] == list("abcde")
     assert all(answer.batch_size == 5 and answer.compute_s >= 0 for answer in answers)
+
+
+async def test_rows_that_left_before_the_model_failed_keep_their_answers() -> None:
+    """A runner that reports two rows and then fails: those two are answered (their hand-over reaches the loop
+    before the failure does), the rest of the batch fails with a 500, and the batcher serves the next batch."""
+
+    def runner(items: list[Any], thresholds: list[float], on_exit: Callable[[int, Any], None]) -> None:
+        if "next" in items:
+            on_exit(0, "next")
+            return
+        on_exit(0, items[0])
+        on_exit(1, items[1])
+        raise RuntimeError("model exploded at layer 2")
+
+    batcher = Batcher(runner, max_batch_size=4, max_wait_s=0.05, max_queue_size=10)
+    batcher.start()
+    futures = batcher.submit([Text("a"), Text("b"), Text("c"), Text("d")], [0.0] * 4)
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    assert [getattr(outcome, "value", None) for outcome in outcomes[:2]] == ["a", "b"]
+    assert all(isinstance(outcome, DeeBertError) for outcome in outcomes[2:])
+    assert all(outcome.error_type is ErrorType.INTERNAL for outcome in outcomes[2:])  # type: ignore[union-attr]
+    assert (await batcher.submit([Text("next")], [0.0])[0]).value == "next"
+    await batcher.stop()
