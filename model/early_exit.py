@@ -381,9 +381,26 @@ def exit_one(
     gathers, and the bookkeeping of which rows remain) is dozens of operator dispatches for a handful of
     numbers; reading the logits once (the host sync the decision needs anyway) and deciding in Python
     leaves the off-ramp's own work as its cost.
+
+    A backend with `exit_in_one_call` (ONNX Runtime's exit graph) runs all of that in one runtime call when the
+    rule has a graph form (`rule.in_graph`); it returns the exit layer and that off-ramp's logits, from which the
+    answer is read as here.
     """
     num_layers = steps.num_layers
     may_exit_early = not rule.never_exits_early_at(threshold, num_layers)
+    one_call = getattr(steps, "exit_in_one_call", None) if may_exit_early and rule.in_graph else None
+    found = None if one_call is None else one_call(input_ids, attention_mask, token_type_ids, threshold)
+    if found is not None:  # the backend ran the loop, and decided by the same rule, in one call
+        layer, logits = found
+        probabilities, entropy = rule.outputs_of(logits)
+        return LayerExits(
+            layer=layer,
+            rows=[0],
+            labels=[exit_rule.argmax(probabilities)],
+            entropies=[entropy],
+            probabilities=torch.from_numpy(np.array([probabilities], dtype=np.float32)),
+            rows_run=1,
+        )
     full_depth = None if may_exit_early else steps.full_depth_logits(input_ids, attention_mask, token_type_ids)
     state = None if full_depth is not None else steps.start(input_ids, attention_mask, token_type_ids)
     row_state: exit_rule.RowState = None

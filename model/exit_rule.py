@@ -101,6 +101,14 @@ class ExitCriterion(ABC):
     meaning: ClassVar[str]  # what the threshold is, for help texts and error messages
     # True for classifiers with one sigmoid per label (any number of labels on); False: one softmax.
     multi_label: ClassVar[bool] = False
+    # Whether `graph_leaves` writes this rule as graph nodes (a runtime then decides a batch of one row's exits
+    # inside one call: `model.onnx_export.write_exit_graph`).
+    in_graph: ClassVar[bool] = False
+
+    def graph_leaves(self, logits: str, negated_threshold: str, leaves: str, prefix: str) -> list[Any]:
+        """ONNX nodes computing `leaves` (bool [1]) from one row's off-ramp `logits` ([1, labels] float) and
+        the negated threshold (a float scalar input): the same decision as `leaves`, for a runtime's graph."""
+        raise NotImplementedError(f"the {self.name} rule has no graph form")
 
     def outputs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """An off-ramp's probabilities [..., labels] and the entropy [...] its exit decision reads."""
@@ -215,6 +223,22 @@ class EntropyCriterion(ExitCriterion):
     ) -> tuple[bool, RowState]:
         return entropy < threshold, None
 
+    in_graph = True
+
+    def graph_leaves(self, logits: str, negated_threshold: str, leaves: str, prefix: str) -> list[Any]:
+        """entropy < S as Σ p·log p > −S, with log p from a (stable) log-softmax in fp32: five operators."""
+        from onnx import helper
+
+        log_p, p, p_log_p, axis, sum_p_log_p = (prefix + name for name in ("log_p", "p", "p_log_p", "axis", "sum"))
+        return [
+            helper.make_node("LogSoftmax", [logits], [log_p], axis=-1),
+            helper.make_node("Exp", [log_p], [p]),
+            helper.make_node("Mul", [p, log_p], [p_log_p]),
+            helper.make_node("Constant", [], [axis], value_ints=[-1]),
+            helper.make_node("ReduceSum", [p_log_p, axis], [sum_p_log_p], keepdims=0),
+            helper.make_node("Greater", [sum_p_log_p, negated_threshold], [leaves]),
+        ]
+
     def candidates(self, probabilities: torch.Tensor, entropies: torch.Tensor) -> list[float]:
         """0 and the midpoints between distinct intermediate off-ramp entropies (and one above them all)."""
         values = torch.unique(entropies[:-1].reshape(-1)).double()
@@ -240,8 +264,12 @@ class LabelEntropyCriterion(EntropyCriterion):
     entropy is ln 2 whatever the number of labels."""
 
     name = "label-entropy"
+    in_graph = False  # sigmoids, not a softmax: no graph form
     meaning = "largest per-label binary entropy in nats (a number >= 0, 0 = full depth)"
     multi_label = True
+
+    def graph_leaves(self, logits: str, negated_threshold: str, leaves: str, prefix: str) -> list[Any]:
+        raise NotImplementedError(f"the {self.name} rule has no graph form")
 
     def outputs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return label_entropy_from_logits(logits)

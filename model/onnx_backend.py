@@ -32,6 +32,8 @@ import torch
 from model.config import DeeBertConfig
 from model.early_exit import EarlyExitModel
 from model.onnx_export import (
+    EXIT_FILE,
+    EXIT_THRESHOLD_INPUT,
     GRAPH_FORMAT,
     INT8_SELECTION,
     PLAIN_FILE,
@@ -348,14 +350,52 @@ class StepGraphModel(EarlyExitModel):
 
 
 class OnnxDeeBert(StepGraphModel):
-    """A DeeBERT model on ONNX Runtime (CPU): `iter_exits`, `infer`, `plain_forward` as `DeeBert` has them."""
+    """A DeeBERT model on ONNX Runtime (CPU): `iter_exits`, `infer`, `plain_forward` as `DeeBert` has them.
+
+    A batch of one row that may leave early runs the exit graph (`model.onnx_export.write_exit_graph`): the
+    whole loop in one call, the exit decided inside it by the entropy rule's graph form (`exit_in_one_call`)."""
 
     def __init__(self, config: DeeBertConfig, directory: Path, manifest: Manifest, threads: int | None) -> None:
         self._options = session_options(threads)
         super().__init__(config, directory, manifest)
+        self.exit_graph = self.load_graph(directory / EXIT_FILE) if EXIT_FILE in manifest.files else None
+        self._thresholds: dict[float, np.ndarray] = {}
 
     def load_graph(self, path: Path) -> StepGraph:
         return _Graph(path, self._options)
+
+    def exit_in_one_call(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        threshold: float,
+    ) -> tuple[int, list[float]] | None:
+        """One row's exit layer and that off-ramp's logits from one call of the exit graph (None without one).
+        The graph decides by DeeBERT's entropy rule; callers with another rule take the loop."""
+        graph = self.exit_graph
+        if graph is None:
+            return None
+        # What `start` computes, without its state record (this is the whole of a lone row's Python around
+        # the runtime's call).
+        ids, types, mask = self._token_arrays(input_ids, attention_mask, token_type_ids)
+        lengths, weights = self._mask_inputs(mask)
+        threshold_array = self._thresholds.get(threshold)
+        if threshold_array is None:  # a 0-d array per threshold seen (a handful: the presets and a few numbers)
+            if len(self._thresholds) > 64:
+                self._thresholds.clear()
+            threshold_array = self._thresholds[threshold] = np.array(threshold, dtype=np.float32)
+        feeds = {
+            "input_ids": ids,
+            self._layer_mask_input: lengths if self._masks_by_length else mask,
+            EXIT_THRESHOLD_INPUT: threshold_array,
+        }
+        if graph.takes_token_types:
+            feeds["token_type_ids"] = types
+        if weights is not None:
+            feeds[POOL_WEIGHTS] = weights
+        logits, layer = graph.run(feeds)
+        return int(layer[0]), logits[0].tolist()
 
     @property
     def backend(self) -> str:
@@ -422,6 +462,8 @@ def check_export(directory: Path, digest: str | None, precision: str, runtime: s
             raise ExportError("quantized by an older rule for which products to quantize")
     if not manifest.files:
         raise ExportError("the manifest lists no graphs")
+    if runtime == "onnxruntime" and EXIT_FILE not in manifest.files:
+        raise ExportError(f"made before the one-call exit graph ({EXIT_FILE})")
     for name, expected in manifest.files.items():
         path = directory / name
         if not path.is_file():

@@ -140,6 +140,10 @@ def layer_file(layer_number: int) -> str:
 
 
 PLAIN_FILE = "plain.onnx"
+# The exit loop of a batch of one row in one graph (`write_exit_graph`; ONNX Runtime's exports).
+EXIT_FILE = "exit.onnx"
+EXIT_THRESHOLD_INPUT = "exit_threshold"
+EXIT_OUTPUTS = ("exit_logits", "exit_layer")
 
 
 def file_digest(path: Path) -> str:
@@ -322,6 +326,105 @@ def _split(whole: Path, directory: Path, num_layers: int) -> str:
     return layer_mask
 
 
+def write_exit_graph(directory: Path, num_layers: int) -> None:
+    """`EXIT_FILE`: the step graphs of `directory` nested in `If` nodes, so that a batch of one row runs the whole
+    exit loop in one call. After layer i's graph (and its off-ramp) comes DeeBERT's rule in graph form
+    (`EntropyCriterion.graph_leaves`) on off-ramp i's logits against the input `exit_threshold`; if the row
+    leaves, the graph returns those logits and i (`exit_logits`, `exit_layer`), otherwise its else-branch runs
+    layer i+1, and so on to layer n, which always returns.
+
+    At batch 1 on ONNX Runtime each step graph's call costs beyond its kernels (the call itself, a run's setup,
+    handing the hidden states back through Python); measured on `benchmarks/onnx_step_profile.py`'s sentences,
+    the nested graph took 0.89x the step-by-step loop's time at `balanced` (BENCHMARKS.md §16). Each branch
+    holds its own layer's weights: weights held by the outer graph would be handed down as implicit inputs through
+    every level, which measured slower than the loop."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from model.exit_rule import EntropyCriterion
+
+    rule = EntropyCriterion()
+    layers = [onnx.load(str(directory / layer_file(i))) for i in range(1, num_layers + 1)]
+    for number, layer in enumerate(layers, 1):
+        # The graphs were cut from one whole, but constants they share appear in several: names made unique
+        # per layer, except what the layers hand each other (hidden states, logits) and the graph inputs.
+        graph = layer.graph
+        shared = {value.name for value in graph.output} | {value.name for value in graph.input}
+        renamed: dict[str, str] = {}
+        for tensor in graph.initializer:
+            renamed[tensor.name] = tensor.name = f"layer{number}/{tensor.name}"
+        for node in graph.node:
+            for position, name in enumerate(node.output):
+                if name and name not in shared:
+                    renamed[name] = node.output[position] = f"layer{number}/{name}"
+        for node in graph.node:
+            for position, name in enumerate(node.input):
+                node.input[position] = renamed.get(name, name)
+
+    def output(name: str, element: int) -> Any:
+        return helper.make_tensor_value_info(name, element, None)
+
+    def layer_constant(name: str, number: int) -> Any:
+        value = helper.make_tensor(name, TensorProto.INT64, [1], [number])
+        return helper.make_node("Constant", [], [name], value=value)
+
+    def from_layer(number: int) -> tuple[list[Any], str, str]:
+        """Nodes running layers `number`..n (the caller holds layer `number`'s weights) and the names of
+        their logits and exit layer."""
+        nodes = list(layers[number - 1].graph.node)
+        logits = f"logits_{number}"
+        if number == num_layers:
+            nodes.append(layer_constant(f"exit_layer_{number}", number))
+            return nodes, logits, f"exit_layer_{number}"
+        leaves = f"leaves_{number}"
+        nodes += rule.graph_leaves(logits, "negated_threshold", leaves, prefix=f"rule{number}/")
+        left = [
+            helper.make_node("Identity", [logits], [f"left_logits_{number}"]),
+            layer_constant(f"left_{number}", number),
+        ]
+        leave = helper.make_graph(
+            left,
+            f"leave_after_{number}",
+            [],
+            [output(f"left_logits_{number}", TensorProto.FLOAT), output(f"left_{number}", TensorProto.INT64)],
+        )
+        inner, inner_logits, inner_layer = from_layer(number + 1)
+        inner += [
+            helper.make_node("Identity", [inner_logits], [f"later_logits_{number}"]),
+            helper.make_node("Identity", [inner_layer], [f"later_{number}"]),
+        ]
+        go_on = helper.make_graph(
+            inner,
+            f"go_on_after_{number}",
+            [],
+            [output(f"later_logits_{number}", TensorProto.FLOAT), output(f"later_{number}", TensorProto.INT64)],
+            initializer=list(layers[number].graph.initializer),
+        )
+        results = [f"logits_from_{number}", f"exit_layer_from_{number}"]
+        nodes.append(helper.make_node("If", [leaves], results, then_branch=leave, else_branch=go_on))
+        return nodes, results[0], results[1]
+
+    first = layers[0]
+    nodes = [helper.make_node("Neg", [EXIT_THRESHOLD_INPUT], ["negated_threshold"])]
+    body, logits, exit_layer = from_layer(1)
+    nodes += body
+    nodes += [
+        helper.make_node("Identity", [logits], [EXIT_OUTPUTS[0]]),
+        helper.make_node("Identity", [exit_layer], [EXIT_OUTPUTS[1]]),
+    ]
+    threshold = helper.make_tensor_value_info(EXIT_THRESHOLD_INPUT, TensorProto.FLOAT, [])
+    graph = helper.make_graph(
+        nodes,
+        "deebert_exit_loop",
+        [*first.graph.input, threshold],
+        [output(EXIT_OUTPUTS[0], TensorProto.FLOAT), output(EXIT_OUTPUTS[1], TensorProto.INT64)],
+        initializer=list(first.graph.initializer),
+    )
+    composed = helper.make_model(graph, opset_imports=list(first.opset_import))
+    composed.ir_version = first.ir_version
+    onnx.save(composed, str(directory / EXIT_FILE))
+
+
 def export_plain_unfused(model: DeeBert, path: Path) -> None:
     """The plain full forward (token ids → the final classifier's logits) as a standard ONNX graph without
     ONNX Runtime's fused operators: what runtimes that read ONNX but not `com.microsoft` ops (OpenVINO) load."""
@@ -434,6 +537,8 @@ def export_graphs(
             quantized = {**asdict(settings), "method": settings.describe(), "selection": INT8_SELECTION}
         elif precision == "int8-static":
             quantized = _quantize_static(model, staging)
+        if runtime == "onnxruntime":
+            write_exit_graph(staging, model.num_layers)
         manifest = Manifest(
             format=GRAPH_FORMAT,
             precision=precision,

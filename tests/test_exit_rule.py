@@ -259,3 +259,45 @@ def test_batch1_outputs_equal_the_tensor_outputs(name: str) -> None:
         assert float(entropies.max()) <= math.log(2) + 1e-6
         sure = criterion.outputs(torch.tensor([[20.0, -20.0, 20.0]]))[1]
         assert float(sure[0]) < 1e-6, "every label certain: the row may leave at any threshold > 0"
+
+
+def test_the_graph_form_of_the_entropy_rule_decides_as_leaves() -> None:
+    """`EntropyCriterion.graph_leaves` (what ONNX Runtime's exit graph decides with) run in a one-node-chain
+    graph gives `leaves`' answer on random logits and thresholds (none within 1e-5 of an entropy)."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    from model.onnx_backend import session_options
+
+    rule = exit_rule.EntropyCriterion()
+    assert rule.in_graph and not exit_rule.get_criterion("label-entropy").in_graph
+    assert not exit_rule.get_criterion("max-prob").in_graph and not exit_rule.get_criterion("patience").in_graph
+    for labels in (2, 3, 5):
+        nodes = rule.graph_leaves("logits", "negated", "leaves", "r/")
+        graph = helper.make_graph(
+            [helper.make_node("Neg", ["threshold"], ["negated"]), *nodes],
+            "rule",
+            [
+                helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, labels]),
+                helper.make_tensor_value_info("threshold", TensorProto.FLOAT, []),
+            ],
+            [helper.make_tensor_value_info("leaves", TensorProto.BOOL, [1])],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        onnx.checker.check_model(model)
+        options = session_options(1)
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        generator = torch.Generator().manual_seed(labels)
+        decided = 0
+        for _ in range(200):
+            logits = torch.randn(1, labels, generator=generator) * 4
+            threshold = float(torch.rand((), generator=generator)) * math.log(labels)
+            probabilities, entropy = exit_rule.entropy_of(logits[0].tolist())
+            if abs(entropy - threshold) < 1e-5:
+                continue
+            expected, _ = rule.leaves(probabilities, entropy, threshold, None)
+            (got,) = session.run(None, {"logits": logits.numpy(), "threshold": torch.tensor(threshold).numpy()})
+            assert bool(got.reshape(-1)[0]) == expected
+            decided += int(expected)
+        assert 20 < decided < 180  # both answers were tested

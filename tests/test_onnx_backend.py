@@ -12,7 +12,7 @@ from model import exit_rule
 from model.backends import BackendError, load_backend, pick_backend
 from model.checkpoint import load_model
 from model.onnx_backend import OnnxDeeBert, cache_entry, check_export, export, load_onnx_model
-from model.onnx_export import INT8_SELECTION, ExportError, Manifest, Quantization, layer_file, model_digest
+from model.onnx_export import EXIT_FILE, INT8_SELECTION, ExportError, Manifest, Quantization, layer_file, model_digest
 from tests.helpers import (
     SENTENCES,
     assert_alone_equals_batched,
@@ -84,6 +84,78 @@ def test_a_lone_row_padded_or_not_answers_the_same(pair, tokenizer) -> None:  # 
         assert cached.pool_weights is not None and computed[1] is not None
         assert (cached.pool_weights == computed[1]).all()
         assert not cached.pool_weights.flags.writeable  # shared between calls: read-only
+
+
+def assert_exit_graph_leaves_as_the_steps(exported: OnnxDeeBert, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Each sentence alone, at thresholds just above each off-ramp's entropy (and one no off-ramp meets): the exit
+    graph, in one call, leaves at the layer the rule picks on the step graphs' off-ramps, with those logits, and
+    `infer` answers from it without calling a step graph."""
+    rule = exported.config.criterion
+    n = exported.num_layers
+    graph = exported.exit_graph
+    assert graph is not None
+    for text in SENTENCES:
+        one = encode(tokenizer, [text])
+        args = (one.input_ids, one.attention_mask, one.token_type_ids)
+        off_ramps = exported.all_off_ramp_logits(*args)[:, 0]
+        entropies = [rule.outputs_of(logits.tolist())[1] for logits in off_ramps]
+        for threshold in [entropy + 1e-4 for entropy in entropies[:-1]] + [1e-9, 1e9]:
+            if any(abs(entropy - threshold) < 1e-6 for entropy in entropies):
+                continue  # a float32 graph and Python doubles may decide a tie differently
+            expected = next((i for i, entropy in enumerate(entropies[:-1], 1) if entropy < threshold), n)
+            found = exported.exit_in_one_call(*args, threshold)
+            assert found is not None
+            layer, logits = found
+            assert layer == expected
+            torch.testing.assert_close(torch.tensor(logits), off_ramps[layer - 1], atol=1e-5, rtol=0)
+            result = exported.infer(*args, [threshold])
+            assert result.exit_layer == [expected] and result.rows_per_layer == [1] * expected
+            assert result.entropy == pytest.approx([entropies[expected - 1]], abs=1e-5)
+
+
+def test_a_lone_row_leaves_in_one_call_of_the_exit_graph_as_the_steps_would(pair, tokenizer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    _, exported = pair
+    assert_exit_graph_leaves_as_the_steps(exported, tokenizer)
+    graph = exported.exit_graph
+    calls = []
+    run = graph.run
+    monkeypatch.setattr(graph, "run", lambda feeds: calls.append(1) or run(feeds))
+    for layer in exported.layers:
+        monkeypatch.setattr(layer, "run", lambda feeds: pytest.fail("a step graph ran for a lone row"))
+    one = encode(tokenizer, SENTENCES[:1])
+    exported.infer(one.input_ids, one.attention_mask, one.token_type_ids, [0.3])
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("name", ["max-prob", "patience"])
+def test_rules_without_a_graph_form_take_the_steps_for_a_lone_row(pair, tokenizer, monkeypatch, name: str) -> None:  # type: ignore[no-untyped-def]
+    """The exit graph decides by entropy: under another rule a lone row runs the step graphs, as torch does."""
+    model, exported = pair
+    monkeypatch.setattr(exported.exit_graph, "run", lambda feeds: pytest.fail("the exit graph ran"))
+    rule = exit_rule.get_criterion(name)
+    for text in SENTENCES[:4]:
+        one = encode(tokenizer, [text])
+        args = (one.input_ids, one.attention_mask, one.token_type_ids)
+        for threshold in rule.default_grid(2, model.num_layers)[1:6]:
+            expected = model.infer(*args, [threshold], criterion=rule)
+            got = exported.infer(*args, [threshold], criterion=rule)
+            assert (got.exit_layer, got.label) == (expected.exit_layer, expected.label)
+
+
+def test_a_cache_without_the_exit_graph_is_exported_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Caches written before the exit graph existed are rebuilt, with a warning saying why."""
+    model = tiny_model("bert")
+    directory = load_onnx_model(model, "fp32", tmp_path, threads=1).directory
+    manifest = Manifest.read(directory)
+    del manifest.files[EXIT_FILE]
+    manifest.write(directory)
+    (directory / EXIT_FILE).unlink()
+    with pytest.raises(ExportError, match="exit graph"):
+        check_export(directory, model_digest(model), "fp32")
+    with caplog.at_level(logging.WARNING, logger="deebert.onnx"):
+        again = load_onnx_model(model, "fp32", tmp_path, threads=1)
+    assert "exit graph" in caplog.text and "exporting again" in caplog.text
+    assert again.directory == directory and again.exit_graph is not None and (directory / EXIT_FILE).is_file()
 
 
 @pytest.mark.parametrize("name", ["max-prob", "patience"])
@@ -161,6 +233,7 @@ def test_int8_exports_and_answers(tmp_path: Path, tokenizer) -> None:  # type: i
     }
     # Attention stays fp32 by default; `all` quantizes it too. The cache serves only the default quantization.
     assert "QAttention" not in layer_ops and "Attention" in layer_ops
+    assert_exit_graph_leaves_as_the_steps(exported, tokenizer)  # the exit graph nests the quantized steps
     every = export(model, tmp_path / "all", "int8", quantization=Quantization(ops="all", per_channel=False), threads=1)
     every_ops = {node.op_type for node in onnx.load(str(every.directory / layer_file(2))).graph.node}
     assert "QAttention" in every_ops
