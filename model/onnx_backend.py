@@ -163,7 +163,10 @@ class StepGraph(Protocol):
 
 class StepGraphModel(EarlyExitModel):
     """A DeeBERT model on a runtime of step graphs over numpy arrays (ONNX Runtime, OpenVINO): the exit loop's
-    steps (`ExitSteps`), compaction and the batch-1 inputs, written once; a runtime supplies `load_graph`."""
+    steps (`ExitSteps`), compaction and the batch-1 inputs, written once; a runtime supplies `load_graph`.
+
+    A batch of one row that may leave early runs the exit graph (`model.onnx_export.write_exit_graph`): the
+    whole loop in one call, the exit decided inside it by the entropy rule's graph form (`exit_in_one_call`)."""
 
     computes_in_torch = False
     # Whether a layer's outputs are the runtime's own buffers, overwritten by its next call (`ExitSteps`).
@@ -183,6 +186,9 @@ class StepGraphModel(EarlyExitModel):
         self.manifest = manifest
         self.layers = [self.load_graph(directory / layer_file(i)) for i in range(1, config.num_layers + 1)]
         self.plain = self.load_graph(directory / PLAIN_FILE)
+        # A lone row's whole exit loop in one call (`exit_in_one_call`); None in an export made without it.
+        self.exit_graph = self.load_graph(directory / EXIT_FILE) if EXIT_FILE in manifest.files else None
+        self._thresholds: dict[float, np.ndarray] = {}
         self._hidden_inputs = [f"hidden_{i}" for i in range(config.num_layers + 1)]
         self._layer_mask_input = manifest.layer_mask_input
         self._masks_by_length = self._layer_mask_input != "attention_mask"
@@ -324,46 +330,6 @@ class StepGraphModel(EarlyExitModel):
                 array.flags.writeable = False  # may be cached and shared between calls (ORT only reads inputs)
         return lengths, weights
 
-    # --- inference -------------------------------------------------------------------------------
-
-    def exit_steps(self) -> StepGraphModel:
-        return self
-
-    def plain_forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The final classifier's logits from one full-depth graph (the plain runtime's baseline)."""
-        ids, types, mask = self._token_arrays(input_ids, attention_mask, token_type_ids)
-        logits = self.plain(input_ids=ids, attention_mask=mask, token_type_ids=types)[0]
-        return torch.from_numpy(logits)
-
-    def all_off_ramp_logits(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Every off-ramp's logits, [layers, batch, labels] (evaluation sweeps)."""
-        state = self.start(input_ids, attention_mask, token_type_ids)
-        logits = []
-        for layer_number in range(1, self.num_layers + 1):
-            state = self.run_layer(state, layer_number)
-            logits.append(self.off_ramp_logits(state, layer_number))
-        return torch.stack(logits)
-
-
-class OnnxDeeBert(StepGraphModel):
-    """A DeeBERT model on ONNX Runtime (CPU): `iter_exits`, `infer`, `plain_forward` as `DeeBert` has them.
-
-    A batch of one row that may leave early runs the exit graph (`model.onnx_export.write_exit_graph`): the
-    whole loop in one call, the exit decided inside it by the entropy rule's graph form (`exit_in_one_call`)."""
-
-    def __init__(self, config: DeeBertConfig, directory: Path, manifest: Manifest, threads: int | None) -> None:
-        self._options = session_options(threads)
-        super().__init__(config, directory, manifest)
-        self.exit_graph = self.load_graph(directory / EXIT_FILE) if EXIT_FILE in manifest.files else None
-        self._thresholds: dict[float, np.ndarray] = {}
-
-    def load_graph(self, path: Path) -> StepGraph:
-        return _Graph(path, self._options)
-
     def exit_in_one_call(
         self,
         input_ids: torch.Tensor,
@@ -396,6 +362,41 @@ class OnnxDeeBert(StepGraphModel):
             feeds[POOL_WEIGHTS] = weights
         logits, layer = graph.run(feeds)
         return int(layer[0]), logits[0].tolist()
+
+    # --- inference -------------------------------------------------------------------------------
+
+    def exit_steps(self) -> StepGraphModel:
+        return self
+
+    def plain_forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The final classifier's logits from one full-depth graph (the plain runtime's baseline)."""
+        ids, types, mask = self._token_arrays(input_ids, attention_mask, token_type_ids)
+        logits = self.plain(input_ids=ids, attention_mask=mask, token_type_ids=types)[0]
+        return torch.from_numpy(logits)
+
+    def all_off_ramp_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Every off-ramp's logits, [layers, batch, labels] (evaluation sweeps)."""
+        state = self.start(input_ids, attention_mask, token_type_ids)
+        logits = []
+        for layer_number in range(1, self.num_layers + 1):
+            state = self.run_layer(state, layer_number)
+            logits.append(self.off_ramp_logits(state, layer_number))
+        return torch.stack(logits)
+
+
+class OnnxDeeBert(StepGraphModel):
+    """A DeeBERT model on ONNX Runtime (CPU): `iter_exits`, `infer`, `plain_forward` as `DeeBert` has them."""
+
+    def __init__(self, config: DeeBertConfig, directory: Path, manifest: Manifest, threads: int | None) -> None:
+        self._options = session_options(threads)
+        super().__init__(config, directory, manifest)
+
+    def load_graph(self, path: Path) -> StepGraph:
+        return _Graph(path, self._options)
 
     @property
     def backend(self) -> str:
@@ -462,7 +463,7 @@ def check_export(directory: Path, digest: str | None, precision: str, runtime: s
             raise ExportError("quantized by an older rule for which products to quantize")
     if not manifest.files:
         raise ExportError("the manifest lists no graphs")
-    if runtime == "onnxruntime" and EXIT_FILE not in manifest.files:
+    if EXIT_FILE not in manifest.files:
         raise ExportError(f"made before the one-call exit graph ({EXIT_FILE})")
     for name, expected in manifest.files.items():
         path = directory / name

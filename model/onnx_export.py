@@ -140,7 +140,7 @@ def layer_file(layer_number: int) -> str:
 
 
 PLAIN_FILE = "plain.onnx"
-# The exit loop of a batch of one row in one graph (`write_exit_graph`; ONNX Runtime's exports).
+# The exit loop of a batch of one row in one graph (`write_exit_graph`).
 EXIT_FILE = "exit.onnx"
 EXIT_WEIGHTS_FILE = "exit.onnx.data"  # its weights, beside it (see `write_exit_graph`)
 EXIT_THRESHOLD_INPUT = "exit_threshold"
@@ -548,8 +548,7 @@ def export_graphs(
             quantized = {**asdict(settings), "method": settings.describe(), "selection": INT8_SELECTION}
         elif precision == "int8-static":
             quantized = _quantize_static(model, staging)
-        if runtime == "onnxruntime":
-            write_exit_graph(staging, model.num_layers)
+        write_exit_graph(staging, model.num_layers)
         manifest = Manifest(
             format=GRAPH_FORMAT,
             precision=precision,

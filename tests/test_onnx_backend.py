@@ -17,6 +17,7 @@ from tests.helpers import (
     SENTENCES,
     assert_alone_equals_batched,
     assert_compacts_mixed_thresholds,
+    assert_exit_graph_leaves_as_the_steps,
     assert_matches_torch,
     assert_refilled_matches_per_batch,
     encode,
@@ -84,33 +85,6 @@ def test_a_lone_row_padded_or_not_answers_the_same(pair, tokenizer) -> None:  # 
         assert cached.pool_weights is not None and computed[1] is not None
         assert (cached.pool_weights == computed[1]).all()
         assert not cached.pool_weights.flags.writeable  # shared between calls: read-only
-
-
-def assert_exit_graph_leaves_as_the_steps(exported: OnnxDeeBert, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    """Each sentence alone, at thresholds just above each off-ramp's entropy (and one no off-ramp meets): the exit
-    graph, in one call, leaves at the layer the rule picks on the step graphs' off-ramps, with those logits, and
-    `infer` answers from it without calling a step graph."""
-    rule = exported.config.criterion
-    n = exported.num_layers
-    graph = exported.exit_graph
-    assert graph is not None
-    for text in SENTENCES:
-        one = encode(tokenizer, [text])
-        args = (one.input_ids, one.attention_mask, one.token_type_ids)
-        off_ramps = exported.all_off_ramp_logits(*args)[:, 0]
-        entropies = [rule.outputs_of(logits.tolist())[1] for logits in off_ramps]
-        for threshold in [entropy + 1e-4 for entropy in entropies[:-1]] + [1e-9, 1e9]:
-            if any(abs(entropy - threshold) < 1e-6 for entropy in entropies):
-                continue  # a float32 graph and Python doubles may decide a tie differently
-            expected = next((i for i, entropy in enumerate(entropies[:-1], 1) if entropy < threshold), n)
-            found = exported.exit_in_one_call(*args, threshold)
-            assert found is not None
-            layer, logits = found
-            assert layer == expected
-            torch.testing.assert_close(torch.tensor(logits), off_ramps[layer - 1], atol=1e-5, rtol=0)
-            result = exported.infer(*args, [threshold])
-            assert result.exit_layer == [expected] and result.rows_per_layer == [1] * expected
-            assert result.entropy == pytest.approx([entropies[expected - 1]], abs=1e-5)
 
 
 def test_a_lone_row_leaves_in_one_call_of_the_exit_graph_as_the_steps_would(pair, tokenizer, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -16,6 +16,7 @@ from tests.helpers import (
     SENTENCES,
     assert_alone_equals_batched,
     assert_compacts_mixed_thresholds,
+    assert_exit_graph_leaves_as_the_steps,
     assert_matches_torch,
     assert_refilled_matches_per_batch,
     encode,
@@ -50,6 +51,10 @@ def test_the_graphs_are_standard_onnx_with_a_manifest(pair) -> None:  # type: ig
 
 def test_exit_layers_labels_and_probabilities_match_torch(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]
     assert_matches_torch(*pair, tokenizer)
+
+
+def test_a_lone_row_leaves_in_one_call_of_the_exit_graph_as_the_steps_would(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    assert_exit_graph_leaves_as_the_steps(pair[1], tokenizer)
 
 
 def test_refilled_between_layers_rows_answer_as_in_their_own_batches(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]
