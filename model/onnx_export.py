@@ -8,6 +8,8 @@ BiasGelu), then cut at the layer boundaries into the graphs the loop calls:
     layer_i.onnx    hidden_{i-1}, mask, pool_weights               → hidden_i, logits_i   (i = 2..n-1)
     layer_n.onnx    hidden_{n-1}, mask, pool_weights               → logits_n  (layer n + the final classifier)
     plain.onnx      input_ids, attention_mask, token_type_ids      → logits_n  (a plain full forward)
+    exit.onnx       layer 1's inputs, exit_threshold               → exit_logits, exit_layer  (`write_exit_graph`:
+                    the layer graphs nested in `If` nodes, a lone row's whole exit loop in one call)
 
 where a layer's mask is fused attention's token count per row and pool_weights mean pooling's per-token
 weights (both computed once per batch by the loop rather than in every layer; no pool_weights when the
@@ -334,11 +336,11 @@ def write_exit_graph(directory: Path, num_layers: int) -> None:
     leaves, the graph returns those logits and i (`exit_logits`, `exit_layer`), otherwise its else-branch runs
     layer i+1, and so on to layer n, which always returns.
 
-    At batch 1 on ONNX Runtime each step graph's call costs beyond its kernels (the call itself, a run's setup,
-    handing the hidden states back through Python); measured on `benchmarks/onnx_step_profile.py`'s sentences,
-    the nested graph took 0.89x the step-by-step loop's time at `balanced` (BENCHMARKS.md §16). Each branch
-    holds its own layer's weights: weights held by the outer graph would be handed down as implicit inputs through
-    every level, which measured slower than the loop."""
+    At batch 1 each step graph's run costs beyond its kernels (the call, a run's setup, handing the hidden states
+    back through Python): at `balanced` on SST-2 the nested graph took 0.93-0.94x the step-by-step loop's time on
+    ONNX Runtime and 0.85-0.90x on OpenVINO (BENCHMARKS.md §16). Each branch holds its own layer's weights:
+    weights held by the outer graph would be handed down as implicit inputs through every level, which measured
+    slower than the loop."""
     import onnx
     from onnx import TensorProto, helper
 
