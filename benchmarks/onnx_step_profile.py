@@ -9,7 +9,9 @@ in turn, in a fresh random order per sentence:
 - the loop's steps one by one with a threshold no row meets, so every step runs: `start` (token ids to numpy,
   the layers' mask), then each layer's call (the layer and its off-ramp in one graph), and the exit decision
   on the off-ramp's logits (reading them into Python, softmax, entropy, the rule);
-- the whole loop (`infer`) at the threshold given (default: the `balanced` preset), with its exit layer.
+- the whole loop (`infer`) at the threshold given (default: the `balanced` preset), with its exit layer. A lone
+  row's `infer` runs the exit graph (the step graphs nested in one graph, `model.onnx_export.write_exit_graph`),
+  so this row is one runtime call where the steps above are seven.
 
 It prints medians per step and, per exit layer, the loop's time against the plain forward's and against the
 ideal (plain × exit layer / n): where the loop pays beyond the layers it skips.

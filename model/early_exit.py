@@ -392,15 +392,7 @@ def exit_one(
     found = None if one_call is None else one_call(input_ids, attention_mask, token_type_ids, threshold)
     if found is not None:  # the backend ran the loop, and decided by the same rule, in one call
         layer, logits = found
-        probabilities, entropy = rule.outputs_of(logits)
-        return LayerExits(
-            layer=layer,
-            rows=[0],
-            labels=[exit_rule.argmax(probabilities)],
-            entropies=[entropy],
-            probabilities=torch.from_numpy(np.array([probabilities], dtype=np.float32)),
-            rows_run=1,
-        )
+        return _one_row_exit(layer, *rule.outputs_of(logits))
     full_depth = None if may_exit_early else steps.full_depth_logits(input_ids, attention_mask, token_type_ids)
     state = None if full_depth is not None else steps.start(input_ids, attention_mask, token_type_ids)
     row_state: exit_rule.RowState = None
@@ -419,16 +411,21 @@ def exit_one(
             leaving, row_state = rule.leaves(probabilities, entropy, threshold, row_state)
             if not leaving:
                 continue
-        return LayerExits(
-            layer=layer_number,
-            rows=[0],
-            labels=[exit_rule.argmax(probabilities)],
-            entropies=[entropy],
-            # from numpy: a third of torch.tensor's cost on a list, measured right after an ORT call
-            probabilities=torch.from_numpy(np.array([probabilities], dtype=np.float32)),
-            rows_run=1,
-        )
+        return _one_row_exit(layer_number, probabilities, entropy)
     raise ValueError("a DeeBERT model needs at least one layer")
+
+
+def _one_row_exit(layer: int, probabilities: list[float], entropy: float) -> LayerExits:
+    """A lone row's answer at the layer it left."""
+    return LayerExits(
+        layer=layer,
+        rows=[0],
+        labels=[exit_rule.argmax(probabilities)],
+        entropies=[entropy],
+        # from numpy: a third of torch.tensor's cost on a list, measured right after an ORT call
+        probabilities=torch.from_numpy(np.array([probabilities], dtype=np.float32)),
+        rows_run=1,
+    )
 
 
 class _Answers:
