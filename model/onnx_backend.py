@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from model import exit_rule
 from model.config import DeeBertConfig
 from model.early_exit import EarlyExitModel
 from model.onnx_export import (
@@ -188,6 +189,13 @@ class StepGraphModel(EarlyExitModel):
         self.plain = self.load_graph(directory / PLAIN_FILE)
         # A lone row's whole exit loop in one call (`exit_in_one_call`); None in an export made without it.
         self.exit_graph = self.load_graph(directory / EXIT_FILE) if EXIT_FILE in manifest.files else None
+        if self.exit_graph is not None and manifest.parity.get("exit_graph_same_exits") is False:
+            logger.warning(
+                "%s: the exit graph left at other layers than the step graphs at export (manifest parity); "
+                "lone rows take the step graphs",
+                directory,
+            )
+            self.exit_graph = None
         self._thresholds: dict[float, np.ndarray] = {}
         self._hidden_inputs = [f"hidden_{i}" for i in range(config.num_layers + 1)]
         self._layer_mask_input = manifest.layer_mask_input
@@ -570,4 +578,29 @@ def measure_parity(model: Any, exported: StepGraphModel) -> dict[str, Any]:
         "max_abs_logit_difference": float(difference.max()),
         "per_layer_max_abs_logit_difference": [float(d) for d in difference.amax(dim=(1, 2))],
         "same_labels_every_layer": same_labels,
+        **exit_graph_parity(exported, inputs),
     }
+
+
+def exit_graph_parity(exported: StepGraphModel, inputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    """Each row of `inputs` alone, at a threshold just above each intermediate off-ramp's entropy: whether the exit
+    graph leaves where the step graphs' off-ramps say DeeBERT's rule leaves, and how far its logits are from
+    theirs (nothing without an exit graph). A model whose exit graph disagrees is served without it."""
+    if exported.exit_graph is None:
+        return {}
+    rule = exit_rule.EntropyCriterion()
+    same, largest = True, 0.0
+    input_ids, attention_mask, token_type_ids = inputs
+    for row in range(input_ids.shape[0]):
+        length = int(attention_mask[row].sum())
+        ids, mask, types = (tensor[row : row + 1, :length] for tensor in (input_ids, attention_mask, token_type_ids))
+        off_ramps = exported.all_off_ramp_logits(ids, mask, types)[:, 0]
+        entropies = [rule.outputs_of(logits.tolist())[1] for logits in off_ramps]
+        for threshold in [entropy * 1.001 + 1e-6 for entropy in entropies[:-1]]:
+            expected = next((i for i, e in enumerate(entropies[:-1], 1) if e < threshold), len(entropies))
+            found = exported.exit_in_one_call(ids, mask, types, threshold)
+            assert found is not None
+            layer, logits = found
+            same = same and layer == expected
+            largest = max(largest, float((torch.tensor(logits) - off_ramps[layer - 1]).abs().max()))
+    return {"exit_graph_same_exits": same, "exit_graph_max_abs_logit_difference": largest}

@@ -43,6 +43,8 @@ def test_the_manifest_records_fusions_and_parity(pair) -> None:  # type: ignore[
     assert manifest.fusions.get("Attention") == model.num_layers  # every layer's attention fused
     assert manifest.parity["max_abs_logit_difference"] < 1e-4
     assert manifest.parity["same_labels_every_layer"] is True
+    assert manifest.parity["exit_graph_same_exits"] is True  # checked at export, each parity row alone
+    assert manifest.parity["exit_graph_max_abs_logit_difference"] < 1e-4
     assert manifest.opset == 17 and manifest.precision == "fp32"
     assert check_export(exported.directory, model_digest(model), "fp32") == manifest
 
@@ -114,6 +116,21 @@ def test_rules_without_a_graph_form_take_the_steps_for_a_lone_row(pair, tokenize
             expected = model.infer(*args, [threshold], criterion=rule)
             got = exported.infer(*args, [threshold], criterion=rule)
             assert (got.exit_layer, got.label) == (expected.exit_layer, expected.label)
+
+
+def test_an_exit_graph_that_disagreed_at_export_is_not_served(tmp_path: Path, tokenizer, caplog) -> None:  # type: ignore[no-untyped-def]
+    """If the export's parity check found the exit graph leaving elsewhere than the step graphs, lone rows take
+    the step graphs (with a warning), and answer as torch does."""
+    model = tiny_model("bert")
+    exported = export(model, tmp_path / "fp32", "fp32", threads=1)
+    manifest = exported.manifest
+    manifest.parity["exit_graph_same_exits"] = False
+    with caplog.at_level(logging.WARNING, logger="deebert.onnx"):
+        reloaded = OnnxDeeBert(model.config, exported.directory, manifest, threads=1)
+    assert reloaded.exit_graph is None and "lone rows take the step graphs" in caplog.text
+    one = encode(tokenizer, SENTENCES[:1])
+    args = (one.input_ids, one.attention_mask, one.token_type_ids, [0.3])
+    assert reloaded.infer(*args).exit_layer == model.infer(*args).exit_layer
 
 
 def test_a_cache_without_the_exit_graph_is_exported_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
