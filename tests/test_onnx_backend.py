@@ -44,6 +44,7 @@ def test_the_manifest_records_fusions_and_parity(pair) -> None:  # type: ignore[
     assert manifest.parity["max_abs_logit_difference"] < 1e-4
     assert manifest.parity["same_labels_every_layer"] is True
     assert manifest.parity["exit_graph_same_exits"] is True  # checked at export, each parity row alone
+    assert manifest.parity["exit_graph_thresholds_checked"] >= model.num_layers
     assert manifest.parity["exit_graph_max_abs_logit_difference"] < 1e-4
     assert manifest.opset == 17 and manifest.precision == "fp32"
     assert check_export(exported.directory, model_digest(model), "fp32") == manifest
