@@ -382,9 +382,9 @@ def exit_one(
     numbers; reading the logits once (the host sync the decision needs anyway) and deciding in Python
     leaves the off-ramp's own work as its cost.
 
-    A backend with `exit_in_one_call` (ONNX Runtime's exit graph) runs all of that in one runtime call when the
-    rule has a graph form (`rule.in_graph`); it returns the exit layer and that off-ramp's logits, from which the
-    answer is read as here.
+    A backend with `exit_in_one_call` (the exit graph of ONNX Runtime and OpenVINO) runs all of that in one
+    runtime call when the rule has a graph form (`rule.in_graph`); it returns the exit layer and that off-ramp's
+    logits, from which the answer is read as here.
     """
     num_layers = steps.num_layers
     may_exit_early = not rule.never_exits_early_at(threshold, num_layers)

@@ -226,7 +226,8 @@ class EntropyCriterion(ExitCriterion):
     in_graph = True
 
     def graph_leaves(self, logits: str, negated_threshold: str, leaves: str, prefix: str) -> list[Any]:
-        """entropy < S as Σ p·log p > −S, with log p from a (stable) log-softmax in fp32: five operators."""
+        """entropy < S as Σ p·log p > −S, with log p from a (stable) log-softmax, in the graph's precision: five
+        operators."""
         from onnx import helper
 
         log_p, p, p_log_p, axis, sum_p_log_p = (prefix + name for name in ("log_p", "p", "p_log_p", "axis", "sum"))
