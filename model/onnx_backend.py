@@ -196,7 +196,6 @@ class StepGraphModel(EarlyExitModel):
                 directory,
             )
             self.exit_graph = None
-        self._thresholds: dict[float, np.ndarray] = {}
         self._hidden_inputs = [f"hidden_{i}" for i in range(config.num_layers + 1)]
         self._layer_mask_input = manifest.layer_mask_input
         self._masks_by_length = self._layer_mask_input != "attention_mask"
@@ -231,25 +230,34 @@ class StepGraphModel(EarlyExitModel):
         layer = self.layers[layer_number - 1]
         # One dict per call, naming exactly the graph's inputs (this runs once per layer per batch; at batch 1
         # the Python around the ORT call is a measurable share of a layer).
-        feeds: dict[str, np.ndarray]
-        # What the layer graphs take as their mask (see `Manifest.layer_mask_input`).
-        mask = state.lengths if self._masks_by_length else state.attention_mask
         if layer_number == 1:
-            assert state.input_ids is not None and state.token_type_ids is not None
-            feeds = {"input_ids": state.input_ids, self._layer_mask_input: mask}
-            if layer.takes_token_types:
-                feeds["token_type_ids"] = state.token_type_ids
+            feeds = self._feeds(layer, state, self._token_inputs(layer, state))
             state.input_ids = state.token_type_ids = None
         else:
             assert state.hidden is not None
-            feeds = {self._hidden_inputs[layer_number - 1]: state.hidden, self._layer_mask_input: mask}
-        if layer.takes_pool_weights:  # the off-ramp's mean pooling (no input when it pools the first token)
-            assert state.pool_weights is not None
-            feeds[POOL_WEIGHTS] = state.pool_weights
+            feeds = self._feeds(layer, state, {self._hidden_inputs[layer_number - 1]: state.hidden})
         outputs = layer.run(feeds)
         state.hidden = outputs[0] if layer_number < self.num_layers else None
         state.logits = outputs[-1]
         return state
+
+    def _token_inputs(self, graph: StepGraph, state: _OrtState) -> dict[str, np.ndarray]:
+        """The token ids (and types, if `graph` takes them) of a graph that starts from them: layer 1's, the
+        exit graph's."""
+        assert state.input_ids is not None and state.token_type_ids is not None
+        inputs = {"input_ids": state.input_ids}
+        if graph.takes_token_types:
+            inputs["token_type_ids"] = state.token_type_ids
+        return inputs
+
+    def _feeds(self, graph: StepGraph, state: _OrtState, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`inputs` with what every step graph takes besides: the layers' mask (see `Manifest.layer_mask_input`)
+        and, when the off-ramps pool by mean, the pooling weights (no input when they pool the first token)."""
+        inputs[self._layer_mask_input] = state.lengths if self._masks_by_length else state.attention_mask
+        if graph.takes_pool_weights:
+            assert state.pool_weights is not None
+            inputs[POOL_WEIGHTS] = state.pool_weights
+        return inputs
 
     def off_ramp_logits(self, state: _OrtState, layer_number: int) -> torch.Tensor:
         """Computed in the layer's call (`run_layer`), read here without a copy."""
@@ -350,24 +358,9 @@ class StepGraphModel(EarlyExitModel):
         graph = self.exit_graph
         if graph is None:
             return None
-        # What `start` computes, without its state record (this is the whole of a lone row's Python around
-        # the runtime's call).
-        ids, types, mask = self._token_arrays(input_ids, attention_mask, token_type_ids)
-        lengths, weights = self._mask_inputs(mask)
-        threshold_array = self._thresholds.get(threshold)
-        if threshold_array is None:  # a 0-d array per threshold seen (a handful: the presets and a few numbers)
-            if len(self._thresholds) > 64:
-                self._thresholds.clear()
-            threshold_array = self._thresholds[threshold] = np.array(threshold, dtype=np.float32)
-        feeds = {
-            "input_ids": ids,
-            self._layer_mask_input: lengths if self._masks_by_length else mask,
-            EXIT_THRESHOLD_INPUT: threshold_array,
-        }
-        if graph.takes_token_types:
-            feeds["token_type_ids"] = types
-        if weights is not None:
-            feeds[POOL_WEIGHTS] = weights
+        state = self.start(input_ids, attention_mask, token_type_ids)
+        threshold_input = np.array(threshold, dtype=np.float32)
+        feeds = self._feeds(graph, state, {**self._token_inputs(graph, state), EXIT_THRESHOLD_INPUT: threshold_input})
         logits, layer = graph.run(feeds)
         return int(layer[0]), logits[0].tolist()
 
@@ -597,18 +590,19 @@ def exit_graph_parity(exported: StepGraphModel, inputs: tuple[torch.Tensor, ...]
     for row in range(input_ids.shape[0]):
         length = int(attention_mask[row].sum())
         ids, mask, types = (tensor[row : row + 1, :length] for tensor in (input_ids, attention_mask, token_type_ids))
-        off_ramps = exported.all_off_ramp_logits(ids, mask, types)[:, 0]
-        entropies = [rule.outputs_of(logits.tolist())[1] for logits in off_ramps]
-        for threshold in [entropy + 2 * margin for entropy in entropies[:-1]] + [1e9]:
-            if any(abs(entropy - threshold) < margin for entropy in entropies):
-                continue
-            expected = next((i for i, e in enumerate(entropies[:-1], 1) if e < threshold), len(entropies))
+        off_ramps = exported.all_off_ramp_logits(ids, mask, types)  # [layers, 1, labels]
+        probabilities, entropies = rule.outputs(off_ramps)
+        candidates = [float(entropy) + 2 * margin for entropy in entropies[:-1, 0]] + [1e9]
+        thresholds = torch.tensor([t for t in candidates if bool(((entropies - t).abs() >= margin).all())])
+        # Where the step graphs' off-ramps say the rule leaves (0-based), each threshold a row of a sweep.
+        expected = rule.first_exit_layers(probabilities, entropies, thresholds[:, None])[:, 0] + 1
+        for threshold, layer_expected in zip(thresholds.tolist(), expected.tolist(), strict=True):
             found = exported.exit_in_one_call(ids, mask, types, threshold)
             assert found is not None
             layer, logits = found
-            same = same and layer == expected
+            same = same and layer == layer_expected
             checked += 1
-            largest = max(largest, float((torch.tensor(logits) - off_ramps[layer - 1]).abs().max()))
+            largest = max(largest, float((torch.tensor(logits) - off_ramps[layer - 1, 0]).abs().max()))
     return {
         "exit_graph_same_exits": same,
         "exit_graph_thresholds_checked": checked,
