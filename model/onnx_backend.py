@@ -44,6 +44,7 @@ from model.onnx_export import (
     Quantization,
     export_graphs,
     file_digest,
+    is_fused,
     layer_file,
     model_digest,
     parity_batch,
@@ -464,6 +465,8 @@ def check_export(directory: Path, digest: str | None, precision: str, runtime: s
             raise ExportError("quantized by an older rule for which products to quantize")
     if not manifest.files:
         raise ExportError("the manifest lists no graphs")
+    if is_fused(runtime, precision) and manifest.pool_products is None:
+        raise ExportError("made before mean pooling was one matrix product in the fused graphs")
     if EXIT_FILE not in manifest.files:
         raise ExportError(f"made before the one-call exit graph ({EXIT_FILE})")
     for name, expected in manifest.files.items():

@@ -12,7 +12,16 @@ from model import exit_rule
 from model.backends import BackendError, load_backend, pick_backend
 from model.checkpoint import load_model
 from model.onnx_backend import OnnxDeeBert, cache_entry, check_export, export, load_onnx_model
-from model.onnx_export import EXIT_FILE, INT8_SELECTION, ExportError, Manifest, Quantization, layer_file, model_digest
+from model.onnx_export import (
+    EXIT_FILE,
+    INT8_SELECTION,
+    POOL_WEIGHTS,
+    ExportError,
+    Manifest,
+    Quantization,
+    layer_file,
+    model_digest,
+)
 from tests.helpers import (
     SENTENCES,
     assert_alone_equals_batched,
@@ -48,6 +57,32 @@ def test_the_manifest_records_fusions_and_parity(pair) -> None:  # type: ignore[
     assert manifest.parity["exit_graph_max_abs_logit_difference"] < 1e-4
     assert manifest.opset == 17 and manifest.precision == "fp32"
     assert check_export(exported.directory, model_digest(model), "fp32") == manifest
+
+
+def test_fused_graphs_pool_the_mean_by_one_product(pair) -> None:  # type: ignore[no-untyped-def]
+    """Every off-ramp's multiply-and-sum became one matrix product after fusion (`pool_by_product`), in the step
+    graphs, the plain graph and every level of the exit graph; the layers' parity with torch is the tests
+    above and below."""
+    import onnx
+
+    model, exported = pair
+    assert exported.manifest.pool_products == model.num_layers
+    assert exported.manifest.fusions.get("Attention") == model.num_layers  # still fused after the rewrite
+    for name in [layer_file(i) for i in range(1, model.num_layers + 1)] + ["plain.onnx", EXIT_FILE]:
+        graph = onnx.load(str(exported.directory / name), load_external_data=False).graph
+        nodes = list(_every_node(graph))
+        assert not [n for n in nodes if n.op_type == "Mul" and POOL_WEIGHTS in n.input], name
+        products = [n for n in nodes if n.op_type == "MatMul" and n.input[0].endswith(f"{POOL_WEIGHTS}_row")]
+        assert len(products) == (model.num_layers if name == EXIT_FILE else 1), name
+
+
+def _every_node(graph):  # type: ignore[no-untyped-def]
+    """The nodes of `graph` and of every subgraph nested in it (the exit graph's `If` branches)."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.g.node:
+                yield from _every_node(attribute.g)
 
 
 def test_exit_layers_labels_and_probabilities_match_torch(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]
@@ -102,6 +137,21 @@ def test_a_lone_row_leaves_in_one_call_of_the_exit_graph_as_the_steps_would(pair
     one = encode(tokenizer, SENTENCES[:1])
     exported.infer(one.input_ids, one.attention_mask, one.token_type_ids, [0.3])
     assert calls == [1]
+
+
+def test_a_fused_cache_from_before_the_pooling_product_is_exported_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = tiny_model("bert", pooling="mean")
+    directory = load_onnx_model(model, "fp32", tmp_path, threads=1).directory
+    manifest = Manifest.read(directory)
+    manifest.pool_products = None  # as a manifest written before the field existed reads
+    manifest.write(directory)
+    with pytest.raises(ExportError, match="one matrix product"):
+        check_export(directory, model_digest(model), "fp32")
+    with caplog.at_level(logging.WARNING, logger="deebert.onnx"):
+        again = load_onnx_model(model, "fp32", tmp_path, threads=1)
+    assert "one matrix product" in caplog.text and again.manifest.pool_products == model.num_layers
 
 
 @pytest.mark.parametrize("name", ["max-prob", "patience"])

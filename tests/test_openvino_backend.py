@@ -41,6 +41,8 @@ def test_the_graphs_are_standard_onnx_with_a_manifest(pair) -> None:  # type: ig
     model, exported = pair
     manifest = exported.manifest
     assert manifest.runtime == "openvino" and manifest.fusions == {}
+    # pooled as traced (multiply-and-sum): as one product in bf16 it moved logits beyond bf16's tolerance below
+    assert manifest.pool_products is None
     assert manifest.layer_mask_input == "attention_mask"
     assert manifest.parity["max_abs_logit_difference"] < 1e-4 and manifest.parity["same_labels_every_layer"]
     domains = {node.domain for node in onnx.load(str(exported.directory / layer_file(2))).graph.node}
