@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -352,3 +353,25 @@ def test_a_dynamic_int8_cache_from_an_older_selection_rule_is_exported_again(
         again = load_onnx_model(model, "int8", tmp_path, threads=1)
     assert again.directory == directory and again.manifest.quantization["selection"] == INT8_SELECTION
     assert "older rule" in caplog.text
+
+
+def test_the_structure_benchmark_flattens_the_exit_graph_into_the_same_answer(pair, tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`benchmarks.exit_graph_structure` times the exit graph against a copy without its `If` nodes: at threshold
+    0 (every level entered) that copy must compute the same logits at the last layer."""
+    import onnx
+    import onnxruntime as ort
+
+    from benchmarks.exit_graph_structure import feeds_for, flatten_exit_graph
+    from model.onnx_backend import session_options
+
+    model, exported = pair
+    flat = flatten_exit_graph(exported.directory, tmp_path / "flat")
+    assert not [n for n in _every_node(onnx.load(str(flat), load_external_data=False).graph) if n.op_type == "If"]
+    sessions = [
+        ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
+        for path in (exported.directory / EXIT_FILE, flat)
+    ]
+    ids = encode(tokenizer, SENTENCES[:1]).input_ids.numpy()
+    nested, flattened = (s.run(None, feeds_for([i.name for i in s.get_inputs()], ids, 0.0)) for s in sessions)
+    assert int(nested[1][0]) == int(flattened[1][0]) == model.num_layers
+    np.testing.assert_allclose(flattened[0], nested[0], atol=1e-5)
