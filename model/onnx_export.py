@@ -311,8 +311,9 @@ def pool_by_product(graph: Any) -> int:
 
     The trace keeps the multiply-and-sum because a fourth MatMul on a layer's output stops ONNX Runtime's
     attention fusion (see the module's docstring); rewritten after fusion, each off-ramp writes no [batch,
-    tokens, hidden] product and reads the hidden states once. Measured on the shipped model at batch 1 (one
-    20-token sentence, warm): about 11 µs less per off-ramp, 3 % of the exit graph's time at `balanced`."""
+    tokens, hidden] product and reads the hidden states once. Measured on the shipped model at batch 1: about
+    11 µs less per off-ramp, 1.5 % of the exit graph's time at `balanced` on SST-2 dev (BENCHMARKS.md §17); in
+    batches, no difference."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -359,14 +360,14 @@ def pool_by_product(graph: Any) -> int:
     return len(replaced)
 
 
-def _split(whole: Path, directory: Path, num_layers: int, pool_products: bool) -> tuple[str, int]:
+def _split(whole: Path, directory: Path, num_layers: int, rewrite_pooling: bool) -> tuple[str, int]:
     """Cut the whole graph into the step graphs; the name of the mask input the layer graphs take, and how many
-    off-ramps pool by one matrix product (`pool_by_product`, when `pool_products`)."""
+    off-ramps pool by one matrix product (`pool_by_product`, when `rewrite_pooling`)."""
     import onnx
     from onnx.utils import Extractor
 
     model = onnx.load(str(whole))
-    products = pool_by_product(model.graph) if pool_products else 0
+    products = pool_by_product(model.graph) if rewrite_pooling else 0
     # Fused attention reads a per-row token count (int32 [batch]) computed from the attention mask; the
     # layers take that count as their input, so they do not each recompute it.
     mask_inputs = {node.input[3] for node in model.graph.node if node.op_type == "Attention" and len(node.input) > 3}
@@ -606,10 +607,10 @@ def export_graphs(
             trace_whole(model, whole)
             if fused:
                 fusions = _optimize(model, whole, optimized)
-                layer_mask, pool_products = _split(optimized, staging, model.num_layers, pool_products=True)
+                layer_mask, pool_products = _split(optimized, staging, model.num_layers, rewrite_pooling=True)
             else:
                 fusions, pool_products = {}, None
-                layer_mask, _ = _split(whole, staging, model.num_layers, pool_products=False)
+                layer_mask, _ = _split(whole, staging, model.num_layers, rewrite_pooling=False)
         settings = None
         quantized: dict[str, Any] | None = None
         if precision == "int8":
