@@ -13,7 +13,8 @@ Three inputs, each timed in turn per round: one sentence again and again (a fixe
 sentences one at a time (a new shape almost every call, as batch-1 requests come). Each sentence's time is the
 fastest of its rounds; the mean over sentences is reported. On ONNX Runtime the nested and flat graphs are
 also timed with memory patterns off (`enable_mem_pattern`), which planned buffers the subgraphs do not get.
-Unpadded token ids throughout (the OpenVINO backend pads to its length bucket; here every length is its own).
+Every graph is opened and fed as the backend opens and feeds its own (OpenVINO's inputs padded to its length
+bucket, as a lone row's are).
 """
 
 from __future__ import annotations
@@ -25,18 +26,17 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from loadtest.report import write_json
 from model.backends import load_backend
 from model.checkpoint import load_model
 from model.data import read_dataset
-from model.onnx_backend import pool_weights
-from model.onnx_export import EXIT_FILE, EXIT_THRESHOLD_INPUT, EXIT_WEIGHTS_FILE, PLAIN_FILE, POOL_WEIGHTS
+from model.onnx_export import EXIT_FILE, EXIT_THRESHOLD_INPUT, EXIT_WEIGHTS_FILE, PLAIN_FILE
 from model.tokenization import load_tokenizer, pad_batch, tokenize
 from reports.common import describe_machine, machine_description, number
 from reports.terminal import table
@@ -78,45 +78,30 @@ def flatten_exit_graph(directory: Path, target: Path) -> Path:
     return target / FLAT_FILE
 
 
-def feeds_for(names: list[str], ids: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
-    """Inputs for a graph taking `names`, one unpadded row of token ids."""
-    mask = np.ones_like(ids)
-    values = {
-        "input_ids": ids,
-        "token_type_ids": np.zeros_like(ids),
-        "attention_mask": mask,
-        POOL_WEIGHTS: pool_weights(mask),
-        EXIT_THRESHOLD_INPUT: np.array(threshold, dtype=np.float32),
-    }
-    # Any other input is fused attention's mask: each row's number of tokens.
-    return {name: values.get(name, np.array([ids.shape[1]], dtype=np.int32)) for name in names}
+def graph_feeds(steps: Any, graph: Any, ids: torch.Tensor, threshold: float) -> dict[str, np.ndarray]:
+    """What `graph` (opened by the backend `steps`) takes for one unpadded row of token ids, built by the backend's
+    own steps as a lone row's call builds them (`StepGraphModel.exit_in_one_call`; OpenVINO's length bucket
+    included)."""
+    mask = torch.ones_like(ids)
+    token_ids, token_types, padded_mask = steps._token_arrays(ids, mask, None)
+    inputs = {"input_ids": token_ids, "token_type_ids": token_types, "attention_mask": padded_mask}
+    inputs[EXIT_THRESHOLD_INPUT] = np.array(threshold, dtype=np.float32)
+    everything = steps._feeds(graph, steps.start(ids, mask, None), inputs)
+    return {name: everything[name] for name in graph.inputs}
 
 
-def runners(steps: Any, paths: dict[str, Path], threads: int) -> dict[str, tuple[Callable[..., Any], list[str]]]:
-    """name → (run(feeds), input names) for each graph, opened as `steps` (the backend) opens its own."""
-    found: dict[str, tuple[Callable[..., Any], list[str]]] = {}
+def open_graphs(steps: Any, paths: dict[str, Path], threads: int) -> dict[str, Any]:
+    """name → each graph opened by the backend `steps` as it opens its own (`load_graph`); on ONNX Runtime the
+    nested and flat graphs also with memory patterns off."""
+    graphs = {name: steps.load_graph(path) for name, path in paths.items()}
     if steps.backend == "onnxruntime":
-        import onnxruntime as ort
+        from model.onnx_backend import _Graph, session_options
 
-        from model.onnx_backend import session_options
-
-        for name, path in paths.items():
-            for patterns in [True, False] if name != "plain" else [True]:
-                options = session_options(threads)
-                options.enable_mem_pattern = patterns
-                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-                key = name if patterns else f"{name}, memory patterns off"
-                found[key] = (lambda feeds, s=session: s.run(None, feeds), [i.name for i in session.get_inputs()])
-        return found
-    import openvino
-
-    core = openvino.Core()
-    properties = steps._properties  # the backend's own: precision hint, threads, latency hint, cache capacity
-    for name, path in paths.items():
-        compiled = core.compile_model(str(path), "CPU", properties)
-        request = compiled.create_infer_request()
-        found[name] = (lambda feeds, r=request: r.infer(feeds), [p.get_any_name() for p in compiled.inputs])
-    return found
+        for name in ("exit graph (nested)", "flattened"):
+            options = session_options(threads)
+            options.enable_mem_pattern = False
+            graphs[f"{name}, memory patterns off"] = _Graph(paths[name], options)
+    return graphs
 
 
 def measure(settings: argparse.Namespace) -> dict[str, Any]:
@@ -130,25 +115,25 @@ def measure(settings: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(settings.seed)
     chosen = rng.sample(range(len(texts)), min(settings.sentences, len(texts)))
     encoded = tokenize(tokenizer, [texts[i] for i in chosen], None, model.config.max_length)
-    sentences = [pad_batch([e], int(tokenizer.pad_token_id or 0)).input_ids.numpy() for e in encoded]
+    sentences = [pad_batch([e], int(tokenizer.pad_token_id or 0)).input_ids for e in encoded]
     fixed = [sentences[0]] * len(sentences)
     with tempfile.TemporaryDirectory(dir=directory.parent, prefix=".flat-") as scratch:
         flat = flatten_exit_graph(directory, Path(scratch))
         paths = {"plain": directory / PLAIN_FILE, "exit graph (nested)": directory / EXIT_FILE, "flattened": flat}
-        graphs = runners(steps, paths, settings.threads)
+        graphs = open_graphs(steps, paths, settings.threads)
         inputs = {"one sentence again and again": fixed, "random dev sentences": sentences}
         results: dict[str, dict[str, float]] = {}
         for label, rows in inputs.items():
-            prepared = {name: [feeds_for(names, ids, 0.0) for ids in rows] for name, (_, names) in graphs.items()}
+            prepared = {name: [graph_feeds(steps, graph, ids, 0.0) for ids in rows] for name, graph in graphs.items()}
             fastest = {name: [float("inf")] * len(rows) for name in graphs}
-            for name, (run, _) in graphs.items():  # warm-up: every shape once
+            for name, graph in graphs.items():  # warm-up: every shape once
                 for feeds in prepared[name]:
-                    run(feeds)
+                    graph.run(feeds)
             for _ in range(settings.rounds):
                 order = list(graphs)
                 rng.shuffle(order)
                 for name in order:
-                    run = graphs[name][0]
+                    run = graphs[name].run
                     for position, feeds in enumerate(prepared[name]):
                         started = time.perf_counter_ns()
                         run(feeds)

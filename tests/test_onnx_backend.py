@@ -359,19 +359,15 @@ def test_the_structure_benchmark_flattens_the_exit_graph_into_the_same_answer(pa
     """`benchmarks.exit_graph_structure` times the exit graph against a copy without its `If` nodes: at threshold
     0 (every level entered) that copy must compute the same logits at the last layer."""
     import onnx
-    import onnxruntime as ort
 
-    from benchmarks.exit_graph_structure import feeds_for, flatten_exit_graph
-    from model.onnx_backend import session_options
+    from benchmarks.exit_graph_structure import flatten_exit_graph, graph_feeds
 
     model, exported = pair
     flat = flatten_exit_graph(exported.directory, tmp_path / "flat")
     assert not [n for n in _every_node(onnx.load(str(flat), load_external_data=False).graph) if n.op_type == "If"]
-    sessions = [
-        ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
-        for path in (exported.directory / EXIT_FILE, flat)
-    ]
-    ids = encode(tokenizer, SENTENCES[:1]).input_ids.numpy()
-    nested, flattened = (s.run(None, feeds_for([i.name for i in s.get_inputs()], ids, 0.0)) for s in sessions)
+    ids = encode(tokenizer, SENTENCES[:1]).input_ids
+    nested, flattened = (
+        graph.run(graph_feeds(exported, graph, ids, 0.0)) for graph in (exported.exit_graph, exported.load_graph(flat))
+    )
     assert int(nested[1][0]) == int(flattened[1][0]) == model.num_layers
     np.testing.assert_allclose(flattened[0], nested[0], atol=1e-5)
