@@ -37,7 +37,7 @@ from typing import Any
 
 from loadtest.report import write_json
 from loadtest.targets import target
-from model.saving import expected_saving
+from model.saving import expected_saving, time_weighted_saving
 from reports.common import describe_machine, machine_description, markdown_table
 
 # deebert on the runtime `auto` chose against the best plain variant of the same run (issue 24).
@@ -498,6 +498,9 @@ def run_peers(settings: PeerSettings, log_path: Path | None = None) -> dict[str,
             "batch1_vs_batched_label_agreement": _accuracy(batch1_labels[key], [full["labels"][i] for i in sample]),
             "expected_saving_batched": expected_saving(full["layers"], config.num_layers),
             "expected_saving_batch1": expected_saving(batch1_layers[key], config.num_layers),
+            # Per batch-1 sentence (the sample's order): its fastest time and the layer it left at.
+            "batch1_fastest_us": [round(ns / 1e3, 1) for ns in fastest],
+            "batch1_layers": batch1_layers[key],
         }
         if key in refilled:  # the same sentences with calls refilled between layers (`deebert classify`)
             variants[key] |= {
@@ -519,6 +522,7 @@ def run_peers(settings: PeerSettings, log_path: Path | None = None) -> dict[str,
     results["best_plain"] = best_plain(variants)
     results["fastest_eligible"] = fastest_eligible(variants)
     results["targets"] = runtime_targets(variants) + peer_targets(variants)
+    results["exit_layer_profile"] = exit_layer_profile(variants, config.num_layers)
     return results
 
 
@@ -585,6 +589,53 @@ def fastest_eligible(variants: dict[str, Any]) -> str | None:
         return None
     single, batched = pair
     return single.candidate if single.candidate == batched.candidate else f"{single.candidate}+{batched.candidate}"
+
+
+def exit_layer_profile(
+    variants: dict[str, Any], num_layers: int, zero: str = "auto-zero", early: str = "auto-balanced"
+) -> dict[str, Any] | None:
+    """Where `early`'s batch-1 time goes, by the layer each sentence left at: its time against the same
+    sentence's at threshold 0 (`zero`) and against the share of it that its layers are (t₀·i/n), and the
+    savings those make: the paper's count, the count weighted by each sentence's full-depth time, and what was
+    realized. None when either variant did not run or has no per-sentence times (runs before they were kept)."""
+    zero_times = variants.get(zero, {}).get("batch1_fastest_us")
+    early_times = variants.get(early, {}).get("batch1_fastest_us")
+    layers = variants.get(early, {}).get("batch1_layers")
+    if not zero_times or not early_times or not layers:
+        return None
+    per_layer = []
+    for layer in range(1, num_layers + 1):
+        rows = [i for i, left in enumerate(layers) if left == layer]
+        if not rows:
+            continue
+        at_zero = statistics.fmean(zero_times[i] for i in rows) / 1e3
+        at_exit = statistics.fmean(early_times[i] for i in rows) / 1e3
+        proportional = at_zero * layer / num_layers
+        per_layer.append(
+            {"layer": layer, "sentences": len(rows), "zero_ms": at_zero, "early_ms": at_exit,
+             "proportional_ms": proportional, "excess_ms": at_exit - proportional}
+        )  # fmt: skip
+    counted = expected_saving(layers, num_layers)
+    weighted = time_weighted_saving(layers, zero_times, num_layers)
+    realized = 1 - sum(early_times) / sum(zero_times)
+    # Each sentence's excess as a fixed part plus a part per layer run (least squares over the sentences).
+    excess_us = [early_times[i] - zero_times[i] * left / num_layers for i, left in enumerate(layers)]
+    per_layer_us, fixed_us = (
+        statistics.linear_regression(layers, excess_us) if len(set(layers)) > 1 else (None, statistics.fmean(excess_us))
+    )
+    return {
+        "zero": zero,
+        "early": early,
+        "num_layers": num_layers,
+        "excess_fixed_us": fixed_us,
+        "excess_per_layer_us": per_layer_us,
+        "expected_saving": counted,
+        "time_weighted_expected_saving": weighted,
+        "realized_saving": realized,
+        "realized_vs_expected": realized / counted if counted else None,
+        "realized_vs_time_weighted": realized / weighted if weighted else None,
+        "per_layer": per_layer,
+    }
 
 
 def runtime_targets(variants: dict[str, Any]) -> list[dict[str, Any]]:
@@ -744,7 +795,38 @@ def markdown_section(results: dict[str, Any], heading: str = "## Peer runtimes, 
     out += markdown_table(
         ["target", "result", "numbers"], [[t["name"], t["status"], t["detail"]] for t in results["targets"]]
     )
-    return [*out, ""]
+    return [*out, "", *_profile_section(results.get("exit_layer_profile"))]
+
+
+def _profile_section(profile: dict[str, Any] | None) -> list[str]:
+    """The markdown of `exit_layer_profile`: the savings, then a row per exit layer."""
+    if profile is None:
+        return []
+    rows = [
+        [str(p["layer"]), str(p["sentences"]), f"{p['zero_ms']:.2f}", f"{p['early_ms']:.2f}",
+         f"{p['proportional_ms']:.2f}", f"{1e3 * p['excess_ms']:.0f}"]
+        for p in profile["per_layer"]
+    ]  # fmt: skip
+    header = ["left at layer", "sentences", "threshold 0 ms", f"{profile['early']} ms", "its layers' share ms",
+              "excess µs"]  # fmt: skip
+    weighted = profile["time_weighted_expected_saving"]
+    return [
+        f"Batch 1 by exit layer (`{profile['early']}` against `{profile['zero']}`, the same sentences): expected "
+        f"saving {100 * profile['expected_saving']:.1f} % by the paper's count, {100 * weighted:.1f} % weighted by "
+        f"each sentence's time at threshold 0, realized {100 * profile['realized_saving']:.1f} % "
+        f"({profile['realized_vs_expected']:.2f} of the first, {profile['realized_vs_time_weighted']:.2f} of the "
+        f"second). A sentence's share is its time at threshold 0 × the layers it ran / {profile['num_layers']}; "
+        "its excess is what it took beyond that"
+        + (
+            f", by least squares over the sentences {profile['excess_fixed_us']:.0f} µs + "
+            f"{profile['excess_per_layer_us']:.0f} µs per layer run."
+            if profile["excess_per_layer_us"] is not None
+            else "."
+        ),
+        "",
+        *markdown_table(header, rows),
+        "",
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,3 +34,19 @@ def saving_from_counts(counts: Sequence[int]) -> float | None:
 def expected_saving(exit_layers: Iterable[int], num_layers: int) -> float | None:
     """The expected saving of a set of exit layers (1..n) on an n-layer model; None for no layers."""
     return saving_from_counts(exit_counts(exit_layers, num_layers))
+
+
+def time_weighted_saving(
+    exit_layers: Sequence[int], full_depth_times: Sequence[float], num_layers: int
+) -> float | None:
+    """The expected saving with each sample weighted by its own full-depth time: 1 − Σₛ tₛ·iₛ / (n·Σₛ tₛ),
+    tₛ sample s's time at full depth and iₛ the layer it left at: the saving of a loop in which each layer
+    costs an n-th of the sample's full-depth time and nothing else does. Below the paper's count when the
+    samples that go deep are the slower (longer) ones. None for no samples."""
+    if len(exit_layers) != len(full_depth_times):
+        raise ValueError(f"{len(exit_layers)} exit layers for {len(full_depth_times)} times")
+    for layer in exit_layers:
+        if not 1 <= layer <= num_layers:
+            raise ValueError(f"exit layer {layer} is outside 1..{num_layers}")
+    executed = sum(time * layer for time, layer in zip(full_depth_times, exit_layers, strict=True))
+    return saving_from_totals(executed, num_layers * sum(full_depth_times))

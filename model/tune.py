@@ -428,7 +428,14 @@ class TuneResult:
 
 
 def runtime_versions() -> dict[str, str]:
-    versions: dict[str, str] = {"torch": str(torch.__version__)}
+    """The versions a tune's timings depend on: the runtimes', and deebert's own (its graphs and loops)."""
+    from importlib import metadata
+
+    try:
+        own = metadata.version("deebert")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        own = "not installed"
+    versions: dict[str, str] = {"deebert": own, "torch": str(torch.__version__)}
     for name in ("onnxruntime", "openvino"):
         try:
             versions[name] = str(__import__(name).__version__)

@@ -10,7 +10,7 @@ import torch
 from model import exit_rule
 from model.calibrate import calibrate
 from model.evaluate import _snap, fit_exit_costs, oracle, per_layer_accuracy, simulate
-from model.saving import saving_from_counts
+from model.saving import expected_saving, saving_from_counts, time_weighted_saving
 
 
 def test_expected_saving_matches_the_paper_formula() -> None:
@@ -19,6 +19,19 @@ def test_expected_saving_matches_the_paper_formula() -> None:
     assert saving_from_counts([0, 0, 5]) == 0.0
     assert saving_from_counts([4, 0, 0]) == pytest.approx(2 / 3)
     assert saving_from_counts([0, 0, 0]) is None
+
+
+def test_the_time_weighted_saving_weighs_each_sample_by_its_full_depth_time() -> None:
+    layers = [1, 1, 3, 3]
+    # Equal times: the paper's count.
+    assert time_weighted_saving(layers, [2.0] * 4, 3) == pytest.approx(expected_saving(layers, 3))
+    # The samples that go deep take three times as long: 1 − (1·1 + 1·1 + 3·3 + 3·3) / (3 · 8) = 1 − 20/24.
+    assert time_weighted_saving(layers, [1.0, 1.0, 3.0, 3.0], 3) == pytest.approx(4 / 24)
+    assert time_weighted_saving([], [], 3) is None
+    with pytest.raises(ValueError, match="outside"):
+        time_weighted_saving([4], [1.0], 3)
+    with pytest.raises(ValueError, match="times"):
+        time_weighted_saving([1, 2], [1.0], 3)
 
 
 def test_entropy_is_stable_and_in_nats() -> None:

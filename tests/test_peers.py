@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from loadtest.peers import best_plain, fastest_eligible, runtime_targets
+import pytest
+
+from loadtest.peers import _profile_section, best_plain, exit_layer_profile, fastest_eligible, runtime_targets
 
 GOLD = [0, 1] * 50
 
@@ -63,3 +65,32 @@ def test_issue_24_targets_from_one_run() -> None:
     assert choice["status"] == "PASS"
     missing = runtime_targets({"ort-plain": variant(4.0, 450, 0.9071)})
     assert {t["status"] for t in missing} == {"n/a"}
+
+
+def test_the_exit_layer_profile_splits_batch_1_time_by_the_layer_each_sentence_left_at() -> None:
+    # 4 layers; each sentence takes 4000 µs at threshold 0 (1000 per layer), and at the early threshold
+    # 100 µs + 50 µs per layer run beyond its share: the fit must find exactly those.
+    layers = [1, 1, 2, 4, 4, 4]
+    zero_us = [4000.0] * 6
+    early_us = [1000.0 * left + 100 + 50 * left for left in layers]
+    variants = {
+        "auto-zero": {"batch1_fastest_us": zero_us, "batch1_layers": [4] * 6},
+        "auto-balanced": {"batch1_fastest_us": early_us, "batch1_layers": layers},
+    }
+    profile = exit_layer_profile(variants, 4)
+    assert profile is not None
+    assert [(p["layer"], p["sentences"]) for p in profile["per_layer"]] == [(1, 2), (2, 1), (4, 3)]
+    first = profile["per_layer"][0]
+    assert first["zero_ms"] == pytest.approx(4.0) and first["proportional_ms"] == pytest.approx(1.0)
+    assert first["early_ms"] == pytest.approx(1.15) and first["excess_ms"] == pytest.approx(0.15)
+    assert profile["excess_fixed_us"] == pytest.approx(100) and profile["excess_per_layer_us"] == pytest.approx(50)
+    expected = 1 - sum(layers) / (4 * 6)
+    assert profile["expected_saving"] == pytest.approx(expected)
+    assert profile["time_weighted_expected_saving"] == pytest.approx(expected)  # equal times: the same
+    assert profile["realized_saving"] == pytest.approx(1 - sum(early_us) / sum(zero_us))
+    assert profile["realized_vs_expected"] == pytest.approx(profile["realized_saving"] / expected)
+    text = "\n".join(_profile_section(profile))
+    assert "100 µs + 50 µs per layer run" in text and "| 4 | 3 | 4.00 |" in text
+    # A run without per-sentence times (older runs, or a variant that did not run): no profile.
+    assert exit_layer_profile({"auto-zero": variants["auto-zero"]}, 4) is None
+    assert _profile_section(None) == []

@@ -196,6 +196,12 @@ def test_another_cpu_tunes_again_and_the_same_one_does_not(tiny_checkpoint: Path
     # Other weights, or another batch size, are other keys too.
     assert cache_path(cache, fingerprint("0" * 64, 1, 8)) != cache_path(cache, here)
     assert cache_path(cache, fingerprint(digest, 1, 64)) != cache_path(cache, here)
+    # Another deebert (its graphs and loops time differently) tunes again as well.
+    before = fingerprint(digest, 1, 8)
+    versions = tune.runtime_versions()
+    assert versions["deebert"]
+    monkeypatch.setattr(tune, "runtime_versions", lambda: {**versions, "deebert": "99.0"})
+    assert cache_path(cache, fingerprint(digest, 1, 8)) != cache_path(cache, before)
 
 
 def test_no_budget_means_no_tune_and_a_line_saying_how(tiny_checkpoint: Path, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
