@@ -33,8 +33,9 @@ import torch
 logger = logging.getLogger("deebert.tune")
 
 SAMPLE_FILE = "tune_sample.jsonl"
-# 2: OpenVINO is measured under a preloaded jemalloc too; 3: OpenVINO bf16 hands over bf16, close calls retimed
-TUNE_FORMAT = 3
+# 2: OpenVINO is measured under a preloaded jemalloc too; 3: OpenVINO bf16 hands over bf16, close calls retimed;
+# 4: close calls retimed text by text on CLOSE_CALL_TEXTS texts
+TUNE_FORMAT = 4
 MIN_AGREEMENT = 0.995  # labels at balanced equal to fp32's at balanced
 MAX_ACCURACY_DROP = 0.005  # balanced accuracy below fp32 full depth (a fraction: 0.5 point)
 # Two eligible candidates this close at batch 1 (the slower's ms at most this times the faster's) are timed again
@@ -42,6 +43,11 @@ MAX_ACCURACY_DROP = 0.005  # balanced accuracy below fp32 full depth (a fraction
 # of them decided it (BENCHMARKS.md §13: 2.43 against 2.08 ms in one tune, 1.79 against 2.05 in another).
 CLOSE_CALL = 1.25
 CLOSE_CALL_ROUNDS = 4
+# ... on this many texts of the sample (all of it if fewer), whatever the timing's batch-1 rows: each text's
+# fastest pass counts, so a slow spell costs a text one pass, not a candidate its pass. With the 40 texts of the
+# first-start tune a close call went either way (BENCHMARKS.md §18: ONNX Runtime fp32 1.80 against OpenVINO bf16's
+# 1.78 ms in one tune, 1.67 against 1.94 in the next, where peers' 300 texts put them at 1.50-1.54 and 1.70-1.82).
+CLOSE_CALL_TEXTS = 200
 # split: the fastest eligible runtime alone serves batches of one, the fastest in batches serves the rest.
 OBJECTIVES = ("split", "mixed", "latency", "throughput")
 
@@ -234,7 +240,7 @@ class Measurement:
     expected_saving: float | None = None
     eligible: bool = False
     reason: str = ""
-    batch1_retimed: bool = False  # batch1_ms is the median of a side-by-side retiming (`settle_close_call`)
+    batch1_retimed: bool = False  # batch1_ms is from a side-by-side retiming (`settle_close_call`)
 
 
 @dataclass
@@ -298,28 +304,41 @@ def batch1_pass_ms(model: Any, singles: Sequence[Any], threshold: float, clock: 
     return (clock() - started) / max(1, len(singles)) * 1000
 
 
+def batch1_text_ms(model: Any, singles: Sequence[Any], threshold: float, clock: Callable[[], float]) -> list[float]:
+    """The ms of each of `singles` (batches of one) at `threshold`, one pass."""
+    times = []
+    for single in singles:
+        started = clock()
+        _answers(model, [single], threshold)
+        times.append((clock() - started) * 1000)
+    return times
+
+
 def settle_close_call(
     measurements: Sequence[Measurement],
-    time_one: Callable[[str], float],
+    time_one: Callable[[str], Sequence[float]],
     rounds: int | None = None,
     ratio: float | None = None,
 ) -> tuple[Measurement, Measurement] | None:
     """When the two fastest eligible candidates at batch 1 are within `ratio` (default `CLOSE_CALL`): time them
-    again side by side, `rounds` (default `CLOSE_CALL_ROUNDS`) times in alternating order (`time_one(key)`: one
-    batch-1 pass, ms), and give each the median as its batch-1 ms. The two, fastest first before the retiming;
-    None when there was no close call."""
+    again side by side, `rounds` (default `CLOSE_CALL_ROUNDS`) passes each in alternating order (`time_one(key)`:
+    one batch-1 pass over the close call's texts, the ms of each text), and give each the mean over texts of each
+    text's fastest pass as its batch-1 ms. The two, fastest first before the retiming; None when there was no
+    close call."""
     ratio = CLOSE_CALL if ratio is None else ratio
     rounds = CLOSE_CALL_ROUNDS if rounds is None else rounds
     ranked = sorted((m for m in measurements if m.eligible and m.batch1_ms is not None), key=lambda m: m.batch1_ms or 0)
     if len(ranked) < 2 or (ranked[1].batch1_ms or 0) > (ranked[0].batch1_ms or 0) * ratio:
         return None
     pair = ranked[:2]
-    times: dict[str, list[float]] = {m.candidate: [] for m in pair}
+    fastest: dict[str, list[float]] = {}
     for round_number in range(rounds):
         for measurement in pair if round_number % 2 == 0 else pair[::-1]:
-            times[measurement.candidate].append(time_one(measurement.candidate))
+            times = list(time_one(measurement.candidate))
+            best = fastest.get(measurement.candidate, times)
+            fastest[measurement.candidate] = [min(a, b) for a, b in zip(best, times, strict=True)]
     for measurement in pair:
-        measurement.batch1_ms = statistics.median(times[measurement.candidate])
+        measurement.batch1_ms = statistics.fmean(fastest[measurement.candidate])
         measurement.batch1_retimed = True
     return pair[0], pair[1]
 
@@ -582,10 +601,12 @@ def run_tune(
         measurements.append(judge(measurement, reference_accuracy, has_answers))
     if budget_s is None or time.perf_counter() - started <= budget_s:
         loaded: dict[str, tuple[Any, float]] = {}
-        singles = batch1_inputs(encoded, pad_id, timing)
+        close_call_timing = Timing(batch1_rows=max(timing.batch1_rows, CLOSE_CALL_TEXTS), clock=timing.clock)
+        singles = batch1_inputs(encoded, pad_id, close_call_timing)
 
-        def time_one(key: str) -> float:
-            """One batch-1 pass of candidate `key`, loaded again and warmed by one untimed pass on first use."""
+        def time_one(key: str) -> list[float]:
+            """One batch-1 pass of candidate `key` (the ms of each text), loaded again and warmed by one untimed
+            pass on first use."""
             candidate = Candidate.parse(key)
             torch.set_num_threads(torch_threads)
             first_use = key not in loaded
@@ -599,7 +620,7 @@ def run_tune(
             with torch.inference_mode():
                 if first_use:
                     batch1_pass_ms(served, singles, threshold, timing.clock)
-                return batch1_pass_ms(served, singles, threshold, timing.clock)
+                return batch1_text_ms(served, singles, threshold, timing.clock)
 
         try:
             close_call = settle_close_call(measurements, time_one)
@@ -609,8 +630,9 @@ def run_tune(
         if close_call is not None:
             first, second = close_call
             logger.info(
-                "tune: %s and %s were within %.0f%% at batch 1; side by side (median of %d rounds): %.2f and %.2f ms",
-                first.candidate, second.candidate, (CLOSE_CALL - 1) * 100, CLOSE_CALL_ROUNDS,
+                "tune: %s and %s were within %.0f%% at batch 1; side by side (%d texts, each text's fastest of %d"
+                " passes): %.2f and %.2f ms",
+                first.candidate, second.candidate, (CLOSE_CALL - 1) * 100, len(singles), CLOSE_CALL_ROUNDS,
                 first.batch1_ms, second.batch1_ms,
             )  # fmt: skip
     torch.set_num_threads(torch_threads)

@@ -72,29 +72,47 @@ def test_split_serves_batches_of_one_and_batches_on_their_fastest() -> None:
 
 
 def test_a_close_call_at_batch_1_is_timed_again_side_by_side_and_decides() -> None:
-    """The two fastest eligible candidates within 25 % at batch 1 are timed again in alternating order; each gets
-    the median of its passes, and the choice follows them. Ineligible ones and clear winners are left alone."""
+    """The two fastest eligible candidates within 25 % at batch 1 are timed again in alternating order, text by
+    text; each gets the mean over texts of each text's fastest pass (a slow spell in one pass costs nothing), and
+    the choice follows them. Ineligible ones and clear winners are left alone."""
     quick = judge(measured("onnxruntime-fp32", 2.43, 500), 0.9, True)  # timed in a slow spell
     bf16 = judge(measured("openvino-bf16", 2.08, 1800), 0.9, True)
     wrong = judge(measured("onnxruntime-int8", 1.0, 600, agreement=0.96), 0.9, True)
     slow = judge(measured("torch-fp32", 4.4, 600), 0.9, True)
-    passes = {"onnxruntime-fp32": iter([1.9, 1.8, 5.0, 1.85]), "openvino-bf16": iter([2.1, 2.0, 2.05, 9.0])}
+    passes = {  # three texts per pass; a slow spell in one pass of each
+        "onnxruntime-fp32": iter([[1.9, 1.7, 2.0], [1.8, 9.0, 1.9], [5.0, 5.0, 5.0], [2.0, 1.8, 1.6]]),
+        "openvino-bf16": iter([[2.1, 2.0, 2.2], [2.0, 2.1, 2.3], [2.05, 2.2, 2.1], [9.0, 9.0, 9.0]]),
+    }
     calls: list[str] = []
 
-    def time_one(key: str) -> float:
+    def time_one(key: str) -> list[float]:
         calls.append(key)
         return next(passes[key])
 
     measurements = [quick, bf16, wrong, slow]
     assert tune.settle_close_call(measurements, time_one, rounds=4) == (bf16, quick)  # fastest first, before
     assert calls == ["openvino-bf16", "onnxruntime-fp32", "onnxruntime-fp32", "openvino-bf16"] * 2
-    assert quick.batch1_ms == pytest.approx(1.875) and bf16.batch1_ms == pytest.approx(2.075)  # medians
+    assert quick.batch1_ms == pytest.approx((1.8 + 1.7 + 1.6) / 3)  # each text's fastest pass, then the mean
+    assert bf16.batch1_ms == pytest.approx((2.0 + 2.0 + 2.1) / 3)
     assert quick.batch1_retimed and bf16.batch1_retimed and not slow.batch1_retimed and wrong.batch1_ms == 1.0
     assert tune.choose_split(measurements) == (quick, bf16)
     # A clear winner (the second over 1.25x the first) is not timed again.
     clear = [judge(measured("onnxruntime-fp32", 1.0, 500), 0.9, True)]
     clear.append(judge(measured("openvino-bf16", 1.3, 900), 0.9, True))
     assert tune.settle_close_call(clear, time_one) is None and not any(m.batch1_retimed for m in clear)
+
+
+def test_batch1_text_ms_times_each_text_on_its_own() -> None:
+    """The close call's pass: one time per text, from the tune's clock (a fake one here)."""
+    ticks = iter([0.0, 0.002, 0.010, 0.013])
+
+    class Model:
+        def infer(self, input_ids, attention_mask, token_type_ids, thresholds):  # type: ignore[no-untyped-def]
+            return type("Result", (), {"label": [0], "exit_layer": [1]})()
+
+    single = type("Batch", (), {"input_ids": torch.zeros(1, 3), "attention_mask": None, "token_type_ids": None})()
+    times = tune.batch1_text_ms(Model(), [single, single], 0.2, lambda: next(ticks))
+    assert times == pytest.approx([2.0, 3.0])
 
 
 def test_the_objective_decides_between_latency_and_throughput() -> None:
