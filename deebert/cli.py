@@ -381,7 +381,16 @@ def _run_tune(args: argparse.Namespace) -> int:
     from model.data import read_dataset
     from model.onnx_backend import default_cache_dir
     from model.tokenization import load_tokenizer
-    from model.tune import TABLE_HEADER, Timing, make_sample, run_tune, table_rows
+    from model.tune import (
+        CLOSE_CALL,
+        CLOSE_CALL_ROUNDS,
+        CLOSE_CALL_TEXTS,
+        TABLE_HEADER,
+        Timing,
+        make_sample,
+        run_tune,
+        table_rows,
+    )
 
     directory = resolve_directory(args.checkpoint)
     if args.write_sample:
@@ -406,7 +415,9 @@ def _run_tune(args: argparse.Namespace) -> int:
             "",
             f"`{args.command_line}`, {result.seconds:.0f} s, sample: {result.sample}. Batch-1 ms: mean over "
             f"{args.batch1_rows} texts alone; batched: texts/s in batches of {args.max_batch_size}; both at each "
-            "runtime's `balanced`, the best of the timed rounds after a warm-up round. Agreement: labels equal to "
+            "runtime's `balanced`, the best of the timed rounds after a warm-up round; `(side by side)`: the two "
+            f"fastest eligible at batch 1, within {(CLOSE_CALL - 1) * 100:.0f} %, timed again on {CLOSE_CALL_TEXTS} "
+            f"texts alone, each text's fastest of {CLOSE_CALL_ROUNDS} alternating passes. Agreement: labels equal to "
             "fp32's at `balanced`; accuracy against the sample's labels. `1` serves batches of one, `B` batches "
             "(`*` a single runtime).",
             "",

@@ -664,13 +664,14 @@ def _agreement(a: Sequence[int], b: Sequence[int]) -> float:
 
 
 def table_rows(result: TuneResult) -> list[list[str]]:
-    """The tune's table for a terminal or a log: one row per candidate, the chosen one marked."""
+    """The tune's table for a terminal or a log: one row per candidate, the chosen one marked, batch-1 times
+    from a close call's side-by-side retiming (other texts than the rest's) marked as such."""
     rows = []
     for m in result.measurements:
         rows.append(
             [
                 _mark(result, m.candidate) + m.candidate,
-                "-" if m.batch1_ms is None else f"{m.batch1_ms:.2f}",
+                "-" if m.batch1_ms is None else f"{m.batch1_ms:.2f}" + (" (side by side)" if m.batch1_retimed else ""),
                 "-" if m.batched_per_s is None else f"{m.batched_per_s:.0f}",
                 _percent(m.balanced_agreement) if m.balanced_agreement is not None else "-",
                 _percent(m.balanced_accuracy) if m.balanced_accuracy is not None else "-",

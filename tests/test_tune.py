@@ -96,6 +96,9 @@ def test_a_close_call_at_batch_1_is_timed_again_side_by_side_and_decides() -> No
     assert bf16.batch1_ms == pytest.approx((2.0 + 2.0 + 2.1) / 3)
     assert quick.batch1_retimed and bf16.batch1_retimed and not slow.batch1_retimed and wrong.batch1_ms == 1.0
     assert tune.choose_split(measurements) == (quick, bf16)
+    result = tune.TuneResult({}, "split", "onnxruntime-fp32", measurements, batched_choice="openvino-bf16")
+    retimed_cells = {row[0].strip(): row[1] for row in tune.table_rows(result)}
+    assert retimed_cells["1 onnxruntime-fp32"] == "1.70 (side by side)" and retimed_cells["torch-fp32"] == "4.40"
     # A clear winner (the second over 1.25x the first) is not timed again.
     clear = [judge(measured("onnxruntime-fp32", 1.0, 500), 0.9, True)]
     clear.append(judge(measured("openvino-bf16", 1.3, 900), 0.9, True))
