@@ -34,7 +34,7 @@ logger = logging.getLogger("deebert.tune")
 
 SAMPLE_FILE = "tune_sample.jsonl"
 # 2: OpenVINO is measured under a preloaded jemalloc too; 3: OpenVINO bf16 hands over bf16, close calls retimed;
-# 4: close calls retimed text by text on CLOSE_CALL_TEXTS texts
+# 4: close calls retimed text by text on CLOSE_CALL_TEXTS texts (the key holds deebert's code digest too)
 TUNE_FORMAT = 4
 MIN_AGREEMENT = 0.995  # labels at balanced equal to fp32's at balanced
 MAX_ACCURACY_DROP = 0.005  # balanced accuracy below fp32 full depth (a fraction: 0.5 point)
@@ -446,15 +446,26 @@ class TuneResult:
         return TuneResult(measurements=measurements, **data)
 
 
+def code_digest(package: Path | None = None) -> str:
+    """A digest of the Python sources of `package` (default: this `model` package, whose graphs and loops are
+    what a tune times): a changed loop or export tunes again, though deebert's version number stays the same
+    between releases."""
+    package = Path(__file__).parent if package is None else package
+    digest = hashlib.sha256()
+    for source in sorted(package.glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def runtime_versions() -> dict[str, str]:
-    """The versions a tune's timings depend on: the runtimes', and deebert's own (its graphs and loops)."""
+    """The versions a tune's timings depend on: the runtimes', and deebert's own (its version and its code)."""
     from importlib import metadata
 
     try:
         own = metadata.version("deebert")
     except metadata.PackageNotFoundError:  # run from a source tree that was never installed
         own = "not installed"
-    versions: dict[str, str] = {"deebert": own, "torch": str(torch.__version__)}
+    versions: dict[str, str] = {"deebert": own, "deebert_code": code_digest(), "torch": str(torch.__version__)}
     for name in ("onnxruntime", "openvino"):
         try:
             versions[name] = str(__import__(name).__version__)

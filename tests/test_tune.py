@@ -223,6 +223,21 @@ def test_another_cpu_tunes_again_and_the_same_one_does_not(tiny_checkpoint: Path
     assert versions["deebert"]
     monkeypatch.setattr(tune, "runtime_versions", lambda: {**versions, "deebert": "99.0"})
     assert cache_path(cache, fingerprint(digest, 1, 8)) != cache_path(cache, before)
+    monkeypatch.setattr(tune, "runtime_versions", lambda: {**versions, "deebert_code": "0" * 16})
+    assert cache_path(cache, fingerprint(digest, 1, 8)) != cache_path(cache, before)
+
+
+def test_the_code_digest_follows_the_sources(tmp_path: Path) -> None:
+    """A changed loop or export (the same version number) is another key; the digest of the same sources is the
+    same; only Python sources count."""
+    (tmp_path / "loop.py").write_text("def step(): return 1\n")
+    (tmp_path / "graphs.py").write_text("FORMAT = 7\n")
+    first = tune.code_digest(tmp_path)
+    (tmp_path / "notes.txt").write_text("not code")
+    assert tune.code_digest(tmp_path) == first and len(first) == 16
+    (tmp_path / "loop.py").write_text("def step(): return 2\n")
+    assert tune.code_digest(tmp_path) != first
+    assert tune.runtime_versions()["deebert_code"] == tune.code_digest()  # this package's own sources
 
 
 def test_no_budget_means_no_tune_and_a_line_saying_how(tiny_checkpoint: Path, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
