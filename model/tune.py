@@ -23,7 +23,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -612,8 +612,7 @@ def run_tune(
         measurements.append(judge(measurement, reference_accuracy, has_answers))
     if budget_s is None or time.perf_counter() - started <= budget_s:
         loaded: dict[str, tuple[Any, float]] = {}
-        close_call_timing = Timing(batch1_rows=max(timing.batch1_rows, CLOSE_CALL_TEXTS), clock=timing.clock)
-        singles = batch1_inputs(encoded, pad_id, close_call_timing)
+        singles = batch1_inputs(encoded, pad_id, replace(timing, batch1_rows=max(timing.batch1_rows, CLOSE_CALL_TEXTS)))
 
         def time_one(key: str) -> list[float]:
             """One batch-1 pass of candidate `key` (the ms of each text), loaded again and warmed by one untimed
