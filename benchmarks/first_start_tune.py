@@ -4,9 +4,9 @@
 
 Each run is the bounded tune of a server's first start (`model.tune.STARTUP_TIMING`, `--budget-s`, objective
 `split`) with an empty tune cache, the exported graphs reused from `--cache-dir` (linked into a scratch cache,
-so nothing of the real cache's tunes is read or written). What each run measured at batch 1, which two were
-timed again side by side (the close call), and what it chose go to the JSON and a table. A choice that changes
-from run to run on a quiet machine is a choice decided by noise.
+so nothing of the real cache's tunes is read or written). What each run measured alone and in batches, which
+two were timed again side by side (the close calls), and what it chose go to the JSON and a table. A choice that
+changes from run to run on a quiet machine is a choice decided by noise.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def one_run(directory: Path, graphs: Path, threads: int | None, batch_size: int,
         "eligible_batch1_ms": {m.candidate: m.batch1_ms for m in result.measurements if m.eligible},
         "eligible_batched_per_s": {m.candidate: m.batched_per_s for m in result.measurements if m.eligible},
         "retimed": [m.candidate for m in result.measurements if m.batch1_retimed],
+        "retimed_batched": [m.candidate for m in result.measurements if getattr(m, "batched_retimed", False)],
     }
 
 
@@ -65,16 +66,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"run {number_}: {tune_line(run)}", flush=True)
         runs.append(run)
     rows = [
-        [str(i), tune_line(run), ", ".join(f"{k} {number(v, 2)}" for k, v in run["eligible_batch1_ms"].items())]
+        [
+            str(i),
+            tune_line(run),
+            ", ".join(f"{k} {number(v, 2)}" for k, v in run["eligible_batch1_ms"].items()),
+            ", ".join(f"{k} {number(v, 0)}" for k, v in run["eligible_batched_per_s"].items()),
+        ]
         for i, run in enumerate(runs, 1)
     ]
     print(describe_machine(machine))
-    print(table(["run", "choice (retimed: the close call)", "eligible batch-1 ms"], rows))
+    print(table(["run", "choice (retimed: the close calls)", "eligible batch-1 ms", "eligible batched texts/s"], rows))
     if args.output:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         timing = {k: v for k, v in vars(tune.STARTUP_TIMING).items() if k != "clock"}
         report: dict[str, Any] = {"settings": settings, "machine": machine, "timing": timing, "runs": runs}
         report["close_call_texts"] = getattr(tune, "CLOSE_CALL_TEXTS", None)  # None: before it existed
+        report["close_call_batched_texts"] = getattr(tune, "CLOSE_CALL_BATCHED_TEXTS", None)
         write_json(report, args.output)
 
 
@@ -82,7 +89,10 @@ def tune_line(run: dict[str, Any]) -> str:
     served = str(run["choice"])
     if run["batched_choice"]:
         served = f"{served} alone, {run['batched_choice']} in batches"
-    retimed = f" (retimed: {' vs '.join(run['retimed'])})" if run["retimed"] else ""
+    calls = [f"alone {' vs '.join(run['retimed'])}"] if run["retimed"] else []
+    if run.get("retimed_batched"):  # absent in runs recorded before the close call in batches
+        calls.append(f"in batches {' vs '.join(run['retimed_batched'])}")
+    retimed = f" (retimed: {'; '.join(calls)})" if calls else ""
     return f"{served}{retimed}, {run['seconds']} s"
 
 

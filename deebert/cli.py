@@ -383,6 +383,7 @@ def _run_tune(args: argparse.Namespace) -> int:
     from model.tokenization import load_tokenizer
     from model.tune import (
         CLOSE_CALL,
+        CLOSE_CALL_BATCHED_TEXTS,
         CLOSE_CALL_ROUNDS,
         CLOSE_CALL_TEXTS,
         TABLE_HEADER,
@@ -417,9 +418,10 @@ def _run_tune(args: argparse.Namespace) -> int:
             f"{args.batch1_rows} texts alone; batched: texts/s in batches of {args.max_batch_size}; both at each "
             "runtime's `balanced`, the best of the timed rounds after a warm-up round; `(side by side)`: the two "
             f"fastest eligible at batch 1, within {(CLOSE_CALL - 1) * 100:.0f} %, timed again on {CLOSE_CALL_TEXTS} "
-            f"texts alone, each text's fastest of {CLOSE_CALL_ROUNDS} alternating passes. Agreement: labels equal to "
-            "fp32's at `balanced`; accuracy against the sample's labels. `1` serves batches of one, `B` batches "
-            "(`*` a single runtime).",
+            f"texts alone, each text's fastest of {CLOSE_CALL_ROUNDS} alternating passes, and likewise the two "
+            f"fastest eligible in batches on {CLOSE_CALL_BATCHED_TEXTS} texts, each batch's fastest pass. Agreement: "
+            "labels equal to fp32's at `balanced`; accuracy against the sample's labels. `1` serves batches of one, "
+            "`B` batches (`*` a single runtime).",
             "",
             *markdown_table(TABLE_HEADER, table_rows(result)),
             "",

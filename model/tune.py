@@ -24,6 +24,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,9 @@ logger = logging.getLogger("deebert.tune")
 
 SAMPLE_FILE = "tune_sample.jsonl"
 # 2: OpenVINO is measured under a preloaded jemalloc too; 3: OpenVINO bf16 hands over bf16, close calls retimed;
-# 4: close calls retimed text by text on CLOSE_CALL_TEXTS texts (the key holds deebert's code digest too)
-TUNE_FORMAT = 4
+# 4: close calls retimed text by text on CLOSE_CALL_TEXTS texts (the key holds deebert's code digest too);
+# 5: close calls in batches retimed too (batch by batch on CLOSE_CALL_BATCHED_TEXTS texts)
+TUNE_FORMAT = 5
 MIN_AGREEMENT = 0.995  # labels at balanced equal to fp32's at balanced
 MAX_ACCURACY_DROP = 0.005  # balanced accuracy below fp32 full depth (a fraction: 0.5 point)
 # Two eligible candidates this close at batch 1 (the slower's ms at most this times the faster's) are timed again
@@ -48,6 +50,11 @@ CLOSE_CALL_ROUNDS = 4
 # first-start tune a close call went either way (BENCHMARKS.md §18: ONNX Runtime fp32 1.80 against OpenVINO bf16's
 # 1.78 ms in one tune, 1.67 against 1.94 in the next, where peers' 300 texts put them at 1.50-1.54 and 1.70-1.82).
 CLOSE_CALL_TEXTS = 200
+# The same in batches, for the two fastest eligible in batches (texts/s within CLOSE_CALL), batch by batch on this
+# many texts of the sample: each batch's fastest pass counts. The first-start tune's one pass over 160 texts
+# went either way on an AVX2-only EPYC (BENCHMARKS.md §19: ONNX Runtime fp32 324 against OpenVINO fp32's 335 texts/s
+# in one tune, 356-378 against 296-324 in four others, where peers' 872 texts put them at 413 and 330).
+CLOSE_CALL_BATCHED_TEXTS = 400
 # split: the fastest eligible runtime alone serves batches of one, the fastest in batches serves the rest.
 OBJECTIVES = ("split", "mixed", "latency", "throughput")
 
@@ -241,6 +248,7 @@ class Measurement:
     eligible: bool = False
     reason: str = ""
     batch1_retimed: bool = False  # batch1_ms is from a side-by-side retiming (`settle_close_call`)
+    batched_retimed: bool = False  # batched_per_s is, too
 
 
 @dataclass
@@ -274,11 +282,9 @@ def time_candidate(
     model: Any, encoded: Sequence[Any], pad_id: int, threshold: float, timing: Timing
 ) -> tuple[float, float]:
     """(batch-1 mean ms, batched texts/s) at `threshold`: a warm-up pass, then the best of `timing.rounds`."""
-    from model.tokenization import groups_by_length, pad_batch
-
     singles = batch1_inputs(encoded, pad_id, timing)
     timed = encoded[: timing.batched_rows]
-    batches = [pad_batch([timed[i] for i in group], pad_id) for group in groups_by_length(timed, timing.batch_size)]
+    batches = batched_inputs(timed, pad_id, timing.batch_size)
     best_single, best_batched = float("inf"), float("inf")
     for round_number in range(timing.rounds + 1):  # round 0 warms the runtime's kernels for these shapes
         single = batch1_pass_ms(model, singles, threshold, timing.clock)
@@ -288,6 +294,23 @@ def time_candidate(
         if round_number:
             best_single, best_batched = min(best_single, single), min(best_batched, batched)
     return best_single, len(timed) / best_batched
+
+
+def batched_inputs(encoded: Sequence[Any], pad_id: int, batch_size: int) -> list[Any]:
+    """`encoded` grouped by length into batches of up to `batch_size`, each padded to its longest text."""
+    from model.tokenization import groups_by_length, pad_batch
+
+    return [pad_batch([encoded[i] for i in group], pad_id) for group in groups_by_length(encoded, batch_size)]
+
+
+def batch_seconds(model: Any, batches: Sequence[Any], threshold: float, clock: Callable[[], float]) -> list[float]:
+    """The seconds of each of `batches` at `threshold`, one pass."""
+    times = []
+    for batch in batches:
+        started = clock()
+        _answers(model, [batch], threshold)
+        times.append(clock() - started)
+    return times
 
 
 def batch1_inputs(encoded: Sequence[Any], pad_id: int, timing: Timing) -> list[Any]:
@@ -319,18 +342,30 @@ def settle_close_call(
     time_one: Callable[[str], Sequence[float]],
     rounds: int | None = None,
     ratio: float | None = None,
+    batched_rows: int | None = None,
+    affordable: Callable[[Measurement, Measurement], bool] | None = None,
 ) -> tuple[Measurement, Measurement] | None:
-    """When the two fastest eligible candidates at batch 1 are within `ratio` (default `CLOSE_CALL`): time them
-    again side by side, `rounds` (default `CLOSE_CALL_ROUNDS`) passes each in alternating order (`time_one(key)`:
-    one batch-1 pass over the close call's texts, the ms of each text), and give each the mean over texts of each
-    text's fastest pass as its batch-1 ms. The two, fastest first before the retiming; None when there was no
-    close call."""
+    """When the two fastest eligible candidates are within `ratio` (default `CLOSE_CALL`): time them again side
+    by side, `rounds` (default `CLOSE_CALL_ROUNDS`) passes each in alternating order, and keep each part's fastest
+    pass. At batch 1 (`batched_rows` None) `time_one(key)` is one pass over the close call's texts alone, the ms
+    of each text, and a candidate's batch-1 ms becomes the mean over texts of each text's fastest pass. In batches
+    `time_one(key)` is one pass over the close call's batches, the seconds of each batch, and a candidate's texts/s
+    becomes `batched_rows` / the sum of each batch's fastest pass. The two, fastest first before the retiming;
+    None when there was no close call, or when `affordable(first, second)` says there is no time for it."""
     ratio = CLOSE_CALL if ratio is None else ratio
     rounds = CLOSE_CALL_ROUNDS if rounds is None else rounds
-    ranked = sorted((m for m in measurements if m.eligible and m.batch1_ms is not None), key=lambda m: m.batch1_ms or 0)
-    if len(ranked) < 2 or (ranked[1].batch1_ms or 0) > (ranked[0].batch1_ms or 0) * ratio:
+    batched = batched_rows is not None
+
+    def cost(m: Measurement) -> float:  # lower is faster: ms alone, or seconds per text in batches
+        value = m.batched_per_s if batched else m.batch1_ms
+        return (1 / value if batched else value) if value else float("inf")
+
+    ranked = sorted((m for m in measurements if m.eligible and cost(m) < float("inf")), key=cost)
+    if len(ranked) < 2 or cost(ranked[1]) > cost(ranked[0]) * ratio:
         return None
     pair = ranked[:2]
+    if affordable is not None and not affordable(pair[0], pair[1]):
+        return None
     fastest: dict[str, list[float]] = {}
     for round_number in range(rounds):
         for measurement in pair if round_number % 2 == 0 else pair[::-1]:
@@ -338,8 +373,12 @@ def settle_close_call(
             best = fastest.get(measurement.candidate, times)
             fastest[measurement.candidate] = [min(a, b) for a, b in zip(best, times, strict=True)]
     for measurement in pair:
-        measurement.batch1_ms = statistics.fmean(fastest[measurement.candidate])
-        measurement.batch1_retimed = True
+        if batched_rows is not None:
+            measurement.batched_per_s = batched_rows / sum(fastest[measurement.candidate])
+            measurement.batched_retimed = True
+        else:
+            measurement.batch1_ms = statistics.fmean(fastest[measurement.candidate])
+            measurement.batch1_retimed = True
     return pair[0], pair[1]
 
 
@@ -432,8 +471,9 @@ class TuneResult:
                 f"{head}: batch 1 on {chosen.candidate} ({chosen.batch1_ms:.2f} ms), batches on "
                 f"{batched.candidate} (batch {batch} {batched.batched_per_s:.0f} texts/s) at balanced"
             )
+        every_size = " for every batch size (fastest alone and in batches)" if self.objective == "split" else ""
         return (
-            f"{head}: {chosen.candidate}, batch 1 {chosen.batch1_ms:.2f} ms, batch {batch} "
+            f"{head}: {chosen.candidate}{every_size}, batch 1 {chosen.batch1_ms:.2f} ms, batch {batch} "
             f"{chosen.batched_per_s:.0f} texts/s at balanced ({chosen.reason})"
         )
 
@@ -613,14 +653,15 @@ def run_tune(
     if budget_s is None or time.perf_counter() - started <= budget_s:
         loaded: dict[str, tuple[Any, float]] = {}
         singles = batch1_inputs(encoded, pad_id, replace(timing, batch1_rows=max(timing.batch1_rows, CLOSE_CALL_TEXTS)))
+        close_batches = batched_inputs(encoded[:CLOSE_CALL_BATCHED_TEXTS], pad_id, timing.batch_size)
+        warmed: set[tuple[str, bool]] = set()
 
-        def time_one(key: str) -> list[float]:
-            """One batch-1 pass of candidate `key` (the ms of each text), loaded again and warmed by one untimed
-            pass on first use."""
+        def time_one(key: str, batched: bool) -> list[float]:
+            """One pass of candidate `key`: alone, the ms of each text; in batches, the seconds of each batch.
+            Loaded again on first use and warmed by one untimed pass of the kind on first use of the kind."""
             candidate = Candidate.parse(key)
             torch.set_num_threads(torch_threads)
-            first_use = key not in loaded
-            if first_use:
+            if key not in loaded:
                 served = load_candidate(directory, candidate, cache_dir, threads, fp32_model=reference)
                 threshold, _ = served.config.resolve_threshold("balanced") if served.config.presets else (0.0, None)
                 loaded[key] = served, threshold
@@ -628,23 +669,64 @@ def run_tune(
                 quiet_torch_threads()
             served, threshold = loaded[key]
             with torch.inference_mode():
-                if first_use:
-                    batch1_pass_ms(served, singles, threshold, timing.clock)
+                if (key, batched) not in warmed:
+                    warmed.add((key, batched))
+                    _answers(served, close_batches if batched else singles, threshold)
+                if batched:
+                    return batch_seconds(served, close_batches, threshold, timing.clock)
                 return batch1_text_ms(served, singles, threshold, timing.clock)
 
-        try:
-            close_call = settle_close_call(measurements, time_one)
-        except Exception as err:  # the sequential figures stand
-            logger.warning("tune: retiming a close call failed: %s", err)
-            close_call = None
-        if close_call is not None:
-            first, second = close_call
+        close_rows = sum(int(b.input_ids.shape[0]) for b in close_batches)
+
+        def affordable(first: Measurement, second: Measurement, batched: bool) -> bool:
+            """Whether the close call's passes (a warm-up and the timed rounds of each, by the sequential
+            figures, plus half again for loading) fit in what is left of `budget_s`."""
+            if budget_s is None:
+                return True
+            per_pass = [
+                close_rows / (m.batched_per_s or 1) if batched else len(singles) * (m.batch1_ms or 0) / 1000
+                for m in (first, second)
+            ]
+            needed = 1.5 * (CLOSE_CALL_ROUNDS + 1) * sum(per_pass)
+            left = budget_s - (time.perf_counter() - started)
+            if needed <= left:
+                return True
             logger.info(
-                "tune: %s and %s were within %.0f%% at batch 1; side by side (%d texts, each text's fastest of %d"
-                " passes): %.2f and %.2f ms",
-                first.candidate, second.candidate, (CLOSE_CALL - 1) * 100, len(singles), CLOSE_CALL_ROUNDS,
-                first.batch1_ms, second.batch1_ms,
+                "tune: %s and %s are within %.0f%% %s, but timing them again (about %.0f s) would overrun the"
+                " %.0f s budget; the sequential figures stand",
+                first.candidate, second.candidate, (CLOSE_CALL - 1) * 100, "in batches" if batched else "at batch 1",
+                needed, budget_s,
             )  # fmt: skip
+            return False
+
+        for batched in (False, True):
+            try:
+                close_call = settle_close_call(
+                    measurements,
+                    partial(time_one, batched=batched),
+                    batched_rows=close_rows if batched else None,
+                    affordable=partial(affordable, batched=batched),
+                )
+            except Exception as err:  # the sequential figures stand
+                logger.warning("tune: retiming a close call failed: %s", err)
+                close_call = None
+            if close_call is None:
+                continue
+            first, second = close_call
+            if batched:
+                logger.info(
+                    "tune: %s and %s were within %.0f%% in batches; side by side (%d texts in batches of %d, each"
+                    " batch's fastest of %d passes): %.0f and %.0f texts/s",
+                    first.candidate, second.candidate, (CLOSE_CALL - 1) * 100, len(encoded[:CLOSE_CALL_BATCHED_TEXTS]),
+                    timing.batch_size, CLOSE_CALL_ROUNDS, first.batched_per_s, second.batched_per_s,
+                )  # fmt: skip
+            else:
+                logger.info(
+                    "tune: %s and %s were within %.0f%% at batch 1; side by side (%d texts, each text's fastest of"
+                    " %d passes): %.2f and %.2f ms",
+                    first.candidate, second.candidate, (CLOSE_CALL - 1) * 100, len(singles), CLOSE_CALL_ROUNDS,
+                    first.batch1_ms, second.batch1_ms,
+                )  # fmt: skip
     torch.set_num_threads(torch_threads)
     batched_choice = None
     if objective == "split":
@@ -674,15 +756,15 @@ def _agreement(a: Sequence[int], b: Sequence[int]) -> float:
 
 
 def table_rows(result: TuneResult) -> list[list[str]]:
-    """The tune's table for a terminal or a log: one row per candidate, the chosen one marked, batch-1 times
-    from a close call's side-by-side retiming (other texts than the rest's) marked as such."""
+    """The tune's table for a terminal or a log: one row per candidate, the chosen one marked, times from a
+    close call's side-by-side retiming (other texts than the rest's) marked as such."""
     rows = []
     for m in result.measurements:
         rows.append(
             [
                 _mark(result, m.candidate) + m.candidate,
-                "-" if m.batch1_ms is None else f"{m.batch1_ms:.2f}" + (" (side by side)" if m.batch1_retimed else ""),
-                "-" if m.batched_per_s is None else f"{m.batched_per_s:.0f}",
+                _timed(m.batch1_ms, ".2f", m.batch1_retimed),
+                _timed(m.batched_per_s, ".0f", m.batched_retimed),
                 _percent(m.balanced_agreement) if m.balanced_agreement is not None else "-",
                 _percent(m.balanced_accuracy) if m.balanced_accuracy is not None else "-",
                 _percent(m.expected_saving) if m.expected_saving is not None else "-",
@@ -693,6 +775,10 @@ def table_rows(result: TuneResult) -> list[list[str]]:
     for key, why in result.skipped.items():
         rows.append([f"  {key}", "-", "-", "-", "-", "-", "no", f"not run: {why}"])
     return rows
+
+
+def _timed(value: float | None, spec: str, retimed: bool) -> str:
+    return "-" if value is None else format(value, spec) + (" (side by side)" if retimed else "")
 
 
 def _mark(result: TuneResult, candidate: str) -> str:

@@ -24,8 +24,9 @@ def test_a_run_tunes_in_a_scratch_cache_linked_to_the_graphs(tmp_path: Path, mon
         (cache / "tune").mkdir()
         (cache / "tune" / "choice.json").write_text("{}")  # a tune written here stays out of the real cache
         fast = tune.Measurement("onnxruntime-fp32", 1.4, 800.0, eligible=True, batch1_retimed=True)
-        batches = tune.Measurement("openvino-bf16", 1.6, 2000.0, eligible=True, batch1_retimed=True)
-        slow = tune.Measurement("torch-bf16", 3.0, 1400.0)
+        batches = tune.Measurement("openvino-bf16", 1.6, 2000.0, eligible=True, batch1_retimed=True,
+                                   batched_retimed=True)  # fmt: skip
+        slow = tune.Measurement("torch-bf16", 3.0, 1400.0, eligible=True, batched_retimed=True)
         return tune.TuneResult(
             fingerprint={}, objective=objective, choice="onnxruntime-fp32", batched_choice="openvino-bf16",
             measurements=[fast, batches, slow], seconds=30.0,
@@ -38,8 +39,13 @@ def test_a_run_tunes_in_a_scratch_cache_linked_to_the_graphs(tmp_path: Path, mon
     assert not seen["cache"].exists() and not (graphs / "tune").exists()
     assert (graphs / "onnx" / "exported.onnx").exists() and (graphs / "openvino").is_dir()
     assert run["choice"] == "onnxruntime-fp32" and run["batched_choice"] == "openvino-bf16"
-    assert run["eligible_batch1_ms"] == {"onnxruntime-fp32": 1.4, "openvino-bf16": 1.6}
+    assert run["eligible_batch1_ms"] == {"onnxruntime-fp32": 1.4, "openvino-bf16": 1.6, "torch-bf16": 3.0}
     assert run["retimed"] == ["onnxruntime-fp32", "openvino-bf16"]
+    assert run["retimed_batched"] == ["openvino-bf16", "torch-bf16"]
     assert first_start_tune.tune_line(run) == (
-        "onnxruntime-fp32 alone, openvino-bf16 in batches (retimed: onnxruntime-fp32 vs openvino-bf16), 30.0 s"
+        "onnxruntime-fp32 alone, openvino-bf16 in batches (retimed: alone onnxruntime-fp32 vs openvino-bf16; in"
+        " batches openvino-bf16 vs torch-bf16), 30.0 s"
     )
+    # A run recorded before the close call in batches existed reads as before.
+    del run["retimed_batched"]
+    assert first_start_tune.tune_line(run).endswith("(retimed: alone onnxruntime-fp32 vs openvino-bf16), 30.0 s")

@@ -69,6 +69,9 @@ def test_split_serves_batches_of_one_and_batches_on_their_fastest() -> None:
     assert "batch 1 on onnxruntime-fp32" in result.reason() and "batches on openvino-bf16" in result.reason()
     marks = {row[0].strip() for row in tune.table_rows(result)}
     assert marks == {"1 onnxruntime-fp32", "B openvino-bf16", "onnxruntime-int8"}
+    # One runtime fastest alone and in batches (as on an AVX2-only EPYC): the reason says it serves every size.
+    one = TuneResult(fingerprint("d" * 64, 2, 32), "split", "onnxruntime-fp32", [alone, wrong])
+    assert "onnxruntime-fp32 for every batch size (fastest alone and in batches)" in one.reason()
 
 
 def test_a_close_call_at_batch_1_is_timed_again_side_by_side_and_decides() -> None:
@@ -103,6 +106,45 @@ def test_a_close_call_at_batch_1_is_timed_again_side_by_side_and_decides() -> No
     clear = [judge(measured("onnxruntime-fp32", 1.0, 500), 0.9, True)]
     clear.append(judge(measured("openvino-bf16", 1.3, 900), 0.9, True))
     assert tune.settle_close_call(clear, time_one) is None and not any(m.batch1_retimed for m in clear)
+
+
+def test_a_close_call_in_batches_is_timed_again_batch_by_batch_and_decides() -> None:
+    """The two fastest eligible in batches within 25 % (texts/s) are timed again side by side: each batch's
+    fastest of the passes, summed, gives the texts/s. On an AVX2-only EPYC one pass of the first-start tune put
+    OpenVINO fp32 ahead of ONNX Runtime fp32 in batches, where every longer measure had it behind."""
+    ort = judge(measured("onnxruntime-fp32", 3.6, 324), 0.9, True)  # timed in a slow spell
+    ov = judge(measured("openvino-fp32", 6.0, 335), 0.9, True)
+    torch_fp32 = judge(measured("torch-fp32", 10.0, 250), 0.9, True)  # 335 / 250 > 1.25: not in it
+    passes = {  # seconds of each of two batches of 32 texts; a slow spell in one pass of each
+        "onnxruntime-fp32": iter([[0.09, 0.08], [0.30, 0.08], [0.08, 0.09], [0.09, 0.08]]),
+        "openvino-fp32": iter([[0.10, 0.10], [0.10, 0.11], [0.10, 0.10], [0.40, 0.40]]),
+    }
+    calls: list[str] = []
+
+    def time_one(key: str) -> list[float]:
+        calls.append(key)
+        return next(passes[key])
+
+    measurements = [ort, ov, torch_fp32]
+    assert tune.settle_close_call(measurements, time_one, batched_rows=64) == (ov, ort)  # fastest first, before
+    assert calls == ["openvino-fp32", "onnxruntime-fp32", "onnxruntime-fp32", "openvino-fp32"] * 2
+    assert ort.batched_per_s == pytest.approx(64 / (0.08 + 0.08))
+    assert ov.batched_per_s == pytest.approx(64 / (0.10 + 0.10))
+    assert ort.batched_retimed and ov.batched_retimed and not torch_fp32.batched_retimed
+    assert not ort.batch1_retimed and ort.batch1_ms == 3.6  # the batch-1 figures are left alone
+    assert tune.choose_split(measurements) == (ort, ort)
+    result = tune.TuneResult({}, "split", "onnxruntime-fp32", measurements)
+    cells = {row[0].strip(): row[2] for row in tune.table_rows(result)}
+    assert cells["* onnxruntime-fp32"] == "400 (side by side)" and cells["torch-fp32"] == "250"
+    # No time left for it: nothing is timed, nothing changes.
+    assert tune.settle_close_call([ort, ov], time_one, batched_rows=64, affordable=lambda a, b: False) is None
+    assert ort.batched_per_s == pytest.approx(400) and len(calls) == 8
+    # A clear winner in batches is not timed again.
+    clear = [
+        judge(measured("onnxruntime-fp32", 1.0, 500), 0.9, True),
+        judge(measured("openvino-bf16", 1.3, 900), 0.9, True),
+    ]
+    assert tune.settle_close_call(clear, time_one, batched_rows=64) is None
 
 
 def test_batch1_text_ms_times_each_text_on_its_own() -> None:
@@ -189,9 +231,30 @@ def test_a_tune_times_a_close_call_again_with_the_real_runtimes(
     candidates = [Candidate("torch", "fp32"), Candidate("onnxruntime", "fp32")]
     result = run_tune(checkpoint, tmp_path / "cache", threads=1, objective="split", timing=FAST, candidates=candidates)
     assert all(m.batch1_retimed and m.batch1_ms and m.batch1_ms > 0 for m in result.measurements)
+    assert all(m.batched_retimed and m.batched_per_s and m.batched_per_s > 0 for m in result.measurements)
     assert result.choice == min(result.measurements, key=lambda m: m.batch1_ms or 0).candidate
+    batched = max(result.measurements, key=lambda m: m.batched_per_s or 0).candidate
+    assert (result.batched_choice or result.choice) == batched
     stored = cached_result(tmp_path / "cache", result.fingerprint)
-    assert stored is not None and all(m.batch1_retimed for m in stored.measurements)
+    assert stored is not None and all(m.batch1_retimed and m.batched_retimed for m in stored.measurements)
+
+
+def test_a_close_call_that_would_overrun_the_budget_is_left_alone(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first-start tune is bounded: a close call whose passes would not fit in what is left is skipped."""
+    checkpoint = _sampled_checkpoint(tiny_checkpoint, tmp_path)
+    monkeypatch.setattr(tune, "CLOSE_CALL", 1e9)  # every pair counts as close ...
+    monkeypatch.setattr(tune, "CLOSE_CALL_ROUNDS", 10**7)  # ... and retiming it would take days
+    candidates = [Candidate("torch", "fp32"), Candidate("onnxruntime", "fp32")]
+    with caplog.at_level("INFO", logger="deebert.tune"):
+        result = run_tune(
+            checkpoint, tmp_path / "cache", threads=1, objective="split", timing=FAST, budget_s=600,
+            candidates=candidates,
+        )  # fmt: skip
+    assert not any(m.batch1_retimed or m.batched_retimed for m in result.measurements)
+    assert result.choice is not None
+    assert sum("would overrun the 600 s budget" in r.getMessage() for r in caplog.records) == 2  # alone, batches
 
 
 def test_another_cpu_tunes_again_and_the_same_one_does_not(tiny_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
