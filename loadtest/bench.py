@@ -101,6 +101,9 @@ class BenchSettings:
     # The load generator shares the machine's cores with the servers: the raw HTTP/1.1 client costs a
     # fraction of httpx's CPU per request, so more of them go to the server being measured.
     http_client: str = "raw"
+    # The peers part's variants (loadtest.peers' keys; None: all of them). A subset with the plain variants and
+    # `auto` is enough for the targets against the best plain variant and for `plain-best`'s runtime.
+    peers_variants: list[str] | None = None
     quick: bool = False
     progress: bool = True
 
@@ -522,6 +525,8 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         if settings.quick:
             peer_settings.batch1_rows, peer_settings.rounds = 10, 1
             peer_settings.variants = ("torch-plain", "ort-plain", "ort-balanced")
+        if settings.peers_variants:
+            peer_settings.variants = tuple(settings.peers_variants)
         results["peers"] = run_peers(peer_settings, log_path=results_dir / "peers.log")
 
     if "plain-best" in parts:
@@ -621,7 +626,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--http-client", choices=["raw", "httpx"], help=f"the load generator's HTTP client ({d.http_client})"
     )
+    parser.add_argument(
+        "--peers-variants",
+        type=_peer_variants,
+        help="the peers part's variants, a comma-separated subset of loadtest.peers' (default all)",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _peer_variants(value: str) -> list[str]:
+    from loadtest.peers import VARIANT_KEYS
+
+    chosen = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in VARIANT_KEYS]
+    if not chosen or unknown:
+        raise argparse.ArgumentTypeError(
+            f"peers variants are a comma-separated subset of {','.join(VARIANT_KEYS)}; got {value!r}"
+        )
+    return chosen
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:

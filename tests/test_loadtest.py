@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import random
@@ -146,6 +147,21 @@ def test_report_counts_errors_exits_and_server_overhead() -> None:
     assert "overhead: tokenizing / queue / rest (p50)" in format_report(report)
     assert report["per_threshold"]["fast"]["expected_saving"] == pytest.approx(1 - 3 / 8)
     assert "connect_error: 1" in format_report(report)
+
+
+def test_bench_takes_a_subset_of_the_peers_variants_and_names_it_in_its_command() -> None:
+    from loadtest.bench import add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = settings_from_args(
+        parser.parse_args(["--parts", "peers", "--peers-variants", "ort-plain, auto-balanced"])
+    )
+    assert settings.peers_variants == ["ort-plain", "auto-balanced"]
+    assert "--peers-variants ort-plain,auto-balanced" in settings.command_line()
+    assert "--peers-variants" not in settings_from_args(parser.parse_args([])).command_line()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--peers-variants", "ort-plain,warp-drive"])
 
 
 def test_saturation_rules_and_wrk_parsing() -> None:
