@@ -329,12 +329,7 @@ def batch1_pass_ms(model: Any, singles: Sequence[Any], threshold: float, clock: 
 
 def batch1_text_ms(model: Any, singles: Sequence[Any], threshold: float, clock: Callable[[], float]) -> list[float]:
     """The ms of each of `singles` (batches of one) at `threshold`, one pass."""
-    times = []
-    for single in singles:
-        started = clock()
-        _answers(model, [single], threshold)
-        times.append((clock() - started) * 1000)
-    return times
+    return [seconds * 1000 for seconds in batch_seconds(model, singles, threshold, clock)]
 
 
 def settle_close_call(
@@ -653,7 +648,8 @@ def run_tune(
     if budget_s is None or time.perf_counter() - started <= budget_s:
         loaded: dict[str, tuple[Any, float]] = {}
         singles = batch1_inputs(encoded, pad_id, replace(timing, batch1_rows=max(timing.batch1_rows, CLOSE_CALL_TEXTS)))
-        close_batches = batched_inputs(encoded[:CLOSE_CALL_BATCHED_TEXTS], pad_id, timing.batch_size)
+        close_rows = min(len(encoded), CLOSE_CALL_BATCHED_TEXTS)
+        close_batches = batched_inputs(encoded[:close_rows], pad_id, timing.batch_size)
         warmed: set[tuple[str, bool]] = set()
 
         def time_one(key: str, batched: bool) -> list[float]:
@@ -675,8 +671,6 @@ def run_tune(
                 if batched:
                     return batch_seconds(served, close_batches, threshold, timing.clock)
                 return batch1_text_ms(served, singles, threshold, timing.clock)
-
-        close_rows = sum(int(b.input_ids.shape[0]) for b in close_batches)
 
         def affordable(first: Measurement, second: Measurement, batched: bool) -> bool:
             """Whether the close call's passes (a warm-up and the timed rounds of each, by the sequential
@@ -717,7 +711,7 @@ def run_tune(
                 logger.info(
                     "tune: %s and %s were within %.0f%% in batches; side by side (%d texts in batches of %d, each"
                     " batch's fastest of %d passes): %.0f and %.0f texts/s",
-                    first.candidate, second.candidate, (CLOSE_CALL - 1) * 100, len(encoded[:CLOSE_CALL_BATCHED_TEXTS]),
+                    first.candidate, second.candidate, (CLOSE_CALL - 1) * 100, close_rows,
                     timing.batch_size, CLOSE_CALL_ROUNDS, first.batched_per_s, second.batched_per_s,
                 )  # fmt: skip
             else:
