@@ -10,6 +10,8 @@ Batches can run on the event loop itself instead of on the worker thread (`loop_
   one text too, and `in_flight()` says no other request is in flight) runs there when batches of one recently
   took at most `ALONE_MAX_S`: without the crossings to the worker thread and back, a batch-1 request's queueing
   fell by 0.025-0.06 ms of its ~0.3-0.5 ms overhead (BENCHMARKS.md §11), and no other request needs the loop.
+  Such a text runs inside `submit` itself, in its request's turn of the loop, without waking the batcher's task
+  (`_runs_at_once`; with `all` too, when no other request is in flight).
 - `all`: every batch runs there while batches of its kind (one text, or more) recently took at most
   `LOOP_BATCH_MAX_S`. On a CPU whose cores the model's own threads fill, the loop's HTTP work beside a batch only
   competes with it (for the cores, and for the GIL the model's thread needs between runtime calls): served at
@@ -260,13 +262,18 @@ class Batcher:
             )
 
     def submit(self, items: Sequence[Sized], thresholds: Sequence[float]) -> list[asyncio.Future[RowAnswer]]:
-        """Queue a request's texts (all or none); 429 when the queue cannot take them all."""
+        """Queue a request's texts (all or none); 429 when the queue cannot take them all. A lone text that would
+        run on the event loop anyway runs here at once (`_runs_at_once`): its future is done on return."""
         self.check_room(len(items))
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         rows = [
             Row(item, threshold, loop.create_future(), now) for item, threshold in zip(items, thresholds, strict=True)
         ]
+        if self._runs_at_once(rows):
+            self.batches_taken += 1
+            self._run_here(rows)  # answered before this returns: its request awaits a future already done
+            return [rows[0].future]
         for row in rows:
             row.future.add_done_callback(functools.partial(self._forget_if_cancelled, row))
         self._queue.extend(rows)
@@ -326,19 +333,29 @@ class Batcher:
             batch = self._take_batch()
             if not batch:
                 continue
+            if self._runs_on_loop(batch):
+                self._run_here(batch)
+                continue
             self._running_rows = len(batch)
             self._on_batch(len(batch))
             started = time.perf_counter()
-            on_loop = self._runs_on_loop(batch)
-            try:
-                if on_loop:  # here, on the event loop: each answer is given at once
-                    self._run(batch, _call_now)
-                else:  # on the worker thread: each answer goes through the event loop
-                    await self._worker.run(functools.partial(self._run, batch, loop.call_soon_threadsafe))
+            try:  # on the worker thread: each answer goes through the event loop
+                await self._worker.run(functools.partial(self._run, batch, loop.call_soon_threadsafe))
             finally:
-                # (`alone` holds the loop only while no other request is in flight: nothing to settle after it.)
-                self._arrivals_unsettled = on_loop and self.loop_batches == "all"
+                self._arrivals_unsettled = False
                 self._finish_batch(len(batch), time.perf_counter() - started)
+
+    def _run_here(self, batch: list[Row]) -> None:
+        """Run the batch here, on the event loop: each answer is given at once."""
+        self._running_rows = len(batch)
+        self._on_batch(len(batch))
+        started = time.perf_counter()
+        try:
+            self._run(batch, _call_now)
+        finally:
+            # (`alone` holds the loop only while no other request is in flight: nothing to settle after it.)
+            self._arrivals_unsettled = self.loop_batches == "all"
+            self._finish_batch(len(batch), time.perf_counter() - started)
 
     async def _run_idle(self) -> None:
         # Small chunks: a text that arrives meanwhile waits for at most one chunk.
@@ -411,6 +428,25 @@ class Batcher:
             and not self._queue
             and self._last_batch_size <= 1
             and self._in_flight() <= 1
+        )
+
+    def _runs_at_once(self, rows: list[Row]) -> bool:
+        """Whether a request's rows run inside its `submit`, in the request's own turn of the event loop: a lone
+        text that the batcher's task would take alone and run on the loop anyway (nothing queued or running, the
+        last batch one text too, no other request in flight, no wait to fill a batch). The hand-off to the
+        batcher's task and back costs two turns of the loop: 0.10 of a lone request's ~0.46 ms overhead on an
+        AVX2-only AMD EPYC (BENCHMARKS.md §20)."""
+        return (
+            len(rows) == 1
+            and self.max_wait_s == 0
+            and self._task is not None
+            and not self._closed
+            and not self._queue
+            and self._running_rows == 0
+            and not self._arrivals_unsettled
+            and self._last_batch_size <= 1
+            and self._in_flight() <= 1
+            and self._runs_on_loop(rows)
         )
 
     async def _let_arrivals_queue(self) -> None:

@@ -317,6 +317,61 @@ async def test_a_lone_text_runs_on_the_event_loop_once_batches_of_one_are_known_
     await batcher.stop()
 
 
+async def settled(batcher: Batcher) -> None:
+    """Wait (up to 5 s) until the batcher's last batch on the worker thread is settled on the event loop."""
+    deadline = time.monotonic() + 5
+    while batcher.busy:
+        assert time.monotonic() < deadline, "the batcher stayed busy"
+        await asyncio.sleep(0.001)
+
+
+async def test_a_lone_text_that_would_run_on_the_loop_runs_inside_submit() -> None:
+    """No hand-off to the batcher's task and back: the future is done when `submit` returns, the batch was counted
+    and timed as any other. Only when the batcher's task would run the text alone on the loop anyway."""
+    loop_thread = threading.get_ident()
+    for loop_batches in ("alone", "all"):
+        runner = ThreadRecordingRunner()
+        in_flight = [1]
+        batches: list[int] = []
+        batcher = Batcher(
+            runner, max_batch_size=8, max_wait_s=0.0, max_queue_size=100, on_batch=batches.append,
+            loop_batches=loop_batches, in_flight=functools.partial(in_flight.__getitem__, 0), alone_max_s=60,
+            loop_max_s=60,
+        )  # fmt: skip
+        batcher.start()
+        (first,) = batcher.submit([Text("a")], [0.5])
+        assert not first.done(), "batches of one not timed yet: the batcher's task runs it on the worker thread"
+        await first
+        await settled(batcher)  # the worker thread's batch is settled
+        taken = batcher.batches_taken
+        (at_once,) = batcher.submit([Text("b")], [0.25])
+        assert at_once.done() and at_once.result().value == ("b", 0.25), loop_batches
+        assert at_once.result().batch_size == 1 and 0 <= at_once.result().queue_s < 0.05
+        assert runner.threads[-1] == loop_thread and batcher.batches_taken == taken + 1 and batches == [1, 1]
+        assert not batcher.busy or loop_batches == "all"
+        in_flight[0] = 2  # another request in the server may join it: the batcher's task decides
+        (joined,) = batcher.submit([Text("c")], [0.5])
+        assert not joined.done()
+        await joined
+        in_flight[0] = 1
+        await asyncio.gather(*batcher.submit([Text("d"), Text("e")], [0.5, 0.5]))
+        await settled(batcher)
+        (after_two,) = batcher.submit([Text("f")], [0.5])
+        assert not after_two.done(), "after a batch of more texts, a lone one is likely the first of a wave"
+        await after_two
+        await batcher.stop()
+    waiting = Batcher(
+        ThreadRecordingRunner(), max_batch_size=8, max_wait_s=0.001, max_queue_size=100, loop_batches="alone",
+        alone_max_s=60,
+    )  # fmt: skip
+    waiting.start()
+    for text in ("a", "b"):  # a wait to fill batches is configured: every text waits for batch-mates
+        (future,) = waiting.submit([Text(text)], [0.5])
+        assert not future.done()
+        await future
+    await waiting.stop()
+
+
 async def test_all_batches_run_on_the_event_loop_once_their_kind_is_known_to_be_quick() -> None:
     runner = ThreadRecordingRunner(fail_on="boom")
     batcher = loop_batcher(runner, "all", lambda: 5)
