@@ -24,7 +24,7 @@ from model.exit_rule import LABEL_ON_PROBABILITY
 from model.modeling import DeeBert
 from model.onnx_export import ExportError
 from model.saving import saving_from_totals
-from model.tokenization import Encoded, TruncationSide, load_tokenizer, pad_batch, tokenize
+from model.tokenization import Encoded, TruncationSide, load_tokenizer, pad_batch, split_by_padding, tokenize
 from model.tune import TuneError, load_auto
 from server.errors import DeeBertError, ErrorType
 from server.settings import ServerSettings
@@ -62,6 +62,14 @@ class LadderExits:
     exit_layers: tuple[int, ...]
 
 
+# On the CPU a batch whose padding would waste more than this many tokens per extra call runs as several calls
+# over rows of like length (`split_by_padding`). On an AVX2-only AMD EPYC (`python -m benchmarks.batch_split`,
+# BENCHMARKS.md §20), SST-2 dev in batches of 32 in arrival order at `balanced`: every setting from 50 to 400 paid,
+# 100 among the best on ONNX Runtime fp32 (1.39x the texts/s of whole batches) and the best on OpenVINO f32
+# (1.18x). On a GPU, where padding rows cost little next to a call, batches stay whole (not measured).
+DEFAULT_SPLIT_TOKENS = 100
+
+
 class EngineLoadError(RuntimeError):
     """The checkpoint could not be loaded for serving."""
 
@@ -77,7 +85,11 @@ class Engine:
         max_length: int | None = None,
         default_threshold: str | None = None,
         compaction: bool = True,
+        split_tokens: int | None = None,
     ) -> None:
+        """`split_tokens`: a batch runs as several calls over rows of like length when that saves more padded
+        tokens than this per extra call (`split_by_padding`); 0 never splits; None: `DEFAULT_SPLIT_TOKENS` on the
+        CPU, 0 on other devices."""
         if isinstance(model, DeeBert):
             model = model.to(device or model.device).eval()
         elif device is not None and device != model.device:
@@ -95,6 +107,9 @@ class Engine:
         self.pad_token_id = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
         self.default_threshold = self._default_threshold(default_threshold)
         self.compaction = compaction
+        if split_tokens is None:
+            split_tokens = DEFAULT_SPLIT_TOKENS if self.device.type == "cpu" else 0
+        self.split_tokens = split_tokens
         # Why this backend and precision serve: requested, or `auto`'s measured choice (`model.tune`).
         self.backend_reason = "given"
 
@@ -125,7 +140,15 @@ class Engine:
             tokenizer = load_tokenizer(directory)
         except (BackendError, CheckpointError, ConfigError, DeviceError, ExportError, TuneError, OSError) as err:
             raise EngineLoadError(f"cannot serve {settings.checkpoint}: {err}") from err
-        engine = cls(model, tokenizer, device, settings.max_length, settings.default_threshold, settings.compaction)
+        engine = cls(
+            model,
+            tokenizer,
+            device,
+            settings.max_length,
+            settings.default_threshold,
+            settings.compaction,
+            settings.batch_split_tokens,
+        )
         engine.backend_reason = reason
         logger.info(
             "loaded %s (%d layers, labels %s) on %s, backend %s, %s (%s); default threshold %s",
@@ -273,7 +296,22 @@ class Engine:
     def run_batch(
         self, items: list[Encoded], thresholds: list[float], on_exit: Callable[[int, RowOutcome], None]
     ) -> None:
-        """Run one batch layer by layer; call `on_exit(row, outcome)` for each row as it leaves."""
+        """Run one batch layer by layer; call `on_exit(row, outcome)` for each row as it leaves. A batch of texts
+        of unlike lengths runs as a few calls over rows of like length, shortest first (`split_tokens`)."""
+        groups = split_by_padding([len(item) for item in items], self.split_tokens)
+        if len(groups) == 1:
+            self._run_call(items, thresholds, on_exit)
+            return
+        for group in groups:
+
+            def answer(position: int, outcome: RowOutcome, group: list[int] = group) -> None:
+                on_exit(group[position], outcome)  # the row's place in the whole batch
+
+            self._run_call([items[row] for row in group], [thresholds[row] for row in group], answer)
+
+    def _run_call(
+        self, items: list[Encoded], thresholds: list[float], on_exit: Callable[[int, RowOutcome], None]
+    ) -> None:
         batch = pad_batch(items, self.pad_token_id).to(self.device)
         exits_by_layer = self.model.iter_exits(
             batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds, compact=self.compaction

@@ -78,6 +78,12 @@ class ServerSettings(BaseSettings):
     compaction: bool = Field(
         True, description="remove exited rows from the batch; false keeps them in (masked), for benchmarks only"
     )
+    batch_split_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="run a batch of texts of unlike lengths as several calls over texts of like length when that "
+        "saves more padded tokens than this per extra call; 0 = never; default: 100 on the CPU, 0 on a GPU",
+    )
     warmup: bool = Field(True, description="run warm-up batches before reporting ready")
     batches_on_loop: Literal["none", "alone", "all"] = Field(
         "alone",

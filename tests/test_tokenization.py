@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from model.tokenization import load_tokenizer, tokenize
+from model.tokenization import load_tokenizer, split_by_padding, tokenize
 from tests.server_helpers import write_word_vocab
 
 LONG = "i love this cat but the movie was very dull"
@@ -82,3 +85,38 @@ def test_encoding_matches_transformers_own_call_for_texts_and_pairs(words: PreTr
         assert [e.input_ids for e in ours] == theirs["input_ids"]
         assert [e.token_type_ids for e in ours] == theirs["token_type_ids"]
         assert not any(e.truncated for e in ours)
+
+
+def padded_cost(lengths: list[int], groups: list[list[int]], call_tokens: int) -> int:
+    """What `split_by_padding` minimizes: per group, one call's cost plus its rows padded to its longest."""
+    return sum(call_tokens + len(group) * max(lengths[row] for row in group) for group in groups)
+
+
+def test_a_batch_splits_where_calls_over_like_lengths_cost_less_than_the_padding() -> None:
+    short, long = [8] * 16, [60] * 16
+    assert split_by_padding(short + long, 200) == [list(range(16)), list(range(16, 32))]
+    assert split_by_padding(short + long, 0) == [list(range(32))], "0: never split"
+    assert split_by_padding(short + long, 16 * 52) == [list(range(32))], "a call costs more than the padding saved"
+    mixed = [60, 8, 61, 9, 59, 8]
+    assert split_by_padding(mixed, 20) == [[1, 5, 3], [4, 0, 2]], "rows sorted by length, shortest group first"
+    assert split_by_padding(mixed, 0) == [list(range(6))], "kept whole, in its order"
+    assert split_by_padding([12, 12, 13, 12], 200) == [[0, 1, 2, 3]], "a batch of like lengths stays whole"
+    assert split_by_padding([30], 1) == [[0]]
+
+
+def test_the_split_is_the_cheapest_partition_of_the_rows_sorted_by_length() -> None:
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(3, 64) for _ in range(rng.randint(2, 8))]
+        call_tokens = rng.choice([1, 10, 40, 100])
+        groups = split_by_padding(lengths, call_tokens)
+        assert sorted(itertools.chain.from_iterable(groups)) == list(range(len(lengths))), "every row once"
+        bounds = [(min(lengths[r] for r in g), max(lengths[r] for r in g)) for g in groups]
+        assert all(high <= low for (_, high), (low, _) in itertools.pairwise(bounds)), "runs of the sorted rows"
+        order = sorted(range(len(lengths)), key=lambda row: lengths[row])
+        cheapest = min(  # every way to cut the sorted rows into consecutive groups
+            padded_cost(lengths, [order[a:b] for a, b in itertools.pairwise((0, *cuts, len(order)))], call_tokens)
+            for size in range(len(order))
+            for cuts in itertools.combinations(range(1, len(order)), size)
+        )
+        assert padded_cost(lengths, groups, call_tokens) == cheapest
