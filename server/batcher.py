@@ -434,8 +434,8 @@ class Batcher:
         """Whether a request's rows run inside its `submit`, in the request's own turn of the event loop: a lone
         text that the batcher's task would take alone and run on the loop anyway (nothing queued or running, the
         last batch one text too, no other request in flight, no wait to fill a batch). The hand-off to the
-        batcher's task and back costs two turns of the loop: 0.10 of a lone request's ~0.46 ms overhead on an
-        AVX2-only AMD EPYC (BENCHMARKS.md §20)."""
+        batcher's task and back cost two turns of the loop: about 0.07 of a lone request's ~0.46 ms overhead on
+        an AVX2-only AMD EPYC (median of 4 A/B pairs, BENCHMARKS.md §20)."""
         return (
             len(rows) == 1
             and self.max_wait_s == 0

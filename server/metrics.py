@@ -87,7 +87,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.batch_size = Histogram("deebert_batch_size", "Texts per forward batch", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "deebert_batch_size",
+            "Texts per batch taken from the queue (texts of unlike lengths may run as several calls)",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
         self.exit_layer = Histogram(
             "deebert_exit_layer",
             "Layer (1..n) at which each text exited",
@@ -179,7 +184,7 @@ class Metrics:
         self.inflight.inc(change)
 
     def record_batch(self, size: int) -> None:
-        """One forward batch of `size` texts started."""
+        """One batch of `size` texts started (one call, or a few over texts of like length)."""
         self.batch_size.observe(size)
 
     def record_queue_depth(self, depth: int) -> None:
