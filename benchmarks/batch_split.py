@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import random
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,12 +23,12 @@ from typing import Any
 
 from tqdm import tqdm
 
+from benchmarks.engine_runs import add_engine_arguments, load_engine, module_command
 from loadtest.report import write_json
 from model.data import read_dataset
 from model.tokenization import Encoded, split_by_padding
 from reports.common import describe_machine, machine_description
 from server.engine import Engine
-from server.settings import ServerSettings
 
 
 def texts_per_second(
@@ -63,10 +61,7 @@ def padding_share(encoded: list[Encoded], order: list[int], batch_size: int) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--checkpoint", default="weights/sst2-minilm-l6")
-    parser.add_argument("--data", default="../shared/data/sst2/dev.tsv")
-    parser.add_argument("--backend", default="auto", help="as DEEBERT_BACKEND (auto: the tuned choice)")
-    parser.add_argument("--threads", type=int, default=None)
+    add_engine_arguments(parser)
     parser.add_argument("--threshold", default=None, help="number or preset (default: the server's)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--split-tokens", default="0,100,200,400", help="comma-separated; 0 = batches whole")
@@ -77,11 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="JSON with every round, the summary and the machine")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    settings = ServerSettings(
-        checkpoint=args.checkpoint, backend=args.backend, threads=args.threads, cache_dir=args.cache_dir
-    )
-    engine = Engine.load(settings)
-    engine.warmup()
+    engine = load_engine(args, args.cache_dir)
     data = read_dataset(args.data, label_names=engine.labels)
     texts = data.texts[: args.limit]
     pairs = data.text_pairs[: args.limit] if data.text_pairs is not None else None
@@ -125,9 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"| arrival order, {label} | {rate:.0f} | {rate / sorted_rate:.2f} | {calls:.2f} |")
     if args.output:
         report = {
-            "command": shlex.join(
-                ["python", "-m", "benchmarks.batch_split", *(argv if argv is not None else sys.argv[1:])]
-            ),
+            "command": module_command("batch_split", argv),
             "machine": machine,
             "model": engine.name,
             "backend": engine.backend,

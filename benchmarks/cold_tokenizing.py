@@ -12,19 +12,16 @@ tokenizing. p50s over the texts (the first `--skip` left out), in µs.
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.engine_runs import add_engine_arguments, load_engine, module_command
 from loadtest.report import write_json
 from model.data import read_dataset
 from reports.common import describe_machine, machine_description
-from server.engine import Engine
-from server.settings import ServerSettings
 
 
 def p50_us(values: Sequence[float]) -> float:
@@ -33,17 +30,13 @@ def p50_us(values: Sequence[float]) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--checkpoint", default="weights/sst2-minilm-l6")
-    parser.add_argument("--data", default="../shared/data/sst2/dev.tsv")
-    parser.add_argument("--backend", default="auto", help="as DEEBERT_BACKEND (auto: the tuned choice)")
-    parser.add_argument("--threads", type=int, default=None)
+    add_engine_arguments(parser)
     parser.add_argument("--texts", type=int, default=300)
     parser.add_argument("--skip", type=int, default=20, help="first texts left out of the p50s (warm-up)")
     parser.add_argument("--gaps-ms", default="0.2,1,3,10", help="idle gaps after the model's call, comma-separated")
     parser.add_argument("--output", type=Path, help="JSON with the figures and the machine")
     args = parser.parse_args(argv)
-    engine = Engine.load(ServerSettings(checkpoint=args.checkpoint, backend=args.backend, threads=args.threads))
-    engine.warmup(batches=False)
+    engine = load_engine(args, warm_batches=False)
     data = read_dataset(args.data, label_names=engine.labels)
     texts = data.texts[: args.texts]
     pairs = data.text_pairs[: args.texts] if data.text_pairs is not None else None
@@ -83,9 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, value in figures.items():
         print(f"  {name.removesuffix('_us').replace('_', ' ')}: {value:.1f}")
     if args.output:
-        command = shlex.join(
-            ["python", "-m", "benchmarks.cold_tokenizing", *(argv if argv is not None else sys.argv[1:])]
-        )
+        command = module_command("cold_tokenizing", argv)
         report = {"command": command, "machine": machine, "model": engine.name, "backend": engine.backend}
         write_json({**report, "texts": len(texts), "figures": figures}, args.output)
     return 0

@@ -17,7 +17,6 @@ import atexit
 import itertools
 import json
 import os
-import shlex
 import signal
 import socket
 import statistics
@@ -212,9 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for kind, value in summary["writes_us"].items():
         print(f"  uvicorn's send of {kind}: {value:.1f}")
     if args.output:
-        command = shlex.join(
-            ["python", "-m", "benchmarks.lone_request_timeline", *(argv if argv is not None else sys.argv[1:])]
-        )
+        # Imported here: the child runs in `--source`'s tree, whose `benchmarks` package may predate this module.
+        from benchmarks.engine_runs import module_command
+
+        command = module_command("lone_request_timeline", argv)
         write_json({"command": command, "machine": machine, "source": str(source), **summary}, args.output)
     return 0
 
