@@ -8,6 +8,8 @@ entropy rule. Accuracy is not measured here (random weights). Measured saving = 
 time(full depth on the same runtime, its one-call graph), against the expected saving of the replayed layers.
 
     python -m benchmarks.paper_sizes --threads 2   # about 15 minutes on 2 cores
+    python -m benchmarks.paper_sizes --device cuda --runtimes torch-float16 --exits-backend torch \
+        --batch-size 1,64,256   # a GPU: PyTorch in float16
 
 The random models' exported graphs (1.3 GB for BERT-base, 4 GB for BERT-large, per runtime) go to a scratch
 cache removed at the end, unless `--shape-cache-dir` keeps them (a later run of the same shapes then skips the
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import random
@@ -35,6 +38,8 @@ from model import exit_rule
 from model.saving import expected_saving
 
 SHAPES = {
+    # The shipped checkpoint's own shape (all-MiniLM-L6-v2): early exit's cost where only this size was measured.
+    "minilm-l6": {"num_hidden_layers": 6, "hidden_size": 384, "num_attention_heads": 12, "intermediate_size": 1536},
     "bert-base": {"num_hidden_layers": 12, "hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072},
     "bert-large": {"num_hidden_layers": 24, "hidden_size": 1024, "num_attention_heads": 16, "intermediate_size": 4096},
 }
@@ -61,16 +66,18 @@ class ReplayCriterion(exit_rule.PatienceCriterion):
 
 
 def shipped_exit_layers(
-    checkpoint: str, data: str, cache_dir: str | None, threads: int
+    checkpoint: str, data: str, cache_dir: str | None, threads: int, backend: str = "onnxruntime"
 ) -> tuple[list[Any], list[int], int]:
-    """The shipped checkpoint's tokenized dev sentences and their exit layers at balanced (ONNX Runtime fp32)."""
+    """The shipped checkpoint's tokenized dev sentences and their exit layers at balanced, in fp32 on the CPU
+    (`backend`: ONNX Runtime, or PyTorch where ONNX Runtime cannot export; the two agree on every exit layer of
+    the shipped checkpoints, loadtest/results/backend_parity/)."""
     from model.backends import load_backend
     from model.checkpoint import load_model
     from model.data import read_dataset
     from model.tokenization import load_tokenizer, pad_batch, tokenize
 
     model = load_model(checkpoint).eval()
-    served = load_backend(model, "onnxruntime", "fp32", cache_dir, threads)
+    served = load_backend(model, backend, "fp32", cache_dir, threads)
     tokenizer = load_tokenizer(checkpoint)
     dataset = read_dataset(data, label_names=model.config.labels)
     encoded = tokenize(tokenizer, dataset.texts, dataset.text_pairs, model.config.max_length)
@@ -104,19 +111,29 @@ def random_deebert(shape: str, vocab_size: int, seed: int = 0) -> Any:
 
 
 def measure(
-    served: Any, encoded: Sequence[Any], targets: Sequence[int], rows: Sequence[int], batch_size: int, rounds: int
+    served: Any,
+    encoded: Sequence[Any],
+    targets: Sequence[int],
+    rows: Sequence[int],
+    batch_sizes: Sequence[int],
+    rounds: int,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Full depth vs the replayed exits on `served`: batch 1 over `rows` (per sentence the fastest of `rounds`)
-    and in length-sorted batches of `batch_size` over every sentence (the fastest round)."""
+    and in length-sorted batches of each of `batch_sizes` over every sentence (the fastest round). Inputs go to
+    `device` (default: the CPU) and each call is waited for there."""
+    from model.device import synchronize
     from model.tokenization import groups_by_length, pad_batch
 
     rule = ReplayCriterion()
     n = served.num_layers
+    on = device or torch.device("cpu")
 
     def run(batch: Any, thresholds: list[float]) -> None:
         served.infer(batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds, criterion=rule)
+        synchronize(on)
 
-    singles = [(pad_batch([encoded[r]], 0), float(targets[r])) for r in rows]
+    singles = [(pad_batch([encoded[r]], 0).to(on), float(targets[r])) for r in rows]
     full_ns = [math.inf] * len(singles)
     exit_ns = [math.inf] * len(singles)
     for _ in range(rounds + 1):  # the first round warms kernels for these shapes
@@ -125,35 +142,33 @@ def measure(
                 started = time.perf_counter_ns()
                 run(batch, thresholds)
                 times[i] = min(times[i], time.perf_counter_ns() - started)
-    groups = groups_by_length(encoded, batch_size)
-    batches = [(pad_batch([encoded[i] for i in g], 0), [float(targets[i]) for i in g]) for g in groups]
-    full_batched, exit_batched = math.inf, math.inf
-    for _ in range(rounds + 1):
-        for which in ("full", "exit"):
-            started = time.perf_counter_ns()
-            for batch, thresholds in batches:
-                run(batch, [0.0] * len(thresholds) if which == "full" else thresholds)
-            elapsed = time.perf_counter_ns() - started
-            if which == "full":
-                full_batched = min(full_batched, elapsed)
-            else:
-                exit_batched = min(exit_batched, elapsed)
     expected_single = expected_saving([targets[r] for r in rows], n) or 0.0
     expected_all = expected_saving(targets, n) or 0.0
     single_saving = 1 - statistics.fmean(exit_ns) / statistics.fmean(full_ns)
-    batched_saving = 1 - exit_batched / full_batched
-    return {
+    figures: dict[str, Any] = {
         "batch1_full_ms": statistics.fmean(full_ns) / 1e6,
         "batch1_exit_ms": statistics.fmean(exit_ns) / 1e6,
         "batch1_expected_saving": expected_single,
         "batch1_measured_saving": single_saving,
         "batch1_measured_over_expected": single_saving / expected_single if expected_single else None,
-        f"batch{batch_size}_full_per_s": len(encoded) / (full_batched / 1e9),
-        f"batch{batch_size}_exit_per_s": len(encoded) / (exit_batched / 1e9),
         "batched_expected_saving": expected_all,
-        "batched_measured_saving": batched_saving,
-        "batched_measured_over_expected": batched_saving / expected_all if expected_all else None,
     }
+    for batch_size in batch_sizes:
+        groups = groups_by_length(encoded, batch_size)
+        batches = [(pad_batch([encoded[i] for i in g], 0).to(on), [float(targets[i]) for i in g]) for g in groups]
+        best = {"full": math.inf, "exit": math.inf}
+        for _ in range(rounds + 1):
+            for which in best:
+                started = time.perf_counter_ns()
+                for batch, thresholds in batches:
+                    run(batch, [0.0] * len(thresholds) if which == "full" else thresholds)
+                best[which] = min(best[which], time.perf_counter_ns() - started)
+        saving = 1 - best["exit"] / best["full"]
+        figures[f"batch{batch_size}_full_per_s"] = len(encoded) / (best["full"] / 1e9)
+        figures[f"batch{batch_size}_exit_per_s"] = len(encoded) / (best["exit"] / 1e9)
+        figures[f"batch{batch_size}_measured_saving"] = saving
+        figures[f"batch{batch_size}_measured_over_expected"] = saving / expected_all if expected_all else None
+    return figures
 
 
 def rows_for_batches(total: int, wanted: int) -> list[int]:
@@ -168,10 +183,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="weights/sst2-minilm-l6")
     parser.add_argument("--data", default="../shared/data/sst2/dev.tsv")
     parser.add_argument("--shapes", default="bert-base,bert-large")
-    parser.add_argument("--runtimes", default="onnxruntime-fp32,openvino-bf16", help="backend-precision, each run")
+    parser.add_argument(
+        "--runtimes",
+        default="onnxruntime-fp32,openvino-bf16",
+        help="backend-precision, each run; PyTorch as torch-DTYPE (torch-float32, torch-float16, torch-bfloat16)",
+    )
+    parser.add_argument("--device", default="cpu", help="where PyTorch runtimes run: cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--exits-backend",
+        default="onnxruntime",
+        choices=["onnxruntime", "torch"],
+        help="which runtime finds the shipped checkpoint's exit layers (fp32, CPU)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch1-rows", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", default="32", help="comma-separated batch sizes of the passes")
     parser.add_argument("--batched-rows", type=int, default=256, help="sentences in the passes (0 = all)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--cache-dir", help="the shipped checkpoint's graphs (default: the usual cache)")
@@ -184,7 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from reports.common import machine_description
 
     torch.set_num_threads(args.threads)
-    encoded, layers, shipped_depth = shipped_exit_layers(args.checkpoint, args.data, args.cache_dir, args.threads)
+    encoded, layers, shipped_depth = shipped_exit_layers(
+        args.checkpoint, args.data, args.cache_dir, args.threads, args.exits_backend
+    )
     results: dict[str, Any] = {
         "command": "python -m benchmarks.paper_sizes " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_description(),
@@ -212,8 +240,9 @@ def measure_shapes(
     output: Path,
 ) -> None:
     """Each shape on each runtime, its graphs exported into `shape_cache`; `results` written after each."""
-    from model.backends import load_backend
+    from model.device import describe_device
 
+    batch_sizes = [int(size) for size in args.batch_size.split(",") if size.strip()]
     vocab = 30522
     for shape in [s.strip() for s in args.shapes.split(",") if s.strip()]:
         model = random_deebert(shape, vocab)
@@ -223,17 +252,38 @@ def measure_shapes(
         for runtime in [r.strip() for r in args.runtimes.split(",") if r.strip()]:
             backend, _, precision = runtime.rpartition("-")
             print(f"paper_sizes: {shape} on {runtime}", file=sys.stderr, flush=True)
-            served = load_backend(model, backend, precision, shape_cache, args.threads)
+            served, device = serve_shape(model, backend, precision, shape_cache, args)
             chosen = rows_for_batches(len(encoded), args.batched_rows)
             singles = sorted(random.Random(0).sample(range(len(chosen)), min(args.batch1_rows, len(chosen))))
             sentences, replayed = [encoded[i] for i in chosen], [targets[i] for i in chosen]
-            results["shapes"][shape][runtime] = measure(
-                served, sentences, replayed, singles, args.batch_size, args.rounds
-            )
+            results["shapes"][shape][runtime] = {
+                "device": describe_device(device),
+                **measure(served, sentences, replayed, singles, batch_sizes, args.rounds, device),
+            }
             print(json.dumps(results["shapes"][shape][runtime]), file=sys.stderr, flush=True)
             output.write_text(json.dumps(results, indent=2) + "\n")  # what is measured so far
             del served
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         del model
+
+
+def serve_shape(
+    model: Any, backend: str, precision: str, shape_cache: str, args: argparse.Namespace
+) -> tuple[Any, torch.device]:
+    """The random model on a runtime: PyTorch (`torch-DTYPE`) on `--device` in that dtype (a copy), any other
+    backend-precision exported on the CPU as `deebert serve` loads it."""
+    from model.backends import load_backend
+    from model.device import DTYPES, pick_device, prepare
+
+    if backend == "torch":
+        device = pick_device(args.device)
+        if precision not in DTYPES:
+            names = ", ".join(DTYPES)
+            raise SystemExit(f"paper_sizes: torch-{precision}: PyTorch runtimes are named by dtype ({names})")
+        prepare(device)
+        return copy.deepcopy(model).to(device=device, dtype=DTYPES[precision]).eval(), device
+    return load_backend(model, backend, precision, shape_cache, args.threads), torch.device("cpu")
 
 
 if __name__ == "__main__":
