@@ -66,7 +66,9 @@ class LadderExits:
 # over rows of like length (`split_by_padding`). On an AVX2-only AMD EPYC (`python -m benchmarks.batch_split`,
 # BENCHMARKS.md §20), SST-2 dev in batches of 32 in arrival order at `balanced`: every setting from 50 to 400 paid,
 # 100 among the best on ONNX Runtime fp32 (1.39x the texts/s of whole batches) and the best on OpenVINO f32
-# (1.18x). On a GPU, where padding rows cost little next to a call, batches stay whole (not measured).
+# (1.18x). On a GPU batches stay whole: a call costs about the same whatever its padding, and on an NVIDIA H200
+# (PyTorch float16) splitting at 100-400 ran arrival-order batches of 32 at 0.44-0.62x the texts/s of whole ones
+# (loadtest/results/h200/README.md).
 DEFAULT_SPLIT_TOKENS = 100
 
 
