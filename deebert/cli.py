@@ -341,6 +341,7 @@ def _add_export(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def _add_tune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from model.tokenization import DEFAULT_SPLIT_TOKENS
     from model.tune import OBJECTIVES
 
     p = subparsers.add_parser(
@@ -355,6 +356,13 @@ def _add_tune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("--threads", type=int, help="CPU threads of each runtime (DEEBERT_THREADS; default theirs)")
     p.add_argument(
         "--max-batch-size", type=int, default=32, help="the server's max batch size (DEEBERT_MAX_BATCH_SIZE)"
+    )
+    p.add_argument(
+        "--batch-split-tokens",
+        type=int,
+        default=DEFAULT_SPLIT_TOKENS,
+        help="the server's DEEBERT_BATCH_SPLIT_TOKENS: batches are timed as the server runs texts that arrive one "
+        "per request, in the sample's order and split into calls over texts of like length (default %(default)s)",
     )
     p.add_argument(
         "--objective",
@@ -378,6 +386,7 @@ def _add_tune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 def _run_tune(args: argparse.Namespace) -> int:
     from model.checkpoint import load_model, resolve_directory
+    from model.config import ConfigError
     from model.data import read_dataset
     from model.onnx_backend import default_cache_dir
     from model.tokenization import load_tokenizer
@@ -400,7 +409,14 @@ def _run_tune(args: argparse.Namespace) -> int:
         sample = make_sample(model, load_tokenizer(directory), dataset, args.sample_size)
         print(f"wrote {sample.write(directory)} ({len(sample)} rows, labels {'yes' if sample.labels else 'no'})")
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    timing = Timing(batch1_rows=args.batch1_rows, batch_size=args.max_batch_size, rounds=args.rounds)
+    if args.batch_split_tokens < 0:
+        raise ConfigError(f"--batch-split-tokens must be 0 or more, got {args.batch_split_tokens}")
+    timing = Timing(
+        batch1_rows=args.batch1_rows,
+        batch_size=args.max_batch_size,
+        rounds=args.rounds,
+        split_tokens=args.batch_split_tokens,
+    )
     result = run_tune(directory, cache_dir, args.threads, args.objective, timing, progress=args.progress)
     where = f"{result.fingerprint['cpu']}, {result.fingerprint['cpus']} CPUs"
     print(f"{where}; sample: {result.sample}; {result.seconds:.0f} s")
@@ -415,11 +431,13 @@ def _run_tune(args: argparse.Namespace) -> int:
             f"{describe_machine(machine_description())}.",
             "",
             f"`{args.command_line}`, {result.seconds:.0f} s, sample: {result.sample}. Batch-1 ms: mean over "
-            f"{args.batch1_rows} texts alone; batched: texts/s in batches of {args.max_batch_size}; both at each "
+            f"{args.batch1_rows} texts alone; batched: texts/s in batches of {args.max_batch_size} in the sample's "
+            f"order, each split into calls over texts of like length at {args.batch_split_tokens} tokens a call "
+            "(as the server runs texts arriving one per request; 0: whole); both at each "
             "runtime's `balanced`, the best of the timed rounds after a warm-up round; `(side by side)`: the two "
             f"fastest eligible at batch 1, within {(CLOSE_CALL - 1) * 100:.0f} %, timed again on {CLOSE_CALL_TEXTS} "
             f"texts alone, each text's fastest of {CLOSE_CALL_ROUNDS} alternating passes, and likewise the two "
-            f"fastest eligible in batches on {CLOSE_CALL_BATCHED_TEXTS} texts, each batch's fastest pass. Agreement: "
+            f"fastest eligible in batches on {CLOSE_CALL_BATCHED_TEXTS} texts, each call's fastest pass. Agreement: "
             "labels equal to fp32's at `balanced`; accuracy against the sample's labels. `1` serves batches of one, "
             "`B` batches (`*` a single runtime).",
             "",

@@ -148,6 +148,27 @@ def groups_by_length(items: Sequence[Sized], size: int) -> list[list[int]]:
     return [order[start : start + size] for start in range(0, len(order), size)]
 
 
+# On the CPU a batch whose padding would waste more than this many tokens per extra call runs as several calls
+# over rows of like length (`split_by_padding`). On an AVX2-only AMD EPYC (`python -m benchmarks.batch_split`,
+# BENCHMARKS.md §20), SST-2 dev in batches of 32 in arrival order at `balanced`: every setting from 50 to 400 paid,
+# 100 among the best on ONNX Runtime fp32 (1.39x the texts/s of whole batches) and the best on OpenVINO f32
+# (1.18x). On a GPU batches stay whole: a call costs about the same whatever its padding, and on an NVIDIA H200
+# (PyTorch float16) splitting at 100-400 ran arrival-order batches of 32 at 0.44-0.62x the texts/s of whole ones
+# (loadtest/results/h200/README.md).
+DEFAULT_SPLIT_TOKENS = 100
+
+
+def arrival_batches(lengths: Sequence[int], batch_size: int, call_tokens: int) -> list[list[int]]:
+    """The calls a server makes of texts arriving in this order (indices into `lengths`): batches of up to
+    `batch_size` in order, each split by `split_by_padding` at `call_tokens` (0: each batch one call)."""
+    calls: list[list[int]] = []
+    for first in range(0, len(lengths), batch_size):
+        batch = range(first, min(first + batch_size, len(lengths)))
+        for group in split_by_padding([lengths[row] for row in batch], call_tokens):
+            calls.append([batch[index] for index in group])
+    return calls
+
+
 def split_by_padding(lengths: Sequence[int], call_tokens: int) -> list[list[int]]:
     """A batch's rows (indices into `lengths`) in the groups that cost least to run one call each, each padded to
     its longest: the cost of a group is `call_tokens` (one more call's fixed cost, in tokens) plus its rows ×

@@ -31,13 +31,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.tokenization import DEFAULT_SPLIT_TOKENS
+
 logger = logging.getLogger("deebert.tune")
 
 SAMPLE_FILE = "tune_sample.jsonl"
 # 2: OpenVINO is measured under a preloaded jemalloc too; 3: OpenVINO bf16 hands over bf16, close calls retimed;
 # 4: close calls retimed text by text on CLOSE_CALL_TEXTS texts (the key holds deebert's code digest too);
-# 5: close calls in batches retimed too (batch by batch on CLOSE_CALL_BATCHED_TEXTS texts)
-TUNE_FORMAT = 5
+# 5: close calls in batches retimed too (batch by batch on CLOSE_CALL_BATCHED_TEXTS texts); 6: batches timed as
+# the server runs texts arriving one per request (in the sample's order, split as DEEBERT_BATCH_SPLIT_TOKENS
+# splits them), not length-sorted
+TUNE_FORMAT = 6
 MIN_AGREEMENT = 0.995  # labels at balanced equal to fp32's at balanced
 MAX_ACCURACY_DROP = 0.005  # balanced accuracy below fp32 full depth (a fraction: 0.5 point)
 # Two eligible candidates this close at batch 1 (the slower's ms at most this times the faster's) are timed again
@@ -51,7 +55,7 @@ CLOSE_CALL_ROUNDS = 4
 # 1.78 ms in one tune, 1.67 against 1.94 in the next, where peers' 300 texts put them at 1.50-1.54 and 1.70-1.82).
 CLOSE_CALL_TEXTS = 200
 # The same in batches, for the two fastest eligible in batches (texts/s within CLOSE_CALL), batch by batch on this
-# many texts of the sample: each batch's fastest pass counts. The first-start tune's one pass over 160 texts
+# many texts of the sample: each call's fastest pass counts. The first-start tune's one pass over 160 texts
 # went either way on an AVX2-only EPYC (BENCHMARKS.md §19: ONNX Runtime fp32 324 against OpenVINO fp32's 335 texts/s
 # in one tune, 356-378 against 296-324 in four others, where peers' 872 texts put them at 413 and 330).
 CLOSE_CALL_BATCHED_TEXTS = 400
@@ -260,6 +264,9 @@ class Timing:
     batch_size: int = 32
     rounds: int = 2
     clock: Callable[[], float] = time.perf_counter
+    # Batches as the server runs texts that arrive one per request: in the sample's order, each batch split into
+    # calls over texts of like length at this setting (`arrival_batches`; the server's DEEBERT_BATCH_SPLIT_TOKENS).
+    split_tokens: int = DEFAULT_SPLIT_TOKENS
 
 
 def _answers(model: Any, batches: Sequence[Any], threshold: float) -> list[int]:
@@ -284,7 +291,7 @@ def time_candidate(
     """(batch-1 mean ms, batched texts/s) at `threshold`: a warm-up pass, then the best of `timing.rounds`."""
     singles = batch1_inputs(encoded, pad_id, timing)
     timed = encoded[: timing.batched_rows]
-    batches = batched_inputs(timed, pad_id, timing.batch_size)
+    batches = batched_inputs(timed, pad_id, timing.batch_size, timing.split_tokens)
     best_single, best_batched = float("inf"), float("inf")
     for round_number in range(timing.rounds + 1):  # round 0 warms the runtime's kernels for these shapes
         single = batch1_pass_ms(model, singles, threshold, timing.clock)
@@ -296,11 +303,15 @@ def time_candidate(
     return best_single, len(timed) / best_batched
 
 
-def batched_inputs(encoded: Sequence[Any], pad_id: int, batch_size: int) -> list[Any]:
-    """`encoded` grouped by length into batches of up to `batch_size`, each padded to its longest text."""
-    from model.tokenization import groups_by_length, pad_batch
+def batched_inputs(encoded: Sequence[Any], pad_id: int, batch_size: int, split_tokens: int) -> list[Any]:
+    """The calls the server makes of `encoded` arriving in order, one text per request: batches of up to
+    `batch_size`, each split into calls over texts of like length at `split_tokens` (0: whole), each call padded
+    to its longest text. (Length-sorted batches, what an offline pass would run, flatter every runtime, and some
+    more than others: on an AVX2-only AMD EPYC splitting gained ONNX Runtime 1.37x and OpenVINO 1.17x.)"""
+    from model.tokenization import arrival_batches, pad_batch
 
-    return [pad_batch([encoded[i] for i in group], pad_id) for group in groups_by_length(encoded, batch_size)]
+    calls = arrival_batches([len(item) for item in encoded], batch_size, split_tokens)
+    return [pad_batch([encoded[i] for i in call], pad_id) for call in calls]
 
 
 def batch_seconds(model: Any, batches: Sequence[Any], threshold: float, clock: Callable[[], float]) -> list[float]:
@@ -510,7 +521,11 @@ def runtime_versions() -> dict[str, str]:
 
 
 def fingerprint(
-    checkpoint_digest: str, threads: int | None, batch_size: int, flags: Sequence[str] | None = None
+    checkpoint_digest: str,
+    threads: int | None,
+    batch_size: int,
+    flags: Sequence[str] | None = None,
+    split_tokens: int = DEFAULT_SPLIT_TOKENS,
 ) -> dict[str, Any]:
     """What a tuned choice holds for: this CPU, these weights, these runtimes, these settings."""
     from model.onnx_export import GRAPH_FORMAT
@@ -531,6 +546,7 @@ def fingerprint(
         "graph_format": GRAPH_FORMAT,
         "threads": threads,
         "batch_size": batch_size,
+        "batch_split_tokens": split_tokens,
     }
 
 
@@ -609,7 +625,7 @@ def run_tune(
     reference_accuracy = None
     if has_answers and sample.labels is not None:
         reference_accuracy = float(np.mean(np.array(sample.full_depth_labels) == np.array(sample.labels)))
-    print_ = fingerprint(model_digest(reference), threads, timing.batch_size)
+    print_ = fingerprint(model_digest(reference), threads, timing.batch_size, split_tokens=timing.split_tokens)
     measurements: list[Measurement] = []
     iterator: Any = runnable
     if progress:
@@ -649,7 +665,7 @@ def run_tune(
         loaded: dict[str, tuple[Any, float]] = {}
         singles = batch1_inputs(encoded, pad_id, replace(timing, batch1_rows=max(timing.batch1_rows, CLOSE_CALL_TEXTS)))
         close_rows = min(len(encoded), CLOSE_CALL_BATCHED_TEXTS)
-        close_batches = batched_inputs(encoded[:close_rows], pad_id, timing.batch_size)
+        close_batches = batched_inputs(encoded[:close_rows], pad_id, timing.batch_size, timing.split_tokens)
         warmed: set[tuple[str, bool]] = set()
 
         def time_one(key: str, batched: bool) -> list[float]:
@@ -709,10 +725,11 @@ def run_tune(
             first, second = close_call
             if batched:
                 logger.info(
-                    "tune: %s and %s were within %.0f%% in batches; side by side (%d texts in batches of %d, each"
-                    " batch's fastest of %d passes): %.0f and %.0f texts/s",
-                    first.candidate, second.candidate, (CLOSE_CALL - 1) * 100, close_rows,
-                    timing.batch_size, CLOSE_CALL_ROUNDS, first.batched_per_s, second.batched_per_s,
+                    "tune: %s and %s were within %.0f%% in batches; side by side (%d texts in batches of %d in"
+                    " arrival order, split at %d tokens a call, each call's fastest of %d passes): %.0f and %.0f"
+                    " texts/s",
+                    first.candidate, second.candidate, (CLOSE_CALL - 1) * 100, close_rows, timing.batch_size,
+                    timing.split_tokens, CLOSE_CALL_ROUNDS, first.batched_per_s, second.batched_per_s,
                 )  # fmt: skip
             else:
                 logger.info(
@@ -805,11 +822,12 @@ def resolve_auto(
     threads: int | None,
     batch_size: int,
     budget_s: float,
+    split_tokens: int = DEFAULT_SPLIT_TOKENS,
 ) -> tuple[Candidate, Candidate | None, str]:
     """The runtime `--backend auto` serves on this CPU (and, with a split, the one for batches), and why: the
     cached tune for this fingerprint; else a tune bounded by `budget_s` (0: none, the default candidate with a
     line saying how to tune)."""
-    print_ = fingerprint(checkpoint_digest, threads, batch_size)
+    print_ = fingerprint(checkpoint_digest, threads, batch_size, split_tokens=split_tokens)
     cached = cached_result(cache_dir, print_)
     if cached is not None and cached.choice:
         where = cache_path(cache_dir, print_)
@@ -825,7 +843,7 @@ def resolve_auto(
         )
         return fallback, None, f"default ({fallback.key}): not tuned on this machine"
     logger.info("backend auto: no tune for this CPU and checkpoint; a short tune (at most ~%.0f s) first", budget_s)
-    timing = Timing(STARTUP_TIMING.batch1_rows, STARTUP_TIMING.batched_rows, batch_size, STARTUP_TIMING.rounds)
+    timing = replace(STARTUP_TIMING, batch_size=batch_size, split_tokens=split_tokens)
     result = run_tune(directory, cache_dir, threads, "split", timing, budget_s=budget_s)
     logger.info("tune (%s, %.0f s):", result.sample, result.seconds)
     for row in table_rows(result):
@@ -893,6 +911,7 @@ def load_auto(
     batch_size: int,
     budget_s: float,
     checkpoint: Any = None,
+    split_tokens: int = DEFAULT_SPLIT_TOKENS,
 ) -> tuple[Any, str, str]:
     """What `--backend auto` serves on this CPU (`resolve_auto`, then `load_served`), loaded; the candidate
     key(s) it serves (`single+batched` for a split) and why. `checkpoint`: the fp32 model, if already loaded."""
@@ -902,6 +921,8 @@ def load_auto(
 
     checkpoint = load_model(directory).eval() if checkpoint is None else checkpoint
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    single, batched, reason = resolve_auto(directory, model_digest(checkpoint), cache, threads, batch_size, budget_s)
+    single, batched, reason = resolve_auto(
+        directory, model_digest(checkpoint), cache, threads, batch_size, budget_s, split_tokens
+    )
     served = single.key if batched is None else f"{single.key}+{batched.key}"
     return load_served(directory, single, batched, cache_dir, threads, checkpoint), served, reason

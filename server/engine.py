@@ -24,7 +24,15 @@ from model.exit_rule import LABEL_ON_PROBABILITY
 from model.modeling import DeeBert
 from model.onnx_export import ExportError
 from model.saving import saving_from_totals
-from model.tokenization import Encoded, TruncationSide, load_tokenizer, pad_batch, split_by_padding, tokenize
+from model.tokenization import (
+    DEFAULT_SPLIT_TOKENS,
+    Encoded,
+    TruncationSide,
+    load_tokenizer,
+    pad_batch,
+    split_by_padding,
+    tokenize,
+)
 from model.tune import TuneError, load_auto
 from server.errors import DeeBertError, ErrorType
 from server.settings import ServerSettings
@@ -60,16 +68,6 @@ class LadderExits:
     full_label: int
     agrees: tuple[bool, ...]
     exit_layers: tuple[int, ...]
-
-
-# On the CPU a batch whose padding would waste more than this many tokens per extra call runs as several calls
-# over rows of like length (`split_by_padding`). On an AVX2-only AMD EPYC (`python -m benchmarks.batch_split`,
-# BENCHMARKS.md §20), SST-2 dev in batches of 32 in arrival order at `balanced`: every setting from 50 to 400 paid,
-# 100 among the best on ONNX Runtime fp32 (1.39x the texts/s of whole batches) and the best on OpenVINO f32
-# (1.18x). On a GPU batches stay whole: a call costs about the same whatever its padding, and on an NVIDIA H200
-# (PyTorch float16) splitting at 100-400 ran arrival-order batches of 32 at 0.44-0.62x the texts/s of whole ones
-# (loadtest/results/h200/README.md).
-DEFAULT_SPLIT_TOKENS = 100
 
 
 class EngineLoadError(RuntimeError):
@@ -133,7 +131,14 @@ class Engine:
             if settings.backend == "auto" and device.type == "cpu" and settings.dtype == "auto":
                 # On the CPU the fastest runtime depends on the CPU: the one `deebert tune` measured here.
                 model, _, reason = load_auto(
-                    directory, settings.cache_dir, settings.threads, settings.max_batch_size, settings.tune_budget_s
+                    directory,
+                    settings.cache_dir,
+                    settings.threads,
+                    settings.max_batch_size,
+                    settings.tune_budget_s,
+                    split_tokens=DEFAULT_SPLIT_TOKENS
+                    if settings.batch_split_tokens is None
+                    else settings.batch_split_tokens,
                 )
             else:
                 model = load_backend(

@@ -8,7 +8,7 @@ import random
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from model.tokenization import load_tokenizer, split_by_padding, tokenize
+from model.tokenization import arrival_batches, load_tokenizer, split_by_padding, tokenize
 from tests.server_helpers import write_word_vocab
 
 LONG = "i love this cat but the movie was very dull"
@@ -102,6 +102,17 @@ def test_a_batch_splits_where_calls_over_like_lengths_cost_less_than_the_padding
     assert split_by_padding(mixed, 0) == [list(range(6))], "kept whole, in its order"
     assert split_by_padding([12, 12, 13, 12], 200) == [[0, 1, 2, 3]], "a batch of like lengths stays whole"
     assert split_by_padding([30], 1) == [[0]]
+
+
+def test_arrival_batches_keep_the_order_of_arrival_and_split_each_batch_alone() -> None:
+    lengths = [60, 8, 61, 9, 59, 8, 12, 40, 41]
+    assert arrival_batches(lengths, 4, 0) == [[0, 1, 2, 3], [4, 5, 6, 7], [8]], "0: batches whole, in order"
+    calls = arrival_batches(lengths, 6, 20)
+    assert calls[:2] == [[1, 5, 3], [4, 0, 2]], "the first batch split as split_by_padding splits it"
+    assert calls[2:] == [[6], [7, 8]], "the second batch: 12 alone, 40 and 41 together"
+    assert all(max(call) - min(call) < 6 for call in calls), "no call mixes texts of two batches"
+    assert sorted(itertools.chain.from_iterable(calls)) == list(range(len(lengths))), "every text once"
+    assert arrival_batches([], 4, 100) == []
 
 
 def test_the_split_is_the_cheapest_partition_of_the_rows_sorted_by_length() -> None:

@@ -12,12 +12,14 @@ import torch
 from model import tune
 from model.checkpoint import load_model
 from model.onnx_export import model_digest
+from model.tokenization import DEFAULT_SPLIT_TOKENS
 from model.tune import (
     Candidate,
     Measurement,
     Timing,
     TuneResult,
     TuneSample,
+    batched_inputs,
     cache_path,
     cached_result,
     choose,
@@ -280,6 +282,8 @@ def test_another_cpu_tunes_again_and_the_same_one_does_not(tiny_checkpoint: Path
     # Other weights, or another batch size, are other keys too.
     assert cache_path(cache, fingerprint("0" * 64, 1, 8)) != cache_path(cache, here)
     assert cache_path(cache, fingerprint(digest, 1, 64)) != cache_path(cache, here)
+    # A server that splits its batches at another setting times its batches otherwise: another key.
+    assert cache_path(cache, fingerprint(digest, 1, 8, split_tokens=0)) != cache_path(cache, fingerprint(digest, 1, 8))
     # Another deebert (its graphs and loops time differently) tunes again as well.
     before = fingerprint(digest, 1, 8)
     versions = tune.runtime_versions()
@@ -413,3 +417,16 @@ def test_under_a_preloaded_allocator_openvino_is_measured_and_tuned_apart(monkey
     with pytest.raises(BackendError, match="RTLD_DEEPBIND"):
         pick_backend("openvino", torch.device("cpu"), torch.float32)
     assert fingerprint("d" * 64, 2, 32)["allocator"] == "jemalloc" != system["allocator"]
+
+
+def test_batches_are_timed_as_the_server_runs_texts_arriving_one_per_request() -> None:
+    """In the sample's order, split at the server's setting: not length-sorted (which flatters every runtime)."""
+    from model.tokenization import Encoded
+
+    lengths = [30, 5, 31, 6, 29, 5, 7, 28]
+    encoded = [Encoded(list(range(1, n + 1)), [0] * n, n) for n in lengths]
+    whole = batched_inputs(encoded, 0, 4, 0)
+    assert [tuple(b.input_ids.shape) for b in whole] == [(4, 31), (4, 29)], "in arrival order, padded to the longest"
+    split = batched_inputs(encoded, 0, 4, 20)
+    assert [tuple(b.input_ids.shape) for b in split] == [(2, 6), (2, 31), (2, 7), (2, 29)]
+    assert Timing().split_tokens == DEFAULT_SPLIT_TOKENS, "the server's default on the CPU"
