@@ -134,6 +134,9 @@ class PeerSettings:
     # `auto` without a tune cached for this machine tunes at load, as `deebert serve` does at first start
     # (its DEEBERT_TUNE_BUDGET_S default), before any timing; 0 measures the untuned default instead.
     tune_budget_s: float = 120.0
+    # The server's DEEBERT_BATCH_SPLIT_TOKENS for the deebert variants' server-batches pass and `auto`'s tune key
+    # (None: the server's default on the CPU).
+    split_tokens: int | None = None
     variants: tuple[str, ...] = VARIANT_KEYS
     progress: bool = True
 
@@ -179,7 +182,7 @@ class _Runner:
             # as `deebert serve` runs at first start.
             served, self.chosen, self.chosen_reason = load_auto(
                 resolve_directory(settings.checkpoint), settings.cache_dir, settings.threads, settings.batch_size,
-                settings.tune_budget_s, model,
+                settings.tune_budget_s, model, split_tokens=server_split_tokens(settings),
             )  # fmt: skip
             assert variant.threshold is not None
             self.threshold, _ = served.config.resolve_threshold(variant.threshold)
@@ -296,11 +299,36 @@ class _Runner:
             labels[row], layers[row] = result.label[position], result.exit_layer[position]
         return {"ns": elapsed, "labels": labels, "layers": layers}
 
-    def warm_up(self, batch_size: int) -> None:
+    def server_batches(self, batch_size: int, split_tokens: int) -> dict[str, Any]:
+        """Every sentence in the data's order, as `deebert serve` runs texts arriving one per request: batches of
+        `batch_size`, each split into calls over texts of like length at `split_tokens` (`arrival_batches`);
+        the calls are padded before the timing. What `deebert tune` times in batches."""
+        from model.tokenization import arrival_batches, pad_batch
+
+        calls = arrival_batches([len(item) for item in self.encoded], batch_size, split_tokens)
+        padded = [pad_batch([self.encoded[i] for i in rows], self.pad_id) for rows in calls]
+        labels = [0] * len(self.encoded)
+        layers = [0] * len(self.encoded)
+        started = time.perf_counter_ns()
+        for rows, batch in zip(calls, padded, strict=True):
+            label, layer = self.predict(batch)
+            for position, row in enumerate(rows):
+                labels[row], layers[row] = label[position], layer[position]
+        return {"ns": time.perf_counter_ns() - started, "labels": labels, "layers": layers}
+
+    def warm_up(self, batch_size: int, split_tokens: int) -> None:
         self.batch1(range(min(10, len(self.encoded))))
         self.batched(batch_size)
         if self.exit_model is not None:
             self.refilled(batch_size)
+            self.server_batches(batch_size, split_tokens)
+
+
+def server_split_tokens(settings: PeerSettings) -> int:
+    """The split setting the server would run with: `settings.split_tokens`, or its default on the CPU."""
+    from model.tokenization import DEFAULT_SPLIT_TOKENS
+
+    return DEFAULT_SPLIT_TOKENS if settings.split_tokens is None else settings.split_tokens
 
 
 def worker(variant_key: str, settings: PeerSettings) -> None:
@@ -312,7 +340,7 @@ def worker(variant_key: str, settings: PeerSettings) -> None:
     sys.stdout = sys.stderr  # libraries' prints must not corrupt the protocol
     try:
         runner = _Runner(variant, settings)
-        runner.warm_up(settings.batch_size)
+        runner.warm_up(settings.batch_size, server_split_tokens(settings))
     except Exception as err:  # reported to the driver, which records the variant as not run
         out.write(json.dumps({"error": f"{type(err).__name__}: {err}"}) + "\n")
         out.flush()
@@ -332,6 +360,8 @@ def worker(variant_key: str, settings: PeerSettings) -> None:
             answer = runner.batched(settings.batch_size)
         elif command["op"] == "refilled":
             answer = runner.refilled(settings.batch_size)
+        elif command["op"] == "server_batches":
+            answer = runner.server_batches(settings.batch_size, server_split_tokens(settings))
         else:
             break
         out.write(json.dumps(answer) + "\n")
@@ -440,6 +470,8 @@ def run_peers(settings: PeerSettings, log_path: Path | None = None) -> dict[str,
         batched: dict[str, dict[str, Any]] = {}
         refilled_ns: dict[str, list[int]] = {}
         refilled: dict[str, dict[str, Any]] = {}
+        server_ns: dict[str, list[int]] = {}
+        server: dict[str, dict[str, Any]] = {}
         for round_number in range(settings.rounds):
             totals = dict.fromkeys(per_round_ns, 0)
             offset = 0
@@ -469,6 +501,10 @@ def run_peers(settings: PeerSettings, log_path: Path | None = None) -> dict[str,
                     answer = w.ask({"op": "refilled"})
                     refilled_ns.setdefault(w.variant.key, []).append(answer["ns"])
                     refilled[w.variant.key] = answer
+                    time.sleep(0.02)
+                    answer = w.ask({"op": "server_batches"})
+                    server_ns.setdefault(w.variant.key, []).append(answer["ns"])
+                    server[w.variant.key] = answer
                     time.sleep(0.02)
             if settings.progress:
                 print(f"peers: round {round_number + 1}/{settings.rounds} done", file=sys.stderr)
@@ -510,6 +546,12 @@ def run_peers(settings: PeerSettings, log_path: Path | None = None) -> dict[str,
                 "refilled_vs_batched_label_agreement": _accuracy(refilled[key]["labels"], full["labels"]),
                 "expected_saving_refilled": expected_saving(refilled[key]["layers"], config.num_layers),
             }
+        if key in server:  # the same sentences in the server's batches (`deebert tune`'s batched figure)
+            variants[key] |= {
+                "server_sentences_per_s": len(gold) / (statistics.median(server_ns[key]) / 1e9),
+                "server_rounds_s": [ns / 1e9 for ns in server_ns[key]],
+                "server_vs_batched_label_agreement": _accuracy(server[key]["labels"], full["labels"]),
+            }
     results: dict[str, Any] = {
         "command": command_line(settings),
         "settings": {**asdict(settings), "variants": list(settings.variants)},
@@ -530,6 +572,8 @@ def command_line(settings: PeerSettings) -> str:
     words = ["python", "-m", "loadtest.peers", "--checkpoint", settings.checkpoint, "--data", settings.data]
     words += ["--threads", str(settings.threads), "--batch1-rows", str(settings.batch1_rows)]
     words += ["--rounds", str(settings.rounds), "--seed", str(settings.seed)]
+    if settings.split_tokens is not None:
+        words += ["--batch-split-tokens", str(settings.split_tokens)]
     if tuple(settings.variants) != VARIANT_KEYS:
         words += ["--variants", ",".join(settings.variants)]
     return " ".join(words)
@@ -568,7 +612,8 @@ def best_plain(variants: dict[str, Any]) -> dict[str, Any]:
 def fastest_eligible(variants: dict[str, Any]) -> str | None:
     """The tune candidate the peers run finds fastest by the tune's own rule: among deebert-at-balanced variants
     whose labels agree with fp32 at balanced on >= 99.5 % of the data and whose accuracy is within 0.5 point of
-    fp32 full depth, the fastest at batch 1 and the fastest in batches (`split`, the tune's default)."""
+    fp32 full depth, the fastest at batch 1 and the fastest in batches (`split`, the tune's default). In batches
+    as the tune times them: the server's batches (in the data's order, split) where measured, else sorted."""
     from model.tune import Measurement, choose_split, judge
 
     reference = variants.get("ort-balanced") or variants.get("torch-balanced")
@@ -581,7 +626,8 @@ def fastest_eligible(variants: dict[str, Any]) -> str | None:
             continue
         v = variants[key]
         agreement = _accuracy(v["batched_labels"], reference["batched_labels"])
-        m = Measurement(candidate, v["batch1_mean_ms"], v["batched_sentences_per_s"], v["threshold_value"])
+        in_batches = v.get("server_sentences_per_s") or v["batched_sentences_per_s"]
+        m = Measurement(candidate, v["batch1_mean_ms"], in_batches, v["threshold_value"])
         m.balanced_agreement, m.balanced_accuracy = agreement, v["accuracy"]
         measured.append(judge(m, full, has_answers=True))
     pair = choose_split(measured)
@@ -755,13 +801,15 @@ def markdown_section(results: dict[str, Any], heading: str = "## Peer runtimes, 
                 f"{v['batch1_p50_ms']:.2f}",
                 f"{v['batched_sentences_per_s']:.0f}",
                 f"{v['refilled_sentences_per_s']:.0f}" if "refilled_sentences_per_s" in v else "-",
+                f"{v['server_sentences_per_s']:.0f}" if "server_sentences_per_s" in v else "-",
                 f"{100 * v['accuracy']:.2f}",
                 f"{100 * v['batch1_vs_batched_label_agreement']:.1f}",
                 f"{100 * v['expected_saving_batched']:.1f}%",
             ]
         )
     header = ["variant", "threshold", "batch-1 mean ms", "batch-1 p50 ms", f"batch-{s['batch_size']} sentences/s",
-              "refilled sentences/s", "dev accuracy %", "batch-1 = batched labels %", "expected saving"]  # fmt: skip
+              "refilled sentences/s", "server batches sentences/s", "dev accuracy %", "batch-1 = batched labels %",
+              "expected saving"]  # fmt: skip
     out = [
         heading,
         "",
@@ -775,7 +823,10 @@ def markdown_section(results: dict[str, Any], heading: str = "## Peer runtimes, 
         "over rounds. Model call only (tokenizing is left out, the same for all). Accuracy from the "
         "batched pass. Refilled (deebert variants): the same sorted batches run as `deebert classify` runs them, "
         f"rows that leave freeing their places in each layer's call for rows of later batches (at most "
-        f"{s['batch_size']} rows per call), median over rounds.",
+        f"{s['batch_size']} rows per call), median over rounds. Server batches (deebert variants): every sentence in "
+        f"the data's order in batches of {s['batch_size']}, each split into calls over texts of like length as "
+        "`deebert serve` splits them (DEEBERT_BATCH_SPLIT_TOKENS), what `deebert tune` times in batches; the "
+        "fastest eligible runtime is judged on these.",
         "",
         *markdown_table(header, rows),
         "",
@@ -844,6 +895,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--tune-budget-s", type=float, default=d.tune_budget_s, help="auto without a cached tune: tune this long"
     )
+    parser.add_argument(
+        "--batch-split-tokens",
+        type=int,
+        default=None,
+        help="the server's DEEBERT_BATCH_SPLIT_TOKENS for the server-batches pass (default: its CPU default)",
+    )
     parser.add_argument("--variants", default=",".join(VARIANT_KEYS), help="comma-separated subset")
     parser.add_argument("--output", default="loadtest/results/peers/peers.json")
     args = parser.parse_args(argv)
@@ -865,6 +922,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         cache_dir=args.cache_dir,
         tune_budget_s=args.tune_budget_s,
+        split_tokens=args.batch_split_tokens,
         variants=chosen,
     )
     output = Path(args.output)

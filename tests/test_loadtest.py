@@ -352,6 +352,11 @@ def test_quick_peers_run_each_variant_in_its_own_process(checkpoint: Path, data_
     assert abs(ort["accuracy"] - torch_plain["accuracy"]) <= 1 / peers["samples"]["batched"] + 1e-9
     assert ort["batch1_vs_batched_label_agreement"] >= 1 - 1 / peers["samples"]["batch1"] - 1e-9
     assert peers["variants"]["ort-balanced"]["expected_saving_batched"] >= 0.0
+    # deebert variants also run the server's batches (data order, split), what `deebert tune` times: same answers.
+    balanced = peers["variants"]["ort-balanced"]
+    assert balanced["server_sentences_per_s"] > 0 and len(balanced["server_rounds_s"]) == 1
+    assert balanced["server_vs_batched_label_agreement"] >= 1 - 1 / peers["samples"]["batched"] - 1e-9
+    assert "server_sentences_per_s" not in ort, "plain variants run no exit loop to split"
     assert peers["best_plain"]["batch1"] in {"torch-plain", "ort-plain"}
     assert {t["status"] for t in peers["targets"]} <= {"PASS", "MISS", "n/a"}
 
