@@ -270,14 +270,20 @@ class _Runner:
 
     def batched(self, batch_size: int) -> dict[str, Any]:
         """Every sentence, sorted by length, in batches padded to their longest member."""
-        from model.tokenization import groups_by_length, pad_batch
+        from model.tokenization import groups_by_length
 
-        batches = groups_by_length(self.encoded, batch_size)
-        padded = [pad_batch([self.encoded[i] for i in rows], self.pad_id) for rows in batches]
+        return self._timed_calls(groups_by_length(self.encoded, batch_size))
+
+    def _timed_calls(self, calls: Sequence[Sequence[int]]) -> dict[str, Any]:
+        """One pass over `calls` (rows of the data each), padded before the timing: its ns, and every row's label
+        and exit layer in the data's order."""
+        from model.tokenization import pad_batch
+
+        padded = [pad_batch([self.encoded[i] for i in rows], self.pad_id) for rows in calls]
         labels = [0] * len(self.encoded)
         layers = [0] * len(self.encoded)
         started = time.perf_counter_ns()
-        for rows, batch in zip(batches, padded, strict=True):
+        for rows, batch in zip(calls, padded, strict=True):
             label, layer = self.predict(batch)
             for position, row in enumerate(rows):
                 labels[row], layers[row] = label[position], layer[position]
@@ -303,18 +309,9 @@ class _Runner:
         """Every sentence in the data's order, as `deebert serve` runs texts arriving one per request: batches of
         `batch_size`, each split into calls over texts of like length at `split_tokens` (`arrival_batches`);
         the calls are padded before the timing. What `deebert tune` times in batches."""
-        from model.tokenization import arrival_batches, pad_batch
+        from model.tokenization import arrival_batches
 
-        calls = arrival_batches([len(item) for item in self.encoded], batch_size, split_tokens)
-        padded = [pad_batch([self.encoded[i] for i in rows], self.pad_id) for rows in calls]
-        labels = [0] * len(self.encoded)
-        layers = [0] * len(self.encoded)
-        started = time.perf_counter_ns()
-        for rows, batch in zip(calls, padded, strict=True):
-            label, layer = self.predict(batch)
-            for position, row in enumerate(rows):
-                labels[row], layers[row] = label[position], layer[position]
-        return {"ns": time.perf_counter_ns() - started, "labels": labels, "layers": layers}
+        return self._timed_calls(arrival_batches([len(item) for item in self.encoded], batch_size, split_tokens))
 
     def warm_up(self, batch_size: int, split_tokens: int) -> None:
         self.batch1(range(min(10, len(self.encoded))))

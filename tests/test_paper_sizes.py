@@ -28,12 +28,18 @@ def test_the_replay_criterion_leaves_at_the_recorded_layer() -> None:
     assert alone.exit_layer == [3], "the batch-1 path replays the same layer"
 
 
-def test_the_benchmark_reports_batch1_and_each_batch_size(
-    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def dev_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """16 sentences of 5 lengths, with the tiny shape available to the benchmarks."""
     monkeypatch.setitem(paper_sizes.SHAPES, "tiny", TINY_SHAPE)
     rows = [[text + " and then" * (i % 5), label] for i, (text, label) in enumerate(sentiment_rows(16))]
-    data = write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], rows)
+    return write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], rows)
+
+
+def test_the_benchmark_reports_batch1_and_each_batch_size(
+    tiny_checkpoint: Path, tmp_path: Path, dev_data: Path
+) -> None:
+    data = dev_data
     output = tmp_path / "sizes.json"
     argv = ["--checkpoint", str(tiny_checkpoint), "--data", str(data), "--shapes", "tiny", "--runtimes"]
     argv += ["torch-float32", "--device", "cpu", "--exits-backend", "torch", "--threads", "1", "--batch1-rows", "3"]
@@ -64,11 +70,9 @@ def test_a_torch_runtime_is_named_by_its_dtype(
 
 
 def test_the_exit_loop_profile_counts_both_paths_on_the_cpu(
-    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_checkpoint: Path, tmp_path: Path, dev_data: Path
 ) -> None:
-    monkeypatch.setitem(paper_sizes.SHAPES, "tiny", TINY_SHAPE)
-    rows = [[text + " and then" * (i % 5), label] for i, (text, label) in enumerate(sentiment_rows(16))]
-    data = write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], rows)
+    data = dev_data
     output = tmp_path / "profile.json"
     argv = ["--checkpoint", str(tiny_checkpoint), "--data", str(data), "--shape", "tiny", "--device", "cpu"]
     argv += ["--dtype", "float32", "--batch-size", "4", "--batches", "2", "--calls", "2", "--threads", "1"]
