@@ -14,6 +14,7 @@ settings in a new random order each round. Texts/s, median over rounds. Tokenizi
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
 import time
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from benchmarks.engine_runs import add_engine_arguments, load_engine, module_command
 from loadtest.report import write_json
 from model.data import read_dataset
-from model.tokenization import Encoded, split_by_padding
+from model.tokenization import Encoded, arrival_batches
 from reports.common import describe_machine, machine_description
 from server.engine import Engine
 
@@ -44,9 +45,8 @@ def texts_per_second(
 
 def calls_per_batch(encoded: list[Encoded], order: list[int], batch_size: int, split_tokens: int) -> float:
     """How many calls a batch of `order` runs as, on average, at this split setting."""
-    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    calls = [len(split_by_padding([len(encoded[row]) for row in batch], split_tokens)) for batch in batches]
-    return sum(calls) / len(calls)
+    calls = arrival_batches([len(encoded[row]) for row in order], batch_size, split_tokens)
+    return len(calls) / math.ceil(len(order) / batch_size)
 
 
 def padding_share(encoded: list[Encoded], order: list[int], batch_size: int) -> float:

@@ -114,9 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     device = pick_device(args.device)
     prepare(device)
-    model = paper_sizes.random_deebert(args.shape, 30522).to(device=device, dtype=DTYPES[args.dtype]).eval()
+    model = paper_sizes.random_deebert(args.shape).to(device=device, dtype=DTYPES[args.dtype]).eval()
     n = model.num_layers
-    targets = [max(1, min(n, round(layer * n / shipped_depth))) for layer in layers]
+    targets = paper_sizes.replayed_layers(layers, shipped_depth, n)
     groups = groups_by_length(encoded, args.batch_size)[: args.batches]
     batches = [(pad_batch([encoded[i] for i in g], 0).to(device), [float(targets[i]) for i in g]) for g in groups]
     rule = paper_sizes.ReplayCriterion()

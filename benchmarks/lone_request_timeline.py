@@ -17,10 +17,8 @@ import atexit
 import itertools
 import json
 import os
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -28,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.report import write_json
-from loadtest.servers import free_port
+from loadtest.servers import free_port, server_process
 from model.data import read_dataset
 from reports.common import describe_machine, machine_description
 
@@ -174,32 +172,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = (args.source or Path.cwd()).resolve()
     port = free_port()
     stamps = Path(f"/tmp/deebert-timeline-{os.getpid()}.json")
-    env = {**os.environ, "DEEBERT_CHECKPOINT": str(Path(args.checkpoint).resolve()), "DEEBERT_PORT": str(port)}
+    # The server's settings: this process's DEEBERT_* (the defaults where unset), its checkpoint and port.
+    env = {key: value for key, value in os.environ.items() if key.startswith("DEEBERT_")}
+    env |= {"DEEBERT_CHECKPOINT": str(Path(args.checkpoint).resolve()), "DEEBERT_PORT": str(port)}
     env["PYTHONPATH"] = os.pathsep.join([str(source), str(Path(__file__).resolve().parents[1])])
     # By its path, not `-m`: run in another tree, `benchmarks` would be that tree's package, without this script.
     child = [sys.executable, str(Path(__file__).resolve()), "--serve-wrapped", str(stamps)]
-    log = stamps.with_suffix(".log")  # the server's log, for when it does not start
-    with log.open("wb") as log_file:
-        server = subprocess.Popen(child, cwd=source, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + args.startup_timeout
-        while True:
-            assert server.poll() is None, f"the server exited during start-up; its log: {log}"
-            assert time.monotonic() < deadline, "the server was not ready in time"
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
-                    probe.sendall(b"GET /health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
-                    if probe.recv(64).startswith(b"HTTP/1.1 200"):
-                        break
-            except OSError:
-                pass
-            time.sleep(1)
+    log = stamps.with_suffix(".log")  # the server's log, kept when it does not start
+    with server_process(child, env, port, args.startup_timeout, log_path=log, source=source):
         data = read_dataset(args.data)
         bodies = [json.dumps({"text": text}).encode() for text in data.texts]
         sent = one_at_a_time(port, bodies, args.seconds)
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(60)
     summary = summarize(json.loads(stamps.read_text()), args.skip)
     stamps.unlink()
     log.unlink()

@@ -37,6 +37,7 @@ import torch
 from model import exit_rule
 from model.saving import expected_saving
 
+BERT_VOCAB_SIZE = 30522  # bert-base-uncased's, so embedding tables have the paper's size
 SHAPES = {
     # The shipped checkpoint's own shape (all-MiniLM-L6-v2): early exit's cost where only this size was measured.
     "minilm-l6": {"num_hidden_layers": 6, "hidden_size": 384, "num_attention_heads": 12, "intermediate_size": 1536},
@@ -92,7 +93,13 @@ def shipped_exit_layers(
     return encoded, layers, model.num_layers
 
 
-def random_deebert(shape: str, vocab_size: int, seed: int = 0) -> Any:
+def replayed_layers(layers: Sequence[int], shipped_depth: int, depth: int) -> list[int]:
+    """The shipped checkpoint's exit layers scaled to a model of `depth` layers (layer l of the shipped depth ->
+    round(l * depth / shipped_depth), within 1..depth)."""
+    return [max(1, min(depth, round(layer * depth / shipped_depth))) for layer in layers]
+
+
+def random_deebert(shape: str, vocab_size: int = BERT_VOCAB_SIZE, seed: int = 0) -> Any:
     from model.config import DeeBertConfig
     from model.modeling import DeeBert
 
@@ -243,11 +250,10 @@ def measure_shapes(
     from model.device import describe_device
 
     batch_sizes = [int(size) for size in args.batch_size.split(",") if size.strip()]
-    vocab = 30522
     for shape in [s.strip() for s in args.shapes.split(",") if s.strip()]:
-        model = random_deebert(shape, vocab)
+        model = random_deebert(shape)
         n = model.num_layers
-        targets = [max(1, min(n, round(layer * n / shipped_depth))) for layer in layers]
+        targets = replayed_layers(layers, shipped_depth, n)
         results["shapes"][shape] = {}
         for runtime in [r.strip() for r in args.runtimes.split(",") if r.strip()]:
             backend, _, precision = runtime.rpartition("-")

@@ -322,10 +322,10 @@ class _Runner:
 
 
 def server_split_tokens(settings: PeerSettings) -> int:
-    """The split setting the server would run with: `settings.split_tokens`, or its default on the CPU."""
-    from model.tokenization import DEFAULT_SPLIT_TOKENS
+    """The split setting the server would run with on the CPU: `settings.split_tokens`, or its default."""
+    from model.tokenization import split_tokens_setting
 
-    return DEFAULT_SPLIT_TOKENS if settings.split_tokens is None else settings.split_tokens
+    return split_tokens_setting(settings.split_tokens)
 
 
 def worker(variant_key: str, settings: PeerSettings) -> None:

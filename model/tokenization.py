@@ -158,6 +158,14 @@ def groups_by_length(items: Sequence[Sized], size: int) -> list[list[int]]:
 DEFAULT_SPLIT_TOKENS = 100
 
 
+def split_tokens_setting(setting: int | None, device_type: str = "cpu") -> int:
+    """The split setting a server runs with: `setting` (DEEBERT_BATCH_SPLIT_TOKENS), or where unset
+    `DEFAULT_SPLIT_TOKENS` on the CPU and 0 (batches whole) on other devices."""
+    if setting is not None:
+        return setting
+    return DEFAULT_SPLIT_TOKENS if device_type == "cpu" else 0
+
+
 def arrival_batches(lengths: Sequence[int], batch_size: int, call_tokens: int) -> list[list[int]]:
     """The calls a server makes of texts arriving in this order (indices into `lengths`): batches of up to
     `batch_size` in order, each split by `split_by_padding` at `call_tokens` (0: each batch one call)."""

@@ -25,12 +25,12 @@ from model.modeling import DeeBert
 from model.onnx_export import ExportError
 from model.saving import saving_from_totals
 from model.tokenization import (
-    DEFAULT_SPLIT_TOKENS,
     Encoded,
     TruncationSide,
     load_tokenizer,
     pad_batch,
     split_by_padding,
+    split_tokens_setting,
     tokenize,
 )
 from model.tune import TuneError, load_auto
@@ -107,9 +107,7 @@ class Engine:
         self.pad_token_id = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
         self.default_threshold = self._default_threshold(default_threshold)
         self.compaction = compaction
-        if split_tokens is None:
-            split_tokens = DEFAULT_SPLIT_TOKENS if self.device.type == "cpu" else 0
-        self.split_tokens = split_tokens
+        self.split_tokens = split_tokens_setting(split_tokens, self.device.type)
         # Why this backend and precision serve: requested, or `auto`'s measured choice (`model.tune`).
         self.backend_reason = "given"
 
@@ -136,9 +134,7 @@ class Engine:
                     settings.threads,
                     settings.max_batch_size,
                     settings.tune_budget_s,
-                    split_tokens=DEFAULT_SPLIT_TOKENS
-                    if settings.batch_split_tokens is None
-                    else settings.batch_split_tokens,
+                    split_tokens=split_tokens_setting(settings.batch_split_tokens, device.type),
                 )
             else:
                 model = load_backend(

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.tokenization import Encoded
-from server.engine import DEFAULT_SPLIT_TOKENS, Engine, RowOutcome
+from model.tokenization import DEFAULT_SPLIT_TOKENS, Encoded
+from server.engine import Engine, RowOutcome
 from tests.server_helpers import tiny_engine, write_word_vocab
 
 SHORT = ["good", "dull cat", "i love this", "the movie"]

@@ -8,7 +8,14 @@ import random
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from model.tokenization import arrival_batches, load_tokenizer, split_by_padding, tokenize
+from model.tokenization import (
+    DEFAULT_SPLIT_TOKENS,
+    arrival_batches,
+    load_tokenizer,
+    split_by_padding,
+    split_tokens_setting,
+    tokenize,
+)
 from tests.server_helpers import write_word_vocab
 
 LONG = "i love this cat but the movie was very dull"
@@ -113,6 +120,12 @@ def test_arrival_batches_keep_the_order_of_arrival_and_split_each_batch_alone() 
     assert all(max(call) - min(call) < 6 for call in calls), "no call mixes texts of two batches"
     assert sorted(itertools.chain.from_iterable(calls)) == list(range(len(lengths))), "every text once"
     assert arrival_batches([], 4, 100) == []
+
+
+def test_the_split_setting_defaults_by_device_and_a_set_value_stands() -> None:
+    assert split_tokens_setting(None) == split_tokens_setting(None, "cpu") == DEFAULT_SPLIT_TOKENS > 0
+    assert split_tokens_setting(None, "cuda") == 0, "on a GPU batches stay whole"
+    assert split_tokens_setting(40, "cuda") == 40 and split_tokens_setting(0, "cpu") == 0
 
 
 def test_the_split_is_the_cheapest_partition_of_the_rows_sorted_by_length() -> None:
