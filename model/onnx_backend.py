@@ -37,8 +37,10 @@ from model.onnx_export import (
     EXIT_THRESHOLD_INPUT,
     GRAPH_FORMAT,
     INT8_SELECTION,
+    PAD_INDEX,
     PLAIN_FILE,
     POOL_WEIGHTS,
+    UNPAD_INDEX,
     ExportError,
     Manifest,
     Quantization,
@@ -47,11 +49,18 @@ from model.onnx_export import (
     is_fused,
     layer_file,
     model_digest,
+    packed_layer_file,
     parity_batch,
     runtime_version,
 )
 
 logger = logging.getLogger("deebert.onnx")
+
+# A call whose padding is more than this share of its positions runs the packed layers (`pack_tokens`), others the
+# fused padded ones. On an AVX2-only AMD EPYC (ONNX Runtime fp32, SST-2 dev in batches of 32 at `balanced`,
+# BENCHMARKS.md §22) the packed layers ran length-sorted batches (3.6 % padding) at 0.95x the padded layers'
+# texts/s, arrival-order batches split by length (20 %) at 1.07x and whole ones (49 %) at 1.43x.
+PACK_ABOVE_PADDING = 0.1
 
 _pool_lock = threading.Lock()
 _global_pool_threads: int | None = None
@@ -120,6 +129,10 @@ class _OrtState:
     token_type_ids: np.ndarray | None = None
     hidden: np.ndarray | None = None
     logits: np.ndarray | None = None
+    # Whether the layers run packed for these rows (`PACK_ABOVE_PADDING`), and the packed layers' token indices
+    # (`token_indices`), computed at the first layer that takes them.
+    packed: bool = False
+    token_indices: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class _Graph:
@@ -133,6 +146,7 @@ class _Graph:
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.takes_pool_weights = POOL_WEIGHTS in self.inputs
         self.takes_token_types = "token_type_ids" in self.inputs
+        self.takes_token_indices = UNPAD_INDEX in self.inputs
         # The compiled session's own `run`: `InferenceSession.run` first checks in Python that every input is
         # fed and that no OrtValue is foreign (our feeds are plain numpy arrays naming exactly `inputs`), a cost
         # paid on every layer's call. The public method when a future onnxruntime has no `_sess`.
@@ -157,6 +171,7 @@ class StepGraph(Protocol):
     inputs: list[str]
     takes_pool_weights: bool
     takes_token_types: bool
+    takes_token_indices: bool  # a layer that runs on packed tokens (`model.onnx_export.pack_tokens`)
 
     def __call__(self, **feeds: np.ndarray) -> list[np.ndarray]: ...
 
@@ -187,6 +202,12 @@ class StepGraphModel(EarlyExitModel):
         self.directory = directory
         self.manifest = manifest
         self.layers = [self.load_graph(directory / layer_file(i)) for i in range(1, config.num_layers + 1)]
+        # Each layer's packed form where the export has one (`model.onnx_export.pack_tokens`), else None.
+        self.packed_layers = [
+            self.load_graph(directory / packed_layer_file(i)) if packed_layer_file(i) in manifest.files else None
+            for i in range(1, config.num_layers + 1)
+        ]
+        self._packs = any(layer is not None for layer in self.packed_layers)
         self.plain = self.load_graph(directory / PLAIN_FILE)
         # A lone row's whole exit loop in one call (`exit_in_one_call`); None in an export made without it.
         self.exit_graph = self.load_graph(directory / EXIT_FILE) if EXIT_FILE in manifest.files else None
@@ -203,6 +224,7 @@ class StepGraphModel(EarlyExitModel):
         self._pools_by_mean = any(layer.takes_pool_weights for layer in self.layers)
         self._unpadded_inputs: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         self._bucketed_inputs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]] = {}
+        self._unpadded_indices: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def load_graph(self, path: Path) -> StepGraph:
         """The runtime's compiled graph of one step."""
@@ -225,10 +247,27 @@ class StepGraphModel(EarlyExitModel):
     ) -> _OrtState:
         ids, types, mask = self._token_arrays(input_ids, attention_mask, token_type_ids)
         lengths, weights = self._mask_inputs(mask)
-        return _OrtState(mask, lengths, weights, input_ids=ids, token_type_ids=types)
+        return self._new_state(mask, lengths, weights, input_ids=ids, token_type_ids=types)
+
+    def _new_state(
+        self,
+        attention_mask: np.ndarray,
+        lengths: np.ndarray,
+        weights: np.ndarray | None,
+        input_ids: np.ndarray | None = None,
+        token_type_ids: np.ndarray | None = None,
+        hidden: np.ndarray | None = None,
+    ) -> _OrtState:
+        """A state for these rows, running the packed layers when padding is more than `PACK_ABOVE_PADDING` of
+        their positions."""
+        state = _OrtState(attention_mask, lengths, weights, input_ids, token_type_ids, hidden)
+        if self._packs:
+            rows, tokens = attention_mask.shape
+            state.packed = 1.0 - int(lengths.sum()) / (rows * tokens) > PACK_ABOVE_PADDING
+        return state
 
     def run_layer(self, state: _OrtState, layer_number: int) -> _OrtState:
-        layer = self.layers[layer_number - 1]
+        layer = (state.packed and self.packed_layers[layer_number - 1]) or self.layers[layer_number - 1]
         # One dict per call, naming exactly the graph's inputs (this runs once per layer per batch; at batch 1
         # the Python around the ORT call is a measurable share of a layer).
         if layer_number == 1:
@@ -258,7 +297,20 @@ class StepGraphModel(EarlyExitModel):
         if graph.takes_pool_weights:
             assert state.pool_weights is not None
             inputs[POOL_WEIGHTS] = state.pool_weights
+        if graph.takes_token_indices:
+            if state.token_indices is None:
+                state.token_indices = self._token_indices(state.lengths, state.attention_mask.shape[1])
+            inputs[UNPAD_INDEX], inputs[PAD_INDEX] = state.token_indices
         return inputs
+
+    def _token_indices(self, lengths: np.ndarray, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+        """`token_indices`, from a cache by length for one unpadded row (every batch-1 request)."""
+        if len(lengths) == 1 and lengths[0] == tokens:
+            cached = self._unpadded_indices.get(tokens)
+            if cached is None:
+                cached = self._unpadded_indices[tokens] = token_indices(lengths, tokens)
+            return cached
+        return token_indices(lengths, tokens)
 
     def off_ramp_logits(self, state: _OrtState, layer_number: int) -> torch.Tensor:
         """Computed in the layer's call (`run_layer`), read here without a copy."""
@@ -281,7 +333,7 @@ class StepGraphModel(EarlyExitModel):
         # Runtime reads it without a copy. The pooling weights of a row do not change when padding is cut.
         attention_mask = state.attention_mask[rows, :longest]
         weights = None if state.pool_weights is None else state.pool_weights[rows, :longest]
-        return _OrtState(attention_mask, lengths, weights, hidden=state.hidden[rows, :longest])
+        return self._new_state(attention_mask, lengths, weights, hidden=state.hidden[rows, :longest])
 
     def join(self, parts: Sequence[tuple[_OrtState, torch.Tensor]]) -> _OrtState:
         """The rows at each part's index of its state in one state: each row's hidden states copied once, into
@@ -305,7 +357,7 @@ class StepGraphModel(EarlyExitModel):
             at += len(rows)
         attention_mask = (np.arange(tokens) < lengths[:, None]).astype(np.int64)
         weights = pool_weights(attention_mask, lengths) if self._pools_by_mean else None
-        return _OrtState(attention_mask, lengths, weights, hidden=hidden)
+        return self._new_state(attention_mask, lengths, weights, hidden=hidden)
 
     def _token_arrays(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
@@ -415,6 +467,21 @@ def pool_weights(attention_mask: np.ndarray, lengths: np.ndarray | None = None) 
     return attention_mask[:, :, None].astype(np.float32) / counts[:, None, None]
 
 
+def token_indices(lengths: np.ndarray, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """A packed layer's `UNPAD_INDEX` and `PAD_INDEX` (int64) for right-padded rows of `lengths` real tokens in
+    `tokens` positions: where each real token sits in the padded [rows × tokens] layout, and which real token each
+    padded position reads (a padding position reads its row's first; attention masks it and the layer's output
+    there is never read as a token)."""
+    positions = np.arange(tokens, dtype=np.int64)
+    real = positions < lengths.astype(np.int64)[:, None]
+    starts = np.cumsum(lengths, dtype=np.int64) - lengths
+    pad_index = np.where(real, starts[:, None] + positions, starts[:, None]).reshape(-1)
+    unpad_index = np.flatnonzero(real).astype(np.int64)
+    for array in (unpad_index, pad_index):
+        array.flags.writeable = False  # may be cached and shared between calls (ORT only reads inputs)
+    return unpad_index, pad_index
+
+
 def _round_up(tokens: int, multiple: int) -> int:
     return -(-tokens // multiple) * multiple
 
@@ -467,6 +534,8 @@ def check_export(directory: Path, digest: str | None, precision: str, runtime: s
         raise ExportError("the manifest lists no graphs")
     if is_fused(runtime, precision) and manifest.pool_products is None:
         raise ExportError("made before mean pooling was one matrix product in the fused graphs")
+    if is_fused(runtime, precision) and manifest.packed_layers is None:
+        raise ExportError("made before the fused layers ran on packed tokens")
     if EXIT_FILE not in manifest.files:
         raise ExportError(f"made before the one-call exit graph ({EXIT_FILE})")
     for name, expected in manifest.files.items():

@@ -7,6 +7,8 @@ BiasGelu), then cut at the layer boundaries into the graphs the loop calls:
     layer_1.onnx    input_ids, token_type_ids, mask, pool_weights → hidden_1, logits_1   (embeddings + layer 1)
     layer_i.onnx    hidden_{i-1}, mask, pool_weights               → hidden_i, logits_i   (i = 2..n-1)
     layer_n.onnx    hidden_{n-1}, mask, pool_weights               → logits_n  (layer n + the final classifier)
+    layer_i.packed.onnx  the same, and the token indices → the same; the position-wise work on the batch's real
+                    tokens only (`pack_tokens`; fp32 only), for calls with much padding
     plain.onnx      input_ids, attention_mask, token_type_ids      → logits_n  (a plain full forward)
     exit.onnx       layer 1's inputs, exit_threshold               → exit_logits, exit_layer  (`write_exit_graph`:
                     the layer graphs nested in `If` nodes, a lone row's whole exit loop in one call)
@@ -118,6 +120,9 @@ class Manifest:
     # None in fused graphs: an export from before that rewrite, made again (not in GRAPH_FORMAT, which would also
     # void the int8 ranges stored in checkpoints).
     pool_products: int | None = None
+    # How many layer graphs run their position-wise work on packed tokens (`pack_tokens`, fused graphs only); None
+    # in fused graphs: an export from before that rewrite, made again (not in GRAPH_FORMAT, as above).
+    packed_layers: int | None = None
     files: dict[str, str] = field(default_factory=dict)  # graph file → sha256
     fusions: dict[str, int] = field(default_factory=dict)
     quantization: dict[str, Any] | None = None
@@ -144,6 +149,11 @@ class Manifest:
 
 def layer_file(layer_number: int) -> str:
     return f"layer_{layer_number}.onnx"
+
+
+def packed_layer_file(layer_number: int) -> str:
+    """The same layer running its position-wise work on packed tokens (`pack_tokens`), beside `layer_file`."""
+    return f"layer_{layer_number}.packed.onnx"
 
 
 PLAIN_FILE = "plain.onnx"
@@ -358,6 +368,162 @@ def pool_by_product(graph: Any) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     return len(replaced)
+
+
+# The inputs of a layer graph whose position-wise work runs on packed tokens (`pack_tokens`): for each real token
+# of the right-padded batch, its position in the padded [rows × tokens] layout (int64 [real tokens]); and for each
+# padded position, the real token it reads (int64 [rows × tokens]; a padding position reads its row's first).
+UNPAD_INDEX = "unpad_index"
+PAD_INDEX = "pad_index"
+# Operators that work token by token (or, dynamic quantization, over the whole tensor), found between a layer's
+# attention and its output in ONNX Runtime's fused graphs: what may run on packed tokens.
+_TOKENWISE_OPS = {
+    "Add", "BiasGelu", "FastGelu", "Gelu", "Mul", "Relu", "Tanh", "Cast", "MatMul", "MatMulInteger",
+    "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "SkipLayerNormalization",
+    "LayerNormalization", "SkipSimplifiedLayerNormalization", "QuantizeLinear", "DequantizeLinear",
+}  # fmt: skip
+
+
+def pack_tokens(graph: Any) -> bool:
+    """Rewrite one fused layer graph in place so that its position-wise work runs on the batch's real tokens only,
+    not on its padding; whether it could (False leaves the graph as it was).
+
+    The layer's input stays right-padded, [rows, tokens, hidden], as does its output: the graph gathers the real
+    tokens ([real tokens, hidden], `UNPAD_INDEX`), computes the query/key/value product and everything after
+    attention (output product, feed-forward, layer norms) on them, and only for attention itself lays the
+    products out padded again (`PAD_INDEX`) for ONNX Runtime's MultiHeadAttention, which masks by each row's token
+    count as the fused Attention did. The layer's output is padded back the same way, so the off-ramp, the next
+    layer and the loop's compaction see the layout they always did. In batches of texts in arrival order the
+    padding is most of the work it saves: SST-2 dev in batches of 32 carries 1.95 padded positions per real
+    token, 1.25 split by length (BENCHMARKS.md §22). Where there is little padding the fused Attention is faster
+    (no gathers), so the loop picks the form per call (`model.onnx_backend.PACK_ABOVE_PADDING`).
+
+    The graph must be one layer as ONNX Runtime fuses it: one Attention (its weights and bias initializers, the
+    token-count mask), two SkipLayerNormalizations (after attention, after the feed-forward), and only token-wise
+    operators between them."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    attentions = [n for n in graph.node if n.op_type == "Attention" and n.domain == "com.microsoft"]
+    if len(attentions) != 1:
+        return False
+    attention = attentions[0]
+    attributes = {a.name: a for a in attention.attribute}
+    if len(attention.input) != 4 or not attention.input[3] or set(attributes) - {"num_heads", "scale"}:
+        return False
+    padded, weight, bias, mask = attention.input
+    initializers = {i.name: i for i in graph.initializer}
+    if weight not in initializers or bias not in initializers:
+        return False
+    width = int(initializers[weight].dims[0])
+    if list(initializers[weight].dims) != [width, 3 * width]:
+        return False
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    norms = [n for n in graph.node if n.op_type == "SkipLayerNormalization"]
+    first = [n for n in norms if padded in n.input[:2]]
+    if len(norms) != 2 or len(first) != 1 or first[0].output[0] not in norms[1].input[:2]:
+        return False
+    if {id(n) for n in consumers[padded]} != {id(attention), id(first[0])}:
+        return False
+    last = norms[1]
+    # Every operator on the way from attention's output to the layer's output must work token by token.
+    between: list[Any] = []
+    frontier = [attention.output[0]]
+    seen: set[int] = set()
+    while frontier:
+        name = frontier.pop()
+        for node in consumers.get(name, []):
+            if id(node) in seen or node is last:
+                continue
+            seen.add(id(node))
+            between.append(node)
+            frontier.extend(node.output)
+    if any(node.op_type not in _TOKENWISE_OPS for node in between) or not between:
+        return False
+
+    def tensor(suffix: str) -> str:
+        return f"{padded}_{suffix}"
+
+    packed_input, layer_output = tensor("packed"), last.output[0]
+    qkv_shape = tensor("qkv_shape")
+    nodes_before = [
+        helper.make_node("Shape", [padded], [tensor("shape")], name=tensor("shape_node")),
+        helper.make_node("Shape", [padded], [tensor("rows_tokens")], name=tensor("rows_tokens_node"), end=2),
+        helper.make_node("Concat", [tensor("rows_tokens"), tensor("qkv_width")], [qkv_shape], axis=0),
+        helper.make_node("Reshape", [padded, tensor("flat_shape")], [tensor("flat")]),
+        helper.make_node("Gather", [tensor("flat"), UNPAD_INDEX], [packed_input], axis=0),
+    ]
+    heads = attributes["num_heads"].i
+    extra = {"scale": attributes["scale"].f} if "scale" in attributes else {}
+    attention_nodes = [
+        helper.make_node("MatMul", [packed_input, weight], [tensor("qkv_product")]),
+        helper.make_node("Add", [tensor("qkv_product"), bias], [tensor("qkv")]),
+        helper.make_node("Gather", [tensor("qkv"), PAD_INDEX], [tensor("qkv_padded_flat")], axis=0),
+        helper.make_node("Reshape", [tensor("qkv_padded_flat"), qkv_shape], [tensor("qkv_padded")]),
+        helper.make_node(
+            "Split", [tensor("qkv_padded"), tensor("qkv_sizes")], [tensor("q"), tensor("k"), tensor("v")], axis=2
+        ),
+        helper.make_node(
+            "MultiHeadAttention",
+            [tensor("q"), tensor("k"), tensor("v"), "", mask],
+            [tensor("context")],
+            domain="com.microsoft",
+            num_heads=heads,
+            **extra,
+        ),
+        helper.make_node("Reshape", [tensor("context"), tensor("flat_shape")], [tensor("context_flat")]),
+        helper.make_node("Gather", [tensor("context_flat"), UNPAD_INDEX], [attention.output[0]], axis=0),
+    ]
+    last.output[0] = tensor("output_packed")
+    nodes_after = [
+        helper.make_node("Gather", [tensor("output_packed"), PAD_INDEX], [tensor("output_flat")], axis=0),
+        helper.make_node("Reshape", [tensor("output_flat"), tensor("shape")], [layer_output]),
+    ]
+    first[0].input[list(first[0].input[:2]).index(padded)] = packed_input
+    nodes: list[Any] = []
+    for node in graph.node:
+        if node is attention:
+            nodes += nodes_before + attention_nodes
+            continue
+        nodes.append(node)
+        if node is last:
+            nodes += nodes_after
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([-1, width], np.int64), tensor("flat_shape")),
+            numpy_helper.from_array(np.array([3 * width], np.int64), tensor("qkv_width")),
+            numpy_helper.from_array(np.array([width] * 3, np.int64), tensor("qkv_sizes")),
+        ]
+    )
+    graph.input.extend(
+        [
+            helper.make_tensor_value_info(UNPAD_INDEX, TensorProto.INT64, ["real_tokens"]),
+            helper.make_tensor_value_info(PAD_INDEX, TensorProto.INT64, ["padded_tokens"]),
+        ]
+    )
+    del graph.value_info[:]  # shapes recorded for the padded layout; the runtime infers them again
+    return True
+
+
+def _pack_layers(directory: Path, num_layers: int) -> int:
+    """Beside each layer graph of an export, its packed form (`pack_tokens`, `packed_layer_file`) where it can be
+    rewritten; how many were. The padded ones stay: a call with little padding runs faster on them (fused
+    attention, no gathers), and the exit graph (a lone row, no padding) nests them."""
+    import onnx
+
+    packed = 0
+    for number in range(1, num_layers + 1):
+        model = onnx.load(str(directory / layer_file(number)))
+        if pack_tokens(model.graph):
+            onnx.checker.check_model(model)
+            onnx.save(model, str(directory / packed_layer_file(number)))
+            packed += 1
+    return packed
 
 
 def _split(whole: Path, directory: Path, num_layers: int, rewrite_pooling: bool) -> tuple[str, int]:
@@ -620,6 +786,9 @@ def export_graphs(
         elif precision == "int8-static":
             quantized = _quantize_static(model, staging)
         write_exit_graph(staging, model.num_layers)
+        # Dynamic int8 stays padded: its activation scale is taken over the whole tensor, so packing would move
+        # its answers away from the plain int8 graph's (which full depth runs).
+        packed_layers = (_pack_layers(staging, model.num_layers) if precision == "fp32" else 0) if fused else None
         manifest = Manifest(
             format=GRAPH_FORMAT,
             precision=precision,
@@ -634,6 +803,7 @@ def export_graphs(
             pooling=model.config.pooling,
             layer_mask_input=layer_mask,
             pool_products=pool_products,
+            packed_layers=packed_layers,
             fusions=fusions,
             quantization=quantized,
         )

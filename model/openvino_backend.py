@@ -136,6 +136,7 @@ class _OpenVinoGraph:
         self._copied_outputs = [i for i in range(len(outputs)) if i not in self._shared_outputs]
         self.takes_pool_weights = POOL_WEIGHTS in self.inputs
         self.takes_token_types = "token_type_ids" in self.inputs
+        self.takes_token_indices = False  # OpenVINO's graphs are cut as traced (`model.onnx_export.pack_tokens`)
         self._local = threading.local()
         self._bf16, self._tensor = openvino.Type.bf16, openvino.Tensor
 

@@ -12,16 +12,22 @@ import torch
 from model import exit_rule
 from model.backends import BackendError, load_backend, pick_backend
 from model.checkpoint import load_model
-from model.onnx_backend import OnnxDeeBert, cache_entry, check_export, export, load_onnx_model
+from model.onnx_backend import OnnxDeeBert, cache_entry, check_export, export, load_onnx_model, token_indices
 from model.onnx_export import (
     EXIT_FILE,
     INT8_SELECTION,
+    PAD_INDEX,
+    PLAIN_FILE,
     POOL_WEIGHTS,
+    UNPAD_INDEX,
     ExportError,
     Manifest,
     Quantization,
+    export_graphs,
     layer_file,
     model_digest,
+    pack_tokens,
+    packed_layer_file,
 )
 from tests.helpers import (
     SENTENCES,
@@ -75,6 +81,108 @@ def test_fused_graphs_pool_the_mean_by_one_product(pair) -> None:  # type: ignor
         assert not [n for n in nodes if n.op_type == "Mul" and POOL_WEIGHTS in n.input], name
         products = [n for n in nodes if n.op_type == "MatMul" and n.input[0].endswith(f"{POOL_WEIGHTS}_row")]
         assert len(products) == (model.num_layers if name == EXIT_FILE else 1), name
+
+
+def test_fused_fp32_layers_have_a_packed_form_and_batches_with_padding_take_it(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Beside every layer graph, its packed form (`pack_tokens`): it takes the token indices and attends with
+    MultiHeadAttention instead of the fused Attention. A call with much padding runs the packed layers, one with
+    little (or a lone row) the padded ones; the plain graph and the exit graph keep fused attention. Answers
+    against torch, alone and in batches of mixed lengths, with compaction and refills, are the tests around."""
+    import onnx
+
+    model, exported = pair
+    assert exported.manifest.packed_layers == model.num_layers
+    for number in range(1, model.num_layers + 1):
+        packed = onnx.load(str(exported.directory / packed_layer_file(number))).graph
+        assert {UNPAD_INDEX, PAD_INDEX} <= {i.name for i in packed.input}
+        operators = [n.op_type for n in packed.node]
+        assert "MultiHeadAttention" in operators and "Attention" not in operators
+    assert all(layer is not None and layer.takes_token_indices for layer in exported.packed_layers)
+    for name in (layer_file(1), PLAIN_FILE, EXIT_FILE):
+        graph = onnx.load(str(exported.directory / name), load_external_data=False).graph
+        assert UNPAD_INDEX not in {i.name for i in graph.input}
+        assert [n for n in _every_node(graph) if n.op_type == "Attention"], name
+
+    ran: list[bool] = []
+    original = exported.run_layer
+
+    def spy(state, layer_number):  # type: ignore[no-untyped-def]
+        ran.append(state.packed)
+        return original(state, layer_number)
+
+    exported.run_layer = spy
+    try:
+        mixed = encode(tokenizer, ["dull", "the plot was not very fun but the cast was brilliant and great"])
+        exported.infer(mixed.input_ids, mixed.attention_mask, mixed.token_type_ids, [1e-6, 1e-6])
+        assert ran and ran[0]  # padding is most of this batch's positions (once a row leaves, the other is alone)
+        ran.clear()
+        alike = encode(tokenizer, ["the movie was good", "the film was bad"])
+        assert int(alike.attention_mask.sum()) == alike.attention_mask.numel()  # no padding
+        exported.infer(alike.input_ids, alike.attention_mask, alike.token_type_ids, [1e-6, 1e-6])
+        assert ran and not any(ran)
+    finally:
+        del exported.run_layer
+
+
+def test_a_first_token_pooling_model_runs_packed_and_matches_torch(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_model("bert", pooling="first")
+    exported = export(model, tmp_path / "fp32", "fp32", threads=1)
+    assert exported.manifest.packed_layers == model.num_layers
+    assert_matches_torch(model, exported, tokenizer)
+    assert_alone_equals_batched(model, exported, tokenizer)
+
+
+def test_token_indices_pack_and_pad_right_padded_rows() -> None:
+    lengths = np.array([3, 1, 2], np.int32)
+    unpad_index, pad_index = token_indices(lengths, 3)
+    assert unpad_index.tolist() == [0, 1, 2, 3, 6, 7]  # the real tokens' places in the [3 × 3] layout
+    assert pad_index.tolist() == [0, 1, 2, 3, 3, 3, 4, 5, 4]  # padding reads its row's first token
+    assert unpad_index.dtype == pad_index.dtype == np.int64
+    padded = np.random.default_rng(0).standard_normal((3, 3, 4)).astype(np.float32)
+    packed = padded.reshape(-1, 4)[unpad_index]
+    again = packed[pad_index].reshape(3, 3, 4)
+    real = np.arange(3)[None, :] < lengths[:, None]
+    np.testing.assert_array_equal(again[real], padded[real])
+
+
+def test_graphs_packing_does_not_know_are_left_as_they_were(tmp_path: Path) -> None:
+    """OpenVINO's graphs are cut as traced (no fused Attention), dynamic int8's stay padded (its activation
+    scale spans the whole tensor): `pack_tokens` leaves a graph it cannot rewrite unchanged."""
+    import onnx
+
+    model = tiny_model("bert", pooling="mean")
+    manifest = export_graphs(model, tmp_path / "ov", "fp32", runtime="openvino")
+    assert manifest.packed_layers is None
+    graph = onnx.load(str(tmp_path / "ov" / layer_file(2))).graph
+    before = graph.SerializeToString()
+    assert pack_tokens(graph) is False
+    assert graph.SerializeToString() == before
+    int8 = export_graphs(model, tmp_path / "int8", "int8")
+    assert int8.packed_layers == 0
+    assert not list((tmp_path / "int8").glob("*.packed.onnx"))
+    # The same fused layer packs (dynamic int8 is left padded by choice, not because it cannot be rewritten)...
+    packable = onnx.load(str(tmp_path / "int8" / layer_file(2))).graph
+    assert pack_tokens(packable) is True
+    # ...but not with an operator between attention and the layer's output that is not token-wise.
+    unpacked = onnx.load(str(tmp_path / "int8" / layer_file(2))).graph
+    gelu = next(n for n in unpacked.node if n.op_type in ("BiasGelu", "FastGelu", "Gelu"))
+    gelu.op_type = "Softmax"
+    before = unpacked.SerializeToString()
+    assert pack_tokens(unpacked) is False
+    assert unpacked.SerializeToString() == before
+
+
+def test_a_fused_cache_from_before_packing_is_exported_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model = tiny_model("bert", pooling="mean")
+    directory = load_onnx_model(model, "fp32", tmp_path, threads=1).directory
+    manifest = Manifest.read(directory)
+    manifest.packed_layers = None  # as a manifest written before the field existed reads
+    manifest.write(directory)
+    with pytest.raises(ExportError, match="packed tokens"):
+        check_export(directory, model_digest(model), "fp32")
+    with caplog.at_level(logging.WARNING, logger="deebert.onnx"):
+        again = load_onnx_model(model, "fp32", tmp_path, threads=1)
+    assert "packed tokens" in caplog.text and again.manifest.packed_layers == model.num_layers
 
 
 def _every_node(graph):  # type: ignore[no-untyped-def]
