@@ -360,9 +360,10 @@ def _add_tune(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument(
         "--batch-split-tokens",
         type=int,
-        default=DEFAULT_SPLIT_TOKENS,
+        default=None,
         help="the server's DEEBERT_BATCH_SPLIT_TOKENS: batches are timed as the server runs texts that arrive one "
-        "per request, in the sample's order and split into calls over texts of like length (default %(default)s)",
+        "per request, in the sample's order and split into calls over texts of like length (default: as the "
+        f"server splits for each runtime, {DEFAULT_SPLIT_TOKENS} tokens a call, whole for packed layers)",
     )
     p.add_argument(
         "--objective",
@@ -397,6 +398,7 @@ def _run_tune(args: argparse.Namespace) -> int:
         CLOSE_CALL_TEXTS,
         TABLE_HEADER,
         Timing,
+        describe_split,
         make_sample,
         run_tune,
         table_rows,
@@ -409,7 +411,7 @@ def _run_tune(args: argparse.Namespace) -> int:
         sample = make_sample(model, load_tokenizer(directory), dataset, args.sample_size)
         print(f"wrote {sample.write(directory)} ({len(sample)} rows, labels {'yes' if sample.labels else 'no'})")
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    if args.batch_split_tokens < 0:
+    if args.batch_split_tokens is not None and args.batch_split_tokens < 0:
         raise ConfigError(f"--batch-split-tokens must be 0 or more, got {args.batch_split_tokens}")
     timing = Timing(
         batch1_rows=args.batch1_rows,
@@ -432,8 +434,8 @@ def _run_tune(args: argparse.Namespace) -> int:
             "",
             f"`{args.command_line}`, {result.seconds:.0f} s, sample: {result.sample}. Batch-1 ms: mean over "
             f"{args.batch1_rows} texts alone; batched: texts/s in batches of {args.max_batch_size} in the sample's "
-            f"order, each split into calls over texts of like length at {args.batch_split_tokens} tokens a call "
-            "(as the server runs texts arriving one per request; 0: whole); both at each "
+            f"order, each split into calls over texts of like length ({describe_split(args.batch_split_tokens)}; "
+            "as the server runs texts arriving one per request); both at each "
             "runtime's `balanced`, the best of the timed rounds after a warm-up round; `(side by side)`: the two "
             f"fastest eligible at batch 1, within {(CLOSE_CALL - 1) * 100:.0f} %, timed again on {CLOSE_CALL_TEXTS} "
             f"texts alone, each text's fastest of {CLOSE_CALL_ROUNDS} alternating passes, and likewise the two "

@@ -182,7 +182,7 @@ class _Runner:
             # as `deebert serve` runs at first start.
             served, self.chosen, self.chosen_reason = load_auto(
                 resolve_directory(settings.checkpoint), settings.cache_dir, settings.threads, settings.batch_size,
-                settings.tune_budget_s, model, split_tokens=server_split_tokens(settings),
+                settings.tune_budget_s, model, split_tokens=settings.split_tokens,
             )  # fmt: skip
             assert variant.threshold is not None
             self.threshold, _ = served.config.resolve_threshold(variant.threshold)
@@ -321,11 +321,12 @@ class _Runner:
             self.server_batches(batch_size, split_tokens)
 
 
-def server_split_tokens(settings: PeerSettings) -> int:
-    """The split setting the server would run with on the CPU: `settings.split_tokens`, or its default."""
+def server_split_tokens(settings: PeerSettings, model: Any) -> int:
+    """The split setting the server would run `model` with on the CPU: `settings.split_tokens`, or its default
+    for that model (whole batches for packed layers)."""
     from model.tokenization import split_tokens_setting
 
-    return split_tokens_setting(settings.split_tokens)
+    return split_tokens_setting(settings.split_tokens, "cpu", bool(getattr(model, "packs_tokens", False)))
 
 
 def worker(variant_key: str, settings: PeerSettings) -> None:
@@ -337,7 +338,7 @@ def worker(variant_key: str, settings: PeerSettings) -> None:
     sys.stdout = sys.stderr  # libraries' prints must not corrupt the protocol
     try:
         runner = _Runner(variant, settings)
-        runner.warm_up(settings.batch_size, server_split_tokens(settings))
+        runner.warm_up(settings.batch_size, server_split_tokens(settings, runner.exit_model))
     except Exception as err:  # reported to the driver, which records the variant as not run
         out.write(json.dumps({"error": f"{type(err).__name__}: {err}"}) + "\n")
         out.flush()
@@ -358,7 +359,7 @@ def worker(variant_key: str, settings: PeerSettings) -> None:
         elif command["op"] == "refilled":
             answer = runner.refilled(settings.batch_size)
         elif command["op"] == "server_batches":
-            answer = runner.server_batches(settings.batch_size, server_split_tokens(settings))
+            answer = runner.server_batches(settings.batch_size, server_split_tokens(settings, runner.exit_model))
         else:
             break
         out.write(json.dumps(answer) + "\n")

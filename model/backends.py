@@ -148,6 +148,7 @@ class SplitExitModel(EarlyExitModel):
     def __init__(self, single: ExitModel, batched: ExitModel) -> None:
         if (single.num_layers, single.config.num_labels) != (batched.num_layers, batched.config.num_labels):
             raise BackendError("the two runtimes of a split serve different models")
+        self.packs_tokens = batched.packs_tokens  # only batches have padding
         self.single = single
         self.batched = batched
         self.config = single.config

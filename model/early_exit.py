@@ -477,6 +477,9 @@ class EarlyExitModel:
     # Whether the steps compute with torch modules, which then run under `torch.inference_mode` (a backend
     # that computes elsewhere skips entering it: at batch 1 that is a measurable share of a request).
     computes_in_torch = True
+    # Whether the layers skip a batch's padding themselves (`model.onnx_export.pack_tokens`): then a batch of texts
+    # of mixed lengths runs as one call, not split by length (`model.tokenization.split_tokens_setting`).
+    packs_tokens = False
 
     @property
     def backend(self) -> str:

@@ -158,12 +158,15 @@ def groups_by_length(items: Sequence[Sized], size: int) -> list[list[int]]:
 DEFAULT_SPLIT_TOKENS = 100
 
 
-def split_tokens_setting(setting: int | None, device_type: str = "cpu") -> int:
+def split_tokens_setting(setting: int | None, device_type: str = "cpu", packs_tokens: bool = False) -> int:
     """The split setting a server runs with: `setting` (DEEBERT_BATCH_SPLIT_TOKENS), or where unset
-    `DEFAULT_SPLIT_TOKENS` on the CPU and 0 (batches whole) on other devices."""
+    `DEFAULT_SPLIT_TOKENS` on the CPU and 0 (batches whole) on other devices and for a model whose layers skip
+    the padding themselves (`packs_tokens`: ONNX Runtime fp32's packed layers). For those, whole arrival-order
+    batches served 1.06-1.11x the requests/s of batches split at 100 at 32 connections and 1.01-1.05x at 4 on
+    the AVX2-only AMD EPYC (`python -m benchmarks.server_ab`, BENCHMARKS.md §22): the split only adds calls."""
     if setting is not None:
         return setting
-    return DEFAULT_SPLIT_TOKENS if device_type == "cpu" else 0
+    return DEFAULT_SPLIT_TOKENS if device_type == "cpu" and not packs_tokens else 0
 
 
 def arrival_batches(lengths: Sequence[int], batch_size: int, call_tokens: int) -> list[list[int]]:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.tokenization import DEFAULT_SPLIT_TOKENS
+from model.tokenization import DEFAULT_SPLIT_TOKENS, split_tokens_setting
 
 logger = logging.getLogger("deebert.tune")
 
@@ -40,8 +40,9 @@ SAMPLE_FILE = "tune_sample.jsonl"
 # 4: close calls retimed text by text on CLOSE_CALL_TEXTS texts (the key holds deebert's code digest too);
 # 5: close calls in batches retimed too (batch by batch on CLOSE_CALL_BATCHED_TEXTS texts); 6: batches timed as
 # the server runs texts arriving one per request (in the sample's order, split as DEEBERT_BATCH_SPLIT_TOKENS
-# splits them), not length-sorted
-TUNE_FORMAT = 6
+# splits them), not length-sorted; 7: each candidate's batches split as the server would split them for it (whole for
+# ONNX Runtime fp32's packed layers)
+TUNE_FORMAT = 7
 MIN_AGREEMENT = 0.995  # labels at balanced equal to fp32's at balanced
 MAX_ACCURACY_DROP = 0.005  # balanced accuracy below fp32 full depth (a fraction: 0.5 point)
 # Two eligible candidates this close at batch 1 (the slower's ms at most this times the faster's) are timed again
@@ -265,8 +266,21 @@ class Timing:
     rounds: int = 2
     clock: Callable[[], float] = time.perf_counter
     # Batches as the server runs texts that arrive one per request: in the sample's order, each batch split into
-    # calls over texts of like length at this setting (`arrival_batches`; the server's DEEBERT_BATCH_SPLIT_TOKENS).
-    split_tokens: int = DEFAULT_SPLIT_TOKENS
+    # calls over texts of like length at this setting (`arrival_batches`; the server's DEEBERT_BATCH_SPLIT_TOKENS;
+    # None: each candidate's default, as the server would split for it, `candidate_split_tokens`).
+    split_tokens: int | None = None
+
+
+def describe_split(setting: int | None) -> str:
+    """How the tune splits its batches, in words."""
+    if setting is None:
+        return f"the server's default: {DEFAULT_SPLIT_TOKENS} tokens a call, whole for packed layers"
+    return f"{setting} tokens a call" if setting else "whole"
+
+
+def candidate_split_tokens(model: Any, timing: Timing) -> int:
+    """The split setting the server would run `model` with on the CPU under `timing.split_tokens`."""
+    return split_tokens_setting(timing.split_tokens, "cpu", bool(getattr(model, "packs_tokens", False)))
 
 
 def _answers(model: Any, batches: Sequence[Any], threshold: float) -> list[int]:
@@ -291,7 +305,7 @@ def time_candidate(
     """(batch-1 mean ms, batched texts/s) at `threshold`: a warm-up pass, then the best of `timing.rounds`."""
     singles = batch1_inputs(encoded, pad_id, timing)
     timed = encoded[: timing.batched_rows]
-    batches = batched_inputs(timed, pad_id, timing.batch_size, timing.split_tokens)
+    batches = batched_inputs(timed, pad_id, timing.batch_size, candidate_split_tokens(model, timing))
     best_single, best_batched = float("inf"), float("inf")
     for round_number in range(timing.rounds + 1):  # round 0 warms the runtime's kernels for these shapes
         single = batch1_pass_ms(model, singles, threshold, timing.clock)
@@ -525,7 +539,7 @@ def fingerprint(
     threads: int | None,
     batch_size: int,
     flags: Sequence[str] | None = None,
-    split_tokens: int = DEFAULT_SPLIT_TOKENS,
+    split_tokens: int | None = None,
 ) -> dict[str, Any]:
     """What a tuned choice holds for: this CPU, these weights, these runtimes, these settings."""
     from model.onnx_export import GRAPH_FORMAT
@@ -665,7 +679,7 @@ def run_tune(
         loaded: dict[str, tuple[Any, float]] = {}
         singles = batch1_inputs(encoded, pad_id, replace(timing, batch1_rows=max(timing.batch1_rows, CLOSE_CALL_TEXTS)))
         close_rows = min(len(encoded), CLOSE_CALL_BATCHED_TEXTS)
-        close_batches = batched_inputs(encoded[:close_rows], pad_id, timing.batch_size, timing.split_tokens)
+        close_batches: dict[int, list[Any]] = {}  # by split setting
         warmed: set[tuple[str, bool]] = set()
 
         def time_one(key: str, batched: bool) -> list[float]:
@@ -681,11 +695,14 @@ def run_tune(
                 quiet_torch_threads()
             served, threshold = loaded[key]
             with torch.inference_mode():
+                split = candidate_split_tokens(served, timing)
+                if batched and split not in close_batches:
+                    close_batches[split] = batched_inputs(encoded[:close_rows], pad_id, timing.batch_size, split)
                 if (key, batched) not in warmed:
                     warmed.add((key, batched))
-                    _answers(served, close_batches if batched else singles, threshold)
+                    _answers(served, close_batches[split] if batched else singles, threshold)
                 if batched:
-                    return batch_seconds(served, close_batches, threshold, timing.clock)
+                    return batch_seconds(served, close_batches[split], threshold, timing.clock)
                 return batch1_text_ms(served, singles, threshold, timing.clock)
 
         def affordable(first: Measurement, second: Measurement, batched: bool) -> bool:
@@ -726,10 +743,11 @@ def run_tune(
             if batched:
                 logger.info(
                     "tune: %s and %s were within %.0f%% in batches; side by side (%d texts in batches of %d in"
-                    " arrival order, split at %d tokens a call, each call's fastest of %d passes): %.0f and %.0f"
-                    " texts/s",
+                    " arrival order, split as the server would for each (%s), each call's fastest of %d passes): %.0f"
+                    " and %.0f texts/s",
                     first.candidate, second.candidate, (CLOSE_CALL - 1) * 100, close_rows, timing.batch_size,
-                    timing.split_tokens, CLOSE_CALL_ROUNDS, first.batched_per_s, second.batched_per_s,
+                    describe_split(timing.split_tokens), CLOSE_CALL_ROUNDS, first.batched_per_s,
+                    second.batched_per_s,
                 )  # fmt: skip
             else:
                 logger.info(
@@ -822,7 +840,7 @@ def resolve_auto(
     threads: int | None,
     batch_size: int,
     budget_s: float,
-    split_tokens: int = DEFAULT_SPLIT_TOKENS,
+    split_tokens: int | None = None,
 ) -> tuple[Candidate, Candidate | None, str]:
     """The runtime `--backend auto` serves on this CPU (and, with a split, the one for batches), and why: the
     cached tune for this fingerprint; else a tune bounded by `budget_s` (0: none, the default candidate with a
@@ -911,7 +929,7 @@ def load_auto(
     batch_size: int,
     budget_s: float,
     checkpoint: Any = None,
-    split_tokens: int = DEFAULT_SPLIT_TOKENS,
+    split_tokens: int | None = None,
 ) -> tuple[Any, str, str]:
     """What `--backend auto` serves on this CPU (`resolve_auto`, then `load_served`), loaded; the candidate
     key(s) it serves (`single+batched` for a split) and why. `checkpoint`: the fp32 model, if already loaded."""

@@ -89,7 +89,7 @@ class Engine:
     ) -> None:
         """`split_tokens`: a batch runs as several calls over rows of like length when that saves more padded
         tokens than this per extra call (`split_by_padding`); 0 never splits; None: `DEFAULT_SPLIT_TOKENS` on the
-        CPU, 0 on other devices."""
+        CPU, 0 on other devices and for layers that skip the padding themselves (`split_tokens_setting`)."""
         if isinstance(model, DeeBert):
             model = model.to(device or model.device).eval()
         elif device is not None and device != model.device:
@@ -107,7 +107,7 @@ class Engine:
         self.pad_token_id = int(tokenizer.pad_token_id)  # type: ignore[attr-defined]
         self.default_threshold = self._default_threshold(default_threshold)
         self.compaction = compaction
-        self.split_tokens = split_tokens_setting(split_tokens, self.device.type)
+        self.split_tokens = split_tokens_setting(split_tokens, self.device.type, model.packs_tokens)
         # Why this backend and precision serve: requested, or `auto`'s measured choice (`model.tune`).
         self.backend_reason = "given"
 
@@ -134,7 +134,7 @@ class Engine:
                     settings.threads,
                     settings.max_batch_size,
                     settings.tune_budget_s,
-                    split_tokens=split_tokens_setting(settings.batch_split_tokens, device.type),
+                    split_tokens=settings.batch_split_tokens,  # None: each candidate's default
                 )
             else:
                 model = load_backend(

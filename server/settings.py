@@ -82,7 +82,8 @@ class ServerSettings(BaseSettings):
         None,
         ge=0,
         description="run a batch of texts of unlike lengths as several calls over texts of like length when that "
-        "saves more padded tokens than this per extra call; 0 = never; default: 100 on the CPU, 0 on a GPU",
+        "saves more padded tokens than this per extra call; 0 = never; default: 100 on the CPU, 0 on a GPU and for "
+        "layers that skip the padding themselves (ONNX Runtime fp32)",
     )
     warmup: bool = Field(True, description="run warm-up batches before reporting ready")
     batches_on_loop: Literal["none", "alone", "all"] = Field(

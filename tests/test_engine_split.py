@@ -57,6 +57,19 @@ def test_a_split_batch_answers_every_row_as_the_whole_batch_does(tmp_path: Path,
     assert whole[2].exit_layer == 1 and whole[0].exit_layer == engine.num_layers
 
 
+def test_packed_layers_take_batches_whole_by_default(tmp_path: Path) -> None:
+    """ONNX Runtime fp32's layers skip the padding themselves (`pack_tokens`): splitting would only add calls."""
+    pytest.importorskip("onnxruntime")
+    from model.backends import load_backend
+
+    engine = tiny_engine(write_word_vocab(tmp_path))
+    exported = load_backend(engine.model, "onnxruntime", "fp32", tmp_path / "cache", 1)
+    assert exported.packs_tokens
+    packed = Engine(exported, engine.tokenizer, device=torch.device("cpu"))
+    assert packed.split_tokens == 0
+    assert Engine(exported, engine.tokenizer, device=torch.device("cpu"), split_tokens=100).split_tokens == 100
+
+
 def test_batches_split_by_default_on_the_cpu_only(tmp_path: Path) -> None:
     engine = tiny_engine(write_word_vocab(tmp_path))
     assert engine.device.type == "cpu" and engine.split_tokens == DEFAULT_SPLIT_TOKENS > 0

@@ -126,6 +126,9 @@ def test_the_split_setting_defaults_by_device_and_a_set_value_stands() -> None:
     assert split_tokens_setting(None) == split_tokens_setting(None, "cpu") == DEFAULT_SPLIT_TOKENS > 0
     assert split_tokens_setting(None, "cuda") == 0, "on a GPU batches stay whole"
     assert split_tokens_setting(40, "cuda") == 40 and split_tokens_setting(0, "cpu") == 0
+    # Layers that skip the padding themselves (ONNX Runtime fp32's packed layers) take batches whole.
+    assert split_tokens_setting(None, "cpu", packs_tokens=True) == 0
+    assert split_tokens_setting(40, "cpu", packs_tokens=True) == 40
 
 
 def test_the_split_is_the_cheapest_partition_of_the_rows_sorted_by_length() -> None:

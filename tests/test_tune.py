@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from model.tune import (
     batched_inputs,
     cache_path,
     cached_result,
+    candidate_split_tokens,
     choose,
     fingerprint,
     judge,
@@ -429,4 +431,10 @@ def test_batches_are_timed_as_the_server_runs_texts_arriving_one_per_request() -
     assert [tuple(b.input_ids.shape) for b in whole] == [(4, 31), (4, 29)], "in arrival order, padded to the longest"
     split = batched_inputs(encoded, 0, 4, 20)
     assert [tuple(b.input_ids.shape) for b in split] == [(2, 6), (2, 31), (2, 7), (2, 29)]
-    assert Timing().split_tokens == DEFAULT_SPLIT_TOKENS, "the server's default on the CPU"
+    # Unset, each candidate's batches split as the server would split them for it: whole for packed layers.
+    assert Timing().split_tokens is None
+    padded, packed = types.SimpleNamespace(packs_tokens=False), types.SimpleNamespace(packs_tokens=True)
+    assert candidate_split_tokens(padded, Timing()) == DEFAULT_SPLIT_TOKENS
+    assert candidate_split_tokens(packed, Timing()) == 0
+    set_to_50 = Timing(split_tokens=50)
+    assert candidate_split_tokens(packed, set_to_50) == candidate_split_tokens(padded, set_to_50) == 50
