@@ -162,8 +162,10 @@ def split_tokens_setting(setting: int | None, device_type: str = "cpu", packs_to
     """The split setting a server runs with: `setting` (DEEBERT_BATCH_SPLIT_TOKENS), or where unset
     `DEFAULT_SPLIT_TOKENS` on the CPU and 0 (batches whole) on other devices and for a model whose layers skip
     the padding themselves (`packs_tokens`: ONNX Runtime fp32's packed layers). For those, whole arrival-order
-    batches served 1.06-1.11x the requests/s of batches split at 100 at 32 connections and 1.01-1.05x at 4 on
-    the AVX2-only AMD EPYC (`python -m benchmarks.server_ab`, BENCHMARKS.md §22): the split only adds calls."""
+    batches served a median 1.06x and 1.10x the requests/s of batches split at 100 at 32 connections (6 of 7 A/B
+    pairs higher) and 0.92x and 1.02x at 4 (5 of 7) on the AVX2-only AMD EPYC (`python -m benchmarks.server_ab`,
+    BENCHMARKS.md §22), and 1.03-1.08x the texts/s in process: the split keeps most calls under the padding that
+    turns packing on and adds calls."""
     if setting is not None:
         return setting
     return DEFAULT_SPLIT_TOKENS if device_type == "cpu" and not packs_tokens else 0
