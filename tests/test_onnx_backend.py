@@ -172,19 +172,6 @@ def test_graphs_packing_does_not_know_are_left_as_they_were(tmp_path: Path) -> N
     assert unpacked.SerializeToString() == before
 
 
-def test_a_fused_cache_from_before_packing_is_exported_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    model = tiny_model("bert", pooling="mean")
-    directory = load_onnx_model(model, "fp32", tmp_path, threads=1).directory
-    manifest = Manifest.read(directory)
-    manifest.packed_layers = None  # as a manifest written before the field existed reads
-    manifest.write(directory)
-    with pytest.raises(ExportError, match="packed tokens"):
-        check_export(directory, model_digest(model), "fp32")
-    with caplog.at_level(logging.WARNING, logger="deebert.onnx"):
-        again = load_onnx_model(model, "fp32", tmp_path, threads=1)
-    assert "packed tokens" in caplog.text and again.manifest.packed_layers == model.num_layers
-
-
 def _every_node(graph):  # type: ignore[no-untyped-def]
     """The nodes of `graph` and of every subgraph nested in it (the exit graph's `If` branches)."""
     for node in graph.node:
@@ -248,19 +235,24 @@ def test_a_lone_row_leaves_in_one_call_of_the_exit_graph_as_the_steps_would(pair
     assert calls == [1]
 
 
-def test_a_fused_cache_from_before_the_pooling_product_is_exported_again(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("field", "message"), [("pool_products", "one matrix product"), ("packed_layers", "packed tokens")]
+)
+def test_a_fused_cache_from_before_a_graph_rewrite_is_exported_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, field: str, message: str
 ) -> None:
+    """A manifest without the record of a later rewrite of the fused graphs (mean pooling as one product, the
+    packed layers) was written before it: the cache entry is exported again, with a warning saying why."""
     model = tiny_model("bert", pooling="mean")
     directory = load_onnx_model(model, "fp32", tmp_path, threads=1).directory
     manifest = Manifest.read(directory)
-    manifest.pool_products = None  # as a manifest written before the field existed reads
+    setattr(manifest, field, None)  # as a manifest written before the field existed reads
     manifest.write(directory)
-    with pytest.raises(ExportError, match="one matrix product"):
+    with pytest.raises(ExportError, match=message):
         check_export(directory, model_digest(model), "fp32")
     with caplog.at_level(logging.WARNING, logger="deebert.onnx"):
         again = load_onnx_model(model, "fp32", tmp_path, threads=1)
-    assert "one matrix product" in caplog.text and again.manifest.pool_products == model.num_layers
+    assert message in caplog.text and getattr(again.manifest, field) == model.num_layers
 
 
 @pytest.mark.parametrize("name", ["max-prob", "patience"])
