@@ -207,7 +207,9 @@ class StepGraphModel(EarlyExitModel):
             self.load_graph(directory / packed_layer_file(i)) if packed_layer_file(i) in manifest.files else None
             for i in range(1, config.num_layers + 1)
         ]
-        self._packs = self.packs_tokens = any(layer is not None for layer in self.packed_layers)
+        self._packs = any(layer is not None for layer in self.packed_layers)
+        # Batches stay whole (`model.tokenization.split_tokens_setting`) only when every layer can skip the padding.
+        self.packs_tokens = all(layer is not None for layer in self.packed_layers)
         self.plain = self.load_graph(directory / PLAIN_FILE)
         # A lone row's whole exit loop in one call (`exit_in_one_call`); None in an export made without it.
         self.exit_graph = self.load_graph(directory / EXIT_FILE) if EXIT_FILE in manifest.files else None

@@ -124,6 +124,18 @@ def test_fused_fp32_layers_have_a_packed_form_and_batches_with_padding_take_it(p
         del exported.run_layer
 
 
+def test_batches_stay_whole_only_when_every_layer_packs(pair) -> None:  # type: ignore[no-untyped-def]
+    """A layer without a packed form runs padded; the server then keeps splitting batches by length."""
+    import dataclasses
+
+    model, exported = pair
+    assert exported.packs_tokens
+    files = {name: digest for name, digest in exported.manifest.files.items() if name != packed_layer_file(2)}
+    partial = OnnxDeeBert(model.config, exported.directory, dataclasses.replace(exported.manifest, files=files), 1)
+    assert partial.packed_layers[1] is None and partial.packed_layers[0] is not None
+    assert not partial.packs_tokens
+
+
 def test_a_first_token_pooling_model_runs_packed_and_matches_torch(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
     model = tiny_model("bert", pooling="first")
     exported = export(model, tmp_path / "fp32", "fp32", threads=1)
