@@ -305,28 +305,23 @@ class _Runner:
             labels[row], layers[row] = result.label[position], result.exit_layer[position]
         return {"ns": elapsed, "labels": labels, "layers": layers}
 
-    def server_batches(self, batch_size: int, split_tokens: int) -> dict[str, Any]:
+    def server_batches(self, batch_size: int, split_setting: int | None) -> dict[str, Any]:
         """Every sentence in the data's order, as `deebert serve` runs texts arriving one per request: batches of
-        `batch_size`, each split into calls over texts of like length at `split_tokens` (`arrival_batches`);
-        the calls are padded before the timing. What `deebert tune` times in batches."""
+        `batch_size`, each split into calls over texts of like length as the server splits them for this model
+        under DEEBERT_BATCH_SPLIT_TOKENS=`split_setting` (`candidate_split_tokens`, `arrival_batches`); the calls
+        are padded before the timing. What `deebert tune` times in batches."""
         from model.tokenization import arrival_batches
+        from model.tune import candidate_split_tokens
 
+        split_tokens = candidate_split_tokens(self.exit_model, split_setting)
         return self._timed_calls(arrival_batches([len(item) for item in self.encoded], batch_size, split_tokens))
 
-    def warm_up(self, batch_size: int, split_tokens: int) -> None:
+    def warm_up(self, batch_size: int, split_setting: int | None) -> None:
         self.batch1(range(min(10, len(self.encoded))))
         self.batched(batch_size)
         if self.exit_model is not None:
             self.refilled(batch_size)
-            self.server_batches(batch_size, split_tokens)
-
-
-def server_split_tokens(settings: PeerSettings, model: Any) -> int:
-    """The split setting the server would run `model` with on the CPU: `settings.split_tokens`, or its default
-    for that model (whole batches for packed layers)."""
-    from model.tokenization import split_tokens_setting
-
-    return split_tokens_setting(settings.split_tokens, "cpu", bool(getattr(model, "packs_tokens", False)))
+            self.server_batches(batch_size, split_setting)
 
 
 def worker(variant_key: str, settings: PeerSettings) -> None:
@@ -338,7 +333,7 @@ def worker(variant_key: str, settings: PeerSettings) -> None:
     sys.stdout = sys.stderr  # libraries' prints must not corrupt the protocol
     try:
         runner = _Runner(variant, settings)
-        runner.warm_up(settings.batch_size, server_split_tokens(settings, runner.exit_model))
+        runner.warm_up(settings.batch_size, settings.split_tokens)
     except Exception as err:  # reported to the driver, which records the variant as not run
         out.write(json.dumps({"error": f"{type(err).__name__}: {err}"}) + "\n")
         out.flush()
@@ -359,7 +354,7 @@ def worker(variant_key: str, settings: PeerSettings) -> None:
         elif command["op"] == "refilled":
             answer = runner.refilled(settings.batch_size)
         elif command["op"] == "server_batches":
-            answer = runner.server_batches(settings.batch_size, server_split_tokens(settings, runner.exit_model))
+            answer = runner.server_batches(settings.batch_size, settings.split_tokens)
         else:
             break
         out.write(json.dumps(answer) + "\n")

@@ -226,7 +226,6 @@ class StepGraphModel(EarlyExitModel):
         self._pools_by_mean = any(layer.takes_pool_weights for layer in self.layers)
         self._unpadded_inputs: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         self._bucketed_inputs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray | None]] = {}
-        self._unpadded_indices: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def load_graph(self, path: Path) -> StepGraph:
         """The runtime's compiled graph of one step."""
@@ -301,18 +300,9 @@ class StepGraphModel(EarlyExitModel):
             inputs[POOL_WEIGHTS] = state.pool_weights
         if graph.takes_token_indices:
             if state.token_indices is None:
-                state.token_indices = self._token_indices(state.lengths, state.attention_mask.shape[1])
+                state.token_indices = token_indices(state.lengths, state.attention_mask.shape[1])
             inputs[UNPAD_INDEX], inputs[PAD_INDEX] = state.token_indices
         return inputs
-
-    def _token_indices(self, lengths: np.ndarray, tokens: int) -> tuple[np.ndarray, np.ndarray]:
-        """`token_indices`, from a cache by length for one unpadded row (every batch-1 request)."""
-        if len(lengths) == 1 and lengths[0] == tokens:
-            cached = self._unpadded_indices.get(tokens)
-            if cached is None:
-                cached = self._unpadded_indices[tokens] = token_indices(lengths, tokens)
-            return cached
-        return token_indices(lengths, tokens)
 
     def off_ramp_logits(self, state: _OrtState, layer_number: int) -> torch.Tensor:
         """Computed in the layer's call (`run_layer`), read here without a copy."""
@@ -479,8 +469,6 @@ def token_indices(lengths: np.ndarray, tokens: int) -> tuple[np.ndarray, np.ndar
     starts = np.cumsum(lengths, dtype=np.int64) - lengths
     pad_index = np.where(real, starts[:, None] + positions, starts[:, None]).reshape(-1)
     unpad_index = np.flatnonzero(real).astype(np.int64)
-    for array in (unpad_index, pad_index):
-        array.flags.writeable = False  # may be cached and shared between calls (ORT only reads inputs)
     return unpad_index, pad_index
 
 

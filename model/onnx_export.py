@@ -314,6 +314,15 @@ def is_fused(runtime: str, precision: str) -> bool:
     return runtime == "onnxruntime" and precision != "int8-static"
 
 
+def _consumers(graph: Any) -> dict[str, list[Any]]:
+    """Each tensor name of `graph` → the nodes that read it."""
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
 def pool_by_product(graph: Any) -> int:
     """Mean pooling's multiply-and-sum (`hidden * pool_weights`, summed over tokens) rewritten in place as one
     batched matrix product, `pool_weights` laid out [batch, 1, tokens] (a reshape, no copy) times the hidden
@@ -327,10 +336,7 @@ def pool_by_product(graph: Any) -> int:
     import numpy as np
     from onnx import helper, numpy_helper
 
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(graph)
     constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
@@ -418,10 +424,7 @@ def pack_tokens(graph: Any) -> bool:
     width = int(initializers[weight].dims[0])
     if list(initializers[weight].dims) != [width, 3 * width]:
         return False
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(graph)
     norms = [n for n in graph.node if n.op_type == "SkipLayerNormalization"]
     first = [n for n in norms if padded in n.input[:2]]
     if len(norms) != 2 or len(first) != 1 or first[0].output[0] not in norms[1].input[:2]:

@@ -278,9 +278,10 @@ def describe_split(setting: int | None) -> str:
     return f"{setting} tokens a call" if setting else "whole"
 
 
-def candidate_split_tokens(model: Any, timing: Timing) -> int:
-    """The split setting the server would run `model` with on the CPU under `timing.split_tokens`."""
-    return split_tokens_setting(timing.split_tokens, "cpu", bool(getattr(model, "packs_tokens", False)))
+def candidate_split_tokens(model: Any, setting: int | None) -> int:
+    """The split setting the server would run `model` with on the CPU under DEEBERT_BATCH_SPLIT_TOKENS=`setting`
+    (None: unset, whole batches for packed layers)."""
+    return split_tokens_setting(setting, "cpu", model.packs_tokens)
 
 
 def _answers(model: Any, batches: Sequence[Any], threshold: float) -> list[int]:
@@ -305,7 +306,7 @@ def time_candidate(
     """(batch-1 mean ms, batched texts/s) at `threshold`: a warm-up pass, then the best of `timing.rounds`."""
     singles = batch1_inputs(encoded, pad_id, timing)
     timed = encoded[: timing.batched_rows]
-    batches = batched_inputs(timed, pad_id, timing.batch_size, candidate_split_tokens(model, timing))
+    batches = batched_inputs(timed, pad_id, timing.batch_size, candidate_split_tokens(model, timing.split_tokens))
     best_single, best_batched = float("inf"), float("inf")
     for round_number in range(timing.rounds + 1):  # round 0 warms the runtime's kernels for these shapes
         single = batch1_pass_ms(model, singles, threshold, timing.clock)
@@ -695,7 +696,7 @@ def run_tune(
                 quiet_torch_threads()
             served, threshold = loaded[key]
             with torch.inference_mode():
-                split = candidate_split_tokens(served, timing)
+                split = candidate_split_tokens(served, timing.split_tokens)
                 if batched and split not in close_batches:
                     close_batches[split] = batched_inputs(encoded[:close_rows], pad_id, timing.batch_size, split)
                 if (key, batched) not in warmed:

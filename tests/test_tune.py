@@ -434,7 +434,7 @@ def test_batches_are_timed_as_the_server_runs_texts_arriving_one_per_request() -
     # Unset, each candidate's batches split as the server would split them for it: whole for packed layers.
     assert Timing().split_tokens is None
     padded, packed = types.SimpleNamespace(packs_tokens=False), types.SimpleNamespace(packs_tokens=True)
-    assert candidate_split_tokens(padded, Timing()) == DEFAULT_SPLIT_TOKENS
-    assert candidate_split_tokens(packed, Timing()) == 0
-    set_to_50 = Timing(split_tokens=50)
+    assert candidate_split_tokens(padded, Timing().split_tokens) == DEFAULT_SPLIT_TOKENS
+    assert candidate_split_tokens(packed, Timing().split_tokens) == 0
+    set_to_50 = Timing(split_tokens=50).split_tokens
     assert candidate_split_tokens(packed, set_to_50) == candidate_split_tokens(padded, set_to_50) == 50
