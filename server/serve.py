@@ -8,7 +8,7 @@ import os
 import sys
 import types
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -21,6 +21,9 @@ from server.memory import (
     reexec,
 )
 from server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 logger = logging.getLogger("deebert.serve")
 
@@ -54,6 +57,16 @@ class DrainingServer(uvicorn.Server):
         # uvicorn re-raises a captured signal after shutdown (exit status -15); a completed drain is a
         # clean exit, so orchestrators see 0.
         self._captured_signals.clear()
+
+
+def http_server(app: FastAPI, config: uvicorn.Config, on_signal: Any = None) -> DrainingServer:
+    """uvicorn's server for the app, with the app's batcher counting the requests uvicorn has accepted (its request
+    tasks, made as each request's head is read): a request whose task has not run yet is in flight too
+    (`server.state.requests_in_flight`). `on_signal`: called first on SIGTERM/SIGINT (readiness turns 503)."""
+    server = DrainingServer(config, on_signal or (lambda: None))
+    tasks = server.server_state.tasks
+    app.state.deebert.accepted_requests = tasks.__len__
+    return server
 
 
 def serve(settings: ServerSettings, allocator_note: str = "") -> int:
@@ -96,7 +109,7 @@ def serve(settings: ServerSettings, allocator_note: str = "") -> int:
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
         access_log=settings.log_level == "debug",
     )
-    server = DrainingServer(config, start_draining)
+    server = http_server(app, config, start_draining)
     server.run()
     return 0
 

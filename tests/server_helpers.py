@@ -19,6 +19,7 @@ from model.config import Preset
 from model.tokenization import load_tokenizer
 from server.app import create_app
 from server.engine import Engine
+from server.serve import http_server
 from server.settings import ServerSettings
 from tests.helpers import tiny_model, write_vocab
 
@@ -64,7 +65,7 @@ def uvicorn_serving(app: FastAPI) -> Iterator[str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = int(probe.getsockname()[1])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = http_server(app, uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
