@@ -62,6 +62,12 @@ logger = logging.getLogger("deebert.onnx")
 # texts/s, arrival-order batches split by length (20 %) at 1.07x and whole ones (49 %) at 1.43x.
 PACK_ABOVE_PADDING = 0.1
 
+
+def _mostly_padding(tokens: int, positions: int) -> bool:
+    """Whether rows holding `tokens` real tokens in `positions` padded positions run the packed layers."""
+    return 1.0 - tokens / positions > PACK_ABOVE_PADDING
+
+
 _pool_lock = threading.Lock()
 _global_pool_threads: int | None = None
 
@@ -262,9 +268,7 @@ class StepGraphModel(EarlyExitModel):
         """A state for these rows, running the packed layers when padding is more than `PACK_ABOVE_PADDING` of
         their positions."""
         state = _OrtState(attention_mask, lengths, weights, input_ids, token_type_ids, hidden)
-        if self._packs:
-            rows, tokens = attention_mask.shape
-            state.packed = 1.0 - int(lengths.sum()) / (rows * tokens) > PACK_ABOVE_PADDING
+        state.packed = self._packs and _mostly_padding(int(lengths.sum()), attention_mask.size)
         return state
 
     def run_layer(self, state: _OrtState, layer_number: int) -> _OrtState:
@@ -311,9 +315,13 @@ class StepGraphModel(EarlyExitModel):
 
     def full_depth_logits(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         """One call of the fused full graph: measured 8 % faster at batch 1 than the n layer graphs in turn
-        (the same kernels; fewer calls and better-warmed caches), so full-depth batches take it."""
+        (the same kernels; fewer calls and better-warmed caches), so full-depth batches take it. Not a batch
+        with much padding when the layers pack (None: the loop runs them, packed): SST-2 dev in arrival order,
+        batches of 32, ran 1.5x faster so (BENCHMARKS.md §23)."""
+        if self._packs and _mostly_padding(int(attention_mask.sum()), attention_mask.numel()):
+            return None
         return self.plain_forward(input_ids, attention_mask, token_type_ids)
 
     def keep_rows(self, state: _OrtState, keep_index: torch.Tensor) -> _OrtState:

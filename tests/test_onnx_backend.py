@@ -124,6 +124,39 @@ def test_fused_fp32_layers_have_a_packed_form_and_batches_with_padding_take_it(p
         del exported.run_layer
 
 
+def test_a_full_depth_batch_with_much_padding_runs_the_packed_layers(pair, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """At threshold 0 a batch takes one call of the fused full graph, except when padding is much of it: then the
+    layers run packed, one by one, to the same answers as torch's full depth."""
+    model, exported = pair
+    ran: list[bool] = []
+    plain_calls: list[int] = []
+    run_layer, plain_forward = exported.run_layer, exported.plain_forward
+
+    def spy_layer(state, layer_number):  # type: ignore[no-untyped-def]
+        ran.append(state.packed)
+        return run_layer(state, layer_number)
+
+    def spy_plain(input_ids, *args):  # type: ignore[no-untyped-def]
+        plain_calls.append(input_ids.shape[0])
+        return plain_forward(input_ids, *args)
+
+    exported.run_layer, exported.plain_forward = spy_layer, spy_plain
+    try:
+        mixed = encode(tokenizer, ["dull", "the plot was not very fun but the cast was brilliant and great"])
+        answers = exported.infer(mixed.input_ids, mixed.attention_mask, mixed.token_type_ids, [0.0, 0.0])
+        assert ran == [True] * model.num_layers and not plain_calls
+        assert answers.exit_layer == [model.num_layers] * 2
+        with torch.no_grad():
+            expected = model.infer(mixed.input_ids, mixed.attention_mask, mixed.token_type_ids, [0.0, 0.0])
+        assert torch.allclose(answers.probabilities, expected.probabilities, atol=1e-4)
+        ran.clear()
+        alike = encode(tokenizer, ["the movie was good", "the film was bad"])
+        exported.infer(alike.input_ids, alike.attention_mask, alike.token_type_ids, [0.0, 0.0])
+        assert not ran and plain_calls == [2]
+    finally:
+        del exported.run_layer, exported.plain_forward
+
+
 def test_batches_stay_whole_only_when_every_layer_packs(pair) -> None:  # type: ignore[no-untyped-def]
     """A layer without a packed form runs padded; the server then keeps splitting batches by length."""
     import dataclasses
