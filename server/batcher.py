@@ -178,7 +178,9 @@ class Batcher:
         """`on_answer(row, answer)`: called on the event loop just after each text's answer is handed over.
         `loop_batches`: which batches run on the event loop (see the module's docstring), while batches of one
         take at most `alone_max_s` (`alone`) or batches of their kind at most `loop_max_s` (`all`);
-        `in_flight()`: requests in the server now (queued, being read or tokenized, or being answered)."""
+        `in_flight()`: requests in the server now (accepted by the HTTP server, their tasks started or not;
+        queued, being read or tokenized, or being answered): a burst's requests must count before their tasks run,
+        or each would run alone (`server.state.requests_in_flight`)."""
         self._runner = runner
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s

@@ -106,9 +106,9 @@ def test_a_close_call_at_batch_1_is_timed_again_side_by_side_and_decides() -> No
     result = tune.TuneResult({}, "split", "onnxruntime-fp32", measurements, batched_choice="openvino-bf16")
     retimed_cells = {row[0].strip(): row[1] for row in tune.table_rows(result)}
     assert retimed_cells["1 onnxruntime-fp32"] == "1.70 (side by side)" and retimed_cells["torch-fp32"] == "4.40"
-    # A clear winner (the second over 1.25x the first) is not timed again.
+    # A clear winner (the second over CLOSE_CALL times the first) is not timed again.
     clear = [judge(measured("onnxruntime-fp32", 1.0, 500), 0.9, True)]
-    clear.append(judge(measured("openvino-bf16", 1.3, 900), 0.9, True))
+    clear.append(judge(measured("openvino-bf16", 2.1, 900), 0.9, True))
     assert tune.settle_close_call(clear, time_one) is None and not any(m.batch1_retimed for m in clear)
 
 
@@ -146,7 +146,7 @@ def test_a_close_call_in_batches_is_timed_again_batch_by_batch_and_decides() -> 
     # A clear winner in batches is not timed again.
     clear = [
         judge(measured("onnxruntime-fp32", 1.0, 500), 0.9, True),
-        judge(measured("openvino-bf16", 1.3, 900), 0.9, True),
+        judge(measured("openvino-bf16", 1.3, 1100), 0.9, True),
     ]
     assert tune.settle_close_call(clear, time_one, batched_rows=64) is None
 
