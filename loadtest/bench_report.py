@@ -128,9 +128,10 @@ def _curve_section(curve: dict[str, Any]) -> str:
                 number(latency["p99"]),
                 _errors(point),
                 _pct(point["expected_saving"]),
+                number(point.get("metrics_mean_batch_size"), 1),
             ]
         )
-    header = ["load", "req/s", "texts/s", "p50 ms", "p90 ms", "p99 ms", "errors", "expected saving"]
+    header = ["load", "req/s", "texts/s", "p50 ms", "p90 ms", "p99 ms", "errors", "expected saving", "texts per batch"]
     sat = (
         f"Saturated throughput: **{number(sustained(curve), 1)} req/s** (best of: "
         f"{number(curve['saturated_rps_open'], 1)} req/s open loop, "

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 DROPPED = "dropped_by_client"
 EXECUTED_COUNTER = "deebert_layers_executed_total"
 POSSIBLE_COUNTER = "deebert_layers_possible_total"
+# The batcher's histogram of texts per batch: its _sum and _count give the mean batch size of a run.
+BATCH_SIZE_SUM = "deebert_batch_size_sum"
+BATCH_SIZE_COUNT = "deebert_batch_size_count"
 
 
 def parse_metrics(text: str) -> list[Sample]:

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 
 from loadtest.records import (
+    BATCH_SIZE_COUNT,
+    BATCH_SIZE_SUM,
     DROPPED,
     EXECUTED_COUNTER,
     POSSIBLE_COUNTER,
@@ -87,6 +89,19 @@ def metrics_saving(before: list[Sample] | None, after: list[Sample] | None) -> d
     result["layers_executed"], result["layers_possible"] = executed, possible
     result["expected_saving"] = saving_from_totals(executed, possible)
     return result
+
+
+def metrics_batch_size(before: list[Sample] | None, after: list[Sample] | None) -> float | None:
+    """Mean texts per batch the server ran between two /metrics scrapes; None without the histogram or batches.
+    A saturated server running batches of one (BENCHMARKS.md §23) shows here."""
+    if before is None or after is None:
+        return None
+    values = [metric_total(page, name) for page in (before, after) for name in (BATCH_SIZE_SUM, BATCH_SIZE_COUNT)]
+    texts_before, batches_before, texts_after, batches_after = values
+    if texts_before is None or batches_before is None or texts_after is None or batches_after is None:
+        return None
+    batches = batches_after - batches_before
+    return (texts_after - texts_before) / batches if batches > 0 else None
 
 
 def _counts(records: Sequence[RequestRecord], num_layers: int) -> list[int]:
@@ -167,6 +182,7 @@ def build_report(result: RunResult) -> dict[str, Any]:
         "metrics_expected_saving": from_metrics["expected_saving"],
         "metrics_layers_executed": from_metrics["layers_executed"],
         "metrics_layers_possible": from_metrics["layers_possible"],
+        "metrics_mean_batch_size": metrics_batch_size(result.metrics_before, result.metrics_after),
         "server_timing": server_timing(ok),
         "per_threshold": per_threshold,
         "max_schedule_lag_ms": 1000 * result.max_schedule_lag_s if config.mode == "open" else None,
@@ -205,6 +221,7 @@ def format_report(report: dict[str, Any]) -> str:
         ("exit layers (1..n)", " ".join(str(c) for c in report["exit_counts"]) or "-"),
         ("expected saving (responses)", percent(report["expected_saving"])),
         ("expected saving (/metrics)", percent(report["metrics_expected_saving"], missing="no /metrics")),
+        ("texts per batch (/metrics)", number(report.get("metrics_mean_batch_size"), 1)),
     ]
     if report["mode"] == "open":
         rows.append(("max schedule lag", number(report["max_schedule_lag_ms"], 2, " ms")))

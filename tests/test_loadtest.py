@@ -19,7 +19,7 @@ from loadtest.bench import PARTS, parse_wrk, write_results
 from loadtest.generator import LoadConfig, Workload, parse_threshold_mix, poisson_schedule, run
 from loadtest.peers import PeerSettings, best_plain, run_peers
 from loadtest.records import DROPPED, RequestRecord, RunResult, metric_total, parse_metrics
-from loadtest.report import build_report, format_report, metrics_saving
+from loadtest.report import build_report, format_report, metrics_batch_size, metrics_saving
 from loadtest.saturation import is_saturated, saturated_throughput
 from loadtest.servers import deebert_server_command, free_port, plain_server_command, running_server
 from model.checkpoint import save_model
@@ -123,6 +123,16 @@ def test_metrics_page_parsing() -> None:
     assert parse_metrics("<html>not found</html>") == [], "a page that is not exposition text has no samples"
 
 
+def test_mean_batch_size_from_two_scrapes() -> None:
+    page = "deebert_batch_size_count {count}\ndeebert_batch_size_sum {texts}\n"
+    before = parse_metrics(page.format(count=10.0, texts=40.0))
+    after = parse_metrics(page.format(count=14.0, texts=100.0))
+    assert metrics_batch_size(before, after) == pytest.approx(60 / 4)
+    assert metrics_batch_size(before, before) is None  # no batch ran between them
+    assert metrics_batch_size(before, None) is None
+    assert metrics_batch_size(parse_metrics("up 1\n"), parse_metrics("up 1\n")) is None
+
+
 def test_report_counts_errors_exits_and_server_overhead() -> None:
     records = [
         RequestRecord("200", 0.010, 2, "0", [4, 4], 4, total_ms=5.0, compute_ms=4.5, queue_ms=0.1, tokenization_ms=0.2),
@@ -218,6 +228,7 @@ def _check_consistent(report: dict[str, Any], texts_per_request: int) -> None:
     assert sum(report["exit_counts"]) == report["texts_sent"] == texts_per_request * report["requests_sent"]
     assert report["metrics_expected_saving"] is not None
     assert report["expected_saving"] == pytest.approx(report["metrics_expected_saving"], abs=1e-9)
+    assert report["metrics_mean_batch_size"] is not None and report["metrics_mean_batch_size"] >= 1
     latency = report["latency_ms"]
     assert latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
 
