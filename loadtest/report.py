@@ -74,18 +74,29 @@ def server_timing(records: Sequence[RequestRecord]) -> dict[str, dict[str, float
     }
 
 
+def _metric_changes(
+    before: list[Sample] | None, after: list[Sample] | None, names: Sequence[str]
+) -> list[float] | None:
+    """How much each metric of `names` changed between two /metrics scrapes; None without both scrapes, or where
+    either page lacks one of them."""
+    if before is None or after is None:
+        return None
+    changes = []
+    for name in names:
+        first, last = metric_total(before, name), metric_total(after, name)
+        if first is None or last is None:
+            return None
+        changes.append(last - first)
+    return changes
+
+
 def metrics_saving(before: list[Sample] | None, after: list[Sample] | None) -> dict[str, float | None]:
     """1 - Δexecuted/Δpossible from two /metrics scrapes; None where the server has no such counters."""
     result: dict[str, float | None] = {"layers_executed": None, "layers_possible": None, "expected_saving": None}
-    if before is None or after is None:
+    changes = _metric_changes(before, after, (EXECUTED_COUNTER, POSSIBLE_COUNTER))
+    if changes is None:
         return result
-    values = [metric_total(page, name) for page in (before, after) for name in (EXECUTED_COUNTER, POSSIBLE_COUNTER)]
-    executed_before, possible_before, executed_after, possible_after = values
-    if None in values:
-        return result
-    assert executed_before is not None and possible_before is not None
-    assert executed_after is not None and possible_after is not None
-    executed, possible = executed_after - executed_before, possible_after - possible_before
+    executed, possible = changes
     result["layers_executed"], result["layers_possible"] = executed, possible
     result["expected_saving"] = saving_from_totals(executed, possible)
     return result
@@ -94,14 +105,11 @@ def metrics_saving(before: list[Sample] | None, after: list[Sample] | None) -> d
 def metrics_batch_size(before: list[Sample] | None, after: list[Sample] | None) -> float | None:
     """Mean texts per batch the server ran between two /metrics scrapes; None without the histogram or batches.
     A saturated server running batches of one (BENCHMARKS.md §23) shows here."""
-    if before is None or after is None:
+    changes = _metric_changes(before, after, (BATCH_SIZE_SUM, BATCH_SIZE_COUNT))
+    if changes is None:
         return None
-    values = [metric_total(page, name) for page in (before, after) for name in (BATCH_SIZE_SUM, BATCH_SIZE_COUNT)]
-    texts_before, batches_before, texts_after, batches_after = values
-    if texts_before is None or batches_before is None or texts_after is None or batches_after is None:
-        return None
-    batches = batches_after - batches_before
-    return (texts_after - texts_before) / batches if batches > 0 else None
+    texts, batches = changes
+    return texts / batches if batches > 0 else None
 
 
 def _counts(records: Sequence[RequestRecord], num_layers: int) -> list[int]:
