@@ -3,7 +3,9 @@
 Data flows one way: HTTP → schemas → batcher → engine → model, and answers come back up the same way.
 Where the rest lives: the routes in `server/routes/` (one module per group) over the one request pipeline
 (`pipeline`); what they share in `state`; errors → responses in `error_handlers`; body limit, request
-metrics and the last-resort 500 in `middleware`; duplicate-key-free JSON in `strict_json`.
+metrics and the last-resort 500 in `middleware`; duplicate-key-free JSON in `strict_json`. A well-formed POST to
+an inference route is answered by `routes.direct`'s lane through the route's own `respond`, without FastAPI's
+routing and dependency solving; every other request, and any the lane cannot take as it is, goes to FastAPI.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from server.errors import ErrorType, openapi_errors
 from server.memory import release_freed_memory
 from server.middleware import ServingMiddleware, UnexpectedErrorMiddleware
 from server.routes import classify, health, model_info, tei
+from server.routes.direct import DirectLane
 from server.settings import ServerSettings
 from server.state import ServerState, build_state, save_controller_state, steer_default_threshold
 from server.strict_json import StrictJsonRoute
@@ -43,6 +46,7 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
     app.state.deebert = state
     install_error_handlers(app)
     # add_middleware wraps what is there: the last added is the outermost.
+    app.add_middleware(DirectLane, state=state)  # type: ignore[arg-type]  # innermost: after the body limit
     app.add_middleware(ServingMiddleware, state=state)  # type: ignore[arg-type]
     app.add_middleware(UnexpectedErrorMiddleware)  # type: ignore[arg-type]
     for group in (classify, tei, model_info, health):

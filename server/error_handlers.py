@@ -35,7 +35,7 @@ def validation_error(request: Request, exc: RequestValidationError) -> DeeBertEr
         return DeeBertError(
             ErrorType.MALFORMED_JSON, f"request body is not valid JSON ({ctx.get('error', 'parse error')})"
         )
-    if request.method == "POST" and not _is_json(content_type):
+    if request.method == "POST" and not is_json_content_type(content_type):
         sent = f"not {content_type[:80]!r}" if content_type else "none was sent"
         return DeeBertError(
             ErrorType.UNSUPPORTED_MEDIA_TYPE, f"send the body as JSON with Content-Type: application/json ({sent})"
@@ -75,7 +75,8 @@ def _allowed_methods(request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
-def _is_json(content_type: str) -> bool:
+def is_json_content_type(content_type: str) -> bool:
+    """Whether a Content-Type is JSON, as FastAPI decides it: application/json or application/*+json."""
     main = content_type.split(";")[0].strip().lower()
     return main == "application/json" or (main.startswith("application/") and main.endswith("+json"))
 

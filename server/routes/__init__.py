@@ -4,4 +4,5 @@ classify     POST /v1/classify: our API, with early-exit fields
 tei          text-embeddings-inference's API: POST /, /predict, /invocations; GET /info, /health, /ping
 model_info   GET /v1/model
 health       GET /health/live, /health/ready, /metrics
+direct       the lane that answers classify's and TEI's well-formed POSTs before FastAPI, through their `respond`
 """

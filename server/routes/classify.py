@@ -20,6 +20,7 @@ from server.protocol import (
 )
 from server.routes.dependencies import INFERENCE_ERRORS, State, ThresholdHeader, require_api_key
 from server.schemas import ClassifyRequest, ClassifyResponse
+from server.state import ServerState
 from server.strict_json import StrictJsonRoute
 
 router = APIRouter(route_class=StrictJsonRoute, tags=["inference"])
@@ -35,6 +36,13 @@ router = APIRouter(route_class=StrictJsonRoute, tags=["inference"])
 async def classify(
     request: Request, body: ClassifyRequest, state: State, x_exit_threshold: ThresholdHeader = None
 ) -> Response:
+    return await respond(state, request, body, x_exit_threshold)
+
+
+async def respond(
+    state: ServerState, request: Request, body: ClassifyRequest, x_exit_threshold: str | None
+) -> Response:
+    """The answer to a validated request: the route's work, shared with the direct lane (`routes.direct`)."""
     started = time.perf_counter()
     engine, _ = state.serving()
     answer = await pipeline.answer(state, request, decode(body, x_exit_threshold, engine), started)

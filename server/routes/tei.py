@@ -39,6 +39,7 @@ from server.schemas import (
     TeiInfo,
     TeiModelType,
 )
+from server.state import ServerState
 from server.strict_json import StrictJsonRoute
 
 router = APIRouter(route_class=StrictJsonRoute, tags=["text-embeddings-inference"])
@@ -63,6 +64,11 @@ async def predict(
     request: Request, body: PredictRequest, state: State, x_exit_threshold: ThresholdHeader = None
 ) -> Response:
     """Every label with its score, highest first; for a batch, one such list per input."""
+    return await respond(state, request, body, x_exit_threshold)
+
+
+async def respond(state: ServerState, request: Request, body: PredictRequest, x_exit_threshold: str | None) -> Response:
+    """The answer to a validated request: the route's work, shared with the direct lane (`routes.direct`)."""
     started = time.perf_counter()
     engine, _ = state.serving()
     job, reply = decode(body, x_exit_threshold, engine)
