@@ -100,14 +100,21 @@ async def test_well_formed_inference_requests_are_answered_by_the_lane(engine: E
             assert passed_on.bodies == [], "FastAPI's routes saw none of them"
             model = await client.get("/v1/model")
             assert len(passed_on.bodies) == 1, "other routes go on to FastAPI"
+        with watching(app) as passed_on:
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app, root_path="/api"), base_url="http://deebert.test"
+            ) as prefixed:
+                behind_root_path = await prefixed.post("/api/v1/classify", json={"text": "good"})
+            assert len(passed_on.bodies) == 1, "behind a root path Starlette routes it"
         metrics = (await client.get("/metrics")).text
     assert classify.status_code == 200 and [r["label_id"] in (0, 1) for r in classify.json()["results"]] == [True] * 2
     assert charset.status_code == 200 and charset.json()["threshold"] == 0.0, "the header's threshold is read"
     assert charset.json()["results"][0]["exit_layer"] == engine.num_layers
     assert all(r.status_code == 200 and isinstance(r.json(), list) for r in predicted)
     assert model.status_code == 200
+    assert behind_root_path.status_code == 200, behind_root_path.text
     # Counted under their routes, as FastAPI's routes are.
-    assert 'deebert_requests_total{route="/v1/classify",status="200"} 2.0' in metrics
+    assert 'deebert_requests_total{route="/v1/classify",status="200"} 3.0' in metrics
     assert 'deebert_requests_total{route="/predict",status="200"} 1.0' in metrics
     assert 'deebert_requests_total{route="/",status="200"} 1.0' in metrics
 

@@ -15,7 +15,7 @@ A request that fails any step before the API key's (not JSON, not parsable) or t
 FastAPI unchanged, whose route and error handlers answer it exactly as they always have: the lane never
 writes an error of its own for those. Errors after that point (`DeeBertError`: the API key, limits, an unknown
 preset, overload) are rendered by `error_handlers.error_response`, as FastAPI's handler for them does.
-Everything else (other paths and methods) goes on to FastAPI as well.
+Everything else (other paths and methods, and every request behind a root path) goes on to FastAPI as well.
 """
 
 from __future__ import annotations
@@ -83,7 +83,12 @@ class DirectLane:
         return self._routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        lane = self.routes(scope).get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        lane = (
+            self.routes(scope).get(scope["path"])
+            # Behind a root path (uvicorn --root-path) Starlette routes on the path less its prefix: leave it to it.
+            if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path")
+            else None
+        )
         if lane is None:
             await self.app(scope, receive, send)
             return
