@@ -60,7 +60,7 @@ class ServingMiddleware:
                     )
                     await error_response(limit)(scope, receive, send_recording)
                     return
-                receive = _replay(body, receive)
+                receive = replay({"type": "http.request", "body": body, "more_body": False}, receive)
             await self.app(scope, receive, send_recording)
         finally:
             if inference:
@@ -95,17 +95,19 @@ class ServingMiddleware:
         return b"".join(chunks)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay(message: Message, receive: Receive) -> Receive:
+    """`receive` that hands back `message` (already read) first, then reads on: for an app after one that read
+    the body (the body limit here, the direct lane before FastAPI)."""
     sent = False
 
-    async def replay() -> Message:
+    async def replayed() -> Message:
         nonlocal sent
         if not sent:
             sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+            return message
         return await receive()
 
-    return replay
+    return replayed
 
 
 class UnexpectedErrorMiddleware:

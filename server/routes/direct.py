@@ -31,7 +31,7 @@ from pydantic import BaseModel, ValidationError
 
 from server.error_handlers import error_response, is_json_content_type
 from server.errors import DeeBertError
-from server.middleware import ASGIApp, Message, Receive, Scope, Send
+from server.middleware import ASGIApp, Receive, Scope, Send, replay
 from server.protocol import CLASSIFY_PATH, TEI_PREDICT_PATHS, THRESHOLD_HEADER
 from server.routes import classify, tei
 from server.routes.dependencies import check_api_key
@@ -103,7 +103,7 @@ class DirectLane:
             elif name == _THRESHOLD_HEADER and threshold_header is None:
                 threshold_header = value.decode("latin-1")
         message = await receive()
-        receive = _replay(message, receive)
+        receive = replay(message, receive)
         body = message.get("body", b"") if message["type"] == "http.request" and not message.get("more_body") else b""
         if not body or content_type is None or not is_json_content_type(content_type):
             await self.app(scope, receive, send)
@@ -126,17 +126,3 @@ class DirectLane:
         except DeeBertError as err:
             response = error_response(err)
         await response(scope, receive, send)
-
-
-def _replay(message: Message, receive: Receive) -> Receive:
-    """`receive` that hands back the message already read first (FastAPI reads the body again on a fall-back)."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return message
-        return await receive()
-
-    return replay
