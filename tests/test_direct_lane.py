@@ -13,7 +13,7 @@ import pytest
 from fastapi import FastAPI
 
 from server.engine import Engine
-from server.middleware import ASGIApp, Receive, Scope, Send
+from server.middleware import ASGIApp, Receive, Scope, Send, replay
 from server.routes.direct import DirectLane
 from tests.helpers import assert_same_answer
 from tests.server_helpers import make_app, serving, tiny_engine
@@ -63,16 +63,7 @@ class PassedOn:
             return
         message = await receive()
         self.bodies.append(message.get("body", b""))
-        sent = False
-
-        async def replay() -> Any:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return message
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replay(message, receive), send)
 
 
 @contextmanager
