@@ -42,11 +42,6 @@ class FakeRunner:
             on_exit(index, (item, threshold))
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def test_rows_are_answered_with_their_own_threshold() -> None:
     runner = FakeRunner()
     batcher = Batcher(runner, max_batch_size=8, max_wait_s=0.05, max_queue_size=100)

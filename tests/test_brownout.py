@@ -26,11 +26,6 @@ HUGE = "1000"  # an entropy threshold every row passes at layer 1
 TEXTS = [row[0] for row in sentiment_rows(64)]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 # --- the state machine alone -------------------------------------------------------------------------
 
 

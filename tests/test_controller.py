@@ -312,11 +312,6 @@ def metric(page: str, name: str, labels: str = "") -> float:
     return float(match.group(1))
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.mark.anyio
 async def test_server_moves_unpinned_requests_only_and_shows_the_controller(tokenizer_dir: Path) -> None:
     engine = tiny_engine(tokenizer_dir)

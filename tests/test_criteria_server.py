@@ -14,11 +14,6 @@ from tests.helpers import tiny_model
 from tests.server_helpers import make_app, serving
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def patience_engine(tokenizer_dir: Path) -> Engine:
     model = tiny_model("bert")
     model.config = model.config.with_presets([Preset("balanced", 2.0, 0.9, 0.5)], exit_criterion="patience")

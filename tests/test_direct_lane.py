@@ -30,11 +30,6 @@ TIMING_HEADERS = {
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def engine(tokenizer_dir: Path) -> Engine:
     return tiny_engine(tokenizer_dir)
 

@@ -24,11 +24,6 @@ class FakeBatcher:
         function()
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.mark.anyio
 async def test_trims_once_per_burst_and_between_batches_while_busy(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []

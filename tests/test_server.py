@@ -19,11 +19,6 @@ HUGE = "1000"
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def engine(tokenizer_dir: Path) -> Engine:
     return tiny_engine(tokenizer_dir)
 

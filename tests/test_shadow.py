@@ -20,11 +20,6 @@ HUGE = "1000"  # every row leaves at layer 1
 TEXTS = [row[0] for row in sentiment_rows(40)] + ["a", "the cat sat on the mat", "i hate that dog", "it is fine"]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class CountingEngine:
     """Wraps `full_depth_labels` to count the texts it re-ran."""
 

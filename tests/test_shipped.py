@@ -49,11 +49,6 @@ PAIRS = [
 ]  # fmt: skip
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.mark.anyio
 async def test_mrpc_checkpoint_serves_sentence_pairs_over_http() -> None:
     """The second shipped checkpoint through the real server: `text_pair`, TEI-style `[[a, b]]`, presets."""
