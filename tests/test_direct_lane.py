@@ -191,3 +191,34 @@ async def test_the_lanes_answer_is_the_routes_answer(
     assert set(direct.headers) == set(routed.headers)
     for name in set(direct.headers) - TIMING_HEADERS:
         assert direct.headers[name] == routed.headers[name], name
+
+
+def every_input(dependant: Any) -> set[tuple[str, str]]:
+    """What a FastAPI route reads from a request, its dependencies' reads included: (kind, name) pairs."""
+    found = {("query", p.alias) for p in dependant.query_params}
+    found |= {("header", p.alias.lower()) for p in dependant.header_params}
+    found |= {("cookie", p.alias) for p in dependant.cookie_params}
+    found |= {("path", p.alias) for p in dependant.path_params}
+    found |= {("body", p.alias) for p in dependant.body_params}
+    found |= {("dependency", d.call.__name__) for d in dependant.dependencies if d.call is not None}
+    for sub in dependant.dependencies:
+        found |= every_input(sub)
+    return found
+
+
+def test_the_lane_reads_everything_the_routes_read(engine: Engine) -> None:
+    """The lane answers for FastAPI's inference routes, so it must read all that they read: a parameter or a
+    dependency added to a route must be added to the lane too (server/routes/direct.py), or this fails."""
+    handled = {
+        ("header", "x-exit-threshold"),
+        ("header", "authorization"),
+        ("body", "body"),
+        ("dependency", "require_api_key"),
+        ("dependency", "server_state"),
+    }
+    app = make_app(engine)
+    routes = the_lane(app).routes({"app": app})
+    assert sorted(routes) == ["/", "/invocations", "/predict", "/v1/classify"]
+    for path, lane in routes.items():
+        assert every_input(lane.route.dependant) == handled, path
+        assert lane.route.body_field is not None and lane.route.body_field.field_info.annotation is lane.request_model
