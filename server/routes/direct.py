@@ -45,24 +45,32 @@ _THRESHOLD_HEADER = THRESHOLD_HEADER.lower().encode("latin-1")
 
 @dataclass(frozen=True)
 class DirectRoute:
-    """One POST path the lane answers: its request model, the route's `respond`, and its FastAPI route
-    (what the request metrics label it by)."""
+    """One POST path the lane answers: its FastAPI route's body model (what the lane validates into), the
+    route's `respond`, and the route itself (what the request metrics label it by)."""
 
     request_model: type[BaseModel]
     respond: Respond
     route: APIRoute
 
 
+def _body_model(route: APIRoute) -> type[BaseModel]:
+    """The pydantic model a route takes as its body."""
+    model = route.body_field.field_info.annotation if route.body_field is not None else None
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise RuntimeError(f"POST {route.path} takes no pydantic body model: the direct lane cannot answer it")
+    return model
+
+
 def direct_routes(app: FastAPI) -> dict[str, DirectRoute]:
     """The inference routes by path: `POST /v1/classify` and TEI's predict paths."""
-    lanes: dict[str, tuple[type[BaseModel], Respond]] = {CLASSIFY_PATH: (classify.ClassifyRequest, classify.respond)}
-    lanes.update((path, (tei.PredictRequest, tei.respond)) for path in TEI_PREDICT_PATHS)
-    routes: dict[str, DirectRoute] = {}
-    for route in app.router.routes:
-        if isinstance(route, APIRoute) and "POST" in (route.methods or ()) and route.path in lanes:
-            model, respond = lanes[route.path]
-            routes[route.path] = DirectRoute(model, respond, route)
-    missing = set(lanes) - set(routes)
+    responders: dict[str, Respond] = {CLASSIFY_PATH: classify.respond}
+    responders.update((path, tei.respond) for path in TEI_PREDICT_PATHS)
+    routes = {
+        route.path: DirectRoute(_body_model(route), responders[route.path], route)
+        for route in app.router.routes
+        if isinstance(route, APIRoute) and "POST" in (route.methods or ()) and route.path in responders
+    }
+    missing = set(responders) - set(routes)
     if missing:
         raise RuntimeError(f"no FastAPI POST route for {sorted(missing)}: the direct lane answers only existing routes")
     return routes
