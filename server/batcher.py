@@ -27,6 +27,12 @@ Batches can run on the event loop itself instead of on the worker thread (`loop_
 
 The first batch of each kind, and any while the worker thread has another job, runs on the worker thread.
 
+After the last batch of a busy spell (nothing queued or running, no request in flight), `on_quiet` runs on the
+event loop, after the answers have gone out: the server re-warms the tokenizer there. A forward pass streams
+the model's weights through the CPU's caches, so the next request would tokenize with cold caches (~0.15 ms
+instead of ~0.04 for an SST-2 sentence on an AVX2-only AMD EPYC); tokenizing a short text while the server
+waits anyway brought that request's tokenizing down to ~0.10 ms (BENCHMARKS.md §25).
+
 A second, low-priority queue (`submit_idle`) holds background items for `idle_runner` (shadow
 full-depth runs): they go to the same worker thread only while no text waits, so they never hold an
 answer back by more than one idle chunk, and under sustained load they are simply refused.
@@ -174,13 +180,15 @@ class Batcher:
         in_flight: Callable[[], int] = lambda: 0,
         alone_max_s: float = ALONE_MAX_S,
         loop_max_s: float = LOOP_BATCH_MAX_S,
+        on_quiet: Callable[[], None] | None = None,
     ) -> None:
         """`on_answer(row, answer)`: called on the event loop just after each text's answer is handed over.
         `loop_batches`: which batches run on the event loop (see the module's docstring), while batches of one
         take at most `alone_max_s` (`alone`) or batches of their kind at most `loop_max_s` (`all`);
         `in_flight()`: requests in the server now (accepted by the HTTP server, their tasks started or not;
         queued, being read or tokenized, or being answered): a burst's requests must count before their tasks run,
-        or each would run alone (`server.state.requests_in_flight`)."""
+        or each would run alone (`server.state.requests_in_flight`). `on_quiet()`: called on the event loop after
+        the last batch of a busy spell, once its answers are out and no request is in flight."""
         self._runner = runner
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -213,6 +221,7 @@ class Batcher:
         # A batch just held the event loop (`all`), and the requests that arrived meanwhile, unread until it
         # ended, have not all had their turns to be queued yet.
         self._arrivals_unsettled = False
+        self._on_quiet = on_quiet
 
     # --- producer side ---------------------------------------------------------------------------
 
@@ -292,6 +301,21 @@ class Batcher:
         if elapsed > 0:
             self._rows_per_s = _moving_average(self._rows_per_s or None, size / elapsed)
         self._update_idle()
+        if self._on_quiet is not None:
+            # Two turns on: after the answers' bookkeeping, and after the answered requests' tasks have ended.
+            loop = asyncio.get_running_loop()
+            loop.call_soon(loop.call_soon, self._if_quiet, self.batches_taken)
+
+    def _if_quiet(self, batches_taken: int) -> None:
+        """`on_quiet`, if the batch taken as `batches_taken`th was the last of its busy spell: no batch taken since,
+        nothing queued or running, no request in flight."""
+        if batches_taken != self.batches_taken or self.busy or self._closed or self._in_flight() > 0:
+            return
+        assert self._on_quiet is not None
+        try:
+            self._on_quiet()
+        except Exception:
+            logger.exception("the work for a quiet moment failed")
 
     def retry_after_s(self, extra: int = 0) -> int:
         """Seconds until the queue has likely drained, from the recent throughput (1..60)."""

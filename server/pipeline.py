@@ -157,6 +157,8 @@ async def await_answers(request: Request, futures: list[asyncio.Future[RowAnswer
     of the event loop). Most answers come within a batch's time, so the disconnect watch (a task reading the
     connection) starts only once a request has waited `WATCH_DISCONNECT_AFTER_S`: a client that leaves sooner
     costs at most the rows it had queued, and a prompt answer costs no task."""
+    if all(future.done() for future in futures):  # answered at once (a lone text run in its own turn): no watch
+        return [future.result() for future in futures]
     loop = asyncio.get_running_loop()
     client_left = False
     watcher: asyncio.Task[None] | None = None

@@ -93,6 +93,11 @@ class ServerSettings(BaseSettings):
         "requests it accepted (more throughput on some CPUs whose cores the model's threads fill, none on others; "
         "requests arriving during a batch wait unread, unseen by the queue-depth metric); none = the thread",
     )
+    rewarm_when_idle: bool = Field(
+        True,
+        description="once the server falls idle after a batch, tokenize a short text, so that the next request "
+        "tokenizes with warm caches (~0.05 ms less of its overhead on the CPU)",
+    )
     drain_timeout_s: float = Field(30.0, ge=0, description="how long SIGTERM waits for accepted work")
     allocator: Literal["auto", "jemalloc", "tcmalloc", "system"] = Field(
         "auto",

@@ -570,3 +570,58 @@ async def test_rows_that_left_before_the_model_failed_keep_their_answers() -> No
     assert all(outcome.error_type is ErrorType.INTERNAL for outcome in outcomes[2:])  # type: ignore[union-attr]
     assert (await batcher.submit([Text("next")], [0.0])[0]).value == "next"
     await batcher.stop()
+
+
+async def turns(count: int = 5) -> None:
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+async def test_the_work_for_a_quiet_moment_runs_after_the_last_answer_of_a_busy_spell_only() -> None:
+    """`on_quiet` (the tokenizer's re-warm) runs once the batcher has nothing queued or running and no request is
+    in flight, after the answers' bookkeeping, on either path; never between batches of a busy spell, never while
+    a request is in flight, and a failure in it is logged, not raised."""
+    for loop_batches in ("none", "alone"):
+        events: list[str] = []
+        in_flight = [0]
+        runner = FakeRunner(blocked=True)
+        batcher = Batcher(
+            runner, max_batch_size=1, max_wait_s=0.0, max_queue_size=10,
+            on_answer=lambda row, answer, events=events: events.append(f"bookkeeping {answer.value[0]}"),
+            loop_batches=loop_batches, in_flight=functools.partial(in_flight.__getitem__, 0), alone_max_s=60,
+            on_quiet=functools.partial(events.append, "quiet"),
+        )  # fmt: skip
+        batcher.start()
+        first, second = batcher.submit([Text("a")], [0.5]) + batcher.submit([Text("b")], [0.5])
+        assert await asyncio.to_thread(runner.started.wait, 5)
+        runner.release.set()  # two batches of one in a row: the second is queued when the first ends
+        events.append(f"request {(await first).value[0]}")
+        events.append(f"request {(await second).value[0]}")
+        await settled(batcher)
+        await turns()
+        assert events == ["request a", "bookkeeping a", "request b", "bookkeeping b", "quiet"], loop_batches
+        for text, still_in_flight in (("c", 1), ("d", 0)):  # c's request is still in flight after its answer
+            in_flight[0] = 1
+            (future,) = batcher.submit([Text(text)], [0.5])
+            assert future.done() == (loop_batches == "alone"), "a lone text runs inside submit"
+            events.append(f"request {(await future).value[0]}")
+            in_flight[0] = still_in_flight  # the request ends in the turn it was answered in, or not
+            await settled(batcher)
+            await turns()
+        assert events[5:] == ["request c", "bookkeeping c", "request d", "bookkeeping d", "quiet"], loop_batches
+        await batcher.stop()
+
+
+async def test_a_failing_quiet_moment_is_logged_and_the_batcher_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    def fail() -> None:
+        raise RuntimeError("rewarm exploded")
+
+    batcher = Batcher(FakeRunner(), max_batch_size=4, max_wait_s=0.0, max_queue_size=10, on_quiet=fail)
+    batcher.start()
+    for text in ("a", "b"):
+        (answer,) = await asyncio.gather(*batcher.submit([Text(text)], [0.5]))
+        assert answer.value == (text, 0.5)
+        await settled(batcher)
+        await turns()
+    assert [r.getMessage() for r in caplog.records].count("the work for a quiet moment failed") == 2
+    await batcher.stop()

@@ -65,3 +65,24 @@ def test_a_failed_row_fails_the_request_with_its_error() -> None:
 
     with pytest.raises(DeeBertError, match="inference failed"):
         asyncio.run(run())
+
+
+def test_answers_already_there_come_back_without_a_turn_of_the_loop() -> None:
+    """A lone text run inside its request's `submit` is answered before the wait starts: the wait returns at once
+    (no watch timer, no suspension), and a failed row still fails the request."""
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[RowAnswer]] = [loop.create_future() for _ in range(2)]
+        for index, future in enumerate(futures):
+            future.set_result(RowAnswer(index, 0.0, 0.0, 2))
+        waiting = pipeline.await_answers(FakeRequest(leaves_after_s=0.0), futures)  # type: ignore[arg-type]
+        with pytest.raises(StopIteration) as returned:
+            waiting.send(None)  # one step: it never suspends
+        assert [a.value for a in returned.value.value] == [0, 1]
+        failed: asyncio.Future[RowAnswer] = loop.create_future()
+        failed.set_exception(DeeBertError(ErrorType.INTERNAL, "inference failed: RuntimeError"))
+        with pytest.raises(DeeBertError, match="inference failed"):
+            await pipeline.await_answers(FakeRequest(leaves_after_s=None), [futures[0], failed])  # type: ignore[arg-type]
+
+    asyncio.run(run())

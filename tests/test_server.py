@@ -614,3 +614,34 @@ def test_the_renamed_inline_alone_setting_still_works_with_a_warning(
     monkeypatch.setenv("DEEBERT_INLINE_ALONE", "sometimes")
     with pytest.raises(ValueError, match="not a boolean"):
         ServerSettings()
+
+
+@pytest.mark.parametrize("rewarm", [True, False])
+async def test_the_tokenizer_is_rewarmed_once_the_server_falls_idle(
+    tokenizer_dir: Path, rewarm: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a request's answer (and no other request in flight), the engine tokenizes its short text once, on the
+    event loop; `DEEBERT_REWARM_WHEN_IDLE=false` turns it off. Single texts and pairs alike."""
+    for pair in (False, True):
+        engine = tiny_engine(tokenizer_dir, pair=pair)
+        rewarms: list[str] = []
+        rewarm_engine = engine.rewarm
+
+        def counted(rewarm_engine: Any = rewarm_engine, rewarms: list[str] = rewarms) -> None:
+            rewarm_engine()  # the real one: it must tokenize this model's kind of input
+            rewarms.append(threading.current_thread().name)
+
+        monkeypatch.setattr(engine, "rewarm", counted)
+        body = {"text": "good", "text_pair": "fine"} if pair else {"text": "good"}
+        async with serving(make_app(engine, rewarm_when_idle=rewarm)) as client:
+            rewarms.clear()  # (the warm-up's batches may end in one)
+            for expected in (1, 2):
+                response = await client.post("/v1/classify", json=body)
+                assert response.status_code == 200, response.text
+                for _ in range(100):
+                    if len(rewarms) >= expected or not rewarm:
+                        break
+                    await asyncio.sleep(0.005)
+                await asyncio.sleep(0.01)
+                assert len(rewarms) == (expected if rewarm else 0), (pair, rewarms)
+        assert set(rewarms) <= {threading.current_thread().name}, "on the event loop"
