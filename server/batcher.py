@@ -28,7 +28,9 @@ Batches can run on the event loop itself instead of on the worker thread (`loop_
 The first batch of each kind, and any while the worker thread has another job, runs on the worker thread.
 
 After the last batch of a busy spell (nothing queued or running, no request in flight), `on_quiet` runs on the
-event loop, after the answers have gone out: the server re-warms the tokenizer there. A forward pass streams
+event loop, after the answers have gone out (`run_if_quiet`, which the server also calls as each inference request
+ends: a fast client's next request can arrive within a few turns of the loop): the server re-warms the tokenizer
+there. A forward pass streams
 the model's weights through the CPU's caches, so the next request would tokenize with cold caches (~0.15 ms
 instead of ~0.04 for an SST-2 sentence on an AVX2-only AMD EPYC); tokenizing a short text while the server
 waits anyway brought that request's tokenizing down to ~0.10 ms (BENCHMARKS.md §25).
@@ -187,8 +189,9 @@ class Batcher:
         take at most `alone_max_s` (`alone`) or batches of their kind at most `loop_max_s` (`all`);
         `in_flight()`: requests in the server now (accepted by the HTTP server, their tasks started or not;
         queued, being read or tokenized, or being answered): a burst's requests must count before their tasks run,
-        or each would run alone (`server.state.requests_in_flight`). `on_quiet()`: called on the event loop after
-        the last batch of a busy spell, once its answers are out and no request is in flight."""
+        or each would run alone (`server.state.requests_in_flight`). `on_quiet()`: called on the event loop once
+        per busy spell, after its last batch, when its answers are out and no request is in flight
+        (`run_if_quiet`)."""
         self._runner = runner
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -222,6 +225,7 @@ class Batcher:
         # ended, have not all had their turns to be queued yet.
         self._arrivals_unsettled = False
         self._on_quiet = on_quiet
+        self._quiet_done_at = 0  # `batches_taken` when `on_quiet` last ran
 
     # --- producer side ---------------------------------------------------------------------------
 
@@ -302,16 +306,23 @@ class Batcher:
             self._rows_per_s = _moving_average(self._rows_per_s or None, size / elapsed)
         self._update_idle()
         if self._on_quiet is not None:
-            # Two turns on: after the answers' bookkeeping, and after the answered requests' tasks have ended.
-            loop = asyncio.get_running_loop()
-            loop.call_soon(loop.call_soon, self._if_quiet, self.batches_taken)
+            # A turn on: the answered requests' tasks have ended by then (a batch on the worker thread).
+            asyncio.get_running_loop().call_soon(self.run_if_quiet)
 
-    def _if_quiet(self, batches_taken: int) -> None:
-        """`on_quiet`, if the batch taken as `batches_taken`th was the last of its busy spell: no batch taken since,
-        nothing queued or running, no request in flight."""
-        if batches_taken != self.batches_taken or self.busy or self._closed or self._in_flight() > 0:
+    def run_if_quiet(self, requests_of_caller: int = 0) -> None:
+        """`on_quiet()`, once per busy spell: when nothing is queued or running, no request is in flight but
+        `requests_of_caller` (a request that has just sent its answer still counts itself), and it has not run since
+        the last batch was taken. The server calls this as each inference request ends, and the batcher a turn after
+        each batch (a batch on the worker thread ends after its requests have)."""
+        if (
+            self._on_quiet is None
+            or self._quiet_done_at == self.batches_taken
+            or self.busy
+            or self._closed
+            or self._in_flight() > requests_of_caller
+        ):
             return
-        assert self._on_quiet is not None
+        self._quiet_done_at = self.batches_taken
         try:
             self._on_quiet()
         except Exception:

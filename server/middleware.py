@@ -71,6 +71,10 @@ class ServingMiddleware:
                 route = scope.get("route")
                 label = getattr(route, "path", None) or "unmatched"
                 metrics.record_request(label, status, time.perf_counter() - started)
+            if inference and self.state.batcher is not None:
+                # The answer is out: if the server is now idle, the work for a quiet moment (the tokenizer's
+                # re-warm) runs here, before the client's next request can arrive.
+                self.state.batcher.run_if_quiet(requests_of_caller=1)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         limit = self.state.settings.max_body_bytes

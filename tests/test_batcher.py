@@ -580,10 +580,10 @@ async def turns(count: int = 5) -> None:
 async def test_the_work_for_a_quiet_moment_runs_after_the_last_answer_of_a_busy_spell_only() -> None:
     """`on_quiet` (the tokenizer's re-warm) runs once the batcher has nothing queued or running and no request is
     in flight, after the answers' bookkeeping, on either path; never between batches of a busy spell, never while
-    a request is in flight, and a failure in it is logged, not raised."""
+    a request is in flight, and once per spell whether the batcher or an ending request (`run_if_quiet`) asks."""
     for loop_batches in ("none", "alone"):
         events: list[str] = []
-        in_flight = [0]
+        in_flight = [0]  # requests in the server: each counts until it has its answer and has ended
         runner = FakeRunner(blocked=True)
         batcher = Batcher(
             runner, max_batch_size=1, max_wait_s=0.0, max_queue_size=10,
@@ -592,23 +592,32 @@ async def test_the_work_for_a_quiet_moment_runs_after_the_last_answer_of_a_busy_
             on_quiet=functools.partial(events.append, "quiet"),
         )  # fmt: skip
         batcher.start()
+        in_flight[0] = 2
         first, second = batcher.submit([Text("a")], [0.5]) + batcher.submit([Text("b")], [0.5])
         assert await asyncio.to_thread(runner.started.wait, 5)
         runner.release.set()  # two batches of one in a row: the second is queued when the first ends
-        events.append(f"request {(await first).value[0]}")
-        events.append(f"request {(await second).value[0]}")
+        for future in (first, second):
+            events.append(f"request {(await future).value[0]}")
+            in_flight[0] -= 1
         await settled(batcher)
         await turns()
         assert events == ["request a", "bookkeeping a", "request b", "bookkeeping b", "quiet"], loop_batches
-        for text, still_in_flight in (("c", 1), ("d", 0)):  # c's request is still in flight after its answer
+        for text, others in (("c", 1), ("d", 0)):  # another request arrives while c's answer goes out
             in_flight[0] = 1
             (future,) = batcher.submit([Text(text)], [0.5])
             assert future.done() == (loop_batches == "alone"), "a lone text runs inside submit"
             events.append(f"request {(await future).value[0]}")
-            in_flight[0] = still_in_flight  # the request ends in the turn it was answered in, or not
+            in_flight[0] += others
+            batcher.run_if_quiet(requests_of_caller=1)  # as the server does as a request ends: it counts itself
+            in_flight[0] = others
             await settled(batcher)
             await turns()
-        assert events[5:] == ["request c", "bookkeeping c", "request d", "bookkeeping d", "quiet"], loop_batches
+        expected = ["request c", "bookkeeping c", "request d", "quiet", "bookkeeping d"]
+        if loop_batches == "none":  # d's answer came from the worker thread: its batch was not over yet
+            expected = ["request c", "bookkeeping c", "request d", "bookkeeping d", "quiet"]
+        assert events[5:] == expected, loop_batches
+        batcher.run_if_quiet()
+        assert events.count("quiet") == 2, "once per busy spell"
         await batcher.stop()
 
 

@@ -616,12 +616,14 @@ def test_the_renamed_inline_alone_setting_still_works_with_a_warning(
         ServerSettings()
 
 
-@pytest.mark.parametrize("rewarm", [True, False])
+@pytest.mark.parametrize(("rewarm", "batches_on_loop"), [(True, "alone"), (True, "none"), (False, "alone")])
 async def test_the_tokenizer_is_rewarmed_once_the_server_falls_idle(
-    tokenizer_dir: Path, rewarm: bool, monkeypatch: pytest.MonkeyPatch
+    tokenizer_dir: Path, rewarm: bool, batches_on_loop: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After a request's answer (and no other request in flight), the engine tokenizes its short text once, on the
-    event loop; `DEEBERT_REWARM_WHEN_IDLE=false` turns it off. Single texts and pairs alike."""
+    event loop: a lone text run on the loop is re-warmed for as its request ends (before the client has the
+    answer here, in-process), one run on the batch thread a turn after its batch. `DEEBERT_REWARM_WHEN_IDLE=false`
+    turns it off. Single texts and pairs alike."""
     for pair in (False, True):
         engine = tiny_engine(tokenizer_dir, pair=pair)
         rewarms: list[str] = []
@@ -633,15 +635,20 @@ async def test_the_tokenizer_is_rewarmed_once_the_server_falls_idle(
 
         monkeypatch.setattr(engine, "rewarm", counted)
         body = {"text": "good", "text_pair": "fine"} if pair else {"text": "good"}
-        async with serving(make_app(engine, rewarm_when_idle=rewarm)) as client:
+        app = make_app(engine, rewarm_when_idle=rewarm, batches_on_loop=batches_on_loop, warmup=True)
+        async with serving(app) as client:
             rewarms.clear()  # (the warm-up's batches may end in one)
-            for expected in (1, 2):
+            for expected in (1, 2, 3):
                 response = await client.post("/v1/classify", json=body)
                 assert response.status_code == 200, response.text
-                for _ in range(100):
-                    if len(rewarms) >= expected or not rewarm:
-                        break
-                    await asyncio.sleep(0.005)
-                await asyncio.sleep(0.01)
-                assert len(rewarms) == (expected if rewarm else 0), (pair, rewarms)
+                if not rewarm:
+                    expected = 0
+                elif batches_on_loop == "none" or expected == 1:  # (the first lone text runs on the thread)
+                    for _ in range(100):
+                        if len(rewarms) >= expected:
+                            break
+                        await asyncio.sleep(0.005)
+                assert len(rewarms) == expected, (pair, batches_on_loop, rewarms)
+            await asyncio.sleep(0.01)
+            assert len(rewarms) == (3 if rewarm else 0), "once per request here: each is a busy spell of its own"
         assert set(rewarms) <= {threading.current_thread().name}, "on the event loop"
