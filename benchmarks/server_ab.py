@@ -13,7 +13,9 @@ bench`.
 `--overhead-requests N` also measures, before wrk, where one request's time goes in the server: N requests on one
 keep-alive connection (after N/4 untimed ones), one at a time, and the p50s of the server's own timing headers:
 its overhead (`X-Total-Time` − `X-Compute-Time`), split into tokenizing, queueing and the rest, with the model's
-time and the client's round trip beside them. `--connections 0` skips wrk.
+time and the client's round trip beside them. `--connections 0` skips wrk. `--overhead-client generator` sends
+them with the load generator's raw asyncio client (as `deebert bench`'s batch-1 part does), which sends its next
+request sooner after an answer than the default blocking `http.client`.
 
 `--a-source DIR` (`--b-source DIR`) runs that configuration's server from another source tree, e.g. a `git
 worktree add /tmp/before HEAD~1` of the commit before a change, so that two versions of the code compare:
@@ -30,9 +32,11 @@ of a run often measured slow). The JSON keeps every run, the machine and the com
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import http.client
+import json
 import shutil
 import statistics
 import subprocess
@@ -48,6 +52,7 @@ from tqdm import tqdm
 
 from loadtest.bench import parse_wrk, write_wrk_bodies, wrk_command
 from loadtest.generator import Workload, timing_headers
+from loadtest.rawhttp import RawClient
 from loadtest.records import RequestRecord
 from loadtest.report import server_timing, write_json
 from loadtest.servers import REPO_ROOT, BenchError, deebert_server_command, free_port, model_info, server_process
@@ -84,29 +89,24 @@ def run_wrk(url: str, connections: int, seconds: int, bodies: Path, threshold: s
     return parse_wrk(done.stdout)
 
 
-def measure_overhead(url: str, bodies: Sequence[bytes], requests: int, threshold: str | None) -> dict[str, Any]:
+def measure_overhead(
+    url: str, bodies: Sequence[bytes], requests: int, threshold: str | None, client: str = "socket"
+) -> dict[str, Any]:
     """`requests` one-text requests on one keep-alive connection, one at a time (after a quarter as many untimed):
     the p50 (ms) of the server's overhead (total − compute) and of its parts, split as the load generator's report
     splits them (`loadtest.report.server_timing`), the model's time and the client's round trip, and the overhead
-    and its rest as shares of the model's time."""
-    host, _, port = url.removeprefix("http://").partition(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    and its rest as shares of the model's time. `client`: "socket" (`http.client`, blocking) or "generator" (the
+    load generator's raw asyncio client, as `deebert bench`'s batch-1 part sends; it sends its next request sooner
+    after an answer)."""
     headers = {"Content-Type": "application/json"} | ({THRESHOLD_HEADER: threshold} if threshold else {})
-    records: list[RequestRecord] = []
     warmup = max(1, requests // 4)
-    try:
-        for index in range(warmup + requests):
-            started = time.perf_counter()
-            connection.request("POST", CLASSIFY_PATH, bodies[index % len(bodies)], headers)
-            response = connection.getresponse()
-            response.read()
-            latency = time.perf_counter() - started
-            if response.status != 200:
-                raise BenchError(f"POST {CLASSIFY_PATH} answered {response.status}")
-            if index >= warmup:
-                records.append(RequestRecord("200", latency, 1, threshold, **timing_headers(response)))
-    finally:
-        connection.close()
+    round_trip = _generator_round_trips if client == "generator" else _socket_round_trips
+    records: list[RequestRecord] = []
+    for index, (latency, status, response) in enumerate(round_trip(url, bodies, warmup + requests, headers)):
+        if status != 200:
+            raise BenchError(f"POST {CLASSIFY_PATH} answered {status}")
+        if index >= warmup:
+            records.append(RequestRecord("200", latency, 1, threshold, **timing_headers(response)))
     timing = server_timing(records)
     p50 = {f"{name}_p50_ms": timing[f"{name}_ms"]["p50"] for name in ("overhead", "tokenization", "queue", "compute")}
     p50["rest_p50_ms"] = timing["overhead_rest_ms"]["p50"]
@@ -114,10 +114,49 @@ def measure_overhead(url: str, bodies: Sequence[bytes], requests: int, threshold
     overhead, rest, compute = p50["overhead_p50_ms"], p50["rest_p50_ms"], p50["compute_p50_ms"]
     return {
         "requests": requests,
+        "client": client,
         **p50,
         "overhead_per_compute": overhead / compute if overhead is not None and compute else None,
         "rest_per_compute": rest / compute if rest is not None and compute else None,
     }
+
+
+RoundTrip = tuple[float, int, Any]  # (seconds, status, the response: its `.headers` are read)
+
+
+def _socket_round_trips(url: str, bodies: Sequence[bytes], count: int, headers: dict[str, str]) -> list[RoundTrip]:
+    host, _, port = url.removeprefix("http://").partition(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    trips: list[RoundTrip] = []
+    try:
+        for index in range(count):
+            started = time.perf_counter()
+            connection.request("POST", CLASSIFY_PATH, bodies[index % len(bodies)], headers)
+            response = connection.getresponse()
+            response.read()
+            trips.append((time.perf_counter() - started, response.status, response))
+    finally:
+        connection.close()
+    return trips
+
+
+def _generator_round_trips(url: str, bodies: Sequence[bytes], count: int, headers: dict[str, str]) -> list[RoundTrip]:
+    extra = {name: value for name, value in headers.items() if name != "Content-Type"}  # (the client sends it)
+
+    async def run() -> list[RoundTrip]:
+        client = RawClient(url, timeout=60, max_connections=1)
+        trips: list[RoundTrip] = []
+        try:
+            for index in range(count):
+                body = json.loads(bodies[index % len(bodies)])
+                started = time.perf_counter()
+                response = await client.post(CLASSIFY_PATH, json=body, headers=extra)
+                trips.append((time.perf_counter() - started, response.status_code, response))
+        finally:
+            await client.aclose()
+        return trips
+
+    return asyncio.run(run())
 
 
 @contextlib.contextmanager
@@ -135,7 +174,7 @@ def warm_up_machine(args: argparse.Namespace, configuration: Configuration, bodi
     """One untimed server run first: the first server of a run often measured slow (page cache, CPU clocks)."""
     with serving(args, configuration) as url:
         if args.overhead_requests:
-            measure_overhead(url, read_bodies(bodies), args.overhead_requests, args.threshold)
+            measure_overhead(url, read_bodies(bodies), args.overhead_requests, args.threshold, args.overhead_client)
         for connections in args.connections:
             run_wrk(url, connections, args.warmup, bodies, args.threshold)
 
@@ -161,7 +200,9 @@ def run_pairs(
                 with serving(args, configuration) as url:
                     served = model_info(url)
                     if args.overhead_requests:
-                        measured = measure_overhead(url, request_bodies, args.overhead_requests, args.threshold)
+                        measured = measure_overhead(
+                            url, request_bodies, args.overhead_requests, args.threshold, args.overhead_client
+                        )
                         overheads.append({"pair": pair, "configuration": configuration.name, **measured})
                     for connections in args.connections:
                         run_wrk(url, connections, args.warmup, bodies, args.threshold)
@@ -253,7 +294,8 @@ def format_summary(report: dict[str, Any]) -> str:
     if overhead and overhead["pairs"]:
         lines += [
             "",
-            f"One request at a time ({report['overhead_requests']} per server run), p50s in ms "
+            f"One request at a time ({report['overhead_requests']} per server run, client: "
+            f"{report.get('overhead_client', 'socket')}), p50s in ms "
             "(`_per_compute`: as a share of the model's time):",
             "",
             f"| | {a} (per pair) | {b} (per pair) | {b} / {a} per pair | median |",
@@ -281,6 +323,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--connections", default="32", help="wrk concurrencies, comma-separated (32; 0: no wrk)")
     parser.add_argument(
         "--overhead-requests", type=int, default=0, help="requests one at a time per server run for the overhead (0)"
+    )
+    parser.add_argument(
+        "--overhead-client",
+        choices=("socket", "generator"),
+        default="socket",
+        help="the client of the overhead requests: socket (blocking http.client) or generator (the load generator's "
+        "raw asyncio client, as deebert bench's batch-1 part; it sends its next request sooner after an answer)",
     )
     parser.add_argument("--duration", type=int, default=10, help="seconds of each timed wrk run (10)")
     parser.add_argument("--warmup", type=int, default=3, help="seconds of wrk before each timed run (3)")
@@ -330,6 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": runs,
         "summary": summarize(runs, configurations),
         "overhead_requests": args.overhead_requests,
+        "overhead_client": args.overhead_client,
         "overhead_runs": overheads,
         "overhead": summarize_overhead(overheads, configurations) if overheads else None,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,9 +64,11 @@ class _TimedHandler(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     bodies: ClassVar[list[bytes]] = []
+    thresholds: ClassVar[list[str | None]] = []
 
     def do_POST(self) -> None:
         self.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+        self.thresholds.append(self.headers.get("X-Exit-Threshold"))
         self.send_response(200)
         for name, value in (("X-Total-Time", "1.500"), ("X-Compute-Time", "1.000"), ("X-Tokenization-Time", "0.200"),
                             ("X-Queue-Time", "0.100"), ("Content-Length", "2")):  # fmt: skip
@@ -79,7 +82,7 @@ class _TimedHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def timed_server() -> Iterator[str]:
-    _TimedHandler.bodies = []
+    _TimedHandler.bodies, _TimedHandler.thresholds = [], []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TimedHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -90,10 +93,12 @@ def timed_server() -> Iterator[str]:
         server.server_close()
 
 
-def test_the_overhead_is_read_from_the_timing_headers_after_untimed_requests(timed_server: str) -> None:
-    measured = measure_overhead(timed_server, [b'{"text": "a"}', b'{"text": "b"}'], 8, None)
+@pytest.mark.parametrize("client", ["socket", "generator"])
+def test_the_overhead_is_read_from_the_timing_headers_after_untimed_requests(timed_server: str, client: str) -> None:
+    measured = measure_overhead(timed_server, [b'{"text": "a"}', b'{"text": "b"}'], 8, "fast", client)
     assert len(_TimedHandler.bodies) == 8 + 2, "a quarter as many untimed requests first"
-    assert _TimedHandler.bodies[:3] == [b'{"text": "a"}', b'{"text": "b"}', b'{"text": "a"}']
+    assert [json.loads(body) for body in _TimedHandler.bodies[:3]] == [{"text": "a"}, {"text": "b"}, {"text": "a"}]
+    assert _TimedHandler.thresholds == ["fast"] * 10 and measured["client"] == client
     assert measured["overhead_p50_ms"] == pytest.approx(0.5) and measured["rest_p50_ms"] == pytest.approx(0.2)
     assert measured["overhead_per_compute"] == pytest.approx(0.5) and measured["rest_per_compute"] == pytest.approx(0.2)
     assert measured["round_trip_p50_ms"] > 0 and measured["requests"] == 8
