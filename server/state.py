@@ -93,7 +93,8 @@ def build_state(settings: ServerSettings, engine: Engine, state: ServerState | N
         max_idle_items=settings.max_queue_size,
         loop_batches=settings.batches_on_loop,
         in_flight=lambda: requests_in_flight(state),
-        on_quiet=engine.rewarm if settings.rewarm_when_idle else None,
+        # (On a GPU the forward pass does not stream the weights through the CPU's caches: nothing to re-warm.)
+        on_quiet=engine.rewarm if settings.rewarm_when_idle and engine.device.type == "cpu" else None,
     )
     recorder.queue_idle = batcher.submit_idle  # the shadow's re-runs go to the batcher's idle queue
     state.engine, state.metrics, state.brownout, state.batcher = engine, metrics, brownout, batcher

@@ -652,3 +652,19 @@ async def test_the_tokenizer_is_rewarmed_once_the_server_falls_idle(
             await asyncio.sleep(0.01)
             assert len(rewarms) == (3 if rewarm else 0), "once per request here: each is a busy spell of its own"
         assert set(rewarms) <= {threading.current_thread().name}, "on the event loop"
+
+
+def test_the_rewarm_is_for_the_cpu_only(tokenizer_dir: Path) -> None:
+    """On a GPU the model's call leaves the CPU's caches alone: no re-warm is wired there."""
+    import torch
+
+    from server.state import build_state
+    from tests.server_helpers import settings
+
+    engine = tiny_engine(tokenizer_dir)
+    on_cpu = build_state(settings(), engine).batcher
+    engine.device = torch.device("cuda")  # (only its type is read here; nothing runs)
+    on_gpu = build_state(settings(), engine).batcher
+    off = build_state(settings(rewarm_when_idle=False), tiny_engine(tokenizer_dir)).batcher
+    assert on_cpu is not None and on_gpu is not None and off is not None
+    assert on_cpu._on_quiet is not None and on_gpu._on_quiet is None and off._on_quiet is None
