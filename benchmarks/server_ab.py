@@ -15,7 +15,8 @@ keep-alive connection (after N/4 untimed ones), one at a time, and the p50s of t
 its overhead (`X-Total-Time` − `X-Compute-Time`), split into tokenizing, queueing and the rest, with the model's
 time and the client's round trip beside them. `--connections 0` skips wrk. `--overhead-client generator` sends
 them with the load generator's raw asyncio client (as `deebert bench`'s batch-1 part does), which sends its next
-request sooner after an answer than the default blocking `http.client`.
+request sooner after an answer than the default blocking `http.client`; `--overhead-pause-ms P` waits P ms after each
+answer, as sparser traffic would.
 
 `--a-source DIR` (`--b-source DIR`) runs that configuration's server from another source tree, e.g. a `git
 worktree add /tmp/before HEAD~1` of the commit before a change, so that two versions of the code compare:
@@ -90,19 +91,24 @@ def run_wrk(url: str, connections: int, seconds: int, bodies: Path, threshold: s
 
 
 def measure_overhead(
-    url: str, bodies: Sequence[bytes], requests: int, threshold: str | None, client: str = "socket"
+    url: str,
+    bodies: Sequence[bytes],
+    requests: int,
+    threshold: str | None,
+    client: str = "socket",
+    pause_s: float = 0.0,
 ) -> dict[str, Any]:
     """`requests` one-text requests on one keep-alive connection, one at a time (after a quarter as many untimed):
     the p50 (ms) of the server's overhead (total − compute) and of its parts, split as the load generator's report
     splits them (`loadtest.report.server_timing`), the model's time and the client's round trip, and the overhead
     and its rest as shares of the model's time. `client`: "socket" (`http.client`, blocking) or "generator" (the
     load generator's raw asyncio client, as `deebert bench`'s batch-1 part sends; it sends its next request sooner
-    after an answer)."""
+    after an answer). `pause_s`: how long the client waits after each answer before its next request (0: none)."""
     headers = {"Content-Type": "application/json"} | ({THRESHOLD_HEADER: threshold} if threshold else {})
     warmup = max(1, requests // 4)
     round_trip = _generator_round_trips if client == "generator" else _socket_round_trips
     records: list[RequestRecord] = []
-    for index, (latency, status, response) in enumerate(round_trip(url, bodies, warmup + requests, headers)):
+    for index, (latency, status, response) in enumerate(round_trip(url, bodies, warmup + requests, headers, pause_s)):
         if status != 200:
             raise BenchError(f"POST {CLASSIFY_PATH} answered {status}")
         if index >= warmup:
@@ -115,6 +121,7 @@ def measure_overhead(
     return {
         "requests": requests,
         "client": client,
+        "pause_ms": 1000 * pause_s,
         **p50,
         "overhead_per_compute": overhead / compute if overhead is not None and compute else None,
         "rest_per_compute": rest / compute if rest is not None and compute else None,
@@ -124,7 +131,9 @@ def measure_overhead(
 RoundTrip = tuple[float, int, Any]  # (seconds, status, the response: its `.headers` are read)
 
 
-def _socket_round_trips(url: str, bodies: Sequence[bytes], count: int, headers: dict[str, str]) -> list[RoundTrip]:
+def _socket_round_trips(
+    url: str, bodies: Sequence[bytes], count: int, headers: dict[str, str], pause_s: float
+) -> list[RoundTrip]:
     host, _, port = url.removeprefix("http://").partition(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=60)
     trips: list[RoundTrip] = []
@@ -135,12 +144,16 @@ def _socket_round_trips(url: str, bodies: Sequence[bytes], count: int, headers: 
             response = connection.getresponse()
             response.read()
             trips.append((time.perf_counter() - started, response.status, response))
+            if pause_s:
+                time.sleep(pause_s)
     finally:
         connection.close()
     return trips
 
 
-def _generator_round_trips(url: str, bodies: Sequence[bytes], count: int, headers: dict[str, str]) -> list[RoundTrip]:
+def _generator_round_trips(
+    url: str, bodies: Sequence[bytes], count: int, headers: dict[str, str], pause_s: float
+) -> list[RoundTrip]:
     extra = {name: value for name, value in headers.items() if name != "Content-Type"}  # (the client sends it)
 
     async def run() -> list[RoundTrip]:
@@ -152,6 +165,8 @@ def _generator_round_trips(url: str, bodies: Sequence[bytes], count: int, header
                 started = time.perf_counter()
                 response = await client.post(CLASSIFY_PATH, json=body, headers=extra)
                 trips.append((time.perf_counter() - started, response.status_code, response))
+                if pause_s:
+                    await asyncio.sleep(pause_s)
         finally:
             await client.aclose()
         return trips
@@ -174,7 +189,14 @@ def warm_up_machine(args: argparse.Namespace, configuration: Configuration, bodi
     """One untimed server run first: the first server of a run often measured slow (page cache, CPU clocks)."""
     with serving(args, configuration) as url:
         if args.overhead_requests:
-            measure_overhead(url, read_bodies(bodies), args.overhead_requests, args.threshold, args.overhead_client)
+            measure_overhead(
+                url,
+                read_bodies(bodies),
+                args.overhead_requests,
+                args.threshold,
+                args.overhead_client,
+                args.overhead_pause_ms / 1000,
+            )
         for connections in args.connections:
             run_wrk(url, connections, args.warmup, bodies, args.threshold)
 
@@ -201,7 +223,12 @@ def run_pairs(
                     served = model_info(url)
                     if args.overhead_requests:
                         measured = measure_overhead(
-                            url, request_bodies, args.overhead_requests, args.threshold, args.overhead_client
+                            url,
+                            request_bodies,
+                            args.overhead_requests,
+                            args.threshold,
+                            args.overhead_client,
+                            args.overhead_pause_ms / 1000,
                         )
                         overheads.append({"pair": pair, "configuration": configuration.name, **measured})
                     for connections in args.connections:
@@ -295,7 +322,7 @@ def format_summary(report: dict[str, Any]) -> str:
         lines += [
             "",
             f"One request at a time ({report['overhead_requests']} per server run, client: "
-            f"{report.get('overhead_client', 'socket')}), p50s in ms "
+            f"{report.get('overhead_client', 'socket')}, pause {report.get('overhead_pause_ms', 0):g} ms), p50s in ms "
             "(`_per_compute`: as a share of the model's time):",
             "",
             f"| | {a} (per pair) | {b} (per pair) | {b} / {a} per pair | median |",
@@ -330,6 +357,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="socket",
         help="the client of the overhead requests: socket (blocking http.client) or generator (the load generator's "
         "raw asyncio client, as deebert bench's batch-1 part; it sends its next request sooner after an answer)",
+    )
+    parser.add_argument(
+        "--overhead-pause-ms",
+        type=float,
+        default=0.0,
+        help="the overhead client's pause after each answer, ms (0): sparse traffic finds the CPU's caches colder",
     )
     parser.add_argument("--duration", type=int, default=10, help="seconds of each timed wrk run (10)")
     parser.add_argument("--warmup", type=int, default=3, help="seconds of wrk before each timed run (3)")
@@ -380,6 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "summary": summarize(runs, configurations),
         "overhead_requests": args.overhead_requests,
         "overhead_client": args.overhead_client,
+        "overhead_pause_ms": args.overhead_pause_ms,
         "overhead_runs": overheads,
         "overhead": summarize_overhead(overheads, configurations) if overheads else None,
     }

@@ -32,7 +32,8 @@ event loop, after the answers have gone out (`run_if_quiet`, which the server al
 ends: a fast client's next request can arrive within a few turns of the loop): the server re-warms the tokenizer
 there. A forward pass streams the model's weights through the CPU's caches, so the next request would tokenize
 with cold caches (~0.15 ms instead of ~0.04 for an SST-2 sentence on an AVX2-only AMD EPYC); tokenizing a short
-text while the server waits anyway brought that request's tokenizing down to ~0.09 ms (BENCHMARKS.md §25).
+text while the server waits anyway brought that request's tokenizing down to ~0.09 ms (BENCHMARKS.md §25). It helps
+a request that comes within a few milliseconds of the last answer; after 20 ms or more the caches are cold again.
 
 A second, low-priority queue (`submit_idle`) holds background items for `idle_runner` (shadow
 full-depth runs): they go to the same worker thread only while no text waits, so they never hold an

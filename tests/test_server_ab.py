@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
@@ -93,9 +94,15 @@ def timed_server() -> Iterator[str]:
         server.server_close()
 
 
-@pytest.mark.parametrize("client", ["socket", "generator"])
-def test_the_overhead_is_read_from_the_timing_headers_after_untimed_requests(timed_server: str, client: str) -> None:
-    measured = measure_overhead(timed_server, [b'{"text": "a"}', b'{"text": "b"}'], 8, "fast", client)
+@pytest.mark.parametrize(
+    ("client", "pause_s"), [("socket", 0.0), ("generator", 0.0), ("socket", 0.01), ("generator", 0.01)]
+)
+def test_the_overhead_is_read_from_the_timing_headers_after_untimed_requests(
+    timed_server: str, client: str, pause_s: float
+) -> None:
+    started = time.perf_counter()
+    measured = measure_overhead(timed_server, [b'{"text": "a"}', b'{"text": "b"}'], 8, "fast", client, pause_s)
+    assert time.perf_counter() - started >= 10 * pause_s and measured["pause_ms"] == pytest.approx(1000 * pause_s)
     assert len(_TimedHandler.bodies) == 8 + 2, "a quarter as many untimed requests first"
     assert [json.loads(body) for body in _TimedHandler.bodies[:3]] == [{"text": "a"}, {"text": "b"}, {"text": "a"}]
     assert _TimedHandler.thresholds == ["fast"] * 10 and measured["client"] == client
