@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import threading
@@ -98,11 +99,20 @@ def timed_server() -> Iterator[str]:
     ("client", "pause_s"), [("socket", 0.0), ("generator", 0.0), ("socket", 0.01), ("generator", 0.01)]
 )
 def test_the_overhead_is_read_from_the_timing_headers_after_untimed_requests(
-    timed_server: str, client: str, pause_s: float
+    timed_server: str, client: str, pause_s: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    started = time.perf_counter()
+    pauses: list[float] = []  # the client's pauses, counted (and not waited for)
+    real_sleep, real_async_sleep = time.sleep, asyncio.sleep
+
+    async def async_pause(seconds: float) -> None:
+        pauses.append(seconds)
+        await real_async_sleep(0)
+
+    monkeypatch.setattr(time, "sleep", lambda seconds: pauses.append(seconds) or real_sleep(0))
+    monkeypatch.setattr(asyncio, "sleep", async_pause)
     measured = measure_overhead(timed_server, [b'{"text": "a"}', b'{"text": "b"}'], 8, "fast", client, pause_s)
-    assert time.perf_counter() - started >= 10 * pause_s and measured["pause_ms"] == pytest.approx(1000 * pause_s)
+    assert pauses == ([pause_s] * 10 if pause_s else []), "a pause after each answer, untimed ones too"
+    assert measured["pause_ms"] == pytest.approx(1000 * pause_s)
     assert len(_TimedHandler.bodies) == 8 + 2, "a quarter as many untimed requests first"
     assert [json.loads(body) for body in _TimedHandler.bodies[:3]] == [{"text": "a"}, {"text": "b"}, {"text": "a"}]
     assert _TimedHandler.thresholds == ["fast"] * 10 and measured["client"] == client
