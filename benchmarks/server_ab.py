@@ -57,7 +57,7 @@ from loadtest.rawhttp import RawClient
 from loadtest.records import RequestRecord
 from loadtest.report import server_timing, write_json
 from loadtest.servers import REPO_ROOT, BenchError, deebert_server_command, free_port, model_info, server_process
-from reports.common import describe_machine, machine_description
+from reports.common import cpu_times, describe_machine, machine_description, percent, stolen_share
 from server.protocol import CLASSIFY_PATH, THRESHOLD_HEADER
 
 
@@ -222,6 +222,7 @@ def run_pairs(
                 with serving(args, configuration) as url:
                     served = model_info(url)
                     if args.overhead_requests:
+                        before = cpu_times()
                         measured = measure_overhead(
                             url,
                             request_bodies,
@@ -230,10 +231,14 @@ def run_pairs(
                             args.overhead_client,
                             args.overhead_pause_ms / 1000,
                         )
+                        # Each measurement with the share of CPU time the hypervisor gave other guests meanwhile.
+                        measured["cpu_stolen"] = stolen_share(before, cpu_times())
                         overheads.append({"pair": pair, "configuration": configuration.name, **measured})
                     for connections in args.connections:
                         run_wrk(url, connections, args.warmup, bodies, args.threshold)
+                        before = cpu_times()
                         result = run_wrk(url, connections, args.duration, bodies, args.threshold)
+                        result["cpu_stolen"] = stolen_share(before, cpu_times())
                         runs.append(
                             {
                                 "pair": pair,
@@ -301,12 +306,27 @@ def summarize_overhead(overheads: Sequence[dict[str, Any]], configurations: Sequ
     return summary
 
 
+def _steal_sentence(report: dict[str, Any]) -> str:
+    """The CPU time stolen by the hypervisor during the measurements, per configuration (its runs' median and
+    highest share): a pair whose runs differ here was measured at two speeds of the VM."""
+    parts = []
+    for name in (c["name"] for c in report["configurations"]):
+        shares = [
+            run["cpu_stolen"]
+            for run in [*report.get("runs", []), *report.get("overhead_runs", [])]
+            if run["configuration"] == name and run.get("cpu_stolen") is not None
+        ]
+        if shares:
+            parts.append(f"{name} median {percent(statistics.median(shares), 1)}, highest {percent(max(shares), 1)}")
+    return f". CPU time stolen by the hypervisor while measuring: {'; '.join(parts)}" if parts else ""
+
+
 def format_summary(report: dict[str, Any]) -> str:
     a, b = (c["name"] for c in report["configurations"])
     lines = [
         f"`{report['command']}`",
         "",
-        describe_machine(report["machine"]),
+        describe_machine(report["machine"]) + _steal_sentence(report),
         "",
         f"| wrk connections | {a} requests/s (per pair) | {b} requests/s (per pair) | {b} / {a} per pair | median |",
         "| ---: | --- | --- | --- | ---: |",

@@ -26,6 +26,7 @@ lands around the knee on any machine; a curve stops at its first saturated point
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
@@ -38,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,7 @@ from loadtest.servers import (
     running_server,
 )
 from loadtest.targets import target
-from reports.common import machine_description, number
+from reports.common import cpu_times, machine_description, number, stolen_share
 from reports.terminal import table
 
 DEFAULT_CHECKPOINT = "weights/sst2-minilm-l6"
@@ -470,7 +472,9 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         "machine": machine_description(),
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "curves": {},
+        "cpu_stolen": {},
     }
+    run_cpu_times = cpu_times()
     server_env = {
         "DEEBERT_MAX_BATCH_SIZE": str(settings.max_batch_size),
         "DEEBERT_MAX_WAIT_MS": f"{settings.max_wait_ms:g}",
@@ -481,79 +485,96 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
     parts = set(settings.parts)
 
     if parts & {"batch1", "curve", "wrk"}:
-        port = free_port()
-        print(f"deebert server (batch {settings.max_batch_size}) on port {port}", file=sys.stderr)
-        with running_server(
-            deebert_server_command(checkpoint, port), server_env, port, settings.startup_timeout
-        ) as url:
-            info = model_info(url)
-            results["model"] = info
-            presets = [p["name"] for p in info.get("presets", [])]
-            balanced = "balanced" if "balanced" in presets else (presets[len(presets) // 2] if presets else None)
-            results["balanced_name"] = balanced
-            if "batch1" in parts:
-                results["batch1"] = measure_batch1(url, workload, settings, presets)
-            if "curve" in parts:
-                results["curves"]["full"] = measure_curve(url, workload, settings, "0", "full depth")
-                if balanced is not None:
-                    results["curves"]["balanced"] = measure_curve(url, workload, settings, balanced, balanced)
-            if "wrk" in parts:
-                results["wrk"] = external_crosscheck(url, workload, settings, "0", results_dir)
+        with _steal_recorded(results, ",".join(p for p in ("batch1", "curve", "wrk") if p in parts)):
+            port = free_port()
+            print(f"deebert server (batch {settings.max_batch_size}) on port {port}", file=sys.stderr)
+            with running_server(
+                deebert_server_command(checkpoint, port), server_env, port, settings.startup_timeout
+            ) as url:
+                info = model_info(url)
+                results["model"] = info
+                presets = [p["name"] for p in info.get("presets", [])]
+                balanced = "balanced" if "balanced" in presets else (presets[len(presets) // 2] if presets else None)
+                results["balanced_name"] = balanced
+                if "batch1" in parts:
+                    results["batch1"] = measure_batch1(url, workload, settings, presets)
+                if "curve" in parts:
+                    results["curves"]["full"] = measure_curve(url, workload, settings, "0", "full depth")
+                    if balanced is not None:
+                        results["curves"]["balanced"] = measure_curve(url, workload, settings, balanced, balanced)
+                if "wrk" in parts:
+                    results["wrk"] = external_crosscheck(url, workload, settings, "0", results_dir)
 
     if "compaction" in parts:
-        results["compaction_supported"] = compaction_supported()
-        port = free_port()
-        print(f"deebert server, compaction off, on port {port}", file=sys.stderr)
-        env = {**server_env, "DEEBERT_COMPACTION": "false"}
-        with running_server(deebert_server_command(checkpoint, port), env, port, settings.startup_timeout) as url:
-            name = results.get("balanced_name") or _balanced_of(model_info(url))
-            results["balanced_name"] = name
-            if name is not None:
-                results["no_compaction"] = measure_curve(url, workload, settings, name, f"{name}, no compaction")
+        with _steal_recorded(results, "compaction"):
+            results["compaction_supported"] = compaction_supported()
+            port = free_port()
+            print(f"deebert server, compaction off, on port {port}", file=sys.stderr)
+            env = {**server_env, "DEEBERT_COMPACTION": "false"}
+            with running_server(deebert_server_command(checkpoint, port), env, port, settings.startup_timeout) as url:
+                name = results.get("balanced_name") or _balanced_of(model_info(url))
+                results["balanced_name"] = name
+                if name is not None:
+                    results["no_compaction"] = measure_curve(url, workload, settings, name, f"{name}, no compaction")
 
     if "plain" in parts:
-        port = free_port()
-        print(f"plain baseline server on port {port}", file=sys.stderr)
-        argv = plain_server_command(checkpoint, port, settings.threads)
-        with running_server(argv, {}, port, settings.startup_timeout) as url:
-            results["plain"] = measure_curve(url, workload, settings, None, "plain endpoint")
+        with _steal_recorded(results, "plain"):
+            port = free_port()
+            print(f"plain baseline server on port {port}", file=sys.stderr)
+            argv = plain_server_command(checkpoint, port, settings.threads)
+            with running_server(argv, {}, port, settings.startup_timeout) as url:
+                results["plain"] = measure_curve(url, workload, settings, None, "plain endpoint")
 
     if "peers" in parts:
-        # The workers run in this directory, as the data path is given; the checkpoint as given when it is here.
-        peer_checkpoint = settings.checkpoint if Path(settings.checkpoint).exists() else checkpoint
-        peer_settings = PeerSettings(checkpoint=peer_checkpoint, data=settings.data, threads=settings.threads or 2)
-        if settings.quick:
-            peer_settings.batch1_rows, peer_settings.rounds = 10, 1
-            peer_settings.variants = ("torch-plain", "ort-plain", "ort-balanced")
-        if settings.peers_variants:
-            peer_settings.variants = tuple(settings.peers_variants)
-        results["peers"] = run_peers(peer_settings, log_path=results_dir / "peers.log")
+        with _steal_recorded(results, "peers"):
+            # The workers run in this directory, as the data path is given; the checkpoint as given when it is here.
+            peer_checkpoint = settings.checkpoint if Path(settings.checkpoint).exists() else checkpoint
+            peer_settings = PeerSettings(checkpoint=peer_checkpoint, data=settings.data, threads=settings.threads or 2)
+            if settings.quick:
+                peer_settings.batch1_rows, peer_settings.rounds = 10, 1
+                peer_settings.variants = ("torch-plain", "ort-plain", "ort-balanced")
+            if settings.peers_variants:
+                peer_settings.variants = tuple(settings.peers_variants)
+            results["peers"] = run_peers(peer_settings, log_path=results_dir / "peers.log")
 
     if "plain-best" in parts:
-        # One request at a time, as a plain endpoint is: its speed is its runtime's batch-1 speed, so the
-        # runtime is the plain variant the peers run found fastest at batch 1 (ONNX Runtime fp32 without it).
-        best = best_plain(results["peers"]["variants"])["batch1"] if results.get("peers") else None
-        variant = results["peers"]["variants"][best] if best else {"runtime": "onnxruntime", "precision": "fp32"}
-        backend, precision = plain_variant_server(variant)
-        results["plain_best_runtime"] = {
-            "variant": best,
-            "label": variant.get("label", "plain ONNX Runtime fp32 (peers part not run)"),
-            "backend": backend,
-            "precision": precision,
-        }
-        port = free_port()
-        print(f"plain baseline server ({backend} {precision}) on port {port}", file=sys.stderr)
-        argv = plain_server_command(checkpoint, port, settings.threads, backend, precision)
-        with running_server(argv, {}, port, settings.startup_timeout) as url:
-            results["plain_best_batch1"] = _point(
-                url, workload, settings, None, "best plain batch-1", duration=settings.batch1_duration
-            )
-            results["plain_best"] = measure_curve(url, workload, settings, None, f"plain {backend} {precision}")
+        with _steal_recorded(results, "plain-best"):
+            # One request at a time, as a plain endpoint is: its speed is its runtime's batch-1 speed, so the
+            # runtime is the plain variant the peers run found fastest at batch 1 (ONNX Runtime fp32 without it).
+            best = best_plain(results["peers"]["variants"])["batch1"] if results.get("peers") else None
+            variant = results["peers"]["variants"][best] if best else {"runtime": "onnxruntime", "precision": "fp32"}
+            backend, precision = plain_variant_server(variant)
+            results["plain_best_runtime"] = {
+                "variant": best,
+                "label": variant.get("label", "plain ONNX Runtime fp32 (peers part not run)"),
+                "backend": backend,
+                "precision": precision,
+            }
+            port = free_port()
+            print(f"plain baseline server ({backend} {precision}) on port {port}", file=sys.stderr)
+            argv = plain_server_command(checkpoint, port, settings.threads, backend, precision)
+            with running_server(argv, {}, port, settings.startup_timeout) as url:
+                results["plain_best_batch1"] = _point(
+                    url, workload, settings, None, "best plain batch-1", duration=settings.batch1_duration
+                )
+                results["plain_best"] = measure_curve(url, workload, settings, None, f"plain {backend} {precision}")
 
     results["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     results["elapsed_s"] = time.time() - started
     results["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    results["cpu_stolen"]["whole run"] = stolen_share(run_cpu_times, cpu_times())
     return write_results(results, results_dir, Path(settings.output_md))
+
+
+@contextlib.contextmanager
+def _steal_recorded(results: dict[str, Any], part: str) -> Iterator[None]:
+    """Records in `results["cpu_stolen"][part]` the share of the machine's CPU time the hypervisor gave to other
+    guests while the part ran (`reports.common.stolen_share`; None where the kernel does not say)."""
+    before = cpu_times()
+    try:
+        yield
+    finally:
+        results["cpu_stolen"][part] = stolen_share(before, cpu_times())
 
 
 def write_results(results: dict[str, Any], results_dir: Path, output_md: Path) -> dict[str, Any]:

@@ -144,6 +144,17 @@ def _relative(path: str, base: Path) -> str:
     return os.path.relpath(Path(path).resolve(), base.resolve().parent)
 
 
+def _steal_lines(stolen: dict[str, float | None] | None) -> list[str]:
+    """The Machine section's line on CPU time stolen by the hypervisor, per part (none where not recorded)."""
+    if not stolen or all(share is None for share in stolen.values()):
+        return []
+    shares = ", ".join(f"{part} {percent(share, 1)}" for part, share in stolen.items())
+    return [
+        f"- CPU time stolen by the hypervisor for other guests (steal, /proc/stat): {shares}. A part with a "
+        "higher share ran slower than the machine's own speed, so its ratios against other parts are skewed"
+    ]
+
+
 def write_markdown(results: dict[str, Any], path: Path) -> None:
     """BENCHMARKS.md: machine, command, targets, one section per part, plots."""
     m = results["machine"]
@@ -175,6 +186,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"- server: {', '.join(f'{k}={v}' for k, v in results['server_env'].items())}",
         f"- load average at start {', '.join(f'{x:.2f}' for x in load) if load else '-'}; client and servers share "
         "these CPUs, so the generator's own cost is part of every number",
+        *_steal_lines(results.get("cpu_stolen")),
         "",
         "## Targets",
         "",

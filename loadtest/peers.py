@@ -38,7 +38,7 @@ from typing import Any
 from loadtest.report import write_json
 from loadtest.targets import target
 from model.saving import expected_saving, time_weighted_saving
-from reports.common import describe_machine, machine_description, markdown_table
+from reports.common import cpu_times, describe_machine, machine_description, markdown_table, percent, stolen_share
 
 # deebert on the runtime `auto` chose against the best plain variant of the same run (issue 24).
 RUNTIME_TARGETS = {
@@ -448,6 +448,7 @@ def run_peers(settings: PeerSettings, log_path: Path | None = None) -> dict[str,
     chunks = [sample[i : i + settings.chunk] for i in range(0, len(sample), settings.chunk)]
     machine = machine_description()
     began = time.time()
+    began_cpu = cpu_times()
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(
             open(log_path, "wb") if log_path else tempfile.TemporaryFile()  # noqa: SIM115
@@ -551,6 +552,8 @@ def run_peers(settings: PeerSettings, log_path: Path | None = None) -> dict[str,
         "machine": machine,
         "samples": {"batch1": len(sample), "batched": len(gold)},
         "elapsed_s": time.time() - began,
+        # Variants interleave, so a neighbour's burst slows them alike; a high share still says the run was slow.
+        "cpu_stolen": stolen_share(began_cpu, cpu_times()),
         "variants": variants,
         "skipped": skipped,
     }
@@ -770,6 +773,13 @@ def peer_targets(variants: dict[str, Any]) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
+def _steal_sentence(stolen: float | None) -> str:
+    """The run's CPU time stolen by the hypervisor, as a sentence after the machine's (empty where unknown)."""
+    if stolen is None:
+        return ""
+    return f" CPU time stolen by the hypervisor for other guests during the run: {percent(stolen, 1)}."
+
+
 def markdown_section(results: dict[str, Any], heading: str = "## Peer runtimes, in process") -> list[str]:
     """BENCHMARKS.md's section for a peers run: machine, command, the table, targets."""
     variants = results["variants"]
@@ -806,7 +816,8 @@ def markdown_section(results: dict[str, Any], heading: str = "## Peer runtimes, 
     out = [
         heading,
         "",
-        f"{describe_machine(results['machine'])}. {s['threads']} threads per variant.",
+        f"{describe_machine(results['machine'])}. {s['threads']} threads per variant."
+        + _steal_sentence(results.get("cpu_stolen")),
         "",
         f"`{results['command']}` (or `deebert bench --parts peers`), {results['elapsed_s']:.0f} s. Every variant "
         f"in its own process, interleaved: {s['rounds']} rounds of {results['samples']['batch1']} random dev "

@@ -91,6 +91,35 @@ def _accelerators() -> list[str]:
     return [f"{torch.cuda.get_device_name(i)} (CUDA {cuda})" for i in range(torch.cuda.device_count())]
 
 
+# /proc/stat's `cpu` line, in its order: the machine's CPU time so far by kind, in clock ticks.
+CPU_TIME_KINDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def cpu_times(stat_path: Path = Path("/proc/stat")) -> dict[str, int] | None:
+    """The whole machine's CPU time so far by kind (`CPU_TIME_KINDS`, Linux clock ticks); None where the
+    kernel does not report it."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in stat_path.read_text().splitlines():
+            fields = line.split()
+            if fields and fields[0] == "cpu":
+                values = [int(v) for v in fields[1 : 1 + len(CPU_TIME_KINDS)]]
+                if len(values) == len(CPU_TIME_KINDS):
+                    return dict(zip(CPU_TIME_KINDS, values, strict=True))
+    return None
+
+
+def stolen_share(before: dict[str, int] | None, after: dict[str, int] | None) -> float | None:
+    """Of the CPU time that passed between two `cpu_times()` readings, the share the hypervisor gave to other
+    guests (steal time): on a shared VM, the neighbours that slow every measurement taken in between, and the
+    reason two runs of the same command can differ. None when either reading is missing or no time passed."""
+    if before is None or after is None:
+        return None
+    total = sum(after[kind] - before[kind] for kind in CPU_TIME_KINDS)
+    if total <= 0:
+        return None
+    return (after["steal"] - before["steal"]) / total
+
+
 def describe_machine(machine: dict[str, Any]) -> str:
     """One line for a `machine_description()`: CPU, cores, memory, platform, versions, load at the start."""
     versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items() if v)

@@ -17,7 +17,7 @@ import pytest
 from deebert.cli import main
 from loadtest.bench import PARTS, parse_wrk, write_results
 from loadtest.generator import LoadConfig, Workload, parse_threshold_mix, poisson_schedule, run
-from loadtest.peers import PeerSettings, best_plain, run_peers
+from loadtest.peers import PeerSettings, best_plain, markdown_section, run_peers
 from loadtest.records import DROPPED, RequestRecord, RunResult, metric_total, parse_metrics
 from loadtest.report import build_report, format_report, metrics_batch_size, metrics_saving
 from loadtest.saturation import is_saturated, saturated_throughput
@@ -312,6 +312,11 @@ def test_bench_measures_a_live_server_and_writes_its_report(checkpoint: Path, da
     for heading in ["## Machine", "## Targets", "## 1. Batch-1 latency", "## 2. Latency vs throughput"]:
         assert heading in text
     assert "## 6. Peer runtimes" not in text
+    # The CPU time the hypervisor gave other guests, per part and over the run (Linux; None elsewhere).
+    assert set(raw["cpu_stolen"]) == {"batch1,curve", "whole run"}
+    if raw["cpu_stolen"]["whole run"] is not None:
+        assert 0.0 <= raw["cpu_stolen"]["whole run"] <= 1.0
+        assert "CPU time stolen by the hypervisor for other guests (steal, /proc/stat): batch1,curve " in text
 
 
 def test_bench_report_of_a_recorded_full_run(tmp_path: Path) -> None:
@@ -343,6 +348,10 @@ def test_bench_report_of_a_recorded_full_run(tmp_path: Path) -> None:
         assert (results_dir / name).stat().st_size > 1000
         assert f"results/{name}" in text
     assert json.loads((results_dir / "bench.json").read_text())["targets"] == written["targets"]
+    assert "CPU time stolen" not in text, "a run recorded before steal was read says nothing of it"
+    recorded["cpu_stolen"] = {"peers": 0.031, "plain-best": None, "whole run": 0.012}
+    write_results(recorded, results_dir, md)
+    assert "(steal, /proc/stat): peers 3.1%, plain-best -, whole run 1.2%." in md.read_text()
 
 
 def test_quick_peers_run_each_variant_in_its_own_process(checkpoint: Path, data_file: Path, tmp_path: Path) -> None:
@@ -354,6 +363,7 @@ def test_quick_peers_run_each_variant_in_its_own_process(checkpoint: Path, data_
     peers = run_peers(settings, log_path=tmp_path / "peers.log")
     assert set(peers["variants"]) == {"torch-plain", "ort-plain", "ort-balanced"} and not peers["skipped"]
     assert peers["samples"] == {"batch1": 10, "batched": 40}
+    assert peers["cpu_stolen"] is None or 0.0 <= peers["cpu_stolen"] <= 1.0
     for variant in peers["variants"].values():
         assert variant["batch1_mean_ms"] > 0 and variant["batched_sentences_per_s"] > 0
         assert 0.0 <= variant["accuracy"] <= 1.0 and len(variant["batched_labels"]) == 40
@@ -370,6 +380,8 @@ def test_quick_peers_run_each_variant_in_its_own_process(checkpoint: Path, data_
     assert "server_sentences_per_s" not in ort, "plain variants run no exit loop to split"
     assert peers["best_plain"]["batch1"] in {"torch-plain", "ort-plain"}
     assert {t["status"] for t in peers["targets"]} <= {"PASS", "MISS", "n/a"}
+    peers["cpu_stolen"] = 0.042
+    assert "stolen by the hypervisor for other guests during the run: 4.2%." in "\n".join(markdown_section(peers))
 
 
 # --- deebert reliability: the report logic (the runs themselves are documented, not tested) -------------

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from reports.results import SCHEMES, scheme_verdict, write_results
 
 
@@ -86,3 +88,19 @@ def test_one_percentage_formatter_for_every_report() -> None:
     assert percent(0.1234) == "12.3%" and percent(None) == "-"
     assert percent(0.05, signed=True) == "+5.0%" and percent(-0.05, signed=True) == "-5.0%"
     assert percent(0.5, 2, unit="", missing="–") == "50.00" and percent(None, missing="–") == "–"
+
+
+def test_cpu_time_stolen_by_the_hypervisor_is_a_share_of_the_time_between_two_readings(tmp_path: Path) -> None:
+    from reports.common import cpu_times, stolen_share
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 50 0 25 400 5 0 2 18 0 0\nintr 1 2 3\n")
+    before = cpu_times(stat)
+    assert before == {"user": 100, "nice": 0, "system": 50, "idle": 800, "iowait": 10, "irq": 0, "softirq": 5,
+                      "steal": 35}  # fmt: skip
+    stat.write_text("cpu  160 0 60 900 10 0 5 65 0 0\n")  # 200 ticks passed, 30 of them stolen
+    assert stolen_share(before, cpu_times(stat)) == pytest.approx(0.15)
+    assert stolen_share(before, before) is None, "no time passed: no share"
+    assert cpu_times(tmp_path / "absent") is None and stolen_share(None, before) is None
+    stat.write_text("cpu  1 2 3\n")  # an old kernel without steal: not a reading
+    assert cpu_times(stat) is None

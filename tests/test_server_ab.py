@@ -59,6 +59,12 @@ def test_the_summary_compares_the_two_within_each_pair() -> None:
     table = format_summary({"command": "cmd", "machine": machine, "configurations": [
         {"name": "a"}, {"name": "b"}], "summary": summarize(runs, configurations)})  # fmt: skip
     assert "| 32 | 400, 200, 400 | 500, 300, 360 | 1.25, 1.50, 0.90 | 1.25 |" in table
+    assert "stolen" not in table, "runs recorded without steal say nothing of it"
+    for run, stolen in zip(runs, [0.01, 0.02, 0.05, 0.0, 0.01, 0.03, None, None], strict=True):
+        run["cpu_stolen"] = stolen
+    table = format_summary({"command": "cmd", "machine": machine, "configurations": [
+        {"name": "a"}, {"name": "b"}], "runs": runs, "summary": summarize(runs, configurations)})  # fmt: skip
+    assert "stolen by the hypervisor while measuring: a median 1.0%, highest 1.0%; b median 3.0%, highest 5.0%" in table
 
 
 class _TimedHandler(http.server.BaseHTTPRequestHandler):
