@@ -12,10 +12,11 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from model import exit_rule
-from model.early_exit import EarlyExitModel, ExitResult, LayerExits, RefillBatch
+from model.early_exit import EarlyExitModel, ExitResult, LayerExits, LoneRowExit, RefillBatch
 from model.modeling import DeeBert
 
 logger = logging.getLogger("deebert.backends")
@@ -191,6 +192,16 @@ class SplitExitModel(EarlyExitModel):
         yield from self._for(rows).iter_exits(
             input_ids, attention_mask, token_type_ids, self._thresholds(rows, thresholds), compact, criterion
         )
+
+    def exit_lone_row(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        token_type_ids: np.ndarray,
+        threshold: float,
+        criterion: exit_rule.ExitCriterion | None = None,
+    ) -> LoneRowExit:
+        return self.single.exit_lone_row(input_ids, attention_mask, token_type_ids, threshold, criterion)
 
     def infer(
         self,

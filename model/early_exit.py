@@ -21,6 +21,10 @@ import torch
 
 from model import exit_rule
 
+# A batch's token ids, mask or types: torch tensors, or int64 numpy arrays for a lone row on a runtime that computes
+# on numpy (`EarlyExitModel.exit_lone_row`), which then never touches torch.
+Tokens = torch.Tensor | np.ndarray
+
 if TYPE_CHECKING:
     from model.config import DeeBertConfig
 
@@ -35,6 +39,29 @@ class LayerExits:
     entropies: list[float]
     probabilities: torch.Tensor
     rows_run: int
+
+
+@dataclass
+class LoneRowExit:
+    """A batch of one row's answer as Python numbers (`exit_one`): the layer it left at (1-based), its label,
+    entropy and probabilities. The server's lone requests read it as it is; `layer_exits` gives the batch form."""
+
+    layer: int
+    label: int
+    entropy: float
+    probabilities: list[float]
+
+    def layer_exits(self) -> LayerExits:
+        """As the loop yields a batch's exits (the probabilities as a [1, labels] tensor)."""
+        return LayerExits(
+            layer=self.layer,
+            rows=[0],
+            labels=[self.label],
+            entropies=[self.entropy],
+            # from numpy: a third of torch.tensor's cost on a list, measured right after an ORT call
+            probabilities=torch.from_numpy(np.array([self.probabilities], dtype=np.float32)),
+            rows_run=1,
+        )
 
 
 @dataclass
@@ -55,12 +82,16 @@ class ExitResult:
 
 class ExitSteps(Protocol):
     """A backend's compute steps. `state` is the backend's own record of the rows still running (their
-    hidden states and attention mask, right-padded); the loop only passes it back."""
+    hidden states and attention mask, right-padded); the loop only passes it back.
+
+    A backend that computes on numpy may also give a lone row's logits as Python numbers, without torch
+    (`exit_one` looks them up): `full_depth_row(input_ids, attention_mask, token_type_ids) -> list[float] | None`
+    and `off_ramp_row(state, layer_number) -> list[float]`."""
 
     @property
     def num_layers(self) -> int: ...
 
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None) -> Any:
+    def start(self, input_ids: Tokens, attention_mask: Tokens, token_type_ids: Tokens | None) -> Any:
         """The embeddings of a batch: the state before layer 1."""
 
     def run_layer(self, state: Any, layer_number: int) -> Any:
@@ -82,7 +113,7 @@ class ExitSteps(Protocol):
         copy of each row; without padding no row needs."""
 
     def full_depth_logits(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
+        self, input_ids: Tokens, attention_mask: Tokens, token_type_ids: Tokens | None
     ) -> torch.Tensor | None:
         """The final classifier's logits from one full forward, when the backend has a faster way to run all
         layers than one step at a time (the loop takes it when no row can leave early); None otherwise."""
@@ -134,7 +165,7 @@ def iter_exits(
     """
     batch_size = input_ids.shape[0]
     if batch_size == 1:
-        yield exit_one(steps, input_ids, attention_mask, token_type_ids, _only(thresholds), rule)
+        yield exit_one(steps, input_ids, attention_mask, token_type_ids, _only(thresholds), rule).layer_exits()
         return
     device = input_ids.device
     num_layers = steps.num_layers
@@ -367,12 +398,12 @@ def infer_refilled(
 
 def exit_one(
     steps: ExitSteps,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    token_type_ids: torch.Tensor | None,
+    input_ids: Tokens,
+    attention_mask: Tokens,
+    token_type_ids: Tokens | None,
     threshold: float,
     rule: exit_rule.ExitCriterion,
-) -> LayerExits:
+) -> LoneRowExit:
     """Where a batch of one row leaves, and its answer: the same layers and off-ramps as `iter_exits`, then
     the softmax, entropy and exit decision on the off-ramp's few logits as Python numbers
     (`exit_rule.entropy_of`, `rule.leaves`).
@@ -384,7 +415,9 @@ def exit_one(
 
     A backend with `exit_in_one_call` (the exit graph of ONNX Runtime and OpenVINO) runs all of that in one
     runtime call when the rule has a graph form (`rule.in_graph`); it returns the exit layer and that off-ramp's
-    logits, from which the answer is read as here.
+    logits, from which the answer is read as here. A backend that computes on numpy reads a lone row's logits
+    without torch (`full_depth_row`, `off_ramp_row`): right after a runtime call has filled the CPU's caches with
+    the model's weights, the first torch operation costs ~50 µs on its own (BENCHMARKS.md §26).
     """
     num_layers = steps.num_layers
     may_exit_early = not rule.never_exits_early_at(threshold, num_layers)
@@ -393,19 +426,23 @@ def exit_one(
     if found is not None:  # the backend ran the loop, and decided by the same rule, in one call
         layer, logits = found
         return _one_row_exit(layer, *rule.outputs_of(logits))
-    full_depth = None if may_exit_early else steps.full_depth_logits(input_ids, attention_mask, token_type_ids)
+    full_depth = None if may_exit_early else _full_depth_row(steps, input_ids, attention_mask, token_type_ids)
     state = None if full_depth is not None else steps.start(input_ids, attention_mask, token_type_ids)
+    off_ramp_row = getattr(steps, "off_ramp_row", None)
     row_state: exit_rule.RowState = None
     for layer_number in range(1, num_layers + 1):
         if full_depth is not None:  # the backend ran every layer in one call
             if layer_number < num_layers:
                 continue
-            logits = full_depth.tolist()[0]
+            logits = full_depth
         else:
             state = steps.run_layer(state, layer_number)
             if layer_number < num_layers and not may_exit_early:
                 continue
-            logits = steps.off_ramp_logits(state, layer_number).tolist()[0]
+            if off_ramp_row is not None:
+                logits = off_ramp_row(state, layer_number)
+            else:
+                logits = steps.off_ramp_logits(state, layer_number).tolist()[0]
         probabilities, entropy = rule.outputs_of(logits)
         if layer_number < num_layers:
             leaving, row_state = rule.leaves(probabilities, entropy, threshold, row_state)
@@ -415,17 +452,20 @@ def exit_one(
     raise ValueError("a DeeBERT model needs at least one layer")
 
 
-def _one_row_exit(layer: int, probabilities: list[float], entropy: float) -> LayerExits:
+def _full_depth_row(
+    steps: ExitSteps, input_ids: Tokens, attention_mask: Tokens, token_type_ids: Tokens | None
+) -> list[float] | None:
+    """A lone row's final logits from the backend's one-call full forward, as Python numbers (None without one)."""
+    full_depth_row = getattr(steps, "full_depth_row", None)
+    if full_depth_row is not None:
+        return full_depth_row(input_ids, attention_mask, token_type_ids)  # type: ignore[no-any-return]
+    logits = steps.full_depth_logits(input_ids, attention_mask, token_type_ids)
+    return None if logits is None else logits.tolist()[0]
+
+
+def _one_row_exit(layer: int, probabilities: list[float], entropy: float) -> LoneRowExit:
     """A lone row's answer at the layer it left."""
-    return LayerExits(
-        layer=layer,
-        rows=[0],
-        labels=[exit_rule.argmax(probabilities)],
-        entropies=[entropy],
-        # from numpy: a third of torch.tensor's cost on a list, measured right after an ORT call
-        probabilities=torch.from_numpy(np.array([probabilities], dtype=np.float32)),
-        rows_run=1,
-    )
+    return LoneRowExit(layer, exit_rule.argmax(probabilities), entropy, probabilities)
 
 
 class _Answers:
@@ -459,7 +499,7 @@ def infer(
     """Early-exit answers for the whole batch (collects `iter_exits`)."""
     batch_size = input_ids.shape[0]
     if batch_size == 1:
-        one = exit_one(steps, input_ids, attention_mask, token_type_ids, _only(thresholds), rule)
+        one = exit_one(steps, input_ids, attention_mask, token_type_ids, _only(thresholds), rule).layer_exits()
         return ExitResult([one.layer], one.entropies, one.labels, one.probabilities, [1] * one.layer)
     answers = _Answers(batch_size, num_labels)
     rows_per_layer: list[int] = []
@@ -539,6 +579,26 @@ class EarlyExitModel:
         steps = self.exit_steps()
         with self._inference_mode():
             yield from iter_exits(steps, input_ids, attention_mask, token_type_ids, thresholds, rule, compact)
+
+    def exit_lone_row(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        token_type_ids: np.ndarray,
+        threshold: float,
+        criterion: exit_rule.ExitCriterion | None = None,
+    ) -> LoneRowExit:
+        """A batch of one row (int64 numpy arrays, `model.tokenization.pad_arrays`), its answer as Python numbers
+        (`exit_one`): what the server runs for a lone request. A backend that computes in torch gets tensors on
+        its device; one that computes on numpy takes the arrays as they are and never touches torch."""
+        rule = criterion or self.config.criterion
+        steps = self.exit_steps()
+        with self._inference_mode():
+            if self.computes_in_torch:
+                device = self.device
+                tokens = [torch.from_numpy(array).to(device) for array in (input_ids, attention_mask, token_type_ids)]
+                return exit_one(steps, tokens[0], tokens[1], tokens[2], threshold, rule)
+            return exit_one(steps, input_ids, attention_mask, token_type_ids, threshold, rule)
 
     def infer(
         self,

@@ -31,7 +31,7 @@ from transformers.masking_utils import create_bidirectional_mask, create_bidirec
 
 from model.config import DeeBertConfig
 from model.device import dtype_name
-from model.early_exit import EarlyExitModel, ExitResult, LayerExits  # noqa: F401 (re-exported)
+from model.early_exit import EarlyExitModel, ExitResult, LayerExits, Tokens  # noqa: F401 (re-exported)
 
 # Encoders whose layers the exit loop drives (embeddings → layer(hidden, mask) → ...), by transformers model_type.
 BACKBONES: dict[str, type[PreTrainedModel]] = {
@@ -200,10 +200,15 @@ class _TorchSteps:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def start(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
-    ) -> _TorchState:
-        return self._state(self.model.embed(input_ids, token_type_ids, attention_mask), attention_mask)
+    def start(self, input_ids: Tokens, attention_mask: Tokens, token_type_ids: Tokens | None) -> _TorchState:
+        ids, mask = self._tensor(input_ids), self._tensor(attention_mask)
+        types = None if token_type_ids is None else self._tensor(token_type_ids)
+        return self._state(self.model.embed(ids, types, mask), mask)
+
+    def _tensor(self, tokens: Tokens) -> torch.Tensor:
+        """Token ids, mask or types as a tensor on the model's device (`EarlyExitModel.exit_lone_row` hands them
+        over as tensors already; numpy arrays are taken without a copy on the CPU)."""
+        return tokens if isinstance(tokens, torch.Tensor) else torch.from_numpy(tokens).to(self.model.device)
 
     def _state(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> _TorchState:
         """The rows' hidden states with the layer inputs and pooling weights their mask implies."""
@@ -225,9 +230,7 @@ class _TorchSteps:
         ramp = self.off_ramps[layer_number - 1]
         return ramp.classify(ramp.pool(state.hidden, state.pool_weights))
 
-    def full_depth_logits(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
-    ) -> None:
+    def full_depth_logits(self, input_ids: Tokens, attention_mask: Tokens, token_type_ids: Tokens | None) -> None:
         """None: layer by layer without the intermediate off-ramps is already a plain forward here (it skips
         only `BertModel.forward`'s work around the layers)."""
         return None

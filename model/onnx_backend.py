@@ -31,7 +31,7 @@ import torch
 
 from model import exit_rule
 from model.config import DeeBertConfig
-from model.early_exit import EarlyExitModel
+from model.early_exit import EarlyExitModel, Tokens
 from model.onnx_export import (
     EXIT_FILE,
     EXIT_THRESHOLD_INPUT,
@@ -249,9 +249,7 @@ class StepGraphModel(EarlyExitModel):
 
     # --- ExitSteps -------------------------------------------------------------------------------
 
-    def start(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
-    ) -> _OrtState:
+    def start(self, input_ids: Tokens, attention_mask: Tokens, token_type_ids: Tokens | None) -> _OrtState:
         ids, types, mask = self._token_arrays(input_ids, attention_mask, token_type_ids)
         lengths, weights = self._mask_inputs(mask)
         return self._new_state(mask, lengths, weights, input_ids=ids, token_type_ids=types)
@@ -313,16 +311,36 @@ class StepGraphModel(EarlyExitModel):
         assert state.logits is not None
         return torch.from_numpy(state.logits)
 
+    def off_ramp_row(self, state: _OrtState, layer_number: int) -> list[float]:
+        """A lone row's off-ramp logits as Python numbers, without torch (`early_exit.exit_one`)."""
+        assert state.logits is not None
+        return state.logits[0].tolist()  # type: ignore[no-any-return]
+
     def full_depth_logits(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
+        self, input_ids: Tokens, attention_mask: Tokens, token_type_ids: Tokens | None
     ) -> torch.Tensor | None:
         """One call of the fused full graph: measured 8 % faster at batch 1 than the n layer graphs in turn
         (the same kernels; fewer calls and better-warmed caches), so full-depth batches take it. Not a batch
         with much padding when the layers pack (None: the loop runs them, packed): SST-2 dev in arrival order,
         batches of 32, ran 1.5x faster so (BENCHMARKS.md §23)."""
-        if self._packs and _mostly_padding(int(attention_mask.sum()), attention_mask.numel()):
+        if self._runs_packed(_numpy(attention_mask)):
             return None
         return self.plain_forward(input_ids, attention_mask, token_type_ids)
+
+    def full_depth_row(
+        self, input_ids: Tokens, attention_mask: Tokens, token_type_ids: Tokens | None
+    ) -> list[float] | None:
+        """`full_depth_logits` of a lone row as Python numbers, without torch (`early_exit.exit_one`)."""
+        ids, types, mask = self._token_arrays(input_ids, attention_mask, token_type_ids)
+        if self._runs_packed(mask):
+            return None
+        return self.plain(input_ids=ids, attention_mask=mask, token_type_ids=types)[0][0].tolist()  # type: ignore[no-any-return]
+
+    def _runs_packed(self, attention_mask: np.ndarray) -> bool:
+        """Whether rows with this mask run the packed layers (`PACK_ABOVE_PADDING`) rather than the full graph."""
+        if not self._packs or (attention_mask.shape[0] == 1 and attention_mask[0, -1]):  # a lone unpadded row
+            return False
+        return _mostly_padding(int(attention_mask.sum()), attention_mask.size)
 
     def keep_rows(self, state: _OrtState, keep_index: torch.Tensor) -> _OrtState:
         assert state.hidden is not None  # rows leave after a layer, never before the first
@@ -360,7 +378,7 @@ class StepGraphModel(EarlyExitModel):
         return self._new_state(attention_mask, lengths, weights, hidden=hidden)
 
     def _token_arrays(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
+        self, input_ids: Tokens, attention_mask: Tokens, token_type_ids: Tokens | None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Token ids, token types and mask as the graphs take them: int64 numpy, padded to `length_bucket`."""
         ids = _numpy(input_ids)
@@ -401,9 +419,9 @@ class StepGraphModel(EarlyExitModel):
 
     def exit_in_one_call(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: torch.Tensor | None,
+        input_ids: Tokens,
+        attention_mask: Tokens,
+        token_type_ids: Tokens | None,
         threshold: float,
     ) -> tuple[int, list[float]] | None:
         """One row's exit layer and that off-ramp's logits from one call of the exit graph (None without one).
@@ -423,7 +441,7 @@ class StepGraphModel(EarlyExitModel):
         return self
 
     def plain_forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+        self, input_ids: Tokens, attention_mask: Tokens, token_type_ids: Tokens | None = None
     ) -> torch.Tensor:
         """The final classifier's logits from one full-depth graph (the plain runtime's baseline)."""
         ids, types, mask = self._token_arrays(input_ids, attention_mask, token_type_ids)
@@ -491,7 +509,7 @@ def _pad_tokens(multiple: int, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     return tuple(np.pad(array, ((0, 0), (0, extra))) for array in arrays)
 
 
-def _numpy(tensor: torch.Tensor | np.ndarray) -> np.ndarray:
+def _numpy(tensor: Tokens) -> np.ndarray:
     """int64 numpy view of a CPU tensor (no copy when it already is one)."""
     array = tensor.numpy() if isinstance(tensor, torch.Tensor) else tensor
     return np.ascontiguousarray(array, dtype=np.int64)

@@ -28,6 +28,7 @@ from model.tokenization import (
     Encoded,
     TruncationSide,
     load_tokenizer,
+    pad_arrays,
     pad_batch,
     split_by_padding,
     split_tokens_setting,
@@ -315,6 +316,10 @@ class Engine:
     def _run_call(
         self, items: list[Encoded], thresholds: list[float], on_exit: Callable[[int, RowOutcome], None]
     ) -> None:
+        if len(items) == 1:  # a lone text: its answer as Python numbers, and no torch on a numpy runtime
+            one = self.model.exit_lone_row(*pad_arrays(items, self.pad_token_id), thresholds[0])
+            on_exit(0, RowOutcome(one.label, one.layer, one.entropy, one.probabilities))
+            return
         batch = pad_batch(items, self.pad_token_id).to(self.device)
         exits_by_layer = self.model.iter_exits(
             batch.input_ids, batch.attention_mask, batch.token_type_ids, thresholds, compact=self.compaction

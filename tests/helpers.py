@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
+import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast, RobertaConfig, RobertaModel
 
 from model import exit_rule
 from model.config import DeeBertConfig
 from model.modeling import DeeBert
-from model.tokenization import Batch, pad_batch, tokenize
+from model.tokenization import Batch, pad_arrays, pad_batch, tokenize
 
 WORDS = [
     "the",
@@ -244,6 +248,42 @@ def assert_alone_equals_batched(model: DeeBert, exported: object, tokenizer: Ber
         torch.testing.assert_close(alone.probabilities[0], together.probabilities[row], atol=1e-4, rtol=0)
         events = list(exported.iter_exits(*args))  # type: ignore[attr-defined]
         assert [(e.layer, e.rows) for e in events] == [(alone.exit_layer[0], [0])]
+        assert_lone_row_entry_answers_as_infer(exported, tokenizer, text, thresholds[row])
+        assert_lone_row_entry_answers_as_infer(exported, tokenizer, text, model.config.criterion.full_depth)
+
+
+def assert_lone_row_entry_answers_as_infer(
+    exported: Any, tokenizer: BertTokenizerFast, text: str, threshold: float
+) -> None:
+    """The server's lone-row entry (`exit_lone_row`, on numpy arrays) answers as `infer` does on the same row, by
+    each way the backend has (its exit graph, the steps one by one, the full graph), and makes no torch tensor
+    where the runtime computes on numpy (right after a runtime call the first torch operation costs ~50 µs)."""
+    arrays = pad_arrays(tokenize(tokenizer, [text], None, 48), tokenizer.pad_token_id)
+    expected = exported.infer(*(torch.from_numpy(array) for array in arrays), [threshold])
+    ways = [contextlib.nullcontext()]
+    if getattr(exported, "exit_graph", None) is not None:  # also by the steps, as an export without it runs
+        ways.append(mock.patch.object(exported, "exit_graph", None))
+    for way in ways:
+        with way, _torch_forbidden(not exported.computes_in_torch):
+            lone = exported.exit_lone_row(*arrays, threshold)
+        assert (lone.layer, lone.label) == (expected.exit_layer[0], expected.label[0])
+        assert lone.probabilities == pytest.approx(expected.probabilities[0].tolist(), abs=1e-5)
+        assert lone.entropy == pytest.approx(expected.entropy[0], abs=1e-4)
+        assert all(isinstance(value, float) for value in [*lone.probabilities, lone.entropy])
+
+
+@contextlib.contextmanager
+def _torch_forbidden(forbidden: bool) -> Iterator[None]:
+    """While inside, making a torch tensor fails (when `forbidden`)."""
+    if not forbidden:
+        yield
+        return
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a lone row on a numpy runtime made a torch tensor")
+
+    with mock.patch.multiple(torch, from_numpy=refuse, tensor=refuse, as_tensor=refuse, zeros=refuse, empty=refuse):
+        yield
 
 
 def refill_batches(tokenizer: BertTokenizerFast, thresholds: list[float], size: int) -> list[tuple]:  # type: ignore[type-arg]

@@ -12,6 +12,7 @@ import torch
 from model import exit_rule
 from model.backends import SplitExitModel
 from model.early_exit import infer_refilled, iter_exits_refilled
+from model.tokenization import pad_arrays, tokenize
 from tests.helpers import assert_refilled_matches_per_batch, refill_batches, tiny_model
 
 NUM_LAYERS = 3
@@ -135,6 +136,17 @@ def test_a_split_refills_on_its_batched_runtime(tokenizer) -> None:  # type: ign
     assert [e.rows for e in split.iter_exits_refilled(batches, 4)] == [
         e.rows for e in batched.iter_exits_refilled(batches, 4)
     ]
+
+
+def test_a_split_answers_a_lone_row_on_its_single_runtime(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The server's lone-row entry goes to the runtime tuned for batches of one, as `infer` of one row does."""
+    single, batched = tiny_model(seed=1), tiny_model(seed=0)
+    split = SplitExitModel(single, batched)
+    arrays = pad_arrays(tokenize(tokenizer, ["a dull and boring plot"], None, 48), tokenizer.pad_token_id)
+    for threshold in (0.0, 0.3, 10.0):
+        assert split.exit_lone_row(*arrays, threshold) == single.exit_lone_row(*arrays, threshold)
+        answer = split.exit_lone_row(*arrays, threshold)
+        assert answer.layer == split.infer(*(torch.from_numpy(a) for a in arrays), [threshold]).exit_layer[0]
 
 
 class BorrowingSteps(PlannedSteps):

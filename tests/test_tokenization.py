@@ -5,13 +5,17 @@ from __future__ import annotations
 import itertools
 import random
 
+import numpy as np
 import pytest
 from transformers import PreTrainedTokenizerBase
 
 from model.tokenization import (
     DEFAULT_SPLIT_TOKENS,
+    Encoded,
     arrival_batches,
     load_tokenizer,
+    pad_arrays,
+    pad_batch,
     split_by_padding,
     split_tokens_setting,
     tokenize,
@@ -147,3 +151,19 @@ def test_the_split_is_the_cheapest_partition_of_the_rows_sorted_by_length() -> N
             for cuts in itertools.combinations(range(1, len(order)), size)
         )
         assert padded_cost(lengths, groups, call_tokens) == cheapest
+
+
+def test_padded_arrays_of_a_lone_text_are_those_of_any_batch() -> None:
+    """A lone text takes `pad_arrays`' short way (no padding to fill); a batch is right-padded with the pad id,
+    mask 0 and type 0; `pad_batch` is the same arrays as tensors."""
+    short, long = Encoded([101, 7, 102], [0, 0, 0], 3), Encoded([101, 8, 9, 102, 5, 102], [0, 0, 0, 0, 1, 1], 6)
+    ids, mask, types = pad_arrays([long], pad_token_id=0)
+    assert ids.tolist() == [long.input_ids] and mask.tolist() == [[1] * 6] and types.tolist() == [long.token_type_ids]
+    assert ids.dtype == mask.dtype == types.dtype == np.int64 and ids.flags.c_contiguous
+    ids, mask, types = pad_arrays([short, long], pad_token_id=3)
+    assert ids.tolist() == [[101, 7, 102, 3, 3, 3], long.input_ids]
+    assert mask.tolist() == [[1, 1, 1, 0, 0, 0], [1] * 6] and types.tolist() == [[0] * 6, long.token_type_ids]
+    batch = pad_batch([short, long], pad_token_id=3)
+    assert batch.input_ids.tolist() == ids.tolist() and batch.attention_mask.tolist() == mask.tolist()
+    with pytest.raises(ValueError, match="empty"):
+        pad_arrays([], pad_token_id=0)
