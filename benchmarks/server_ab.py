@@ -128,6 +128,13 @@ def measure_overhead(
     }
 
 
+def overhead_of(args: argparse.Namespace, url: str, bodies: Sequence[bytes]) -> dict[str, Any]:
+    """`measure_overhead` with the command line's requests, threshold, client and pause."""
+    return measure_overhead(
+        url, bodies, args.overhead_requests, args.threshold, args.overhead_client, args.overhead_pause_ms / 1000
+    )
+
+
 RoundTrip = tuple[float, int, Any]  # (seconds, status, the response: its `.headers` are read)
 
 
@@ -189,14 +196,7 @@ def warm_up_machine(args: argparse.Namespace, configuration: Configuration, bodi
     """One untimed server run first: the first server of a run often measured slow (page cache, CPU clocks)."""
     with serving(args, configuration) as url:
         if args.overhead_requests:
-            measure_overhead(
-                url,
-                read_bodies(bodies),
-                args.overhead_requests,
-                args.threshold,
-                args.overhead_client,
-                args.overhead_pause_ms / 1000,
-            )
+            overhead_of(args, url, read_bodies(bodies))
         for connections in args.connections:
             run_wrk(url, connections, args.warmup, bodies, args.threshold)
 
@@ -223,14 +223,7 @@ def run_pairs(
                     served = model_info(url)
                     if args.overhead_requests:
                         before = cpu_times()
-                        measured = measure_overhead(
-                            url,
-                            request_bodies,
-                            args.overhead_requests,
-                            args.threshold,
-                            args.overhead_client,
-                            args.overhead_pause_ms / 1000,
-                        )
+                        measured = overhead_of(args, url, request_bodies)
                         # Each measurement with the share of CPU time the hypervisor gave other guests meanwhile.
                         measured["cpu_stolen"] = stolen_share(before, cpu_times())
                         overheads.append({"pair": pair, "configuration": configuration.name, **measured})

@@ -494,7 +494,7 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
                 info = model_info(url)
                 results["model"] = info
                 presets = [p["name"] for p in info.get("presets", [])]
-                balanced = "balanced" if "balanced" in presets else (presets[len(presets) // 2] if presets else None)
+                balanced = _balanced_of(info)
                 results["balanced_name"] = balanced
                 if "batch1" in parts:
                     results["batch1"] = measure_batch1(url, workload, settings, presets)

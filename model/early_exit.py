@@ -21,8 +21,8 @@ import torch
 
 from model import exit_rule
 
-# A batch's token ids, mask or types: torch tensors, or int64 numpy arrays for a lone row on a runtime that computes
-# on numpy (`EarlyExitModel.exit_lone_row`), which then never touches torch.
+# A batch's token ids, mask or types: torch tensors, or int64 numpy arrays for a lone row
+# (`EarlyExitModel.exit_lone_row`), so that a runtime that computes on numpy never touches torch.
 Tokens = torch.Tensor | np.ndarray
 
 if TYPE_CHECKING:
@@ -589,16 +589,11 @@ class EarlyExitModel:
         criterion: exit_rule.ExitCriterion | None = None,
     ) -> LoneRowExit:
         """A batch of one row (int64 numpy arrays, `model.tokenization.pad_arrays`), its answer as Python numbers
-        (`exit_one`): what the server runs for a lone request. A backend that computes in torch gets tensors on
-        its device; one that computes on numpy takes the arrays as they are and never touches torch."""
+        (`exit_one`): what the server runs for a lone request. The steps take the arrays as they are: a runtime that
+        computes on numpy never touches torch, and PyTorch's steps make tensors on the model's device."""
         rule = criterion or self.config.criterion
-        steps = self.exit_steps()
         with self._inference_mode():
-            if self.computes_in_torch:
-                device = self.device
-                tokens = [torch.from_numpy(array).to(device) for array in (input_ids, attention_mask, token_type_ids)]
-                return exit_one(steps, tokens[0], tokens[1], tokens[2], threshold, rule)
-            return exit_one(steps, input_ids, attention_mask, token_type_ids, threshold, rule)
+            return exit_one(self.exit_steps(), input_ids, attention_mask, token_type_ids, threshold, rule)
 
     def infer(
         self,

@@ -206,8 +206,8 @@ class _TorchSteps:
         return self._state(self.model.embed(ids, types, mask), mask)
 
     def _tensor(self, tokens: Tokens) -> torch.Tensor:
-        """Token ids, mask or types as a tensor on the model's device (`EarlyExitModel.exit_lone_row` hands them
-        over as tensors already; numpy arrays are taken without a copy on the CPU)."""
+        """Token ids, mask or types as a tensor on the model's device: a lone row's numpy arrays
+        (`EarlyExitModel.exit_lone_row`) are taken without a copy on the CPU; a batch's tensors are already there."""
         return tokens if isinstance(tokens, torch.Tensor) else torch.from_numpy(tokens).to(self.model.device)
 
     def _state(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> _TorchState:
