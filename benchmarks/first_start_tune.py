@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,7 @@ def one_run(directory: Path, graphs: Path, threads: int | None, batch_size: int,
         for name in GRAPH_CACHES:
             (graphs / name).mkdir(parents=True, exist_ok=True)
             (cache / name).symlink_to(graphs / name)
-        startup = tune.STARTUP_TIMING
-        timing = tune.Timing(startup.batch1_rows, startup.batched_rows, batch_size, startup.rounds)
+        timing = replace(tune.STARTUP_TIMING, batch_size=batch_size)
         result = tune.run_tune(directory, cache, threads, "split", timing, budget_s=budget_s)
     return {
         "choice": result.choice,
@@ -44,6 +44,7 @@ def one_run(directory: Path, graphs: Path, threads: int | None, batch_size: int,
         "eligible_batched_per_s": {m.candidate: m.batched_per_s for m in result.measurements if m.eligible},
         "retimed": [m.candidate for m in result.measurements if m.batch1_retimed],
         "retimed_batched": [m.candidate for m in result.measurements if getattr(m, "batched_retimed", False)],
+        "candidate_seconds": {m.candidate: m.seconds for m in result.measurements},
     }
 
 

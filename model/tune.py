@@ -41,8 +41,9 @@ SAMPLE_FILE = "tune_sample.jsonl"
 # 5: close calls in batches retimed too (batch by batch on CLOSE_CALL_BATCHED_TEXTS texts); 6: batches timed as
 # the server runs texts arriving one per request (in the sample's order, split as DEEBERT_BATCH_SPLIT_TOKENS
 # splits them), not length-sorted; 7: each candidate's batches split as the server would split them for it (whole for
-# ONNX Runtime fp32's packed layers)
-TUNE_FORMAT = 7
+# ONNX Runtime fp32's packed layers); 8: close calls shortened to fit the budget rather than skipped, and a split
+# only past SPLIT_MARGIN unless timed side by side
+TUNE_FORMAT = 8
 MIN_AGREEMENT = 0.995  # labels at balanced equal to fp32's at balanced
 MAX_ACCURACY_DROP = 0.005  # balanced accuracy below fp32 full depth (a fraction: 0.5 point)
 # Two eligible candidates this close at batch 1 (the slower's ms at most this times the faster's) are timed again
@@ -63,6 +64,17 @@ CLOSE_CALL_TEXTS = 200
 # went either way on an AVX2-only EPYC (BENCHMARKS.md §19: ONNX Runtime fp32 324 against OpenVINO fp32's 335 texts/s
 # in one tune, 356-378 against 296-324 in four others, where peers' 872 texts put them at 413 and 330).
 CLOSE_CALL_BATCHED_TEXTS = 400
+# Where the time left in a bounded tune does not allow a whole close call, a shorter one on the first texts that
+# fit, down to this many alone and this many batches: side by side on fewer texts still beats the one pass each had
+# before it. A first-start tune of 108 s (exports included, 120 s budget) left no time for the close call in
+# batches, and its one pass each served batches on OpenVINO fp32 (261 texts/s) over ONNX Runtime fp32 (251), where
+# peers measured 246-268 against 308-343 (BENCHMARKS.md §27).
+CLOSE_CALL_MIN_TEXTS = 40
+CLOSE_CALL_MIN_BATCHES = 2
+# With a split, batches go to another runtime than the batch-1 choice only when it is ahead of it in batches by more
+# than this, or both were timed side by side: one pass each varied by about a tenth between tunes (§19), and a
+# second runtime costs its memory and its load.
+SPLIT_MARGIN = 1.15
 # split: the fastest eligible runtime alone serves batches of one, the fastest in batches serves the rest.
 OBJECTIVES = ("split", "mixed", "latency", "throughput")
 
@@ -257,6 +269,7 @@ class Measurement:
     reason: str = ""
     batch1_retimed: bool = False  # batch1_ms is from a side-by-side retiming (`settle_close_call`)
     batched_retimed: bool = False  # batched_per_s is, too
+    seconds: float | None = None  # what measuring it took in the tune (its export and load included)
 
 
 @dataclass
@@ -272,6 +285,11 @@ class Timing:
     # calls over texts of like length at this setting (`arrival_batches`; the server's DEEBERT_BATCH_SPLIT_TOKENS;
     # None: each candidate's default, as the server would split for it, `candidate_split_tokens`).
     split_tokens: int | None = None
+    # Also the labels at full depth against the sample's fp32 full-depth labels (stored in the result; no rule or
+    # table reads them). The first-start tune leaves them out: on an AVX2-only EPYC that took its runs from 95-98 s
+    # to 67-68 s, and the close call in batches they had crowded out of the budget had been left to one pass each,
+    # which decided the server's runtime (BENCHMARKS.md §27).
+    full_depth_agreement: bool = True
 
 
 def describe_split(setting: int | None) -> str:
@@ -363,22 +381,23 @@ def batch1_text_ms(model: Any, singles: Sequence[Any], threshold: float, clock: 
 
 def settle_close_call(
     measurements: Sequence[Measurement],
-    time_one: Callable[[str], Sequence[float]],
+    time_one: Callable[[str, int], Sequence[float]],
+    texts: int,
+    batched: bool = False,
     rounds: int | None = None,
     ratio: float | None = None,
-    batched_rows: int | None = None,
-    affordable: Callable[[Measurement, Measurement], bool] | None = None,
+    fit: Callable[[Measurement, Measurement, int], int] | None = None,
 ) -> tuple[Measurement, Measurement] | None:
     """When the two fastest eligible candidates are within `ratio` (default `CLOSE_CALL`): time them again side
     by side, `rounds` (default `CLOSE_CALL_ROUNDS`) passes each in alternating order, and keep each part's fastest
-    pass. At batch 1 (`batched_rows` None) `time_one(key)` is one pass over the close call's texts alone, the ms
-    of each text, and a candidate's batch-1 ms becomes the mean over texts of each text's fastest pass. In batches
-    `time_one(key)` is one pass over the close call's batches, the seconds of each batch, and a candidate's texts/s
-    becomes `batched_rows` / the sum of each batch's fastest pass. The two, fastest first before the retiming;
-    None when there was no close call, or when `affordable(first, second)` says there is no time for it."""
+    pass. `time_one(key, n)` is one pass over the close call's first `n` of `texts` texts: alone (`batched`
+    False) the ms of each text, and a candidate's batch-1 ms becomes the mean over texts of each text's fastest
+    pass; in batches the seconds of each batch, and a candidate's texts/s becomes `n` / the sum of each batch's
+    fastest pass. `fit(first, second, texts)` says how many of the texts the time left allows (fewer: a shorter
+    close call; 0: none). The two, fastest first before the retiming; None when there was no close call, or no
+    time for it."""
     ratio = CLOSE_CALL if ratio is None else ratio
     rounds = CLOSE_CALL_ROUNDS if rounds is None else rounds
-    batched = batched_rows is not None
 
     def cost(m: Measurement) -> float:  # lower is faster: ms alone, or seconds per text in batches
         value = m.batched_per_s if batched else m.batch1_ms
@@ -388,22 +407,54 @@ def settle_close_call(
     if len(ranked) < 2 or cost(ranked[1]) > cost(ranked[0]) * ratio:
         return None
     pair = ranked[:2]
-    if affordable is not None and not affordable(pair[0], pair[1]):
+    count = texts if fit is None else min(texts, fit(pair[0], pair[1], texts))
+    if count <= 0:
         return None
     fastest: dict[str, list[float]] = {}
     for round_number in range(rounds):
         for measurement in pair if round_number % 2 == 0 else pair[::-1]:
-            times = list(time_one(measurement.candidate))
+            times = list(time_one(measurement.candidate, count))
             best = fastest.get(measurement.candidate, times)
             fastest[measurement.candidate] = [min(a, b) for a, b in zip(best, times, strict=True)]
     for measurement in pair:
-        if batched_rows is not None:
-            measurement.batched_per_s = batched_rows / sum(fastest[measurement.candidate])
+        if batched:
+            measurement.batched_per_s = count / sum(fastest[measurement.candidate])
             measurement.batched_retimed = True
         else:
             measurement.batch1_ms = statistics.fmean(fastest[measurement.candidate])
             measurement.batch1_retimed = True
     return pair[0], pair[1]
+
+
+def close_call_texts(
+    first: Measurement, second: Measurement, texts: int, batched: bool, left_s: float, budget_s: float, batch_size: int
+) -> int:
+    """How many of a close call's `texts` fit in the `left_s` seconds left of a tune's `budget_s`: its passes (a
+    warm-up and the timed rounds of each, by the sequential figures, plus half again for loading), in whole
+    batches of `batch_size` in batches; 0 (logged) below the shortest close call worth timing
+    (`CLOSE_CALL_MIN_TEXTS` alone, `CLOSE_CALL_MIN_BATCHES` in batches)."""
+    per_text = sum(1 / (m.batched_per_s or 1) if batched else (m.batch1_ms or 0) / 1000 for m in (first, second))
+    seconds_per_text = 1.5 * (CLOSE_CALL_ROUNDS + 1) * per_text
+    count = min(texts, int(max(0.0, left_s) / seconds_per_text) if seconds_per_text > 0 else texts)
+    if batched and count < texts:
+        count -= count % batch_size
+    least = min(texts, CLOSE_CALL_MIN_BATCHES * batch_size if batched else CLOSE_CALL_MIN_TEXTS)
+    kind = "in batches" if batched else "at batch 1"
+    if count < least:
+        logger.info(
+            "tune: %s and %s are within %.0f%% %s, but timing them again (about %.0f s for %d texts) would overrun"
+            " the %.0f s budget; the sequential figures stand",
+            first.candidate, second.candidate, (CLOSE_CALL - 1) * 100, kind, seconds_per_text * least, least,
+            budget_s,
+        )  # fmt: skip
+        return 0
+    if count < texts:
+        logger.info(
+            "tune: %s and %s are within %.0f%% %s; the time left in the %.0f s budget allows timing them again on"
+            " %d of %d texts",
+            first.candidate, second.candidate, (CLOSE_CALL - 1) * 100, kind, budget_s, count, texts,
+        )  # fmt: skip
+    return count
 
 
 def judge(measurement: Measurement, reference_accuracy: float | None, has_answers: bool) -> Measurement:
@@ -455,9 +506,17 @@ def choose(measurements: Sequence[Measurement], objective: str = "mixed") -> Mea
 
 
 def choose_split(measurements: Sequence[Measurement]) -> tuple[Measurement, Measurement] | None:
-    """The fastest eligible candidate at batch 1 and the fastest eligible one in batches (maybe the same)."""
+    """The fastest eligible candidate at batch 1 and the fastest eligible one in batches (maybe the same). Another
+    runtime than the batch-1 choice serves batches only when both were timed side by side in batches, or when it
+    is ahead by more than `SPLIT_MARGIN` in batches (one pass each is not more exact than that)."""
     single, batched = choose(measurements, "latency"), choose(measurements, "throughput")
-    return None if single is None or batched is None else (single, batched)
+    if single is None or batched is None:
+        return None
+    if batched is not single and not (single.batched_retimed and batched.batched_retimed):
+        assert single.batched_per_s and batched.batched_per_s
+        if batched.batched_per_s <= single.batched_per_s * SPLIT_MARGIN:
+            return single, single
+    return single, batched
 
 
 # --- the cached choice ----------------------------------------------------------------------------------
@@ -495,7 +554,16 @@ class TuneResult:
                 f"{head}: batch 1 on {chosen.candidate} ({chosen.batch1_ms:.2f} ms), batches on "
                 f"{batched.candidate} (batch {batch} {batched.batched_per_s:.0f} texts/s) at balanced"
             )
-        every_size = " for every batch size (fastest alone and in batches)" if self.objective == "split" else ""
+        every_size = ""
+        if self.objective == "split":
+            every_size = " for every batch size (fastest alone and in batches)"
+            eligible = [m for m in self.measurements if m.eligible and m.batched_per_s]
+            ahead = max(eligible, key=lambda m: m.batched_per_s or 0, default=chosen)
+            if ahead is not chosen and chosen.batched_per_s:
+                every_size = (
+                    f" for every batch size (fastest alone; {ahead.candidate}'s {ahead.batched_per_s:.0f} texts/s"
+                    f" in batches, one pass each, is within {(SPLIT_MARGIN - 1) * 100:.0f}%)"
+                )
         return (
             f"{head}: {chosen.candidate}{every_size}, batch 1 {chosen.batch1_ms:.2f} ms, batch {batch} "
             f"{chosen.batched_per_s:.0f} texts/s at balanced ({chosen.reason})"
@@ -656,6 +724,7 @@ def run_tune(
                 Measurement(candidate.key, reason=f"not measured: the {budget_s:.0f} s budget was spent")
             )
             continue
+        candidate_started = time.perf_counter()
         try:
             torch.set_num_threads(torch_threads)
             served = load_candidate(directory, candidate, cache_dir, threads, fp32_model=reference)
@@ -669,26 +738,30 @@ def run_tune(
                 measurement = Measurement(candidate.key, batch1_ms, batched_per_s, threshold)
                 if has_answers:
                     balanced, layers = _answers_and_layers(served, batches, threshold)
-                    full = _answers(served, batches, 0.0)
                     measurement.balanced_agreement = _agreement(balanced, reference_balanced)
-                    measurement.full_depth_agreement = _agreement(full, sample.full_depth_labels)
+                    if timing.full_depth_agreement:
+                        full = _answers(served, batches, 0.0)
+                        measurement.full_depth_agreement = _agreement(full, sample.full_depth_labels)
                     measurement.expected_saving = expected_saving(layers, served.num_layers)
                     if sample.labels is not None:
                         measurement.balanced_accuracy = _agreement(balanced, sample.labels)
         except Exception as err:  # a runtime that fails here is reported, not fatal
             logger.warning("tune: %s failed: %s", candidate.key, err)
             measurement = Measurement(candidate.key, reason=f"failed: {type(err).__name__}: {err}"[:300])
+        measurement.seconds = round(time.perf_counter() - candidate_started, 1)
         measurements.append(judge(measurement, reference_accuracy, has_answers))
     if budget_s is None or time.perf_counter() - started <= budget_s:
         loaded: dict[str, tuple[Any, float]] = {}
         singles = batch1_inputs(encoded, pad_id, replace(timing, batch1_rows=max(timing.batch1_rows, CLOSE_CALL_TEXTS)))
         close_rows = min(len(encoded), CLOSE_CALL_BATCHED_TEXTS)
-        close_batches: dict[int, list[Any]] = {}  # by split setting
+        close_batches: dict[tuple[int, int], list[Any]] = {}  # by split setting and texts
         warmed: set[tuple[str, bool]] = set()
+        fitted: dict[bool, int] = {}  # texts of each close call, alone and in batches
 
-        def time_one(key: str, batched: bool) -> list[float]:
-            """One pass of candidate `key`: alone, the ms of each text; in batches, the seconds of each batch.
-            Loaded again on first use and warmed by one untimed pass of the kind on first use of the kind."""
+        def time_one(key: str, texts: int, batched: bool) -> list[float]:
+            """One pass of candidate `key` over the first `texts` texts: alone, the ms of each text; in batches,
+            the seconds of each batch. Loaded again on first use and warmed by one untimed pass of the kind on
+            first use of the kind."""
             candidate = Candidate.parse(key)
             torch.set_num_threads(torch_threads)
             if key not in loaded:
@@ -700,43 +773,32 @@ def run_tune(
             served, threshold = loaded[key]
             with torch.inference_mode():
                 split = candidate_split_tokens(served, timing.split_tokens)
-                if batched and split not in close_batches:
-                    close_batches[split] = batched_inputs(encoded[:close_rows], pad_id, timing.batch_size, split)
+                if batched and (split, texts) not in close_batches:
+                    close_batches[split, texts] = batched_inputs(encoded[:texts], pad_id, timing.batch_size, split)
+                calls = close_batches[split, texts] if batched else singles[:texts]
                 if (key, batched) not in warmed:
                     warmed.add((key, batched))
-                    _answers(served, close_batches[split] if batched else singles, threshold)
+                    _answers(served, calls, threshold)
                 if batched:
-                    return batch_seconds(served, close_batches[split], threshold, timing.clock)
-                return batch1_text_ms(served, singles, threshold, timing.clock)
+                    return batch_seconds(served, calls, threshold, timing.clock)
+                return batch1_text_ms(served, calls, threshold, timing.clock)
 
-        def affordable(first: Measurement, second: Measurement, batched: bool) -> bool:
-            """Whether the close call's passes (a warm-up and the timed rounds of each, by the sequential
-            figures, plus half again for loading) fit in what is left of `budget_s`."""
+        def fit(first: Measurement, second: Measurement, texts: int, batched: bool) -> int:
             if budget_s is None:
-                return True
-            per_pass = [
-                close_rows / (m.batched_per_s or 1) if batched else len(singles) * (m.batch1_ms or 0) / 1000
-                for m in (first, second)
-            ]
-            needed = 1.5 * (CLOSE_CALL_ROUNDS + 1) * sum(per_pass)
+                return texts
             left = budget_s - (time.perf_counter() - started)
-            if needed <= left:
-                return True
-            logger.info(
-                "tune: %s and %s are within %.0f%% %s, but timing them again (about %.0f s) would overrun the"
-                " %.0f s budget; the sequential figures stand",
-                first.candidate, second.candidate, (CLOSE_CALL - 1) * 100, "in batches" if batched else "at batch 1",
-                needed, budget_s,
-            )  # fmt: skip
-            return False
+            fitted[batched] = close_call_texts(first, second, texts, batched, left, budget_s, timing.batch_size)
+            return fitted[batched]
 
         for batched in (False, True):
+            texts = close_rows if batched else len(singles)
             try:
                 close_call = settle_close_call(
                     measurements,
                     partial(time_one, batched=batched),
-                    batched_rows=close_rows if batched else None,
-                    affordable=partial(affordable, batched=batched),
+                    texts,
+                    batched=batched,
+                    fit=partial(fit, batched=batched),
                 )
             except Exception as err:  # the sequential figures stand
                 logger.warning("tune: retiming a close call failed: %s", err)
@@ -749,15 +811,16 @@ def run_tune(
                     "tune: %s and %s were within %.0f%% in batches; side by side (%d texts in batches of %d in"
                     " arrival order, split as the server would for each (%s), each call's fastest of %d passes): %.0f"
                     " and %.0f texts/s",
-                    first.candidate, second.candidate, (CLOSE_CALL - 1) * 100, close_rows, timing.batch_size,
-                    describe_split(timing.split_tokens), CLOSE_CALL_ROUNDS, first.batched_per_s,
+                    first.candidate, second.candidate, (CLOSE_CALL - 1) * 100, fitted.get(True, texts),
+                    timing.batch_size, describe_split(timing.split_tokens), CLOSE_CALL_ROUNDS, first.batched_per_s,
                     second.batched_per_s,
                 )  # fmt: skip
             else:
                 logger.info(
                     "tune: %s and %s were within %.0f%% at batch 1; side by side (%d texts, each text's fastest of"
                     " %d passes): %.2f and %.2f ms",
-                    first.candidate, second.candidate, (CLOSE_CALL - 1) * 100, len(singles), CLOSE_CALL_ROUNDS,
+                    first.candidate, second.candidate, (CLOSE_CALL - 1) * 100, fitted.get(False, texts),
+                    CLOSE_CALL_ROUNDS,
                     first.batch1_ms, second.batch1_ms,
                 )  # fmt: skip
     torch.set_num_threads(torch_threads)
@@ -827,7 +890,7 @@ TABLE_HEADER = ["runtime", "batch-1 ms", "batched texts/s", "agreement", "accura
 # --- `--backend auto` -----------------------------------------------------------------------------------
 
 # The tune at a server's first start: fewer texts and rounds, so that it ends within its budget.
-STARTUP_TIMING = Timing(batch1_rows=40, batched_rows=160, rounds=1)
+STARTUP_TIMING = Timing(batch1_rows=40, batched_rows=160, rounds=1, full_depth_agreement=False)
 
 
 def default_candidate() -> Candidate:

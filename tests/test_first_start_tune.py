@@ -26,7 +26,7 @@ def test_a_run_tunes_in_a_scratch_cache_linked_to_the_graphs(tmp_path: Path, mon
         fast = tune.Measurement("onnxruntime-fp32", 1.4, 800.0, eligible=True, batch1_retimed=True)
         batches = tune.Measurement("openvino-bf16", 1.6, 2000.0, eligible=True, batch1_retimed=True,
                                    batched_retimed=True)  # fmt: skip
-        slow = tune.Measurement("torch-bf16", 3.0, 1400.0, eligible=True, batched_retimed=True)
+        slow = tune.Measurement("torch-bf16", 3.0, 1400.0, eligible=True, batched_retimed=True, seconds=9.5)
         return tune.TuneResult(
             fingerprint={}, objective=objective, choice="onnxruntime-fp32", batched_choice="openvino-bf16",
             measurements=[fast, batches, slow], seconds=30.0,
@@ -36,12 +36,14 @@ def test_a_run_tunes_in_a_scratch_cache_linked_to_the_graphs(tmp_path: Path, mon
     run = first_start_tune.one_run(tmp_path / "checkpoint", graphs, 2, 16, 60.0)
     assert seen["objective"] == "split" and seen["budget_s"] == 60.0
     assert seen["timing"].batch1_rows == tune.STARTUP_TIMING.batch1_rows and seen["timing"].batch_size == 16
+    assert seen["timing"].full_depth_agreement == tune.STARTUP_TIMING.full_depth_agreement  # what a server does
     assert not seen["cache"].exists() and not (graphs / "tune").exists()
     assert (graphs / "onnx" / "exported.onnx").exists() and (graphs / "openvino").is_dir()
     assert run["choice"] == "onnxruntime-fp32" and run["batched_choice"] == "openvino-bf16"
     assert run["eligible_batch1_ms"] == {"onnxruntime-fp32": 1.4, "openvino-bf16": 1.6, "torch-bf16": 3.0}
     assert run["retimed"] == ["onnxruntime-fp32", "openvino-bf16"]
     assert run["retimed_batched"] == ["openvino-bf16", "torch-bf16"]
+    assert run["candidate_seconds"] == {"onnxruntime-fp32": None, "openvino-bf16": None, "torch-bf16": 9.5}
     assert first_start_tune.tune_line(run) == (
         "onnxruntime-fp32 alone, openvino-bf16 in batches (retimed: alone onnxruntime-fp32 vs openvino-bf16; in"
         " batches openvino-bf16 vs torch-bf16), 30.0 s"

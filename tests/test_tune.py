@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -92,12 +93,13 @@ def test_a_close_call_at_batch_1_is_timed_again_side_by_side_and_decides() -> No
     }
     calls: list[str] = []
 
-    def time_one(key: str) -> list[float]:
+    def time_one(key: str, texts: int) -> list[float]:
         calls.append(key)
+        assert texts == 3
         return next(passes[key])
 
     measurements = [quick, bf16, wrong, slow]
-    assert tune.settle_close_call(measurements, time_one, rounds=4) == (bf16, quick)  # fastest first, before
+    assert tune.settle_close_call(measurements, time_one, 3, rounds=4) == (bf16, quick)  # fastest first, before
     assert calls == ["openvino-bf16", "onnxruntime-fp32", "onnxruntime-fp32", "openvino-bf16"] * 2
     assert quick.batch1_ms == pytest.approx((1.8 + 1.7 + 1.6) / 3)  # each text's fastest pass, then the mean
     assert bf16.batch1_ms == pytest.approx((2.0 + 2.0 + 2.1) / 3)
@@ -109,7 +111,7 @@ def test_a_close_call_at_batch_1_is_timed_again_side_by_side_and_decides() -> No
     # A clear winner (the second over CLOSE_CALL times the first) is not timed again.
     clear = [judge(measured("onnxruntime-fp32", 1.0, 500), 0.9, True)]
     clear.append(judge(measured("openvino-bf16", 2.1, 900), 0.9, True))
-    assert tune.settle_close_call(clear, time_one) is None and not any(m.batch1_retimed for m in clear)
+    assert tune.settle_close_call(clear, time_one, 3) is None and not any(m.batch1_retimed for m in clear)
 
 
 def test_a_close_call_in_batches_is_timed_again_batch_by_batch_and_decides() -> None:
@@ -125,12 +127,13 @@ def test_a_close_call_in_batches_is_timed_again_batch_by_batch_and_decides() -> 
     }
     calls: list[str] = []
 
-    def time_one(key: str) -> list[float]:
+    def time_one(key: str, texts: int) -> list[float]:
         calls.append(key)
+        assert texts == 64
         return next(passes[key])
 
     measurements = [ort, ov, torch_fp32]
-    assert tune.settle_close_call(measurements, time_one, batched_rows=64) == (ov, ort)  # fastest first, before
+    assert tune.settle_close_call(measurements, time_one, 64, batched=True) == (ov, ort)  # fastest first, before
     assert calls == ["openvino-fp32", "onnxruntime-fp32", "onnxruntime-fp32", "openvino-fp32"] * 2
     assert ort.batched_per_s == pytest.approx(64 / (0.08 + 0.08))
     assert ov.batched_per_s == pytest.approx(64 / (0.10 + 0.10))
@@ -141,14 +144,60 @@ def test_a_close_call_in_batches_is_timed_again_batch_by_batch_and_decides() -> 
     cells = {row[0].strip(): row[2] for row in tune.table_rows(result)}
     assert cells["* onnxruntime-fp32"] == "400 (side by side)" and cells["torch-fp32"] == "250"
     # No time left for it: nothing is timed, nothing changes.
-    assert tune.settle_close_call([ort, ov], time_one, batched_rows=64, affordable=lambda a, b: False) is None
+    assert tune.settle_close_call([ort, ov], time_one, 64, batched=True, fit=lambda a, b, n: 0) is None
     assert ort.batched_per_s == pytest.approx(400) and len(calls) == 8
     # A clear winner in batches is not timed again.
     clear = [
         judge(measured("onnxruntime-fp32", 1.0, 500), 0.9, True),
         judge(measured("openvino-bf16", 1.3, 1100), 0.9, True),
     ]
-    assert tune.settle_close_call(clear, time_one, batched_rows=64) is None
+    assert tune.settle_close_call(clear, time_one, 64, batched=True) is None
+
+
+def test_a_close_call_the_budget_cannot_hold_whole_is_timed_on_fewer_texts(caplog: pytest.LogCaptureFixture) -> None:
+    """A first-start tune whose exports took most of its budget: the close call in batches is timed side by side
+    on the texts that fit, in whole batches, rather than left to one pass each (which served batches on the
+    slower runtime). Below two batches it is skipped, and the log says which."""
+    ort = judge(measured("onnxruntime-fp32", 3.0, 251), 0.9, True)  # one pass each, in a slow spell
+    ov = judge(measured("openvino-fp32", 5.0, 261), 0.9, True)
+    # 400 texts: (1/251 + 1/261) s per text, x 1.5 x 5 passes ≈ 0.059 s per text; 10 s left fit 169: 5 batches
+    with caplog.at_level(logging.INFO, logger="deebert.tune"):
+        assert tune.close_call_texts(ov, ort, 400, True, left_s=10, budget_s=120, batch_size=32) == 160
+        assert "allows timing them again on 160 of 400 texts" in caplog.text
+        assert tune.close_call_texts(ov, ort, 400, True, left_s=30, budget_s=120, batch_size=32) == 400
+        assert tune.close_call_texts(ov, ort, 400, True, left_s=3, budget_s=120, batch_size=32) == 0
+        assert "would overrun the 120 s budget" in caplog.text
+        assert tune.close_call_texts(ov, ort, 400, True, left_s=-5, budget_s=120, batch_size=32) == 0
+        # Alone: (3 + 5) ms per text x 7.5 = 0.06 s per text; 3.03 s left fit 50 of 200 (at least 40)
+        assert tune.close_call_texts(ort, ov, 200, False, left_s=3.03, budget_s=120, batch_size=32) == 50
+        assert tune.close_call_texts(ort, ov, 200, False, left_s=2, budget_s=120, batch_size=32) == 0
+    calls: list[int] = []
+
+    def time_one(key: str, texts: int) -> list[float]:
+        calls.append(texts)
+        return [0.1] * (texts // 32) if key == "onnxruntime-fp32" else [0.12] * (texts // 32)
+
+    def fit(first: Measurement, second: Measurement, texts: int) -> int:
+        return tune.close_call_texts(first, second, texts, True, left_s=10, budget_s=120, batch_size=32)
+
+    assert tune.settle_close_call([ort, ov], time_one, 400, batched=True, fit=fit) == (ov, ort)
+    assert set(calls) == {160} and len(calls) == 2 * tune.CLOSE_CALL_ROUNDS
+    assert ort.batched_per_s == pytest.approx(160 / 0.5) and ov.batched_per_s == pytest.approx(160 / 0.6)
+    assert tune.choose_split([ort, ov]) == (ort, ort)
+
+
+def test_batches_go_to_another_runtime_only_past_the_noise_of_one_pass() -> None:
+    """With a split, a second runtime serves batches when it was timed side by side with the batch-1 choice
+    and won, or when one pass each puts it ahead by more than SPLIT_MARGIN: a 4 % lead in one pass is noise."""
+    alone = judge(measured("onnxruntime-fp32", 2.7, 251), 0.9, True)
+    near = judge(measured("openvino-fp32", 4.7, 261), 0.9, True)
+    assert tune.choose_split([alone, near]) == (alone, alone)
+    result = TuneResult(fingerprint("d" * 64, 2, 32), "split", "onnxruntime-fp32", [alone, near])
+    assert "fastest alone; openvino-fp32's 261 texts/s in batches, one pass each, is within 15%" in result.reason()
+    far = judge(measured("openvino-bf16", 2.8, 251 * tune.SPLIT_MARGIN + 5), 0.9, True)
+    assert tune.choose_split([alone, far]) == (alone, far)
+    alone.batched_retimed = near.batched_retimed = True  # side by side, the 4 % lead stands
+    assert tune.choose_split([alone, near]) == (alone, near)
 
 
 def test_batch1_text_ms_times_each_text_on_its_own() -> None:
@@ -225,6 +274,22 @@ def test_a_tune_measures_chooses_and_caches(tiny_checkpoint: Path, tmp_path: Pat
     assert result.choice == choose(result.measurements, "mixed").candidate  # type: ignore[union-attr]
     stored = cached_result(tmp_path / "cache", result.fingerprint)
     assert stored is not None and stored.choice == result.choice and stored.to_json() == result.to_json()
+
+
+def test_the_first_start_tune_checks_only_what_decides(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The server's first-start tune leaves out the full-depth labels (a table figure the rule does not read), so
+    that its budget goes to the close calls; the balanced agreement and accuracy that decide are still checked."""
+    checkpoint = _sampled_checkpoint(tiny_checkpoint, tmp_path)
+    assert not tune.STARTUP_TIMING.full_depth_agreement
+    timing = replace(FAST, full_depth_agreement=tune.STARTUP_TIMING.full_depth_agreement)
+    result = run_tune(checkpoint, tmp_path / "cache", 1, "split", timing, candidates=[Candidate("torch", "fp32")])
+    [m] = result.measurements
+    assert m.full_depth_agreement is None and m.balanced_agreement == 1.0 and m.balanced_accuracy is not None
+    assert m.eligible and result.choice == "torch-fp32" and m.seconds is not None and m.seconds <= result.seconds
+    [full] = run_tune(
+        checkpoint, tmp_path / "cache", 1, "split", FAST, candidates=[Candidate("torch", "fp32")]
+    ).measurements
+    assert full.full_depth_agreement == 1.0
 
 
 def test_a_tune_times_a_close_call_again_with_the_real_runtimes(
