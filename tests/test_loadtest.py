@@ -20,7 +20,7 @@ from loadtest.generator import LoadConfig, Workload, parse_threshold_mix, poisso
 from loadtest.peers import PeerSettings, best_plain, markdown_section, run_peers
 from loadtest.records import DROPPED, RequestRecord, RunResult, metric_total, parse_metrics
 from loadtest.report import build_report, format_report, metrics_batch_size, metrics_saving
-from loadtest.saturation import is_saturated, saturated_throughput
+from loadtest.saturation import is_saturated, saturated_throughput, sustained
 from loadtest.servers import deebert_server_command, free_port, plain_server_command, running_server
 from model.checkpoint import save_model
 from model.saving import exit_counts, expected_saving
@@ -304,10 +304,11 @@ def test_bench_measures_a_live_server_and_writes_its_report(checkpoint: Path, da
     for curve in raw["curves"].values():
         assert curve["points"] and curve["closed_loop"]["requests_ok"] > 0
         assert curve["closed_loop"]["metrics_expected_saving"] is not None
-    # Judged: balanced vs full depth and the overhead; the three against a plain endpoint are n/a.
+    # Judged: balanced vs full depth and the overhead; the three against a plain endpoint and the one against
+    # the same runtime in process (the peers part) are n/a.
     statuses = [t["status"] for t in raw["targets"]]
-    assert len(statuses) == 6 and {statuses[0], statuses[3]} <= {"PASS", "MISS"}
-    assert [statuses[i] for i in (2, 4, 5)] == ["n/a"] * 3
+    assert len(statuses) == 7 and {statuses[0], statuses[3]} <= {"PASS", "MISS"}
+    assert [statuses[i] for i in (2, 4, 5, 6)] == ["n/a"] * 4
     text = md.read_text()
     for heading in ["## Machine", "## Targets", "## 1. Batch-1 latency", "## 2. Latency vs throughput"]:
         assert heading in text
@@ -327,7 +328,13 @@ def test_bench_report_of_a_recorded_full_run(tmp_path: Path) -> None:
     results_dir, md = tmp_path / "results", tmp_path / "BENCH.md"
     results_dir.mkdir()
     written = write_results(recorded, results_dir, md)
-    assert [t["status"] in {"PASS", "MISS"} for t in written["targets"]] == [True] * 6
+    assert [t["status"] in {"PASS", "MISS"} for t in written["targets"]] == [True] * 7
+    # Issue 24's server targets: the overhead at 0.25 ms, and the server against the same runtime in process.
+    overhead, in_process = written["targets"][3], written["targets"][6]
+    assert overhead["name"].endswith("threshold 0") and "target <= 0.25 ms" in overhead["detail"]
+    assert "onnxruntime-fp32+openvino-bf16, peers' auto-balanced" in in_process["name"]
+    per_s = written["peers"]["variants"]["auto-balanced"]["batched_sentences_per_s"]
+    assert in_process["value"] == pytest.approx(sustained(written["curves"]["balanced"]) / per_s)
     # The best plain endpoint is the plain variant the peers found fastest at batch 1.
     assert written["plain_best_runtime"]["variant"] == best_plain(written["peers"]["variants"])["batch1"]
     text = md.read_text()
