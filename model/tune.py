@@ -557,8 +557,7 @@ class TuneResult:
         every_size = ""
         if self.objective == "split":
             every_size = " for every batch size (fastest alone and in batches)"
-            eligible = [m for m in self.measurements if m.eligible and m.batched_per_s]
-            ahead = max(eligible, key=lambda m: m.batched_per_s or 0, default=chosen)
+            ahead = choose(self.measurements, "throughput") or chosen  # the fastest eligible in batches
             if ahead is not chosen and chosen.batched_per_s:
                 every_size = (
                     f" for every batch size (fastest alone; {ahead.candidate}'s {ahead.batched_per_s:.0f} texts/s"
