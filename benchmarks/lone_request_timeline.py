@@ -60,7 +60,7 @@ def serve_wrapped(report: Path) -> None:
 
     run_batch = engine.Engine.run_batch
 
-    def timed_run_batch(self: Any, items: Any, thresholds: Any, on_exit: Any) -> None:
+    def timed_run_batch(self: Any, items: Any, thresholds: Any, on_exit: Any, stream: bool = False) -> None:
         current["runner_in"] = clock()
 
         def timed_exit(row: int, outcome: Any) -> None:
@@ -68,13 +68,13 @@ def serve_wrapped(report: Path) -> None:
             on_exit(row, outcome)
             current["on_exit_done"] = clock()
 
-        run_batch(self, items, thresholds, timed_exit)
+        run_batch(self, items, thresholds, timed_exit, stream)
         current["runner_out"] = clock()
 
     finish_batch = batcher.Batcher._finish_batch
 
-    def timed_finish_batch(self: Any, size: int, elapsed: float) -> None:
-        finish_batch(self, size, elapsed)
+    def timed_finish_batch(self: Any, size: int, elapsed: float, beside: int = 0) -> None:
+        finish_batch(self, size, elapsed, beside)
         current["finish_batch"] = clock()
 
     submit, await_answers = pipeline.submit, pipeline.await_answers

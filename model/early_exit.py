@@ -539,6 +539,12 @@ class EarlyExitModel:
     def num_layers(self) -> int:
         return self.config.num_layers
 
+    def stream_copy(self, threads: int) -> EarlyExitModel | None:
+        """A copy computing on `threads` threads per call that several batch streams may call at once, for a
+        server that runs batches side by side under load; None where the backend has none (torch's threads are
+        the process's; OpenVINO's compiled graphs hand out their own buffers, one stream at a time)."""
+        return None
+
     def eval(self) -> EarlyExitModel:
         """Inference mode (a torch model turns dropout off; nothing to do elsewhere)."""
         return self

@@ -5,7 +5,10 @@ first with the embeddings, the last with the final classifier);
 the exit decision uses the same exit rule as the PyTorch backend on the off-ramp's logits (wrapped as a
 tensor without a copy), and compaction slices the numpy hidden states and attention mask between calls.
 All sessions share one intra-op thread pool (ONNX Runtime's global pool), so the layers run one after
-another on the same threads instead of each session keeping its own spinning workers.
+another on the same threads instead of each session keeping its own spinning workers. A process that runs
+batches on several streams at once (the server, `use_session_pools`) gives each session a pool of its own that
+does not spin instead: ONNX Runtime allows no session a pool of its own beside the global one, and a stream's copy
+of the graphs computes on fewer threads (`OnnxDeeBert.stream_copy`).
 
 Graphs are cached per checkpoint content, precision and onnxruntime version (`cached_graphs`): the first
 start exports them (seconds for the shipped 6-layer model), later starts load them; a cache entry that is
@@ -69,7 +72,8 @@ def _mostly_padding(tokens: int, positions: int) -> bool:
 
 
 _pool_lock = threading.Lock()
-_global_pool_threads: int | None = None
+_global_pool_threads: int | None = None  # None: no session yet; -1: per-session pools
+_SESSION_POOLS = -1
 
 
 def onnxruntime_available() -> bool:
@@ -89,9 +93,28 @@ def default_cache_dir() -> Path:
     return Path(base) / "deebert"
 
 
+def use_session_pools() -> bool:
+    """From now on in this process, each session gets an intra-op pool of its own that does not spin, instead of
+    the global pool (`session_options`): what runs batches on several streams at once needs, since each stream's
+    copy of the graphs computes on fewer threads than a lone text's. Only before the process's first session: True
+    when the process uses (or now will use) per-session pools."""
+    global _global_pool_threads
+    with _pool_lock:
+        if _global_pool_threads is None:
+            _global_pool_threads = _SESSION_POOLS
+        return _global_pool_threads == _SESSION_POOLS
+
+
+def uses_session_pools() -> bool:
+    """Whether this process's sessions get pools of their own (`use_session_pools`)."""
+    return _global_pool_threads == _SESSION_POOLS
+
+
 def session_options(threads: int | None) -> Any:
     """Options for every session: one global intra-op pool of `threads` (default: ONNX Runtime's, one per
-    physical core), set once per process before the first session."""
+    physical core), set once per process before the first session; or, after `use_session_pools`, a pool of
+    `threads` of the session's own whose threads block when idle (several sessions run one after another in the
+    exit loop, and each one's workers spinning after its call would take the cores from the next one's)."""
     import onnxruntime as ort
     from onnxruntime.capi import _pybind_state
 
@@ -104,8 +127,8 @@ def session_options(threads: int | None) -> Any:
                 _global_pool_threads = wanted
             except Exception as err:  # the environment exists already (another library made a session first)
                 logger.warning("ONNX Runtime's global thread pool could not be set (%s); per-session pools", err)
-                _global_pool_threads = -1
-        elif _global_pool_threads not in (wanted, -1):
+                _global_pool_threads = _SESSION_POOLS
+        elif _global_pool_threads not in (wanted, _SESSION_POOLS):
             logger.warning(
                 "ONNX Runtime's thread pool was set to %d threads earlier in this process; %d ignored",
                 _global_pool_threads,
@@ -115,9 +138,10 @@ def session_options(threads: int | None) -> Any:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    if _global_pool_threads == -1:
+    if _global_pool_threads == _SESSION_POOLS:
         options.intra_op_num_threads = wanted
         options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     else:
         options.use_per_session_threads = False
     return options
@@ -469,6 +493,14 @@ class OnnxDeeBert(StepGraphModel):
 
     def load_graph(self, path: Path) -> StepGraph:
         return _Graph(path, self._options)
+
+    def stream_copy(self, threads: int) -> OnnxDeeBert | None:
+        """The same graphs in sessions of `threads` threads each, for one of several batch streams at once
+        (ONNX Runtime's sessions take concurrent calls, so the streams share the copy); None in a process on the
+        global pool, where no session can have fewer threads (`use_session_pools`)."""
+        if not uses_session_pools():
+            return None
+        return OnnxDeeBert(self.config, self.directory, self.manifest, threads)
 
     @property
     def backend(self) -> str:

@@ -27,6 +27,13 @@ Batches can run on the event loop itself instead of on the worker thread (`loop_
 
 The first batch of each kind, and any while the worker thread has another job, runs on the worker thread.
 
+Batch streams (`streams` > 1, with a `stream_runner`): under load, up to `streams` batches run at once, each on a
+thread of its own with the stream runner (the model's copy on a share of the CPU's threads); a batch runs on the
+worker thread with the whole model, alone, when nothing waits behind it and no stream is running. On a CPU with
+few cores, one batch on all threads loses time at each operation's join, where the threads wait for the slowest
+(and one of them is often preempted by the event loop's HTTP work); batches side by side on one thread each do
+not wait for each other (BENCHMARKS.md §28). A lone text keeps all the threads: it has no batch to run beside.
+
 After the last batch of a busy spell (nothing queued or running, no request in flight), `on_quiet` runs on the
 event loop, after the answers have gone out (`run_if_quiet`, which the server also calls as each inference request
 ends: a fast client's next request can arrive within a few turns of the loop): the server re-warms the tokenizer
@@ -183,6 +190,8 @@ class Batcher:
         alone_max_s: float = ALONE_MAX_S,
         loop_max_s: float = LOOP_BATCH_MAX_S,
         on_quiet: Callable[[], None] | None = None,
+        stream_runner: Runner | None = None,
+        streams: int = 1,
     ) -> None:
         """`on_answer(row, answer)`: called on the event loop just after each text's answer is handed over.
         `loop_batches`: which batches run on the event loop (see the module's docstring), while batches of one
@@ -191,7 +200,8 @@ class Batcher:
         queued, being read or tokenized, or being answered): a burst's requests must count before their tasks run,
         or each would run alone (`server.state.requests_in_flight`). `on_quiet()`: called on the event loop once
         per busy spell, after its last batch, when its answers are out and no request is in flight
-        (`run_if_quiet`)."""
+        (`run_if_quiet`). `stream_runner`, `streams`: under load, up to `streams` batches at once on the stream
+        runner (see the module's docstring); 1 (or no stream runner): one batch at a time."""
         self._runner = runner
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -226,6 +236,14 @@ class Batcher:
         self._arrivals_unsettled = False
         self._on_quiet = on_quiet
         self._quiet_done_at = 0  # `batches_taken` when `on_quiet` last ran
+        self._stream_runner = stream_runner
+        self.streams = streams if stream_runner is not None and streams > 1 else 1
+        self._stream_workers = (
+            [WorkerThread(f"deebert-stream-{n}") for n in range(1, self.streams + 1)] if self.streams > 1 else []
+        )
+        self._free_streams = list(reversed(self._stream_workers))
+        self._stream_freed = asyncio.Event()
+        self._stream_tasks: set[asyncio.Task[None]] = set()
 
     # --- producer side ---------------------------------------------------------------------------
 
@@ -297,13 +315,20 @@ class Batcher:
         self._wakeup.set()
         return [row.future for row in rows]
 
-    def _finish_batch(self, size: int, elapsed: float) -> None:
-        """Bookkeeping after a batch of `size` texts ran for `elapsed` seconds (either path)."""
-        self._running_rows = 0
+    @property
+    def streams_running(self) -> int:
+        """Batches running on streams now."""
+        return len(self._stream_workers) - len(self._free_streams)
+
+    def _finish_batch(self, size: int, elapsed: float, beside: int = 0) -> None:
+        """Bookkeeping after a batch of `size` texts ran for `elapsed` seconds (any path), `beside` other batches
+        running on streams when it started."""
+        self._running_rows -= size
         self._last_batch_size = size
-        self._recent_s[size > 1] = _moving_average(self._recent_s.get(size > 1), elapsed)
+        if not beside:  # a batch's own time: not one that shared the CPU with others
+            self._recent_s[size > 1] = _moving_average(self._recent_s.get(size > 1), elapsed)
         if elapsed > 0:
-            self._rows_per_s = _moving_average(self._rows_per_s or None, size / elapsed)
+            self._rows_per_s = _moving_average(self._rows_per_s or None, size / elapsed * (1 + beside))
         self._update_idle()
         if self._on_quiet is not None:
             # A turn on: the answered requests' tasks have ended by then (a batch on the worker thread).
@@ -358,7 +383,7 @@ class Batcher:
                 if self._arrivals_unsettled:
                     await self._let_arrivals_settle()
                     continue
-                if self._idle_items and not self._closed:
+                if self._idle_items and not self._closed and not self.streams_running:
                     await self._run_idle()
                     continue
                 self._wakeup.clear()
@@ -373,7 +398,13 @@ class Batcher:
             if self._runs_on_loop(batch):
                 self._run_here(batch)
                 continue
-            self._running_rows = len(batch)
+            if self._runs_on_stream():
+                self._start_on_stream(batch, loop)
+                while not self._free_streams:  # the next batch waits for a stream (its texts stay in the queue)
+                    self._stream_freed.clear()
+                    await self._stream_freed.wait()
+                continue
+            self._running_rows += len(batch)
             self._on_batch(len(batch))
             started = time.perf_counter()
             try:  # on the worker thread: each answer goes through the event loop
@@ -382,9 +413,35 @@ class Batcher:
                 self._arrivals_unsettled = False
                 self._finish_batch(len(batch), time.perf_counter() - started)
 
+    def _runs_on_stream(self) -> bool:
+        """Whether the batch just taken runs on a stream: texts still wait behind it, or a stream is running (a
+        batch on all the threads then would compete with it)."""
+        return self.streams > 1 and (bool(self._queue) or self.streams_running > 0)
+
+    def _start_on_stream(self, batch: list[Row], loop: asyncio.AbstractEventLoop) -> None:
+        """Start the batch on a free stream's thread, with the stream runner; the batcher goes on meanwhile."""
+        worker = self._free_streams.pop()
+        beside = self.streams_running - 1
+        self._running_rows += len(batch)
+        self._on_batch(len(batch))
+        started = time.perf_counter()
+
+        async def run() -> None:
+            try:
+                await worker.run(functools.partial(self._run, batch, loop.call_soon_threadsafe, self._stream_runner))
+            finally:
+                self._free_streams.append(worker)
+                self._finish_batch(len(batch), time.perf_counter() - started, beside)
+                self._stream_freed.set()
+                self._wakeup.set()  # idle work waits for the streams to finish
+
+        task = loop.create_task(run(), name="deebert-stream-batch")
+        self._stream_tasks.add(task)
+        task.add_done_callback(self._stream_tasks.discard)
+
     def _run_here(self, batch: list[Row]) -> None:
         """Run the batch here, on the event loop: each answer is given at once."""
-        self._running_rows = len(batch)
+        self._running_rows += len(batch)
         self._on_batch(len(batch))
         started = time.perf_counter()
         try:
@@ -453,7 +510,7 @@ class Batcher:
         """Whether this batch runs on the event loop (`loop_batches`); never while the worker thread has another
         job (a memory trim or a shadow re-run may hold it), nor before batches of its kind have been timed."""
         recent = self._recent_s.get(len(batch) > 1)
-        if self.loop_batches == "none" or self._worker.pending or recent is None:
+        if self.loop_batches == "none" or self._worker.pending or self.streams_running or recent is None:
             return False
         if self.loop_batches == "all":
             return recent <= self.loop_max_s
@@ -514,9 +571,10 @@ class Batcher:
         self._arrivals_unsettled = False
         self._update_idle()
 
-    def _run(self, batch: list[Row], deliver: Callable[..., Any]) -> None:
-        """Run the batch, answering each row as it exits through `deliver(function, *args)`: the event loop's
-        `call_soon_threadsafe` from the worker thread, `_call_now` on the loop itself.
+    def _run(self, batch: list[Row], deliver: Callable[..., Any], runner: Runner | None = None) -> None:
+        """Run the batch (on `runner`, default the batcher's), answering each row as it exits through
+        `deliver(function, *args)`: the event loop's `call_soon_threadsafe` from a worker thread, `_call_now` on the
+        loop itself.
 
         The rows that leave together (a layer's exits, reported one after another) reach the loop in one
         hand-over: the first schedules it, the others join it while it has not run. One wake-up of the loop per
@@ -543,7 +601,7 @@ class Batcher:
                 deliver(hand_over)
 
         try:
-            self._runner([row.item for row in batch], [row.threshold for row in batch], on_exit)
+            (runner or self._runner)([row.item for row in batch], [row.threshold for row in batch], on_exit)
         except Exception as err:  # the model failed: fail this batch's rows, keep serving
             deliver(self._fail, batch, err)
 
@@ -584,6 +642,10 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for task in list(self._stream_tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for row in self._queue:
             if not row.future.done():
                 row.future.set_exception(
@@ -591,3 +653,5 @@ class Batcher:
                 )
         self._queue.clear()
         self._worker.shutdown()
+        for worker in self._stream_workers:
+            worker.shutdown()

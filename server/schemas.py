@@ -281,6 +281,10 @@ class ModelInfo(BaseModel):
         description="which batches run on the event loop instead of the batch thread (DEEBERT_BATCHES_ON_LOOP): none, "
         "alone or all",
     )
+    batch_streams: int = Field(
+        1,
+        description="batches that run at once under load, each on its share of the threads (DEEBERT_BATCH_STREAMS)",
+    )
     controller: ControllerInfo | None = Field(
         None, description="the threshold controller, when a target is set; default_threshold is then its live value"
     )

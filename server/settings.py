@@ -85,6 +85,13 @@ class ServerSettings(BaseSettings):
         "saves more padded tokens than this per extra call; 0 = never; default: 100 on the CPU, 0 on a GPU and for "
         "layers that skip the padding themselves (ONNX Runtime fp32)",
     )
+    batch_streams: int | None = Field(
+        None,
+        ge=1,
+        description="under load, run this many batches at once, each on its share of the threads (a lone text and a "
+        "batch with nothing waiting behind it still get all of them); default: 2 on the CPU with ONNX Runtime and at "
+        "least 2 threads, else 1 (ONNX Runtime only: other runtimes run one batch at a time)",
+    )
     warmup: bool = Field(True, description="run warm-up batches before reporting ready")
     batches_on_loop: Literal["none", "alone", "all"] = Field(
         "alone",

@@ -75,6 +75,7 @@ def build_state(settings: ServerSettings, engine: Engine, state: ServerState | N
         "backend_reason": engine.backend_reason,
         "allocator": loaded_allocator(),
         "batches_on_loop": settings.batches_on_loop,
+        "batch_streams": str(engine.streams),
     }
     metrics = Metrics(engine.num_layers, engine.name, engine.labels, engine.saving_from_totals, runtime)
     brownout = make_brownout(settings, engine, metrics)
@@ -95,6 +96,8 @@ def build_state(settings: ServerSettings, engine: Engine, state: ServerState | N
         in_flight=lambda: requests_in_flight(state),
         # (On a GPU the forward pass does not stream the weights through the CPU's caches: nothing to re-warm.)
         on_quiet=engine.rewarm if settings.rewarm_when_idle and engine.device.type == "cpu" else None,
+        stream_runner=functools.partial(engine.run_batch, stream=True) if engine.streams > 1 else None,
+        streams=engine.streams,
     )
     recorder.queue_idle = batcher.submit_idle  # the shadow's re-runs go to the batcher's idle queue
     state.engine, state.metrics, state.brownout, state.batcher = engine, metrics, brownout, batcher

@@ -634,3 +634,150 @@ async def test_a_failing_quiet_moment_is_logged_and_the_batcher_goes_on(caplog: 
         await turns()
     assert [r.getMessage() for r in caplog.records].count("the work for a quiet moment failed") == 2
     await batcher.stop()
+
+
+class SharedCores:
+    """Runners for the whole model (`main`) and for batch streams (`stream`) that record which batches each ran,
+    how many ran at once, and whether a batch on the whole model ever ran beside another one."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.active: dict[str, int] = {"main": 0, "stream": 0}
+        self.batches: dict[str, list[list[str]]] = {"main": [], "stream": []}
+        self.most_streams_at_once = 0
+        self.main_beside_other = False
+        self.release = threading.Event()
+        self.release.set()
+        self.two_streams_running = threading.Event()
+
+    def runner(self, kind: str) -> Callable[[list[Any], list[float], Callable[[int, Any], None]], None]:
+        def run(items: list[Any], thresholds: list[float], on_exit: Callable[[int, Any], None]) -> None:
+            with self.lock:
+                self.batches[kind].append(list(items))
+                self.active[kind] += 1
+                if kind == "main" and (self.active["main"] > 1 or self.active["stream"]):
+                    self.main_beside_other = True
+                if kind == "stream" and self.active["main"]:
+                    self.main_beside_other = True
+                self.most_streams_at_once = max(self.most_streams_at_once, self.active["stream"])
+                if self.active["stream"] >= 2:
+                    self.two_streams_running.set()
+            try:
+                assert self.release.wait(10), "test runner was never released"
+                for index, (item, threshold) in enumerate(zip(items, thresholds, strict=True)):
+                    on_exit(index, (item, threshold))
+            finally:
+                with self.lock:
+                    self.active[kind] -= 1
+
+        return run
+
+
+def stream_batcher(cores: SharedCores, max_batch_size: int = 2, streams: int = 2) -> Batcher:
+    return Batcher(
+        cores.runner("main"),
+        max_batch_size=max_batch_size,
+        max_wait_s=0.0,
+        max_queue_size=100,
+        stream_runner=cores.runner("stream"),
+        streams=streams,
+    )
+
+
+async def test_under_load_batches_run_on_the_streams_side_by_side() -> None:
+    """Texts waiting behind a batch send it to a stream; up to `streams` run at once, never beside a batch on the
+    whole model; every text gets its own answer, and the batcher is idle again afterwards."""
+    cores = SharedCores()
+    cores.release.clear()
+    batcher = stream_batcher(cores)
+    batcher.start()
+    texts = [Text(letter) for letter in "abcdef"]
+    futures = batcher.submit(texts, [0.1 * n for n in range(len(texts))])
+    assert await asyncio.to_thread(cores.two_streams_running.wait, 5)
+    assert batcher.streams_running == 2 and batcher.busy
+    assert batcher.depth == 2, "the third batch waits in the queue for a free stream"
+    cores.release.set()
+    answers = await asyncio.gather(*futures)
+    assert [a.value for a in answers] == [(t, 0.1 * n) for n, t in enumerate(texts)]
+    assert cores.batches["main"] == []
+    assert sorted(t for batch in cores.batches["stream"] for t in batch) == list("abcdef")
+    assert cores.most_streams_at_once == 2 and not cores.main_beside_other
+    assert await batcher.drain(timeout_s=5) is True
+    assert batcher.streams_running == 0 and not batcher.busy
+    await batcher.stop()
+
+
+async def test_a_batch_with_nothing_behind_it_runs_on_the_whole_model_alone() -> None:
+    """No text waiting and no stream running: the batch gets all the threads (the whole model's runner); the
+    texts that queue meanwhile go to the streams once it ends, and the streams' batches end before the next batch
+    on the whole model starts."""
+    cores = SharedCores()
+    cores.release.clear()
+    batcher = stream_batcher(cores, max_batch_size=4)
+    batcher.start()
+    first = batcher.submit([Text("a"), Text("b")], [0.0, 0.0])
+    await asyncio.sleep(0.05)
+    assert [len(batch) for batch in cores.batches["main"]] == [2]
+    later = batcher.submit([Text(str(n)) for n in range(10)], [0.0] * 10)
+    cores.release.set()
+    await asyncio.gather(*first, *later)
+    assert cores.batches["stream"], "the backlog ran on the streams"
+    assert len(cores.batches["main"]) == 1 and not cores.main_beside_other
+    last = batcher.submit([Text("z")], [0.0])
+    await asyncio.gather(*last)
+    assert cores.batches["main"][-1] == ["z"], "with the streams idle and nothing behind it, the whole model again"
+    assert not cores.main_beside_other
+    await batcher.stop()
+
+
+async def test_one_stream_or_no_stream_runner_runs_one_batch_at_a_time() -> None:
+    cores = SharedCores()
+    for batcher in (stream_batcher(cores, streams=1), Batcher(cores.runner("main"), 2, 0.0, 100, streams=2)):
+        assert batcher.streams == 1
+        batcher.start()
+        await asyncio.gather(*batcher.submit([Text(letter) for letter in "abcdef"], [0.0] * 6))
+        await batcher.stop()
+    assert cores.batches["stream"] == [] and len(cores.batches["main"]) == 6
+    assert not cores.main_beside_other
+
+
+async def test_idle_work_waits_for_the_streams() -> None:
+    """Background items (shadow re-runs) go to the worker thread only once the streams have finished too."""
+    cores = SharedCores()
+    cores.release.clear()
+    ran: list[tuple[list[str], int]] = []
+
+    def idle(items: list[Any]) -> None:
+        ran.append((list(items), cores.active["stream"]))
+
+    batcher = Batcher(
+        cores.runner("main"), 2, 0.0, 100, idle_runner=idle, stream_runner=cores.runner("stream"), streams=2
+    )
+    batcher.start()
+    futures = batcher.submit([Text(letter) for letter in "abcd"], [0.0] * 4)
+    assert await asyncio.to_thread(cores.two_streams_running.wait, 5)
+    assert batcher.submit_idle(["shadow"])
+    await asyncio.sleep(0.05)
+    assert ran == [], "not while the streams run"
+    cores.release.set()
+    await asyncio.gather(*futures)
+    for _ in range(100):
+        if ran:
+            break
+        await asyncio.sleep(0.01)
+    assert ran == [(["shadow"], 0)]
+    await batcher.stop()
+
+
+async def test_stopping_with_batches_on_the_streams_fails_the_queued_texts_and_ends_the_threads() -> None:
+    cores = SharedCores()
+    cores.release.clear()
+    batcher = stream_batcher(cores)
+    batcher.start()
+    futures = batcher.submit([Text(letter) for letter in "abcdef"], [0.0] * 6)
+    assert await asyncio.to_thread(cores.two_streams_running.wait, 5)
+    threading.Timer(0.05, cores.release.set).start()  # the running batches end while `stop` waits for the threads
+    await batcher.stop()
+    queued = [f for f in futures if f.done() and f.exception() is not None]
+    assert queued and all(f.exception().error_type is ErrorType.SHUTTING_DOWN for f in queued)  # type: ignore[union-attr]
+    assert all(not worker.is_alive() for worker in threading.enumerate() if worker.name.startswith("deebert-stream"))

@@ -38,6 +38,7 @@ from tests.helpers import (
     assert_refilled_matches_per_batch,
     encode,
     tiny_model,
+    write_vocab,
 )
 
 pytest.importorskip("onnxruntime")
@@ -516,3 +517,60 @@ def test_the_structure_benchmark_flattens_the_exit_graph_into_the_same_answer(pa
     )
     assert int(nested[1][0]) == int(flattened[1][0]) == model.num_layers
     np.testing.assert_allclose(flattened[0], nested[0], atol=1e-5)
+
+
+def stream_copy_probe(directory: str, pools: str) -> None:
+    """Run in a fresh process (ONNX Runtime's pool mode is the process's, set by its first session): with
+    per-session pools, the stream copy answers as torch does, from two threads at once; on the global pool there is
+    no copy and the pools cannot change any more."""
+    import threading
+
+    from model import onnx_backend
+
+    session_pools = pools == "session"
+    if session_pools:
+        assert onnx_backend.use_session_pools() is True
+    else:
+        onnx_backend.session_options(1)  # the first session's options: the global pool
+    tokenizer = write_vocab(Path(directory) / "tokenizer")
+    model = tiny_model("bert", pooling="mean")
+    exported = export(model, Path(directory) / "fp32", "fp32", threads=2)
+    copy = exported.stream_copy(1)
+    if not session_pools:
+        assert copy is None
+        assert onnx_backend.use_session_pools() is False
+        print("no copy")
+        return
+    assert isinstance(copy, OnnxDeeBert) and copy.layers[0] is not exported.layers[0]
+    assert_matches_torch(model, copy, tokenizer)
+    errors: list[BaseException] = []
+
+    def answer_as_torch() -> None:
+        try:
+            for _ in range(5):
+                assert_matches_torch(model, copy, tokenizer)
+        except BaseException as err:  # reported by the main thread
+            errors.append(err)
+
+    streams = [threading.Thread(target=answer_as_torch) for _ in range(2)]
+    for stream in streams:
+        stream.start()
+    for stream in streams:
+        stream.join()
+    assert not errors, errors
+    print("copy answers as torch")
+
+
+@pytest.mark.parametrize("session_pools", [True, False])
+def test_a_stream_copy_needs_per_session_pools_and_answers_as_torch_from_two_threads(
+    session_pools: bool, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    probe = "import sys; from tests.test_onnx_backend import stream_copy_probe as p; p(*sys.argv[1:])"
+    command = [sys.executable, "-c", probe, str(tmp_path), "session" if session_pools else "global"]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1] == ("copy answers as torch" if session_pools else "no copy")

@@ -37,5 +37,6 @@ async def model_info(state: State) -> ModelInfo:
         max_batch_size=state.settings.max_batch_size,
         max_texts_per_request=state.settings.max_texts_per_request,
         batches_on_loop=batcher.loop_batches,
+        batch_streams=batcher.streams,
         controller=ControllerInfo.model_validate(controller.snapshot()) if controller is not None else None,
     )
