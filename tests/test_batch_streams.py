@@ -106,3 +106,31 @@ async def test_a_server_with_streams_answers_as_one_batch_at_a_time(tokenizer_di
         assert got["score"] == pytest.approx(wanted["score"], abs=1e-4)
     assert info["batch_streams"] == 2
     assert 'batch_streams="2"' in metrics
+
+
+def test_the_benchmark_runs_one_batch_at_a_time_and_streams_and_writes_its_report(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """`python -m benchmarks.batch_streams` on a tiny checkpoint on ONNX Runtime, in a process of its own (its
+    sessions need pools of their own, which a process decides at its first session)."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("onnxruntime")
+    from tests.helpers import sentiment_rows, write_tsv
+
+    rows = [[text + " and then" * (i % 7), label] for i, (text, label) in enumerate(sentiment_rows(40))]
+    data = write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], rows)
+    output = tmp_path / "streams.json"
+    command = [sys.executable, "-m", "benchmarks.batch_streams", "--checkpoint", str(tiny_checkpoint)]
+    command += ["--data", str(data), "--backend", "onnxruntime", "--threads", "2", "--streams", "1,2", "--rounds", "2"]
+    command += ["--batch-size", "8", "--cache-dir", str(tmp_path / "cache"), "--output", str(output), "--no-progress"]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(output.read_text())
+    assert report["backend"] == "onnxruntime" and report["threads"] == 2 and report["texts"] == 40
+    assert len(report["rounds"]) == 2 and all(set(figures) == {"1", "2"} for figures in report["rounds"])
+    assert report["summary"]["streams_1_texts_per_s"] > 0 and report["summary"]["streams_2_texts_per_s"] > 0
+    assert "| 2 at once, the stream copy | 1 |" in done.stdout
