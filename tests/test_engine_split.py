@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.backends import ExitModel
 from model.tokenization import DEFAULT_SPLIT_TOKENS, Encoded
 from server.engine import Engine, RowOutcome
 from tests.server_helpers import tiny_engine, write_word_vocab
@@ -23,9 +24,11 @@ def answers(engine: Engine, texts: list[str], thresholds: list[float]) -> tuple[
     calls: list[int] = []
     run_call = engine._run_call
 
-    def counting(items: list[Encoded], thresholds: list[float], on_exit: Callable[[int, RowOutcome], None]) -> None:
+    def counting(
+        model: ExitModel, items: list[Encoded], thresholds: list[float], on_exit: Callable[[int, RowOutcome], None]
+    ) -> None:
         calls.append(len(items))
-        run_call(items, thresholds, on_exit)
+        run_call(model, items, thresholds, on_exit)
 
     def record(row: int, outcome: RowOutcome) -> None:
         assert row not in outcomes, "each row is answered once"
