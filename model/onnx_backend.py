@@ -222,7 +222,10 @@ class StepGraphModel(EarlyExitModel):
     # compiles kernels per input shape (OpenVINO) then meets a few shapes instead of every length.
     length_bucket = 1
 
-    def __init__(self, config: DeeBertConfig, directory: Path, manifest: Manifest) -> None:
+    def __init__(self, config: DeeBertConfig, directory: Path, manifest: Manifest, layers_only: bool = False) -> None:
+        """`layers_only`: only the layer graphs (and their packed forms), not the full graph nor the exit graph, each
+        a copy of the weights: full-depth batches then run the layers in turn and a lone row the steps (a stream
+        copy, `OnnxDeeBert.stream_copy`, which runs batches)."""
         if manifest.num_layers != config.num_layers or manifest.num_labels != config.num_labels:
             raise ExportError(
                 f"{directory}: graphs for {manifest.num_layers} layers / {manifest.num_labels} labels, "
@@ -240,9 +243,10 @@ class StepGraphModel(EarlyExitModel):
         self._packs = any(layer is not None for layer in self.packed_layers)
         # Batches stay whole (`model.tokenization.split_tokens_setting`) only when every layer can skip the padding.
         self.packs_tokens = all(layer is not None for layer in self.packed_layers)
-        self.plain = self.load_graph(directory / PLAIN_FILE)
+        self.plain = None if layers_only else self.load_graph(directory / PLAIN_FILE)
         # A lone row's whole exit loop in one call (`exit_in_one_call`); None in an export made without it.
-        self.exit_graph = self.load_graph(directory / EXIT_FILE) if EXIT_FILE in manifest.files else None
+        with_exit_graph = EXIT_FILE in manifest.files and not layers_only
+        self.exit_graph = self.load_graph(directory / EXIT_FILE) if with_exit_graph else None
         if self.exit_graph is not None and manifest.parity.get("exit_graph_same_exits") is False:
             logger.warning(
                 "%s: the exit graph left at other layers than the step graphs at export (manifest parity); "
@@ -346,8 +350,8 @@ class StepGraphModel(EarlyExitModel):
         """One call of the fused full graph: measured 8 % faster at batch 1 than the n layer graphs in turn
         (the same kernels; fewer calls and better-warmed caches), so full-depth batches take it. Not a batch
         with much padding when the layers pack (None: the loop runs them, packed): SST-2 dev in arrival order,
-        batches of 32, ran 1.5x faster so (BENCHMARKS.md §23)."""
-        if self._runs_packed(_numpy(attention_mask)):
+        batches of 32, ran 1.5x faster so (BENCHMARKS.md §23). None without a full graph (`layers_only`)."""
+        if self.plain is None or self._runs_packed(_numpy(attention_mask)):
             return None
         return self.plain_forward(input_ids, attention_mask, token_type_ids)
 
@@ -356,7 +360,7 @@ class StepGraphModel(EarlyExitModel):
     ) -> list[float] | None:
         """`full_depth_logits` of a lone row as Python numbers, without torch (`early_exit.exit_one`)."""
         ids, types, mask = self._token_arrays(input_ids, attention_mask, token_type_ids)
-        if self._runs_packed(mask):
+        if self.plain is None or self._runs_packed(mask):
             return None
         return self.plain(input_ids=ids, attention_mask=mask, token_type_ids=types)[0][0].tolist()  # type: ignore[no-any-return]
 
@@ -468,6 +472,8 @@ class StepGraphModel(EarlyExitModel):
         self, input_ids: Tokens, attention_mask: Tokens, token_type_ids: Tokens | None = None
     ) -> torch.Tensor:
         """The final classifier's logits from one full-depth graph (the plain runtime's baseline)."""
+        if self.plain is None:
+            raise ExportError(f"{self.directory}: this copy holds the layer graphs only (no full graph)")
         ids, types, mask = self._token_arrays(input_ids, attention_mask, token_type_ids)
         logits = self.plain(input_ids=ids, attention_mask=mask, token_type_ids=types)[0]
         return torch.from_numpy(logits)
@@ -487,20 +493,29 @@ class StepGraphModel(EarlyExitModel):
 class OnnxDeeBert(StepGraphModel):
     """A DeeBERT model on ONNX Runtime (CPU): `iter_exits`, `infer`, `plain_forward` as `DeeBert` has them."""
 
-    def __init__(self, config: DeeBertConfig, directory: Path, manifest: Manifest, threads: int | None) -> None:
+    def __init__(
+        self,
+        config: DeeBertConfig,
+        directory: Path,
+        manifest: Manifest,
+        threads: int | None,
+        layers_only: bool = False,
+    ) -> None:
         self._options = session_options(threads)
-        super().__init__(config, directory, manifest)
+        super().__init__(config, directory, manifest, layers_only)
 
     def load_graph(self, path: Path) -> StepGraph:
         return _Graph(path, self._options)
 
     def stream_copy(self, threads: int) -> OnnxDeeBert | None:
-        """The same graphs in sessions of `threads` threads each, for one of several batch streams at once
-        (ONNX Runtime's sessions take concurrent calls, so the streams share the copy); None in a process on the
-        global pool, where no session can have fewer threads (`use_session_pools`)."""
+        """The layer graphs in sessions of `threads` threads each, for one of several batch streams at once
+        (ONNX Runtime's sessions take concurrent calls, so the streams share the copy). Without the full and exit
+        graphs, which batches under load rarely need (a full-depth batch runs the layers in turn, a lone row the
+        steps): on the shipped 6-layer model they are about half of the graphs' weights (175 of 355 MB on disk).
+        None in a process on the global pool, where no session can have fewer threads (`use_session_pools`)."""
         if not uses_session_pools():
             return None
-        return OnnxDeeBert(self.config, self.directory, self.manifest, threads)
+        return OnnxDeeBert(self.config, self.directory, self.manifest, threads, layers_only=True)
 
     @property
     def backend(self) -> str:

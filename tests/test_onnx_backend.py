@@ -542,7 +542,9 @@ def stream_copy_probe(directory: str, pools: str) -> None:
         print("no copy")
         return
     assert isinstance(copy, OnnxDeeBert) and copy.layers[0] is not exported.layers[0]
-    assert_matches_torch(model, copy, tokenizer)
+    assert copy.plain is None and copy.exit_graph is None, "the layer graphs only"
+    assert_matches_torch(model, copy, tokenizer)  # full depth (threshold 0) too, on the layers in turn
+    assert_alone_equals_batched(model, copy, tokenizer)  # a lone row on the steps
     errors: list[BaseException] = []
 
     def answer_as_torch() -> None:
