@@ -19,12 +19,17 @@ import random
 import statistics
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from benchmarks.engine_runs import add_engine_arguments, load_engine, module_command
+from benchmarks.engine_runs import (
+    add_batch_run_arguments,
+    add_engine_arguments,
+    describe_engine,
+    engine_report,
+    load_engine,
+)
 from loadtest.report import write_json
 from model.data import read_dataset
 from model.tokenization import Encoded, arrival_batches
@@ -62,15 +67,8 @@ def padding_share(encoded: list[Encoded], order: list[int], batch_size: int) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     add_engine_arguments(parser)
-    parser.add_argument("--threshold", default=None, help="number or preset (default: the server's)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    add_batch_run_arguments(parser, rounds=3)
     parser.add_argument("--split-tokens", default="0,100,200,400", help="comma-separated; 0 = batches whole")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--limit", type=int, default=None, help="first N texts of the data (default: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--output", type=Path, help="JSON with every round, the summary and the machine")
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     engine = load_engine(args, args.cache_dir)
     data = read_dataset(args.data, label_names=engine.labels)
@@ -104,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     machine = machine_description()
     print(describe_machine(machine))
-    print(f"{engine.name} on {engine.backend} {engine.dtype_name} ({engine.backend_reason}), threshold {threshold:.4g}")
+    print(describe_engine(engine, threshold))
     print(f"| batches of {args.batch_size} | texts/s (median of {args.rounds}) | / sorted | calls per batch |")
     print("| --- | ---: | ---: | ---: |")
     print(f"| length-sorted, whole | {sorted_rate:.0f} | 1.00 | 1.00 |")
@@ -116,13 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"| arrival order, {label} | {rate:.0f} | {rate / sorted_rate:.2f} | {calls:.2f} |")
     if args.output:
         report = {
-            "command": module_command("batch_split", argv),
-            "machine": machine,
-            "model": engine.name,
-            "backend": engine.backend,
-            "dtype": engine.dtype_name,
-            "backend_reason": engine.backend_reason,
-            "threshold": threshold,
+            **engine_report("batch_split", argv, engine, threshold, machine),
             "texts": len(encoded),
             "batch_size": args.batch_size,
             "rounds": rounds,

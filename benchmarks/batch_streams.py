@@ -22,12 +22,11 @@ import statistics
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from benchmarks.engine_runs import add_engine_arguments, module_command
+from benchmarks.engine_runs import add_batch_run_arguments, add_engine_arguments, describe_engine, engine_report
 from loadtest.report import write_json
 from model.data import read_dataset
 from model.tokenization import Encoded
@@ -75,15 +74,8 @@ def texts_per_second(engine: Engine, batches: list[list[Encoded]], threshold: fl
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     add_engine_arguments(parser)
+    add_batch_run_arguments(parser, rounds=4)
     parser.add_argument("--streams", default="1,2", help="comma-separated stream counts; 1 = the whole model alone")
-    parser.add_argument("--threshold", default=None, help="number or preset (default: the server's)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--limit", type=int, default=None, help="first N texts of the data (default: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--output", type=Path, help="JSON with every round, the summary and the machine")
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     counts = [int(value) for value in args.streams.split(",")]
     most = max(counts)
@@ -128,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = machine_description()
     threads = args.threads or usable_cpus()
     print(describe_machine(machine))
-    print(f"{engine.name} on {engine.backend} {engine.dtype_name} ({engine.backend_reason}), threshold {threshold:.4g}")
+    print(describe_engine(engine, threshold))
     header = f"batches of {args.batch_size}, arrival order | threads per batch | texts/s (median of {args.rounds})"
     print(f"| {header} | / one |")
     print("| --- | ---: | ---: | ---: |")
@@ -138,13 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"| {label} | {per_batch} | {summary[count]:.0f} | {summary[count] / summary[counts[0]]:.2f} |")
     if args.output:
         report = {
-            "command": module_command("batch_streams", argv),
-            "machine": machine,
-            "model": engine.name,
-            "backend": engine.backend,
-            "dtype": engine.dtype_name,
-            "backend_reason": engine.backend_reason,
-            "threshold": threshold,
+            **engine_report("batch_streams", argv, engine, threshold, machine),
             "threads": threads,
             "texts": len(encoded),
             "batch_size": args.batch_size,
