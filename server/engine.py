@@ -453,9 +453,9 @@ class Engine:
             self.run_batch(encoded[:1], thresholds[:1], lambda row, outcome: None)
 
 
-# Batch streams by default on the CPU (`batch_streams`): on a 2-core AMD EPYC, two batches at once on one thread each
-# ran arrival-order batches of SST-2 at 1.13-1.18x one batch at a time on both threads, in process, and served
-# 1.10-1.11x the requests/s at 32 connections (BENCHMARKS.md §28).
+# Batch streams by default on the CPU (`batch_streams`): on a 2-core AVX2-only AMD EPYC, two batches at once on one
+# thread each served a median 1.04-1.07x the requests/s of one batch at a time on both threads at 32 connections and
+# 1.09-1.17x at 4, every A/B pair higher; three gained nothing more (BENCHMARKS.md §28).
 DEFAULT_STREAMS = 2
 
 
