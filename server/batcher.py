@@ -404,9 +404,7 @@ class Batcher:
                     self._stream_freed.clear()
                     await self._stream_freed.wait()
                 continue
-            self._running_rows += len(batch)
-            self._on_batch(len(batch))
-            started = time.perf_counter()
+            started = self._batch_started(batch)
             try:  # on the worker thread: each answer goes through the event loop
                 await self._worker.run(functools.partial(self._run, batch, loop.call_soon_threadsafe))
             finally:
@@ -422,9 +420,7 @@ class Batcher:
         """Start the batch on a free stream's thread, with the stream runner; the batcher goes on meanwhile."""
         worker = self._free_streams.pop()
         beside = self.streams_running - 1
-        self._running_rows += len(batch)
-        self._on_batch(len(batch))
-        started = time.perf_counter()
+        started = self._batch_started(batch)
 
         async def run() -> None:
             try:
@@ -439,11 +435,16 @@ class Batcher:
         self._stream_tasks.add(task)
         task.add_done_callback(self._stream_tasks.discard)
 
-    def _run_here(self, batch: list[Row]) -> None:
-        """Run the batch here, on the event loop: each answer is given at once."""
+    def _batch_started(self, batch: list[Row]) -> float:
+        """Bookkeeping as a batch starts (any path): its texts count as running, the batch-size metric; the clock
+        for `_finish_batch`."""
         self._running_rows += len(batch)
         self._on_batch(len(batch))
-        started = time.perf_counter()
+        return time.perf_counter()
+
+    def _run_here(self, batch: list[Row]) -> None:
+        """Run the batch here, on the event loop: each answer is given at once."""
+        started = self._batch_started(batch)
         try:
             self._run(batch, _call_now)
         finally:
