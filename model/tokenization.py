@@ -12,11 +12,13 @@ import weakref
 from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from model.ascii_wordpiece import AsciiWordPiece
 
 
 @dataclass(frozen=True)
@@ -98,27 +100,62 @@ SERIAL_ENCODE_MAX = 8
 def _untruncated(tokenizer: PreTrainedTokenizerBase, texts: list[str], pairs: list[str] | None) -> list[Encoded]:
     """Every text (and pair) encoded whole, with special tokens.
 
-    A fast tokenizer is called through its Rust backend directly (what transformers' own call does inside,
-    without its per-call bookkeeping: a tenth of a millisecond per request on the server's path). The
-    backend's truncation and padding state is transformers' to set: it is cleared here before encoding."""
+    A BERT WordPiece tokenizer encodes printable-ASCII texts in Python (`AsciiWordPiece`: the same ids at a
+    fraction of the cost, BENCHMARKS.md §29); the others, and every other fast tokenizer, go through its Rust
+    backend directly (what transformers' own call does inside, without its per-call bookkeeping: a tenth of a
+    millisecond per request on the server's path). The backend's truncation and padding state is transformers'
+    to set: it is cleared here before encoding."""
     backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
     if backend is None:
         full = tokenizer(texts, pairs, add_special_tokens=True, truncation=False, return_token_type_ids=True)
         return [
             Encoded(ids, types, len(ids)) for ids, types in zip(full["input_ids"], full["token_type_ids"], strict=True)
         ]
-    if backend.truncation is not None:
-        backend.no_truncation()
-    if backend.padding is not None:
-        backend.no_padding()
-    if len(texts) <= SERIAL_ENCODE_MAX:
-        if pairs is None:
-            encodings = [backend.encode(text) for text in texts]
+    ascii_pipeline = _ascii_word_piece(tokenizer, backend)
+    encoded: list[Encoded | None] = [None] * len(texts)
+    if ascii_pipeline is not None:
+        for index, text in enumerate(texts):
+            answer = ascii_pipeline.encode(text, None if pairs is None else pairs[index])
+            if answer is not None:
+                encoded[index] = Encoded(answer[0], answer[1], len(answer[0]))
+    rest = [index for index, item in enumerate(encoded) if item is None]
+    if rest:
+        if backend.truncation is not None:
+            backend.no_truncation()
+        if backend.padding is not None:
+            backend.no_padding()
+        if len(rest) <= SERIAL_ENCODE_MAX:
+            if pairs is None:
+                encodings = [backend.encode(texts[index]) for index in rest]
+            else:
+                encodings = [backend.encode(texts[index], pairs[index]) for index in rest]
         else:
-            encodings = [backend.encode(text, pair) for text, pair in zip(texts, pairs, strict=True)]
-    else:
-        encodings = backend.encode_batch(texts if pairs is None else list(zip(texts, pairs, strict=True)))
-    return [Encoded(e.ids, e.type_ids, len(e.ids)) for e in encodings]
+            encodings = backend.encode_batch(
+                [texts[index] for index in rest] if pairs is None else [(texts[index], pairs[index]) for index in rest]
+            )
+        for index, encoding in zip(rest, encodings, strict=True):
+            encoded[index] = Encoded(encoding.ids, encoding.type_ids, len(encoding.ids))
+    return encoded  # type: ignore[return-value]  # every entry filled above
+
+
+_ascii_pipelines: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, tuple[int, AsciiWordPiece | None]] = (
+    weakref.WeakKeyDictionary()
+)
+_ascii_pipelines_lock = threading.Lock()
+
+
+def _ascii_word_piece(tokenizer: PreTrainedTokenizerBase, backend: Any) -> AsciiWordPiece | None:
+    """The tokenizer's `AsciiWordPiece` (None where it has none), read once, and again if tokens were added since."""
+    size = backend.get_vocab_size(with_added_tokens=True)
+    known = _ascii_pipelines.get(tokenizer)
+    if known is not None and known[0] == size:
+        return known[1]
+    with _ascii_pipelines_lock:
+        known = _ascii_pipelines.get(tokenizer)
+        if known is None or known[0] != size:
+            known = (size, AsciiWordPiece.of(backend))
+            _ascii_pipelines[tokenizer] = known
+    return known[1]
 
 
 _other_side: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, PreTrainedTokenizerBase] = weakref.WeakKeyDictionary()
