@@ -6,13 +6,15 @@ import asyncio
 import json
 import math
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from server.engine import Engine
-from tests.server_helpers import make_app, serving, tiny_engine
+from tests.server_helpers import make_app, serving, tiny_engine, uvicorn_serving
 
 pytestmark = pytest.mark.anyio
 HUGE = "1000"
@@ -652,6 +654,40 @@ async def test_the_tokenizer_is_rewarmed_once_the_server_falls_idle(
             await asyncio.sleep(0.01)
             assert len(rewarms) == (3 if rewarm else 0), "once per request here: each is a busy spell of its own"
         assert set(rewarms) <= {threading.current_thread().name}, "on the event loop"
+
+
+def test_under_uvicorn_each_lone_request_is_rewarmed_for_after_its_answer(tokenizer_dir: Path) -> None:
+    """Under a real uvicorn server, which counts a request as in flight until its task's done-callback has run (what
+    the batcher reads to run a lone text at once): each lone text, run inside its request's own turn, is re-warmed
+    for once its request has ended, with no further request to trigger it."""
+    engine = tiny_engine(tokenizer_dir)
+    rewarms: list[float] = []
+    rewarm_engine = engine.rewarm
+
+    def counted() -> None:
+        rewarm_engine()
+        rewarms.append(time.monotonic())
+
+    engine.rewarm = counted  # type: ignore[method-assign]
+    ran_on: list[str] = []
+    run_batch = engine.run_batch
+
+    def recorded(*args: Any, **kwargs: Any) -> None:
+        ran_on.append(threading.current_thread().name)
+        run_batch(*args, **kwargs)
+
+    engine.run_batch = recorded  # type: ignore[method-assign]
+    app = make_app(engine, warmup=True)
+    with uvicorn_serving(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        for request in range(6):
+            before = len(rewarms)
+            assert client.post("/v1/classify", json={"text": "good"}).status_code == 200
+            deadline = time.monotonic() + 5
+            while len(rewarms) == before:
+                assert time.monotonic() < deadline, f"no re-warm after request {request + 1}"
+                time.sleep(0.002)
+            assert not app.state.deebert.batcher.busy
+    assert ran_on[-5:] == ["uvicorn"] * 5, "after the first, each lone text ran on the event loop's thread"
 
 
 def test_the_rewarm_is_for_the_cpu_only(tokenizer_dir: Path) -> None:
