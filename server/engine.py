@@ -443,6 +443,9 @@ class Engine:
         texts = ["warm up", "a longer warm-up text " * 8]
         pairs = ["warm up"] * len(texts) if self.is_pair_task else None
         encoded = self.tokenize(texts, pairs, truncate=True)
+        # The tokenizing thread's copy reads its tokenizer pipeline (`model.ascii_wordpiece`: ~30 ms with the GIL
+        # held) now, not at the first long request.
+        self._tokenize(self._off_loop_tokenizer, texts, pairs, True, None)
         rule = self.config.criterion
         full, earliest = rule.full_depth, rule.exits_at_first_layer(len(self.labels))
         for thresholds in ([full, full], [earliest, full], [earliest, earliest]):

@@ -11,9 +11,10 @@ import pytest
 from tokenizers import Tokenizer
 from transformers import BertTokenizerFast, PreTrainedTokenizerBase
 
+from benchmarks import tokenizer_parity
 from model.ascii_wordpiece import MAX_CHARS, AsciiWordPiece
 from model.tokenization import _ascii_word_piece, load_tokenizer, tokenize
-from tests.helpers import SPECIAL, WORDS
+from tests.helpers import SPECIAL, WORDS, sentiment_rows, write_tsv
 
 SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "sst2-minilm-l6"
 
@@ -157,3 +158,13 @@ def test_long_texts_are_left_to_the_rust_pipeline_which_releases_the_gil(shipped
     fitting = ("word " * MAX_CHARS)[:MAX_CHARS]
     assert pipeline.encode(fitting) == rust(shipped, fitting)
     assert pipeline.encode(fitting + "s") is None
+
+
+def test_the_parity_benchmark_counts_every_input_and_finds_no_difference(tmp_path: Path) -> None:
+    data = write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], [*sentiment_rows(10), ["naïve café", "1"]])
+    output = tmp_path / "parity.json"
+    argv = ["--checkpoint", str(SHIPPED), "--data", str(data), "--random", "50", "--output", str(output)]
+    assert tokenizer_parity.main(argv) == 0
+    counts = json.loads(output.read_text())["counts"]
+    assert counts[str(data)] == {"inputs": 11, "taken": 10, "different": 0}
+    assert counts["random (seed 0)"] == {"inputs": 100, "taken": 100, "different": 0}

@@ -17,12 +17,13 @@ def test_cold_tokenizing_reports_every_case(tiny_checkpoint: Path, tmp_path: Pat
     argv = ["--checkpoint", str(tiny_checkpoint), "--data", str(data), "--backend", "torch", "--texts", "12"]
     assert cold_tokenizing.main([*argv, "--skip", "2", "--gaps-ms", "0.1", "--output", str(output)]) == 0
     report = json.loads(output.read_text())
-    assert set(report["figures"]) == {
+    cases = {
         "right_after_model_call_us",
         "after_another_tokenize_us",
         "same_text_again_us",
         "after_model_call_and_0.1_ms_idle_us",
     }
+    assert set(report["figures"]) == cases | {f"rust_{case}" for case in cases}
     assert all(value > 0 for value in report["figures"].values())
 
 
