@@ -9,8 +9,8 @@ regular expression and a dictionary lookup per word.
 
 It takes only what it can answer exactly and leaves the rest to the Rust pipeline (`encode` returns None):
 - the tokenizer must be the BERT pipeline exactly (`BertNormalizer`, `BertPreTokenizer`, `WordPiece`,
-  `TemplateProcessing`), as `AsciiWordPiece.of` reads from its JSON, and must answer a set of probe texts as the
-  Rust pipeline does;
+  `TemplateProcessing` or the older `BertProcessing`), as `AsciiWordPiece.of` reads from its JSON, and must answer
+  a set of probe texts as the Rust pipeline does;
 - the text must be printable ASCII (tabs and line breaks too), where the normalizer only lowercases and maps
   whitespace, and every character that is neither a letter, a digit nor whitespace is punctuation, a word of its
   own;
@@ -35,6 +35,8 @@ MAX_CHARS = 2_000
 _PRINTABLE = re.compile(r"[\t\n\r\x20-\x7e]*").fullmatch
 _CASED_WORDS = re.compile(r"[A-Za-z0-9]+|[^A-Za-z0-9\s]").findall
 _LOWER_WORDS = re.compile(r"[a-z0-9]+|[^a-z0-9\s]").findall
+_LINE_SPACES = re.compile(r"[\t\n\r]")
+_AS_SPACES = str.maketrans("\t\n\r", "   ")
 
 # A template item: a sequence's index (0: the text, 1: its pair) or a special token's ids, with its type id.
 TemplateItem = tuple[int | tuple[int, ...], int]
@@ -96,9 +98,26 @@ class AsciiWordPiece:
             (normalizer or {}).get("type") != "BertNormalizer"
             or (pre_tokenizer or {}).get("type") != "BertPreTokenizer"
             or model.get("type") != "WordPiece"
-            or (template or {}).get("type") != "TemplateProcessing"
+            or (template or {}).get("type") not in ("TemplateProcessing", "BertProcessing")
         ):
             return None
+        if template["type"] == "BertProcessing":  # the older form of the same template: [CLS] A [SEP] (B [SEP])
+            (cls_name, cls_id), (sep_name, sep_id) = template["cls"], template["sep"]
+            template = {
+                "special_tokens": {cls_name: {"ids": [cls_id]}, sep_name: {"ids": [sep_id]}},
+                "single": [
+                    {"SpecialToken": {"id": cls_name, "type_id": 0}},
+                    {"Sequence": {"id": "A", "type_id": 0}},
+                    {"SpecialToken": {"id": sep_name, "type_id": 0}},
+                ],
+                "pair": [
+                    {"SpecialToken": {"id": cls_name, "type_id": 0}},
+                    {"Sequence": {"id": "A", "type_id": 0}},
+                    {"SpecialToken": {"id": sep_name, "type_id": 0}},
+                    {"Sequence": {"id": "B", "type_id": 1}},
+                    {"SpecialToken": {"id": sep_name, "type_id": 1}},
+                ],
+            }
         vocab: dict[str, int] = dict(model["vocab"])
         prefix: str = model["continuing_subword_prefix"]
         specials = {name: tuple(token["ids"]) for name, token in template["special_tokens"].items()}
@@ -142,7 +161,11 @@ class AsciiWordPiece:
     def _words(self, text: str) -> list[int] | None:
         if len(text) > MAX_CHARS or not _PRINTABLE(text):
             return None
-        if self.added_tokens is not None and self.added_tokens.search(text):
+        if self.added_tokens is not None and (
+            self.added_tokens.search(text)
+            # (an added token the normalizer sees: its tabs and line breaks are spaces by then)
+            or (_LINE_SPACES.search(text) and self.added_tokens.search(text.translate(_AS_SPACES)))
+        ):
             return None
         words: Callable[[str], list[str]] = _LOWER_WORDS if self.lowercase else _CASED_WORDS
         ids: list[int] = []

@@ -168,3 +168,25 @@ def test_the_parity_benchmark_counts_every_input_and_finds_no_difference(tmp_pat
     counts = json.loads(output.read_text())["counts"]
     assert counts[str(data)] == {"inputs": 11, "taken": 10, "different": 0}
     assert counts["random (seed 0)"] == {"inputs": 100, "taken": 100, "different": 0}
+
+
+def test_the_older_bert_processing_template_reads_the_same(shipped: PreTrainedTokenizerBase) -> None:
+    document = json.loads(shipped.backend_tokenizer.to_str())
+    document["post_processor"] = {"type": "BertProcessing", "sep": ["[SEP]", 102], "cls": ["[CLS]", 101]}
+    backend = Tokenizer.from_str(json.dumps(document))
+    pipeline = AsciiWordPiece.of(backend)
+    assert pipeline is not None
+    for text, pair in zip(SENTENCES, [None, *SENTENCES[:-1]], strict=True):
+        encoding = backend.encode(text) if pair is None else backend.encode(text, pair)
+        assert pipeline.encode(text, pair) == (encoding.ids, encoding.type_ids)
+
+
+def test_an_added_token_with_a_space_is_found_across_a_tab_or_line_break(tmp_path: Path) -> None:
+    """The normalizer turns tabs and line breaks into spaces before added tokens are matched."""
+    vocab = {word: i for i, word in enumerate(SPECIAL + sorted(set(WORDS)))}
+    BertTokenizerFast(vocab=vocab, do_lower_case=True).save_pretrained(str(tmp_path))
+    tokenizer = load_tokenizer(tmp_path)
+    tokenizer.add_tokens(["the movie"])
+    for text in ["the movie was good", "The\tmovie was good", "the\nmovie", "the  movie", "the mov ie"]:
+        (encoded,) = tokenize(tokenizer, [text], None, 64)
+        assert encoded.input_ids == rust(tokenizer, text)[0], repr(text)
