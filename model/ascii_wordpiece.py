@@ -1,11 +1,12 @@
 """BERT's WordPiece tokenizer for printable-ASCII text, in Python: the same ids as the tokenizers library's
 Rust pipeline, at a fraction of its cost on a lone short text.
 
-Why: a server's lone request is tokenized right after the model's last call has streamed its weights through the
-CPU's caches, so what counts is how much memory one encoding touches. On an AVX2-only AMD EPYC (BENCHMARKS.md
-§29), an SST-2 sentence took the Rust pipeline (normalizer, pre-tokenizer, WordPiece, template, an `Encoding` with
-offsets and alignments) ~92 µs with the caches as the server leaves them, and this ~37 µs: a lowercasing, one
-regular expression and a dictionary lookup per word.
+Why: a server's lone request is tokenized soon after the model's last call has streamed its weights through the
+CPU's caches, so what counts is how much memory one encoding touches. On an AVX2-only AMD EPYC (BENCHMARKS.md §29,
+`python -m benchmarks.cold_tokenizing`, p50s), an SST-2 sentence took the Rust pipeline (normalizer,
+pre-tokenizer, WordPiece, template, an `Encoding` with offsets and alignments) 74.5 µs after another tokenizing
+call (what the server's re-warm leaves) and 140.8 µs right after the model's call; this took 38.5 and 86.7 µs: a
+lowercasing, one regular expression and a dictionary lookup per word.
 
 It takes only what it can answer exactly and leaves the rest to the Rust pipeline (`encode` returns None):
 - the tokenizer must be the BERT pipeline exactly (`BertNormalizer`, `BertPreTokenizer`, `WordPiece`,
