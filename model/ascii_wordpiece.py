@@ -55,6 +55,15 @@ PROBES = [
 ]
 
 
+def untruncated_unpadded(backend: Any) -> None:
+    """Clear a tokenizers-library `Tokenizer`'s truncation and padding (state that transformers' calls set on it),
+    so that its `encode` gives every text whole."""
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
+
+
 @dataclass(frozen=True)
 class AsciiWordPiece:
     """A BERT WordPiece tokenizer for printable-ASCII text (see the module's docstring)."""
@@ -78,10 +87,7 @@ class AsciiWordPiece:
             return None
         if pipeline is None:
             return None
-        if backend.truncation is not None:
-            backend.no_truncation()
-        if backend.padding is not None:
-            backend.no_padding()
+        untruncated_unpadded(backend)
         for index, text in enumerate(PROBES):
             other = PROBES[(index + 1) % len(PROBES)]
             for pair in (None, other):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from model.ascii_wordpiece import AsciiWordPiece
+from model.ascii_wordpiece import AsciiWordPiece, untruncated_unpadded
 
 
 @dataclass(frozen=True)
@@ -120,10 +120,7 @@ def _untruncated(tokenizer: PreTrainedTokenizerBase, texts: list[str], pairs: li
                 encoded[index] = Encoded(answer[0], answer[1], len(answer[0]))
     rest = [index for index, item in enumerate(encoded) if item is None]
     if rest:
-        if backend.truncation is not None:
-            backend.no_truncation()
-        if backend.padding is not None:
-            backend.no_padding()
+        untruncated_unpadded(backend)
         if len(rest) <= SERIAL_ENCODE_MAX:
             if pairs is None:
                 encodings = [backend.encode(texts[index]) for index in rest]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
-import string
 from pathlib import Path
 
 import pytest
@@ -55,22 +53,10 @@ def rust(tokenizer: PreTrainedTokenizerBase, text: str, pair: str | None = None)
     return encoding.ids, encoding.type_ids
 
 
-def random_texts(count: int, seed: int = 0) -> list[str]:
-    """Printable ASCII at random, and words that split into pieces, have none, or are too long for one."""
-    rng = random.Random(seed)
-    characters = string.printable[:95] + "\t\n\r"
-    parts = ["the", "un", "##", "able", "Token", "ization", "xyzzy", "q" * 30, "a1b2", "'s", "--", "a" * 101]
-    texts = []
-    for _ in range(count):
-        texts.append("".join(rng.choice(characters) for _ in range(rng.randint(0, 60))))
-        texts.append(" ".join(rng.choice(parts) for _ in range(rng.randint(0, 8))))
-    return texts
-
-
 def test_the_shipped_tokenizer_has_the_ascii_pipeline_and_it_answers_as_rust(shipped: PreTrainedTokenizerBase) -> None:
     pipeline = AsciiWordPiece.of(shipped.backend_tokenizer)
     assert pipeline is not None and pipeline.lowercase
-    texts = SENTENCES + random_texts(1500)
+    texts = SENTENCES + list(tokenizer_parity.random_inputs(1500, seed=0))
     for index, text in enumerate(texts):
         answer = pipeline.encode(text)
         assert answer is not None, repr(text)
@@ -113,7 +99,8 @@ def test_a_cased_or_uncased_vocabulary_of_its_own(tmp_path: Path, lowercase: boo
     tokenizer = load_tokenizer(tmp_path)
     pipeline = AsciiWordPiece.of(tokenizer.backend_tokenizer)
     assert pipeline is not None and pipeline.lowercase is lowercase
-    for text in ["The movie was dull!", "the Movies DULL films thing", "cats and dogs, 42 times", *random_texts(200)]:
+    texts = ["The movie was dull!", "the Movies DULL films thing", "cats and dogs, 42 times"]
+    for text in [*texts, *tokenizer_parity.random_inputs(200, seed=0)]:
         assert pipeline.encode(text) == rust(tokenizer, text), repr(text)
 
 
